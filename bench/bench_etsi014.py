@@ -1,0 +1,181 @@
+"""Throughput and latency of the ETSI GS QKD 014 API over its Unix socket.
+
+Measures enc_keys (1 and 100 keys per request) and dec_keys (1 key per request) with 1, 8 and
+64 concurrent callers, and beside them a floor measured in the same run: a bare h11 server on
+the same kind of socket answering every request with a fixed small body. Each server runs in
+its own process (as qkdd does); the callers share one Trio process using `qkdd.client`.
+
+    python bench/bench_etsi014.py [--requests N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+
+import h11
+import trio
+
+from qkdd.client import KeyClient
+from qkdd.etsi014.handler import RequestHandler
+from qkdd.etsi014.pool import MemoryKeyPool
+from qkdd.etsi014.server import serve_unix
+
+MASTER, SLAVE = "SAE-master", "SAE-slave"
+CONCURRENCY = (1, 8, 64)
+FLOOR_BODY = b'{"keys":[]}'
+
+
+# -- servers (run in child processes) --
+
+async def _serve_api(path: str, keys: int) -> None:
+    pool = MemoryKeyPool([MASTER, SLAVE], max_key_per_request=100, max_key_count=keys)
+    pool.fill(MASTER, SLAVE, keys)
+    both = frozenset({MASTER, SLAVE})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_unix, path, RequestHandler(pool), lambda uid, gid: both)
+        print("ready", flush=True)
+
+
+async def _serve_floor(path: str) -> None:
+    async def connection(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.EndOfMessage):
+                await stream.send_all(
+                    conn.send(h11.Response(status_code=200, headers=[
+                        ("content-type", "application/json"),
+                        ("content-length", str(len(FLOOR_BODY)))]))
+                    + conn.send(h11.Data(data=FLOOR_BODY)) + conn.send(h11.EndOfMessage())
+                )
+                conn.start_next_cycle()
+            elif isinstance(event, h11.ConnectionClosed):
+                return
+
+    sock = trio.socket.socket(trio.socket.AF_UNIX)
+    await sock.bind(path)
+    sock.listen(128)
+    listener = trio.SocketListener(sock)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, connection, [listener])
+        print("ready", flush=True)
+
+
+def _start(kind: str, path: str, keys: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", kind, path, str(keys)], stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    if proc.stdout.readline() != "ready\n":
+        raise SystemExit(f"the {kind} server did not start")
+    return proc
+
+
+# -- load --
+
+Call = Callable[[KeyClient, int], Awaitable[object]]
+
+
+async def _run(path: str, sae: str, concurrency: int, requests: int,
+               call: Call) -> tuple[float, list[float]]:
+    """Run `requests` calls spread over `concurrency` callers; (requests/s, latencies in s)."""
+    latencies: list[float] = []
+    per_caller = requests // concurrency
+
+    async def caller(index: int) -> None:
+        async with KeyClient(path, sae_id=sae) as client:
+            await call(client, index * per_caller)  # connect and warm up, untimed
+            for i in range(1, per_caller):
+                start = time.perf_counter()
+                await call(client, index * per_caller + i)
+                latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for index in range(concurrency):
+            nursery.start_soon(caller, index)
+    elapsed = time.perf_counter() - start
+    return len(latencies) / elapsed, latencies
+
+
+async def _floor_call(client: KeyClient, _: int) -> object:
+    return await client.request("GET", "/floor", None)
+
+
+def _enc_call(number: int) -> Call:
+    async def call(client: KeyClient, _: int) -> object:
+        return await client.enc_keys(SLAVE, number=number)
+    return call
+
+
+def _dec_call(key_ids: list[str]) -> Call:
+    async def call(client: KeyClient, index: int) -> object:
+        return await client.dec_keys(MASTER, [key_ids[index]])
+    return call
+
+
+def _pct(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) > 1 else values[0]
+
+
+async def _bench(requests: int) -> list[tuple[str, int, float, list[float], float]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        api_path, floor_path = os.path.join(tmp, "api.sock"), os.path.join(tmp, "floor.sock")
+        # enough keys for every enc_keys request below, plus the IDs dec_keys collects
+        keys = requests * len(CONCURRENCY) * (1 + 100 + 1) + 1000
+        servers = [_start("api", api_path, keys), _start("floor", floor_path, 0)]
+        try:
+            for concurrency in CONCURRENCY:
+                floor_rate, _ = await _run(floor_path, MASTER, concurrency, requests,
+                                           _floor_call)
+                for label, number in (("enc_keys x1", 1), ("enc_keys x100", 100)):
+                    rate, lat = await _run(api_path, MASTER, concurrency, requests,
+                                           _enc_call(number))
+                    rows.append((label, concurrency, rate, lat, floor_rate))
+                # Keys for the slave to collect, handed out to the master beforehand.
+                async with KeyClient(api_path, sae_id=MASTER) as master:
+                    ids: list[str] = []
+                    while len(ids) < requests:
+                        ids += [k.key_id for k in await master.enc_keys(SLAVE, number=100)]
+                rate, lat = await _run(api_path, SLAVE, concurrency, requests, _dec_call(ids))
+                rows.append(("dec_keys x1", concurrency, rate, lat, floor_rate))
+        finally:
+            for server in servers:
+                server.terminate()
+                server.wait()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000, help="per cell (default 2000)")
+    parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        kind, path, keys = args.serve
+        trio.run(_serve_api, path, int(keys)) if kind == "api" else trio.run(_serve_floor, path)
+        return
+    requests = max(args.requests, max(CONCURRENCY) * 4)
+    rows = trio.run(_bench, requests)
+    print(f"ETSI 014 over a Unix socket, {requests} requests per cell, "
+          f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+    print(f"{'workload':<14} {'callers':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'floor req/s':>11} {'ratio':>6}")
+    for label, concurrency, rate, lat, floor_rate in rows:
+        print(f"{label:<14} {concurrency:>7} {rate:>9.0f} {_pct(lat, 50):>8.2f} "
+              f"{_pct(lat, 99):>8.2f} {floor_rate:>11.0f} {rate / floor_rate:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()

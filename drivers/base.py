@@ -1,0 +1,85 @@
+"""The interface between the daemon and any QKD device: the key record (``QkdKey``), the
+sink the daemon hands keys to (``KeySink``), the status snapshot operators see
+(``DeviceStatus``) and the abstract device (``QkdDevice``).
+
+Delivery contract of every ``QkdDevice``:
+- A key is acknowledged to the device only after ``sink.store_qkd_keys`` has returned, so a
+  crash between the two loses nothing: the device still holds the key and resends it.
+- Because of that, a key may arrive twice (after a reconnect or a device restart). Drivers
+  drop IDs they stored recently (a bounded memory, see ``dedup.RecentKeyIds``); the sink
+  must still ignore an ID it already holds, since the driver's memory is bounded and does
+  not survive a daemon restart.
+"""
+
+from __future__ import annotations
+
+import abc
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from .errors import DeviceError
+
+__all__ = ["DeviceError", "DeviceStatus", "KeySink", "QkdDevice", "QkdKey"]
+
+
+@dataclass(frozen=True)
+class QkdKey:
+    """One QKD key as delivered by a device."""
+
+    key_id: str  # canonical lowercase UUID string (ETSI-style key ID)
+    material: bytes = field(repr=False)  # the QKD key bits
+
+    def __post_init__(self) -> None:
+        # A non-canonical ID would make the same key look like two different keys.
+        if len(self.key_id) != 36 or str(uuid.UUID(self.key_id)) != self.key_id:
+            raise ValueError(f"key ID {self.key_id!r} is not a canonical lowercase UUID")
+        if not self.material:
+            raise ValueError("QKD key material must not be empty")
+
+    @classmethod
+    def from_wire(cls, key_id: bytes, material: bytes) -> QkdKey:
+        """Build a key from the 16-byte wire form of its ID."""
+        return cls(str(uuid.UUID(bytes=key_id)), material)
+
+    @property
+    def key_id_bytes(self) -> bytes:
+        return uuid.UUID(self.key_id).bytes
+
+
+class KeySink(Protocol):
+    async def store_qkd_keys(self, keys: Sequence[QkdKey]) -> None:
+        """Store keys durably; once this returns the device is told to delete them.
+
+        Must ignore a key ID it already holds (a device may resend keys)."""
+        ...
+
+
+@dataclass
+class DeviceStatus:
+    """A snapshot for operators; drivers replace the whole object on every change."""
+
+    state: str  # "connecting" | "up" | "down"
+    detail: str  # plain words for operators
+    keys_received: int = 0
+    qber: float | None = None
+    secret_key_rate: float | None = None  # bit/s reported by the device
+    keys_buffered: int | None = None
+
+
+class QkdDevice(abc.ABC):
+    status: DeviceStatus
+
+    def __init__(self) -> None:
+        self.status = DeviceStatus(state="connecting", detail="not started")
+
+    @abc.abstractmethod
+    async def run(
+        self, sink: KeySink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Runs until cancelled: connects (reconnecting with backoff on any fault), receives
+        keys, awaits sink.store_qkd_keys(keys), and only then acknowledges them to the device.
+        task_status.started() once the first connection attempt has been made."""

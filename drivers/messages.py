@@ -1,0 +1,331 @@
+"""Serial protocol v1 messages: one frozen dataclass per message and its payload codec.
+
+``encode_message`` gives (type, payload); ``decode_message`` parses a payload and raises
+``MessageError`` (a ``ProtocolError``) on anything that is not exactly a valid message.
+Every length is checked before the bytes it covers are read. Layouts are in PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+
+from .constants import (
+    ERROR_FIXED_SIZE,
+    HELLO_FIXED_SIZE,
+    KEY_ENTRY_HEADER_SIZE,
+    KEY_ID_SIZE,
+    MAX_ACK_IDS_PER_FRAME,
+    MAX_ERROR_DETAIL_SIZE,
+    MAX_FRAME_SIZE,
+    MAX_KEY_MATERIAL_SIZE,
+    MAX_KEYS_PER_FRAME,
+    MAX_PAYLOAD_SIZE,
+    MAX_PEER_NAME_SIZE,
+    MIN_PEER_MAX_FRAME,
+    QBER_SCALE,
+    STATUS_SIZE,
+    UNKNOWN_U16,
+    UNKNOWN_U32,
+)
+from .errors import MessageError
+
+__all__ = [
+    "Ack",
+    "ErrorCode",
+    "ErrorMessage",
+    "Hello",
+    "KeyEntry",
+    "Keys",
+    "LinkState",
+    "Message",
+    "MessageType",
+    "Role",
+    "Status",
+    "decode_message",
+    "encode_message",
+]
+
+
+class MessageType(enum.IntEnum):
+    HELLO = 0x1
+    STATUS = 0x2
+    KEYS = 0x3
+    ACK = 0x4
+    ERROR = 0x5
+
+
+class Role(enum.IntEnum):
+    HOST = 0x01
+    DEVICE = 0x02
+
+
+class LinkState(enum.IntEnum):
+    """State of the quantum link between the two devices, as the device sees it."""
+
+    DOWN = 0
+    UP = 1
+    STARTING = 2  # aligning / calibrating: no key yet
+
+
+class ErrorCode(enum.IntEnum):
+    """Numbered ERROR codes; the table with meanings and actions is in PROTOCOL.md."""
+
+    UNSUPPORTED_VERSION = 0x0001
+    UNEXPECTED_MESSAGE = 0x0002
+    MALFORMED_MESSAGE = 0x0003
+    KEYS_DISCARDED = 0x0004
+    DEVICE_FAULT = 0x0005
+
+
+@dataclass(frozen=True)
+class Hello:
+    role: Role
+    min_version: int
+    max_version: int
+    selected_version: int  # 0 from a host, and from a device announcing itself unasked
+    window: int  # device: keys it keeps in flight; host: the most it wants (0 = any)
+    max_frame: int  # largest decoded frame the sender accepts
+    name: str = ""  # for logs only
+
+
+@dataclass(frozen=True)
+class Status:
+    link_state: LinkState
+    qber: float | None  # fraction 0..1
+    secret_key_rate: int | None  # bit/s
+    keys_buffered: int | None  # keys the device holds for this host, in flight included
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    key_id: bytes  # 16-byte UUID
+    material: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Keys:
+    keys: tuple[KeyEntry, ...]
+
+
+@dataclass(frozen=True)
+class Ack:
+    key_ids: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class ErrorMessage:
+    code: int  # an ErrorCode value; unknown codes are kept as numbers
+    detail: str = ""
+
+
+Message = Hello | Status | Keys | Ack | ErrorMessage
+
+_HELLO = struct.Struct(">BBBBHHB")
+_STATUS = struct.Struct(">BHII")
+_U16 = struct.Struct(">H")
+_ERROR = struct.Struct(">HB")
+assert _HELLO.size == HELLO_FIXED_SIZE and _STATUS.size == STATUS_SIZE
+assert _ERROR.size == ERROR_FIXED_SIZE
+
+
+def keys_entry_size(material_len: int) -> int:
+    return KEY_ENTRY_HEADER_SIZE + material_len
+
+
+# -- encoding --------------------------------------------------------------------------
+
+
+def encode_message(msg: Message) -> tuple[MessageType, bytes]:
+    """Payload of ``msg``; raises ValueError for a message this side must not send."""
+    if isinstance(msg, Hello):
+        name = msg.name.encode("utf-8")
+        if len(name) > MAX_PEER_NAME_SIZE:
+            raise ValueError("peer name is too long")
+        problem = hello_problem(msg)
+        if problem:
+            raise ValueError(problem)
+        fixed = _HELLO.pack(
+            msg.role,
+            msg.min_version,
+            msg.max_version,
+            msg.selected_version,
+            msg.window,
+            msg.max_frame,
+            len(name),
+        )
+        return MessageType.HELLO, fixed + name
+    if isinstance(msg, Status):
+        if msg.qber is None:
+            qber = UNKNOWN_U16
+        elif 0.0 <= msg.qber <= 1.0:
+            qber = round(msg.qber * QBER_SCALE)
+        else:
+            raise ValueError("QBER must be between 0 and 1")
+        payload = _STATUS.pack(
+            msg.link_state,
+            qber,
+            _u32_or_unknown(msg.secret_key_rate),
+            _u32_or_unknown(msg.keys_buffered),
+        )
+        return MessageType.STATUS, payload
+    if isinstance(msg, Keys):
+        if not 1 <= len(msg.keys) <= MAX_KEYS_PER_FRAME:
+            raise ValueError("a KEYS message carries 1 to 255 keys")
+        parts = [bytes([len(msg.keys)])]
+        for entry in msg.keys:
+            if len(entry.key_id) != KEY_ID_SIZE:
+                raise ValueError("key ID must be 16 bytes")
+            if not 1 <= len(entry.material) <= MAX_KEY_MATERIAL_SIZE:
+                raise ValueError("key material must be 1 to 1024 bytes")
+            parts += (entry.key_id, _U16.pack(len(entry.material)), entry.material)
+        payload = b"".join(parts)
+        if len(payload) > MAX_PAYLOAD_SIZE:
+            raise ValueError("keys do not fit in one frame")
+        return MessageType.KEYS, payload
+    if isinstance(msg, Ack):
+        if not 1 <= len(msg.key_ids) <= MAX_ACK_IDS_PER_FRAME:
+            raise ValueError("an ACK message carries 1 to 255 key IDs")
+        if any(len(k) != KEY_ID_SIZE for k in msg.key_ids):
+            raise ValueError("key ID must be 16 bytes")
+        return MessageType.ACK, bytes([len(msg.key_ids)]) + b"".join(msg.key_ids)
+    if isinstance(msg, ErrorMessage):
+        detail = msg.detail.encode("utf-8")[:MAX_ERROR_DETAIL_SIZE]
+        # Cutting may split a UTF-8 sequence; drop the broken tail.
+        detail = detail.decode("utf-8", "ignore").encode("utf-8")
+        return MessageType.ERROR, _ERROR.pack(msg.code, len(detail)) + detail
+    raise TypeError(f"not a protocol message: {type(msg).__name__}")
+
+
+def _u32_or_unknown(value: int | None) -> int:
+    if value is None:
+        return UNKNOWN_U32
+    if not 0 <= value < UNKNOWN_U32:
+        raise ValueError("value does not fit in a u32")
+    return int(value)
+
+
+def hello_problem(msg: Hello) -> str | None:
+    """What makes ``msg`` an invalid HELLO, or None."""
+    if msg.role not in (Role.HOST, Role.DEVICE):
+        return f"HELLO role {msg.role} is neither host nor device"
+    if not 1 <= msg.min_version <= msg.max_version <= 15:
+        return "HELLO version range is empty or outside 1..15"
+    if msg.selected_version and not msg.min_version <= msg.selected_version <= msg.max_version:
+        return "HELLO selected version is outside the sender's own range"
+    if msg.role == Role.HOST and msg.selected_version:
+        return "a host HELLO must not select a version"
+    if msg.role == Role.DEVICE and msg.window == 0:
+        return "a device HELLO must announce a window of at least 1 key"
+    if not MIN_PEER_MAX_FRAME <= msg.max_frame <= MAX_FRAME_SIZE:
+        return f"HELLO max_frame {msg.max_frame} is outside 1280..4096"
+    return None
+
+
+# -- decoding --------------------------------------------------------------------------
+
+
+def decode_message(msg_type: int, payload: bytes) -> Message:
+    """Parse a payload of the given type; raises MessageError."""
+    decoder = _DECODERS.get(msg_type)
+    if decoder is None:
+        raise MessageError(f"unknown message type 0x{msg_type:x}")
+    return decoder(payload)
+
+
+def _decode_hello(p: bytes) -> Hello:
+    if len(p) < HELLO_FIXED_SIZE:
+        raise MessageError("HELLO is shorter than its fixed part")
+    role, vmin, vmax, selected, window, max_frame, name_len = _HELLO.unpack_from(p)
+    if name_len > MAX_PEER_NAME_SIZE or len(p) != HELLO_FIXED_SIZE + name_len:
+        raise MessageError("HELLO name length does not match the payload")
+    try:
+        name = p[HELLO_FIXED_SIZE:].decode("utf-8")
+        role = Role(role)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MessageError(f"HELLO is malformed: {exc}") from None
+    msg = Hello(role, vmin, vmax, selected, window, max_frame, name)
+    problem = hello_problem(msg)
+    if problem:
+        raise MessageError(problem)
+    return msg
+
+
+def _decode_status(p: bytes) -> Status:
+    if len(p) != STATUS_SIZE:
+        raise MessageError(f"STATUS must be {STATUS_SIZE} bytes, got {len(p)}")
+    state, qber, rate, buffered = _STATUS.unpack(p)
+    try:
+        link_state = LinkState(state)
+    except ValueError:
+        raise MessageError(f"STATUS link state {state} is unknown") from None
+    if qber != UNKNOWN_U16 and qber > QBER_SCALE:
+        raise MessageError("STATUS QBER is above 100 %")
+    return Status(
+        link_state,
+        None if qber == UNKNOWN_U16 else qber / QBER_SCALE,
+        None if rate == UNKNOWN_U32 else rate,
+        None if buffered == UNKNOWN_U32 else buffered,
+    )
+
+
+def _decode_keys(p: bytes) -> Keys:
+    if not p:
+        raise MessageError("KEYS is empty")
+    count = p[0]
+    if count == 0:
+        raise MessageError("KEYS carries no key")
+    entries = []
+    seen = set()
+    pos = 1
+    n = len(p)
+    for _ in range(count):
+        if pos + KEY_ENTRY_HEADER_SIZE > n:
+            raise MessageError("KEYS entry header runs past the payload")
+        key_id = p[pos : pos + KEY_ID_SIZE]
+        (length,) = _U16.unpack_from(p, pos + KEY_ID_SIZE)
+        pos += KEY_ENTRY_HEADER_SIZE
+        if not 1 <= length <= MAX_KEY_MATERIAL_SIZE:
+            raise MessageError(f"KEYS material length {length} is outside 1..1024")
+        if pos + length > n:
+            raise MessageError("KEYS material runs past the payload")
+        if key_id in seen:
+            raise MessageError("KEYS repeats a key ID within one frame")
+        seen.add(key_id)
+        entries.append(KeyEntry(key_id, p[pos : pos + length]))
+        pos += length
+    if pos != n:
+        raise MessageError("KEYS has bytes after its last key")
+    return Keys(tuple(entries))
+
+
+def _decode_ack(p: bytes) -> Ack:
+    if not p or p[0] == 0:
+        raise MessageError("ACK carries no key ID")
+    count = p[0]
+    if len(p) != 1 + count * KEY_ID_SIZE:
+        raise MessageError("ACK length does not match its count")
+    return Ack(tuple(p[1 + i * KEY_ID_SIZE : 1 + (i + 1) * KEY_ID_SIZE] for i in range(count)))
+
+
+def _decode_error(p: bytes) -> ErrorMessage:
+    if len(p) < ERROR_FIXED_SIZE:
+        raise MessageError("ERROR is shorter than its fixed part")
+    code, detail_len = _ERROR.unpack_from(p)
+    if detail_len > MAX_ERROR_DETAIL_SIZE or len(p) != ERROR_FIXED_SIZE + detail_len:
+        raise MessageError("ERROR detail length does not match the payload")
+    try:
+        detail = p[ERROR_FIXED_SIZE:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise MessageError("ERROR detail is not UTF-8") from None
+    return ErrorMessage(code, detail)
+
+
+_DECODERS = {
+    MessageType.HELLO: _decode_hello,
+    MessageType.STATUS: _decode_status,
+    MessageType.KEYS: _decode_keys,
+    MessageType.ACK: _decode_ack,
+    MessageType.ERROR: _decode_error,
+}

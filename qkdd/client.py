@@ -1,0 +1,347 @@
+"""Clients of the local ETSI GS QKD 014 key service on its Unix socket.
+
+`KeyClient` is for Trio programs, `BlockingKeyClient` for plain blocking code (no Trio needed);
+both keep one HTTP/1.1 connection alive between calls. The HTTP exchange itself is the sans-IO
+`_Exchange`, so the two differ only in how they move bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import socket
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+import h11
+
+from qkdd.etsi014.pool import DeliveredKey
+
+__all__ = [
+    "BadResponse",
+    "BlockingKeyClient",
+    "ClientError",
+    "DeliveredKey",
+    "KeyClient",
+    "KeyServiceClientError",
+    "KeyServiceUnreachable",
+]
+
+DEFAULT_TIMEOUT = 10.0
+RECEIVE_SIZE = 64 * 1024
+# A full key container of the largest allowed request stays far below this.
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+
+
+class ClientError(Exception):
+    """Base of the key-service client's errors."""
+
+
+class KeyServiceClientError(ClientError):
+    """The key service answered with an ETSI Error object (status other than 200)."""
+
+    def __init__(self, status: int, message: str, details: list[Any] | None = None) -> None:
+        super().__init__(f"key service answered {status}: {message}")
+        self.status = status
+        self.message = message
+        self.details = details or []
+
+
+class KeyServiceUnreachable(ClientError):
+    """The key service socket could not be reached, or the connection failed."""
+
+
+class BadResponse(ClientError):
+    """The key service's answer is not valid HTTP or not the standard's JSON."""
+
+
+class _Exchange:
+    """One HTTP/1.1 client connection's bytes in and out, without I/O."""
+
+    def __init__(self) -> None:
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.used = False
+        self._status = 0
+        self._body = bytearray()
+
+    def request(self, method: str, target: str, body: bytes | None, sae_id: str | None) -> bytes:
+        headers = [("host", "localhost"), ("accept", "application/json")]
+        if sae_id is not None:
+            headers.append(("x-sae-id", sae_id))
+        if body is not None:
+            headers += [("content-type", "application/json"), ("content-length", str(len(body)))]
+        data = self.h11.send(h11.Request(method=method, target=target, headers=headers))
+        if body:
+            data += self.h11.send(h11.Data(data=body))
+        data += self.h11.send(h11.EndOfMessage())
+        self.used = True
+        return data
+
+    def receive(self, data: bytes) -> tuple[int, bytes] | None:
+        """Feed received bytes (b"" at EOF); the (status, body) once the response is whole."""
+        if not data and self._status == 0:
+            raise KeyServiceUnreachable("the key service closed the connection before answering")
+        self.h11.receive_data(data)
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise BadResponse(f"malformed HTTP from the key service: {exc}") from exc
+            if event is h11.NEED_DATA:
+                return None
+            if isinstance(event, h11.Response):
+                self._status = event.status_code
+            elif isinstance(event, h11.Data):
+                self._body += event.data
+                if len(self._body) > MAX_RESPONSE_BYTES:
+                    raise BadResponse("response from the key service is too large")
+            elif isinstance(event, h11.EndOfMessage):
+                return self._status, bytes(self._body)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise KeyServiceUnreachable("the key service closed the connection")
+            # InformationalResponse: keep reading
+
+    def next_cycle(self) -> bool:
+        """Prepare for another request on this connection; False if it must be closed."""
+        self._status, self._body = 0, bytearray()
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+            return True
+        return False
+
+
+def _status_target(slave_sae_id: str) -> str:
+    return f"/api/v1/keys/{quote(slave_sae_id, safe='')}/status"
+
+
+def _enc_request(slave_sae_id: str, number: int, size: int | None) -> tuple[str, bytes]:
+    body: dict[str, Any] = {"number": number}
+    if size is not None:
+        body["size"] = size
+    return f"/api/v1/keys/{quote(slave_sae_id, safe='')}/enc_keys", json.dumps(body).encode()
+
+
+def _dec_request(master_sae_id: str, key_ids: Sequence[str]) -> tuple[str, bytes]:
+    body = {"key_IDs": [{"key_ID": key_id} for key_id in key_ids]}
+    return f"/api/v1/keys/{quote(master_sae_id, safe='')}/dec_keys", json.dumps(body).encode()
+
+
+def _decode_json(status: int, body: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        obj = None
+    if status != 200:
+        if isinstance(obj, dict) and isinstance(obj.get("message"), str):
+            details = obj.get("details")
+            raise KeyServiceClientError(
+                status, obj["message"], details if isinstance(details, list) else []
+            )
+        raise KeyServiceClientError(status, body[:200].decode("utf-8", "replace") or "no message")
+    if not isinstance(obj, dict):
+        raise BadResponse("the key service answered 200 without a JSON object")
+    return obj
+
+
+def _decode_keys(obj: dict[str, Any]) -> list[DeliveredKey]:
+    try:
+        return [
+            DeliveredKey(entry["key_ID"], base64.b64decode(entry["key"], validate=True))
+            for entry in obj["keys"]
+        ]
+    except (KeyError, TypeError, binascii.Error) as exc:
+        raise BadResponse(f"the key service sent a malformed key container: {exc!r}") from exc
+
+
+def _unreachable(path: str, exc: OSError) -> KeyServiceUnreachable:
+    if isinstance(exc, FileNotFoundError):
+        why = "no such socket; is qkdd running, and is this the configured API socket?"
+    elif isinstance(exc, PermissionError):
+        why = "permission denied; the user must be in the group that owns the socket"
+    elif isinstance(exc, ConnectionRefusedError):
+        why = "connection refused; the socket is stale, qkdd is not running"
+    else:
+        why = exc.strerror or str(exc)
+    return KeyServiceUnreachable(f"cannot reach the key service at {path}: {why}")
+
+
+class KeyClient:
+    """Trio client: `async with KeyClient(path) as client: keys = await client.enc_keys(...)`."""
+
+    def __init__(
+        self, socket_path: str, *, sae_id: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        import trio  # only Trio users pay for the import
+
+        self._trio = trio
+        self.socket_path = socket_path
+        self.sae_id = sae_id
+        self.timeout = timeout
+        self._stream: trio.SocketStream | None = None
+        self._exchange = _Exchange()
+        self._lock = trio.Lock()
+
+    async def __aenter__(self) -> KeyClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            await stream.aclose()
+
+    async def status(self, slave_sae_id: str) -> dict[str, Any]:
+        """The standard's Status object for this SAE as master and `slave_sae_id`."""
+        return _decode_json(*await self._call("GET", _status_target(slave_sae_id), None))
+
+    async def enc_keys(
+        self, slave_sae_id: str, number: int = 1, size: int | None = None
+    ) -> list[DeliveredKey]:
+        target, body = _enc_request(slave_sae_id, number, size)
+        return _decode_keys(_decode_json(*await self._call("POST", target, body)))
+
+    async def dec_keys(self, master_sae_id: str, key_ids: Sequence[str]) -> list[DeliveredKey]:
+        target, body = _dec_request(master_sae_id, key_ids)
+        return _decode_keys(_decode_json(*await self._call("POST", target, body)))
+
+    async def request(self, method: str, target: str, body: bytes | None) -> tuple[int, bytes]:
+        """A raw exchange with the service: (status, body)."""
+        return await self._call(method, target, body)
+
+    async def _call(self, method: str, target: str, body: bytes | None) -> tuple[int, bytes]:
+        trio = self._trio
+        async with self._lock:
+            with trio.fail_after(self.timeout):
+                try:
+                    return await self._exchange_once(method, target, body)
+                except _StaleConnection:
+                    # The service closed a kept-alive connection before reading this request
+                    # (idle timeout); nothing was processed, so one retry is safe.
+                    return await self._exchange_once(method, target, body)
+
+    async def _exchange_once(
+        self, method: str, target: str, body: bytes | None
+    ) -> tuple[int, bytes]:
+        trio = self._trio
+        if self._stream is None:
+            try:
+                self._stream = await trio.open_unix_socket(self.socket_path)
+            except OSError as exc:
+                raise _unreachable(self.socket_path, exc) from None
+            self._exchange = _Exchange()
+        exchange, stream = self._exchange, self._stream
+        reused = exchange.used
+        got_bytes = False
+        try:
+            await stream.send_all(exchange.request(method, target, body, self.sae_id))
+            while True:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                got_bytes = got_bytes or bool(data)
+                result = exchange.receive(data)
+                if result is not None:
+                    break
+        except (trio.BrokenResourceError, KeyServiceUnreachable) as exc:
+            await self.aclose()
+            if reused and not got_bytes:
+                raise _StaleConnection from exc
+            raise KeyServiceUnreachable(f"connection to {self.socket_path} failed: {exc}") from exc
+        except BaseException:
+            await self.aclose()
+            raise
+        if not exchange.next_cycle():
+            await self.aclose()
+        return result
+
+
+class _StaleConnection(Exception):
+    pass
+
+
+class BlockingKeyClient:
+    """Blocking client over a plain socket; usable as a context manager."""
+
+    def __init__(
+        self, socket_path: str, *, sae_id: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.socket_path = socket_path
+        self.sae_id = sae_id
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._exchange = _Exchange()
+
+    def __enter__(self) -> BlockingKeyClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            sock, self._sock = self._sock, None
+            sock.close()
+
+    def status(self, slave_sae_id: str) -> dict[str, Any]:
+        """The standard's Status object for this SAE as master and `slave_sae_id`."""
+        return _decode_json(*self._call("GET", _status_target(slave_sae_id), None))
+
+    def enc_keys(
+        self, slave_sae_id: str, number: int = 1, size: int | None = None
+    ) -> list[DeliveredKey]:
+        target, body = _enc_request(slave_sae_id, number, size)
+        return _decode_keys(_decode_json(*self._call("POST", target, body)))
+
+    def dec_keys(self, master_sae_id: str, key_ids: Sequence[str]) -> list[DeliveredKey]:
+        target, body = _dec_request(master_sae_id, key_ids)
+        return _decode_keys(_decode_json(*self._call("POST", target, body)))
+
+    def request(self, method: str, target: str, body: bytes | None) -> tuple[int, bytes]:
+        """A raw exchange with the service: (status, body)."""
+        return self._call(method, target, body)
+
+    def _call(self, method: str, target: str, body: bytes | None) -> tuple[int, bytes]:
+        try:
+            return self._exchange_once(method, target, body)
+        except _StaleConnection:
+            return self._exchange_once(method, target, body)
+
+    def _exchange_once(self, method: str, target: str, body: bytes | None) -> tuple[int, bytes]:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.socket_path)
+            except OSError as exc:
+                sock.close()
+                raise _unreachable(self.socket_path, exc) from None
+            self._sock, self._exchange = sock, _Exchange()
+        exchange, sock = self._exchange, self._sock
+        reused = exchange.used
+        got_bytes = False
+        try:
+            sock.sendall(exchange.request(method, target, body, self.sae_id))
+            while True:
+                data = sock.recv(RECEIVE_SIZE)
+                got_bytes = got_bytes or bool(data)
+                result = exchange.receive(data)
+                if result is not None:
+                    break
+        except TimeoutError as exc:
+            self.close()
+            raise KeyServiceUnreachable(
+                f"no answer from the key service at {self.socket_path} within {self.timeout:g} s"
+            ) from exc
+        except (OSError, KeyServiceUnreachable) as exc:
+            self.close()
+            if reused and not got_bytes:
+                raise _StaleConnection from exc
+            raise KeyServiceUnreachable(f"connection to {self.socket_path} failed: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+        if not exchange.next_cycle():
+            self.close()
+        return result

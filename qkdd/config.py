@@ -1,0 +1,345 @@
+"""Site configuration: one TOML file per site, loaded into frozen dataclasses.
+
+Every bad value raises :class:`ConfigError`, whose message names the file, the key and
+what was expected. Relative paths are resolved against the directory of the config file,
+so a site's files can be moved as one folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from qkdd.crypto import SIGNATURE_PUBLIC_KEY_SIZE
+from qkdd.crypto.select import BACKEND_CHOICES
+
+if sys.version_info >= (3, 11):  # noqa: UP036 - tomli stays declared for older Pythons
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+DEVICE_KINDS = ("serial",)
+
+
+class ConfigError(Exception):
+    """A config file is missing, unreadable or holds a bad value."""
+
+    def __init__(self, file: str | os.PathLike[str], key: str, expected: str, got: object = None):
+        self.file = str(file)
+        self.key = key
+        self.expected = expected
+        detail = f"{self.file}: {key}: expected {expected}"
+        if got is not None:
+            detail += f", got {got!r}"
+        super().__init__(detail)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    kind: str
+    path: Path
+    baudrate: int
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    site_id: str
+    address: tuple[str, int]
+    public_key: bytes = field(repr=False)
+    remote_sae_ids: tuple[str, ...]
+    device: DeviceConfig
+    pool_size: int
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    sae_id: str
+    uid: int | None
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    file: Path
+    site_id: str
+    listen: tuple[str, int]
+    state_directory: Path
+    identity_key: Path
+    api_socket: Path
+    api_socket_mode: int
+    key_size: int
+    max_keys_per_request: int
+    pqc_backend: str
+    consumers: tuple[ConsumerConfig, ...]
+    peers: tuple[PeerConfig, ...]
+
+    @property
+    def local_sae_ids(self) -> frozenset[str]:
+        return frozenset(c.sae_id for c in self.consumers)
+
+    def sae_ids_for_uid(self, uid: int) -> frozenset[str]:
+        """The SAE IDs a local caller with this uid may act as (uid unset = any caller)."""
+        return frozenset(c.sae_id for c in self.consumers if c.uid is None or c.uid == uid)
+
+    def peer(self, site_id: str) -> PeerConfig | None:
+        return next((p for p in self.peers if p.site_id == site_id), None)
+
+
+class _Reader:
+    """Typed access to one TOML table, raising ConfigError with the full key path."""
+
+    def __init__(self, file: Path, table: Mapping[str, Any], prefix: str = "") -> None:
+        self.file = file
+        self.table = table
+        self.prefix = prefix
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def error(self, name: str, expected: str, got: object = None) -> ConfigError:
+        return ConfigError(self.file, self.key(name), expected, got)
+
+    def get(self, name: str, kind: type[T], expected: str, default: Any = ...) -> T:
+        if name not in self.table:
+            if default is ...:
+                raise self.error(name, f"{expected} (the key is missing)")
+            return default  # type: ignore[no-any-return]
+        value = self.table[name]
+        # bool is an int subclass; refuse it where a number is meant
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.error(name, expected, value)
+        return value
+
+    def identifier(self, name: str) -> str:
+        value = self.get(name, str, "an identifier of 1-64 letters, digits, '.', '_', ':', '-'")
+        if not _ID_PATTERN.match(value):
+            raise self.error(
+                name, "an identifier of 1-64 letters, digits, '.', '_', ':', '-'", value
+            )
+        return value
+
+    def integer(self, name: str, low: int, high: int, default: Any = ...) -> int:
+        expected = f"an integer from {low} to {high}"
+        value = self.get(name, int, expected, default)
+        if not low <= value <= high:
+            raise self.error(name, expected, value)
+        return value
+
+    def path(self, name: str, default: Any = ...) -> Path:
+        value = self.get(
+            name, str, "a file system path (relative paths start at the config file)", default
+        )
+        if not value:
+            raise self.error(name, "a non-empty path", value)
+        return (self.file.parent / value).resolve() if not os.path.isabs(value) else Path(value)
+
+    def address(self, name: str) -> tuple[str, int]:
+        expected = '"host:port" with a port from 1 to 65535'
+        value = self.get(name, str, expected)
+        host, sep, port = value.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise self.error(name, expected, value)
+        return host, int(port)
+
+    def table_list(self, name: str) -> list[_Reader]:
+        items = self.get(name, list, "an array of tables", [])
+        readers = []
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ConfigError(self.file, f"{self.key(name)}[{index}]", "a table", item)
+            readers.append(_Reader(self.file, item, f"{self.key(name)}[{index}]."))
+        return readers
+
+    def subtable(self, name: str) -> _Reader:
+        value = self.get(name, dict, "a table")
+        return _Reader(self.file, value, f"{self.key(name)}.")
+
+    def reject_unknown(self, known: set[str]) -> None:
+        for name in self.table:
+            if name not in known:
+                raise self.error(name, f"no such key here (known keys: {', '.join(sorted(known))})")
+
+
+def _public_key(reader: _Reader) -> bytes:
+    """The pinned key, inline (``public_key``) or in a file (``public_key_file``)."""
+    expected = (
+        f"the peer's ML-DSA-65 public key in base64 ({SIGNATURE_PUBLIC_KEY_SIZE} bytes), "
+        "as `qkdd keygen` prints it"
+    )
+    if ("public_key" in reader.table) == ("public_key_file" in reader.table):
+        raise reader.error("public_key", "exactly one of public_key or public_key_file")
+    if "public_key_file" in reader.table:
+        name = "public_key_file"
+        path = reader.path(name)
+        try:
+            text = path.read_text().strip()
+        except OSError as exc:
+            raise reader.error(
+                name, f"a readable file holding {expected}", f"{path} ({exc.strerror})"
+            ) from None
+    else:
+        name = "public_key"
+        text = reader.get(name, str, expected)
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise reader.error(name, expected, text[:32] + "...") from None
+    if len(raw) != SIGNATURE_PUBLIC_KEY_SIZE:
+        raise reader.error(name, expected, f"{len(raw)} bytes")
+    return raw
+
+
+def _device(reader: _Reader) -> DeviceConfig:
+    reader.reject_unknown({"kind", "path", "baudrate"})
+    kind = reader.get("kind", str, f"one of {', '.join(DEVICE_KINDS)}")
+    if kind not in DEVICE_KINDS:
+        raise reader.error("kind", f"one of {', '.join(DEVICE_KINDS)}", kind)
+    return DeviceConfig(
+        kind=kind,
+        path=reader.path("path"),
+        baudrate=reader.integer("baudrate", 50, 4_000_000, 115200),
+    )
+
+
+def _peer(reader: _Reader) -> PeerConfig:
+    reader.reject_unknown(
+        {
+            "site_id",
+            "address",
+            "public_key",
+            "public_key_file",
+            "remote_sae_ids",
+            "device",
+            "pool_size",
+        }
+    )
+    remote = reader.get("remote_sae_ids", list, "a list of the SAE IDs at that site")
+    for index, sae in enumerate(remote):
+        if not isinstance(sae, str) or not _ID_PATTERN.match(sae):
+            raise ConfigError(
+                reader.file, f"{reader.key('remote_sae_ids')}[{index}]", "an SAE ID", sae
+            )
+    return PeerConfig(
+        site_id=reader.identifier("site_id"),
+        address=reader.address("address"),
+        public_key=_public_key(reader),
+        remote_sae_ids=tuple(remote),
+        device=_device(reader.subtable("device")),
+        pool_size=reader.integer("pool_size", 1, 1_000_000, 256),
+    )
+
+
+def _consumer(reader: _Reader) -> ConsumerConfig:
+    reader.reject_unknown({"sae_id", "uid"})
+    uid = reader.integer("uid", 0, 2**32 - 2, None) if "uid" in reader.table else None
+    return ConsumerConfig(sae_id=reader.identifier("sae_id"), uid=uid)
+
+
+def _unique(file: Path, key: str, values: list[str]) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ConfigError(file, key, "unique values", value)
+        seen.add(value)
+
+
+def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
+    root = _Reader(file, data)
+    root.reject_unknown(
+        {
+            "site_id",
+            "listen",
+            "state_directory",
+            "pqc_backend",
+            "identity",
+            "api",
+            "consumers",
+            "peers",
+        }
+    )
+    identity = root.subtable("identity")
+    identity.reject_unknown({"private_key"})
+    api = root.subtable("api")
+    api.reject_unknown({"socket", "socket_mode", "key_size", "max_keys_per_request"})
+    backend = root.get("pqc_backend", str, f"one of {', '.join(BACKEND_CHOICES)}", "auto")
+    if backend not in BACKEND_CHOICES:
+        raise root.error("pqc_backend", f"one of {', '.join(BACKEND_CHOICES)}", backend)
+    key_size = api.integer("key_size", 8, 8192, 256)
+    if key_size % 8:
+        raise api.error("key_size", "a multiple of 8 bits", key_size)
+    consumers = tuple(_consumer(r) for r in root.table_list("consumers"))
+    peers = tuple(_peer(r) for r in root.table_list("peers"))
+    site_id = root.identifier("site_id")
+    _unique(file, "consumers[].sae_id", [c.sae_id for c in consumers])
+    _unique(file, "peers[].site_id", [p.site_id for p in peers])
+    if any(p.site_id == site_id for p in peers):
+        raise ConfigError(file, "peers[].site_id", "a site other than this one", site_id)
+    return SiteConfig(
+        file=file,
+        site_id=site_id,
+        listen=root.address("listen"),
+        state_directory=root.path("state_directory"),
+        identity_key=identity.path("private_key"),
+        api_socket=api.path("socket"),
+        api_socket_mode=api.integer("socket_mode", 0, 0o777, 0o600),
+        key_size=key_size,
+        max_keys_per_request=api.integer("max_keys_per_request", 1, 10_000, 128),
+        pqc_backend=backend,
+        consumers=consumers,
+        peers=peers,
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> SiteConfig:
+    file = Path(path).resolve()
+    try:
+        with open(file, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(file, "(file)", "an existing TOML config file") from None
+    except PermissionError:
+        raise ConfigError(file, "(file)", "a file readable by this user") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "(syntax)", f"valid TOML ({exc})") from None
+    return parse_config(file, data)
+
+
+def check_files(config: SiteConfig) -> list[ConfigError]:
+    """Problems a daemon would hit at start that parsing alone cannot see."""
+    problems: list[ConfigError] = []
+    key = config.identity_key
+    if not key.is_file():
+        problems.append(
+            ConfigError(
+                config.file,
+                "identity.private_key",
+                "an existing ML-DSA-65 seed file (create it with `qkdd keygen`)",
+                str(key),
+            )
+        )
+    if not config.api_socket.parent.is_dir():
+        problems.append(
+            ConfigError(
+                config.file, "api.socket", "a path in an existing directory", str(config.api_socket)
+            )
+        )
+    if len(os.fsencode(config.api_socket)) > 107:
+        problems.append(
+            ConfigError(
+                config.file,
+                "api.socket",
+                "a path of at most 107 bytes (a Unix socket limit)",
+                str(config.api_socket),
+            )
+        )
+    return problems

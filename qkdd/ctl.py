@@ -1,0 +1,101 @@
+"""`qkdctl`: ask the local key service for its status and for keys, from a shell.
+
+Prints the standard's JSON objects (Status, Key container) so the output can be piped to other
+tools. Exit codes: 0 success, 1 the service refused or could not be reached, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from qkdd.client import BlockingKeyClient, ClientError, DeliveredKey, KeyServiceClientError
+
+DEFAULT_SOCKET = "/run/qkdd/etsi014.sock"
+SOCKET_ENV = "QKDD_SOCKET"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qkdctl", description="Query the local ETSI GS QKD 014 key service."
+    )
+    parser.add_argument(
+        "--socket",
+        default=os.environ.get(SOCKET_ENV, DEFAULT_SOCKET),
+        help=f"API socket path (default: ${SOCKET_ENV} or {DEFAULT_SOCKET})",
+    )
+    parser.add_argument("--sae-id", help="act as this SAE when the user may act as several")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
+    parser.add_argument("--compact", action="store_true", help="one-line JSON output")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    status = commands.add_parser("status", help="key pool status towards a slave SAE")
+    status.add_argument("slave_sae_id", metavar="SLAVE_SAE_ID")
+
+    enc = commands.add_parser("enc-keys", help="get new keys, as master, for a slave SAE")
+    enc.add_argument("slave_sae_id", metavar="SLAVE_SAE_ID")
+    enc.add_argument("--number", type=_positive_int, default=1, help="keys to get (default: 1)")
+    enc.add_argument("--size", type=_positive_int, help="key size in bits (default: the KME's)")
+
+    dec = commands.add_parser("dec-keys", help="collect, as slave, keys a master SAE got")
+    dec.add_argument("master_sae_id", metavar="MASTER_SAE_ID")
+    dec.add_argument("key_ids", metavar="KEY_ID", nargs="+")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _key_container(keys: Sequence[DeliveredKey]) -> dict[str, Any]:
+    return {
+        "keys": [
+            {"key_ID": key.key_id, "key": base64.b64encode(key.material).decode("ascii")}
+            for key in keys
+        ]
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return exc.code if isinstance(exc.code, int) else 2
+
+    try:
+        with BlockingKeyClient(args.socket, sae_id=args.sae_id, timeout=args.timeout) as client:
+            if args.command == "status":
+                result: dict[str, Any] = client.status(args.slave_sae_id)
+            elif args.command == "enc-keys":
+                result = _key_container(
+                    client.enc_keys(args.slave_sae_id, number=args.number, size=args.size)
+                )
+            else:
+                result = _key_container(client.dec_keys(args.master_sae_id, args.key_ids))
+    except KeyServiceClientError as exc:
+        print(f"qkdctl: the key service refused ({exc.status}): {exc.message}", file=sys.stderr)
+        for detail in exc.details:
+            print(f"  {json.dumps(detail)}", file=sys.stderr)
+        return 1
+    except ClientError as exc:
+        print(f"qkdctl: {exc}", file=sys.stderr)
+        return 1
+
+    print(json.dumps(result, separators=(",", ":") if args.compact else None,
+                     indent=None if args.compact else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

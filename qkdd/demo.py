@@ -1,0 +1,303 @@
+"""``qkdd demo``: an emulated QKD link and two site daemons as real subprocesses on this
+machine, then two local applications asking for the same keys through ETSI GS QKD 014.
+
+Everything lives in a fresh temporary directory that is removed at the end; every child
+process is stopped (SIGTERM, then SIGKILL after a grace period) whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qkdd.client import BlockingKeyClient, ClientError
+from qkdd.crypto.select import select_backend
+from qkdd.demo_sites import SITE_A, SITE_B, SITES, DemoSite, render
+from qkdd.identity import public_key_text, write_identity
+
+STARTUP_TIMEOUT = 25.0
+STOP_GRACE = 5.0
+
+
+class DemoError(Exception):
+    pass
+
+
+@dataclass
+class RunningSite:
+    site: DemoSite
+    config_file: Path
+    socket_path: Path
+    log_file: Path
+    process: subprocess.Popen[bytes]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def fingerprint(material: bytes) -> str:
+    """A short fingerprint safe to print: SHA-256 of the key, first 8 bytes in hex."""
+    return hashlib.sha256(material).hexdigest()[:16]
+
+
+def prepare_directory(directory: Path) -> dict[str, Path]:
+    """Write identities and configs for both sites; return each site's config file."""
+    backend = select_backend("auto")
+    ports = {site.site_id: _free_port() for site in SITES}
+    configs = {}
+    for site in SITES:
+        key = write_identity(directory / site.directory / "identity.key", backend)
+        (directory / site.directory / "identity.pub").write_text(public_key_text(key) + "\n")
+    for site in SITES:
+        config = directory / f"{site.site_id}.toml"
+        config.write_text(render(site, ports))
+        configs[site.site_id] = config
+    return configs
+
+
+def _wait_for_line(process: subprocess.Popen[bytes], timeout: float, what: str) -> str:
+    assert process.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            raise DemoError(f"{what} did not start within {timeout:.0f} s")
+    line = process.stdout.readline().decode().strip()
+    if not line:
+        raise DemoError(f"{what} exited during start-up (status {process.wait()})")
+    return line
+
+
+@contextlib.contextmanager
+def running_demo(
+    directory: Path, tamper: Callable[[Path], object] | None = None
+) -> Iterator[list[RunningSite]]:
+    """Start the emulator and both daemons in ``directory``; stop them on exit.
+
+    ``tamper(directory)`` runs after the files are written and before anything starts
+    (tests use it to break a site's config)."""
+    configs = prepare_directory(directory)
+    if tamper is not None:
+        tamper(directory)
+    processes: list[subprocess.Popen[bytes]] = []
+    logs = contextlib.ExitStack()
+    try:
+        emulator = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "qkdd_drivers.emulator",
+                "pty",
+                "--link-a",
+                str(directory / SITE_A.device_link),
+                "--link-b",
+                str(directory / SITE_B.device_link),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=logs.enter_context(open(directory / "emulator.log", "wb")),  # noqa: SIM115
+        )
+        processes.append(emulator)
+        _wait_for_line(emulator, STARTUP_TIMEOUT, "the QKD link emulator")
+        sites = []
+        for site in SITES:
+            log_file = directory / f"{site.site_id}.log"
+            process = subprocess.Popen(
+                [sys.executable, "-m", "qkdd", "run", "--config", str(configs[site.site_id])],
+                stdout=subprocess.DEVNULL,
+                stderr=logs.enter_context(open(log_file, "wb")),  # noqa: SIM115
+            )
+            processes.append(process)
+            sites.append(
+                RunningSite(
+                    site,
+                    configs[site.site_id],
+                    directory / site.directory / "api.sock",
+                    log_file,
+                    process,
+                )
+            )
+        yield sites
+    finally:
+        for process in reversed(processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for process in processes:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        logs.close()
+
+
+def wait_for_keys(site: RunningSite, slave_sae_id: str, number: int, timeout: float) -> None:
+    """Poll the master site's status until ``number`` keys are ready for the pair."""
+    deadline = time.monotonic() + timeout
+    last = "the daemon's API socket did not appear"
+    while time.monotonic() < deadline:
+        if site.process.poll() is not None:
+            raise DemoError(
+                f"{site.site.site_id} daemon exited with status {site.process.returncode}; "
+                f"see {site.log_file}:\n{_tail(site.log_file)}"
+            )
+        if site.socket_path.exists():
+            try:
+                with BlockingKeyClient(str(site.socket_path)) as client:
+                    count = int(client.status(slave_sae_id)["stored_key_count"])
+                if count >= number:
+                    return
+                last = f"{count} of {number} keys ready"
+            except ClientError as exc:
+                last = str(exc)
+        time.sleep(0.1)
+    raise DemoError(
+        f"no keys at {site.site.site_id} within {timeout:.0f} s ({last}); "
+        f"log:\n{_tail(site.log_file)}"
+    )
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def exchange_keys(site_a: RunningSite, site_b: RunningSite, number: int) -> list[dict[str, Any]]:
+    """App at A: enc_keys for sae-b; app at B: dec_keys by ID. Compare what each got."""
+    with BlockingKeyClient(str(site_a.socket_path)) as app_a:
+        keys_a = app_a.enc_keys(SITE_B.sae_id, number=number)
+    with BlockingKeyClient(str(site_b.socket_path)) as app_b:
+        keys_b = {k.key_id: k for k in app_b.dec_keys(SITE_A.sae_id, [k.key_id for k in keys_a])}
+    rows = []
+    for key in keys_a:
+        other = keys_b.get(key.key_id)
+        rows.append(
+            {
+                "key_ID": key.key_id,
+                "site_a_fingerprint": fingerprint(key.material),
+                "site_b_fingerprint": fingerprint(other.material) if other else None,
+                "match": other is not None and other.material == key.material,
+            }
+        )
+    return rows
+
+
+def describe(sites: list[RunningSite]) -> dict[str, Any]:
+    out = {}
+    for running in sites:
+        peer = SITE_B if running.site is SITE_A else SITE_A
+        out[running.site.site_id] = {
+            "site_id": running.site.site_id,
+            "config_file": str(running.config_file),
+            "api_socket": str(running.socket_path),
+            # The local SAE is master toward the peer's SAE, and slave for keys it sends.
+            "master_SAE_ID": running.site.sae_id,
+            "slave_SAE_ID": peer.sae_id,
+        }
+    return {"sites": out}
+
+
+def run_demo(number: int = 8, as_json: bool = False, serve: bool = False) -> int:
+    if not 1 <= number <= 128:
+        print("qkdd demo: --keys must be from 1 to 128", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    # A short base path: Unix socket paths are limited to 107 bytes.
+    directory = Path(
+        tempfile.mkdtemp(prefix="qkdd-demo-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    )
+    try:
+        with running_demo(directory) as sites:
+            site_a, site_b = sites
+            wait_for_keys(site_a, SITE_B.sae_id, number, STARTUP_TIMEOUT)
+            ready_at = time.monotonic()
+            if serve:
+                return _serve(sites, as_json)
+            rows = exchange_keys(site_a, site_b, number)
+            done = time.monotonic()
+        stopped = time.monotonic()
+        timings = {
+            "start_to_keys_ready_s": round(ready_at - started, 3),
+            "exchange_s": round(done - ready_at, 3),
+            "shutdown_s": round(stopped - done, 3),
+            "total_s": round(stopped - started, 3),
+        }
+        ok = bool(rows) and all(row["match"] for row in rows)
+        if as_json:
+            print(json.dumps({"keys": rows, "timings": timings, "all_match": ok}))
+        else:
+            _print_table(rows, timings, ok)
+        return 0 if ok else 1
+    except (DemoError, ClientError) as exc:
+        print(f"qkdd demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _serve(sites: list[RunningSite], as_json: bool) -> int:
+    description = describe(sites)
+    if as_json:
+        print(json.dumps(description), flush=True)
+    else:
+        for site in description["sites"].values():
+            print(
+                f"{site['site_id']}: socket {site['api_socket']}  "
+                f"master SAE {site['master_SAE_ID']}"
+                f"  slave SAE {site['slave_SAE_ID']}  config {site['config_file']}"
+            )
+        first = description["sites"][SITE_A.site_id]
+        print(f"try: qkdctl --socket {first['api_socket']} enc-keys {SITE_B.sae_id} --number 2")
+        print("press Ctrl-C to stop", flush=True)
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop:
+        for site in sites:
+            if site.process.poll() is not None:
+                print(
+                    f"qkdd demo: {site.site.site_id} daemon exited; "
+                    f"see its log:\n{_tail(site.log_file)}",
+                    file=sys.stderr,
+                )
+                return 1
+        time.sleep(0.2)
+    return 0
+
+
+def _print_table(rows: list[dict[str, Any]], timings: dict[str, float], ok: bool) -> None:
+    print(f"{'key_ID':36}  {'site A':16}  {'site B':16}  match")
+    for row in rows:
+        print(
+            f"{row['key_ID']:36}  {row['site_a_fingerprint']:16}  "
+            f"{row['site_b_fingerprint'] or '-':16}  {'yes' if row['match'] else 'NO'}"
+        )
+    print(
+        f"{sum(r['match'] for r in rows)}/{len(rows)} keys match; keys ready after "
+        f"{timings['start_to_keys_ready_s']:.2f} s, total {timings['total_s']:.2f} s"
+    )
+    if not ok:
+        print("MISMATCH: the two sites do not hold the same keys", file=sys.stderr)

@@ -1,0 +1,333 @@
+"""ETSI GS QKD 014 v1.1.1 request handling, without I/O: an `ApiRequest` and the `Caller` who
+sent it go in, an `ApiResponse` comes out.
+
+Owns routing, the caller's SAE identity, validation of the standard's Key request and Key IDs
+objects and of query parameters, and the mapping of pool errors to the standard's status codes
+(400, 401, 503) and Error object. HTTP framing belongs to `qkdd.etsi014.server`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from qkdd.etsi014.pool import DeliveredKey, KeyPool, KeyServiceError, KeysUnavailable, UnknownKeys
+
+API_PREFIX = "/api/v1/keys/"
+SAE_HEADER = "x-sae-id"
+# Additional slave SAEs (multicast keys) are not offered yet; the Status object says so.
+MAX_SAE_ID_COUNT = 0
+
+JSON_HEADERS: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
+
+_ROUTES: dict[str, tuple[str, ...]] = {
+    "status": ("GET",),
+    "enc_keys": ("GET", "POST"),
+    "dec_keys": ("GET", "POST"),
+}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is on the other end of the socket: credentials and the SAE IDs it may act as."""
+
+    uid: int | None
+    gid: int | None
+    sae_ids: frozenset[str]
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    method: str
+    target: str
+    headers: tuple[tuple[str, str], ...] = ()  # names in lower case
+    body: bytes = b""
+
+    def header_values(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key == name]
+
+
+@dataclass(frozen=True)
+class ApiResponse:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    # One-line outcome for the access log: SAE IDs, key IDs, error messages; never key material.
+    note: str = ""
+
+
+class _Reject(Exception):
+    """Ends handling of one request with an ETSI Error object."""
+
+    def __init__(self, status: int, message: str, details: Sequence[dict[str, Any]] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = list(details)
+
+
+def _reject(status: int, message: str, *details: dict[str, Any]) -> NoReturn:
+    raise _Reject(status, message, details)
+
+
+def error_response(
+    status: int,
+    message: str,
+    details: Sequence[dict[str, Any]] = (),
+    headers: tuple[tuple[str, str], ...] = (),
+) -> ApiResponse:
+    """The standard's Error object: {"message": ..., "details": [...]}."""
+    body = _dump({"message": message, "details": list(details)})
+    return ApiResponse(status, JSON_HEADERS + headers, body, note=f"message={message!r}")
+
+
+def _dump(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _json_object(body: bytes, what: str) -> dict[str, Any]:
+    if not body:
+        _reject(400, f"empty request body; send a JSON {what} object")
+    try:
+        obj = json.loads(body, parse_constant=_no_constant)
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        _reject(400, f"request body is not valid JSON: {exc}")
+    if not isinstance(obj, dict):
+        _reject(400, f"request body must be a JSON {what} object")
+    return obj
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _optional_int(obj: dict[str, Any], name: str) -> int | None:
+    value = obj.get(name)
+    # bool is an int in Python but not in JSON.
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        _reject(400, f"{name} must be an integer", {name: value})
+    return value
+
+
+def _optional_list(obj: dict[str, Any], name: str) -> list[Any]:
+    value = obj.get(name, [])
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        _reject(400, f"{name} must be an array", {name: value})
+    return value
+
+
+def _single_query(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    if values is None:
+        return None
+    if len(values) != 1:
+        _reject(400, f"query parameter {name} given {len(values)} times; give it once")
+    return values[0]
+
+
+def _query_int(query: dict[str, list[str]], name: str) -> int | None:
+    text = _single_query(query, name)
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:
+        _reject(400, f"query parameter {name} must be a positive decimal integer", {name: text})
+    return int(text)
+
+
+def _canonical_key_id(value: object) -> str:
+    if not isinstance(value, str):
+        _reject(400, "key_ID must be a string", {"key_ID": value})
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        _reject(400, f"key_ID {value!r} is not a UUID", {"key_ID": value})
+
+
+def _key_container(keys: Sequence[DeliveredKey]) -> bytes:
+    return _dump(
+        {
+            "keys": [
+                {"key_ID": key.key_id, "key": base64.b64encode(key.material).decode("ascii")}
+                for key in keys
+            ]
+        }
+    )
+
+
+class RequestHandler:
+    """Answers ETSI GS QKD 014 requests from a `KeyPool`."""
+
+    def __init__(self, pool: KeyPool, *, max_body: int = 64 * 1024) -> None:
+        self.pool = pool
+        self.max_body = max_body
+
+    def handle(self, request: ApiRequest, caller: Caller) -> ApiResponse:
+        try:
+            return self._dispatch(request, caller)
+        except _Reject as rej:
+            return error_response(rej.status, rej.message, rej.details, _allow_header(rej))
+        except UnknownKeys as exc:
+            return error_response(400, str(exc))
+        except KeysUnavailable as exc:
+            return error_response(503, str(exc))
+        except KeyServiceError as exc:
+            return error_response(503, f"key service failure: {exc}")
+
+    def _dispatch(self, request: ApiRequest, caller: Caller) -> ApiResponse:
+        url = urlsplit(request.target)
+        path = url.path
+        if not path.startswith(API_PREFIX):
+            _reject(404, f"no such resource {path!r}; the API lives under {API_PREFIX}")
+        parts = path[len(API_PREFIX) :].split("/")
+        if len(parts) != 2 or not parts[0] or parts[1] not in _ROUTES:
+            _reject(404, f"no such resource {path!r}")
+        other_sae, operation = unquote(parts[0]), parts[1]
+        allowed = _ROUTES[operation]
+        if request.method not in allowed:
+            raise _MethodNotAllowed(allowed)
+        if len(request.body) > self.max_body:
+            _reject(413, f"request body over {self.max_body} bytes")
+
+        own_sae = self._caller_sae(request, caller)
+        if not self.pool.knows_sae(other_sae):
+            _reject(400, f"SAE {other_sae!r} is not known to this KME", {"SAE_ID": other_sae})
+        if other_sae == own_sae:
+            _reject(400, f"SAE {own_sae!r} cannot exchange keys with itself")
+        query = parse_qs(url.query, keep_blank_values=True)
+
+        if operation == "status":
+            return self._status(own_sae, other_sae)
+        if operation == "enc_keys":
+            return self._enc_keys(request, query, master=own_sae, slave=other_sae)
+        return self._dec_keys(request, query, master=other_sae, slave=own_sae)
+
+    def _caller_sae(self, request: ApiRequest, caller: Caller) -> str:
+        who = f"uid {caller.uid}, gid {caller.gid}"
+        if not caller.sae_ids:
+            _reject(401, f"this local user ({who}) may not act as any SAE; map it to an SAE "
+                         "in the daemon's configuration")
+        wanted = request.header_values(SAE_HEADER)
+        if len(wanted) > 1:
+            _reject(400, "X-SAE-ID header given more than once")
+        if not wanted:
+            if len(caller.sae_ids) > 1:
+                _reject(401, f"this local user ({who}) may act as several SAEs "
+                             f"({', '.join(sorted(caller.sae_ids))}); pick one with the "
+                             "X-SAE-ID header")
+            (sae,) = caller.sae_ids
+        else:
+            sae = wanted[0]
+            if sae not in caller.sae_ids:
+                _reject(401, f"this local user ({who}) may not act as SAE {sae!r}")
+        if not self.pool.knows_sae(sae):
+            _reject(401, f"SAE {sae!r} is not served by this KME")
+        return sae
+
+    def _status(self, master: str, slave: str) -> ApiResponse:
+        st = self.pool.status(master, slave)
+        body = _dump(
+            {
+                "source_KME_ID": st.source_kme_id,
+                "target_KME_ID": st.target_kme_id,
+                "master_SAE_ID": master,
+                "slave_SAE_ID": slave,
+                "key_size": st.key_size,
+                "stored_key_count": st.stored_key_count,
+                "max_key_count": st.max_key_count,
+                "max_key_per_request": st.max_key_per_request,
+                "max_key_size": st.max_key_size,
+                "min_key_size": st.min_key_size,
+                "max_SAE_ID_count": MAX_SAE_ID_COUNT,
+            }
+        )
+        return ApiResponse(
+            200, JSON_HEADERS, body, note=f"master={master} slave={slave} "
+            f"stored={st.stored_key_count}"
+        )
+
+    def _enc_keys(
+        self, request: ApiRequest, query: dict[str, list[str]], *, master: str, slave: str
+    ) -> ApiResponse:
+        if request.method == "GET":
+            number = _query_int(query, "number")
+            size = _query_int(query, "size")
+        else:
+            obj = _json_object(request.body, "Key request")
+            number = _optional_int(obj, "number")
+            size = _optional_int(obj, "size")
+            if _optional_list(obj, "additional_slave_SAE_IDs"):
+                _reject(400, "additional_slave_SAE_IDs is not supported by this KME "
+                             f"(max_SAE_ID_count is {MAX_SAE_ID_COUNT})")
+            mandatory = _optional_list(obj, "extension_mandatory")
+            if mandatory:
+                # No extension is supported, so every mandatory one is unsupported (6.2).
+                _reject(400, "not all extension_mandatory parameters are supported",
+                        {"extension_mandatory_unsupported": mandatory})
+            _optional_list(obj, "extension_optional")  # type-checked, then ignored (6.2)
+
+        st = self.pool.status(master, slave)
+        number = 1 if number is None else number
+        size = st.key_size if size is None else size
+        if not 1 <= number <= st.max_key_per_request:
+            _reject(400, f"number must be between 1 and {st.max_key_per_request}",
+                    {"number": number})
+        if size % 8 or not st.min_key_size <= size <= st.max_key_size:
+            _reject(400, f"size must be a multiple of 8 between {st.min_key_size} and "
+                         f"{st.max_key_size} bits", {"size": size})
+        keys = self.pool.take_for_master(master, slave, number, size)
+        return ApiResponse(
+            200, JSON_HEADERS, _key_container(keys),
+            note=f"master={master} slave={slave} size={size} "
+            f"key_IDs={','.join(k.key_id for k in keys)}",
+        )
+
+    def _dec_keys(
+        self, request: ApiRequest, query: dict[str, list[str]], *, master: str, slave: str
+    ) -> ApiResponse:
+        if request.method == "GET":
+            key_id = _single_query(query, "key_ID")
+            if key_id is None:
+                _reject(400, "query parameter key_ID is required")
+            raw_ids: list[Any] = [key_id]
+        else:
+            obj = _json_object(request.body, "Key IDs")
+            entries = obj.get("key_IDs")
+            if not isinstance(entries, list) or not entries:
+                _reject(400, "key_IDs must be a non-empty array of {\"key_ID\": ...} objects")
+            raw_ids = []
+            for entry in entries:
+                if not isinstance(entry, dict) or "key_ID" not in entry:
+                    _reject(400, "each entry of key_IDs must be an object with a key_ID",
+                            {"entry": entry})
+                raw_ids.append(entry["key_ID"])
+        key_ids = [_canonical_key_id(value) for value in raw_ids]
+        if len(set(key_ids)) != len(key_ids):
+            _reject(400, "the same key_ID is requested more than once")
+        st = self.pool.status(master, slave)
+        if len(key_ids) > st.max_key_per_request:
+            _reject(400, f"at most {st.max_key_per_request} key_IDs per request",
+                    {"count": len(key_ids)})
+        keys = self.pool.take_for_slave(master, slave, key_ids)
+        return ApiResponse(
+            200, JSON_HEADERS, _key_container(keys),
+            note=f"master={master} slave={slave} key_IDs={','.join(key_ids)}",
+        )
+
+
+class _MethodNotAllowed(_Reject):
+    def __init__(self, allowed: tuple[str, ...]) -> None:
+        super().__init__(405, f"method not allowed here; use {' or '.join(allowed)}")
+        self.allowed = allowed
+
+
+def _allow_header(rej: _Reject) -> tuple[tuple[str, str], ...]:
+    if isinstance(rej, _MethodNotAllowed):
+        return (("allow", ", ".join(rej.allowed)),)
+    return ()

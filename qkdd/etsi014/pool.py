@@ -1,0 +1,181 @@
+"""The key pool seen by the ETSI GS QKD 014 layer: the `KeyPool` protocol, its value types and
+errors, and `MemoryKeyPool`, an in-memory pool for tests, benchmarks and the demo.
+
+The daemon's durable pool implements the same protocol; the request handler only ever talks to
+a `KeyPool`, so both behave identically on the wire.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class DeliveredKey:
+    """One key handed to an SAE: its ID (a UUID string) and its material."""
+
+    key_id: str
+    material: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """What the ETSI Status object reports about one master/slave pair."""
+
+    source_kme_id: str
+    target_kme_id: str
+    key_size: int
+    stored_key_count: int
+    max_key_count: int
+    max_key_per_request: int
+    max_key_size: int
+    min_key_size: int
+
+
+class KeyServiceError(Exception):
+    """Base of the key-service layer's errors."""
+
+
+class KeysUnavailable(KeyServiceError):
+    """No keys can be delivered now (QKD link down, peer down, pool empty); HTTP 503."""
+
+
+class UnknownKeys(KeyServiceError):
+    """Requested key IDs are not held for this master/slave pair; HTTP 400."""
+
+
+class KeyPool(Protocol):
+    def status(self, master_sae_id: str, slave_sae_id: str) -> PoolStatus: ...
+
+    def take_for_master(
+        self, master_sae_id: str, slave_sae_id: str, number: int, size_bits: int
+    ) -> list[DeliveredKey]: ...
+
+    def take_for_slave(
+        self, master_sae_id: str, slave_sae_id: str, key_ids: Sequence[str]
+    ) -> list[DeliveredKey]: ...
+
+    def knows_sae(self, sae_id: str) -> bool: ...
+
+
+Pair = tuple[str, str]
+
+
+class MemoryKeyPool:
+    """A `KeyPool` held in memory; both SAEs of a pair are served by this one KME.
+
+    Ready material is a byte reservoir per ordered (master, slave) pair, so keys of any allowed
+    size can be cut from it. Keys handed to a master wait, by ID, until its slave collects
+    them; collecting erases them. Set `unavailable` to a reason to make every take fail with
+    `KeysUnavailable`, as when the QKD link or the peer site is down.
+    """
+
+    def __init__(
+        self,
+        sae_ids: Iterable[str],
+        *,
+        source_kme_id: str = "KME-local",
+        target_kme_id: str = "KME-peer",
+        key_size: int = 256,
+        min_key_size: int = 64,
+        max_key_size: int = 8192,
+        max_key_per_request: int = 128,
+        max_key_count: int = 100_000,
+        new_key_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        if key_size % 8 or not min_key_size <= key_size <= max_key_size:
+            raise ValueError("key_size must be a multiple of 8 within [min_key_size, max_key_size]")
+        self._sae_ids = frozenset(sae_ids)
+        self._source_kme_id = source_kme_id
+        self._target_kme_id = target_kme_id
+        self._key_size = key_size
+        self._min_key_size = min_key_size
+        self._max_key_size = max_key_size
+        self._max_key_per_request = max_key_per_request
+        self._max_key_count = max_key_count
+        self._new_key_id = new_key_id
+        self._ready: dict[Pair, bytearray] = {}
+        self._delivered: dict[Pair, dict[str, bytes]] = {}
+        self.unavailable: str | None = None
+
+    # -- filling (what the QKD side would do) --
+
+    def add_material(self, master_sae_id: str, slave_sae_id: str, material: bytes) -> int:
+        """Append ready material for the pair; returns the bytes accepted (the rest is dropped,
+        as a full pool drops new QKD output)."""
+        ready = self._ready.setdefault((master_sae_id, slave_sae_id), bytearray())
+        room = max(0, self._max_key_count * (self._key_size // 8) - len(ready))
+        accepted = material[:room]
+        ready += accepted
+        return len(accepted)
+
+    def fill(self, master_sae_id: str, slave_sae_id: str, count: int) -> int:
+        """Add `count` random keys of the default size for the pair."""
+        return self.add_material(
+            master_sae_id, slave_sae_id, os.urandom(count * (self._key_size // 8))
+        )
+
+    def pending_key_ids(self, master_sae_id: str, slave_sae_id: str) -> list[str]:
+        """IDs handed to the master and not yet collected by the slave."""
+        return list(self._delivered.get((master_sae_id, slave_sae_id), {}))
+
+    # -- KeyPool --
+
+    def knows_sae(self, sae_id: str) -> bool:
+        return sae_id in self._sae_ids
+
+    def status(self, master_sae_id: str, slave_sae_id: str) -> PoolStatus:
+        ready = self._ready.get((master_sae_id, slave_sae_id), b"")
+        return PoolStatus(
+            source_kme_id=self._source_kme_id,
+            target_kme_id=self._target_kme_id,
+            key_size=self._key_size,
+            stored_key_count=len(ready) // (self._key_size // 8),
+            max_key_count=self._max_key_count,
+            max_key_per_request=self._max_key_per_request,
+            max_key_size=self._max_key_size,
+            min_key_size=self._min_key_size,
+        )
+
+    def take_for_master(
+        self, master_sae_id: str, slave_sae_id: str, number: int, size_bits: int
+    ) -> list[DeliveredKey]:
+        self._check_available()
+        pair = (master_sae_id, slave_sae_id)
+        ready = self._ready.get(pair, bytearray())
+        size_bytes = size_bits // 8
+        if number * size_bytes > len(ready):
+            raise KeysUnavailable(
+                f"only {len(ready) // size_bytes} keys of {size_bits} bits are ready for "
+                f"{master_sae_id} -> {slave_sae_id}; retry once the QKD link has delivered more"
+            )
+        keys = []
+        delivered = self._delivered.setdefault(pair, {})
+        for i in range(number):
+            material = bytes(ready[i * size_bytes : (i + 1) * size_bytes])
+            key = DeliveredKey(self._new_key_id(), material)
+            delivered[key.key_id] = key.material
+            keys.append(key)
+        del ready[: number * size_bytes]
+        return keys
+
+    def take_for_slave(
+        self, master_sae_id: str, slave_sae_id: str, key_ids: Sequence[str]
+    ) -> list[DeliveredKey]:
+        self._check_available()
+        delivered = self._delivered.get((master_sae_id, slave_sae_id), {})
+        missing = [key_id for key_id in key_ids if key_id not in delivered]
+        if missing or len(set(key_ids)) != len(key_ids):
+            raise UnknownKeys(
+                f"no keys with IDs {', '.join(missing) or '(duplicated IDs)'} are held for "
+                f"{master_sae_id} -> {slave_sae_id}"
+            )
+        return [DeliveredKey(key_id, delivered.pop(key_id)) for key_id in key_ids]
+
+    def _check_available(self) -> None:
+        if self.unavailable is not None:
+            raise KeysUnavailable(self.unavailable)

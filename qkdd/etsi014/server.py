@@ -1,0 +1,350 @@
+"""The ETSI GS QKD 014 API served over HTTP/1.1 (h11) on a Unix socket, with Trio.
+
+Theory of operation: `serve_unix` binds the socket (or takes a ready listener, e.g. from
+systemd socket activation) and runs one task per connection. A connection's caller is fixed by
+the kernel (SO_PEERCRED) when it connects, so it is identified once; then the task loops
+"read one request, answer it" while h11 says the connection can be kept alive. Every read of a
+request and every write of a response runs under a deadline, so a client that stalls costs one
+task for at most `request_timeout` seconds; any failure of one connection ends only that
+connection. The handler is sans-IO (`qkdd.etsi014.handler`); this module only moves bytes.
+
+Logging goes to "qkdd.api", one event per line: caller, SAE IDs, key IDs and status; never
+request or response bodies, since those carry key material.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable, Sequence
+
+import h11
+import trio
+
+from qkdd.etsi014.handler import ApiRequest, ApiResponse, Caller, RequestHandler, error_response
+from qkdd.etsi014.pool import KeyServiceError
+
+log = logging.getLogger("qkdd.api")
+
+# Request line plus headers; a legitimate ETSI request needs well under 1 KiB.
+MAX_HEADER_BYTES = 8 * 1024
+RECEIVE_SIZE = 16 * 1024
+# Time allowed to receive one whole request, or to send one response, and the longest a
+# kept-alive connection may sit idle.
+DEFAULT_REQUEST_TIMEOUT = 10.0
+LISTEN_BACKLOG = 128
+# Before closing a connection whose client may still be sending, read and discard its input
+# for this long (or this much): closing a socket with unread input makes the kernel report a
+# reset to the client, which may then lose the error response it was about to read.
+LINGER_SECONDS = 1.0
+LINGER_MAX_BYTES = 1024 * 1024
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+Identify = Callable[[int, int], frozenset[str]]
+
+
+class SocketPathError(KeyServiceError):
+    """The API socket cannot be created at the configured path."""
+
+
+async def serve_unix(
+    path: str,
+    handler: RequestHandler,
+    identify: Identify,
+    *,
+    mode: int = 0o660,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    task_status: trio.TaskStatus[trio.SocketListener] = trio.TASK_STATUS_IGNORED,
+    listener: trio.SocketListener | None = None,
+) -> None:
+    """Serve `handler` on the Unix socket `path` until cancelled.
+
+    With `listener` given (an already listening Unix socket), `path` is only used in logs and
+    nothing is bound, chmod-ed or removed. `task_status.started(listener)` is called once
+    connections are accepted.
+    """
+    bound_inode: int | None = None
+    if listener is None:
+        listener, bound_inode = await _bind_unix(path, mode)
+    try:
+        async with trio.open_nursery() as nursery:
+            counter = itertools.count(1)
+
+            async def on_connection(stream: trio.SocketStream) -> None:
+                await _serve_connection(stream, handler, identify, request_timeout, next(counter))
+
+            await nursery.start(trio.serve_listeners, on_connection, [listener])
+            log.info("event=api_listening path=%s mode=%s", path,
+                     oct(mode) if bound_inode is not None else "inherited")
+            task_status.started(listener)
+    finally:
+        if bound_inode is not None:
+            _remove_if_ours(path, bound_inode)
+            await listener.aclose()
+
+
+async def _bind_unix(path: str, mode: int) -> tuple[trio.SocketListener, int]:
+    """A listening socket at `path` and the inode of its name."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketPathError(
+                f"{path} exists and is not a socket; remove it or configure another API socket"
+            )
+        if _is_live(path):
+            raise SocketPathError(f"another process is serving {path}; stop it first")
+    # Bind under a temporary name and chmod before renaming into place, so the socket never
+    # exists at `path` with the umask's permissions.
+    temp = f"{path}.{os.getpid()}.tmp"
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if os.path.lexists(temp):
+            os.unlink(temp)
+        await sock.bind(temp)
+        os.chmod(temp, mode)
+        os.rename(temp, path)  # replaces a stale socket atomically
+        sock.listen(LISTEN_BACKLOG)
+        inode = os.lstat(path).st_ino
+    except OSError as exc:
+        sock.close()
+        if os.path.lexists(temp):
+            os.unlink(temp)
+        raise SocketPathError(f"cannot create API socket {path}: {exc.strerror or exc}") from exc
+    return trio.SocketListener(sock), inode
+
+
+def _is_live(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _remove_if_ours(path: str, inode: int) -> None:
+    """Unlink `path` only if it is still the socket we bound, not a successor's."""
+    try:
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def peer_caller(sock: trio.socket.SocketType, identify: Identify) -> Caller:
+    """The connecting process's uid/gid from SO_PEERCRED, and the SAEs `identify` grants it."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        _pid, uid, gid = _PEERCRED.unpack(raw)
+    except (OSError, AttributeError, struct.error) as exc:
+        log.warning("event=api_no_peercred reason=%r; treating the caller as unknown", str(exc))
+        return Caller(None, None, frozenset())
+    try:
+        sae_ids = frozenset(identify(uid, gid))
+    except Exception:
+        log.exception("event=api_identify_failed uid=%d gid=%d; treating the caller as unknown",
+                      uid, gid)
+        sae_ids = frozenset()
+    return Caller(uid, gid, sae_ids)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _serve_connection(
+    stream: trio.SocketStream,
+    handler: RequestHandler,
+    identify: Identify,
+    request_timeout: float,
+    conn_id: int,
+) -> None:
+    caller = peer_caller(stream.socket, identify)
+    log.debug("event=api_open conn=%d uid=%s gid=%s sae_ids=%s", conn_id, caller.uid, caller.gid,
+              ",".join(sorted(caller.sae_ids)))
+    connection = _Connection(stream, handler, caller, request_timeout, conn_id)
+    try:
+        await connection.run()
+        if not connection.peer_closed:
+            await _drain_and_close(stream)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        log.debug("event=api_dropped conn=%d reason=%r", conn_id, str(exc))
+    except Exception:
+        # One connection's failure must never end the server.
+        log.exception("event=api_connection_failed conn=%d", conn_id)
+    log.debug("event=api_closed conn=%d", conn_id)
+
+
+async def _drain_and_close(stream: trio.SocketStream) -> None:
+    with trio.move_on_after(LINGER_SECONDS):
+        await stream.send_eof()
+        drained = 0
+        while drained < LINGER_MAX_BYTES:
+            chunk = await stream.receive_some(RECEIVE_SIZE)
+            if not chunk:
+                break
+            drained += len(chunk)
+
+
+class _Connection:
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        handler: RequestHandler,
+        caller: Caller,
+        timeout: float,
+        conn_id: int,
+    ) -> None:
+        self._stream = stream
+        self._handler = handler
+        self._caller = caller
+        self._timeout = timeout
+        self._id = conn_id
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+
+    @property
+    def peer_closed(self) -> bool:
+        return self._h11.their_state is h11.CLOSED
+
+    async def run(self) -> None:
+        while True:
+            request = await self._read_request()
+            if request is None:
+                return
+            start = trio.current_time()
+            try:
+                response = self._handler.handle(request, self._caller)
+            except Exception:
+                log.exception("event=api_handler_failed conn=%d method=%s target=%s", self._id,
+                              request.method, _printable(request.target))
+                response = error_response(
+                    503, "internal error in the key service; see the daemon log"
+                )
+            self._log(request, response, trio.current_time() - start)
+            if not await self._send(response, head=request.method == "HEAD"):
+                return
+            if self._h11.our_state is not h11.DONE or self._h11.their_state is not h11.DONE:
+                return
+            self._h11.start_next_cycle()
+
+    async def _read_request(self) -> ApiRequest | None:
+        """The next complete request, or None when the connection should end (after any
+        error response has been sent)."""
+        problem: tuple[int, str] | None = None
+        with trio.move_on_after(self._timeout):
+            try:
+                return await self._receive_request()
+            except h11.RemoteProtocolError as exc:
+                problem = (exc.error_status_hint, f"malformed HTTP request: {exc}")
+            except _BodyTooLarge:
+                problem = (413, f"request body over {self._handler.max_body} bytes")
+        if problem is None:  # timed out
+            if self._h11.their_state is h11.IDLE and not self._h11.trailing_data[0]:
+                return None  # an idle kept-alive connection: just close it
+            problem = (408, f"request not received within {self._timeout:g} s")
+        log.info("event=api_rejected conn=%d uid=%s status=%d message=%r", self._id,
+                 self._caller.uid, problem[0], _printable(problem[1]))
+        if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            await self._send(error_response(*problem))
+        return None
+
+    async def _receive_request(self) -> ApiRequest | None:
+        event = await self._next_event()
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        assert isinstance(event, h11.Request), event
+        length = _content_length(event.headers)
+        if length is not None and length > self._handler.max_body:
+            raise _BodyTooLarge
+        if self._h11.they_are_waiting_for_100_continue:
+            go_on = self._h11.send(h11.InformationalResponse(status_code=100, headers=[]))
+            if not go_on or not await self._send_bytes(go_on):
+                return None
+        body = bytearray()
+        while True:
+            part = await self._next_event()
+            if isinstance(part, h11.Data):
+                body += part.data
+                if len(body) > self._handler.max_body:
+                    raise _BodyTooLarge
+            elif isinstance(part, h11.EndOfMessage):
+                break
+            else:  # ConnectionClosed mid-request
+                return None
+        return ApiRequest(
+            method=event.method.decode("ascii"),
+            target=event.target.decode("ascii", "replace"),
+            headers=tuple(
+                (name.decode("ascii"), value.decode("latin-1")) for name, value in event.headers
+            ),
+            body=bytes(body),
+        )
+
+    async def _next_event(self) -> h11.Event:
+        while True:
+            event = self._h11.next_event()
+            # PAUSED only follows a complete request, and we never read past one.
+            assert event is not h11.PAUSED
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            data = await self._stream.receive_some(RECEIVE_SIZE)
+            self._h11.receive_data(data)  # b"" is EOF
+
+    async def _send(self, response: ApiResponse, *, head: bool = False) -> bool:
+        """Send `response`; False if the connection is gone or must close."""
+        headers = [*response.headers, ("content-length", str(len(response.body)))]
+        keep = self._h11.their_state is h11.DONE
+        if not keep:  # the request was not read to its end; h11 will close after this
+            headers.append(("connection", "close"))
+        try:
+            data = self._h11.send(h11.Response(status_code=response.status, headers=headers))
+            if response.body and not head:
+                data += self._h11.send(h11.Data(data=response.body))
+            data += self._h11.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            log.warning("event=api_cannot_answer conn=%d reason=%r", self._id, str(exc))
+            return False
+        return await self._send_bytes(data)
+
+    async def _send_bytes(self, data: bytes) -> bool:
+        with trio.move_on_after(self._timeout) as scope:
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                log.debug("event=api_client_gone conn=%d", self._id)
+                return False
+        if scope.cancelled_caught:
+            log.info("event=api_send_timeout conn=%d timeout=%g", self._id, self._timeout)
+            return False
+        return True
+
+    def _log(self, request: ApiRequest, response: ApiResponse, elapsed: float) -> None:
+        log.info(
+            "event=api_request conn=%d uid=%s method=%s target=%s status=%d %s ms=%.2f",
+            self._id, self._caller.uid, request.method, _printable(request.target),
+            response.status, _printable(response.note), elapsed * 1000,
+        )
+
+
+def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value)  # h11 has already checked it is a number
+    return None
+
+
+def _printable(text: str) -> str:
+    """Escape control characters so a log event stays on one line."""
+    if text.isprintable():
+        return text
+    return text.encode("unicode_escape").decode("ascii")

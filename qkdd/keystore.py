@@ -1,0 +1,307 @@
+"""The site's durable key state in SQLite: QKD keys received from devices, QKD key IDs
+already consumed, hybrid keys and the batches they were agreed in.
+
+Durability rules that the rest of the daemon relies on:
+- A QKD key is stored before the device is told so (``store_qkd_keys`` commits first).
+- A QKD key serves once: consuming it records its ID in ``consumed_qkd_keys`` and erases
+  its material in the same transaction; a device that re-sends it later is ignored.
+- A hybrid key is ``pending`` until both sites are known to hold it, then ``ready``; only
+  ready keys are handed out, each exactly once, and erased in the transaction that hands
+  it out.
+
+The database uses WAL with synchronous=FULL and secure_delete, and is created 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS qkd_keys (
+    seq         INTEGER PRIMARY KEY,
+    peer_site   TEXT NOT NULL,
+    key_id      TEXT NOT NULL,
+    material    BLOB NOT NULL,
+    received_at REAL NOT NULL,
+    UNIQUE (peer_site, key_id)
+);
+CREATE TABLE IF NOT EXISTS consumed_qkd_keys (
+    peer_site TEXT NOT NULL,
+    key_id    TEXT NOT NULL,
+    PRIMARY KEY (peer_site, key_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS batches (
+    peer_site TEXT NOT NULL,
+    batch_id  INTEGER NOT NULL,
+    state     TEXT NOT NULL CHECK (state IN ('pending', 'committed')),
+    PRIMARY KEY (peer_site, batch_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS hybrid_keys (
+    key_id     TEXT PRIMARY KEY,
+    peer_site  TEXT NOT NULL,
+    batch_id   INTEGER NOT NULL,
+    master_sae TEXT NOT NULL,
+    slave_sae  TEXT NOT NULL,
+    size_bits  INTEGER NOT NULL,
+    material   BLOB NOT NULL,
+    state      TEXT NOT NULL CHECK (state IN ('pending', 'ready')),
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS hybrid_by_pair ON hybrid_keys (master_sae, slave_sae, state);
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+class StoreError(Exception):
+    """The key store cannot be opened or used (the message names the file)."""
+
+
+@dataclass(frozen=True)
+class StoredQkdKey:
+    key_id: str
+    material: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class NewHybridKey:
+    key_id: str
+    master_sae_id: str
+    slave_sae_id: str
+    size_bits: int
+    material: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class HybridKey:
+    key_id: str
+    material: bytes = field(repr=False)
+
+
+class KeyStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not path.exists():
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA secure_delete=ON")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open key store {path}: {exc}") from None
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    # -- QKD keys -------------------------------------------------------------------------
+
+    def store_qkd_keys(self, peer_site: str, keys: Iterable[StoredQkdKey]) -> int:
+        """Store keys from a device; returns how many were new (re-sent ones are ignored)."""
+        now = time.time()
+        added = 0
+        with self._transaction() as db:
+            for key in keys:
+                consumed = db.execute(
+                    "SELECT 1 FROM consumed_qkd_keys WHERE peer_site=? AND key_id=?",
+                    (peer_site, key.key_id),
+                ).fetchone()
+                if consumed:
+                    continue
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO qkd_keys (peer_site, key_id, material, received_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (peer_site, key.key_id, key.material, now),
+                )
+                added += cursor.rowcount
+        return added
+
+    def qkd_key_count(self, peer_site: str) -> int:
+        row = self._db.execute("SELECT count(*) FROM qkd_keys WHERE peer_site=?", (peer_site,))
+        return int(row.fetchone()[0])
+
+    def oldest_qkd_keys(self, peer_site: str, limit: int) -> list[StoredQkdKey]:
+        rows = self._db.execute(
+            "SELECT key_id, material FROM qkd_keys WHERE peer_site=? ORDER BY seq LIMIT ?",
+            (peer_site, limit),
+        )
+        return [StoredQkdKey(k, bytes(m)) for k, m in rows]
+
+    def get_qkd_keys(self, peer_site: str, key_ids: Sequence[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        for key_id in key_ids:
+            row = self._db.execute(
+                "SELECT material FROM qkd_keys WHERE peer_site=? AND key_id=?", (peer_site, key_id)
+            ).fetchone()
+            if row:
+                found[key_id] = bytes(row[0])
+        return found
+
+    def is_qkd_key_consumed(self, peer_site: str, key_id: str) -> bool:
+        return (
+            self._db.execute(
+                "SELECT 1 FROM consumed_qkd_keys WHERE peer_site=? AND key_id=?",
+                (peer_site, key_id),
+            ).fetchone()
+            is not None
+        )
+
+    def _consume_qkd_keys(
+        self, db: sqlite3.Connection, peer_site: str, key_ids: Iterable[str]
+    ) -> None:
+        for key_id in key_ids:
+            db.execute("DELETE FROM qkd_keys WHERE peer_site=? AND key_id=?", (peer_site, key_id))
+            db.execute("INSERT OR IGNORE INTO consumed_qkd_keys VALUES (?, ?)", (peer_site, key_id))
+
+    def quarantine_qkd_keys(self, peer_site: str, key_ids: Iterable[str]) -> None:
+        """Mark QKD key IDs as never to be used (e.g. present on one side only)."""
+        with self._transaction() as db:
+            self._consume_qkd_keys(db, peer_site, key_ids)
+
+    # -- batches and hybrid keys ----------------------------------------------------------
+
+    def next_batch_id(self, peer_site: str) -> int:
+        name = f"batch:{peer_site}"
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
+            value = (row[0] if row else 0) + 1
+            db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (name, value))
+        return int(value)
+
+    def add_batch(
+        self,
+        peer_site: str,
+        batch_id: int,
+        keys: Sequence[NewHybridKey],
+        consumed_qkd_ids: Iterable[str],
+    ) -> None:
+        """Store a batch's keys as pending and consume its QKD keys, atomically."""
+        now = time.time()
+        with self._transaction() as db:
+            db.execute("INSERT INTO batches VALUES (?, ?, 'pending')", (peer_site, batch_id))
+            db.executemany(
+                "INSERT INTO hybrid_keys VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                [
+                    (
+                        k.key_id,
+                        peer_site,
+                        batch_id,
+                        k.master_sae_id,
+                        k.slave_sae_id,
+                        k.size_bits,
+                        k.material,
+                        now,
+                    )
+                    for k in keys
+                ],
+            )
+            self._consume_qkd_keys(db, peer_site, consumed_qkd_ids)
+
+    def commit_batch(self, peer_site: str, batch_id: int) -> bool:
+        """Make a batch's keys deliverable; False if the batch is unknown."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE batches SET state='committed' WHERE peer_site=? AND batch_id=?",
+                (peer_site, batch_id),
+            )
+            db.execute(
+                "UPDATE hybrid_keys SET state='ready' WHERE peer_site=? AND batch_id=?",
+                (peer_site, batch_id),
+            )
+        return cursor.rowcount > 0
+
+    def abort_batch(self, peer_site: str, batch_id: int) -> None:
+        """Erase a batch's keys; its QKD keys stay consumed (one purpose, once)."""
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM hybrid_keys WHERE peer_site=? AND batch_id=?", (peer_site, batch_id)
+            )
+            db.execute(
+                "DELETE FROM batches WHERE peer_site=? AND batch_id=?", (peer_site, batch_id)
+            )
+
+    def batch_state(self, peer_site: str, batch_id: int) -> str | None:
+        row = self._db.execute(
+            "SELECT state FROM batches WHERE peer_site=? AND batch_id=?", (peer_site, batch_id)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def pending_batches(self, peer_site: str) -> list[int]:
+        rows = self._db.execute(
+            "SELECT batch_id FROM batches WHERE peer_site=? AND state='pending' ORDER BY batch_id",
+            (peer_site,),
+        )
+        return [int(r[0]) for r in rows]
+
+    def forget_committed_batches(self, peer_site: str) -> None:
+        """Drop batch records whose keys are all handed out (bounded table size)."""
+        self._db.execute(
+            "DELETE FROM batches WHERE peer_site=? AND state='committed' AND batch_id NOT IN "
+            "(SELECT batch_id FROM hybrid_keys WHERE peer_site=?)",
+            (peer_site, peer_site),
+        )
+
+    def ready_count(self, master_sae_id: str, slave_sae_id: str) -> int:
+        row = self._db.execute(
+            "SELECT count(*) FROM hybrid_keys WHERE master_sae=? AND slave_sae=? AND state='ready'",
+            (master_sae_id, slave_sae_id),
+        ).fetchone()
+        return int(row[0])
+
+    def take_ready(self, master_sae_id: str, slave_sae_id: str, number: int) -> list[HybridKey]:
+        """Hand out the ``number`` oldest ready keys of the pair and erase them (all or none)."""
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT key_id, material FROM hybrid_keys WHERE master_sae=? AND slave_sae=?"
+                " AND state='ready' ORDER BY created_at, rowid LIMIT ?",
+                (master_sae_id, slave_sae_id, number),
+            ).fetchall()
+            if len(rows) < number:
+                return []
+            db.executemany("DELETE FROM hybrid_keys WHERE key_id=?", [(r[0],) for r in rows])
+        return [HybridKey(k, bytes(m)) for k, m in rows]
+
+    def take_by_ids(
+        self, master_sae_id: str, slave_sae_id: str, key_ids: Sequence[str]
+    ) -> list[HybridKey] | None:
+        """Hand out exactly these ready keys of the pair and erase them; None if any is missing."""
+        if len(set(key_ids)) != len(key_ids):
+            return None
+        with self._transaction() as db:
+            found = []
+            for key_id in key_ids:
+                row = db.execute(
+                    "SELECT material FROM hybrid_keys"
+                    " WHERE key_id=? AND master_sae=? AND slave_sae=?"
+                    " AND state='ready'",
+                    (key_id, master_sae_id, slave_sae_id),
+                ).fetchone()
+                if row is None:
+                    return None
+                found.append(HybridKey(key_id, bytes(row[0])))
+            db.executemany("DELETE FROM hybrid_keys WHERE key_id=?", [(k,) for k in key_ids])
+        return found

@@ -1,0 +1,44 @@
+"""Every KDF label and signature context qkdd uses, in one registry.
+
+Each label is used for exactly one purpose; a test checks that no two are equal and
+that none is a prefix of another, so no derivation can be confused with another.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PROTOCOL_NAME: Final = b"qkdd peer protocol v1"
+
+# Signature contexts (FIPS 204 ctx strings): one per handshake role, so a responder's
+# signature can never be replayed as an initiator's.
+SIG_CONTEXT_INITIATOR: Final = b"qkdd/v1 bootstrap initiator signature"
+SIG_CONTEXT_RESPONDER: Final = b"qkdd/v1 bootstrap responder signature"
+
+# Handshake key schedule.
+LABEL_HANDSHAKE_SECRET: Final = b"qkdd/v1 handshake secret"
+LABEL_SESSION_INITIATOR_TO_RESPONDER: Final = b"qkdd/v1 session key initiator->responder"
+LABEL_SESSION_RESPONDER_TO_INITIATOR: Final = b"qkdd/v1 session key responder->initiator"
+LABEL_INITIATOR_CONFIRM: Final = b"qkdd/v1 initiator key confirmation"
+LABEL_SESSION_ID: Final = b"qkdd/v1 session id"
+
+# Hybrid key derivation (qkdd.hybrid).
+LABEL_HYBRID_SALT: Final = b"qkdd/v1 hybrid salt"
+LABEL_HYBRID_QKD_INPUT: Final = b"qkdd/v1 hybrid input qkd"
+LABEL_HYBRID_KEM_INPUT: Final = b"qkdd/v1 hybrid input ml-kem"
+LABEL_HYBRID_KEY: Final = b"qkdd/v1 hybrid output key"
+
+ALL_LABELS: Final = (
+    PROTOCOL_NAME,
+    SIG_CONTEXT_INITIATOR,
+    SIG_CONTEXT_RESPONDER,
+    LABEL_HANDSHAKE_SECRET,
+    LABEL_SESSION_INITIATOR_TO_RESPONDER,
+    LABEL_SESSION_RESPONDER_TO_INITIATOR,
+    LABEL_INITIATOR_CONFIRM,
+    LABEL_SESSION_ID,
+    LABEL_HYBRID_SALT,
+    LABEL_HYBRID_QKD_INPUT,
+    LABEL_HYBRID_KEM_INPUT,
+    LABEL_HYBRID_KEY,
+)

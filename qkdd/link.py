@@ -1,0 +1,366 @@
+"""Key agreement on one link, for one authenticated session: which QKD keys become which
+hybrid keys, and when a key may be handed out. No sockets and no clock: messages go in,
+messages come out, ``poll(now)`` says what to do next. The key store is its durable state.
+
+The link master (the site whose ID sorts first) picks QKD key IDs; the slave offers
+one-time ML-KEM encapsulation keys. A batch is three-way:
+
+    master: derive, store keys *pending*, consume QKD keys      -> KEY_BATCH
+    slave:  derive, store keys *pending*, consume QKD keys      -> BATCH_ACK
+    master: commit (keys *ready*)                               -> BATCH_DECISION
+    slave:  commit (keys *ready*)
+
+A key is ready at a site only when the other site is known to hold it: the master learns
+that from the ACK, the slave from the decision. If the session breaks anywhere in
+between, the slave starts the next session with RESYNC (its pending batches) and the
+master decides each one from its own records; the master's pending batches the slave does
+not list were never stored there and are aborted. Nothing is ever ready on one side only.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from qkdd.crypto import CryptoError, KemPrivateKey, PqcBackend
+from qkdd.hybrid import HybridDeriver, KemExchange, KeyContext
+from qkdd.keystore import KeyStore, NewHybridKey
+from qkdd.peer.messages import (
+    MAX_KEYS_PER_BATCH,
+    BatchAck,
+    BatchDecision,
+    BatchEntry,
+    KemOffer,
+    KeyBatch,
+    LinkMessage,
+    PoolDemand,
+    Resync,
+)
+
+log = logging.getLogger("qkdd.link")
+
+# How long the slave waits for QKD keys the master already has: the two devices deliver
+# the same stream, but not at the same instant.
+QKD_KEY_WAIT_SECONDS: Final = 5.0
+
+
+class LinkError(Exception):
+    """The peer broke the key-agreement rules; the session must be dropped."""
+
+
+@dataclass(frozen=True)
+class LinkParameters:
+    local_site_id: str
+    peer_site_id: str
+    local_sae_ids: frozenset[str]
+    remote_sae_ids: frozenset[str]
+    key_size_bits: int
+    pool_size: int
+
+    @property
+    def is_master(self) -> bool:
+        return self.local_site_id < self.peer_site_id
+
+    @property
+    def master_site_id(self) -> str:
+        return self.local_site_id if self.is_master else self.peer_site_id
+
+    @property
+    def slave_site_id(self) -> str:
+        return self.peer_site_id if self.is_master else self.local_site_id
+
+    def pair_allowed(self, master_sae: str, slave_sae: str) -> bool:
+        return (master_sae in self.local_sae_ids and slave_sae in self.remote_sae_ids) or (
+            master_sae in self.remote_sae_ids and slave_sae in self.local_sae_ids
+        )
+
+    def local_master_pairs(self) -> list[tuple[str, str]]:
+        """SAE pairs whose enc_keys caller is at this site (their pool is here)."""
+        return sorted((m, s) for m in self.local_sae_ids for s in self.remote_sae_ids)
+
+
+class LinkAgreement:
+    def __init__(
+        self,
+        params: LinkParameters,
+        *,
+        store: KeyStore,
+        backend: PqcBackend,
+        session_id: bytes,
+    ) -> None:
+        self.params = params
+        self._store = store
+        self._backend = backend
+        self._context = KeyContext(session_id, params.master_site_id, params.slave_site_id)
+        # master side
+        self._offer: KemOffer | None = None
+        self._in_flight: KeyBatch | None = None
+        self._remote_demand: dict[tuple[str, str], int] = {}
+        self._resynced = False
+        # slave side
+        self._offer_counter = 0
+        self._kem_key: KemPrivateKey | None = None
+        self._waiting: tuple[KeyBatch, float] | None = None
+        self._last_demand: PoolDemand | None = None
+        self.keys_agreed = 0
+
+    # -- entry points ---------------------------------------------------------------------
+
+    def start(self) -> list[LinkMessage]:
+        if self.params.is_master:
+            return []
+        pending = self._store.pending_batches(self.params.peer_site_id)
+        return [Resync(tuple(pending)), self._new_offer()]
+
+    def on_message(self, message: LinkMessage, now: float) -> list[LinkMessage]:
+        if self.params.is_master:
+            if isinstance(message, Resync):
+                return self._on_resync(message)
+            if not self._resynced:
+                raise LinkError("peer sent key-agreement messages before RESYNC")
+            if isinstance(message, KemOffer):
+                self._offer = message
+                return []
+            if isinstance(message, PoolDemand):
+                return self._on_demand(message)
+            if isinstance(message, BatchAck):
+                return self._on_ack(message)
+        else:
+            if isinstance(message, KeyBatch):
+                if self._waiting is not None:
+                    raise LinkError("KEY_BATCH while another batch is open")
+                self._waiting = (message, now + QKD_KEY_WAIT_SECONDS)
+                return self._try_batch(now)
+            if isinstance(message, BatchDecision):
+                return self._on_decision(message)
+        raise LinkError(
+            f"unexpected {type(message).__name__} for the link "
+            f"{'master' if self.params.is_master else 'slave'}"
+        )
+
+    def poll(self, now: float) -> list[LinkMessage]:
+        if self.params.is_master:
+            batch = self._make_batch()
+            return [batch] if batch else []
+        out = self._try_batch(now) if self._waiting else []
+        demand = self._demand()
+        if demand != self._last_demand:
+            self._last_demand = demand
+            out.append(demand)
+        return out
+
+    # -- master ---------------------------------------------------------------------------
+
+    def _on_resync(self, message: Resync) -> list[LinkMessage]:
+        peer = self.params.peer_site_id
+        decisions: list[LinkMessage] = []
+        listed = set(message.pending_batch_ids)
+        for batch_id in message.pending_batch_ids:
+            # The slave holds this batch: commit it if we hold it too, else abort.
+            if self._store.batch_state(peer, batch_id) is not None:
+                self._store.commit_batch(peer, batch_id)
+                decisions.append(BatchDecision(batch_id, True))
+            else:
+                decisions.append(BatchDecision(batch_id, False))
+        for batch_id in self._store.pending_batches(peer):
+            if batch_id not in listed:
+                log.info(
+                    "event=batch_aborted peer=%s batch=%d reason=not-stored-by-peer", peer, batch_id
+                )
+                self._store.abort_batch(peer, batch_id)
+        self._resynced = True
+        return decisions
+
+    def _on_demand(self, message: PoolDemand) -> list[LinkMessage]:
+        for master, slave, wanted in message.wanted:
+            if master not in self.params.remote_sae_ids or slave not in self.params.local_sae_ids:
+                raise LinkError(f"POOL_DEMAND for a pair we do not serve: {master}->{slave}")
+            self._remote_demand[(master, slave)] = min(wanted, self.params.pool_size)
+        return []
+
+    def _on_ack(self, message: BatchAck) -> list[LinkMessage]:
+        batch = self._in_flight
+        if batch is None or batch.batch_id != message.batch_id:
+            raise LinkError(f"BATCH_ACK for batch {message.batch_id}, which is not in flight")
+        self._in_flight = None
+        peer = self.params.peer_site_id
+        if message.accepted:
+            self._store.commit_batch(peer, batch.batch_id)
+            self.keys_agreed += len(batch.entries)
+            for entry in batch.entries:
+                if (entry.master_sae_id, entry.slave_sae_id) in self._remote_demand:
+                    self._remote_demand[(entry.master_sae_id, entry.slave_sae_id)] -= 1
+            log.debug(
+                "event=batch_committed peer=%s batch=%d keys=%d",
+                peer,
+                batch.batch_id,
+                len(batch.entries),
+            )
+            return [BatchDecision(batch.batch_id, True)]
+        log.warning(
+            "event=batch_rejected peer=%s batch=%d reason=%r", peer, batch.batch_id, message.reason
+        )
+        self._store.abort_batch(peer, batch.batch_id)
+        return [BatchDecision(batch.batch_id, False)]
+
+    def _deficits(self) -> list[tuple[int, tuple[str, str]]]:
+        wants = []
+        for pair in self.params.local_master_pairs():
+            wants.append((self.params.pool_size - self._store.ready_count(*pair), pair))
+        for pair, wanted in self._remote_demand.items():
+            wants.append((wanted, pair))
+        return sorted((w for w in wants if w[0] > 0), reverse=True)
+
+    def _make_batch(self) -> KeyBatch | None:
+        if self._in_flight is not None or self._offer is None or not self._resynced:
+            return None
+        deficits = self._deficits()
+        if not deficits:
+            return None
+        wanted, (master_sae, slave_sae) = deficits[0]
+        peer = self.params.peer_site_id
+        key_bytes = self.params.key_size_bits // 8
+        qkd_keys = self._store.oldest_qkd_keys(peer, min(wanted, MAX_KEYS_PER_BATCH) * 8)
+        entries: list[tuple[BatchEntry, bytes]] = []
+        index = 0
+        while index < len(qkd_keys) and len(entries) < min(wanted, MAX_KEYS_PER_BATCH):
+            ids: list[str] = []
+            material = b""
+            while len(material) < key_bytes and index < len(qkd_keys):
+                ids.append(qkd_keys[index].key_id)
+                material += qkd_keys[index].material
+                index += 1
+            if len(material) < key_bytes:
+                break
+            entry = BatchEntry(
+                str(uuid.uuid4()), self.params.key_size_bits, master_sae, slave_sae, tuple(ids)
+            )
+            entries.append((entry, material))
+        if not entries:
+            return None
+        offer, self._offer = self._offer, None  # each encapsulation key is used once
+        try:
+            shared, ciphertext = self._backend.kem_encapsulate(offer.public_key)
+        except CryptoError as exc:
+            raise LinkError(f"peer's ML-KEM offer is invalid: {exc}") from None
+        deriver = HybridDeriver(self._context, KemExchange(offer.public_key, ciphertext, shared))
+        batch_id = self._store.next_batch_id(peer)
+        batch = KeyBatch(batch_id, offer.offer_id, ciphertext, tuple(e for e, _ in entries))
+        self._store.add_batch(
+            peer,
+            batch_id,
+            _derive_all(deriver, entries),
+            [qid for e, _ in entries for qid in e.qkd_key_ids],
+        )
+        self._in_flight = batch
+        return batch
+
+    # -- slave ----------------------------------------------------------------------------
+
+    def _new_offer(self) -> KemOffer:
+        self._offer_counter += 1
+        self._kem_key = self._backend.kem_generate()
+        return KemOffer(self._offer_counter, self._kem_key.public_bytes)
+
+    def _try_batch(self, now: float) -> list[LinkMessage]:
+        assert self._waiting is not None
+        batch, deadline = self._waiting
+        peer = self.params.peer_site_id
+        if batch.offer_id != self._offer_counter or self._kem_key is None:
+            raise LinkError(
+                f"KEY_BATCH {batch.batch_id} names ML-KEM offer {batch.offer_id}, "
+                f"current is {self._offer_counter}"
+            )
+        qkd_ids = [qid for e in batch.entries for qid in e.qkd_key_ids]
+        reason = self._check_batch(batch, qkd_ids)
+        if reason:
+            return self._reject(batch, qkd_ids, reason)
+        materials = self._store.get_qkd_keys(peer, qkd_ids)
+        if len(materials) < len(qkd_ids):
+            if now < deadline:
+                return []  # our device has not delivered them yet: wait
+            missing = len(qkd_ids) - len(materials)
+            return self._reject(
+                batch, qkd_ids, f"{missing} QKD keys never arrived here (device desync)"
+            )
+        self._waiting = None
+        kem_key, self._kem_key = self._kem_key, None
+        shared = kem_key.decapsulate(batch.kem_ciphertext)
+        deriver = HybridDeriver(
+            self._context, KemExchange(kem_key.public_bytes, batch.kem_ciphertext, shared)
+        )
+        entries = [(e, b"".join(materials[q] for q in e.qkd_key_ids)) for e in batch.entries]
+        self._store.add_batch(peer, batch.batch_id, _derive_all(deriver, entries), qkd_ids)
+        return [BatchAck(batch.batch_id, True), self._new_offer()]
+
+    def _check_batch(self, batch: KeyBatch, qkd_ids: Sequence[str]) -> str:
+        peer = self.params.peer_site_id
+        if len(set(qkd_ids)) != len(qkd_ids):
+            return "a QKD key ID appears twice in the batch"
+        for entry in batch.entries:
+            if not self.params.pair_allowed(entry.master_sae_id, entry.slave_sae_id):
+                return (
+                    f"SAE pair {entry.master_sae_id}->{entry.slave_sae_id} is not configured here"
+                )
+            if entry.size_bits != self.params.key_size_bits:
+                return f"key size {entry.size_bits} differs from ours ({self.params.key_size_bits})"
+        if self._store.batch_state(peer, batch.batch_id) is not None:
+            return f"batch {batch.batch_id} was already used"
+        for qid in qkd_ids:
+            if self._store.is_qkd_key_consumed(peer, qid):
+                return f"QKD key {qid} was already used"
+        return ""
+
+    def _reject(self, batch: KeyBatch, qkd_ids: Sequence[str], reason: str) -> list[LinkMessage]:
+        log.warning(
+            "event=batch_rejected peer=%s batch=%d reason=%r",
+            self.params.peer_site_id,
+            batch.batch_id,
+            reason,
+        )
+        # Quarantine: these QKD key IDs were named in a failed batch and are never used.
+        self._store.quarantine_qkd_keys(self.params.peer_site_id, qkd_ids)
+        self._waiting = None
+        return [BatchAck(batch.batch_id, False, reason), self._new_offer()]
+
+    def _on_decision(self, message: BatchDecision) -> list[LinkMessage]:
+        peer = self.params.peer_site_id
+        if self._store.batch_state(peer, message.batch_id) is None:
+            return []  # a decision for a batch we rejected: nothing to do
+        if message.commit:
+            self._store.commit_batch(peer, message.batch_id)
+        else:
+            self._store.abort_batch(peer, message.batch_id)
+        self._store.forget_committed_batches(peer)
+        return []
+
+    def _demand(self) -> PoolDemand:
+        wanted = []
+        for pair in self.params.local_master_pairs():
+            wanted.append((*pair, max(0, self.params.pool_size - self._store.ready_count(*pair))))
+        return PoolDemand(tuple(wanted))
+
+
+def _derive_all(
+    deriver: HybridDeriver, entries: Sequence[tuple[BatchEntry, bytes]]
+) -> list[NewHybridKey]:
+    return [
+        NewHybridKey(
+            e.key_id,
+            e.master_sae_id,
+            e.slave_sae_id,
+            e.size_bits,
+            deriver.derive(
+                key_id=e.key_id,
+                master_sae_id=e.master_sae_id,
+                slave_sae_id=e.slave_sae_id,
+                qkd_key_ids=e.qkd_key_ids,
+                qkd_material=material,
+                size_bits=e.size_bits,
+            ),
+        )
+        for e, material in entries
+    ]

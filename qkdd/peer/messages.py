@@ -1,0 +1,217 @@
+"""Key-agreement messages carried inside an established session (sans-IO encode/decode).
+
+Each message is ``type (1) | body``. Flow between the link master (picks QKD key IDs) and
+the link slave:
+
+    slave  -> master  RESYNC      batch IDs the slave holds but has not seen committed
+    slave  -> master  KEM_OFFER   a fresh ML-KEM-768 encapsulation key (used once)
+    slave  -> master  POOL_DEMAND how many keys the slave's local master SAEs want
+    master -> slave   KEY_BATCH   ML-KEM ciphertext + per key: key ID, SAE pair, QKD key IDs
+    slave  -> master  BATCH_ACK   stored (or rejected, with the reason)
+    master -> slave   BATCH_DECISION  commit (keys become deliverable) or abort
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Final
+
+from qkdd.crypto import KEM_CIPHERTEXT_SIZE, KEM_PUBLIC_KEY_SIZE
+from qkdd.peer.errors import RemoteProtocolError
+from qkdd.peer.wire import Reader, Writer
+
+MAX_KEYS_PER_BATCH: Final = 256
+MAX_QKD_KEYS_PER_KEY: Final = 32
+MAX_DEMAND_ENTRIES: Final = 256
+MAX_RESYNC_BATCHES: Final = 1024
+MAX_REASON_LENGTH: Final = 512
+
+
+class MessageType:
+    KEM_OFFER: Final = 0x01
+    KEY_BATCH: Final = 0x02
+    BATCH_ACK: Final = 0x03
+    BATCH_DECISION: Final = 0x04
+    POOL_DEMAND: Final = 0x05
+    RESYNC: Final = 0x06
+
+
+@dataclass(frozen=True)
+class KemOffer:
+    offer_id: int
+    public_key: bytes
+
+    def encode(self) -> bytes:
+        return (
+            Writer()
+            .u8(MessageType.KEM_OFFER)
+            .u32(self.offer_id)
+            .fixed(self.public_key, KEM_PUBLIC_KEY_SIZE)
+            .build()
+        )
+
+    @classmethod
+    def read(cls, r: Reader) -> KemOffer:
+        return cls(r.u32(), r.fixed(KEM_PUBLIC_KEY_SIZE))
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    key_id: str
+    size_bits: int
+    master_sae_id: str
+    slave_sae_id: str
+    qkd_key_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KeyBatch:
+    batch_id: int
+    offer_id: int
+    kem_ciphertext: bytes
+    entries: tuple[BatchEntry, ...]
+
+    def encode(self) -> bytes:
+        w = (
+            Writer()
+            .u8(MessageType.KEY_BATCH)
+            .u64(self.batch_id)
+            .u32(self.offer_id)
+            .fixed(self.kem_ciphertext, KEM_CIPHERTEXT_SIZE)
+            .u16(len(self.entries))
+        )
+        for e in self.entries:
+            w.fixed(uuid.UUID(e.key_id).bytes, 16).u16(e.size_bits)
+            w.text(e.master_sae_id).text(e.slave_sae_id).u8(len(e.qkd_key_ids))
+            for qid in e.qkd_key_ids:
+                w.fixed(uuid.UUID(qid).bytes, 16)
+        return w.build()
+
+    @classmethod
+    def read(cls, r: Reader) -> KeyBatch:
+        batch_id, offer_id, ciphertext = r.u64(), r.u32(), r.fixed(KEM_CIPHERTEXT_SIZE)
+        count = r.u16()
+        if not 1 <= count <= MAX_KEYS_PER_BATCH:
+            raise RemoteProtocolError(f"KEY_BATCH: {count} keys, allowed 1-{MAX_KEYS_PER_BATCH}")
+        entries = []
+        for _ in range(count):
+            key_id = str(uuid.UUID(bytes=r.fixed(16)))
+            size_bits = r.u16()
+            if size_bits == 0 or size_bits % 8:
+                raise RemoteProtocolError("KEY_BATCH: key size is not a positive multiple of 8")
+            master, slave = r.text(), r.text()
+            n = r.u8()
+            if not 1 <= n <= MAX_QKD_KEYS_PER_KEY:
+                raise RemoteProtocolError("KEY_BATCH: bad QKD key count")
+            qkd_ids = tuple(str(uuid.UUID(bytes=r.fixed(16))) for _ in range(n))
+            entries.append(BatchEntry(key_id, size_bits, master, slave, qkd_ids))
+        return cls(batch_id, offer_id, ciphertext, tuple(entries))
+
+
+@dataclass(frozen=True)
+class BatchAck:
+    batch_id: int
+    accepted: bool
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        reason = self.reason.encode()[:MAX_REASON_LENGTH]
+        return (
+            Writer()
+            .u8(MessageType.BATCH_ACK)
+            .u64(self.batch_id)
+            .u8(1 if self.accepted else 0)
+            .blob(reason)
+            .build()
+        )
+
+    @classmethod
+    def read(cls, r: Reader) -> BatchAck:
+        batch_id, accepted = r.u64(), r.u8()
+        if accepted not in (0, 1):
+            raise RemoteProtocolError("BATCH_ACK: bad flag")
+        reason = r.blob(MAX_REASON_LENGTH).decode(errors="replace")
+        return cls(batch_id, bool(accepted), reason)
+
+
+@dataclass(frozen=True)
+class BatchDecision:
+    batch_id: int
+    commit: bool
+
+    def encode(self) -> bytes:
+        return (
+            Writer()
+            .u8(MessageType.BATCH_DECISION)
+            .u64(self.batch_id)
+            .u8(1 if self.commit else 0)
+            .build()
+        )
+
+    @classmethod
+    def read(cls, r: Reader) -> BatchDecision:
+        batch_id, commit = r.u64(), r.u8()
+        if commit not in (0, 1):
+            raise RemoteProtocolError("BATCH_DECISION: bad flag")
+        return cls(batch_id, bool(commit))
+
+
+@dataclass(frozen=True)
+class PoolDemand:
+    wanted: tuple[tuple[str, str, int], ...]  # (master SAE, slave SAE, keys wanted)
+
+    def encode(self) -> bytes:
+        w = Writer().u8(MessageType.POOL_DEMAND).u16(len(self.wanted))
+        for master, slave, count in self.wanted:
+            w.text(master).text(slave).u32(count)
+        return w.build()
+
+    @classmethod
+    def read(cls, r: Reader) -> PoolDemand:
+        count = r.u16()
+        if count > MAX_DEMAND_ENTRIES:
+            raise RemoteProtocolError("POOL_DEMAND: too many entries")
+        return cls(tuple((r.text(), r.text(), r.u32()) for _ in range(count)))
+
+
+@dataclass(frozen=True)
+class Resync:
+    pending_batch_ids: tuple[int, ...]
+
+    def encode(self) -> bytes:
+        w = Writer().u8(MessageType.RESYNC).u16(len(self.pending_batch_ids))
+        for batch_id in self.pending_batch_ids:
+            w.u64(batch_id)
+        return w.build()
+
+    @classmethod
+    def read(cls, r: Reader) -> Resync:
+        count = r.u16()
+        if count > MAX_RESYNC_BATCHES:
+            raise RemoteProtocolError("RESYNC: too many batches")
+        return cls(tuple(r.u64() for _ in range(count)))
+
+
+LinkMessage = KemOffer | KeyBatch | BatchAck | BatchDecision | PoolDemand | Resync
+
+_DECODERS: dict[int, type[LinkMessage]] = {
+    MessageType.KEM_OFFER: KemOffer,
+    MessageType.KEY_BATCH: KeyBatch,
+    MessageType.BATCH_ACK: BatchAck,
+    MessageType.BATCH_DECISION: BatchDecision,
+    MessageType.POOL_DEMAND: PoolDemand,
+    MessageType.RESYNC: Resync,
+}
+
+
+def decode_message(payload: bytes) -> LinkMessage:
+    if not payload:
+        raise RemoteProtocolError("empty link message")
+    decoder = _DECODERS.get(payload[0])
+    if decoder is None:
+        raise RemoteProtocolError(f"unknown link message type 0x{payload[0]:02x}")
+    r = Reader(payload[1:], decoder.__name__)
+    message = decoder.read(r)  # type: ignore[attr-defined]
+    r.end()
+    return message

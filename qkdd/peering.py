@@ -1,0 +1,309 @@
+"""The I/O of one link to a peer site: its QKD device feeding the key store, and the TCP
+sessions with the peer daemon, each pumping bytes through a sans-IO ``PeerConnection`` and
+a ``LinkAgreement``. The link master dials (with backoff); the slave's sessions arrive
+through the site's peer listener, which runs the responder handshake and hands them here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Final
+
+import trio
+from qkdd_drivers.base import QkdDevice, QkdKey
+from qkdd_drivers.serial_driver import SerialDevice
+
+from qkdd.config import PeerConfig, SiteConfig
+from qkdd.crypto import PqcBackend, SigningKey
+from qkdd.keystore import KeyStore, StoredQkdKey
+from qkdd.link import LinkAgreement, LinkError, LinkParameters
+from qkdd.peer.connection import (
+    HandshakeComplete,
+    MessageReceived,
+    PeerConnection,
+    Role,
+)
+from qkdd.peer.errors import PeerAuthenticationError, PeerProtocolError
+from qkdd.peer.messages import LinkMessage, decode_message
+
+log = logging.getLogger("qkdd.peer")
+
+HANDSHAKE_TIMEOUT: Final = 10.0
+POLL_INTERVAL: Final = 0.02
+RECEIVE_SIZE: Final = 64 * 1024
+DIAL_BACKOFF_FIRST: Final = 0.25
+DIAL_BACKOFF_MAX: Final = 10.0
+# Device keys held at most before the driver stops acknowledging (back-pressure to the
+# device, which then buffers): bounds the disk a stalled peer can make us use.
+QKD_BUFFER_MAX: Final = 20_000
+
+
+class PeerClosed(Exception):
+    pass
+
+
+class StoreSink:
+    """Where a device's keys go: the key store, with back-pressure when the buffer is full."""
+
+    def __init__(
+        self, store: KeyStore, peer_site_id: str, buffer_max: int = QKD_BUFFER_MAX
+    ) -> None:
+        self._store = store
+        self._peer = peer_site_id
+        self._buffer_max = buffer_max
+
+    async def store_qkd_keys(self, keys: Sequence[QkdKey]) -> None:
+        while self._store.qkd_key_count(self._peer) >= self._buffer_max:
+            await trio.sleep(0.05)
+        self._store.store_qkd_keys(self._peer, [StoredQkdKey(k.key_id, k.material) for k in keys])
+
+
+def make_device(peer: PeerConfig) -> QkdDevice:
+    return SerialDevice(str(peer.device.path), peer.device.baudrate)
+
+
+class PeerLink:
+    def __init__(
+        self,
+        config: SiteConfig,
+        peer: PeerConfig,
+        *,
+        store: KeyStore,
+        backend: PqcBackend,
+        signing_key: SigningKey,
+    ) -> None:
+        self.config = config
+        self.peer = peer
+        self.params = LinkParameters(
+            local_site_id=config.site_id,
+            peer_site_id=peer.site_id,
+            local_sae_ids=config.local_sae_ids,
+            remote_sae_ids=frozenset(peer.remote_sae_ids),
+            key_size_bits=config.key_size,
+            pool_size=peer.pool_size,
+        )
+        self.device = make_device(peer)
+        self.sink = StoreSink(store, peer.site_id)
+        self._store = store
+        self._backend = backend
+        self._signing_key = signing_key
+        self._session_scope: trio.CancelScope | None = None
+        self.session_up = False
+        self.last_error = "no session yet"
+        self.sessions_established = 0
+
+    def pinned_key(self, site_id: str) -> bytes | None:
+        return self.peer.public_key if site_id == self.peer.site_id else None
+
+    def why_unavailable(self) -> str | None:
+        if self.device.status.state != "up":
+            status = self.device.status
+            return f"QKD device {self.peer.device.path} is {status.state}: {status.detail}"
+        if not self.session_up:
+            return f"no authenticated session with site {self.peer.site_id}: {self.last_error}"
+        return None
+
+    # -- dialing (link master) --------------------------------------------------------------
+
+    async def dial_forever(self) -> None:
+        delay = DIAL_BACKOFF_FIRST
+        host, port = self.peer.address
+        while True:
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except OSError as exc:
+                self.last_error = f"cannot reach {host}:{port} ({exc.strerror or exc})"
+                log.debug(
+                    "event=dial_failed peer=%s address=%s:%d retry_in=%.2f",
+                    self.peer.site_id,
+                    host,
+                    port,
+                    delay,
+                )
+                await trio.sleep(delay)
+                delay = min(delay * 2, DIAL_BACKOFF_MAX)
+                continue
+            conn = PeerConnection(
+                Role.INITIATOR,
+                backend=self._backend,
+                local_site_id=self.config.site_id,
+                signing_key=self._signing_key,
+                pinned_key=self.pinned_key,
+                expected_peer=self.peer.site_id,
+            )
+            async with stream:
+                try:
+                    conn.initiate()
+                    await stream.send_all(conn.data_to_send())
+                    with trio.fail_after(HANDSHAKE_TIMEOUT):
+                        leftover = await complete_handshake(stream, conn)
+                    delay = DIAL_BACKOFF_FIRST
+                    await self.run_session(stream, conn, leftover)
+                except (
+                    PeerProtocolError,
+                    LinkError,
+                    PeerClosed,
+                    trio.TooSlowError,
+                    trio.BrokenResourceError,
+                    OSError,
+                ) as exc:
+                    self.session_failed(exc)
+            await trio.sleep(delay)
+            delay = min(delay * 2, DIAL_BACKOFF_MAX)
+
+    def session_failed(self, exc: BaseException) -> None:
+        self.session_up = False
+        if isinstance(exc, PeerAuthenticationError):
+            self.last_error = f"authentication failed: {exc}"
+            log.error(
+                "event=peer_authentication_failed peer=%s reason=%r", self.peer.site_id, str(exc)
+            )
+        else:
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, trio.TooSlowError):
+                reason = "handshake timed out"
+            self.last_error = reason
+            log.warning("event=session_ended peer=%s reason=%r", self.peer.site_id, reason)
+
+    # -- a session (both roles) -------------------------------------------------------------
+
+    async def run_session(
+        self, stream: trio.abc.Stream, conn: PeerConnection, leftover: list[MessageReceived]
+    ) -> None:
+        """Run key agreement over an authenticated connection until it breaks.
+
+        A newer session with the same peer replaces this one (the peer restarted)."""
+        if self._session_scope is not None:
+            self._session_scope.cancel()
+        assert conn.session_id is not None
+        agreement = LinkAgreement(
+            self.params, store=self._store, backend=self._backend, session_id=conn.session_id
+        )
+        send_lock = trio.Lock()
+
+        async def send(messages: list[LinkMessage]) -> None:
+            for message in messages:
+                conn.send_message(message.encode())
+            data = conn.data_to_send()
+            if data:
+                async with send_lock:
+                    await stream.send_all(data)
+
+        async def handle(events: Sequence[object]) -> None:
+            for event in events:
+                if isinstance(event, MessageReceived):
+                    message = decode_message(event.payload)
+                    await send(agreement.on_message(message, trio.current_time()))
+
+        async def poll_loop() -> None:
+            while True:
+                await send(agreement.poll(trio.current_time()))
+                await trio.sleep(POLL_INTERVAL)
+
+        with trio.CancelScope() as scope:
+            self._session_scope = scope
+            self.session_up = True
+            self.sessions_established += 1
+            log.info(
+                "event=session_established peer=%s role=%s",
+                self.peer.site_id,
+                "master" if self.params.is_master else "slave",
+            )
+            try:
+                await send(agreement.start())
+                await handle(leftover)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(poll_loop)
+                    while True:
+                        data = await stream.receive_some(RECEIVE_SIZE)
+                        if not data:
+                            raise PeerClosed("peer closed the connection")
+                        await handle(conn.receive_data(data))
+            finally:
+                if self._session_scope is scope:
+                    self._session_scope = None
+                    self.session_up = False
+        if scope.cancelled_caught:
+            log.info("event=session_replaced peer=%s", self.peer.site_id)
+
+
+async def complete_handshake(
+    stream: trio.abc.Stream, conn: PeerConnection
+) -> list[MessageReceived]:
+    """Pump bytes until the handshake completes; return session messages that came with it."""
+    while True:
+        data = await stream.receive_some(RECEIVE_SIZE)
+        if not data:
+            raise PeerClosed("peer closed the connection during the handshake")
+        events = conn.receive_data(data)
+        out = conn.data_to_send()
+        if out:
+            await stream.send_all(out)
+        for index, event in enumerate(events):
+            if isinstance(event, HandshakeComplete):
+                return [e for e in events[index + 1 :] if isinstance(e, MessageReceived)]
+
+
+async def serve_peers(
+    config: SiteConfig,
+    links: dict[str, PeerLink],
+    backend: PqcBackend,
+    signing_key: SigningKey,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept peer connections on the site's listen address and route them to their link."""
+    host, port = config.listen
+    listeners = await trio.open_tcp_listeners(port, host=host)
+
+    def pinned(site_id: str) -> bytes | None:
+        link = links.get(site_id)
+        return link.pinned_key(site_id) if link else None
+
+    async def on_connection(stream: trio.SocketStream) -> None:
+        conn = PeerConnection(
+            Role.RESPONDER,
+            backend=backend,
+            local_site_id=config.site_id,
+            signing_key=signing_key,
+            pinned_key=pinned,
+        )
+        async with stream:
+            link = None
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    leftover = await complete_handshake(stream, conn)
+                assert conn.peer_site_id is not None
+                link = links[conn.peer_site_id]
+                if link.params.is_master:
+                    raise PeerAuthenticationError(
+                        f"site {conn.peer_site_id!r} dialled us, but we are the link master"
+                    )
+                await link.run_session(stream, conn, leftover)
+            except (
+                PeerProtocolError,
+                LinkError,
+                PeerClosed,
+                trio.TooSlowError,
+                trio.BrokenResourceError,
+                OSError,
+            ) as exc:
+                link = link or links.get(conn.peer_site_id or "")
+                if link is not None:
+                    link.session_failed(exc)
+                elif isinstance(exc, PeerAuthenticationError):
+                    log.error(
+                        "event=peer_authentication_failed peer=%s reason=%r",
+                        conn.peer_site_id or "unknown",
+                        str(exc),
+                    )
+                else:
+                    log.info(
+                        "event=peer_connection_dropped reason=%r", str(exc) or type(exc).__name__
+                    )
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, on_connection, listeners)
+        log.info("event=peer_listener_ready address=%s:%d", host, port)
+        task_status.started(listeners)

@@ -1,0 +1,148 @@
+"""Site config loading: good files load; every bad value names the file, key and expectation."""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import pytest
+
+from qkdd.config import ConfigError, check_files, load_config
+from qkdd.demo_sites import SITE_A, SITE_B, render
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def site_dir(tmp_path, backend):
+    """A demo layout: both configs and both public keys (the private keys are not needed)."""
+    for site in (SITE_A, SITE_B):
+        (tmp_path / site.directory).mkdir()
+        key = backend.signing_key_from_seed(os.urandom(32))
+        (tmp_path / site.directory / "identity.pub").write_text(
+            base64.b64encode(key.public_bytes).decode()
+        )
+        (tmp_path / f"{site.site_id}.toml").write_text(render(site))
+    return tmp_path
+
+
+def test_demo_config_loads(site_dir):
+    config = load_config(site_dir / "site-a.toml")
+    assert config.site_id == "site-a"
+    assert config.listen == ("127.0.0.1", 47101)
+    assert config.api_socket == site_dir / "site-a" / "api.sock"
+    assert config.identity_key == site_dir / "site-a" / "identity.key"
+    assert config.api_socket_mode == 0o600
+    (peer,) = config.peers
+    assert peer.site_id == "site-b" and peer.address == ("127.0.0.1", 47102)
+    assert peer.public_key == base64.b64decode((site_dir / "site-b" / "identity.pub").read_text())
+    assert peer.device.path == site_dir / "qkd-a.tty"
+    assert config.sae_ids_for_uid(12345) == {"sae-a"}
+
+
+def test_shipped_config_files_are_the_rendered_demo_sites():
+    for site in (SITE_A, SITE_B):
+        assert (REPO / "config" / f"{site.site_id}.toml").read_text() == render(site)
+
+
+def test_check_files_reports_missing_identity(site_dir):
+    problems = check_files(load_config(site_dir / "site-a.toml"))
+    assert [p.key for p in problems] == ["identity.private_key"]
+    assert "qkdd keygen" in str(problems[0])
+
+
+def edit(site_dir: Path, old: str, new: str) -> Path:
+    path = site_dir / "site-a.toml"
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+BAD_VALUES = [
+    ('site_id = "site-a"', 'site_id = "no spaces allowed"', "site_id", "identifier"),
+    ('listen = "127.0.0.1:47101"', 'listen = "127.0.0.1"', "listen", '"host:port"'),
+    ('listen = "127.0.0.1:47101"', 'listen = "127.0.0.1:70000"', "listen", "port from 1 to 65535"),
+    ('listen = "127.0.0.1:47101"', "listen = 47101", "listen", '"host:port"'),
+    (
+        'pqc_backend = "auto"',
+        'pqc_backend = "fast"',
+        "pqc_backend",
+        "one of auto, oqs, cryptography",
+    ),
+    ("key_size = 256", "key_size = 255", "api.key_size", "multiple of 8"),
+    ("key_size = 256", "key_size = true", "api.key_size", "integer"),
+    (
+        "max_keys_per_request = 128",
+        "max_keys_per_request = 0",
+        "api.max_keys_per_request",
+        "from 1",
+    ),
+    ('sae_id = "sae-a"', "sae_id = 7", "consumers[0].sae_id", "identifier"),
+    ('address = "127.0.0.1:47102"', 'address = "nowhere"', "peers[0].address", '"host:port"'),
+    (
+        'public_key_file = "site-b/identity.pub"',
+        'public_key_file = "site-b/missing.pub"',
+        "peers[0].public_key_file",
+        "readable file",
+    ),
+    (
+        'public_key_file = "site-b/identity.pub"',
+        'public_key = "AAAA"',
+        "peers[0].public_key",
+        "ML-DSA-65 public key in base64",
+    ),
+    (
+        'public_key_file = "site-b/identity.pub"',
+        'public_key = "not base64!"',
+        "peers[0].public_key",
+        "base64",
+    ),
+    ('remote_sae_ids = ["sae-b"]', 'remote_sae_ids = "sae-b"', "peers[0].remote_sae_ids", "list"),
+    ("pool_size = 64", "pool_size = -1", "peers[0].pool_size", "integer from 1"),
+    ('kind = "serial"', 'kind = "carrier-pigeon"', "peers[0].device.kind", "one of serial"),
+    ("baudrate = 115200", 'baudrate = "fast"', "peers[0].device.baudrate", "integer"),
+    ('site_id = "site-b"', 'site_id = "site-a"', "peers[].site_id", "a site other than this one"),
+    ("[api]", "[api]\nsocket_colour = 1", "api.socket_colour", "no such key"),
+    ('private_key = "site-a/identity.key"\n', "", "identity.private_key", "the key is missing"),
+    ("[identity]\n", "[identities]\n", "identities", "no such key"),
+]
+
+
+@pytest.mark.parametrize("old,new,key,expected", BAD_VALUES)
+def test_bad_value_names_file_key_and_expectation(site_dir, old, new, key, expected):
+    path = edit(site_dir, old, new)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == key
+    assert expected in info.value.expected
+    message = str(info.value)
+    assert str(path) in message and key in message
+
+
+def test_toml_syntax_error_names_the_file(site_dir):
+    path = edit(site_dir, 'site_id = "site-a"', "site_id = ")
+    with pytest.raises(ConfigError, match="valid TOML") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="existing TOML config file"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_check_config_command_reports_problems(site_dir):
+    import subprocess
+    import sys
+
+    bad = edit(site_dir, "pool_size = 64", "pool_size = 0")
+    result = subprocess.run(
+        [sys.executable, "-m", "qkdd", "check-config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "peers[0].pool_size" in result.stderr and str(bad) in result.stderr

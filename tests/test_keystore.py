@@ -1,0 +1,84 @@
+"""The SQLite key store: durability rules, file modes, erasure."""
+
+from __future__ import annotations
+
+import os
+import stat
+import uuid
+
+from qkdd.keystore import KeyStore, NewHybridKey, StoredQkdKey
+
+
+def qkd(n):
+    return [StoredQkdKey(str(uuid.uuid4()), os.urandom(32)) for _ in range(n)]
+
+
+def hybrid(batch_keys):
+    return [
+        NewHybridKey(str(uuid.uuid4()), "sae-a", "sae-b", 256, os.urandom(32)) for _ in batch_keys
+    ]
+
+
+def test_database_file_is_private_and_uses_wal(tmp_path):
+    store = KeyStore(tmp_path / "state" / "keys.sqlite3")
+    assert stat.S_IMODE((tmp_path / "state" / "keys.sqlite3").stat().st_mode) == 0o600
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store._db.execute("PRAGMA secure_delete").fetchone()[0] == 1
+    store.close()
+
+
+def test_pending_keys_are_not_deliverable_until_committed(tmp_path):
+    store = KeyStore(tmp_path / "k.db")
+    qkd_keys = qkd(2)
+    store.store_qkd_keys("peer", qkd_keys)
+    keys = hybrid(qkd_keys)
+    store.add_batch("peer", 1, keys, [k.key_id for k in qkd_keys])
+    assert store.take_ready("sae-a", "sae-b", 1) == []
+    assert store.take_by_ids("sae-a", "sae-b", [keys[0].key_id]) is None
+    assert store.commit_batch("peer", 1)
+    assert store.ready_count("sae-a", "sae-b") == 2
+    taken = store.take_ready("sae-a", "sae-b", 2)
+    assert [k.material for k in taken] == [k.material for k in keys]
+    assert store.take_ready("sae-a", "sae-b", 1) == []  # each key once
+
+
+def test_take_is_all_or_nothing(tmp_path):
+    store = KeyStore(tmp_path / "k.db")
+    keys = hybrid(range(3))
+    store.add_batch("peer", 1, keys, [])
+    store.commit_batch("peer", 1)
+    assert store.take_ready("sae-a", "sae-b", 4) == []
+    assert store.ready_count("sae-a", "sae-b") == 3
+    assert store.take_by_ids("sae-a", "sae-b", [keys[0].key_id, str(uuid.uuid4())]) is None
+    assert store.take_by_ids("sae-a", "sae-b", [keys[0].key_id, keys[0].key_id]) is None
+    assert store.take_by_ids("sae-b", "sae-a", [keys[0].key_id]) is None  # wrong direction
+    assert store.ready_count("sae-a", "sae-b") == 3
+
+
+def test_state_survives_reopening(tmp_path):
+    path = tmp_path / "k.db"
+    store = KeyStore(path)
+    qkd_keys = qkd(3)
+    store.store_qkd_keys("peer", qkd_keys)
+    keys = hybrid(range(1))
+    store.add_batch("peer", 5, keys, [qkd_keys[0].key_id])
+    store.close()
+    store = KeyStore(path)
+    assert store.pending_batches("peer") == [5]
+    assert store.qkd_key_count("peer") == 2
+    assert store.store_qkd_keys("peer", qkd_keys) == 0  # consumed one ignored, others already held
+    assert store.next_batch_id("peer") == 1 and store.next_batch_id("peer") == 2
+
+
+def test_erased_key_material_is_gone_from_the_files(tmp_path):
+    path = tmp_path / "k.db"
+    store = KeyStore(path)
+    marker = b"\xa5" * 7 + os.urandom(25)
+    key = NewHybridKey(str(uuid.uuid4()), "sae-a", "sae-b", 256, marker)
+    store.add_batch("peer", 1, [key], [])
+    store.commit_batch("peer", 1)
+    assert store.take_ready("sae-a", "sae-b", 1)
+    store.close()  # checkpoints the WAL into the main file
+    data = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("k.db"))
+    assert marker not in data

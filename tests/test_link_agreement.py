@@ -1,0 +1,189 @@
+"""Key agreement between a link master and slave, sans-IO, each with its own real SQLite store."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from qkdd.keystore import KeyStore, StoredQkdKey
+from qkdd.link import QKD_KEY_WAIT_SECONDS, LinkAgreement, LinkError, LinkParameters
+from qkdd.peer.messages import BatchAck, BatchDecision, KeyBatch, PoolDemand, Resync, decode_message
+
+SESSION = b"s" * 32
+
+
+def params(local, peer, pool_size=4):
+    saes = {"site-a": "sae-a", "site-b": "sae-b"}
+    return LinkParameters(
+        local, peer, frozenset({saes[local]}), frozenset({saes[peer]}), 256, pool_size
+    )
+
+
+@pytest.fixture
+def stores(tmp_path):
+    a, b = KeyStore(tmp_path / "a.db"), KeyStore(tmp_path / "b.db")
+    yield a, b
+    a.close()
+    b.close()
+
+
+def feed_qkd(stores, count, *, only=None):
+    keys = [StoredQkdKey(str(uuid.uuid4()), os.urandom(32)) for _ in range(count)]
+    a, b = stores
+    if only != "b":
+        a.store_qkd_keys("site-b", keys)
+    if only != "a":
+        b.store_qkd_keys("site-a", keys)
+    return keys
+
+
+def agreements(stores, backend, pool_size=4):
+    a, b = stores
+    master = LinkAgreement(
+        params("site-a", "site-b", pool_size), store=a, backend=backend, session_id=SESSION
+    )
+    slave = LinkAgreement(
+        params("site-b", "site-a", pool_size), store=b, backend=backend, session_id=SESSION
+    )
+    return master, slave
+
+
+def pump(master, slave, now=0.0, rounds=20, drop=None):
+    """Deliver messages both ways (through their encodings) until quiet; drop= filters."""
+    to_master = [m for m in slave.start()] if not getattr(slave, "_started", False) else []
+    slave._started = True
+    to_slave = []
+    for _ in range(rounds):
+        to_slave += master.poll(now)
+        to_master += slave.poll(now)
+        if not to_master and not to_slave:
+            break
+        for m in to_master:
+            if drop and drop(m):
+                continue
+            to_slave += master.on_message(decode_message(m.encode()), now)
+        to_master = []
+        for m in to_slave:
+            if drop and drop(m):
+                continue
+            to_master += slave.on_message(decode_message(m.encode()), now)
+        to_slave = []
+
+
+def test_master_fills_both_directions_and_both_sides_hold_the_same_keys(stores, backend):
+    a, b = stores
+    feed_qkd(stores, 16)
+    master, slave = agreements(stores, backend)
+    pump(master, slave)
+    assert a.ready_count("sae-a", "sae-b") == 4  # pool at A for keys A's app sends
+    assert b.ready_count("sae-b", "sae-a") == 4  # pool at B, filled on B's demand
+    keys_a = a.take_ready("sae-a", "sae-b", 4)
+    keys_b = b.take_by_ids("sae-a", "sae-b", [k.key_id for k in keys_a])
+    assert keys_b is not None
+    assert [k.material for k in keys_a] == [k.material for k in keys_b]
+    assert len({k.material for k in keys_a}) == 4
+    # Handed out once: gone from both stores afterwards.
+    assert b.take_by_ids("sae-a", "sae-b", [keys_a[0].key_id]) is None
+
+
+def test_qkd_keys_are_consumed_once(stores, backend):
+    a, b = stores
+    keys = feed_qkd(stores, 8)
+    master, slave = agreements(stores, backend, pool_size=2)
+    pump(master, slave)
+    assert a.qkd_key_count("site-b") == b.qkd_key_count("site-a") == 4
+    # A device re-sending a consumed key must not bring it back.
+    assert a.store_qkd_keys("site-b", keys[:4]) == 0
+
+
+def test_lost_ack_is_resolved_by_resync_without_one_sided_keys(stores, backend):
+    a, b = stores
+    feed_qkd(stores, 8)
+    master, slave = agreements(stores, backend, pool_size=4)
+    pump(master, slave, drop=lambda m: isinstance(m, BatchAck))
+    # The slave holds a pending batch, the master too: nothing is deliverable anywhere.
+    assert a.ready_count("sae-a", "sae-b") == 0 and b.ready_count("sae-b", "sae-a") == 0
+    assert b.pending_batches("site-a") and a.pending_batches("site-b")
+    # New session: RESYNC makes the master commit what the slave holds.
+    master, slave = agreements(stores, backend, pool_size=4)
+    pump(master, slave)
+    assert not a.pending_batches("site-b") and not b.pending_batches("site-a")
+    keys_a = a.take_ready("sae-a", "sae-b", 4)
+    assert b.take_by_ids("sae-a", "sae-b", [k.key_id for k in keys_a]) is not None
+
+
+def test_lost_batch_is_aborted_on_the_master(stores, backend):
+    a, b = stores
+    feed_qkd(stores, 16)
+    master, slave = agreements(stores, backend, pool_size=4)
+    pump(master, slave, drop=lambda m: isinstance(m, KeyBatch))
+    assert a.pending_batches("site-b") and not b.pending_batches("site-a")
+    master, slave = agreements(stores, backend, pool_size=4)
+    pump(master, slave)
+    assert not a.pending_batches("site-b")
+    keys_a = a.take_ready("sae-a", "sae-b", 4)
+    assert len(keys_a) == 4
+    assert b.take_by_ids("sae-a", "sae-b", [k.key_id for k in keys_a]) is not None
+
+
+def test_lost_decision_keeps_slave_keys_pending_until_resync(stores, backend):
+    a, b = stores
+    feed_qkd(stores, 8)
+    master, slave = agreements(stores, backend, pool_size=4)
+    pump(master, slave, drop=lambda m: isinstance(m, BatchDecision))
+    keys_a = a.take_ready("sae-a", "sae-b", 4)  # master committed on the ACK
+    assert b.take_by_ids("sae-a", "sae-b", [k.key_id for k in keys_a]) is None  # still pending
+    master, slave = agreements(stores, backend, pool_size=4)
+    pump(master, slave)
+    assert b.take_by_ids("sae-a", "sae-b", [k.key_id for k in keys_a]) is not None
+
+
+def test_device_desync_quarantines_the_keys_and_delivers_nothing(stores, backend):
+    a, b = stores
+    feed_qkd(stores, 4, only="a")  # the slave's device never delivered these
+    master, slave = agreements(stores, backend, pool_size=4)
+    pump(master, slave, now=0.0)
+    assert a.ready_count("sae-a", "sae-b") == 0
+    pump(master, slave, now=QKD_KEY_WAIT_SECONDS + 1)  # the slave gives up waiting
+    assert a.ready_count("sae-a", "sae-b") == 0
+    assert not a.pending_batches("site-b") and not b.pending_batches("site-a")
+    # The link recovers by itself once both devices agree again.
+    feed_qkd(stores, 8)
+    pump(master, slave, now=QKD_KEY_WAIT_SECONDS + 2)
+    assert a.ready_count("sae-a", "sae-b") == 4
+
+
+def test_slave_rejects_a_batch_for_an_unconfigured_sae_pair(stores, backend):
+    a, b = stores
+    feed_qkd(stores, 8)
+    master, slave = agreements(stores, backend)
+    for m in slave.start():
+        master.on_message(m, 0.0)
+    batch = master.poll(0.0)[0]
+    forged = KeyBatch(
+        batch.batch_id,
+        batch.offer_id,
+        batch.kem_ciphertext,
+        tuple(
+            e.__class__(e.key_id, e.size_bits, "sae-x", e.slave_sae_id, e.qkd_key_ids)
+            for e in batch.entries
+        ),
+    )
+    reply = slave.on_message(forged, 0.0)
+    assert isinstance(reply[0], BatchAck) and not reply[0].accepted
+    assert "not configured" in reply[0].reason
+
+
+def test_master_refuses_messages_before_resync(stores, backend):
+    master, _ = agreements(stores, backend)
+    with pytest.raises(LinkError, match="before RESYNC"):
+        master.on_message(PoolDemand(()), 0.0)
+
+
+def test_ack_for_unknown_batch_is_a_protocol_error(stores, backend):
+    master, _ = agreements(stores, backend)
+    master.on_message(Resync(()), 0.0)
+    with pytest.raises(LinkError, match="not in flight"):
+        master.on_message(BatchAck(99, True), 0.0)

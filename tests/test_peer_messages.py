@@ -1,0 +1,96 @@
+"""Link messages and frame decoding: round trips, and arbitrary bytes never crash a decoder."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkdd.peer.connection import Hello, Response
+from qkdd.peer.errors import RemoteProtocolError
+from qkdd.peer.messages import (
+    BatchAck,
+    BatchDecision,
+    BatchEntry,
+    KemOffer,
+    KeyBatch,
+    PoolDemand,
+    Resync,
+    decode_message,
+)
+from qkdd.peer.wire import MAX_HANDSHAKE_BODY, FrameBuffer
+
+EXAMPLES = [
+    KemOffer(7, os.urandom(1184)),
+    KeyBatch(
+        1,
+        7,
+        os.urandom(1088),
+        (
+            BatchEntry(str(uuid.uuid4()), 256, "sae-a", "sae-b", (str(uuid.uuid4()),)),
+            BatchEntry(
+                str(uuid.uuid4()), 512, "sae-b", "sae-a", (str(uuid.uuid4()), str(uuid.uuid4()))
+            ),
+        ),
+    ),
+    BatchAck(1, True),
+    BatchAck(2, False, "device desync"),
+    BatchDecision(3, True),
+    PoolDemand((("sae-a", "sae-b", 12),)),
+    Resync((1, 2, 3)),
+    Resync(()),
+]
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(message):
+    assert decode_message(message.encode()) == message
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_truncation_and_trailing_bytes_are_refused(message):
+    data = message.encode()
+    with pytest.raises(RemoteProtocolError):
+        decode_message(data[:-1])
+    with pytest.raises(RemoteProtocolError, match="trailing"):
+        decode_message(data + b"\x00")
+
+
+def test_unknown_type_and_empty_message():
+    with pytest.raises(RemoteProtocolError, match="unknown"):
+        decode_message(b"\x7f")
+    with pytest.raises(RemoteProtocolError, match="empty"):
+        decode_message(b"")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=4096))
+def test_decode_message_never_crashes(data):
+    with contextlib.suppress(RemoteProtocolError):
+        decode_message(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=6000))
+def test_handshake_decoders_never_crash(data):
+    for decoder in (Hello.decode, Response.decode):
+        with contextlib.suppress(RemoteProtocolError):
+            decoder(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=512), max_size=20))
+def test_frame_buffer_never_holds_more_than_the_cap(chunks):
+    buffer = FrameBuffer()
+    try:
+        for chunk in chunks:
+            buffer.feed(chunk)
+            while buffer.next_frame() is not None:
+                pass
+            assert buffer.pending <= 6 + MAX_HANDSHAKE_BODY + 512
+    except RemoteProtocolError:
+        pass
