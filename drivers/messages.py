@@ -240,12 +240,13 @@ def _decode_hello(p: bytes) -> Hello:
     role, vmin, vmax, selected, window, max_frame, name_len = _HELLO.unpack_from(p)
     if name_len > MAX_PEER_NAME_SIZE or len(p) != HELLO_FIXED_SIZE + name_len:
         raise MessageError("HELLO name length does not match the payload")
+    if role not in (Role.HOST, Role.DEVICE):
+        raise MessageError(f"HELLO role {role} is neither host nor device")
     try:
         name = p[HELLO_FIXED_SIZE:].decode("utf-8")
-        role = Role(role)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise MessageError(f"HELLO is malformed: {exc}") from None
-    msg = Hello(role, vmin, vmax, selected, window, max_frame, name)
+    except UnicodeDecodeError:
+        raise MessageError("HELLO name is not UTF-8") from None
+    msg = Hello(Role(role), vmin, vmax, selected, window, max_frame, name)
     problem = hello_problem(msg)
     if problem:
         raise MessageError(problem)

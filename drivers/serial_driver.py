@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 import stat
+import termios
 
 import serial
 import trio
@@ -127,6 +128,10 @@ def open_serial_port(path: str, baudrate: int) -> serial.Serial:
 
 def _open_error(path: str, exc: serial.SerialException) -> DeviceUnavailableError:
     code = getattr(exc, "errno", None)
+    cause = exc.__context__
+    if code is None and isinstance(cause, termios.error) and cause.args:
+        # pyserial reports termios failures (ENOTTY...) as text; the errno is on the cause.
+        code = cause.args[0]
     if code in (errno.ENOENT, errno.ENXIO, errno.ENODEV, errno.EIO):
         return DeviceNotFoundError(f"no such device {path} (it went away while opening)")
     if code in (errno.EACCES, errno.EPERM):

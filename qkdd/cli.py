@@ -62,10 +62,23 @@ def _first_known(
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from qkdd.crypto.select import select_backend
-    from qkdd.identity import IdentityError, fingerprint, public_key_text, write_identity
+    from qkdd.identity import (
+        IdentityError,
+        fingerprint,
+        public_key_text,
+        write_identity,
+        write_key_encryption_key,
+    )
 
-    out = Path(args.out)
     try:
+        if args.kek:
+            write_key_encryption_key(Path(args.kek), overwrite=args.force)
+            print(
+                f"# key-encryption key written to {args.kek} (mode 0600); point "
+                "[store] key_encryption_key at it"
+            )
+            return 0
+        out = Path(args.out)
         key = write_identity(out, select_backend(args.backend), overwrite=args.force)
     except IdentityError as exc:
         print(f"qkdd keygen: {exc}", file=sys.stderr)
@@ -112,13 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     keygen = sub.add_parser(
-        "keygen", help="write an ML-DSA-65 identity key and print its public key"
+        "keygen",
+        help="write an ML-DSA-65 identity key and print its public key, or a key-encryption key",
     )
-    keygen.add_argument(
+    which = keygen.add_mutually_exclusive_group(required=True)
+    which.add_argument(
         "--out",
-        required=True,
-        help="private key file to create (mode 0600); "
+        help="identity key file to create (mode 0600); "
         "the public key goes next to it with the suffix .pub",
+    )
+    which.add_argument(
+        "--kek", metavar="FILE", help="create a 32-byte key-encryption key file (mode 0600)"
     )
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key file")
     keygen.add_argument("--backend", default="auto", choices=("auto", "oqs", "cryptography"))

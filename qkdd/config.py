@@ -45,6 +45,17 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class SecretSource:
+    """Where a secret file comes from: a path, or a systemd credential (LoadCredential=)."""
+
+    path: Path | None
+    credential: str | None
+
+    def describe(self) -> str:
+        return f"systemd credential {self.credential!r}" if self.credential else str(self.path)
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     kind: str
     path: Path
@@ -73,6 +84,8 @@ class SiteConfig:
     site_id: str
     listen: tuple[str, int]
     state_directory: Path
+    key_encryption_key: SecretSource
+    key_lifetime: int
     identity_key: Path
     api_socket: Path
     api_socket_mode: int
@@ -199,6 +212,17 @@ def _public_key(reader: _Reader) -> bytes:
     return raw
 
 
+def _secret_source(reader: _Reader, name: str) -> SecretSource:
+    expected = 'a file path, or "credential:NAME" for a systemd credential'
+    value = reader.get(name, str, expected)
+    if value.startswith("credential:"):
+        credential = value.removeprefix("credential:")
+        if not credential or "/" in credential:
+            raise reader.error(name, expected, value)
+        return SecretSource(None, credential)
+    return SecretSource(reader.path(name), None)
+
+
 def _device(reader: _Reader) -> DeviceConfig:
     reader.reject_unknown({"kind", "path", "baudrate"})
     kind = reader.get("kind", str, f"one of {', '.join(DEVICE_KINDS)}")
@@ -262,6 +286,7 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
             "state_directory",
             "pqc_backend",
             "identity",
+            "store",
             "api",
             "consumers",
             "peers",
@@ -269,6 +294,8 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
     )
     identity = root.subtable("identity")
     identity.reject_unknown({"private_key"})
+    store = root.subtable("store")
+    store.reject_unknown({"key_encryption_key", "key_lifetime"})
     api = root.subtable("api")
     api.reject_unknown({"socket", "socket_mode", "key_size", "max_keys_per_request"})
     backend = root.get("pqc_backend", str, f"one of {', '.join(BACKEND_CHOICES)}", "auto")
@@ -289,6 +316,8 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
         site_id=site_id,
         listen=root.address("listen"),
         state_directory=root.path("state_directory"),
+        key_encryption_key=_secret_source(store, "key_encryption_key"),
+        key_lifetime=store.integer("key_lifetime", 1, 10 * 365 * 86400, 3600),
         identity_key=identity.path("private_key"),
         api_socket=api.path("socket"),
         api_socket_mode=api.integer("socket_mode", 0, 0o777, 0o600),
@@ -325,6 +354,16 @@ def check_files(config: SiteConfig) -> list[ConfigError]:
                 "identity.private_key",
                 "an existing ML-DSA-65 seed file (create it with `qkdd keygen`)",
                 str(key),
+            )
+        )
+    kek = config.key_encryption_key
+    if kek.path is not None and not kek.path.is_file():
+        problems.append(
+            ConfigError(
+                config.file,
+                "store.key_encryption_key",
+                "an existing 32-byte key file (create it with `qkdd keygen --kek FILE`)",
+                str(kek.path),
             )
         )
     if not config.api_socket.parent.is_dir():

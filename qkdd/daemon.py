@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import signal
+import time
 from typing import Final
 
 import trio
@@ -26,7 +27,7 @@ from qkdd.config import SiteConfig
 from qkdd.crypto.select import select_backend
 from qkdd.etsi014.handler import RequestHandler
 from qkdd.etsi014.server import serve_unix
-from qkdd.identity import load_identity
+from qkdd.identity import load_identity, read_key_encryption_key
 from qkdd.keystore import KeyStore
 from qkdd.peering import PeerLink, serve_peers
 from qkdd.pool import StoreKeyPool
@@ -36,6 +37,7 @@ log = logging.getLogger("qkdd.daemon")
 
 STORE_FILE: Final = "keys.sqlite3"
 STATUS_INTERVAL: Final = 5.0
+EXPIRY_INTERVAL: Final = 10.0
 
 
 async def run_daemon(config: SiteConfig) -> None:
@@ -44,7 +46,9 @@ async def run_daemon(config: SiteConfig) -> None:
     backend = select_backend(config.pqc_backend)
     _self_test(backend)
     signing_key = load_identity(config.identity_key, backend)
-    store = KeyStore(config.state_directory / STORE_FILE)
+    store = KeyStore(
+        config.state_directory / STORE_FILE, read_key_encryption_key(config.key_encryption_key)
+    )
     links = {
         peer.site_id: PeerLink(config, peer, store=store, backend=backend, signing_key=signing_key)
         for peer in config.peers
@@ -79,6 +83,7 @@ async def run_daemon(config: SiteConfig) -> None:
                     )
                 )
                 nursery.start_soon(_report_status, notifier, config, links, store)
+                nursery.start_soon(_expire_keys, config, store)
                 notifier.ready()
                 log.info("event=ready site=%s api_socket=%s", config.site_id, config.api_socket)
                 async for signum in signals:
@@ -101,6 +106,15 @@ def _self_test(backend: object) -> None:
     from qkdd.crypto import selftest
 
     selftest.run_self_tests(backend)  # type: ignore[arg-type]
+
+
+async def _expire_keys(config: SiteConfig, store: KeyStore) -> None:
+    """Erase keys that waited longer than ``store.key_lifetime`` for their application."""
+    while True:
+        erased = store.erase_expired(time.time() - config.key_lifetime)
+        if erased:
+            log.info("event=keys_expired count=%d lifetime_s=%d", erased, config.key_lifetime)
+        await trio.sleep(min(EXPIRY_INTERVAL, config.key_lifetime / 2))
 
 
 async def _report_status(

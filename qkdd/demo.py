@@ -27,7 +27,7 @@ from typing import Any
 from qkdd.client import BlockingKeyClient, ClientError
 from qkdd.crypto.select import select_backend
 from qkdd.demo_sites import SITE_A, SITE_B, SITES, DemoSite, render
-from qkdd.identity import public_key_text, write_identity
+from qkdd.identity import public_key_text, write_identity, write_key_encryption_key
 
 STARTUP_TIMEOUT = 25.0
 STOP_GRACE = 5.0
@@ -65,6 +65,7 @@ def prepare_directory(directory: Path) -> dict[str, Path]:
     for site in SITES:
         key = write_identity(directory / site.directory / "identity.key", backend)
         (directory / site.directory / "identity.pub").write_text(public_key_text(key) + "\n")
+        write_key_encryption_key(directory / site.directory / "kek.bin")
     for site in SITES:
         config = directory / f"{site.site_id}.toml"
         config.write_text(render(site, ports))

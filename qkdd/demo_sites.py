@@ -44,6 +44,13 @@ pqc_backend = "auto"
 # ML-DSA-65 seed, created by `qkdd keygen --out {directory}/identity.key`.
 private_key = "{directory}/identity.key"
 
+[store]
+# 32-byte key-encryption key sealing keys at rest, created by
+# `qkdd keygen --kek {directory}/kek.bin` (or "credential:NAME" under systemd).
+key_encryption_key = "{directory}/kek.bin"
+# Seconds a key waits for its application before it is erased.
+key_lifetime = 3600
+
 [api]
 # ETSI GS QKD 014 over HTTP/1.1 on this Unix socket.
 socket = "{directory}/api.sock"

@@ -1,8 +1,9 @@
-"""Site identity keys: an ML-DSA-65 key pair stored as its FIPS 204 32-byte seed.
+"""A site's secret files: its ML-DSA-65 identity (stored as the FIPS 204 32-byte seed) and
+its key-encryption key (32 random bytes sealing keys at rest).
 
-The private key file holds exactly the raw 32-byte seed (mode 0600), which is also the
-form systemd's LoadCredential= passes on unchanged. The public key is shared as base64,
-the form a peer's config pins (``public_key = "..."``).
+Both files hold exactly the raw bytes (mode 0600), the form systemd's LoadCredential=
+passes on unchanged. The public key is shared as base64, the form a peer's config pins
+(``public_key = "..."`` or a ``public_key_file``).
 """
 
 from __future__ import annotations
@@ -13,52 +14,88 @@ import os
 import stat
 from pathlib import Path
 
+from qkdd.config import SecretSource
 from qkdd.crypto import SIGNATURE_SEED_SIZE, PqcBackend, SigningKey, new_signature_seed
+from qkdd.keystore import KEK_SIZE
+from qkdd.systemd import credential_path
 
 
 class IdentityError(Exception):
-    """The identity key file is missing, unreadable, too open, or malformed."""
+    """A secret key file is missing, unreadable, too open, or malformed."""
 
 
-def write_identity(path: Path, backend: PqcBackend, *, overwrite: bool = False) -> SigningKey:
-    seed = new_signature_seed()
-    key = backend.signing_key_from_seed(seed)
+def _write_secret(path: Path, data: bytes, *, overwrite: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
     try:
         fd = os.open(path, flags, 0o600)
     except FileExistsError:
         raise IdentityError(
-            f"{path} already exists; refusing to overwrite an identity key "
+            f"{path} already exists; refusing to overwrite a secret key file "
             "(pass --force if you really mean to replace it)"
         ) from None
     with os.fdopen(fd, "wb") as handle:
-        handle.write(seed)
+        handle.write(data)
     os.chmod(path, 0o600)
+
+
+def _read_private(path: Path, what: str, create_with: str) -> bytes:
+    try:
+        info = path.stat()
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise IdentityError(
+            f"{what} {path} does not exist (create it with `{create_with}`)"
+        ) from None
+    except PermissionError:
+        raise IdentityError(f"{what} {path} is not readable by this user") from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise IdentityError(
+            f"{what} {path} is readable by others (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}); run `chmod 600 {path}`"
+        )
+    return data
+
+
+def write_identity(path: Path, backend: PqcBackend, *, overwrite: bool = False) -> SigningKey:
+    seed = new_signature_seed()
+    key = backend.signing_key_from_seed(seed)
+    _write_secret(path, seed, overwrite=overwrite)
     return key
 
 
 def load_identity(path: Path, backend: PqcBackend) -> SigningKey:
-    try:
-        info = path.stat()
-        seed = path.read_bytes()
-    except FileNotFoundError:
-        raise IdentityError(
-            f"identity key {path} does not exist (create it with `qkdd keygen`)"
-        ) from None
-    except PermissionError:
-        raise IdentityError(f"identity key {path} is not readable by this user") from None
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise IdentityError(
-            f"identity key {path} is readable by others (mode "
-            f"{stat.S_IMODE(info.st_mode):04o}); run `chmod 600 {path}`"
-        )
+    seed = _read_private(path, "identity key", "qkdd keygen --out FILE")
     if len(seed) != SIGNATURE_SEED_SIZE:
         raise IdentityError(
             f"identity key {path} must hold a {SIGNATURE_SEED_SIZE}-byte ML-DSA-65 "
             f"seed, it holds {len(seed)} bytes"
         )
     return backend.signing_key_from_seed(seed)
+
+
+def write_key_encryption_key(path: Path, *, overwrite: bool = False) -> None:
+    _write_secret(path, os.urandom(KEK_SIZE), overwrite=overwrite)
+
+
+def read_key_encryption_key(source: SecretSource) -> bytes:
+    if source.credential is not None:
+        found = credential_path(source.credential)
+        if found is None:
+            raise IdentityError(
+                f"systemd credential {source.credential!r} is not available "
+                "(add LoadCredential= to the unit, or give a file path)"
+            )
+        path = Path(found)
+    else:
+        assert source.path is not None
+        path = source.path
+    data = _read_private(path, "key-encryption key", "qkdd keygen --kek FILE")
+    if len(data) != KEK_SIZE:
+        raise IdentityError(
+            f"key-encryption key {path} must hold {KEK_SIZE} bytes, it holds {len(data)}"
+        )
+    return data
 
 
 def public_key_text(key: SigningKey) -> str:

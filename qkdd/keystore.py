@@ -10,6 +10,9 @@ Durability rules that the rest of the daemon relies on:
   it out.
 
 The database uses WAL with synchronous=FULL and secure_delete, and is created 0600.
+Key material is sealed at rest with AES-256-GCM under a key derived from the site's
+key-encryption key; each sealed row's associated data is its identity (peer, key ID, SAE
+pair, size), so a ciphertext moved to another row does not open.
 """
 
 from __future__ import annotations
@@ -21,6 +24,19 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
+
+from qkdd import labels
+from qkdd.crypto import (
+    AEAD_NONCE_SIZE,
+    AT_REST_AEAD_ALGORITHM,
+    Aead,
+    AuthenticationFailed,
+    hkdf,
+)
+from qkdd.hybrid import lp
+
+KEK_SIZE: Final = 32
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS qkd_keys (
@@ -65,6 +81,46 @@ class StoreError(Exception):
     """The key store cannot be opened or used (the message names the file)."""
 
 
+class Sealer:
+    """Seals key material at rest; ``open`` raises StoreError if a row was tampered with."""
+
+    def __init__(self, key_encryption_key: bytes) -> None:
+        if len(key_encryption_key) != KEK_SIZE:
+            raise StoreError(f"the key-encryption key must be {KEK_SIZE} bytes")
+        seal_key = hkdf(b"", key_encryption_key, labels.LABEL_STORE_SEAL_KEY, 32)
+        self._aead = Aead(seal_key, AT_REST_AEAD_ALGORITHM)
+
+    def seal(self, associated: bytes, material: bytes) -> bytes:
+        nonce = os.urandom(AEAD_NONCE_SIZE)
+        return nonce + self._aead.seal(nonce, material, associated)
+
+    def open(self, associated: bytes, sealed: bytes) -> bytes:
+        try:
+            return self._aead.open(sealed[:AEAD_NONCE_SIZE], sealed[AEAD_NONCE_SIZE:], associated)
+        except AuthenticationFailed:
+            raise StoreError(
+                "a sealed key row does not open: wrong key-encryption key, or the row was "
+                "altered or moved"
+            ) from None
+
+    def __repr__(self) -> str:
+        return "<Sealer (key hidden)>"
+
+
+def _qkd_aad(peer_site: str, key_id: str) -> bytes:
+    return lp(labels.AAD_QKD_KEY_ROW) + lp(peer_site.encode()) + lp(key_id.encode())
+
+
+def _hybrid_aad(key_id: str, master_sae: str, slave_sae: str, size_bits: int) -> bytes:
+    return (
+        lp(labels.AAD_HYBRID_KEY_ROW)
+        + lp(key_id.encode())
+        + lp(master_sae.encode())
+        + lp(slave_sae.encode())
+        + lp(str(size_bits).encode())
+    )
+
+
 @dataclass(frozen=True)
 class StoredQkdKey:
     key_id: str
@@ -87,8 +143,9 @@ class HybridKey:
 
 
 class KeyStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, key_encryption_key: bytes) -> None:
         self.path = path
+        self._sealer = Sealer(key_encryption_key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not path.exists():
@@ -135,7 +192,12 @@ class KeyStore:
                 cursor = db.execute(
                     "INSERT OR IGNORE INTO qkd_keys (peer_site, key_id, material, received_at)"
                     " VALUES (?, ?, ?, ?)",
-                    (peer_site, key.key_id, key.material, now),
+                    (
+                        peer_site,
+                        key.key_id,
+                        self._sealer.seal(_qkd_aad(peer_site, key.key_id), key.material),
+                        now,
+                    ),
                 )
                 added += cursor.rowcount
         return added
@@ -149,7 +211,9 @@ class KeyStore:
             "SELECT key_id, material FROM qkd_keys WHERE peer_site=? ORDER BY seq LIMIT ?",
             (peer_site, limit),
         )
-        return [StoredQkdKey(k, bytes(m)) for k, m in rows]
+        return [
+            StoredQkdKey(k, self._sealer.open(_qkd_aad(peer_site, k), bytes(m))) for k, m in rows
+        ]
 
     def get_qkd_keys(self, peer_site: str, key_ids: Sequence[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
@@ -158,7 +222,7 @@ class KeyStore:
                 "SELECT material FROM qkd_keys WHERE peer_site=? AND key_id=?", (peer_site, key_id)
             ).fetchone()
             if row:
-                found[key_id] = bytes(row[0])
+                found[key_id] = self._sealer.open(_qkd_aad(peer_site, key_id), bytes(row[0]))
         return found
 
     def is_qkd_key_consumed(self, peer_site: str, key_id: str) -> bool:
@@ -213,7 +277,10 @@ class KeyStore:
                         k.master_sae_id,
                         k.slave_sae_id,
                         k.size_bits,
-                        k.material,
+                        self._sealer.seal(
+                            _hybrid_aad(k.key_id, k.master_sae_id, k.slave_sae_id, k.size_bits),
+                            k.material,
+                        ),
                         now,
                     )
                     for k in keys
@@ -265,6 +332,14 @@ class KeyStore:
             (peer_site, peer_site),
         )
 
+    def erase_expired(self, created_before: float) -> int:
+        """Erase ready keys nobody collected in time; returns how many."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM hybrid_keys WHERE state='ready' AND created_at < ?", (created_before,)
+            )
+        return cursor.rowcount
+
     def ready_count(self, master_sae_id: str, slave_sae_id: str) -> int:
         row = self._db.execute(
             "SELECT count(*) FROM hybrid_keys WHERE master_sae=? AND slave_sae=? AND state='ready'",
@@ -276,14 +351,23 @@ class KeyStore:
         """Hand out the ``number`` oldest ready keys of the pair and erase them (all or none)."""
         with self._transaction() as db:
             rows = db.execute(
-                "SELECT key_id, material FROM hybrid_keys WHERE master_sae=? AND slave_sae=?"
-                " AND state='ready' ORDER BY created_at, rowid LIMIT ?",
+                "SELECT key_id, material, size_bits FROM hybrid_keys WHERE master_sae=?"
+                " AND slave_sae=? AND state='ready' ORDER BY created_at, rowid LIMIT ?",
                 (master_sae_id, slave_sae_id, number),
             ).fetchall()
             if len(rows) < number:
                 return []
+            # Opened before the rows are deleted: a row that does not open aborts the whole
+            # hand-out and loses nothing.
+            keys = [
+                HybridKey(k, self._open_hybrid(k, master_sae_id, slave_sae_id, size, m))
+                for k, m, size in rows
+            ]
             db.executemany("DELETE FROM hybrid_keys WHERE key_id=?", [(r[0],) for r in rows])
-        return [HybridKey(k, bytes(m)) for k, m in rows]
+        return keys
+
+    def _open_hybrid(self, key_id: str, master: str, slave: str, size: int, sealed: bytes) -> bytes:
+        return self._sealer.open(_hybrid_aad(key_id, master, slave, size), bytes(sealed))
 
     def take_by_ids(
         self, master_sae_id: str, slave_sae_id: str, key_ids: Sequence[str]
@@ -295,13 +379,14 @@ class KeyStore:
             found = []
             for key_id in key_ids:
                 row = db.execute(
-                    "SELECT material FROM hybrid_keys"
+                    "SELECT material, size_bits FROM hybrid_keys"
                     " WHERE key_id=? AND master_sae=? AND slave_sae=?"
                     " AND state='ready'",
                     (key_id, master_sae_id, slave_sae_id),
                 ).fetchone()
                 if row is None:
                     return None
-                found.append(HybridKey(key_id, bytes(row[0])))
+                material = self._open_hybrid(key_id, master_sae_id, slave_sae_id, row[1], row[0])
+                found.append(HybridKey(key_id, material))
             db.executemany("DELETE FROM hybrid_keys WHERE key_id=?", [(k,) for k in key_ids])
         return found

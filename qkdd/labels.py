@@ -28,6 +28,12 @@ LABEL_HYBRID_QKD_INPUT: Final = b"qkdd/v1 hybrid input qkd"
 LABEL_HYBRID_KEM_INPUT: Final = b"qkdd/v1 hybrid input ml-kem"
 LABEL_HYBRID_KEY: Final = b"qkdd/v1 hybrid output key"
 
+# Keys at rest (qkdd.keystore): the store's AEAD key from the key-encryption key, and the
+# associated data that binds each sealed row to its identity.
+LABEL_STORE_SEAL_KEY: Final = b"qkdd/v1 key store seal key"
+AAD_QKD_KEY_ROW: Final = b"qkdd/v1 sealed qkd key row"
+AAD_HYBRID_KEY_ROW: Final = b"qkdd/v1 sealed hybrid key row"
+
 ALL_LABELS: Final = (
     PROTOCOL_NAME,
     SIG_CONTEXT_INITIATOR,
@@ -41,4 +47,7 @@ ALL_LABELS: Final = (
     LABEL_HYBRID_QKD_INPUT,
     LABEL_HYBRID_KEM_INPUT,
     LABEL_HYBRID_KEY,
+    LABEL_STORE_SEAL_KEY,
+    AAD_QKD_KEY_ROW,
+    AAD_HYBRID_KEY_ROW,
 )

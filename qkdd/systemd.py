@@ -175,9 +175,7 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
         usec = int(raw_usec)
         pid = int(raw_pid) if raw_pid else None
     except ValueError:
-        log.warning(
-            "ignoring malformed WATCHDOG_USEC=%r / WATCHDOG_PID=%r", raw_usec, raw_pid
-        )
+        log.warning("ignoring malformed WATCHDOG_USEC=%r / WATCHDOG_PID=%r", raw_usec, raw_pid)
         return None
     if usec <= 0 or (pid is not None and pid != os.getpid()):
         return None

@@ -46,10 +46,20 @@ def test_shipped_config_files_are_the_rendered_demo_sites():
         assert (REPO / "config" / f"{site.site_id}.toml").read_text() == render(site)
 
 
-def test_check_files_reports_missing_identity(site_dir):
+def test_check_files_reports_missing_secret_files(site_dir):
     problems = check_files(load_config(site_dir / "site-a.toml"))
-    assert [p.key for p in problems] == ["identity.private_key"]
-    assert "qkdd keygen" in str(problems[0])
+    assert [p.key for p in problems] == ["identity.private_key", "store.key_encryption_key"]
+    assert "qkdd keygen" in str(problems[0]) and "qkdd keygen --kek" in str(problems[1])
+
+
+def test_key_encryption_key_from_a_systemd_credential(site_dir):
+    path = edit(
+        site_dir,
+        'key_encryption_key = "site-a/kek.bin"',
+        'key_encryption_key = "credential:qkdd-kek"',
+    )
+    source = load_config(path).key_encryption_key
+    assert source.credential == "qkdd-kek" and source.path is None
 
 
 def edit(site_dir: Path, old: str, new: str) -> Path:
@@ -101,6 +111,13 @@ BAD_VALUES = [
     ),
     ('remote_sae_ids = ["sae-b"]', 'remote_sae_ids = "sae-b"', "peers[0].remote_sae_ids", "list"),
     ("pool_size = 64", "pool_size = -1", "peers[0].pool_size", "integer from 1"),
+    (
+        'key_encryption_key = "site-a/kek.bin"',
+        'key_encryption_key = "credential:"',
+        "store.key_encryption_key",
+        "credential:NAME",
+    ),
+    ("key_lifetime = 3600", "key_lifetime = 0", "store.key_lifetime", "integer from 1"),
     ('kind = "serial"', 'kind = "carrier-pigeon"', "peers[0].device.kind", "one of serial"),
     ("baudrate = 115200", 'baudrate = "fast"', "peers[0].device.baudrate", "integer"),
     ('site_id = "site-b"', 'site_id = "site-a"', "peers[].site_id", "a site other than this one"),

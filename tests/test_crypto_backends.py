@@ -168,14 +168,7 @@ def test_signature_seed_of_wrong_size(backend: PqcBackend, size: int) -> None:
 @pytest.mark.parametrize(
     "choice",
     [
-        pytest.param(
-            "cryptography",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=ValueError,
-                reason="backend_pyca lets pyca's ValueError for a >255-byte context escape",
-            ),
-        ),
+        "cryptography",
         pytest.param("oqs", id="liboqs", marks=needs_liboqs),
     ],
 )

@@ -8,6 +8,8 @@ import uuid
 
 from qkdd.keystore import KeyStore, NewHybridKey, StoredQkdKey
 
+KEK = bytes(range(32))
+
 
 def qkd(n):
     return [StoredQkdKey(str(uuid.uuid4()), os.urandom(32)) for _ in range(n)]
@@ -20,7 +22,7 @@ def hybrid(batch_keys):
 
 
 def test_database_file_is_private_and_uses_wal(tmp_path):
-    store = KeyStore(tmp_path / "state" / "keys.sqlite3")
+    store = KeyStore(tmp_path / "state" / "keys.sqlite3", KEK)
     assert stat.S_IMODE((tmp_path / "state" / "keys.sqlite3").stat().st_mode) == 0o600
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
@@ -29,7 +31,7 @@ def test_database_file_is_private_and_uses_wal(tmp_path):
 
 
 def test_pending_keys_are_not_deliverable_until_committed(tmp_path):
-    store = KeyStore(tmp_path / "k.db")
+    store = KeyStore(tmp_path / "k.db", KEK)
     qkd_keys = qkd(2)
     store.store_qkd_keys("peer", qkd_keys)
     keys = hybrid(qkd_keys)
@@ -44,7 +46,7 @@ def test_pending_keys_are_not_deliverable_until_committed(tmp_path):
 
 
 def test_take_is_all_or_nothing(tmp_path):
-    store = KeyStore(tmp_path / "k.db")
+    store = KeyStore(tmp_path / "k.db", KEK)
     keys = hybrid(range(3))
     store.add_batch("peer", 1, keys, [])
     store.commit_batch("peer", 1)
@@ -58,13 +60,13 @@ def test_take_is_all_or_nothing(tmp_path):
 
 def test_state_survives_reopening(tmp_path):
     path = tmp_path / "k.db"
-    store = KeyStore(path)
+    store = KeyStore(path, KEK)
     qkd_keys = qkd(3)
     store.store_qkd_keys("peer", qkd_keys)
     keys = hybrid(range(1))
     store.add_batch("peer", 5, keys, [qkd_keys[0].key_id])
     store.close()
-    store = KeyStore(path)
+    store = KeyStore(path, KEK)
     assert store.pending_batches("peer") == [5]
     assert store.qkd_key_count("peer") == 2
     assert store.store_qkd_keys("peer", qkd_keys) == 0  # consumed one ignored, others already held
@@ -73,7 +75,7 @@ def test_state_survives_reopening(tmp_path):
 
 def test_erased_key_material_is_gone_from_the_files(tmp_path):
     path = tmp_path / "k.db"
-    store = KeyStore(path)
+    store = KeyStore(path, KEK)
     marker = b"\xa5" * 7 + os.urandom(25)
     key = NewHybridKey(str(uuid.uuid4()), "sae-a", "sae-b", 256, marker)
     store.add_batch("peer", 1, [key], [])
@@ -82,3 +84,69 @@ def test_erased_key_material_is_gone_from_the_files(tmp_path):
     store.close()  # checkpoints the WAL into the main file
     data = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("k.db"))
     assert marker not in data
+
+
+def test_key_material_is_sealed_at_rest(tmp_path):
+    path = tmp_path / "k.db"
+    store = KeyStore(path, KEK)
+    marker = b"\x5a" * 8 + os.urandom(24)
+    qkd_marker = b"\x3c" * 8 + os.urandom(24)
+    store.store_qkd_keys("peer", [StoredQkdKey(str(uuid.uuid4()), qkd_marker)])
+    store.add_batch("peer", 1, [NewHybridKey(str(uuid.uuid4()), "sae-a", "sae-b", 256, marker)], [])
+    store._db.execute("PRAGMA wal_checkpoint(FULL)")
+    data = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert marker not in data and qkd_marker not in data
+    store.commit_batch("peer", 1)
+    assert store.take_ready("sae-a", "sae-b", 1)[0].material == marker
+    store.close()
+
+
+def test_swapped_rows_do_not_open_and_nothing_is_lost(tmp_path):
+    import pytest
+
+    from qkdd.keystore import StoreError
+
+    store = KeyStore(tmp_path / "k.db", KEK)
+    first, second = hybrid(range(2))
+    store.add_batch("peer", 1, [first, second], [])
+    store.commit_batch("peer", 1)
+    db = store._db
+    sealed = dict(db.execute("SELECT key_id, material FROM hybrid_keys"))
+    db.execute(
+        "UPDATE hybrid_keys SET material=? WHERE key_id=?", (sealed[second.key_id], first.key_id)
+    )
+    db.execute(
+        "UPDATE hybrid_keys SET material=? WHERE key_id=?", (sealed[first.key_id], second.key_id)
+    )
+    with pytest.raises(StoreError, match="does not open"):
+        store.take_by_ids("sae-a", "sae-b", [first.key_id])
+    with pytest.raises(StoreError):
+        store.take_ready("sae-a", "sae-b", 2)
+    assert store.ready_count("sae-a", "sae-b") == 2  # the failed hand-outs erased nothing
+
+
+def test_wrong_key_encryption_key_does_not_open(tmp_path):
+    import pytest
+
+    from qkdd.keystore import StoreError
+
+    store = KeyStore(tmp_path / "k.db", KEK)
+    store.add_batch("peer", 1, hybrid(range(1)), [])
+    store.commit_batch("peer", 1)
+    store.close()
+    other = KeyStore(tmp_path / "k.db", bytes(32))
+    with pytest.raises(StoreError, match="wrong key-encryption key"):
+        other.take_ready("sae-a", "sae-b", 1)
+
+
+def test_uncollected_keys_expire(tmp_path):
+    import time
+
+    store = KeyStore(tmp_path / "k.db", KEK)
+    store.add_batch("peer", 1, hybrid(range(2)), [])
+    store.add_batch("peer", 2, hybrid(range(1)), [])
+    store.commit_batch("peer", 1)
+    assert store.erase_expired(time.time() - 60) == 0  # still young
+    assert store.erase_expired(time.time() + 1) == 2  # only the ready ones; pending wait for resync
+    assert store.ready_count("sae-a", "sae-b") == 0
+    assert store.pending_batches("peer") == [2]

@@ -13,6 +13,8 @@ from qkdd.peer.messages import BatchAck, BatchDecision, KeyBatch, PoolDemand, Re
 
 SESSION = b"s" * 32
 
+KEK = bytes(range(32))
+
 
 def params(local, peer, pool_size=4):
     saes = {"site-a": "sae-a", "site-b": "sae-b"}
@@ -23,7 +25,7 @@ def params(local, peer, pool_size=4):
 
 @pytest.fixture
 def stores(tmp_path):
-    a, b = KeyStore(tmp_path / "a.db"), KeyStore(tmp_path / "b.db")
+    a, b = KeyStore(tmp_path / "a.db", KEK), KeyStore(tmp_path / "b.db", KEK)
     yield a, b
     a.close()
     b.close()

@@ -290,9 +290,7 @@ def socket_activate(
         cmd.append(f"--fdname={fdnames}")
     # systemd-socket-activate passes on only TERM/PATH/USER/HOME and -E variables.
     cmd += ["-E", f"PYTHONPATH={REPO}", sys.executable, "-c", CHILD, mode, target]
-    return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def connect_when_listening(path: Path, proc: subprocess.Popen[str]) -> socket.socket:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -91,3 +92,48 @@ def test_qkdd_demo_json(tmp_path):
     )
     assert set(report["keys"][0]) == {"key_ID", "site_a_fingerprint", "site_b_fingerprint", "match"}
     assert report["timings"]["total_s"] < 30
+
+
+def test_qkdd_demo_serve_describes_live_sites_for_qkdctl():
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qkdd", "demo", "--serve", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        description = json.loads(process.stdout.readline())
+        site_a = description["sites"]["site-a"]
+        site_b = description["sites"]["site-b"]
+        assert site_a["master_SAE_ID"] == "sae-a" and site_a["slave_SAE_ID"] == "sae-b"
+        assert os.path.exists(site_a["config_file"])
+        ctl = [sys.executable, "-m", "qkdd.ctl", "--socket", site_a["api_socket"]]
+        sent = subprocess.run(
+            [*ctl, "enc-keys", "sae-b", "--number", "2"], capture_output=True, text=True, timeout=30
+        )
+        assert sent.returncode == 0, sent.stderr
+        key_ids = [k["key_ID"] for k in json.loads(sent.stdout)["keys"]]
+        got = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qkdd.ctl",
+                "--socket",
+                site_b["api_socket"],
+                "dec-keys",
+                "sae-a",
+                *key_ids,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert got.returncode == 0, got.stderr
+        assert [k["key"] for k in json.loads(got.stdout)["keys"]] == [
+            k["key"] for k in json.loads(sent.stdout)["keys"]
+        ]
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    assert process.returncode == 0
+    assert not os.path.exists(site_a["config_file"])  # the demo directory is gone

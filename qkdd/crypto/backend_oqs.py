@@ -16,7 +16,6 @@ check fails the caller gets SeedNotSupported.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import logging
@@ -59,7 +58,8 @@ def _load_oqs() -> tuple[ModuleType, LiboqsLibrary]:
     # liboqs-python logs chatter at INFO to stdout on import; keep warnings and errors.
     logging.getLogger("oqs.oqs").addFilter(lambda record: record.levelno >= logging.WARNING)
     try:
-        import oqs  # type: ignore[import-untyped,import-not-found]  # late on purpose: see the docstring
+        # Late on purpose: see the module docstring.
+        import oqs  # type: ignore[import-untyped,import-not-found]
     except ImportError:
         raise BackendUnavailable(
             f"liboqs {found.version} is installed at {found.path} but liboqs-python is not: "
@@ -158,8 +158,11 @@ def _owned_types() -> tuple[type, type]:
                 super().free()  # type: ignore[misc]
 
         def __del__(self) -> None:
-            with contextlib.suppress(Exception):  # at exit liboqs-python may be gone
+            # Not contextlib.suppress: at interpreter exit module globals may be None.
+            try:  # noqa: SIM105
                 self.free()
+            except Exception:
+                pass
 
         def __repr__(self) -> str:
             return f"<liboqs {type(self).__name__} (secret hidden)>"
@@ -252,7 +255,8 @@ class OqsBackend(PqcBackend):
         self._encapsulator = self._kem_type(KEM_ALGORITHM)
         self._verifier = self._signature_type(SIGNATURE_ALGORITHM)
         if not (
-            self._verifier.sig_with_ctx_support and hasattr(self._verifier, "sign_with_ctx_str")
+            getattr(self._verifier, "sig_with_ctx_support", False)
+            and hasattr(self._verifier, "sign_with_ctx_str")
         ):
             raise BackendUnavailable(
                 f"liboqs {found.version} / liboqs-python cannot sign with FIPS 204 context "

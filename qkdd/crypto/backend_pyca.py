@@ -45,6 +45,8 @@ class _PycaSigningKey(SigningKey):
         return self._public
 
     def sign(self, message: bytes, context: bytes) -> bytes:
+        if len(context) > 255:  # FIPS 204: ctx is at most 255 bytes
+            raise CryptoError("ML-DSA context must be at most 255 bytes")
         return self._key.sign(message, context)
 
 
