@@ -14,6 +14,7 @@ Delivery contract of every ``QkdDevice``:
 from __future__ import annotations
 
 import abc
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from .errors import DeviceError
 
 __all__ = ["DeviceError", "DeviceStatus", "KeySink", "QkdDevice", "QkdKey"]
 
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
 
 @dataclass(frozen=True)
 class QkdKey:
@@ -35,7 +38,7 @@ class QkdKey:
 
     def __post_init__(self) -> None:
         # A non-canonical ID would make the same key look like two different keys.
-        if len(self.key_id) != 36 or str(uuid.UUID(self.key_id)) != self.key_id:
+        if not _CANONICAL_UUID.fullmatch(self.key_id):
             raise ValueError(f"key ID {self.key_id!r} is not a canonical lowercase UUID")
         if not self.material:
             raise ValueError("QKD key material must not be empty")
@@ -43,7 +46,10 @@ class QkdKey:
     @classmethod
     def from_wire(cls, key_id: bytes, material: bytes) -> QkdKey:
         """Build a key from the 16-byte wire form of its ID."""
-        return cls(str(uuid.UUID(bytes=key_id)), material)
+        if len(key_id) != 16:
+            raise ValueError("a wire key ID is 16 bytes")
+        h = key_id.hex()
+        return cls(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}", material)
 
     @property
     def key_id_bytes(self) -> bytes:

@@ -1,32 +1,47 @@
 """CRC-32C (Castagnoli, iSCSI/RFC 3720), table-driven in pure Python.
 
 Reflected polynomial 0x82F63B78, initial value and final XOR 0xFFFFFFFF; the check value
-for b"123456789" is 0xE3069283. Used once per frame, so a byte-at-a-time table is enough.
+for b"123456789" is 0xE3069283. Four 256-entry tables let the main loop take 4 bytes per
+step ("slicing-by-4"), which is about twice as fast in CPython as one byte per step; the
+4-byte words are read little-endian, so big-endian hosts use the byte loop throughout.
 """
 
 from __future__ import annotations
+
+import sys
 
 POLYNOMIAL = 0x82F63B78
 CHECK_VALUE = 0xE3069283  # crc32c(b"123456789")
 
 
-def _make_table() -> tuple[int, ...]:
-    table = []
+def _make_tables() -> tuple[list[int], list[int], list[int], list[int]]:
+    t0 = []
     for byte in range(256):
         crc = byte
         for _ in range(8):
             crc = (crc >> 1) ^ POLYNOMIAL if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
+        t0.append(crc)
+    # t[k][b]: CRC contribution of byte b followed by k zero bytes.
+    t1 = [(t0[i] >> 8) ^ t0[t0[i] & 0xFF] for i in range(256)]
+    t2 = [(t1[i] >> 8) ^ t0[t1[i] & 0xFF] for i in range(256)]
+    t3 = [(t2[i] >> 8) ^ t0[t2[i] & 0xFF] for i in range(256)]
+    return t0, t1, t2, t3
 
 
-_TABLE = _make_table()
+_T0, _T1, _T2, _T3 = _make_tables()
+_WORDS = sys.byteorder == "little" and memoryview(bytes(4)).cast("I").itemsize == 4
 
 
 def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
     """CRC-32C of ``data``; pass a previous result as ``crc`` to continue over more data."""
-    table = _TABLE
+    t0, t1, t2, t3 = _T0, _T1, _T2, _T3
     crc ^= 0xFFFFFFFF
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    view = memoryview(data).cast("B")
+    aligned = len(view) & ~3 if _WORDS else 0
+    if aligned:
+        for word in view[:aligned].cast("I"):
+            crc ^= word
+            crc = t3[crc & 0xFF] ^ t2[(crc >> 8) & 0xFF] ^ t1[(crc >> 16) & 0xFF] ^ t0[crc >> 24]
+    for byte in view[aligned:]:
+        crc = t0[(crc ^ byte) & 0xFF] ^ (crc >> 8)
     return crc ^ 0xFFFFFFFF

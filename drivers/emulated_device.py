@@ -115,7 +115,7 @@ class DeviceHalf:
                 data = await stream.receive_some(65536)
                 if not data:
                     return
-                for ev in self.proto.receive_data(data):
+                for ev in self.proto.receive_data(bytes(data)):
                     self._log_event(ev)
                 self.wake()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .constants import (
@@ -323,7 +324,7 @@ def _decode_error(p: bytes) -> ErrorMessage:
     return ErrorMessage(code, detail)
 
 
-_DECODERS = {
+_DECODERS: dict[int, Callable[[bytes], Message]] = {
     MessageType.HELLO: _decode_hello,
     MessageType.STATUS: _decode_status,
     MessageType.KEYS: _decode_keys,

@@ -25,7 +25,7 @@ import os
 import stat
 import termios
 
-import serial
+import serial  # type: ignore[import-untyped]
 import trio
 
 from .base import DeviceStatus, KeySink, QkdDevice, QkdKey

@@ -93,6 +93,36 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_allow_bootstrap(args: argparse.Namespace) -> int:
+    from qkdd.daemon import STORE_FILE
+    from qkdd.identity import IdentityError, read_key_encryption_key
+    from qkdd.keystore import KeyStore, StoreError
+
+    config = load_config(args.config)
+    if config.peer(args.peer) is None:
+        known = ", ".join(p.site_id for p in config.peers) or "none"
+        print(
+            f"qkdd: {args.peer!r} is not a peer in {config.file} (peers: {known})", file=sys.stderr
+        )
+        return 2
+    try:
+        kek = read_key_encryption_key(config.key_encryption_key)
+        store = KeyStore(config.state_directory / STORE_FILE, kek)
+    except (IdentityError, StoreError) as exc:
+        print(f"qkdd: {exc}", file=sys.stderr)
+        return 1
+    try:
+        store.allow_bootstrap(args.peer)
+    finally:
+        store.close()
+    print(
+        f"A new ML-DSA bootstrap with {args.peer} is allowed: the next handshake uses signatures "
+        "instead of the PSK chain, and the allowance ends once a new PSK is agreed. Do the same "
+        "on the peer site."
+    )
+    return 0
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     problems = check_files(config)
@@ -140,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key file")
     keygen.add_argument("--backend", default="auto", choices=("auto", "oqs", "cryptography"))
     keygen.set_defaults(func=_cmd_keygen)
+
+    allow = sub.add_parser(
+        "allow-bootstrap",
+        help="allow one new ML-DSA bootstrap with a peer whose PSK chain was lost",
+    )
+    allow.add_argument("--config", required=True, help="site config file (TOML)")
+    allow.add_argument("peer", help="the peer's site ID")
+    allow.set_defaults(func=_cmd_allow_bootstrap)
 
     check = sub.add_parser("check-config", help="validate a config file without starting anything")
     check.add_argument("config")

@@ -1,8 +1,11 @@
-"""Clients of the local ETSI GS QKD 014 key service on its Unix socket.
+"""Clients of the ETSI GS QKD 014 key service, on its local Unix socket or over HTTPS with
+mutual TLS.
 
 `KeyClient` is for Trio programs, `BlockingKeyClient` for plain blocking code (no Trio needed);
 both keep one HTTP/1.1 connection alive between calls. The HTTP exchange itself is the sans-IO
-`_Exchange`, so the two differ only in how they move bytes.
+`_Exchange`, so the two differ only in how they move bytes. `KeyClient(path)` talks to a Unix
+socket; `KeyClient.tls(host, port, cert_file=..., ...)` to a TLS listener, presenting a client
+certificate (which the service maps to an SAE) and checking the service's certificate.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import base64
 import binascii
 import json
 import socket
+import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -27,6 +32,7 @@ __all__ = [
     "KeyClient",
     "KeyServiceClientError",
     "KeyServiceUnreachable",
+    "client_ssl_context",
 ]
 
 DEFAULT_TIMEOUT = 10.0
@@ -60,14 +66,15 @@ class BadResponse(ClientError):
 class _Exchange:
     """One HTTP/1.1 client connection's bytes in and out, without I/O."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "localhost") -> None:
+        self.host = host
         self.h11 = h11.Connection(h11.CLIENT)
         self.used = False
         self._status = 0
         self._body = bytearray()
 
     def request(self, method: str, target: str, body: bytes | None, sae_id: str | None) -> bytes:
-        headers = [("host", "localhost"), ("accept", "application/json")]
+        headers = [("host", self.host), ("accept", "application/json")]
         if sae_id is not None:
             headers.append(("x-sae-id", sae_id))
         if body is not None:
@@ -155,8 +162,98 @@ def _decode_keys(obj: dict[str, Any]) -> list[DeliveredKey]:
         raise BadResponse(f"the key service sent a malformed key container: {exc!r}") from exc
 
 
+def client_ssl_context(
+    cert_file: str, key_file: str | None = None, ca_file: str | None = None
+) -> ssl.SSLContext:
+    """TLS 1.3 with the client certificate `cert_file` (its key in `key_file`, or in `cert_file`
+    when None), trusting the service certificates issued by the CAs in `ca_file` (PEM), or the
+    system's CAs when None. The service's name is checked against its certificate."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except OSError as exc:  # ssl.SSLError is an OSError
+        raise ClientError(
+            f"cannot load the client certificate {cert_file}"
+            f"{f' with key {key_file}' if key_file else ''}: {exc}"
+        ) from exc
+    return context
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """Where the service is: a Unix socket path, or a TLS host and port."""
+
+    where: str  # for messages
+    socket_path: str | None = None
+    host: str = "localhost"
+    port: int = 0
+    ssl_context: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+
+    @classmethod
+    def unix(cls, path: str) -> _Endpoint:
+        return cls(where=path, socket_path=path)
+
+    @classmethod
+    def tls(
+        cls, host: str, port: int, context: ssl.SSLContext, server_hostname: str | None
+    ) -> _Endpoint:
+        shown = f"[{host}]" if ":" in host else host
+        return cls(
+            where=f"https://{shown}:{port}",
+            host=host,
+            port=port,
+            ssl_context=context,
+            server_hostname=server_hostname or host,
+        )
+
+    @property
+    def host_header(self) -> str:
+        if self.socket_path is not None:
+            return "localhost"
+        return self.where.removeprefix("https://")
+
+
+def _tls_reason(exc: BaseException) -> str | None:
+    """What went wrong in TLS, told for an operator, if `exc` comes from TLS."""
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(seen, ssl.SSLError):
+        seen = seen.__cause__ or seen.__context__
+    # A closed connection is not a TLS problem (and a kept-alive one may be retried).
+    if seen is None or isinstance(
+        seen, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError
+    ):
+        return None
+    if isinstance(seen, ssl.SSLCertVerificationError):
+        return (
+            f"the service's certificate is not trusted ({seen.verify_message}); check the CA "
+            "file and that the address matches the certificate"
+        )
+    reason = seen.reason or str(seen)
+    if "ALERT" in reason.upper():
+        return (
+            f"the service refused this client's TLS connection ({reason}); its certificate "
+            "must be issued by the service's client CA, and TLS 1.3 is required"
+        )
+    return f"TLS failed ({reason})"
+
+
 def _unreachable(path: str, exc: OSError) -> KeyServiceUnreachable:
-    if isinstance(exc, FileNotFoundError):
+    tls = _tls_reason(exc)
+    if tls is not None:
+        return KeyServiceUnreachable(f"cannot reach the key service at {path}: {tls}")
+    if path.startswith("https://"):
+        if isinstance(exc, ConnectionRefusedError):
+            why = (
+                "connection refused; is qkdd running with its TLS API listening on this "
+                "address and port?"
+            )
+        elif isinstance(exc, socket.gaierror):
+            why = f"cannot resolve the host name ({exc.strerror or exc})"
+        else:
+            why = exc.strerror or str(exc)
+    elif isinstance(exc, FileNotFoundError):
         why = "no such socket; is qkdd running, and is this the configured API socket?"
     elif isinstance(exc, PermissionError):
         why = "permission denied; the user must be in the group that owns the socket"
@@ -173,14 +270,39 @@ class KeyClient:
     def __init__(
         self, socket_path: str, *, sae_id: str | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> None:
+        self._setup(_Endpoint.unix(socket_path), sae_id, timeout)
+
+    @classmethod
+    def tls(
+        cls,
+        host: str,
+        port: int,
+        *,
+        cert_file: str,
+        key_file: str | None = None,
+        ca_file: str | None = None,
+        sae_id: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        server_hostname: str | None = None,
+    ) -> KeyClient:
+        """A client of the TLS listener at `host`:`port`; see `client_ssl_context`.
+        `server_hostname` is the name the service's certificate must carry (default `host`)."""
+        context = client_ssl_context(cert_file, key_file, ca_file)
+        client = cls.__new__(cls)
+        client._setup(_Endpoint.tls(host, port, context, server_hostname), sae_id, timeout)
+        return client
+
+    def _setup(self, endpoint: _Endpoint, sae_id: str | None, timeout: float) -> None:
         import trio  # only Trio users pay for the import
 
         self._trio = trio
-        self.socket_path = socket_path
+        self._endpoint = endpoint
+        # The Unix socket path; None for a TLS client.
+        self.socket_path = endpoint.socket_path
         self.sae_id = sae_id
         self.timeout = timeout
-        self._stream: trio.SocketStream | None = None
-        self._exchange = _Exchange()
+        self._stream: trio.abc.Stream | None = None
+        self._exchange = _Exchange(endpoint.host_header)
         self._lock = trio.Lock()
 
     async def __aenter__(self) -> KeyClient:
@@ -227,12 +349,10 @@ class KeyClient:
         self, method: str, target: str, body: bytes | None
     ) -> tuple[int, bytes]:
         trio = self._trio
+        where = self._endpoint.where
         if self._stream is None:
-            try:
-                self._stream = await trio.open_unix_socket(self.socket_path)
-            except OSError as exc:
-                raise _unreachable(self.socket_path, exc) from None
-            self._exchange = _Exchange()
+            self._stream = await self._connect()
+            self._exchange = _Exchange(self._endpoint.host_header)
         exchange, stream = self._exchange, self._stream
         reused = exchange.used
         got_bytes = False
@@ -241,20 +361,51 @@ class KeyClient:
             while True:
                 data = await stream.receive_some(RECEIVE_SIZE)
                 got_bytes = got_bytes or bool(data)
-                result = exchange.receive(data)
+                result = exchange.receive(bytes(data))
                 if result is not None:
                     break
         except (trio.BrokenResourceError, KeyServiceUnreachable) as exc:
             await self.aclose()
-            if reused and not got_bytes:
+            tls = _tls_reason(exc)
+            if reused and not got_bytes and tls is None:
                 raise _StaleConnection from exc
-            raise KeyServiceUnreachable(f"connection to {self.socket_path} failed: {exc}") from exc
+            raise KeyServiceUnreachable(f"connection to {where} failed: {tls or exc}") from exc
         except BaseException:
             await self.aclose()
             raise
         if not exchange.next_cycle():
             await self.aclose()
         return result
+
+    async def _connect(self) -> Any:
+        trio, endpoint = self._trio, self._endpoint
+        if endpoint.socket_path is not None:
+            try:
+                return await trio.open_unix_socket(endpoint.socket_path)
+            except OSError as exc:
+                raise _unreachable(endpoint.where, exc) from None
+        try:
+            tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+        except OSError as exc:
+            raise _unreachable(endpoint.where, exc) from None
+        stream = trio.SSLStream(
+            tcp,
+            endpoint.ssl_context,
+            server_hostname=endpoint.server_hostname,
+            https_compatible=True,
+        )
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            await tcp.aclose()
+            why = _tls_reason(exc) or f"the TLS handshake failed: {exc.__cause__ or exc}"
+            raise KeyServiceUnreachable(
+                f"cannot reach the key service at {endpoint.where}: {why}"
+            ) from exc
+        except BaseException:
+            await tcp.aclose()
+            raise
+        return stream
 
 
 class _StaleConnection(Exception):
@@ -267,11 +418,36 @@ class BlockingKeyClient:
     def __init__(
         self, socket_path: str, *, sae_id: str | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> None:
-        self.socket_path = socket_path
+        self._setup(_Endpoint.unix(socket_path), sae_id, timeout)
+
+    @classmethod
+    def tls(
+        cls,
+        host: str,
+        port: int,
+        *,
+        cert_file: str,
+        key_file: str | None = None,
+        ca_file: str | None = None,
+        sae_id: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        server_hostname: str | None = None,
+    ) -> BlockingKeyClient:
+        """A client of the TLS listener at `host`:`port`; see `client_ssl_context`.
+        `server_hostname` is the name the service's certificate must carry (default `host`)."""
+        context = client_ssl_context(cert_file, key_file, ca_file)
+        client = cls.__new__(cls)
+        client._setup(_Endpoint.tls(host, port, context, server_hostname), sae_id, timeout)
+        return client
+
+    def _setup(self, endpoint: _Endpoint, sae_id: str | None, timeout: float) -> None:
+        self._endpoint = endpoint
+        # The Unix socket path; None for a TLS client.
+        self.socket_path = endpoint.socket_path
         self.sae_id = sae_id
         self.timeout = timeout
         self._sock: socket.socket | None = None
-        self._exchange = _Exchange()
+        self._exchange = _Exchange(endpoint.host_header)
 
     def __enter__(self) -> BlockingKeyClient:
         return self
@@ -309,15 +485,9 @@ class BlockingKeyClient:
             return self._exchange_once(method, target, body)
 
     def _exchange_once(self, method: str, target: str, body: bytes | None) -> tuple[int, bytes]:
+        where = self._endpoint.where
         if self._sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(self.timeout)
-            try:
-                sock.connect(self.socket_path)
-            except OSError as exc:
-                sock.close()
-                raise _unreachable(self.socket_path, exc) from None
-            self._sock, self._exchange = sock, _Exchange()
+            self._sock, self._exchange = self._connect(), _Exchange(self._endpoint.host_header)
         exchange, sock = self._exchange, self._sock
         reused = exchange.used
         got_bytes = False
@@ -332,16 +502,44 @@ class BlockingKeyClient:
         except TimeoutError as exc:
             self.close()
             raise KeyServiceUnreachable(
-                f"no answer from the key service at {self.socket_path} within {self.timeout:g} s"
+                f"no answer from the key service at {where} within {self.timeout:g} s"
             ) from exc
         except (OSError, KeyServiceUnreachable) as exc:
             self.close()
-            if reused and not got_bytes:
+            tls = _tls_reason(exc)
+            if reused and not got_bytes and tls is None:
                 raise _StaleConnection from exc
-            raise KeyServiceUnreachable(f"connection to {self.socket_path} failed: {exc}") from exc
+            raise KeyServiceUnreachable(f"connection to {where} failed: {tls or exc}") from exc
         except BaseException:
             self.close()
             raise
         if not exchange.next_cycle():
             self.close()
         return result
+
+    def _connect(self) -> socket.socket:
+        endpoint = self._endpoint
+        if endpoint.socket_path is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(endpoint.socket_path)
+            except OSError as exc:
+                sock.close()
+                raise _unreachable(endpoint.where, exc) from None
+            return sock
+        assert endpoint.ssl_context is not None
+        try:
+            tcp = socket.create_connection((endpoint.host, endpoint.port), timeout=self.timeout)
+        except TimeoutError:
+            raise KeyServiceUnreachable(
+                f"no answer from the key service at {endpoint.where} within {self.timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise _unreachable(endpoint.where, exc) from None
+        try:
+            # wrap_socket performs the handshake (the socket is connected and blocking).
+            return endpoint.ssl_context.wrap_socket(tcp, server_hostname=endpoint.server_hostname)
+        except OSError as exc:
+            tcp.close()
+            raise _unreachable(endpoint.where, exc) from None

@@ -1,7 +1,9 @@
-"""`qkdctl`: ask the local key service for its status and for keys, from a shell.
+"""`qkdctl`: ask the key service for its status and for keys, from a shell.
 
-Prints the standard's JSON objects (Status, Key container) so the output can be piped to other
-tools. Exit codes: 0 success, 1 the service refused or could not be reached, 2 usage error.
+Talks to the local Unix socket (`--socket`), or to the HTTPS listener (`--url https://host:port`
+with a client certificate `--cert`, its key `--key` and the service's CA `--cacert`). Prints the
+standard's JSON objects (Status, Key container) so the output can be piped to other tools. Exit
+codes: 0 success, 1 the service refused or could not be reached, 2 usage error.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from qkdd.client import BlockingKeyClient, ClientError, DeliveredKey, KeyServiceClientError
 
@@ -24,10 +27,17 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qkdctl", description="Query the local ETSI GS QKD 014 key service."
     )
-    parser.add_argument(
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
         "--socket",
         default=os.environ.get(SOCKET_ENV, DEFAULT_SOCKET),
         help=f"API socket path (default: ${SOCKET_ENV} or {DEFAULT_SOCKET})",
+    )
+    where.add_argument("--url", help="the HTTPS API instead of the socket: https://HOST:PORT")
+    parser.add_argument("--cert", help="with --url: client certificate (PEM)")
+    parser.add_argument("--key", help="with --url: its private key (PEM; default: in --cert)")
+    parser.add_argument(
+        "--cacert", help="with --url: CA certificates to trust (PEM; default: the system's)"
     )
     parser.add_argument("--sae-id", help="act as this SAE when the user may act as several")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
@@ -67,14 +77,64 @@ def _key_container(keys: Sequence[DeliveredKey]) -> dict[str, Any]:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _https_address(url: str) -> tuple[str, int]:
+    """HOST and PORT of an https://HOST[:PORT] URL; ValueError with the reason otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme != "https":
+        raise ValueError(f"--url {url!r} must start with https://")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"--url {url!r} must be just https://HOST:PORT (the API paths are fixed)")
+    if not parts.hostname:
+        raise ValueError(f"--url {url!r} has no host")
     try:
-        args = _parser().parse_args(argv)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"--url {url!r} has an invalid port") from None
+    return parts.hostname, port or 443
+
+
+def _client(parser: argparse.ArgumentParser, args: argparse.Namespace) -> BlockingKeyClient:
+    """The client `args` ask for; exits through `parser.error` on a usage error."""
+    if args.url is None:
+        tls_only = [f"--{name}" for name in ("cert", "key", "cacert") if getattr(args, name)]
+        if tls_only:
+            parser.error(f"{', '.join(tls_only)} only apply with --url")
+        return BlockingKeyClient(args.socket, sae_id=args.sae_id, timeout=args.timeout)
+    try:
+        host, port = _https_address(args.url)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not args.cert:
+        parser.error(
+            "--url needs --cert: the key service identifies SAEs by their client certificate"
+        )
+    return BlockingKeyClient.tls(
+        host,
+        port,
+        cert_file=args.cert,
+        key_file=args.key,
+        ca_file=args.cacert,
+        sae_id=args.sae_id,
+        timeout=args.timeout,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return exc.code if isinstance(exc.code, int) else 2
 
     try:
-        with BlockingKeyClient(args.socket, sae_id=args.sae_id, timeout=args.timeout) as client:
+        client = _client(parser, args)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    except ClientError as exc:  # e.g. an unreadable certificate
+        print(f"qkdctl: {exc}", file=sys.stderr)
+        return 1
+    try:
+        with client:
             if args.command == "status":
                 result: dict[str, Any] = client.status(args.slave_sae_id)
             elif args.command == "enc-keys":
@@ -92,8 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qkdctl: {exc}", file=sys.stderr)
         return 1
 
-    print(json.dumps(result, separators=(",", ":") if args.compact else None,
-                     indent=None if args.compact else 2))
+    print(
+        json.dumps(
+            result,
+            separators=(",", ":") if args.compact else None,
+            indent=None if args.compact else 2,
+        )
+    )
     return 0
 
 

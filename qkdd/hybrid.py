@@ -14,6 +14,10 @@ Every key qkdd hands to an application is
 where ``lp(x)`` is ``x`` preceded by its length as a 4-byte big-endian integer, so no two
 different inputs encode to the same bytes.
 
+Authentication keys (the PSKs of later handshakes) are derived the same way with
+LABEL_AUTH_KEY in place of LABEL_HYBRID_KEY and empty SAE IDs. They consume QKD keys of
+their own (a QKD key serves one purpose, once), and the label keeps the two kinds apart.
+
 Why each input is there:
 - ``qkd_material`` and ``kem_shared_secret`` are the two independent secrets: the key
   stays secret as long as either one does (HKDF-Extract as a dual-PRF combiner, the
@@ -81,7 +85,10 @@ class HybridDeriver:
         qkd_key_ids: Sequence[str],
         qkd_material: bytes,
         size_bits: int,
+        label: bytes = labels.LABEL_HYBRID_KEY,
     ) -> bytes:
+        """One key; ``label`` is LABEL_HYBRID_KEY for application keys, LABEL_AUTH_KEY for
+        authentication keys (with empty SAE IDs)."""
         if size_bits <= 0 or size_bits % 8:
             raise ValueError("size_bits must be a positive multiple of 8")
         if len(qkd_material) * 8 < size_bits:
@@ -90,7 +97,7 @@ class HybridDeriver:
         ikm = lp(labels.LABEL_HYBRID_QKD_INPUT) + lp(qkd_material) + self._kem_input
         info = b"".join(
             [
-                lp(labels.LABEL_HYBRID_KEY),
+                lp(label),
                 lp(uuid.UUID(key_id).bytes),
                 self._batch_info,
                 lp(master_sae_id.encode()),

@@ -8,6 +8,11 @@ Durability rules that the rest of the daemon relies on:
 - A hybrid key is ``pending`` until both sites are known to hold it, then ``ready``; only
   ready keys are handed out, each exactly once, and erased in the transaction that hands
   it out.
+- Authentication keys (PSKs for later handshakes) follow the same batch life cycle in
+  their own table and never reach an application. When a newer one becomes ready the
+  older ones are erased: the previous PSK is kept until the peer has proved it holds the
+  next. Once one is ready the PSK chain with that peer is *established*, and a signature
+  bootstrap is refused until an operator allows one (``allow_bootstrap``).
 
 The database uses WAL with synchronous=FULL and secure_delete, and is created 0600.
 Key material is sealed at rest with AES-256-GCM under a key derived from the site's
@@ -37,6 +42,7 @@ from qkdd.crypto import (
 from qkdd.hybrid import lp
 
 KEK_SIZE: Final = 32
+STORE_ID_SIZE: Final = 16
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS qkd_keys (
@@ -70,6 +76,18 @@ CREATE TABLE IF NOT EXISTS hybrid_keys (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS hybrid_by_pair ON hybrid_keys (master_sae, slave_sae, state);
+CREATE TABLE IF NOT EXISTS auth_keys (
+    seq       INTEGER PRIMARY KEY,
+    peer_site TEXT NOT NULL,
+    key_id    TEXT NOT NULL UNIQUE,
+    batch_id  INTEGER NOT NULL,
+    material  BLOB NOT NULL,
+    state     TEXT NOT NULL CHECK (state IN ('pending', 'ready'))
+);
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -111,6 +129,10 @@ def _qkd_aad(peer_site: str, key_id: str) -> bytes:
     return lp(labels.AAD_QKD_KEY_ROW) + lp(peer_site.encode()) + lp(key_id.encode())
 
 
+def _auth_aad(peer_site: str, key_id: str) -> bytes:
+    return lp(labels.AAD_AUTH_KEY_ROW) + lp(peer_site.encode()) + lp(key_id.encode())
+
+
 def _hybrid_aad(key_id: str, master_sae: str, slave_sae: str, size_bits: int) -> bytes:
     return (
         lp(labels.AAD_HYBRID_KEY_ROW)
@@ -137,6 +159,13 @@ class NewHybridKey:
 
 
 @dataclass(frozen=True)
+class AuthKeyRecord:
+    key_id: str
+    material: bytes = field(repr=False)
+    ready: bool
+
+
+@dataclass(frozen=True)
 class HybridKey:
     key_id: str
     material: bytes = field(repr=False)
@@ -156,6 +185,14 @@ class KeyStore:
             self._db.execute("PRAGMA secure_delete=ON")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
+            # A random identity of this store: a peer that sees it change knows our state
+            # was lost and drops the keys it shared with us.
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (os.urandom(STORE_ID_SIZE),)
+            )
+            self.store_id = bytes(
+                self._db.execute("SELECT value FROM meta WHERE name='store_id'").fetchone()[0]
+            )
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open key store {path}: {exc}") from None
 
@@ -262,8 +299,10 @@ class KeyStore:
         batch_id: int,
         keys: Sequence[NewHybridKey],
         consumed_qkd_ids: Iterable[str],
+        auth_keys: Sequence[StoredQkdKey] = (),
     ) -> None:
-        """Store a batch's keys as pending and consume its QKD keys, atomically."""
+        """Store a batch's keys (application keys and authentication keys) as pending and
+        consume its QKD keys, atomically."""
         now = time.time()
         with self._transaction() as db:
             db.execute("INSERT INTO batches VALUES (?, ?, 'pending')", (peer_site, batch_id))
@@ -286,10 +325,26 @@ class KeyStore:
                     for k in keys
                 ],
             )
+            db.executemany(
+                "INSERT INTO auth_keys (peer_site, key_id, batch_id, material, state)"
+                " VALUES (?, ?, ?, ?, 'pending')",
+                [
+                    (
+                        peer_site,
+                        k.key_id,
+                        batch_id,
+                        self._sealer.seal(_auth_aad(peer_site, k.key_id), k.material),
+                    )
+                    for k in auth_keys
+                ],
+            )
             self._consume_qkd_keys(db, peer_site, consumed_qkd_ids)
 
     def commit_batch(self, peer_site: str, batch_id: int) -> bool:
-        """Make a batch's keys deliverable; False if the batch is unknown."""
+        """Make a batch's keys deliverable; False if the batch is unknown.
+
+        A committed authentication key replaces every older one of the peer and marks the
+        PSK chain established (which also withdraws an operator's bootstrap allowance)."""
         with self._transaction() as db:
             cursor = db.execute(
                 "UPDATE batches SET state='committed' WHERE peer_site=? AND batch_id=?",
@@ -299,6 +354,20 @@ class KeyStore:
                 "UPDATE hybrid_keys SET state='ready' WHERE peer_site=? AND batch_id=?",
                 (peer_site, batch_id),
             )
+            newest = db.execute(
+                "SELECT min(seq) FROM auth_keys WHERE peer_site=? AND batch_id=?",
+                (peer_site, batch_id),
+            ).fetchone()[0]
+            if newest is not None:
+                db.execute(
+                    "UPDATE auth_keys SET state='ready' WHERE peer_site=? AND batch_id=?",
+                    (peer_site, batch_id),
+                )
+                db.execute(
+                    "DELETE FROM auth_keys WHERE peer_site=? AND seq < ?", (peer_site, newest)
+                )
+                self._set_flag(db, f"chain:{peer_site}", True)
+                self._set_flag(db, f"allow-bootstrap:{peer_site}", False)
         return cursor.rowcount > 0
 
     def abort_batch(self, peer_site: str, batch_id: int) -> None:
@@ -308,8 +377,89 @@ class KeyStore:
                 "DELETE FROM hybrid_keys WHERE peer_site=? AND batch_id=?", (peer_site, batch_id)
             )
             db.execute(
+                "DELETE FROM auth_keys WHERE peer_site=? AND batch_id=?", (peer_site, batch_id)
+            )
+            db.execute(
                 "DELETE FROM batches WHERE peer_site=? AND batch_id=?", (peer_site, batch_id)
             )
+
+    # -- the peer's store identity ------------------------------------------------------
+
+    def check_peer_store(self, peer_site: str, peer_store_id: bytes) -> int:
+        """Record the peer's store identity; if it changed, the peer lost its state, so
+        every application key and batch shared with it is dropped. Returns how many keys."""
+        name = f"peer-store:{peer_site}"
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+            dropped = 0
+            if row is not None and bytes(row[0]) != peer_store_id:
+                dropped = db.execute(
+                    "DELETE FROM hybrid_keys WHERE peer_site=?", (peer_site,)
+                ).rowcount
+                db.execute(
+                    "DELETE FROM batches WHERE peer_site=? AND batch_id NOT IN "
+                    "(SELECT batch_id FROM auth_keys WHERE peer_site=?)",
+                    (peer_site, peer_site),
+                )
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, peer_store_id))
+        return dropped
+
+    # -- the PSK chain --------------------------------------------------------------------
+
+    @staticmethod
+    def _set_flag(db: sqlite3.Connection, name: str, value: bool) -> None:
+        db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (name, int(value)))
+
+    def _flag(self, name: str) -> bool:
+        row = self._db.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
+        return bool(row and row[0])
+
+    def chain_established(self, peer_site: str) -> bool:
+        return self._flag(f"chain:{peer_site}")
+
+    def bootstrap_allowed(self, peer_site: str) -> bool:
+        """A signature bootstrap is allowed before the first PSK, or when an operator says so."""
+        return not self.chain_established(peer_site) or self._flag(f"allow-bootstrap:{peer_site}")
+
+    def bootstrap_requested(self, peer_site: str) -> bool:
+        """An operator allowed a new bootstrap that has not happened yet."""
+        return self._flag(f"allow-bootstrap:{peer_site}")
+
+    def allow_bootstrap(self, peer_site: str) -> None:
+        """The operator's explicit consent to one new signature bootstrap with this peer."""
+        with self._transaction() as db:
+            self._set_flag(db, f"allow-bootstrap:{peer_site}", True)
+
+    def newest_ready_auth_key(self, peer_site: str) -> AuthKeyRecord | None:
+        row = self._db.execute(
+            "SELECT key_id, material FROM auth_keys WHERE peer_site=? AND state='ready'"
+            " ORDER BY seq DESC LIMIT 1",
+            (peer_site,),
+        ).fetchone()
+        if row is None:
+            return None
+        return AuthKeyRecord(row[0], self._sealer.open(_auth_aad(peer_site, row[0]), row[1]), True)
+
+    def auth_key(self, peer_site: str, key_id: str) -> AuthKeyRecord | None:
+        """An authentication key we hold, ready or still pending."""
+        row = self._db.execute(
+            "SELECT material, state FROM auth_keys WHERE peer_site=? AND key_id=?",
+            (peer_site, key_id),
+        ).fetchone()
+        if row is None:
+            return None
+        material = self._sealer.open(_auth_aad(peer_site, key_id), row[0])
+        return AuthKeyRecord(key_id, material, row[1] == "ready")
+
+    def auth_key_proven(self, peer_site: str, key_id: str) -> None:
+        """The peer completed a handshake with this key, so it holds it as ready: commit
+        the key's batch here too if our copy was still pending (its decision was lost)."""
+        row = self._db.execute(
+            "SELECT batch_id, state FROM auth_keys WHERE peer_site=? AND key_id=?",
+            (peer_site, key_id),
+        ).fetchone()
+        if row is not None and row[1] == "pending":
+            self.commit_batch(peer_site, int(row[0]))
 
     def batch_state(self, peer_site: str, batch_id: int) -> str | None:
         row = self._db.execute(

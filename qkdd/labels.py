@@ -15,6 +15,12 @@ PROTOCOL_NAME: Final = b"qkdd peer protocol v1"
 SIG_CONTEXT_INITIATOR: Final = b"qkdd/v1 bootstrap initiator signature"
 SIG_CONTEXT_RESPONDER: Final = b"qkdd/v1 bootstrap responder signature"
 
+# PSK handshake (mode 2): per-role MAC keys from the authentication key, so a reflected
+# MAC never verifies.
+LABEL_PSK_EXTRACT: Final = b"qkdd/v1 psk extract"
+LABEL_PSK_RESPONDER_MAC: Final = b"qkdd/v1 psk responder mac key"
+LABEL_PSK_INITIATOR_MAC: Final = b"qkdd/v1 psk initiator mac key"
+
 # Handshake key schedule.
 LABEL_HANDSHAKE_SECRET: Final = b"qkdd/v1 handshake secret"
 LABEL_SESSION_INITIATOR_TO_RESPONDER: Final = b"qkdd/v1 session key initiator->responder"
@@ -27,17 +33,24 @@ LABEL_HYBRID_SALT: Final = b"qkdd/v1 hybrid salt"
 LABEL_HYBRID_QKD_INPUT: Final = b"qkdd/v1 hybrid input qkd"
 LABEL_HYBRID_KEM_INPUT: Final = b"qkdd/v1 hybrid input ml-kem"
 LABEL_HYBRID_KEY: Final = b"qkdd/v1 hybrid output key"
+# Authentication keys for later handshakes, derived like hybrid keys but with their own
+# label, so no key can serve both as an application key and as a PSK.
+LABEL_AUTH_KEY: Final = b"qkdd/v1 authentication key"
 
 # Keys at rest (qkdd.keystore): the store's AEAD key from the key-encryption key, and the
 # associated data that binds each sealed row to its identity.
 LABEL_STORE_SEAL_KEY: Final = b"qkdd/v1 key store seal key"
 AAD_QKD_KEY_ROW: Final = b"qkdd/v1 sealed qkd key row"
 AAD_HYBRID_KEY_ROW: Final = b"qkdd/v1 sealed hybrid key row"
+AAD_AUTH_KEY_ROW: Final = b"qkdd/v1 sealed authentication key row"
 
 ALL_LABELS: Final = (
     PROTOCOL_NAME,
     SIG_CONTEXT_INITIATOR,
     SIG_CONTEXT_RESPONDER,
+    LABEL_PSK_EXTRACT,
+    LABEL_PSK_RESPONDER_MAC,
+    LABEL_PSK_INITIATOR_MAC,
     LABEL_HANDSHAKE_SECRET,
     LABEL_SESSION_INITIATOR_TO_RESPONDER,
     LABEL_SESSION_RESPONDER_TO_INITIATOR,
@@ -47,7 +60,9 @@ ALL_LABELS: Final = (
     LABEL_HYBRID_QKD_INPUT,
     LABEL_HYBRID_KEM_INPUT,
     LABEL_HYBRID_KEY,
+    LABEL_AUTH_KEY,
     LABEL_STORE_SEAL_KEY,
     AAD_QKD_KEY_ROW,
     AAD_HYBRID_KEY_ROW,
+    AAD_AUTH_KEY_ROW,
 )

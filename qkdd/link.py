@@ -10,6 +10,10 @@ one-time ML-KEM encapsulation keys. A batch is three-way:
     master: commit (keys *ready*)                               -> BATCH_DECISION
     slave:  commit (keys *ready*)
 
+Each session starts with both sides sending their key-store identity: a side whose peer's
+identity changed knows the peer lost its state and withdraws every key shared with it,
+so no application is handed a key whose other half is gone.
+
 A key is ready at a site only when the other site is known to hold it: the master learns
 that from the ACK, the slave from the decision. If the session breaks anywhere in
 between, the slave starts the next session with RESYNC (its pending batches) and the
@@ -25,19 +29,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from qkdd import labels
 from qkdd.crypto import CryptoError, KemPrivateKey, PqcBackend
 from qkdd.hybrid import HybridDeriver, KemExchange, KeyContext
-from qkdd.keystore import KeyStore, NewHybridKey
+from qkdd.keystore import KeyStore, NewHybridKey, StoredQkdKey
 from qkdd.peer.messages import (
     MAX_KEYS_PER_BATCH,
     BatchAck,
     BatchDecision,
     BatchEntry,
+    BatchPurpose,
     KemOffer,
     KeyBatch,
     LinkMessage,
     PoolDemand,
     Resync,
+    StoreId,
 )
 
 log = logging.getLogger("qkdd.link")
@@ -45,6 +52,8 @@ log = logging.getLogger("qkdd.link")
 # How long the slave waits for QKD keys the master already has: the two devices deliver
 # the same stream, but not at the same instant.
 QKD_KEY_WAIT_SECONDS: Final = 5.0
+# Size of an authentication key (a PSK for the next handshakes).
+AUTH_KEY_BITS: Final = 256
 
 
 class LinkError(Exception):
@@ -100,6 +109,9 @@ class LinkAgreement:
         self._in_flight: KeyBatch | None = None
         self._remote_demand: dict[tuple[str, str], int] = {}
         self._resynced = False
+        # Every session the master makes a fresh authentication key first: it replaces,
+        # once both sides hold it, the PSK (or bootstrap) that authenticated this session.
+        self._auth_key_wanted = params.is_master
         # slave side
         self._offer_counter = 0
         self._kem_key: KemPrivateKey | None = None
@@ -110,12 +122,23 @@ class LinkAgreement:
     # -- entry points ---------------------------------------------------------------------
 
     def start(self) -> list[LinkMessage]:
+        hello: list[LinkMessage] = [StoreId(self._store.store_id)]
         if self.params.is_master:
-            return []
+            return hello
         pending = self._store.pending_batches(self.params.peer_site_id)
-        return [Resync(tuple(pending)), self._new_offer()]
+        return [*hello, Resync(tuple(pending)), self._new_offer()]
 
     def on_message(self, message: LinkMessage, now: float) -> list[LinkMessage]:
+        if isinstance(message, StoreId):
+            dropped = self._store.check_peer_store(self.params.peer_site_id, message.store_id)
+            if dropped:
+                log.warning(
+                    "event=peer_state_lost peer=%s keys_dropped=%d reason='the peer's key store "
+                    "is new: keys it held are gone, so ours are withdrawn'",
+                    self.params.peer_site_id,
+                    dropped,
+                )
+            return []
         if self.params.is_master:
             if isinstance(message, Resync):
                 return self._on_resync(message)
@@ -189,6 +212,10 @@ class LinkAgreement:
         peer = self.params.peer_site_id
         if message.accepted:
             self._store.commit_batch(peer, batch.batch_id)
+            if batch.purpose == BatchPurpose.AUTHENTICATION_KEYS:
+                self._auth_key_wanted = False
+                log.info("event=auth_key_rotated peer=%s key=%s", peer, batch.entries[0].key_id)
+                return [BatchDecision(batch.batch_id, True)]
             self.keys_agreed += len(batch.entries)
             for entry in batch.entries:
                 if (entry.master_sae_id, entry.slave_sae_id) in self._remote_demand:
@@ -217,28 +244,21 @@ class LinkAgreement:
     def _make_batch(self) -> KeyBatch | None:
         if self._in_flight is not None or self._offer is None or not self._resynced:
             return None
-        deficits = self._deficits()
-        if not deficits:
-            return None
-        wanted, (master_sae, slave_sae) = deficits[0]
-        peer = self.params.peer_site_id
-        key_bytes = self.params.key_size_bits // 8
-        qkd_keys = self._store.oldest_qkd_keys(peer, min(wanted, MAX_KEYS_PER_BATCH) * 8)
-        entries: list[tuple[BatchEntry, bytes]] = []
-        index = 0
-        while index < len(qkd_keys) and len(entries) < min(wanted, MAX_KEYS_PER_BATCH):
-            ids: list[str] = []
-            material = b""
-            while len(material) < key_bytes and index < len(qkd_keys):
-                ids.append(qkd_keys[index].key_id)
-                material += qkd_keys[index].material
-                index += 1
-            if len(material) < key_bytes:
-                break
-            entry = BatchEntry(
-                str(uuid.uuid4()), self.params.key_size_bits, master_sae, slave_sae, tuple(ids)
+        if self._auth_key_wanted:
+            # The session's first batch replaces the PSK that authenticated it.
+            purpose, wanted, pair, size = (
+                BatchPurpose.AUTHENTICATION_KEYS,
+                1,
+                ("", ""),
+                AUTH_KEY_BITS,
             )
-            entries.append((entry, material))
+        else:
+            deficits = self._deficits()
+            if not deficits:
+                return None
+            purpose, size = BatchPurpose.APPLICATION_KEYS, self.params.key_size_bits
+            wanted, pair = min(deficits[0][0], MAX_KEYS_PER_BATCH), deficits[0][1]
+        entries = self._take_qkd_keys(wanted, pair, size)
         if not entries:
             return None
         offer, self._offer = self._offer, None  # each encapsulation key is used once
@@ -247,16 +267,59 @@ class LinkAgreement:
         except CryptoError as exc:
             raise LinkError(f"peer's ML-KEM offer is invalid: {exc}") from None
         deriver = HybridDeriver(self._context, KemExchange(offer.public_key, ciphertext, shared))
-        batch_id = self._store.next_batch_id(peer)
-        batch = KeyBatch(batch_id, offer.offer_id, ciphertext, tuple(e for e, _ in entries))
-        self._store.add_batch(
-            peer,
-            batch_id,
-            _derive_all(deriver, entries),
-            [qid for e, _ in entries for qid in e.qkd_key_ids],
+        batch_id = self._store.next_batch_id(self.params.peer_site_id)
+        batch = KeyBatch(
+            batch_id, offer.offer_id, purpose, ciphertext, tuple(e for e, _ in entries)
         )
+        self._store_batch(batch, deriver, entries)
         self._in_flight = batch
         return batch
+
+    def _take_qkd_keys(
+        self, wanted: int, pair: tuple[str, str], size_bits: int
+    ) -> list[tuple[BatchEntry, bytes]]:
+        """Up to ``wanted`` entries, each with enough of the oldest QKD keys for its size."""
+        key_bytes = size_bits // 8
+        qkd_keys = self._store.oldest_qkd_keys(self.params.peer_site_id, wanted * 8)
+        entries: list[tuple[BatchEntry, bytes]] = []
+        index = 0
+        while index < len(qkd_keys) and len(entries) < wanted:
+            ids: list[str] = []
+            material = b""
+            while len(material) < key_bytes and index < len(qkd_keys):
+                ids.append(qkd_keys[index].key_id)
+                material += qkd_keys[index].material
+                index += 1
+            if len(material) < key_bytes:
+                break
+            entry = BatchEntry(str(uuid.uuid4()), size_bits, pair[0], pair[1], tuple(ids))
+            entries.append((entry, material))
+        return entries
+
+    def _store_batch(
+        self, batch: KeyBatch, deriver: HybridDeriver, entries: Sequence[tuple[BatchEntry, bytes]]
+    ) -> None:
+        """Derive the batch's keys and store them pending; both sides run exactly this."""
+        qkd_ids = [qid for e, _ in entries for qid in e.qkd_key_ids]
+        peer = self.params.peer_site_id
+        if batch.purpose == BatchPurpose.AUTHENTICATION_KEYS:
+            auth_keys = [
+                StoredQkdKey(e.key_id, _derive(deriver, e, material, labels.LABEL_AUTH_KEY))
+                for e, material in entries
+            ]
+            self._store.add_batch(peer, batch.batch_id, [], qkd_ids, auth_keys)
+            return
+        keys = [
+            NewHybridKey(
+                e.key_id,
+                e.master_sae_id,
+                e.slave_sae_id,
+                e.size_bits,
+                _derive(deriver, e, material, labels.LABEL_HYBRID_KEY),
+            )
+            for e, material in entries
+        ]
+        self._store.add_batch(peer, batch.batch_id, keys, qkd_ids)
 
     # -- slave ----------------------------------------------------------------------------
 
@@ -293,14 +356,20 @@ class LinkAgreement:
             self._context, KemExchange(kem_key.public_bytes, batch.kem_ciphertext, shared)
         )
         entries = [(e, b"".join(materials[q] for q in e.qkd_key_ids)) for e in batch.entries]
-        self._store.add_batch(peer, batch.batch_id, _derive_all(deriver, entries), qkd_ids)
+        self._store_batch(batch, deriver, entries)
         return [BatchAck(batch.batch_id, True), self._new_offer()]
 
     def _check_batch(self, batch: KeyBatch, qkd_ids: Sequence[str]) -> str:
         peer = self.params.peer_site_id
         if len(set(qkd_ids)) != len(qkd_ids):
             return "a QKD key ID appears twice in the batch"
-        for entry in batch.entries:
+        if batch.purpose == BatchPurpose.AUTHENTICATION_KEYS:
+            if len(batch.entries) != 1:
+                return "an authentication batch holds exactly one key"
+            entry = batch.entries[0]
+            if entry.master_sae_id or entry.slave_sae_id or entry.size_bits != AUTH_KEY_BITS:
+                return f"an authentication key has no SAE pair and {AUTH_KEY_BITS} bits"
+        for entry in batch.entries if batch.purpose == BatchPurpose.APPLICATION_KEYS else ():
             if not self.params.pair_allowed(entry.master_sae_id, entry.slave_sae_id):
                 return (
                     f"SAE pair {entry.master_sae_id}->{entry.slave_sae_id} is not configured here"
@@ -344,23 +413,13 @@ class LinkAgreement:
         return PoolDemand(tuple(wanted))
 
 
-def _derive_all(
-    deriver: HybridDeriver, entries: Sequence[tuple[BatchEntry, bytes]]
-) -> list[NewHybridKey]:
-    return [
-        NewHybridKey(
-            e.key_id,
-            e.master_sae_id,
-            e.slave_sae_id,
-            e.size_bits,
-            deriver.derive(
-                key_id=e.key_id,
-                master_sae_id=e.master_sae_id,
-                slave_sae_id=e.slave_sae_id,
-                qkd_key_ids=e.qkd_key_ids,
-                qkd_material=material,
-                size_bits=e.size_bits,
-            ),
-        )
-        for e, material in entries
-    ]
+def _derive(deriver: HybridDeriver, entry: BatchEntry, material: bytes, label: bytes) -> bytes:
+    return deriver.derive(
+        key_id=entry.key_id,
+        master_sae_id=entry.master_sae_id,
+        slave_sae_id=entry.slave_sae_id,
+        qkd_key_ids=entry.qkd_key_ids,
+        qkd_material=material,
+        size_bits=entry.size_bits,
+        label=label,
+    )

@@ -19,6 +19,7 @@ from qkdd.crypto import PqcBackend, SigningKey
 from qkdd.keystore import KeyStore, StoredQkdKey
 from qkdd.link import LinkAgreement, LinkError, LinkParameters
 from qkdd.peer.connection import (
+    AuthKey,
     HandshakeComplete,
     MessageReceived,
     PeerConnection,
@@ -41,6 +42,28 @@ QKD_BUFFER_MAX: Final = 20_000
 
 class PeerClosed(Exception):
     pass
+
+
+# Everything that ends one session but must never end the daemon. They may arrive wrapped
+# in an ExceptionGroup from the session's nursery, hence ``except*``.
+SESSION_ERRORS = (
+    PeerProtocolError,
+    LinkError,
+    PeerClosed,
+    trio.TooSlowError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    OSError,
+)
+
+
+def _first(group: BaseExceptionGroup[Exception]) -> Exception:
+    """The first real error in a group, for the log line."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    assert isinstance(exc, Exception)
+    return exc
 
 
 class StoreSink:
@@ -93,8 +116,32 @@ class PeerLink:
         self.last_error = "no session yet"
         self.sessions_established = 0
 
+    # -- PeerTrust: what the handshake asks about this peer ---------------------------------
+
     def pinned_key(self, site_id: str) -> bytes | None:
         return self.peer.public_key if site_id == self.peer.site_id else None
+
+    def bootstrap_allowed(self, site_id: str) -> bool:
+        return site_id == self.peer.site_id and self._store.bootstrap_allowed(site_id)
+
+    def auth_key(self, site_id: str, key_id: str) -> bytes | None:
+        if site_id != self.peer.site_id:
+            return None
+        record = self._store.auth_key(site_id, key_id)
+        return record.material if record else None
+
+    def _initiator_auth_key(self) -> AuthKey | None | bool:
+        """The PSK to dial with, None for a bootstrap, False when neither is possible."""
+        peer = self.peer.site_id
+        if self._store.bootstrap_requested(peer):
+            log.warning("event=bootstrap peer=%s reason=allowed-by-operator", peer)
+            return None
+        record = self._store.newest_ready_auth_key(peer)
+        if record is not None:
+            return AuthKey(record.key_id, record.material)
+        if self._store.bootstrap_allowed(peer):
+            return None  # first contact: no PSK chain yet
+        return False
 
     def why_unavailable(self) -> str | None:
         if self.device.status.state != "up":
@@ -110,6 +157,16 @@ class PeerLink:
         delay = DIAL_BACKOFF_FIRST
         host, port = self.peer.address
         while True:
+            auth_key = self._initiator_auth_key()
+            if auth_key is False:
+                # Fail closed: never fall back to signatures on our own (docs/protocol.md).
+                self.last_error = (
+                    "the PSK chain with this peer is lost and a signature bootstrap is not "
+                    "allowed; run `qkdd allow-bootstrap` on both sites if that is intended"
+                )
+                log.error("event=psk_chain_lost peer=%s", self.peer.site_id)
+                await trio.sleep(DIAL_BACKOFF_MAX)
+                continue
             try:
                 stream = await trio.open_tcp_stream(host, port)
             except OSError as exc:
@@ -129,26 +186,20 @@ class PeerLink:
                 backend=self._backend,
                 local_site_id=self.config.site_id,
                 signing_key=self._signing_key,
-                pinned_key=self.pinned_key,
+                trust=self,
                 expected_peer=self.peer.site_id,
+                auth_key=auth_key,
             )
             async with stream:
                 try:
                     conn.initiate()
                     await stream.send_all(conn.data_to_send())
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
-                        leftover = await complete_handshake(stream, conn)
+                        done, leftover = await complete_handshake(stream, conn)
                     delay = DIAL_BACKOFF_FIRST
-                    await self.run_session(stream, conn, leftover)
-                except (
-                    PeerProtocolError,
-                    LinkError,
-                    PeerClosed,
-                    trio.TooSlowError,
-                    trio.BrokenResourceError,
-                    OSError,
-                ) as exc:
-                    self.session_failed(exc)
+                    await self.run_session(stream, conn, done, leftover)
+                except* SESSION_ERRORS as group:
+                    self.session_failed(_first(group))
             await trio.sleep(delay)
             delay = min(delay * 2, DIAL_BACKOFF_MAX)
 
@@ -169,7 +220,11 @@ class PeerLink:
     # -- a session (both roles) -------------------------------------------------------------
 
     async def run_session(
-        self, stream: trio.abc.Stream, conn: PeerConnection, leftover: list[MessageReceived]
+        self,
+        stream: trio.abc.Stream,
+        conn: PeerConnection,
+        done: HandshakeComplete,
+        leftover: list[MessageReceived],
     ) -> None:
         """Run key agreement over an authenticated connection until it breaks.
 
@@ -177,6 +232,8 @@ class PeerLink:
         if self._session_scope is not None:
             self._session_scope.cancel()
         assert conn.session_id is not None
+        if done.auth_key_id is not None:
+            self._store.auth_key_proven(self.peer.site_id, done.auth_key_id)
         agreement = LinkAgreement(
             self.params, store=self._store, backend=self._backend, session_id=conn.session_id
         )
@@ -206,9 +263,10 @@ class PeerLink:
             self.session_up = True
             self.sessions_established += 1
             log.info(
-                "event=session_established peer=%s role=%s",
+                "event=session_established peer=%s role=%s auth=%s",
                 self.peer.site_id,
                 "master" if self.params.is_master else "slave",
+                f"psk:{done.auth_key_id}" if done.auth_key_id else "ml-dsa-bootstrap",
             )
             try:
                 await send(agreement.start())
@@ -230,8 +288,9 @@ class PeerLink:
 
 async def complete_handshake(
     stream: trio.abc.Stream, conn: PeerConnection
-) -> list[MessageReceived]:
-    """Pump bytes until the handshake completes; return session messages that came with it."""
+) -> tuple[HandshakeComplete, list[MessageReceived]]:
+    """Pump bytes until the handshake completes; return it and the session messages that
+    came with it."""
     while True:
         data = await stream.receive_some(RECEIVE_SIZE)
         if not data:
@@ -242,7 +301,26 @@ async def complete_handshake(
             await stream.send_all(out)
         for index, event in enumerate(events):
             if isinstance(event, HandshakeComplete):
-                return [e for e in events[index + 1 :] if isinstance(e, MessageReceived)]
+                return event, [e for e in events[index + 1 :] if isinstance(e, MessageReceived)]
+
+
+class _LinkRouter:
+    """PeerTrust for the listener: asks the link of whichever site the peer claims to be."""
+
+    def __init__(self, links: dict[str, PeerLink]) -> None:
+        self._links = links
+
+    def pinned_key(self, site_id: str) -> bytes | None:
+        link = self._links.get(site_id)
+        return link.pinned_key(site_id) if link else None
+
+    def bootstrap_allowed(self, site_id: str) -> bool:
+        link = self._links.get(site_id)
+        return link.bootstrap_allowed(site_id) if link else False
+
+    def auth_key(self, site_id: str, key_id: str) -> bytes | None:
+        link = self._links.get(site_id)
+        return link.auth_key(site_id, key_id) if link else None
 
 
 async def serve_peers(
@@ -257,9 +335,7 @@ async def serve_peers(
     host, port = config.listen
     listeners = await trio.open_tcp_listeners(port, host=host)
 
-    def pinned(site_id: str) -> bytes | None:
-        link = links.get(site_id)
-        return link.pinned_key(site_id) if link else None
+    trust = _LinkRouter(links)
 
     async def on_connection(stream: trio.SocketStream) -> None:
         conn = PeerConnection(
@@ -267,28 +343,22 @@ async def serve_peers(
             backend=backend,
             local_site_id=config.site_id,
             signing_key=signing_key,
-            pinned_key=pinned,
+            trust=trust,
         )
         async with stream:
             link = None
             try:
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    leftover = await complete_handshake(stream, conn)
+                    done, leftover = await complete_handshake(stream, conn)
                 assert conn.peer_site_id is not None
                 link = links[conn.peer_site_id]
                 if link.params.is_master:
                     raise PeerAuthenticationError(
                         f"site {conn.peer_site_id!r} dialled us, but we are the link master"
                     )
-                await link.run_session(stream, conn, leftover)
-            except (
-                PeerProtocolError,
-                LinkError,
-                PeerClosed,
-                trio.TooSlowError,
-                trio.BrokenResourceError,
-                OSError,
-            ) as exc:
+                await link.run_session(stream, conn, done, leftover)
+            except* SESSION_ERRORS as group:
+                exc = _first(group)
                 link = link or links.get(conn.peer_site_id or "")
                 if link is not None:
                     link.session_failed(exc)

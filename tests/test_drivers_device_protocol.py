@@ -11,7 +11,6 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from qkdd_drivers.device_protocol import (
     DEVICE_TRANSITIONS,
     HOST_TRANSITIONS,

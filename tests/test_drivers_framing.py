@@ -9,7 +9,6 @@ import tracemalloc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from qkdd_drivers.constants import (
     MAX_ENCODED_FRAME_SIZE,
     MAX_FRAME_SIZE,
@@ -121,7 +120,8 @@ def test_largest_frame_fits_the_caps() -> None:
 
 
 @pytest.mark.parametrize(
-    ("version", "msg_type", "seq"), [(0, 1, 0), (16, 1, 0), (1, 0, 0), (1, 16, 0), (1, 1, -1), (1, 1, 1 << 32)]
+    ("version", "msg_type", "seq"),
+    [(0, 1, 0), (16, 1, 0), (1, 0, 0), (1, 16, 0), (1, 1, -1), (1, 1, 1 << 32)],
 )
 def test_encode_frame_rejects_out_of_range_fields(version: int, msg_type: int, seq: int) -> None:
     with pytest.raises(ValueError):

@@ -10,7 +10,6 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from qkdd_drivers.constants import MAX_KEY_MATERIAL_SIZE, MAX_PAYLOAD_SIZE
 from qkdd_drivers.errors import MessageError, ProtocolError
 from qkdd_drivers.messages import (

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from qkdd_drivers.base import QkdKey
 from qkdd_drivers.emulated_device import DeviceHalf
 from qkdd_drivers.errors import DeviceBusyError, DeviceNotFoundError, NotATtyError
@@ -30,6 +29,8 @@ FAST = dict(
     idle_timeout=1.0,
     stall_timeout=0.3,
 )
+# For tests that watch a transient "down" detail: it stays up for the whole retry delay.
+WATCHABLE = dict(FAST, reconnect_initial_delay=0.4, reconnect_max_delay=0.4)
 
 
 class Pty:
@@ -204,7 +205,7 @@ async def test_sink_failure_leaves_keys_on_the_device_until_stored(tmp_path: Pat
     sink.fail_next = 1
     keys = make_keys(8)
     half.add_keys(keys)
-    device = SerialDevice(str(pty.path), **FAST)
+    device = SerialDevice(str(pty.path), **WATCHABLE)
     async with trio.open_nursery() as dev_nursery:
         dev_nursery.start_soon(half.serve, pty.stream)
         async with running(device, sink):
@@ -227,7 +228,7 @@ async def test_pty_closed_and_reopened_reconnects(tmp_path: Path) -> None:
     pty = Pty(path)
     half = new_half()
     sink = RecordingSink()
-    device = SerialDevice(str(path), **FAST)
+    device = SerialDevice(str(path), **WATCHABLE)
     async with running(device, sink):
         async with trio.open_nursery() as dev_nursery:
             dev_nursery.start_soon(half.serve, pty.stream)
@@ -236,7 +237,9 @@ async def test_pty_closed_and_reopened_reconnects(tmp_path: Path) -> None:
             dev_nursery.cancel_scope.cancel()
         await pty.close()  # the device side goes away: the driver sees a hangup
         await wait_for(lambda: device.status.state != "up")
-        await wait_for(lambda: "hung up" in device.status.detail or "no such" in device.status.detail)
+        await wait_for(
+            lambda: "hung up" in device.status.detail or "no such" in device.status.detail
+        )
         pty = Pty(path)  # a new pty at the same path
         half = new_half()
         half.add_keys(make_keys(4))
@@ -304,7 +307,7 @@ async def test_device_stalling_mid_frame_recovers(tmp_path: Path) -> None:
     pty = Pty(tmp_path / "qkd")
     half = new_half()
     sink = RecordingSink()
-    device = SerialDevice(str(pty.path), **FAST)
+    device = SerialDevice(str(pty.path), **WATCHABLE)
     async with trio.open_nursery() as dev_nursery:
         dev_nursery.start_soon(half.serve, pty.stream)
         async with running(device, sink):
@@ -326,7 +329,7 @@ async def test_device_stalling_mid_frame_recovers(tmp_path: Path) -> None:
 async def test_silent_device_and_unanswered_hello_cause_reconnects(tmp_path: Path) -> None:
     pty = Pty(tmp_path / "qkd")
     sink = RecordingSink()
-    device = SerialDevice(str(pty.path), **FAST)
+    device = SerialDevice(str(pty.path), **WATCHABLE)
     async with running(device, sink):
         # Nobody serves the master yet: HELLO goes unanswered.
         await wait_for(lambda: "did not answer HELLO" in device.status.detail)
@@ -347,9 +350,7 @@ async def test_status_carries_device_figures(tmp_path: Path) -> None:
     from qkdd_drivers.messages import LinkState
 
     pty = Pty(tmp_path / "qkd")
-    half = DeviceHalf(
-        "figures", status_interval=0.05, stats=lambda: (LinkState.UP, 0.0312, 12345)
-    )
+    half = DeviceHalf("figures", status_interval=0.05, stats=lambda: (LinkState.UP, 0.0312, 12345))
     half.add_keys(make_keys(3))
     device = SerialDevice(str(pty.path), **FAST)
     sink = RecordingSink(delay=10)  # keys stay buffered on the device
@@ -387,3 +388,40 @@ async def test_second_opener_is_told_the_port_is_busy(tmp_path: Path) -> None:
     finally:
         port.close()
     await pty.close()
+
+
+# -- secrets stay out of logs ------------------------------------------------------------
+
+
+async def test_logs_and_reprs_never_show_key_material(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    pty = Pty(tmp_path / "qkd")
+    half = new_half()
+    keys = make_keys(20)
+    half.add_keys(keys)
+    sink = RecordingSink()
+    device = SerialDevice(str(pty.path), **FAST)
+    async with trio.open_nursery() as dev_nursery:
+        dev_nursery.start_soon(half.serve, pty.stream)
+        async with running(device, sink):
+            await wait_for(lambda: half.proto.held == 0)
+            # A device bug: the same ID again, with other material. The first copy stays.
+            key_id, material = keys[0]
+            msg_type, payload = encode_message(Keys((KeyEntry(key_id, b"\x42" * 32),)))
+            await half.send_raw(b"\x00" + encode_frame(1, msg_type, 500, payload), pty.stream)
+            await wait_for(lambda: "device.key-id-conflict" in caplog.text)
+        dev_nursery.cancel_scope.cancel()
+    await pty.close()
+    stored = {k.key_id: k.material for k in sink.keys}
+    assert stored[QkdKey.from_wire(key_id, material).key_id] == material
+    assert len(sink.keys) == 20
+    assert "device.up" in caplog.text and "device.keys" in caplog.text
+    for record in caplog.records:
+        line = record.getMessage()
+        assert "\n" not in line
+        for _, secret in keys:
+            assert secret.hex() not in line and repr(secret)[2:-1] not in line
+    for key in sink.keys:
+        assert key.material.hex() not in repr(key) and "material" not in repr(key)

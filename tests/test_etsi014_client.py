@@ -22,8 +22,10 @@ async def test_blocking_client_round_trip(nursery: trio.Nursery, tmp_path: Path)
     srv = await start_server(nursery, tmp_path)
 
     def work() -> None:
-        with BlockingKeyClient(srv.path, sae_id=A) as master, \
-                BlockingKeyClient(srv.path, sae_id=B) as slave:
+        with (
+            BlockingKeyClient(srv.path, sae_id=A) as master,
+            BlockingKeyClient(srv.path, sae_id=B) as slave,
+        ):
             assert master.status(B)["stored_key_count"] == 5000
             keys = master.enc_keys(B, number=3, size=512)
             assert [len(k.material) for k in keys] == [64] * 3

@@ -20,8 +20,14 @@ ERROR_KEYS = {"message", "details"}
 
 @pytest.fixture
 def pool() -> MemoryKeyPool:
-    p = MemoryKeyPool([A, B, C], key_size=256, min_key_size=64, max_key_size=1024,
-                      max_key_per_request=16, max_key_count=1000)
+    p = MemoryKeyPool(
+        [A, B, C],
+        key_size=256,
+        min_key_size=64,
+        max_key_size=1024,
+        max_key_per_request=16,
+        max_key_count=1000,
+    )
     p.fill(A, B, 100)
     return p
 
@@ -31,8 +37,14 @@ def handler(pool: MemoryKeyPool) -> RequestHandler:
     return RequestHandler(pool, max_body=4096)
 
 
-def call(handler: RequestHandler, method: str, target: str, body: Any = None,
-         caller: Caller = AS_A, headers: tuple[tuple[str, str], ...] = ()) -> ApiResponse:
+def call(
+    handler: RequestHandler,
+    method: str,
+    target: str,
+    body: Any = None,
+    caller: Caller = AS_A,
+    headers: tuple[tuple[str, str], ...] = (),
+) -> ApiResponse:
     raw = body if isinstance(body, bytes) else (b"" if body is None else json.dumps(body).encode())
     return handler.handle(ApiRequest(method, target, headers, raw), caller)
 
@@ -54,10 +66,16 @@ def error(response: ApiResponse, status: int) -> dict[str, Any]:
 def test_status_reports_the_pair_and_pool(handler: RequestHandler) -> None:
     obj = ok(call(handler, "GET", f"/api/v1/keys/{B}/status"))
     assert obj == {
-        "source_KME_ID": "KME-local", "target_KME_ID": "KME-peer",
-        "master_SAE_ID": A, "slave_SAE_ID": B,
-        "key_size": 256, "stored_key_count": 100, "max_key_count": 1000,
-        "max_key_per_request": 16, "max_key_size": 1024, "min_key_size": 64,
+        "source_KME_ID": "KME-local",
+        "target_KME_ID": "KME-peer",
+        "master_SAE_ID": A,
+        "slave_SAE_ID": B,
+        "key_size": 256,
+        "stored_key_count": 100,
+        "max_key_count": 1000,
+        "max_key_per_request": 16,
+        "max_key_size": 1024,
+        "min_key_size": 64,
         "max_SAE_ID_count": 0,
     }
 
@@ -71,8 +89,15 @@ def test_enc_then_dec_gives_both_sides_the_same_keys(
         assert str(uuid.UUID(key["key_ID"])) == key["key_ID"]
         assert len(base64.b64decode(key["key"], validate=True)) == 64
     ids = [k["key_ID"] for k in master["keys"]]
-    slave = ok(call(handler, "POST", f"/api/v1/keys/{A}/dec_keys",
-                    {"key_IDs": [{"key_ID": i} for i in reversed(ids)]}, caller=AS_B))
+    slave = ok(
+        call(
+            handler,
+            "POST",
+            f"/api/v1/keys/{A}/dec_keys",
+            {"key_IDs": [{"key_ID": i} for i in reversed(ids)]},
+            caller=AS_B,
+        )
+    )
     assert slave["keys"] == list(reversed(master["keys"]))
     # 3 keys of 512 bits used 6 keys' worth of 256-bit material.
     assert ok(call(handler, "GET", f"/api/v1/keys/{B}/status"))["stored_key_count"] == 94
@@ -90,20 +115,25 @@ def test_get_enc_keys_uses_query_and_defaults(handler: RequestHandler) -> None:
 
 def test_get_dec_keys_by_single_key_id(handler: RequestHandler) -> None:
     key = ok(call(handler, "GET", f"/api/v1/keys/{B}/enc_keys"))["keys"][0]
-    got = ok(call(handler, "GET", f"/api/v1/keys/{A}/dec_keys?key_ID={key['key_ID'].upper()}",
-                  caller=AS_B))
+    got = ok(
+        call(
+            handler, "GET", f"/api/v1/keys/{A}/dec_keys?key_ID={key['key_ID'].upper()}", caller=AS_B
+        )
+    )
     assert got["keys"] == [key]
 
 
 def test_keys_go_only_to_the_slave_they_were_made_for(handler: RequestHandler) -> None:
     key = ok(call(handler, "GET", f"/api/v1/keys/{B}/enc_keys"))["keys"][0]
     as_c = Caller(1002, 1002, frozenset({C}))
-    error(call(handler, "GET", f"/api/v1/keys/{A}/dec_keys?key_ID={key['key_ID']}",
-               caller=as_c), 400)
+    error(
+        call(handler, "GET", f"/api/v1/keys/{A}/dec_keys?key_ID={key['key_ID']}", caller=as_c), 400
+    )
     # The master cannot collect its own key as a slave of itself either.
     error(call(handler, "GET", f"/api/v1/keys/{A}/dec_keys?key_ID={key['key_ID']}"), 400)
-    assert ok(call(handler, "GET", f"/api/v1/keys/{A}/dec_keys?key_ID={key['key_ID']}",
-                   caller=AS_B))["keys"] == [key]
+    assert ok(
+        call(handler, "GET", f"/api/v1/keys/{A}/dec_keys?key_ID={key['key_ID']}", caller=AS_B)
+    )["keys"] == [key]
 
 
 def test_dec_keys_is_all_or_nothing(handler: RequestHandler, pool: MemoryKeyPool) -> None:
@@ -144,14 +174,21 @@ def test_bad_key_requests_get_400(handler: RequestHandler, body: Any, fragment: 
 
 def test_unsupported_mandatory_extensions_are_listed(handler: RequestHandler) -> None:
     ext = [{"abc_route_type": "direct"}, {"abc_transfer_method": "qkd"}]
-    obj = error(call(handler, "POST", f"/api/v1/keys/{B}/enc_keys",
-                     {"number": 1, "extension_mandatory": ext}), 400)
+    obj = error(
+        call(
+            handler, "POST", f"/api/v1/keys/{B}/enc_keys", {"number": 1, "extension_mandatory": ext}
+        ),
+        400,
+    )
     assert obj["details"] == [{"extension_mandatory_unsupported": ext}]
 
 
 def test_optional_extensions_are_ignored(handler: RequestHandler) -> None:
-    body = {"number": 1, "extension_optional": [{"abc_key_lifetime": 10}],
-            "additional_slave_SAE_IDs": []}
+    body = {
+        "number": 1,
+        "extension_optional": [{"abc_key_lifetime": 10}],
+        "additional_slave_SAE_IDs": [],
+    }
     assert len(ok(call(handler, "POST", f"/api/v1/keys/{B}/enc_keys", body))["keys"]) == 1
 
 
@@ -206,8 +243,10 @@ def test_other_pool_failures_are_503(handler: RequestHandler, pool: MemoryKeyPoo
         raise KeyServiceError("database is locked")
 
     pool.take_for_master = broken  # type: ignore[method-assign]
-    assert "database is locked" in error(
-        call(handler, "GET", f"/api/v1/keys/{B}/enc_keys"), 503)["message"]
+    assert (
+        "database is locked"
+        in error(call(handler, "GET", f"/api/v1/keys/{B}/enc_keys"), 503)["message"]
+    )
 
 
 def test_caller_without_sae_is_401(handler: RequestHandler) -> None:
@@ -220,13 +259,24 @@ def test_caller_with_several_saes_must_pick_one(handler: RequestHandler) -> None
     both = Caller(1000, 1000, frozenset({A, C}))
     obj = error(call(handler, "GET", f"/api/v1/keys/{B}/status", caller=both), 401)
     assert "X-SAE-ID" in obj["message"]
-    picked = ok(call(handler, "GET", f"/api/v1/keys/{B}/status", caller=both,
-                     headers=(("x-sae-id", C),)))
+    picked = ok(
+        call(handler, "GET", f"/api/v1/keys/{B}/status", caller=both, headers=(("x-sae-id", C),))
+    )
     assert picked["master_SAE_ID"] == C
-    error(call(handler, "GET", f"/api/v1/keys/{B}/status", caller=both,
-               headers=(("x-sae-id", B),)), 401)
-    error(call(handler, "GET", f"/api/v1/keys/{B}/status", caller=both,
-               headers=(("x-sae-id", A), ("x-sae-id", C))), 400)
+    error(
+        call(handler, "GET", f"/api/v1/keys/{B}/status", caller=both, headers=(("x-sae-id", B),)),
+        401,
+    )
+    error(
+        call(
+            handler,
+            "GET",
+            f"/api/v1/keys/{B}/status",
+            caller=both,
+            headers=(("x-sae-id", A), ("x-sae-id", C)),
+        ),
+        400,
+    )
 
 
 def test_caller_sae_not_served_here_is_401(handler: RequestHandler) -> None:

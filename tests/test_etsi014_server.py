@@ -58,9 +58,14 @@ async def start_server(
 
     async def run(task_status: trio.TaskStatus[None]) -> None:
         with cancel:
-            await serve_unix(path, RequestHandler(pool, max_body=max_body), identify,
-                             request_timeout=request_timeout, task_status=task_status,
-                             listener=listener)
+            await serve_unix(
+                path,
+                RequestHandler(pool, max_body=max_body),
+                identify,
+                request_timeout=request_timeout,
+                task_status=task_status,
+                listener=listener,
+            )
 
     await nursery.start(run)
     return Server(path, pool, seen, cancel)
@@ -112,16 +117,21 @@ def parse_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
         conn.start_next_cycle()
 
 
-def request_bytes(method: str, target: str, body: bytes = b"", sae: str = A,
-                  extra: str = "") -> bytes:
-    head = (f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nX-SAE-ID: {sae}\r\n{extra}"
-            f"Content-Length: {len(body)}\r\n\r\n")
+def request_bytes(
+    method: str, target: str, body: bytes = b"", sae: str = A, extra: str = ""
+) -> bytes:
+    head = (
+        f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nX-SAE-ID: {sae}\r\n{extra}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body
 
 
 async def test_master_and_slave_get_the_same_keys(server: Server) -> None:
-    async with KeyClient(server.path, sae_id=A) as master, \
-            KeyClient(server.path, sae_id=B) as slave:
+    async with (
+        KeyClient(server.path, sae_id=A) as master,
+        KeyClient(server.path, sae_id=B) as slave,
+    ):
         status = await master.status(B)
         assert status["master_SAE_ID"] == A and status["stored_key_count"] == 5000
         keys = await master.enc_keys(B, number=5, size=128)
@@ -134,17 +144,20 @@ async def test_master_and_slave_get_the_same_keys(server: Server) -> None:
 
 
 async def test_keep_alive_serves_several_requests_on_one_connection(server: Server) -> None:
-    data = (request_bytes("GET", f"/api/v1/keys/{B}/status")
-            + request_bytes("GET", f"/api/v1/keys/{B}/enc_keys?number=2")
-            + request_bytes("GET", "/nowhere", extra="Connection: close\r\n"))
+    data = (
+        request_bytes("GET", f"/api/v1/keys/{B}/status")
+        + request_bytes("GET", f"/api/v1/keys/{B}/enc_keys?number=2")
+        + request_bytes("GET", "/nowhere", extra="Connection: close\r\n")
+    )
     responses = parse_responses(await raw(server.path, data))
     assert [r[0] for r in responses] == [200, 200, 404]
     assert len(json.loads(responses[1][2])["keys"]) == 2
     assert len(server.seen) == 1  # one connection, identified once
 
 
-async def test_peer_credentials_are_passed_to_identify(nursery: trio.Nursery,
-                                                       tmp_path: Path) -> None:
+async def test_peer_credentials_are_passed_to_identify(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
     srv = await start_server(nursery, tmp_path, grant=frozenset())
     async with KeyClient(srv.path) as client:
         with pytest.raises(KeyServiceClientError) as info:
@@ -163,8 +176,11 @@ async def test_several_saes_without_header_is_401(server: Server) -> None:
 
 
 async def test_malformed_http_gets_400_and_server_carries_on(server: Server) -> None:
-    for junk in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
-                 b"\x00\xff\x16\x03\x01 binary\r\n\r\n"):
+    for junk in (
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
+        b"\x00\xff\x16\x03\x01 binary\r\n\r\n",
+    ):
         responses = parse_responses(await raw(server.path, junk))
         assert [r[0] for r in responses] == [400]
         assert set(json.loads(responses[0][2])) == {"message", "details"}
@@ -176,9 +192,11 @@ async def test_expect_100_continue_is_honoured(server: Server) -> None:
     body = json.dumps({"number": 2}).encode()
     with trio.fail_after(5):
         async with await trio.open_unix_socket(server.path) as stream:
-            await stream.send_all(request_bytes("POST", f"/api/v1/keys/{B}/enc_keys", b"",
-                                                extra="Expect: 100-continue\r\n")
-                                  .replace(b"Content-Length: 0", b"Content-Length: %d" % len(body)))
+            await stream.send_all(
+                request_bytes(
+                    "POST", f"/api/v1/keys/{B}/enc_keys", b"", extra="Expect: 100-continue\r\n"
+                ).replace(b"Content-Length: 0", b"Content-Length: %d" % len(body))
+            )
             assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 100 ")
             await stream.send_all(body)
             await stream.send_eof()
@@ -196,7 +214,8 @@ async def test_huge_headers_are_refused(server: Server) -> None:
 
 async def test_huge_declared_body_is_413_without_reading_it(server: Server) -> None:
     head = request_bytes("POST", f"/api/v1/keys/{B}/enc_keys").replace(
-        b"Content-Length: 0", b"Content-Length: 100000000")
+        b"Content-Length: 0", b"Content-Length: 100000000"
+    )
     responses = parse_responses(await raw(server.path, head))
     assert [r[0] for r in responses] == [413]
     assert responses[0][1]["connection"] == "close"
@@ -204,8 +223,10 @@ async def test_huge_declared_body_is_413_without_reading_it(server: Server) -> N
 
 async def test_huge_chunked_body_is_413(server: Server) -> None:
     chunk = b"a" * 32768
-    head = (f"POST /api/v1/keys/{B}/enc_keys HTTP/1.1\r\nHost: x\r\nX-SAE-ID: {A}\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n").encode()
+    head = (
+        f"POST /api/v1/keys/{B}/enc_keys HTTP/1.1\r\nHost: x\r\nX-SAE-ID: {A}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
     body = (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 3  # 96 KiB > 64 KiB, never ends
     assert [r[0] for r in parse_responses(await raw(server.path, head + body))] == [413]
 
@@ -259,8 +280,9 @@ async def test_client_leaving_mid_response_does_not_disturb_others(server: Serve
         assert len(await client.enc_keys(B, number=3)) == 3
 
 
-async def test_internal_errors_are_503_and_logged(server: Server,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+async def test_internal_errors_are_503_and_logged(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
     def explode(*_: object) -> None:
         raise RuntimeError("disk on fire")
 
@@ -273,11 +295,14 @@ async def test_internal_errors_are_503_and_logged(server: Server,
     assert "disk on fire" in caplog.text
 
 
-async def test_log_has_key_ids_but_no_material(server: Server,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+async def test_log_has_key_ids_but_no_material(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG, logger="qkdd.api")
-    async with KeyClient(server.path, sae_id=A) as master, \
-            KeyClient(server.path, sae_id=B) as slave:
+    async with (
+        KeyClient(server.path, sae_id=A) as master,
+        KeyClient(server.path, sae_id=B) as slave,
+    ):
         keys = await master.enc_keys(B, number=3)
         await slave.dec_keys(A, [k.key_id for k in keys])
     api_lines = [r.getMessage() for r in caplog.records if r.name == "qkdd.api"]
@@ -340,4 +365,3 @@ async def test_serves_a_listener_made_elsewhere(nursery: trio.Nursery, tmp_path:
     await trio.testing.wait_all_tasks_blocked()
     assert os.path.exists(path)  # not ours to remove
     await listener.aclose()
-

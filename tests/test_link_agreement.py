@@ -9,7 +9,15 @@ import pytest
 
 from qkdd.keystore import KeyStore, StoredQkdKey
 from qkdd.link import QKD_KEY_WAIT_SECONDS, LinkAgreement, LinkError, LinkParameters
-from qkdd.peer.messages import BatchAck, BatchDecision, KeyBatch, PoolDemand, Resync, decode_message
+from qkdd.peer.messages import (
+    BatchAck,
+    BatchDecision,
+    BatchPurpose,
+    KeyBatch,
+    PoolDemand,
+    Resync,
+    decode_message,
+)
 
 SESSION = b"s" * 32
 
@@ -95,9 +103,10 @@ def test_qkd_keys_are_consumed_once(stores, backend):
     keys = feed_qkd(stores, 8)
     master, slave = agreements(stores, backend, pool_size=2)
     pump(master, slave)
-    assert a.qkd_key_count("site-b") == b.qkd_key_count("site-a") == 4
+    # 2 keys each way and one authentication key consumed 5 of the 8 QKD keys.
+    assert a.qkd_key_count("site-b") == b.qkd_key_count("site-a") == 3
     # A device re-sending a consumed key must not bring it back.
-    assert a.store_qkd_keys("site-b", keys[:4]) == 0
+    assert a.store_qkd_keys("site-b", keys[:5]) == 0
 
 
 def test_lost_ack_is_resolved_by_resync_without_one_sided_keys(stores, backend):
@@ -132,7 +141,7 @@ def test_lost_batch_is_aborted_on_the_master(stores, backend):
 
 def test_lost_decision_keeps_slave_keys_pending_until_resync(stores, backend):
     a, b = stores
-    feed_qkd(stores, 8)
+    feed_qkd(stores, 16)
     master, slave = agreements(stores, backend, pool_size=4)
     pump(master, slave, drop=lambda m: isinstance(m, BatchDecision))
     keys_a = a.take_ready("sae-a", "sae-b", 4)  # master committed on the ACK
@@ -144,17 +153,19 @@ def test_lost_decision_keeps_slave_keys_pending_until_resync(stores, backend):
 
 def test_device_desync_quarantines_the_keys_and_delivers_nothing(stores, backend):
     a, b = stores
-    feed_qkd(stores, 4, only="a")  # the slave's device never delivered these
+    feed_qkd(stores, 1, only="a")  # the slave's device never delivered this one
     master, slave = agreements(stores, backend, pool_size=4)
     pump(master, slave, now=0.0)
     assert a.ready_count("sae-a", "sae-b") == 0
     pump(master, slave, now=QKD_KEY_WAIT_SECONDS + 1)  # the slave gives up waiting
     assert a.ready_count("sae-a", "sae-b") == 0
     assert not a.pending_batches("site-b") and not b.pending_batches("site-a")
+    assert a.qkd_key_count("site-b") == 0  # quarantined: never used again
     # The link recovers by itself once both devices agree again.
-    feed_qkd(stores, 8)
+    feed_qkd(stores, 16)
     pump(master, slave, now=QKD_KEY_WAIT_SECONDS + 2)
     assert a.ready_count("sae-a", "sae-b") == 4
+    assert a.newest_ready_auth_key("site-b") is not None
 
 
 def test_slave_rejects_a_batch_for_an_unconfigured_sae_pair(stores, backend):
@@ -167,6 +178,7 @@ def test_slave_rejects_a_batch_for_an_unconfigured_sae_pair(stores, backend):
     forged = KeyBatch(
         batch.batch_id,
         batch.offer_id,
+        BatchPurpose.APPLICATION_KEYS,
         batch.kem_ciphertext,
         tuple(
             e.__class__(e.key_id, e.size_bits, "sae-x", e.slave_sae_id, e.qkd_key_ids)
@@ -189,3 +201,45 @@ def test_ack_for_unknown_batch_is_a_protocol_error(stores, backend):
     master.on_message(Resync(()), 0.0)
     with pytest.raises(LinkError, match="not in flight"):
         master.on_message(BatchAck(99, True), 0.0)
+
+
+def test_each_session_rotates_the_authentication_key(stores, backend):
+    """The first batch of a session makes a new PSK; committing it erases the old one."""
+    a, b = stores
+    feed_qkd(stores, 32)
+    assert a.bootstrap_allowed("site-b") and b.bootstrap_allowed("site-a")
+    master, slave = agreements(stores, backend, pool_size=1)
+    pump(master, slave)
+    first = a.newest_ready_auth_key("site-b")
+    assert first is not None
+    assert b.auth_key("site-a", first.key_id).material == first.material
+    # The chain is established: a signature bootstrap now needs the operator.
+    assert not a.bootstrap_allowed("site-b") and not b.bootstrap_allowed("site-a")
+    master, slave = agreements(stores, backend, pool_size=1)
+    pump(master, slave)
+    second = a.newest_ready_auth_key("site-b")
+    assert second.key_id != first.key_id and second.material != first.material
+    assert a.auth_key("site-b", first.key_id) is None  # erased on both sides
+    assert b.auth_key("site-a", first.key_id) is None
+    b.allow_bootstrap("site-a")
+    assert b.bootstrap_allowed("site-a")
+
+
+def test_lost_decision_on_the_psk_keeps_both_sides_able_to_authenticate(stores, backend):
+    """The slave keeps the old PSK while the new one is pending; the master's next
+    handshake with the new one proves it, and the slave commits it then."""
+    a, b = stores
+    feed_qkd(stores, 16)
+    master, slave = agreements(stores, backend, pool_size=1)
+    pump(master, slave)
+    old = a.newest_ready_auth_key("site-b")
+    master, slave = agreements(stores, backend, pool_size=1)
+    pump(master, slave, drop=lambda m: isinstance(m, BatchDecision))
+    new = a.newest_ready_auth_key("site-b")
+    assert new.key_id != old.key_id
+    slave_copy = b.auth_key("site-a", new.key_id)
+    assert slave_copy is not None and not slave_copy.ready
+    assert b.auth_key("site-a", old.key_id).ready  # still usable
+    b.auth_key_proven("site-a", new.key_id)  # what a handshake with `new` does
+    assert b.auth_key("site-a", new.key_id).ready
+    assert b.auth_key("site-a", old.key_id) is None

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import uuid
 
 import pytest
 
 from qkdd.crypto import SIGNATURE_SIZE
 from qkdd.peer.connection import (
+    MODE_PSK,
+    MODE_SIGNATURE_BOOTSTRAP,
+    AuthKey,
     HandshakeComplete,
     MessageReceived,
     PeerConnection,
@@ -18,8 +23,34 @@ from qkdd.peer.errors import LocalProtocolError, PeerAuthenticationError, Remote
 from qkdd.peer.wire import FRAME_HEADER, MAX_HANDSHAKE_BODY, FrameType, make_frame
 
 
+class Trust:
+    """An in-memory PeerTrust: pinned keys, bootstrap permission, PSKs by ID."""
+
+    def __init__(self, pins, *, bootstrap=True, psks=None):
+        self.pins = pins
+        self.bootstrap = bootstrap
+        self.psks = psks or {}
+
+    def pinned_key(self, site_id):
+        return self.pins.get(site_id)
+
+    def bootstrap_allowed(self, site_id):
+        return self.bootstrap
+
+    def auth_key(self, site_id, key_id):
+        return self.psks.get(key_id)
+
+
 def make_pair(
-    backend, identities, *, responder_pins=None, initiator_pins=None, initiator_key="site-a"
+    backend,
+    identities,
+    *,
+    responder_pins=None,
+    initiator_pins=None,
+    initiator_key="site-a",
+    psk=None,
+    responder_psks=None,
+    bootstrap=True,
 ):
     pins = {site: key.public_bytes for site, key in identities.items() if site != "mallory"}
     initiator = PeerConnection(
@@ -27,15 +58,18 @@ def make_pair(
         backend=backend,
         local_site_id="site-a",
         signing_key=identities[initiator_key],
-        pinned_key=(initiator_pins or pins).get,
+        trust=Trust(initiator_pins or pins),
         expected_peer="site-b",
+        auth_key=psk,
     )
+    if responder_psks is None and psk is not None:
+        responder_psks = {psk.key_id: psk.material}
     responder = PeerConnection(
         Role.RESPONDER,
         backend=backend,
         local_site_id="site-b",
         signing_key=identities["site-b"],
-        pinned_key=(responder_pins or pins).get,
+        trust=Trust(responder_pins or pins, bootstrap=bootstrap, psks=responder_psks),
     )
     return initiator, responder
 
@@ -54,8 +88,12 @@ def handshake(initiator, responder):
 def test_both_ends_agree_on_session_and_exchange_messages(backend, identities):
     initiator, responder = make_pair(backend, identities)
     _, _, _, events_i, events_r = handshake(initiator, responder)
-    assert events_i == [HandshakeComplete("site-b", initiator.session_id)]
-    assert events_r == [HandshakeComplete("site-a", responder.session_id)]
+    assert events_i == [
+        HandshakeComplete("site-b", initiator.session_id, MODE_SIGNATURE_BOOTSTRAP, None)
+    ]
+    assert events_r == [
+        HandshakeComplete("site-a", responder.session_id, MODE_SIGNATURE_BOOTSTRAP, None)
+    ]
     assert initiator.session_id == responder.session_id
     assert initiator.state is responder.state is State.ESTABLISHED
 
@@ -206,7 +244,7 @@ def test_local_misuse_raises_local_errors(backend, identities):
             backend=backend,
             local_site_id="a",
             signing_key=identities["site-a"],
-            pinned_key={}.get,
+            trust=Trust({}),
         )
 
 
@@ -218,3 +256,88 @@ def test_secrets_not_in_repr(backend, identities):
     for secret_holder in (initiator._send, initiator._recv):
         assert "hidden" in repr(secret_holder)
     assert "key=" not in text and "b'" not in text
+
+
+# -- PSK mode -----------------------------------------------------------------------------
+
+PSK = AuthKey(str(uuid.uuid4()), os.urandom(32))
+
+
+class CountingBackend:
+    """Wraps the real backend and counts ML-DSA work, to show mode 2 does none."""
+
+    def __init__(self, backend):
+        self._backend = backend
+        self.verifies = 0
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def verify(self, *args):
+        self.verifies += 1
+        return self._backend.verify(*args)
+
+
+def test_psk_handshake_agrees_without_signatures(backend, identities):
+    counting = CountingBackend(backend)
+    initiator, responder = make_pair(counting, identities, psk=PSK, bootstrap=False)
+    _, _, finish, events_i, events_r = handshake(initiator, responder)
+    assert events_i == [HandshakeComplete("site-b", initiator.session_id, MODE_PSK, PSK.key_id)]
+    assert events_r == [HandshakeComplete("site-a", responder.session_id, MODE_PSK, PSK.key_id)]
+    assert initiator.session_id == responder.session_id
+    assert counting.verifies == 0
+    assert len(finish) < 200  # a MAC, not a 3309-byte signature
+    initiator.send_message(b"hi")
+    assert responder.receive_data(initiator.data_to_send()) == [MessageReceived(b"hi")]
+
+
+def test_psk_the_responder_does_not_hold_fails_closed(backend, identities):
+    initiator, responder = make_pair(backend, identities, psk=PSK, responder_psks={})
+    initiator.initiate()
+    with pytest.raises(PeerAuthenticationError, match="out of step"):
+        responder.receive_data(initiator.data_to_send())
+    assert responder.data_to_send() == b""
+
+
+def test_wrong_psk_fails_both_ways(backend, identities):
+    other = {PSK.key_id: os.urandom(32)}
+    initiator, responder = make_pair(backend, identities, psk=PSK, responder_psks=other)
+    initiator.initiate()
+    responder.receive_data(initiator.data_to_send())
+    with pytest.raises(PeerAuthenticationError, match="MAC under authentication key"):
+        initiator.receive_data(responder.data_to_send())
+
+
+def test_bootstrap_refused_once_the_psk_chain_exists(backend, identities):
+    initiator, responder = make_pair(backend, identities, bootstrap=False)
+    initiator.initiate()
+    with pytest.raises(PeerAuthenticationError, match="allow-bootstrap"):
+        responder.receive_data(initiator.data_to_send())
+
+
+def test_downgrade_from_psk_to_signature_mode_is_refused(backend, identities):
+    """A man in the middle rewriting HELLO's mode meets the responder's refusal."""
+    initiator, responder = make_pair(backend, identities, psk=PSK, bootstrap=False)
+    initiator.initiate()
+    hello = bytearray(initiator.data_to_send())
+    mode_offset = 6 + 1 + 1  # header, version count, one version
+    assert hello[mode_offset] == MODE_PSK
+    hello[mode_offset] = MODE_SIGNATURE_BOOTSTRAP
+    del hello[mode_offset + 1 + 1 + 6 + 1 + 6 : mode_offset + 1 + 1 + 6 + 1 + 6 + 16]  # the PSK ID
+    hello[2:6] = (len(hello) - 6).to_bytes(4, "big")
+    with pytest.raises(PeerAuthenticationError, match="allow-bootstrap"):
+        responder.receive_data(bytes(hello))
+
+
+def test_psk_mode_reflection_fails(backend, identities):
+    """The responder's MAC sent back as the initiator's does not verify (per-role keys)."""
+    initiator, responder = make_pair(backend, identities, psk=PSK)
+    initiator.initiate()
+    responder.receive_data(initiator.data_to_send())
+    response = responder.data_to_send()
+    initiator.receive_data(response)
+    finish = bytearray(initiator.data_to_send())
+    responder_mac = response[-32:]
+    finish[6 : 6 + 32] = responder_mac
+    with pytest.raises(PeerAuthenticationError):
+        responder.receive_data(bytes(finish))

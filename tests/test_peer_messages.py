@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 import os
 import uuid
 
@@ -16,6 +17,7 @@ from qkdd.peer.messages import (
     BatchAck,
     BatchDecision,
     BatchEntry,
+    BatchPurpose,
     KemOffer,
     KeyBatch,
     PoolDemand,
@@ -29,6 +31,7 @@ EXAMPLES = [
     KeyBatch(
         1,
         7,
+        BatchPurpose.APPLICATION_KEYS,
         os.urandom(1088),
         (
             BatchEntry(str(uuid.uuid4()), 256, "sae-a", "sae-b", (str(uuid.uuid4()),)),
@@ -77,7 +80,12 @@ def test_decode_message_never_crashes(data):
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=6000))
 def test_handshake_decoders_never_crash(data):
-    for decoder in (Hello.decode, Response.decode):
+    decoders = (
+        Hello.decode,
+        partial(Response.decode, auth_size=32),
+        partial(Response.decode, auth_size=3309),
+    )
+    for decoder in decoders:
         with contextlib.suppress(RemoteProtocolError):
             decoder(data)
 

@@ -38,8 +38,9 @@ trio.run(run)
 @pytest.fixture(scope="module")
 def socket_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     path = str(tmp_path_factory.mktemp("ctl") / "api.sock")
-    server = subprocess.Popen([sys.executable, "-c", SERVER, path], stdout=subprocess.PIPE,
-                              text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER, path], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert server.stdout is not None
         assert server.stdout.readline() == "ready\n"
@@ -50,8 +51,9 @@ def socket_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def qkdctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "qkdd.ctl", *args], capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "qkdd.ctl", *args], capture_output=True, text=True, timeout=30
+    )
 
 
 def test_status_prints_the_standard_status_object(socket_path: str) -> None:
@@ -64,18 +66,37 @@ def test_status_prints_the_standard_status_object(socket_path: str) -> None:
 
 
 def test_enc_keys_then_dec_keys(socket_path: str) -> None:
-    enc = qkdctl("--socket", socket_path, "--sae-id", "SAE-A", "enc-keys", "SAE-B",
-                 "--number", "3", "--size", "128")
+    enc = qkdctl(
+        "--socket",
+        socket_path,
+        "--sae-id",
+        "SAE-A",
+        "enc-keys",
+        "SAE-B",
+        "--number",
+        "3",
+        "--size",
+        "128",
+    )
     assert enc.returncode == 0, enc.stderr
     keys = json.loads(enc.stdout)["keys"]
     assert [len(base64.b64decode(k["key"])) for k in keys] == [16, 16, 16]
-    dec = qkdctl("--socket", socket_path, "--sae-id", "SAE-B", "--compact", "dec-keys", "SAE-A",
-                 *(k["key_ID"] for k in keys))
+    dec = qkdctl(
+        "--socket",
+        socket_path,
+        "--sae-id",
+        "SAE-B",
+        "--compact",
+        "dec-keys",
+        "SAE-A",
+        *(k["key_ID"] for k in keys),
+    )
     assert dec.returncode == 0, dec.stderr
     assert dec.stdout.count("\n") == 1
     assert json.loads(dec.stdout)["keys"] == keys
-    again = qkdctl("--socket", socket_path, "--sae-id", "SAE-B", "dec-keys", "SAE-A",
-                   keys[0]["key_ID"])
+    again = qkdctl(
+        "--socket", socket_path, "--sae-id", "SAE-B", "dec-keys", "SAE-A", keys[0]["key_ID"]
+    )
     assert again.returncode == 1 and "400" in again.stderr
 
 
@@ -89,8 +110,9 @@ def test_enc_keys_then_dec_keys(socket_path: str) -> None:
         (["--sae-id", "SAE-A", "dec-keys", "SAE-B", "not-a-uuid"], "not a UUID"),
     ],
 )
-def test_api_errors_exit_1_with_the_message(socket_path: str, args: list[str],
-                                            fragment: str) -> None:
+def test_api_errors_exit_1_with_the_message(
+    socket_path: str, args: list[str], fragment: str
+) -> None:
     done = qkdctl("--socket", socket_path, *args)
     assert done.returncode == 1
     assert done.stdout == ""
@@ -122,9 +144,13 @@ def test_missing_socket_is_a_plain_message(tmp_path: Path) -> None:
 
 
 def test_socket_from_environment(socket_path: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "qkdd.ctl", "--sae-id", "SAE-A", "status",
-                           "SAE-B"], capture_output=True, text=True, timeout=30,
-                          env={**os.environ, "QKDD_SOCKET": socket_path})
+    done = subprocess.run(
+        [sys.executable, "-m", "qkdd.ctl", "--sae-id", "SAE-A", "status", "SAE-B"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "QKDD_SOCKET": socket_path},
+    )
     assert done.returncode == 0, done.stderr
 
 

@@ -12,7 +12,7 @@ kernel rules they turn into.
   threads, pyserial on a pty, the SQLite key store, sd_notify). This is how the unit's
   claim that CPython and the cryptography wheel run under MemoryDenyWriteExecute=yes is
   checked, since no service manager runs here.
-* The kernel behaviour PrivateUsers= relies on for device groups.
+* The kernel behaviour that rules PrivateUsers= out (SO_PEERCRED of unmapped clients).
 
 Run as a script (``python tests/test_systemd_units.py POLICY_JSON -- CMD...``) this module
 loads a seccomp policy and execs CMD under it.
@@ -31,6 +31,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,7 +249,7 @@ def load_policy(policy: dict[str, object]) -> None:
 # are not in force and the rest of the run proves nothing.
 WORKLOAD = textwrap.dedent(
     """
-    import errno, json, mmap, os, pathlib, socket, sys, tempfile
+    import errno, json, mmap, os, socket, sqlite3, sys, tempfile
     report = {}
 
     def attempt(name, fn):
@@ -268,7 +269,6 @@ WORKLOAD = textwrap.dedent(
     import qkdd.daemon  # the whole import graph of `qkdd run`
     from qkdd.crypto.select import select_backend
     from qkdd.crypto.selftest import run_self_tests
-    from qkdd.keystore import KeyStore
     from qkdd.systemd import Notifier
     from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PrivateKey
     from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
@@ -282,9 +282,14 @@ WORKLOAD = textwrap.dedent(
     dsa = MLDSA65PrivateKey.generate()
     dsa.public_key().verify(dsa.sign(b"hello"), b"hello")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        store = KeyStore(pathlib.Path(tmp) / "keys.sqlite3")
-        store.close()
+    with tempfile.TemporaryDirectory() as tmp:  # the key store's SQLite settings
+        db = sqlite3.connect(os.path.join(tmp, "keys.sqlite3"), isolation_level=None)
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "secure_delete=ON"):
+            db.execute("PRAGMA " + pragma)
+        db.execute("CREATE TABLE k (id BLOB PRIMARY KEY, sealed BLOB)")
+        db.execute("INSERT INTO k VALUES (?, ?)", (os.urandom(16), os.urandom(64)))
+        assert db.execute("SELECT count(*) FROM k").fetchone() == (1,)
+        db.close()
 
     master, slave = os.openpty()
     port = serial.Serial(os.ttyname(slave), 115200, timeout=2)
@@ -549,13 +554,17 @@ PEERCRED_CHILD = textwrap.dedent(
     listener.bind(path)
     os.chmod(path, 0o666)
     listener.listen()
+    listener.settimeout(10)
     if os.fork() == 0:  # an application, outside any namespace
-        os.setgid(client_uid)
-        os.setuid(client_uid)
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        client.connect(path)
-        client.recv(1)
-        os._exit(0)
+        try:
+            os.setgid(client_uid)
+            os.setuid(client_uid)
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.settimeout(10)
+            client.connect(path)
+            client.recv(1)
+        finally:
+            os._exit(0)
     os.setgroups([])
     os.setgid(daemon_uid)
     os.setuid(daemon_uid)
@@ -579,9 +588,11 @@ PEERCRED_CHILD = textwrap.dedent(
 )
 
 
-def peer_uid_seen_by_daemon(tmp_path: Path, in_userns: bool, client_uid: int) -> int | None:
-    sock = tmp_path / f"api-{int(in_userns)}.sock"
-    tmp_path.chmod(0o755)
+def peer_uid_seen_by_daemon(in_userns: bool, client_uid: int) -> int | None:
+    # Both users must reach the socket: pytest's tmp_path is under a 0700 directory.
+    directory = Path(tempfile.mkdtemp(prefix="qkdd-peercred-", dir="/tmp"))
+    directory.chmod(0o755)
+    sock = directory / "api.sock"
     proc = subprocess.run(
         [
             sys.executable,
@@ -596,6 +607,7 @@ def peer_uid_seen_by_daemon(tmp_path: Path, in_userns: bool, client_uid: int) ->
         text=True,
         timeout=TIMEOUT_S,
     )
+    shutil.rmtree(directory, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     if result["unshare"] != "ok":
@@ -606,12 +618,12 @@ def peer_uid_seen_by_daemon(tmp_path: Path, in_userns: bool, client_uid: int) ->
 @pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root to run a daemon and a client as two users"
 )
-def test_private_users_would_hide_api_clients_uids(tmp_path: Path) -> None:
+def test_private_users_would_hide_api_clients_uids() -> None:
     """Why qkdd.service has no PrivateUsers=yes: the ETSI 014 server identifies callers by
     SO_PEERCRED, and inside a user namespace an unmapped client uid reads as 65534."""
     client_uid = 62001
-    assert peer_uid_seen_by_daemon(tmp_path, in_userns=False, client_uid=client_uid) == client_uid
-    seen = peer_uid_seen_by_daemon(tmp_path, in_userns=True, client_uid=client_uid)
+    assert peer_uid_seen_by_daemon(in_userns=False, client_uid=client_uid) == client_uid
+    seen = peer_uid_seen_by_daemon(in_userns=True, client_uid=client_uid)
     if seen is None:
         pytest.skip("user namespaces are unavailable here")
     assert seen == 65534

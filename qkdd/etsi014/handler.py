@@ -211,16 +211,22 @@ class RequestHandler:
     def _caller_sae(self, request: ApiRequest, caller: Caller) -> str:
         who = f"uid {caller.uid}, gid {caller.gid}"
         if not caller.sae_ids:
-            _reject(401, f"this local user ({who}) may not act as any SAE; map it to an SAE "
-                         "in the daemon's configuration")
+            _reject(
+                401,
+                f"this local user ({who}) may not act as any SAE; map it to an SAE "
+                "in the daemon's configuration",
+            )
         wanted = request.header_values(SAE_HEADER)
         if len(wanted) > 1:
             _reject(400, "X-SAE-ID header given more than once")
         if not wanted:
             if len(caller.sae_ids) > 1:
-                _reject(401, f"this local user ({who}) may act as several SAEs "
-                             f"({', '.join(sorted(caller.sae_ids))}); pick one with the "
-                             "X-SAE-ID header")
+                _reject(
+                    401,
+                    f"this local user ({who}) may act as several SAEs "
+                    f"({', '.join(sorted(caller.sae_ids))}); pick one with the "
+                    "X-SAE-ID header",
+                )
             (sae,) = caller.sae_ids
         else:
             sae = wanted[0]
@@ -248,8 +254,10 @@ class RequestHandler:
             }
         )
         return ApiResponse(
-            200, JSON_HEADERS, body, note=f"master={master} slave={slave} "
-            f"stored={st.stored_key_count}"
+            200,
+            JSON_HEADERS,
+            body,
+            note=f"master={master} slave={slave} stored={st.stored_key_count}",
         )
 
     def _enc_keys(
@@ -263,27 +271,40 @@ class RequestHandler:
             number = _optional_int(obj, "number")
             size = _optional_int(obj, "size")
             if _optional_list(obj, "additional_slave_SAE_IDs"):
-                _reject(400, "additional_slave_SAE_IDs is not supported by this KME "
-                             f"(max_SAE_ID_count is {MAX_SAE_ID_COUNT})")
+                _reject(
+                    400,
+                    "additional_slave_SAE_IDs is not supported by this KME "
+                    f"(max_SAE_ID_count is {MAX_SAE_ID_COUNT})",
+                )
             mandatory = _optional_list(obj, "extension_mandatory")
             if mandatory:
                 # No extension is supported, so every mandatory one is unsupported (6.2).
-                _reject(400, "not all extension_mandatory parameters are supported",
-                        {"extension_mandatory_unsupported": mandatory})
+                _reject(
+                    400,
+                    "not all extension_mandatory parameters are supported",
+                    {"extension_mandatory_unsupported": mandatory},
+                )
             _optional_list(obj, "extension_optional")  # type-checked, then ignored (6.2)
 
         st = self.pool.status(master, slave)
         number = 1 if number is None else number
         size = st.key_size if size is None else size
         if not 1 <= number <= st.max_key_per_request:
-            _reject(400, f"number must be between 1 and {st.max_key_per_request}",
-                    {"number": number})
+            _reject(
+                400, f"number must be between 1 and {st.max_key_per_request}", {"number": number}
+            )
         if size % 8 or not st.min_key_size <= size <= st.max_key_size:
-            _reject(400, f"size must be a multiple of 8 between {st.min_key_size} and "
-                         f"{st.max_key_size} bits", {"size": size})
+            _reject(
+                400,
+                f"size must be a multiple of 8 between {st.min_key_size} and "
+                f"{st.max_key_size} bits",
+                {"size": size},
+            )
         keys = self.pool.take_for_master(master, slave, number, size)
         return ApiResponse(
-            200, JSON_HEADERS, _key_container(keys),
+            200,
+            JSON_HEADERS,
+            _key_container(keys),
             note=f"master={master} slave={slave} size={size} "
             f"key_IDs={','.join(k.key_id for k in keys)}",
         )
@@ -300,23 +321,31 @@ class RequestHandler:
             obj = _json_object(request.body, "Key IDs")
             entries = obj.get("key_IDs")
             if not isinstance(entries, list) or not entries:
-                _reject(400, "key_IDs must be a non-empty array of {\"key_ID\": ...} objects")
+                _reject(400, 'key_IDs must be a non-empty array of {"key_ID": ...} objects')
             raw_ids = []
             for entry in entries:
                 if not isinstance(entry, dict) or "key_ID" not in entry:
-                    _reject(400, "each entry of key_IDs must be an object with a key_ID",
-                            {"entry": entry})
+                    _reject(
+                        400,
+                        "each entry of key_IDs must be an object with a key_ID",
+                        {"entry": entry},
+                    )
                 raw_ids.append(entry["key_ID"])
         key_ids = [_canonical_key_id(value) for value in raw_ids]
         if len(set(key_ids)) != len(key_ids):
             _reject(400, "the same key_ID is requested more than once")
         st = self.pool.status(master, slave)
         if len(key_ids) > st.max_key_per_request:
-            _reject(400, f"at most {st.max_key_per_request} key_IDs per request",
-                    {"count": len(key_ids)})
+            _reject(
+                400,
+                f"at most {st.max_key_per_request} key_IDs per request",
+                {"count": len(key_ids)},
+            )
         keys = self.pool.take_for_slave(master, slave, key_ids)
         return ApiResponse(
-            200, JSON_HEADERS, _key_container(keys),
+            200,
+            JSON_HEADERS,
+            _key_container(keys),
             note=f"master={master} slave={slave} key_IDs={','.join(key_ids)}",
         )
 

@@ -1,4 +1,5 @@
-"""The ETSI GS QKD 014 API served over HTTP/1.1 (h11) on a Unix socket, with Trio.
+"""The ETSI GS QKD 014 API served over HTTP/1.1 (h11) on a Unix socket, with Trio, and the
+connection-serving code every transport shares (`serve_stream`; TLS is `qkdd.etsi014.tls`).
 
 Theory of operation: `serve_unix` binds the socket (or takes a ready listener, e.g. from
 systemd socket activation) and runs one task per connection. A connection's caller is fixed by
@@ -78,8 +79,11 @@ async def serve_unix(
                 await _serve_connection(stream, handler, identify, request_timeout, next(counter))
 
             await nursery.start(trio.serve_listeners, on_connection, [listener])
-            log.info("event=api_listening path=%s mode=%s", path,
-                     oct(mode) if bound_inode is not None else "inherited")
+            log.info(
+                "event=api_listening path=%s mode=%s",
+                path,
+                oct(mode) if bound_inode is not None else "inherited",
+            )
             task_status.started(listener)
     finally:
         if bound_inode is not None:
@@ -152,8 +156,9 @@ def peer_caller(sock: trio.socket.SocketType, identify: Identify) -> Caller:
     try:
         sae_ids = frozenset(identify(uid, gid))
     except Exception:
-        log.exception("event=api_identify_failed uid=%d gid=%d; treating the caller as unknown",
-                      uid, gid)
+        log.exception(
+            "event=api_identify_failed uid=%d gid=%d; treating the caller as unknown", uid, gid
+        )
         sae_ids = frozenset()
     return Caller(uid, gid, sae_ids)
 
@@ -170,13 +175,43 @@ async def _serve_connection(
     conn_id: int,
 ) -> None:
     caller = peer_caller(stream.socket, identify)
-    log.debug("event=api_open conn=%d uid=%s gid=%s sae_ids=%s", conn_id, caller.uid, caller.gid,
-              ",".join(sorted(caller.sae_ids)))
-    connection = _Connection(stream, handler, caller, request_timeout, conn_id)
+    log.debug(
+        "event=api_open conn=%d uid=%s gid=%s sae_ids=%s",
+        conn_id,
+        caller.uid,
+        caller.gid,
+        ",".join(sorted(caller.sae_ids)),
+    )
+    await serve_stream(
+        stream,
+        handler,
+        caller,
+        who=f"uid={caller.uid}",
+        request_timeout=request_timeout,
+        conn_id=conn_id,
+    )
+
+
+async def serve_stream(
+    stream: trio.abc.Stream,
+    handler: RequestHandler,
+    caller: Caller,
+    *,
+    who: str,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    conn_id: int = 0,
+) -> None:
+    """Answer HTTP/1.1 requests from `caller` on one established connection until it ends.
+
+    Shared by every transport (Unix socket, TLS). `who` names the caller in log events, as
+    "key=value" fields. A failure of the connection is logged, never raised. The stream is left
+    open for the transport to close, after an EOF and a drain of the client's unread input.
+    """
+    connection = _Connection(stream, handler, caller, who, request_timeout, conn_id)
     try:
         await connection.run()
         if not connection.peer_closed:
-            await _drain_and_close(stream)
+            await _drain_and_close(_half_closeable(stream))
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         log.debug("event=api_dropped conn=%d reason=%r", conn_id, str(exc))
     except Exception:
@@ -185,7 +220,19 @@ async def _serve_connection(
     log.debug("event=api_closed conn=%d", conn_id)
 
 
-async def _drain_and_close(stream: trio.SocketStream) -> None:
+def _half_closeable(stream: trio.abc.Stream) -> trio.abc.HalfCloseableStream:
+    """The stream to send EOF on and drain. TLS cannot half-close without ending TLS, so a TLS
+    stream's TCP transport is used: an HTTPS client takes a FIN after a complete response as
+    the end, and the input left to drain is discarded unread anyway."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.abc.HalfCloseableStream):
+        raise TypeError(f"cannot half-close a {type(stream).__name__}")
+    return stream
+
+
+async def _drain_and_close(stream: trio.abc.HalfCloseableStream) -> None:
+    """Send EOF, then read and discard input until EOF, LINGER_MAX_BYTES or LINGER_SECONDS."""
     with trio.move_on_after(LINGER_SECONDS):
         await stream.send_eof()
         drained = 0
@@ -199,15 +246,17 @@ async def _drain_and_close(stream: trio.SocketStream) -> None:
 class _Connection:
     def __init__(
         self,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         handler: RequestHandler,
         caller: Caller,
+        who: str,
         timeout: float,
         conn_id: int,
     ) -> None:
         self._stream = stream
         self._handler = handler
         self._caller = caller
+        self._who = who
         self._timeout = timeout
         self._id = conn_id
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
@@ -225,8 +274,12 @@ class _Connection:
             try:
                 response = self._handler.handle(request, self._caller)
             except Exception:
-                log.exception("event=api_handler_failed conn=%d method=%s target=%s", self._id,
-                              request.method, _printable(request.target))
+                log.exception(
+                    "event=api_handler_failed conn=%d method=%s target=%s",
+                    self._id,
+                    request.method,
+                    _printable(request.target),
+                )
                 response = error_response(
                     503, "internal error in the key service; see the daemon log"
                 )
@@ -252,8 +305,13 @@ class _Connection:
             if self._h11.their_state is h11.IDLE and not self._h11.trailing_data[0]:
                 return None  # an idle kept-alive connection: just close it
             problem = (408, f"request not received within {self._timeout:g} s")
-        log.info("event=api_rejected conn=%d uid=%s status=%d message=%r", self._id,
-                 self._caller.uid, problem[0], _printable(problem[1]))
+        log.info(
+            "event=api_rejected conn=%d %s status=%d message=%r",
+            self._id,
+            self._who,
+            problem[0],
+            _printable(problem[1]),
+        )
         if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             await self._send(error_response(*problem))
         return None
@@ -298,7 +356,7 @@ class _Connection:
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
             data = await self._stream.receive_some(RECEIVE_SIZE)
-            self._h11.receive_data(data)  # b"" is EOF
+            self._h11.receive_data(bytes(data))  # b"" is EOF
 
     async def _send(self, response: ApiResponse, *, head: bool = False) -> bool:
         """Send `response`; False if the connection is gone or must close."""
@@ -330,9 +388,14 @@ class _Connection:
 
     def _log(self, request: ApiRequest, response: ApiResponse, elapsed: float) -> None:
         log.info(
-            "event=api_request conn=%d uid=%s method=%s target=%s status=%d %s ms=%.2f",
-            self._id, self._caller.uid, request.method, _printable(request.target),
-            response.status, _printable(response.note), elapsed * 1000,
+            "event=api_request conn=%d %s method=%s target=%s status=%d %s ms=%.2f",
+            self._id,
+            self._who,
+            request.method,
+            _printable(request.target),
+            response.status,
+            _printable(response.note),
+            elapsed * 1000,
         )
 
 

@@ -1,24 +1,30 @@
-"""One peer connection as a sans-IO state machine: the bootstrap handshake, then a session
-of AEAD-sealed frames. Bytes go in through ``receive_data``, events come out; bytes to send
+"""One peer connection as a sans-IO state machine: the handshake, then a session of
+AEAD-sealed frames. Bytes go in through ``receive_data``, events come out; bytes to send
 are collected with ``data_to_send``. No sockets, no clock, no trio.
 
-Theory of operation (bootstrap, mutual ML-DSA-65 authentication):
+Theory of operation. Two handshake modes share one message flow:
 
     initiator                                             responder
-    HELLO    versions, mode, ids, nonce_i, ek_i, x_i  -->
+    HELLO    versions, mode, ids, [psk id], nonce_i,
+             ek_i, x_i                               -->
                                                       <-- RESPONSE version, id, nonce_r,
-                                                          ct (ML-KEM to ek_i), x_r,
-                                                          sig_r(transcript)
-    FINISH   sig_i(transcript), confirm MAC          -->
+                                                          ct (ML-KEM to ek_i), x_r, auth_r
+    FINISH   auth_i, confirm MAC                     -->
     DATA ...                                         <->  DATA ...
 
-The transcript hash covers every byte of HELLO and RESPONSE (the responder's signature
-covers HELLO and RESPONSE up to the signature; the initiator's covers all of both), so
-version and algorithm negotiation, both site IDs, both nonces and every key share are
-authenticated: a downgrade or a substituted share breaks a signature. Signature contexts
-differ per role, so a reflected signature never verifies. The session keys come from
-HKDF over the ML-KEM and X25519 shared secrets salted with the transcript hash: the
-session is secret if either ML-KEM-768 or X25519 holds.
+- Mode 1, bootstrap: ``auth`` is an ML-DSA-65 signature checked against the peer's pinned
+  public key. Used for first contact only; once the sites share an authentication key
+  (a PSK from the QKD stream) a responder refuses mode 1 unless the operator allowed a new
+  bootstrap (see docs/protocol.md for why).
+- Mode 2, PSK: ``auth`` is HMAC-SHA256 under a per-role key derived from the named
+  authentication key. No signature is computed or checked.
+
+The responder's ``auth`` covers HELLO and RESPONSE up to ``auth``; the initiator's covers
+all of both. So version, mode, both site IDs, the PSK ID, both nonces and every key share
+are authenticated: a downgrade or a substituted share breaks ``auth``. Per-role contexts
+and keys mean a reflected ``auth`` never verifies. Session keys come from HKDF over the
+ML-KEM and X25519 shared secrets (and the PSK in mode 2) salted with the transcript hash:
+the session is secret if any one of them holds.
 
 Session frames carry no explicit sequence number: the AEAD nonce is a per-direction
 counter, so a replayed, reordered, dropped or injected frame fails authentication.
@@ -29,8 +35,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
-from collections.abc import Callable
+import uuid
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from qkdd import labels
 from qkdd.crypto import (
@@ -43,6 +50,7 @@ from qkdd.crypto import (
     Aead,
     AuthenticationFailed,
     CryptoError,
+    KemPrivateKey,
     PqcBackend,
     SigningKey,
     X25519KeyPair,
@@ -57,6 +65,7 @@ from qkdd.peer.errors import (
     RemoteProtocolError,
 )
 from qkdd.peer.wire import (
+    FRAME_HEADER,
     MAX_SESSION_BODY,
     NONCE_SIZE,
     PROTOCOL_VERSION,
@@ -70,7 +79,11 @@ from qkdd.peer.wire import (
 )
 
 MODE_SIGNATURE_BOOTSTRAP = 1
-SUPPORTED_MODES = (MODE_SIGNATURE_BOOTSTRAP,)
+MODE_PSK = 2
+SUPPORTED_MODES = (MODE_SIGNATURE_BOOTSTRAP, MODE_PSK)
+PSK_ID_SIZE = 16  # a UUID
+MAC_SIZE = HASH_SIZE
+_AUTH_SIZE = {MODE_SIGNATURE_BOOTSTRAP: SIGNATURE_SIZE, MODE_PSK: MAC_SIZE}
 
 
 class Role(enum.Enum):
@@ -88,9 +101,19 @@ class State(enum.Enum):
 
 
 @dataclass(frozen=True)
+class AuthKey:
+    """A pre-shared authentication key taken from the QKD stream."""
+
+    key_id: str
+    material: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
 class HandshakeComplete:
     peer_site_id: str
     session_id: bytes
+    mode: int
+    auth_key_id: str | None  # the PSK used (mode 2), None for a bootstrap
 
 
 @dataclass(frozen=True)
@@ -99,6 +122,20 @@ class MessageReceived:
 
 
 Event = HandshakeComplete | MessageReceived
+
+
+class PeerTrust(Protocol):
+    """What a responder asks the link layer about a peer that says who it is."""
+
+    def pinned_key(self, site_id: str) -> bytes | None:
+        """The pinned ML-DSA-65 public key of a configured peer, None for unknown sites."""
+
+    def bootstrap_allowed(self, site_id: str) -> bool:
+        """Whether a signature bootstrap with this peer may happen now."""
+
+    def auth_key(self, site_id: str, key_id: str) -> bytes | None:
+        """The authentication key this peer names, if we hold it."""
+
 
 # The transition table: which frame is acceptable in which state, and what handles it.
 # Anything else is a RemoteProtocolError and closes the connection.
@@ -117,6 +154,7 @@ class Hello:
     mode: int
     initiator_id: str
     responder_id: str
+    psk_id: bytes  # 16 bytes in mode 2, empty in mode 1
     nonce: bytes
     kem_public_key: bytes
     x25519_public: bytes
@@ -125,11 +163,11 @@ class Hello:
         w = Writer().u8(len(self.versions))
         for version in self.versions:
             w.u8(version)
+        w.u8(self.mode).text(self.initiator_id).text(self.responder_id)
+        if self.mode == MODE_PSK:
+            w.fixed(self.psk_id, PSK_ID_SIZE)
         return (
-            w.u8(self.mode)
-            .text(self.initiator_id)
-            .text(self.responder_id)
-            .fixed(self.nonce, NONCE_SIZE)
+            w.fixed(self.nonce, NONCE_SIZE)
             .fixed(self.kem_public_key, KEM_PUBLIC_KEY_SIZE)
             .fixed(self.x25519_public, X25519_KEY_SIZE)
             .build()
@@ -142,11 +180,16 @@ class Hello:
         if not 1 <= count <= 16:
             raise RemoteProtocolError("HELLO: bad version list")
         versions = tuple(r.u8() for _ in range(count))
+        mode, initiator_id, responder_id = r.u8(), r.text(), r.text()
+        if mode not in SUPPORTED_MODES:
+            raise RemoteProtocolError(f"unsupported handshake mode {mode}")
+        psk_id = r.fixed(PSK_ID_SIZE) if mode == MODE_PSK else b""
         hello = cls(
             versions,
-            r.u8(),
-            r.text(),
-            r.text(),
+            mode,
+            initiator_id,
+            responder_id,
+            psk_id,
             r.fixed(NONCE_SIZE),
             r.fixed(KEM_PUBLIC_KEY_SIZE),
             r.fixed(X25519_KEY_SIZE),
@@ -175,8 +218,8 @@ class Response:
         )
 
     @classmethod
-    def decode(cls, body: bytes) -> tuple[Response, bytes, bytes]:
-        """Return the response, the signed part of the body, and the signature."""
+    def decode(cls, body: bytes, auth_size: int) -> tuple[Response, bytes, bytes]:
+        """Return the response, the authenticated part of the body, and its auth field."""
         r = Reader(body, "RESPONSE")
         response = cls(
             r.u8(),
@@ -186,16 +229,33 @@ class Response:
             r.fixed(X25519_KEY_SIZE),
         )
         signed = body[: r.consumed]
-        signature = r.fixed(SIGNATURE_SIZE)
+        auth = r.fixed(auth_size)
         r.end()
-        return response, signed, signature
+        return response, signed, auth
+
+
+# Per-role signature contexts and MAC keys: what one role produced never verifies as the
+# other's, so a reflected message fails.
+_SIGNATURE_CONTEXT = {
+    Role.RESPONDER: labels.SIG_CONTEXT_RESPONDER,
+    Role.INITIATOR: labels.SIG_CONTEXT_INITIATOR,
+}
+_PSK_MAC_LABEL = {
+    Role.RESPONDER: labels.LABEL_PSK_RESPONDER_MAC,
+    Role.INITIATOR: labels.LABEL_PSK_INITIATOR_MAC,
+}
+
+
+def _psk_mac_key(psk: bytes, label: bytes) -> bytes:
+    return hkdf_expand(hkdf_extract(labels.LABEL_PSK_EXTRACT, psk), label, HASH_SIZE)
 
 
 class PeerConnection:
     """One end of a peer connection.
 
-    ``pinned_key(site_id)`` returns the pinned ML-DSA-65 public key of a configured peer
-    site, or None for a site we do not know. An initiator names the site it expects.
+    A responder learns who the peer is from HELLO and asks ``trust``. An initiator names
+    the site it expects and either an ``auth_key`` (mode 2) or none (mode 1 bootstrap; the
+    caller has decided a bootstrap is allowed).
     """
 
     def __init__(
@@ -205,25 +265,29 @@ class PeerConnection:
         backend: PqcBackend,
         local_site_id: str,
         signing_key: SigningKey,
-        pinned_key: Callable[[str], bytes | None],
+        trust: PeerTrust,
         expected_peer: str | None = None,
+        auth_key: AuthKey | None = None,
     ) -> None:
         if role is Role.INITIATOR and expected_peer is None:
             raise LocalProtocolError("an initiator must name the peer site it expects")
+        if role is Role.RESPONDER and auth_key is not None:
+            raise LocalProtocolError("a responder learns the authentication key from HELLO")
         self.role = role
         self.state = State.START if role is Role.INITIATOR else State.WAIT_HELLO
         self.peer_site_id = expected_peer
         self.session_id: bytes | None = None
+        self.mode = MODE_PSK if auth_key is not None else MODE_SIGNATURE_BOOTSTRAP
+        self._auth_key = auth_key
         self._backend = backend
         self._local_id = local_site_id
         self._signing_key = signing_key
-        self._pinned_key = pinned_key
+        self._trust = trust
         self._frames = FrameBuffer()
         self._outgoing = bytearray()
         self._transcript = hashlib.sha256(labels.PROTOCOL_NAME)
-        self._kem_key = None
+        self._kem_key: KemPrivateKey | None = None
         self._x25519: X25519KeyPair | None = None
-        self._hello: Hello | None = None
         self._shared: bytes | None = None
         self._send: Aead | None = None
         self._recv: Aead | None = None
@@ -233,7 +297,7 @@ class PeerConnection:
     def __repr__(self) -> str:
         return (
             f"<PeerConnection {self.role.value} {self._local_id}->{self.peer_site_id} "
-            f"{self.state.value}>"
+            f"mode {self.mode} {self.state.value}>"
         )
 
     # -- public API -----------------------------------------------------------------------
@@ -244,16 +308,17 @@ class PeerConnection:
         assert self.peer_site_id is not None
         self._kem_key = self._backend.kem_generate()
         self._x25519 = X25519KeyPair()
+        psk_id = uuid.UUID(self._auth_key.key_id).bytes if self._auth_key else b""
         hello = Hello(
             SUPPORTED_VERSIONS,
-            MODE_SIGNATURE_BOOTSTRAP,
+            self.mode,
             self._local_id,
             self.peer_site_id,
+            psk_id,
             os.urandom(NONCE_SIZE),
             self._kem_key.public_bytes,
             self._x25519.public_bytes,
         )
-        self._hello = hello
         self._emit(make_frame(FrameType.HELLO, hello.encode()))
         self.state = State.SENT_HELLO
 
@@ -279,6 +344,7 @@ class PeerConnection:
                     events.append(event)
         except (RemoteProtocolError, CryptoError) as exc:
             self.state = State.CLOSED
+            self._outgoing.clear()  # nothing of ours goes out after a failure
             if isinstance(exc, RemoteProtocolError):
                 raise
             raise PeerAuthenticationError(str(exc)) from None
@@ -289,8 +355,7 @@ class PeerConnection:
             raise LocalProtocolError(f"cannot send in state {self.state.value}")
         if len(payload) + AEAD_TAG_SIZE > MAX_SESSION_BODY:
             raise LocalProtocolError("message exceeds the session frame cap")
-        length = len(payload) + AEAD_TAG_SIZE
-        header = make_frame(FrameType.DATA, b"").header[:2] + length.to_bytes(4, "big")
+        header = _header(FrameType.DATA, len(payload) + AEAD_TAG_SIZE)
         sealed = self._send.seal(self._nonce(self._send_counter), payload, header)
         self._send_counter += 1
         self._outgoing += header + sealed
@@ -303,9 +368,40 @@ class PeerConnection:
     # -- handshake ------------------------------------------------------------------------
 
     def _emit(self, frame: Frame) -> None:
-        if self.state is not State.ESTABLISHED:
-            self._transcript.update(frame.encode())
+        self._transcript.update(frame.encode())
         self._outgoing += frame.encode()
+
+    def _psk_mac(self, digest: bytes, role: Role) -> bytes:
+        assert self._auth_key is not None
+        return mac(_psk_mac_key(self._auth_key.material, _PSK_MAC_LABEL[role]), digest)
+
+    def _authenticate(self, digest: bytes, role: Role) -> bytes:
+        """Our auth field over ``digest``: a signature (mode 1) or a PSK MAC (mode 2)."""
+        if self.mode == MODE_PSK:
+            return self._psk_mac(digest, role)
+        return self._signing_key.sign(digest, _SIGNATURE_CONTEXT[role])
+
+    def _check_peer_auth(self, digest: bytes, auth: bytes, role: Role) -> None:
+        """Raise PeerAuthenticationError unless ``auth`` is the peer's over ``digest``."""
+        assert self.peer_site_id is not None
+        if self.mode == MODE_PSK:
+            assert self._auth_key is not None
+            if not constant_time_equal(auth, self._psk_mac(digest, role)):
+                raise PeerAuthenticationError(
+                    f"site {self.peer_site_id!r} failed authentication: its MAC under "
+                    f"authentication key {self._auth_key.key_id} does not verify"
+                )
+            return
+        pinned = self._trust.pinned_key(self.peer_site_id)
+        if pinned is None:
+            raise PeerAuthenticationError(f"no pinned key for site {self.peer_site_id!r}")
+        try:
+            self._backend.verify(pinned, digest, auth, _SIGNATURE_CONTEXT[role])
+        except AuthenticationFailed:
+            raise PeerAuthenticationError(
+                f"site {self.peer_site_id!r} failed authentication: its ML-DSA-65 signature "
+                "does not verify under the pinned public key"
+            ) from None
 
     def _on_hello(self, frame: Frame) -> None:
         hello = Hello.decode(frame.body)
@@ -313,18 +409,31 @@ class PeerConnection:
             raise RemoteProtocolError(
                 f"peer offers versions {hello.versions}, we need {PROTOCOL_VERSION}"
             )
-        if hello.mode not in SUPPORTED_MODES:
-            raise RemoteProtocolError(f"unsupported handshake mode {hello.mode}")
         if hello.responder_id != self._local_id:
             raise PeerAuthenticationError(
                 f"peer {hello.initiator_id!r} wants site {hello.responder_id!r}, "
                 f"we are {self._local_id!r}"
             )
-        # Unknown sites are refused before any signing work is done for them.
-        if self._pinned_key(hello.initiator_id) is None:
+        # Unknown sites are refused before any signature or KEM work is done for them.
+        if self._trust.pinned_key(hello.initiator_id) is None:
             raise PeerAuthenticationError(f"site {hello.initiator_id!r} is not a configured peer")
         self.peer_site_id = hello.initiator_id
-        self._hello = hello
+        self.mode = hello.mode
+        if hello.mode == MODE_PSK:
+            key_id = str(uuid.UUID(bytes=hello.psk_id))
+            material = self._trust.auth_key(hello.initiator_id, key_id)
+            if material is None:
+                raise PeerAuthenticationError(
+                    f"site {hello.initiator_id!r} named authentication key {key_id}, which we "
+                    "do not hold: the PSK chains are out of step (see `qkdd allow-bootstrap`)"
+                )
+            self._auth_key = AuthKey(key_id, material)
+        elif not self._trust.bootstrap_allowed(hello.initiator_id):
+            raise PeerAuthenticationError(
+                f"site {hello.initiator_id!r} asked for a signature bootstrap, but we share a "
+                "PSK chain with it; if its state was really lost, run `qkdd allow-bootstrap` "
+                "on both sites"
+            )
         self._transcript.update(frame.encode())
 
         kem_secret, ciphertext = self._backend.kem_encapsulate(hello.kem_public_key)
@@ -338,17 +447,16 @@ class PeerConnection:
             x25519.public_bytes,
         )
         unsigned = response.encode_unsigned()
-        length = len(unsigned) + SIGNATURE_SIZE
-        header = make_frame(FrameType.RESPONSE, b"").header[:2] + length.to_bytes(4, "big")
+        header = _header(FrameType.RESPONSE, len(unsigned) + _AUTH_SIZE[self.mode])
         signed_hash = self._transcript.copy()
         signed_hash.update(header + unsigned)
-        signature = self._signing_key.sign(signed_hash.digest(), labels.SIG_CONTEXT_RESPONDER)
-        self._emit(Frame(FrameType.RESPONSE, header, unsigned + signature))
+        auth = self._authenticate(signed_hash.digest(), Role.RESPONDER)
+        self._emit(Frame(FrameType.RESPONSE, header, unsigned + auth))
         self._shared = kem_secret + x_secret
         self.state = State.SENT_RESPONSE
 
     def _on_response(self, frame: Frame) -> Event:
-        response, signed, signature = Response.decode(frame.body)
+        response, signed, auth = Response.decode(frame.body, _AUTH_SIZE[self.mode])
         if response.version not in SUPPORTED_VERSIONS:
             raise RemoteProtocolError(f"peer chose version {response.version} we did not offer")
         if response.responder_id != self.peer_site_id:
@@ -357,18 +465,7 @@ class PeerConnection:
             )
         signed_hash = self._transcript.copy()
         signed_hash.update(frame.header + signed)
-        pinned = self._pinned_key(response.responder_id)
-        if pinned is None:
-            raise PeerAuthenticationError(f"no pinned key for site {response.responder_id!r}")
-        try:
-            self._backend.verify(
-                pinned, signed_hash.digest(), signature, labels.SIG_CONTEXT_RESPONDER
-            )
-        except AuthenticationFailed:
-            raise PeerAuthenticationError(
-                f"site {response.responder_id!r} failed authentication: its ML-DSA-65 signature "
-                "does not verify under the pinned public key"
-            ) from None
+        self._check_peer_auth(signed_hash.digest(), auth, Role.RESPONDER)
         self._transcript.update(frame.encode())
         assert self._kem_key is not None and self._x25519 is not None
         kem_secret = self._kem_key.decapsulate(response.kem_ciphertext)
@@ -376,26 +473,17 @@ class PeerConnection:
         self._shared = kem_secret + x_secret
 
         transcript = self._transcript.digest()
-        signature_i = self._signing_key.sign(transcript, labels.SIG_CONTEXT_INITIATOR)
+        auth_i = self._authenticate(transcript, Role.INITIATOR)
         confirm = mac(self._key(labels.LABEL_INITIATOR_CONFIRM, transcript), transcript)
-        self._emit(make_frame(FrameType.FINISH, signature_i + confirm))
+        self._emit(make_frame(FrameType.FINISH, auth_i + confirm))
         return self._establish(transcript)
 
     def _on_finish(self, frame: Frame) -> Event:
         r = Reader(frame.body, "FINISH")
-        signature, confirm = r.fixed(SIGNATURE_SIZE), r.fixed(HASH_SIZE)
+        auth, confirm = r.fixed(_AUTH_SIZE[self.mode]), r.fixed(HASH_SIZE)
         r.end()
         transcript = self._transcript.digest()
-        assert self.peer_site_id is not None
-        pinned = self._pinned_key(self.peer_site_id)
-        assert pinned is not None
-        try:
-            self._backend.verify(pinned, transcript, signature, labels.SIG_CONTEXT_INITIATOR)
-        except AuthenticationFailed:
-            raise PeerAuthenticationError(
-                f"site {self.peer_site_id!r} failed authentication: its ML-DSA-65 signature "
-                "does not verify under the pinned public key"
-            ) from None
+        self._check_peer_auth(transcript, auth, Role.INITIATOR)
         expected = mac(self._key(labels.LABEL_INITIATOR_CONFIRM, transcript), transcript)
         if not constant_time_equal(confirm, expected):
             raise PeerAuthenticationError("key confirmation failed")
@@ -404,21 +492,25 @@ class PeerConnection:
 
     def _key(self, label: bytes, transcript: bytes) -> bytes:
         assert self._shared is not None
-        secret = hkdf_extract(transcript, labels.LABEL_HANDSHAKE_SECRET + self._shared)
+        psk = self._auth_key.material if self._auth_key is not None else b""
+        secret = hkdf_extract(transcript, labels.LABEL_HANDSHAKE_SECRET + self._shared + psk)
         return hkdf_expand(secret, label, 32)
 
     def _establish(self, transcript: bytes) -> HandshakeComplete:
         i2r = Aead(self._key(labels.LABEL_SESSION_INITIATOR_TO_RESPONDER, transcript))
         r2i = Aead(self._key(labels.LABEL_SESSION_RESPONDER_TO_INITIATOR, transcript))
         self._send, self._recv = (i2r, r2i) if self.role is Role.INITIATOR else (r2i, i2r)
-        self._shared = None  # only the directional keys outlive the handshake
+        auth_key_id = self._auth_key.key_id if self._auth_key is not None else None
+        # Only the directional keys outlive the handshake.
+        self._shared = None
         self._kem_key = None
         self._x25519 = None
+        self._auth_key = None
         self.session_id = hashlib.sha256(labels.LABEL_SESSION_ID + transcript).digest()
         self.state = State.ESTABLISHED
         self._frames.max_body = MAX_SESSION_BODY
         assert self.peer_site_id is not None
-        return HandshakeComplete(self.peer_site_id, self.session_id)
+        return HandshakeComplete(self.peer_site_id, self.session_id, self.mode, auth_key_id)
 
     # -- session --------------------------------------------------------------------------
 
@@ -436,3 +528,7 @@ class PeerConnection:
             ) from None
         self._recv_counter += 1
         return MessageReceived(payload)
+
+
+def _header(frame_type: int, length: int) -> bytes:
+    return FRAME_HEADER.pack(PROTOCOL_VERSION, frame_type, length)

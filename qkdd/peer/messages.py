@@ -3,10 +3,12 @@
 Each message is ``type (1) | body``. Flow between the link master (picks QKD key IDs) and
 the link slave:
 
+    both              STORE_ID    the sender's key-store identity (first message of a session)
     slave  -> master  RESYNC      batch IDs the slave holds but has not seen committed
     slave  -> master  KEM_OFFER   a fresh ML-KEM-768 encapsulation key (used once)
     slave  -> master  POOL_DEMAND how many keys the slave's local master SAEs want
-    master -> slave   KEY_BATCH   ML-KEM ciphertext + per key: key ID, SAE pair, QKD key IDs
+    master -> slave   KEY_BATCH   purpose, ML-KEM ciphertext + per key: key ID, SAE pair,
+                                  QKD key IDs
     slave  -> master  BATCH_ACK   stored (or rejected, with the reason)
     master -> slave   BATCH_DECISION  commit (keys become deliverable) or abort
 """
@@ -26,6 +28,12 @@ MAX_QKD_KEYS_PER_KEY: Final = 32
 MAX_DEMAND_ENTRIES: Final = 256
 MAX_RESYNC_BATCHES: Final = 1024
 MAX_REASON_LENGTH: Final = 512
+STORE_ID_SIZE: Final = 16
+
+
+class BatchPurpose:
+    APPLICATION_KEYS: Final = 0  # hybrid keys for applications (SAE pairs)
+    AUTHENTICATION_KEYS: Final = 1  # PSKs that authenticate the next handshakes
 
 
 class MessageType:
@@ -35,6 +43,7 @@ class MessageType:
     BATCH_DECISION: Final = 0x04
     POOL_DEMAND: Final = 0x05
     RESYNC: Final = 0x06
+    STORE_ID: Final = 0x07
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,7 @@ class BatchEntry:
 class KeyBatch:
     batch_id: int
     offer_id: int
+    purpose: int
     kem_ciphertext: bytes
     entries: tuple[BatchEntry, ...]
 
@@ -78,6 +88,7 @@ class KeyBatch:
             .u8(MessageType.KEY_BATCH)
             .u64(self.batch_id)
             .u32(self.offer_id)
+            .u8(self.purpose)
             .fixed(self.kem_ciphertext, KEM_CIPHERTEXT_SIZE)
             .u16(len(self.entries))
         )
@@ -90,7 +101,10 @@ class KeyBatch:
 
     @classmethod
     def read(cls, r: Reader) -> KeyBatch:
-        batch_id, offer_id, ciphertext = r.u64(), r.u32(), r.fixed(KEM_CIPHERTEXT_SIZE)
+        batch_id, offer_id, purpose = r.u64(), r.u32(), r.u8()
+        if purpose not in (BatchPurpose.APPLICATION_KEYS, BatchPurpose.AUTHENTICATION_KEYS):
+            raise RemoteProtocolError(f"KEY_BATCH: unknown purpose {purpose}")
+        ciphertext = r.fixed(KEM_CIPHERTEXT_SIZE)
         count = r.u16()
         if not 1 <= count <= MAX_KEYS_PER_BATCH:
             raise RemoteProtocolError(f"KEY_BATCH: {count} keys, allowed 1-{MAX_KEYS_PER_BATCH}")
@@ -106,7 +120,7 @@ class KeyBatch:
                 raise RemoteProtocolError("KEY_BATCH: bad QKD key count")
             qkd_ids = tuple(str(uuid.UUID(bytes=r.fixed(16))) for _ in range(n))
             entries.append(BatchEntry(key_id, size_bits, master, slave, qkd_ids))
-        return cls(batch_id, offer_id, ciphertext, tuple(entries))
+        return cls(batch_id, offer_id, purpose, ciphertext, tuple(entries))
 
 
 @dataclass(frozen=True)
@@ -193,7 +207,21 @@ class Resync:
         return cls(tuple(r.u64() for _ in range(count)))
 
 
-LinkMessage = KemOffer | KeyBatch | BatchAck | BatchDecision | PoolDemand | Resync
+@dataclass(frozen=True)
+class StoreId:
+    """The sender's key-store identity; a change means the sender lost its state."""
+
+    store_id: bytes
+
+    def encode(self) -> bytes:
+        return Writer().u8(MessageType.STORE_ID).fixed(self.store_id, STORE_ID_SIZE).build()
+
+    @classmethod
+    def read(cls, r: Reader) -> StoreId:
+        return cls(r.fixed(STORE_ID_SIZE))
+
+
+LinkMessage = KemOffer | KeyBatch | BatchAck | BatchDecision | PoolDemand | Resync | StoreId
 
 _DECODERS: dict[int, type[LinkMessage]] = {
     MessageType.KEM_OFFER: KemOffer,
@@ -202,6 +230,7 @@ _DECODERS: dict[int, type[LinkMessage]] = {
     MessageType.BATCH_DECISION: BatchDecision,
     MessageType.POOL_DEMAND: PoolDemand,
     MessageType.RESYNC: Resync,
+    MessageType.STORE_ID: StoreId,
 }
 
 

@@ -1,0 +1,80 @@
+"""Bootstrap once, then PSKs from the QKD stream, through real daemons and restarts; a lost
+PSK chain fails closed until the operators allow a new bootstrap."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from qkdd.demo import exchange_keys, running_demo, wait_for_keys
+from qkdd.demo_sites import SITE_B
+
+
+def wait_for_log(path: Path, text: str, count: int = 1, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while path.read_text().count(text) < count:
+        assert time.monotonic() < deadline, f"{text!r} x{count} not in {path}:\n{path.read_text()}"
+        time.sleep(0.1)
+
+
+def restart(site, *, wipe_state: bool = False) -> None:
+    site.process.send_signal(signal.SIGTERM)
+    assert site.process.wait(timeout=20) == 0
+    if wipe_state:
+        shutil.rmtree(site.config_file.parent / site.site.directory / "state")
+    log = open(site.log_file, "ab")  # noqa: SIM115 - handed to the child, closed below
+    site.process = subprocess.Popen(
+        [sys.executable, "-m", "qkdd", "run", "--config", str(site.config_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    log.close()
+
+
+def test_psk_after_bootstrap_and_fail_closed_when_the_chain_is_lost(tmp_path):
+    with running_demo(tmp_path) as (site_a, site_b):
+        wait_for_keys(site_a, SITE_B.sae_id, 4, timeout=30)
+        wait_for_log(site_a.log_file, "auth=ml-dsa-bootstrap")
+        wait_for_log(site_a.log_file, "event=auth_key_rotated")
+
+        # A restart of either side: the next session is authenticated by the PSK.
+        restart(site_b)
+        wait_for_log(site_a.log_file, "auth=psk:")
+        wait_for_log(site_b.log_file, "auth=psk:")
+        wait_for_log(site_a.log_file, "event=auth_key_rotated", count=2)
+        assert site_a.log_file.read_text().count("auth=ml-dsa-bootstrap") == 1
+        wait_for_keys(site_a, SITE_B.sae_id, 4, timeout=30)
+        assert all(row["match"] for row in exchange_keys(site_a, site_b, 4))
+
+        # Site B loses its state, PSK chain included: no silent fallback to signatures.
+        restart(site_b, wipe_state=True)
+        wait_for_log(site_b.log_file, "event=peer_authentication_failed")
+        wait_for_log(site_b.log_file, "PSK chains are out of step")
+        wait_for_log(site_a.log_file, "closed the connection during the handshake")
+        sessions = site_a.log_file.read_text().count("event=session_established")
+
+        # The operator allows one new bootstrap; the link comes back and re-keys.
+        allowed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qkdd",
+                "allow-bootstrap",
+                "--config",
+                str(site_a.config_file),
+                "site-b",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert allowed.returncode == 0, allowed.stderr
+        wait_for_log(site_a.log_file, "event=bootstrap peer=site-b reason=allowed-by-operator")
+        wait_for_log(site_a.log_file, "auth=ml-dsa-bootstrap", count=2)
+        assert site_a.log_file.read_text().count("event=session_established") == sessions + 1
+        wait_for_keys(site_a, SITE_B.sae_id, 4, timeout=30)
+        assert all(row["match"] for row in exchange_keys(site_a, site_b, 4))
