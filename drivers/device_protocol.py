@@ -681,9 +681,12 @@ class DeviceProtocol(_Endpoint):
         self._window = min(self._own_window, msg.window) if msg.window else self._own_window
         self._peer_max_frame = msg.max_frame
         self.host_name = msg.name
-        # The host may not have received what is in flight: send all of it again, first.
-        self._pending.extendleft(reversed(list(self._in_flight)))
-        self._in_flight.clear()
+        # The host may not have received what is in flight: send all of it again, first,
+        # in the order the keys were made (retransmissions reorder the in-flight list).
+        if self._in_flight:
+            in_flight = self._in_flight
+            self._pending.extendleft(reversed([k for k in self._keys if k in in_flight]))
+            self._in_flight = {}
         self._send(self._hello(version))
         self._version = version
         self._check_seq(frame)

@@ -56,6 +56,21 @@ class SecretSource:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """The optional ETSI 014 listener over TLS 1.3 with client certificates."""
+
+    listen: tuple[str, int]
+    certificate: Path
+    private_key: Path
+    client_ca: Path
+    clients: tuple[tuple[str, str], ...]  # certificate name -> SAE ID
+
+    @property
+    def sae_by_name(self) -> dict[str, str]:
+        return dict(self.clients)
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     kind: str
     path: Path
@@ -89,6 +104,7 @@ class SiteConfig:
     identity_key: Path
     api_socket: Path
     api_socket_mode: int
+    api_tls: TlsConfig | None
     key_size: int
     max_keys_per_request: int
     pqc_backend: str
@@ -223,6 +239,26 @@ def _secret_source(reader: _Reader, name: str) -> SecretSource:
     return SecretSource(reader.path(name), None)
 
 
+def _tls(reader: _Reader, local_saes: set[str]) -> TlsConfig:
+    reader.reject_unknown({"listen", "certificate", "private_key", "client_ca", "clients"})
+    clients = reader.get("clients", dict, "a table of certificate name = SAE ID")
+    for name, sae in clients.items():
+        if sae not in local_saes:
+            raise ConfigError(
+                reader.file,
+                f"{reader.key('clients')}.{name}",
+                f"the SAE ID of a [[consumers]] entry ({', '.join(sorted(local_saes)) or 'none'})",
+                sae,
+            )
+    return TlsConfig(
+        listen=reader.address("listen"),
+        certificate=reader.path("certificate"),
+        private_key=reader.path("private_key"),
+        client_ca=reader.path("client_ca"),
+        clients=tuple(sorted(clients.items())),
+    )
+
+
 def _device(reader: _Reader) -> DeviceConfig:
     reader.reject_unknown({"kind", "path", "baudrate"})
     kind = reader.get("kind", str, f"one of {', '.join(DEVICE_KINDS)}")
@@ -297,7 +333,7 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
     store = root.subtable("store")
     store.reject_unknown({"key_encryption_key", "key_lifetime"})
     api = root.subtable("api")
-    api.reject_unknown({"socket", "socket_mode", "key_size", "max_keys_per_request"})
+    api.reject_unknown({"socket", "socket_mode", "key_size", "max_keys_per_request", "tls"})
     backend = root.get("pqc_backend", str, f"one of {', '.join(BACKEND_CHOICES)}", "auto")
     if backend not in BACKEND_CHOICES:
         raise root.error("pqc_backend", f"one of {', '.join(BACKEND_CHOICES)}", backend)
@@ -321,6 +357,9 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
         identity_key=identity.path("private_key"),
         api_socket=api.path("socket"),
         api_socket_mode=api.integer("socket_mode", 0, 0o777, 0o600),
+        api_tls=_tls(api.subtable("tls"), {c.sae_id for c in consumers})
+        if "tls" in api.table
+        else None,
         key_size=key_size,
         max_keys_per_request=api.integer("max_keys_per_request", 1, 10_000, 128),
         pqc_backend=backend,

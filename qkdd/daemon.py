@@ -6,38 +6,71 @@ run_daemon(config)
     per peer: QKD device -> key store            (PeerLink.device.run)
     per peer we are master of: dial the peer      (PeerLink.dial_forever)
     peer listener: responder handshakes           (serve_peers)
-    ETSI GS QKD 014 API on the Unix socket        (serve_unix)
+    ETSI GS QKD 014 API on the Unix socket        (serve_unix; bound here, or
+                                                   passed by qkdd.socket)
+    key expiry, STATUS= lines, watchdog pings      (_expire_keys, _report_status, _watchdog)
     READY=1 to systemd, then wait for a signal
+  SIGHUP: re-read the config, apply what can change live, say what needs a restart.
   SIGTERM/SIGINT: STOPPING=1, cancel everything (in-flight work is transactional),
   close the store.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable
 from typing import Final
 
 import trio
 
-from qkdd.config import SiteConfig
+from qkdd.config import ConfigError, SiteConfig, TlsConfig, load_config
 from qkdd.crypto.select import select_backend
 from qkdd.etsi014.handler import RequestHandler
 from qkdd.etsi014.server import serve_unix
+from qkdd.etsi014.tls import sae_ids_from_certificate, serve_tls
 from qkdd.identity import load_identity, read_key_encryption_key
-from qkdd.keystore import KeyStore
+from qkdd.keystore import KeyStore, StoreError
 from qkdd.peering import PeerLink, serve_peers
 from qkdd.pool import StoreKeyPool
-from qkdd.systemd import Notifier
+from qkdd.systemd import Notifier, listen_fds_with_names, watchdog_interval
 
 log = logging.getLogger("qkdd.daemon")
 
 STORE_FILE: Final = "keys.sqlite3"
 STATUS_INTERVAL: Final = 5.0
 EXPIRY_INTERVAL: Final = 10.0
+
+
+class LiveConfig:
+    """The config in force; SIGHUP swaps in what can change without a restart."""
+
+    RELOADABLE = ("consumers", "key_lifetime", "max_keys_per_request")
+
+    def __init__(self, config: SiteConfig) -> None:
+        self.config = config
+
+    def reload(self) -> tuple[list[str], list[str]]:
+        """Re-read the file; return (keys applied, keys that need a restart)."""
+        new = load_config(self.config.file)
+        reloadable = set(self.RELOADABLE)
+        if new.local_sae_ids != self.config.local_sae_ids:
+            # Who may act as an SAE can change live; which SAEs exist shapes the links.
+            reloadable.discard("consumers")
+        changed = [
+            f.name
+            for f in dataclasses.fields(SiteConfig)
+            if getattr(new, f.name) != getattr(self.config, f.name)
+        ]
+        applied = [name for name in changed if name in reloadable]
+        self.config = dataclasses.replace(
+            self.config, **{name: getattr(new, name) for name in applied}
+        )
+        return applied, [name for name in changed if name not in reloadable]
 
 
 async def run_daemon(config: SiteConfig) -> None:
@@ -49,21 +82,24 @@ async def run_daemon(config: SiteConfig) -> None:
     store = KeyStore(
         config.state_directory / STORE_FILE, read_key_encryption_key(config.key_encryption_key)
     )
+    live = LiveConfig(config)
     links = {
         peer.site_id: PeerLink(config, peer, store=store, backend=backend, signing_key=signing_key)
         for peer in config.peers
     }
-    pool = StoreKeyPool(config, store, lambda site: links[site].why_unavailable())
+    pool = StoreKeyPool(live, store, lambda site: links[site].why_unavailable())
     handler = RequestHandler(pool)
 
     def identify(uid: int, gid: int) -> frozenset[str]:
-        return config.sae_ids_for_uid(uid)
+        return live.config.sae_ids_for_uid(uid)
 
+    api_listener = _activated_api_listener()
     log.info(
-        "event=starting site=%s backend=%s peers=%s",
+        "event=starting site=%s backend=%s peers=%s api_socket=%s",
         config.site_id,
         backend.name,
         ",".join(links) or "-",
+        "from systemd" if api_listener else config.api_socket,
     )
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -80,18 +116,21 @@ async def run_daemon(config: SiteConfig) -> None:
                         handler,
                         identify,
                         mode=config.api_socket_mode,
+                        listener=api_listener,
                     )
                 )
+                if config.api_tls is not None:
+                    await nursery.start(_tls_listener(config.api_tls, handler))
                 nursery.start_soon(_report_status, notifier, config, links, store)
-                nursery.start_soon(_expire_keys, config, store)
+                nursery.start_soon(_expire_keys, live, store)
+                period = watchdog_interval()
+                if period is not None:
+                    nursery.start_soon(_watchdog, notifier, store, period)
                 notifier.ready()
-                log.info("event=ready site=%s api_socket=%s", config.site_id, config.api_socket)
+                log.info("event=ready site=%s", config.site_id)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        log.info(
-                            "event=reload_ignored reason='reload is not supported yet; "
-                            "restart to apply changes'"
-                        )
+                        _reload(live, notifier)
                         continue
                     log.info("event=stopping signal=%s", signal.Signals(signum).name)
                     notifier.stopping()
@@ -102,19 +141,72 @@ async def run_daemon(config: SiteConfig) -> None:
         log.info("event=stopped site=%s", config.site_id)
 
 
+def _tls_listener(tls: TlsConfig, handler: RequestHandler) -> functools.partial[Awaitable[None]]:
+    """The ETSI 014 API over TLS 1.3, callers identified by client certificate."""
+    host, port = tls.listen
+    return functools.partial(
+        serve_tls,
+        host,
+        port,
+        handler,
+        functools.partial(sae_ids_from_certificate, allowed=tls.sae_by_name),
+        cert_file=str(tls.certificate),
+        key_file=str(tls.private_key),
+        client_ca_file=str(tls.client_ca),
+    )
+
+
+def _activated_api_listener() -> trio.SocketListener | None:
+    """The API socket passed by qkdd.socket (LISTEN_FDS), if systemd activated us."""
+    sockets = listen_fds_with_names()
+    sock = sockets.get("api") or (next(iter(sockets.values())) if len(sockets) == 1 else None)
+    if sock is None:
+        return None
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+def _reload(live: LiveConfig, notifier: Notifier) -> None:
+    notifier.reloading()
+    try:
+        applied, restart = live.reload()
+    except ConfigError as exc:
+        log.error("event=reload_failed reason=%r kept='the running config'", str(exc))
+    else:
+        log.info(
+            "event=reloaded applied=%s needs_restart=%s",
+            ",".join(applied) or "-",
+            ",".join(restart) or "-",
+        )
+    notifier.ready()
+
+
+async def _watchdog(notifier: Notifier, store: KeyStore, period: float) -> None:
+    """Ping systemd only while the key store answers: a wedged store (disk gone, lock held
+    forever) stops the pings, and systemd restarts the service."""
+    while True:
+        try:
+            store.health_check()
+        except StoreError as exc:
+            log.error("event=watchdog_withheld reason=%r", str(exc))
+        else:
+            notifier.watchdog()
+        await trio.sleep(period)
+
+
 def _self_test(backend: object) -> None:
     from qkdd.crypto import selftest
 
     selftest.run_self_tests(backend)  # type: ignore[arg-type]
 
 
-async def _expire_keys(config: SiteConfig, store: KeyStore) -> None:
+async def _expire_keys(live: LiveConfig, store: KeyStore) -> None:
     """Erase keys that waited longer than ``store.key_lifetime`` for their application."""
     while True:
-        erased = store.erase_expired(time.time() - config.key_lifetime)
+        lifetime = live.config.key_lifetime
+        erased = store.erase_expired(time.time() - lifetime)
         if erased:
-            log.info("event=keys_expired count=%d lifetime_s=%d", erased, config.key_lifetime)
-        await trio.sleep(min(EXPIRY_INTERVAL, config.key_lifetime / 2))
+            log.info("event=keys_expired count=%d lifetime_s=%d", erased, lifetime)
+        await trio.sleep(min(EXPIRY_INTERVAL, lifetime / 2))
 
 
 async def _report_status(

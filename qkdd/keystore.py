@@ -196,6 +196,13 @@ class KeyStore:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open key store {path}: {exc}") from None
 
+    def health_check(self) -> None:
+        """Raise StoreError unless the database answers a query."""
+        try:
+            self._db.execute("SELECT count(*) FROM batches").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"key store {self.path} does not answer: {exc}") from None
+
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -5,21 +5,28 @@ key store, per SAE pair, handed out once and erased. Implements ``etsi014.pool.K
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from qkdd.config import SiteConfig
 from qkdd.etsi014.pool import DeliveredKey, KeysUnavailable, PoolStatus, UnknownKeys
 from qkdd.keystore import KeyStore
 
 
+class _HasConfig(Protocol):
+    config: SiteConfig
+
+
 class StoreKeyPool:
     def __init__(
         self,
-        config: SiteConfig,
+        live: _HasConfig,
         store: KeyStore,
         why_unavailable: Callable[[str], str | None],
     ) -> None:
-        """``why_unavailable(peer_site_id)`` says why no keys are being made (or None)."""
-        self._config = config
+        """``live.config`` is the config in force (it changes on reload);
+        ``why_unavailable(peer_site_id)`` says why no keys are being made (or None)."""
+        self._live = live
+        config = live.config
         self._store = store
         self._why_unavailable = why_unavailable
         self._site_of_sae: dict[str, str] = {sae: config.site_id for sae in config.local_sae_ids}
@@ -33,21 +40,21 @@ class StoreKeyPool:
     def _peer_of_pair(self, master_sae_id: str, slave_sae_id: str) -> str | None:
         for sae in (master_sae_id, slave_sae_id):
             site = self._site_of_sae.get(sae)
-            if site is not None and site != self._config.site_id:
+            if site is not None and site != self._live.config.site_id:
                 return site
         return None
 
     def status(self, master_sae_id: str, slave_sae_id: str) -> PoolStatus:
         peer_site = self._peer_of_pair(master_sae_id, slave_sae_id)
-        peer = self._config.peer(peer_site) if peer_site else None
-        size = self._config.key_size
+        peer = self._live.config.peer(peer_site) if peer_site else None
+        size = self._live.config.key_size
         return PoolStatus(
-            source_kme_id=self._config.site_id,
-            target_kme_id=peer_site or self._config.site_id,
+            source_kme_id=self._live.config.site_id,
+            target_kme_id=peer_site or self._live.config.site_id,
             key_size=size,
             stored_key_count=self._store.ready_count(master_sae_id, slave_sae_id),
             max_key_count=peer.pool_size if peer else 0,
-            max_key_per_request=self._config.max_keys_per_request,
+            max_key_per_request=self._live.config.max_keys_per_request,
             # Keys are derived at one size per site for now; status says so.
             max_key_size=size,
             min_key_size=size,

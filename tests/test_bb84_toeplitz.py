@@ -7,7 +7,6 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from qkdd_drivers.toeplitz import (
     clmul_decimal,
     clmul_int,
@@ -33,7 +32,9 @@ def matrix_hash(seed: int, x: int, n: int, m: int) -> int:
     """Build T explicitly as rows and multiply over GF(2)."""
     rows = [[(seed >> (i - j + n - 1)) & 1 for j in range(n)] for i in range(m)]
     xs = [(x >> j) & 1 for j in range(n)]
-    return sum((sum(r * v for r, v in zip(row, xs)) % 2) << i for i, row in enumerate(rows))
+    return sum(
+        (sum(r * v for r, v in zip(row, xs, strict=True)) % 2) << i for i, row in enumerate(rows)
+    )
 
 
 @settings(max_examples=60, deadline=None)
@@ -74,12 +75,13 @@ def test_modified_toeplitz_is_t_times_x1_xor_x2(n: int, data: st.DataObject) -> 
     width = n - m
     # [T | I] as an explicit m x n matrix.
     rows = [
-        [(seed >> (i - j + width - 1)) & 1 for j in range(width)]
-        + [int(i == k) for k in range(m)]
+        [(seed >> (i - j + width - 1)) & 1 for j in range(width)] + [int(i == k) for k in range(m)]
         for i in range(m)
     ]
     xs = [(x >> j) & 1 for j in range(n)]
-    expected = sum((sum(r * v for r, v in zip(row, xs)) % 2) << i for i, row in enumerate(rows))
+    expected = sum(
+        (sum(r * v for r, v in zip(row, xs, strict=True)) % 2) << i for i, row in enumerate(rows)
+    )
     assert modified_toeplitz_hash(seed, x, n, m) == expected
 
 

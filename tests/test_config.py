@@ -138,6 +138,19 @@ def test_bad_value_names_file_key_and_expectation(site_dir, old, new, key, expec
     assert str(path) in message and key in message
 
 
+def test_tls_clients_must_name_local_saes(site_dir):
+    path = site_dir / "site-a.toml"
+    path.write_text(
+        path.read_text()
+        + '[api.tls]\nlisten = "127.0.0.1:8443"\ncertificate = "c"\nprivate_key = "k"\n'
+        'client_ca = "ca"\n[api.tls.clients]\n"app.example" = "sae-z"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "api.tls.clients.app.example"
+    assert "sae-a" in info.value.expected
+
+
 def test_toml_syntax_error_names_the_file(site_dir):
     path = edit(site_dir, 'site_id = "site-a"', "site_id = ")
     with pytest.raises(ConfigError, match="valid TOML") as info:

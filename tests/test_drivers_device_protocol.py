@@ -416,3 +416,20 @@ def test_valid_frames_with_arbitrary_payloads_never_crash(items: list[tuple[int,
         dev.receive_data(wire)
         host.data_to_send()
         dev.data_to_send()
+
+
+def test_resend_after_hello_is_in_generation_order_despite_retransmissions() -> None:
+    dev = DeviceProtocol(window=4, retransmit_timeout=1.0)
+    connect(HostProtocol(), dev)
+    keys = make_keys(6)
+    dev.add_keys(keys[:2])
+    dev.poll(0.0)
+    dev.add_keys(keys[2:])
+    dev.poll(0.5)  # keys 0-1 sent at 0.0, keys 2-3 at 0.5
+    dev.poll(1.0)  # only 0-1 are overdue: the in-flight list becomes 2,3,0,1
+    dev.data_to_send()
+    host = HostProtocol()
+    connect(host, dev)
+    dev.poll(2.0)
+    got = received(host.receive_data(dev.data_to_send()))
+    assert [e.key_id for e in got] == [k for k, _ in keys[:4]]

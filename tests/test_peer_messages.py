@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from functools import partial
 import os
 import uuid
+from functools import partial
 
 import pytest
 from hypothesis import given, settings
