@@ -97,6 +97,7 @@ class CascadeLayout:
                     break
             perms.append((a, rng.randrange(n)))
         object.__setattr__(self, "_perms", perms)
+        object.__setattr__(self, "_inverses", [pow(a, -1, n) for a, _ in perms])
 
     def log2_size(self, t: int) -> int:
         return self.first_log2 + t
@@ -125,7 +126,7 @@ class CascadeLayout:
         a, b = self.permutation(t)
         if a == 1 and b == 0:
             return p
-        return ((p - b) * pow(a, -1, self.n)) % self.n
+        return ((p - b) * self._inverses[t]) % self.n  # type: ignore[attr-defined]
 
     def forward(self, t: int, q: int) -> int:
         a, b = self.permutation(t)
@@ -283,6 +284,7 @@ def cascade_bob(
     bob = bytearray(bits)
     disclosed = corrections = 0
     runs: list[_PassParities] = []
+    inverses = [pow(layout.permutation(t)[0], -1, n) for t in range(passes)]
     tops: list[bytes] = []  # Alice's top-block parities per pass, one byte per block
     known: list[dict[int, int]] = []  # Alice's parity of smaller blocks: start << 5 | level
     # Searches in flight: (pass, level, start) -> Alice's parity of that block.
@@ -291,23 +293,27 @@ def cascade_bob(
     def on_flip(p: int) -> None:
         """Bob flipped bit p: update every pass and queue the searches it makes odd."""
         for t, run in enumerate(runs):
-            q = layout.inverse(t, p)
-            run.flip(q)
-            kt, levels = known[t], run.levels
-            for level in range(run.top + 1):
+            a_t, b_t = layout.permutation(t)
+            q = p if t == 0 else ((p - b_t) * inverses[t]) % n
+            kt, top_level, found = known[t], run.top, False
+            for level, arr in enumerate(run.levels):
                 s = (q >> level) << level
-                if level == run.top:
+                byte, bit = s >> 3, 1 << (s & 7)
+                arr[byte] ^= bit
+                if found:
+                    continue  # keep flipping the parities of the larger blocks
+                if level == top_level:
                     a = tops[t][s >> level]
                 else:
                     a = kt.get((s << 5) | level)
                     if a is None:
                         continue
-                if a != (levels[level][s >> 3] >> (s & 7)) & 1:
+                if a != bool(arr[byte] & bit):
+                    found = True
                     if level == 0:  # a known single bit that differs: fix it at once
                         pending_flips.append((t, s, a))
                     else:
                         searches[(t, level, s)] = a
-                    break
 
     # Single bits found wrong: (pass, position, Alice's bit). Re-checked when popped, as
     # two passes may name the same bit.
@@ -346,13 +352,16 @@ def cascade_bob(
 
         while searches:
             # Drop searches whose block is no longer odd, then ask for the left halves.
+            # (Parities are read inline: this loop is the hot path.)
             current = [
-                (key, a) for key, a in searches.items() if a != runs[key[0]].parity(key[1], key[2])
+                (key, a)
+                for key, a in searches.items()
+                if a != (runs[key[0]].levels[key[1]][key[2] >> 3] >> (key[2] & 7)) & 1
             ]
             searches = {}
             asks = array("Q")
             for (u, level, s), _ in current:
-                if known[u].get((s << 5) | (level - 1)) is None:
+                if ((s << 5) | (level - 1)) not in known[u]:
                     asks.append(_key(u, level - 1, s))
             if asks:
                 reply = request(bytes([_PARITY]) + _encode_keys(asks))
@@ -362,13 +371,13 @@ def cascade_bob(
                 for key, bit in zip(asks, answers, strict=True):
                     known[(key >> 5) & 31][((key >> 10) << 5) | (key & 31)] = bit
             for (u, level, s), a in current:
-                run_u = runs[u]
-                if a == run_u.parity(level, s):
+                levels = runs[u].levels
+                if a == (levels[level][s >> 3] >> (s & 7)) & 1:
                     continue  # made even by a correction earlier in this round
                 half = level - 1
                 ku = known[u]
                 left = ku[(s << 5) | half]
-                if left != run_u.parity(half, s):
+                if left != (levels[half][s >> 3] >> (s & 7)) & 1:
                     child, child_a = s, left
                 else:
                     child, child_a = s + (1 << half), a ^ left

@@ -97,10 +97,9 @@ def clmul_int(a: int, b: int) -> int:
         return 0
     la, lb = a.bit_length(), b.bit_length()
     w = min(la, lb).bit_length() + 1  # a field holds counts up to min(la, lb) < 2^w
-    spread = {"0": "0" * w, "1": "0" * (w - 1) + "1"}
-    table = str.maketrans(spread)
-    sa = int(format(a, "b").translate(table), 2)
-    sb = int(format(b, "b").translate(table), 2)
+    gap = "0" * (w - 1)  # joining the binary digits with w - 1 zeros spreads them
+    sa = int(gap.join(format(a, "b")), 2)
+    sb = int(gap.join(format(b, "b")), 2)
     prod = sa * sb
     total = la + lb - 1
     # The lowest bit of each w-bit field is that field's parity.
@@ -114,9 +113,9 @@ def clmul_decimal(a: int, b: int) -> int:
         return 0
     la, lb = a.bit_length(), b.bit_length()
     d = len(str(min(la, lb)))  # 10^d > largest field count min(la, lb)
-    table = str.maketrans({"0": "0" * d, "1": "0" * (d - 1) + "1"})
-    da = _CONTEXT.create_decimal(format(a, "b").translate(table))
-    db = _CONTEXT.create_decimal(format(b, "b").translate(table))
+    gap = "0" * (d - 1)
+    da = _CONTEXT.create_decimal(gap.join(format(a, "b")))
+    db = _CONTEXT.create_decimal(gap.join(format(b, "b")))
     prod = _CONTEXT.multiply(da, db)
     total = la + lb - 1
     text = format(prod, "f").zfill(total * d)

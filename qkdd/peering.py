@@ -38,6 +38,36 @@ DIAL_BACKOFF_MAX: Final = 10.0
 # Device keys held at most before the driver stops acknowledging (back-pressure to the
 # device, which then buffers): bounds the disk a stalled peer can make us use.
 QKD_BUFFER_MAX: Final = 20_000
+# Pre-authentication limits: an unauthenticated client holds at most one handshake slot
+# for HANDSHAKE_TIMEOUT, and at most this many at once in all and per source address.
+MAX_PENDING_HANDSHAKES: Final = 32
+MAX_PENDING_HANDSHAKES_PER_ADDRESS: Final = 4
+
+
+class HandshakeLimiter:
+    """Counts handshakes in progress, in all and per source address."""
+
+    def __init__(
+        self,
+        total: int = MAX_PENDING_HANDSHAKES,
+        per_address: int = MAX_PENDING_HANDSHAKES_PER_ADDRESS,
+    ) -> None:
+        self._total, self._per_address = total, per_address
+        self._by_address: dict[str, int] = {}
+
+    def try_acquire(self, address: str) -> bool:
+        in_progress = sum(self._by_address.values())
+        if in_progress >= self._total or self._by_address.get(address, 0) >= self._per_address:
+            return False
+        self._by_address[address] = self._by_address.get(address, 0) + 1
+        return True
+
+    def release(self, address: str) -> None:
+        left = self._by_address[address] - 1
+        if left:
+            self._by_address[address] = left
+        else:
+            del self._by_address[address]
 
 
 class PeerClosed(Exception):
@@ -304,6 +334,13 @@ async def complete_handshake(
                 return event, [e for e in events[index + 1 :] if isinstance(e, MessageReceived)]
 
 
+def _source_address(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "unknown"
+
+
 class _LinkRouter:
     """PeerTrust for the listener: asks the link of whichever site the peer claims to be."""
 
@@ -336,6 +373,7 @@ async def serve_peers(
     listeners = await trio.open_tcp_listeners(port, host=host)
 
     trust = _LinkRouter(links)
+    limiter = HandshakeLimiter()
 
     async def on_connection(stream: trio.SocketStream) -> None:
         conn = PeerConnection(
@@ -345,11 +383,21 @@ async def serve_peers(
             signing_key=signing_key,
             trust=trust,
         )
+        address = _source_address(stream)
+        if not limiter.try_acquire(address):
+            log.warning(
+                "event=handshake_refused address=%s reason='too many pending handshakes'", address
+            )
+            await stream.aclose()
+            return
         async with stream:
             link = None
             try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    done, leftover = await complete_handshake(stream, conn)
+                try:
+                    with trio.fail_after(HANDSHAKE_TIMEOUT):
+                        done, leftover = await complete_handshake(stream, conn)
+                finally:
+                    limiter.release(address)
                 assert conn.peer_site_id is not None
                 link = links[conn.peer_site_id]
                 if link.params.is_master:

@@ -208,9 +208,11 @@ client_ca = "{pki.ca}"
         with BlockingKeyClient.tls("127.0.0.1", address[1], **tls) as client:
             assert client.status(SITE_B.sae_id)["master_SAE_ID"] == "sae-a"
         stranger = dict(cert_file=pki.stranger.cert, key_file=pki.stranger.key, ca_file=pki.ca)
-        with BlockingKeyClient.tls("127.0.0.1", address[1], **stranger) as client:
-            with pytest.raises(KeyServiceClientError) as info:
-                client.status(SITE_B.sae_id)
+        with (
+            BlockingKeyClient.tls("127.0.0.1", address[1], **stranger) as client,
+            pytest.raises(KeyServiceClientError) as info,
+        ):
+            client.status(SITE_B.sae_id)
         assert info.value.status == 401
     finally:
         daemon.send_signal(signal.SIGTERM)
