@@ -27,6 +27,7 @@ LABEL_SESSION_INITIATOR_TO_RESPONDER: Final = b"qkdd/v1 session key initiator->r
 LABEL_SESSION_RESPONDER_TO_INITIATOR: Final = b"qkdd/v1 session key responder->initiator"
 LABEL_INITIATOR_CONFIRM: Final = b"qkdd/v1 initiator key confirmation"
 LABEL_SESSION_ID: Final = b"qkdd/v1 session id"
+LABEL_KEY_UPDATE: Final = b"qkdd/v1 session key update"
 
 # Hybrid key derivation (qkdd.hybrid).
 LABEL_HYBRID_SALT: Final = b"qkdd/v1 hybrid salt"
@@ -56,6 +57,7 @@ ALL_LABELS: Final = (
     LABEL_SESSION_RESPONDER_TO_INITIATOR,
     LABEL_INITIATOR_CONFIRM,
     LABEL_SESSION_ID,
+    LABEL_KEY_UPDATE,
     LABEL_HYBRID_SALT,
     LABEL_HYBRID_QKD_INPUT,
     LABEL_HYBRID_KEM_INPUT,

@@ -32,6 +32,8 @@ log = logging.getLogger("qkdd.peer")
 
 HANDSHAKE_TIMEOUT: Final = 10.0
 POLL_INTERVAL: Final = 0.02
+# Each direction of a session moves to a new key at least this often.
+REKEY_SECONDS: Final = 600.0
 RECEIVE_SIZE: Final = 64 * 1024
 DIAL_BACKOFF_FIRST: Final = 0.25
 DIAL_BACKOFF_MAX: Final = 10.0
@@ -284,8 +286,13 @@ class PeerLink:
                     await send(agreement.on_message(message, trio.current_time()))
 
         async def poll_loop() -> None:
+            rekey_at = trio.current_time() + REKEY_SECONDS
             while True:
-                await send(agreement.poll(trio.current_time()))
+                now = trio.current_time()
+                if now >= rekey_at:
+                    conn.update_send_key()  # rekey by time; by volume happens in send
+                    rekey_at = now + REKEY_SECONDS
+                await send(agreement.poll(now))
                 await trio.sleep(POLL_INTERVAL)
 
         with trio.CancelScope() as scope:

@@ -41,14 +41,16 @@ async def test_next_block_hands_out_keys_and_keeps_the_rest() -> None:
 
 
 async def test_event_loop_stays_responsive_while_a_block_is_computed() -> None:
-    source = Bb84KeySource(LinkParameters(), block_detections=400_000)
-    ticks = 0
+    source = Bb84KeySource(LinkParameters(), block_detections=300_000)
+    gaps: list[float] = []
 
     async def ticker() -> None:
-        nonlocal ticks
+        last = trio.current_time()
         while True:
             await trio.sleep(0.005)
-            ticks += 1
+            now = trio.current_time()
+            gaps.append(now - last)
+            last = now
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ticker)
@@ -56,8 +58,11 @@ async def test_event_loop_stays_responsive_while_a_block_is_computed() -> None:
         await source.next_block(1)
         elapsed = trio.current_time() - start
         nursery.cancel_scope.cancel()
-    # A blocked loop would not have ticked at all while the thread worked.
-    assert ticks >= elapsed / 0.005 * 0.3
+    # A computation on the loop's own thread would leave one gap as long as the block.
+    # The worker thread still holds the GIL during single long C calls (big products),
+    # so gaps of that size remain; they stay well below the block time.
+    assert len(gaps) >= 5
+    assert max(gaps) < max(0.5 * elapsed, 0.05)
 
 
 async def test_pacing_limits_the_key_rate(autojump_clock: trio.testing.MockClock) -> None:

@@ -20,7 +20,14 @@ from qkdd.peer.connection import (
     State,
 )
 from qkdd.peer.errors import LocalProtocolError, PeerAuthenticationError, RemoteProtocolError
-from qkdd.peer.wire import FRAME_HEADER, MAX_HANDSHAKE_BODY, FrameType, make_frame
+from qkdd.peer.wire import (
+    FRAME_HEADER,
+    MAX_HANDSHAKE_BODY,
+    MAX_SESSION_BODY,
+    FrameBuffer,
+    FrameType,
+    make_frame,
+)
 
 
 class Trust:
@@ -341,3 +348,71 @@ def test_psk_mode_reflection_fails(backend, identities):
     finish[6 : 6 + 32] = responder_mac
     with pytest.raises(PeerAuthenticationError):
         responder.receive_data(bytes(finish))
+
+
+# -- rekeying ------------------------------------------------------------------------------
+
+
+def test_key_update_on_demand_keeps_the_session_and_drops_old_frames(backend, identities):
+    initiator, responder = make_pair(backend, identities)
+    handshake(initiator, responder)
+    initiator.send_message(b"before")
+    before = initiator.data_to_send()
+    assert responder.receive_data(before) == [MessageReceived(b"before")]
+    initiator.update_send_key()
+    initiator.send_message(b"after")
+    assert responder.receive_data(initiator.data_to_send()) == [MessageReceived(b"after")]
+    assert responder._recv.counter == 1  # counters restart with the new key
+    with pytest.raises(PeerAuthenticationError):
+        responder.receive_data(before)  # a frame under the old key is now a replay
+
+
+def test_key_update_by_volume(backend, identities):
+    pins = {site: key.public_bytes for site, key in identities.items()}
+    initiator = PeerConnection(
+        Role.INITIATOR,
+        backend=backend,
+        local_site_id="site-a",
+        signing_key=identities["site-a"],
+        trust=Trust(pins),
+        expected_peer="site-b",
+        rekey_after_frames=3,
+    )
+    responder = PeerConnection(
+        Role.RESPONDER,
+        backend=backend,
+        local_site_id="site-b",
+        signing_key=identities["site-b"],
+        trust=Trust(pins),
+    )
+    handshake(initiator, responder)
+    for i in range(10):
+        initiator.send_message(bytes([i]))
+    data = initiator.data_to_send()
+    frames = FrameBuffer()
+    frames.max_body = MAX_SESSION_BODY
+    frames.feed(data)
+    types = []
+    while (frame := frames.next_frame()) is not None:
+        types.append(frame.type)
+    assert types.count(FrameType.KEY_UPDATE) == 3  # after frames 3, 6 and 9
+    assert len(types) == 13
+    assert responder.receive_data(data) == [MessageReceived(bytes([i])) for i in range(10)]
+
+
+def test_dropping_a_key_update_breaks_the_session(backend, identities):
+    initiator, responder = make_pair(backend, identities)
+    handshake(initiator, responder)
+    initiator.update_send_key()
+    initiator.data_to_send()  # lost
+    initiator.send_message(b"x")
+    with pytest.raises(PeerAuthenticationError):
+        responder.receive_data(initiator.data_to_send())
+
+
+def test_key_update_before_the_handshake_is_refused(backend, identities):
+    initiator, responder = make_pair(backend, identities)
+    with pytest.raises(LocalProtocolError):
+        initiator.update_send_key()
+    with pytest.raises(RemoteProtocolError):
+        responder.receive_data(make_frame(FrameType.KEY_UPDATE, b"\x00" * 16).encode())

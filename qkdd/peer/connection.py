@@ -82,6 +82,9 @@ MODE_SIGNATURE_BOOTSTRAP = 1
 MODE_PSK = 2
 SUPPORTED_MODES = (MODE_SIGNATURE_BOOTSTRAP, MODE_PSK)
 PSK_ID_SIZE = 16  # a UUID
+# Rekey by volume: a direction moves to a new key after this many frames (well below the
+# 2^32 messages ChaCha20-Poly1305 is comfortable with per key). The I/O layer adds a timer.
+REKEY_AFTER_FRAMES = 1 << 20
 MAC_SIZE = HASH_SIZE
 _AUTH_SIZE = {MODE_SIGNATURE_BOOTSTRAP: SIGNATURE_SIZE, MODE_PSK: MAC_SIZE}
 
@@ -145,6 +148,8 @@ _TRANSITIONS: dict[tuple[Role, State, int], str] = {
     (Role.RESPONDER, State.SENT_RESPONSE, FrameType.FINISH): "_on_finish",
     (Role.INITIATOR, State.ESTABLISHED, FrameType.DATA): "_on_data",
     (Role.RESPONDER, State.ESTABLISHED, FrameType.DATA): "_on_data",
+    (Role.INITIATOR, State.ESTABLISHED, FrameType.KEY_UPDATE): "_on_key_update",
+    (Role.RESPONDER, State.ESTABLISHED, FrameType.KEY_UPDATE): "_on_key_update",
 }
 
 
@@ -268,6 +273,7 @@ class PeerConnection:
         trust: PeerTrust,
         expected_peer: str | None = None,
         auth_key: AuthKey | None = None,
+        rekey_after_frames: int = REKEY_AFTER_FRAMES,
     ) -> None:
         if role is Role.INITIATOR and expected_peer is None:
             raise LocalProtocolError("an initiator must name the peer site it expects")
@@ -289,10 +295,9 @@ class PeerConnection:
         self._kem_key: KemPrivateKey | None = None
         self._x25519: X25519KeyPair | None = None
         self._shared: bytes | None = None
-        self._send: Aead | None = None
-        self._recv: Aead | None = None
-        self._send_counter = 0
-        self._recv_counter = 0
+        self._send: _Direction | None = None
+        self._recv: _Direction | None = None
+        self._rekey_after_frames = rekey_after_frames
 
     def __repr__(self) -> str:
         return (
@@ -355,10 +360,18 @@ class PeerConnection:
             raise LocalProtocolError(f"cannot send in state {self.state.value}")
         if len(payload) + AEAD_TAG_SIZE > MAX_SESSION_BODY:
             raise LocalProtocolError("message exceeds the session frame cap")
-        header = _header(FrameType.DATA, len(payload) + AEAD_TAG_SIZE)
-        sealed = self._send.seal(self._nonce(self._send_counter), payload, header)
-        self._send_counter += 1
-        self._outgoing += header + sealed
+        if self._send.counter >= self._rekey_after_frames:
+            self.update_send_key()
+        self._outgoing += self._send.seal(FrameType.DATA, payload)
+
+    def update_send_key(self) -> None:
+        """Switch our sending direction to a new key (the I/O layer calls this on a timer;
+        ``send_message`` does it by volume). KEY_UPDATE goes under the old key, so the peer
+        switches at exactly the same frame; counters restart at 0 with the new key."""
+        if self.state is not State.ESTABLISHED or self._send is None:
+            raise LocalProtocolError(f"cannot update keys in state {self.state.value}")
+        self._outgoing += self._send.seal(FrameType.KEY_UPDATE, b"")
+        self._send.ratchet()
 
     def data_to_send(self) -> bytes:
         out = bytes(self._outgoing)
@@ -497,8 +510,8 @@ class PeerConnection:
         return hkdf_expand(secret, label, 32)
 
     def _establish(self, transcript: bytes) -> HandshakeComplete:
-        i2r = Aead(self._key(labels.LABEL_SESSION_INITIATOR_TO_RESPONDER, transcript))
-        r2i = Aead(self._key(labels.LABEL_SESSION_RESPONDER_TO_INITIATOR, transcript))
+        i2r = _Direction(self._key(labels.LABEL_SESSION_INITIATOR_TO_RESPONDER, transcript))
+        r2i = _Direction(self._key(labels.LABEL_SESSION_RESPONDER_TO_INITIATOR, transcript))
         self._send, self._recv = (i2r, r2i) if self.role is Role.INITIATOR else (r2i, i2r)
         auth_key_id = self._auth_key.key_id if self._auth_key is not None else None
         # Only the directional keys outlive the handshake.
@@ -514,20 +527,52 @@ class PeerConnection:
 
     # -- session --------------------------------------------------------------------------
 
-    @staticmethod
-    def _nonce(counter: int) -> bytes:
-        return bytes(4) + counter.to_bytes(8, "big")
-
     def _on_data(self, frame: Frame) -> Event:
         assert self._recv is not None
+        return MessageReceived(self._recv.open(frame))
+
+    def _on_key_update(self, frame: Frame) -> None:
+        assert self._recv is not None
+        if self._recv.open(frame):
+            raise RemoteProtocolError("KEY_UPDATE carries no payload")
+        self._recv.ratchet()
+
+
+class _Direction:
+    """One direction of a session: its key, and the frame counter used as AEAD nonce."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+        self._aead = Aead(secret)
+        self.counter = 0
+
+    def __repr__(self) -> str:
+        return f"<_Direction frame {self.counter} (key hidden)>"
+
+    def _nonce(self) -> bytes:
+        return bytes(4) + self.counter.to_bytes(8, "big")
+
+    def seal(self, frame_type: int, payload: bytes) -> bytes:
+        header = _header(frame_type, len(payload) + AEAD_TAG_SIZE)
+        sealed = self._aead.seal(self._nonce(), payload, header)
+        self.counter += 1
+        return header + sealed
+
+    def open(self, frame: Frame) -> bytes:
         try:
-            payload = self._recv.open(self._nonce(self._recv_counter), frame.body, frame.header)
+            payload = self._aead.open(self._nonce(), frame.body, frame.header)
         except AuthenticationFailed:
             raise PeerAuthenticationError(
                 "session frame failed authentication (tampered, replayed, reordered or injected)"
             ) from None
-        self._recv_counter += 1
-        return MessageReceived(payload)
+        self.counter += 1
+        return payload
+
+    def ratchet(self) -> None:
+        """Move to the next key; the old one is forgotten, so past frames stay secret."""
+        self._secret = hkdf_expand(self._secret, labels.LABEL_KEY_UPDATE, 32)
+        self._aead = Aead(self._secret)
+        self.counter = 0
 
 
 def _header(frame_type: int, length: int) -> bytes:

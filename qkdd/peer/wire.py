@@ -33,6 +33,7 @@ class FrameType:
     RESPONSE: Final = 0x02
     FINISH: Final = 0x03
     DATA: Final = 0x10
+    KEY_UPDATE: Final = 0x11
 
 
 @dataclass(frozen=True)
