@@ -188,7 +188,10 @@ def bernoulli_bits(rng: random.Random, n: int, p: float) -> bytes:
         out = bytearray(n)
         log_q = math.log1p(-p)
         pos = -1
-        rand = rng.random
+        # Positions of rare events (errors, noise clicks, sample members) need no
+        # cryptographic generator, and one seeded from ``rng`` keeps runs reproducible;
+        # SystemRandom.random() would cost a system call per event.
+        rand = random.Random(rng.getrandbits(128)).random
         while True:
             pos += 1 + int(math.log(1.0 - rand()) / log_q)
             if pos >= n:

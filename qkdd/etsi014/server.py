@@ -284,7 +284,12 @@ class _Connection:
                     503, "internal error in the key service; see the daemon log"
                 )
             self._log(request, response, trio.current_time() - start)
-            if not await self._send(response, head=request.method == "HEAD"):
+            # The handler may have handed keys out (and erased them): the answer must reach
+            # the caller even when the daemon is shutting down. Shielded, but still bounded
+            # by the send timeout.
+            with trio.CancelScope(shield=True):
+                sent = await self._send(response, head=request.method == "HEAD")
+            if not sent:
                 return
             if self._h11.our_state is not h11.DONE or self._h11.their_state is not h11.DONE:
                 return
