@@ -36,9 +36,11 @@ from .postprocessing import (
 
 __all__ = ["BlockResult", "Bb84KeySource", "RunningTotals"]
 
-#: Expected clicks per block: ~0.5 Mbit sifted, large enough for a tight QBER estimate and
-#: efficient Cascade, small enough for about a second of work.
-DEFAULT_BLOCK_DETECTIONS = 1_000_000
+#: Expected clicks per block: ~0.3 Mbit sifted, large enough for a tight QBER estimate and
+#: efficient Cascade, small enough for well under a second of work. At 2 % QBER it keeps
+#: the privacy amplification product below 10^5 terms per field (5 decimal digits per bit
+#: instead of 6 in ``toeplitz.clmul_decimal``), measured ~20 % faster than 10^6 clicks.
+DEFAULT_BLOCK_DETECTIONS = 600_000
 
 
 @dataclass

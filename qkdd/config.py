@@ -101,7 +101,7 @@ class SiteConfig:
     state_directory: Path
     key_encryption_key: SecretSource
     key_lifetime: int
-    identity_key: Path
+    identity_key: SecretSource
     api_socket: Path
     api_socket_mode: int
     api_tls: TlsConfig | None
@@ -354,7 +354,7 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
         state_directory=root.path("state_directory"),
         key_encryption_key=_secret_source(store, "key_encryption_key"),
         key_lifetime=store.integer("key_lifetime", 1, 10 * 365 * 86400, 3600),
-        identity_key=identity.path("private_key"),
+        identity_key=_secret_source(identity, "private_key"),
         api_socket=api.path("socket"),
         api_socket_mode=api.integer("socket_mode", 0, 0o777, 0o600),
         api_tls=_tls(api.subtable("tls"), {c.sae_id for c in consumers})
@@ -386,13 +386,13 @@ def check_files(config: SiteConfig) -> list[ConfigError]:
     """Problems a daemon would hit at start that parsing alone cannot see."""
     problems: list[ConfigError] = []
     key = config.identity_key
-    if not key.is_file():
+    if key.path is not None and not key.path.is_file():
         problems.append(
             ConfigError(
                 config.file,
                 "identity.private_key",
                 "an existing ML-DSA-65 seed file (create it with `qkdd keygen`)",
-                str(key),
+                str(key.path),
             )
         )
     kek = config.key_encryption_key

@@ -64,7 +64,21 @@ def write_identity(path: Path, backend: PqcBackend, *, overwrite: bool = False) 
     return key
 
 
-def load_identity(path: Path, backend: PqcBackend) -> SigningKey:
+def _resolve(source: SecretSource) -> Path:
+    if source.credential is not None:
+        found = credential_path(source.credential)
+        if found is None:
+            raise IdentityError(
+                f"systemd credential {source.credential!r} is not available "
+                "(add LoadCredential= to the unit, or give a file path)"
+            )
+        return Path(found)
+    assert source.path is not None
+    return source.path
+
+
+def load_identity(source: SecretSource, backend: PqcBackend) -> SigningKey:
+    path = _resolve(source)
     seed = _read_private(path, "identity key", "qkdd keygen --out FILE")
     if len(seed) != SIGNATURE_SEED_SIZE:
         raise IdentityError(
@@ -79,17 +93,7 @@ def write_key_encryption_key(path: Path, *, overwrite: bool = False) -> None:
 
 
 def read_key_encryption_key(source: SecretSource) -> bytes:
-    if source.credential is not None:
-        found = credential_path(source.credential)
-        if found is None:
-            raise IdentityError(
-                f"systemd credential {source.credential!r} is not available "
-                "(add LoadCredential= to the unit, or give a file path)"
-            )
-        path = Path(found)
-    else:
-        assert source.path is not None
-        path = source.path
+    path = _resolve(source)
     data = _read_private(path, "key-encryption key", "qkdd keygen --kek FILE")
     if len(data) != KEK_SIZE:
         raise IdentityError(

@@ -32,7 +32,7 @@ def test_demo_config_loads(site_dir):
     assert config.site_id == "site-a"
     assert config.listen == ("127.0.0.1", 47101)
     assert config.api_socket == site_dir / "site-a" / "api.sock"
-    assert config.identity_key == site_dir / "site-a" / "identity.key"
+    assert config.identity_key.path == site_dir / "site-a" / "identity.key"
     assert config.api_socket_mode == 0o600
     (peer,) = config.peers
     assert peer.site_id == "site-b" and peer.address == ("127.0.0.1", 47102)
