@@ -176,3 +176,18 @@ def test_check_config_command_reports_problems(site_dir):
     )
     assert result.returncode == 2
     assert "peers[0].pool_size" in result.stderr and str(bad) in result.stderr
+
+
+def test_site_host_example_parses(tmp_path, backend):
+    """The production example: credentials from systemd, absolute paths."""
+    pub = tmp_path / "site-b.pub"
+    key = backend.signing_key_from_seed(os.urandom(32))
+    pub.write_text(base64.b64encode(key.public_bytes).decode())
+    text = (REPO / "config" / "site-host.example.toml").read_text()
+    path = tmp_path / "qkdd.toml"
+    path.write_text(text.replace("/etc/qkdd/site-b.pub", str(pub)))
+    config = load_config(path)
+    assert config.identity_key.credential == "qkdd-identity"
+    assert config.key_encryption_key.credential == "qkdd-kek"
+    assert config.consumers[0].uid == 1001
+    assert str(config.api_socket) == "/run/qkdd/api.sock"
