@@ -161,6 +161,34 @@ async def measure_driver(path: Path, seconds: float, key_bits: int, window: int)
     return rate
 
 
+def measure_cpu_only(key_bits: int, n: int = 20_000) -> tuple[float, float]:
+    """Keys/s of the protocol work alone, no I/O: (device side encoding, host side
+    decoding + dedup + QkdKey). Tells which end bounds the pty measurement."""
+    from qkdd_drivers.dedup import RecentKeyIds
+    from qkdd_drivers.device_protocol import DeviceProtocol, HostProtocol, KeysReceived
+
+    host, dev = HostProtocol(), DeviceProtocol(window=n, capacity=n)
+    host.start()
+    dev.receive_data(host.data_to_send())
+    host.receive_data(dev.data_to_send())
+    keys = [(uuid.uuid4().bytes, os.urandom(key_bits // 8)) for _ in range(n)]
+    start = time.perf_counter()
+    dev.add_keys(keys)
+    dev.poll(0.0)
+    wire = dev.data_to_send()
+    device_kps = n / (time.perf_counter() - start)
+    recent = RecentKeyIds()
+    start = time.perf_counter()
+    for event in host.receive_data(wire):
+        if isinstance(event, KeysReceived):
+            for entry in event.keys:
+                key = QkdKey.from_wire(entry.key_id, entry.material)
+                if recent.check(key.key_id, key.material) == "new":
+                    recent.add(key.key_id, key.material)
+    host_kps = n / (time.perf_counter() - start)
+    return device_kps, host_kps
+
+
 async def main_async(args: argparse.Namespace) -> None:
     key_bytes = args.key_bits // 8
     per_key = wire_bytes_per_key(key_bytes)
@@ -170,6 +198,7 @@ async def main_async(args: argparse.Namespace) -> None:
             Path(tmp) / "qkd", args.seconds, args.key_bits, args.window
         )
     floor_kps = floor_bps / per_key
+    device_cpu, host_cpu = measure_cpu_only(args.key_bits)
     rows = [
         ("floor: raw pty bytes", f"{floor_bps / 1e6:.2f} MB/s", f"{floor_kps:,.0f}", "1.00"),
         (
@@ -178,6 +207,8 @@ async def main_async(args: argparse.Namespace) -> None:
             f"{driver_kps:,.0f}",
             f"{driver_kps / floor_kps:.3f}",
         ),
+        ("(no I/O) device encode", "-", f"{device_cpu:,.0f}", f"{device_cpu / floor_kps:.3f}"),
+        ("(no I/O) host decode", "-", f"{host_cpu:,.0f}", f"{host_cpu / floor_kps:.3f}"),
     ]
     print(
         f"key size {args.key_bits} bits, {per_key:.1f} wire bytes per key in full KEYS frames, "

@@ -302,12 +302,10 @@ def cascade_bob(
                 arr[byte] ^= bit
                 if found:
                     continue  # keep flipping the parities of the larger blocks
-                if level == top_level:
-                    a = tops[t][s >> level]
-                else:
-                    a = kt.get((s << 5) | level)
-                    if a is None:
-                        continue
+                known_a = tops[t][s >> level] if level == top_level else kt.get((s << 5) | level)
+                if known_a is None:
+                    continue
+                a = known_a
                 if a != bool(arr[byte] & bit):
                     found = True
                     if level == 0:  # a known single bit that differs: fix it at once

@@ -35,10 +35,6 @@ class MessageError(ProtocolError):
     """A frame passed its CRC but its payload is not a valid message."""
 
 
-class UnexpectedMessageError(ProtocolError):
-    """A valid message arrived in a state where the protocol does not allow it."""
-
-
 # -- opening the port --------------------------------------------------------------------
 
 

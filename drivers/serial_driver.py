@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import math
 import os
 import stat
 import termios
@@ -72,6 +73,8 @@ log = logging.getLogger("qkdd.device")
 
 #: One read takes whatever the tty holds, up to this much.
 READ_SIZE = 65536
+#: Damaged frames are logged at most once per this many seconds, with a count.
+DROPPED_LOG_INTERVAL = 10.0
 
 
 def _file_kind(mode: int) -> str:
@@ -179,6 +182,8 @@ class SerialDevice(QkdDevice):
         self._session_was_up = False
         self._link_words = ""
         self._device_words = f"connected on {path}"
+        self._dropped = 0
+        self._dropped_logged_at = -math.inf
         self.status = DeviceStatus(state="connecting", detail=f"not yet opened {path}")
 
     def __repr__(self) -> str:
@@ -248,6 +253,7 @@ class SerialDevice(QkdDevice):
     async def _session(self, port: serial.Serial, sink: KeySink) -> None:
         fd = port.fileno()
         proto = HostProtocol(name=self.name)
+        self._link_words = ""  # nothing known about this session's link yet
         log.info("device.opened path=%s baudrate=%d", self.path, self.baudrate)
         self._update(state="connecting", detail=f"{self.path} open; waiting for HELLO answer")
         proto.start()
@@ -294,8 +300,10 @@ class SerialDevice(QkdDevice):
                 hello_deadline = now + self.hello_timeout
             if entries:
                 await self._deliver(entries, proto, sink)
-                # Time spent in the sink is not the device's silence.
+                # Time spent in the sink is not the device's silence or stall.
                 last_frame = trio.current_time()
+                if frame_started is not None:
+                    frame_started = last_frame
             out = proto.data_to_send()
             if out:
                 await self._write(fd, out)
@@ -354,7 +362,7 @@ class SerialDevice(QkdDevice):
                     ev.detail,
                 )
             elif isinstance(ev, FrameDropped):
-                log.warning("device.frame-dropped path=%s reason=%r", self.path, ev.reason)
+                self._note_dropped(ev.reason)
             elif isinstance(ev, SequenceGap):
                 log.info(
                     "device.sequence-gap path=%s expected=%d received=%d",
@@ -367,6 +375,20 @@ class SerialDevice(QkdDevice):
                     "device.ignored path=%s type=%s state=%s", self.path, ev.msg_type.name, ev.state
                 )
         return entries, hello_again
+
+    def _note_dropped(self, reason: str) -> None:
+        # A noisy line can damage many frames a second: one warning per interval, counted.
+        self._dropped += 1
+        now = trio.current_time()
+        if now - self._dropped_logged_at >= DROPPED_LOG_INTERVAL:
+            log.warning(
+                "device.frames-dropped path=%s count=%d last_reason=%r",
+                self.path,
+                self._dropped,
+                reason,
+            )
+            self._dropped = 0
+            self._dropped_logged_at = now
 
     def _up_detail(self) -> str:
         words = self._device_words

@@ -316,9 +316,10 @@ def simulate_main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
+    model = _model(source.link)
     print(
-        f"model: QBER {out['model']['expected_qber']:.4f}, asymptotic secret key rate "
-        f"{out['model']['asymptotic_secret_key_rate']:.4g} bit/s"
+        f"model: QBER {model['expected_qber']:.4f}, asymptotic secret key rate "
+        f"{model['asymptotic_secret_key_rate']:.4g} bit/s"
     )
     print(
         f"{'block':>5} {'clicks':>9} {'sifted':>9} {'QBER':>7} {'disclosed':>9} "

@@ -269,6 +269,42 @@ class KeyStore:
                 found[key_id] = self._sealer.open(_qkd_aad(peer_site, key_id), bytes(row[0]))
         return found
 
+    def oldest_qkd_key_ids(self, peer_site: str, limit: int) -> list[str]:
+        rows = self._db.execute(
+            "SELECT key_id FROM qkd_keys WHERE peer_site=? ORDER BY seq LIMIT ?", (peer_site, limit)
+        )
+        return [str(r[0]) for r in rows]
+
+    def quarantine_qkd_keys_before(self, peer_site: str, key_ids: Iterable[str]) -> int:
+        """Quarantine every buffered QKD key received before the earliest of ``key_ids``.
+
+        Both devices deliver one stream in one order, so a key the peer no longer holds
+        and that precedes a key it does hold can never be agreed on: it is dropped, and the
+        two buffers line up again. Returns how many were dropped (0 if none of ``key_ids``
+        is buffered here)."""
+        with self._transaction() as db:
+            seqs = [
+                row[0]
+                for key_id in key_ids
+                if (
+                    row := db.execute(
+                        "SELECT seq FROM qkd_keys WHERE peer_site=? AND key_id=?",
+                        (peer_site, key_id),
+                    ).fetchone()
+                )
+            ]
+            if not seqs:
+                return 0
+            stale = [
+                r[0]
+                for r in db.execute(
+                    "SELECT key_id FROM qkd_keys WHERE peer_site=? AND seq < ?",
+                    (peer_site, min(seqs)),
+                )
+            ]
+            self._consume_qkd_keys(db, peer_site, stale)
+        return len(stale)
+
     def is_qkd_key_consumed(self, peer_site: str, key_id: str) -> bool:
         return (
             self._db.execute(

@@ -34,6 +34,7 @@ from qkdd.crypto import CryptoError, KemPrivateKey, PqcBackend
 from qkdd.hybrid import HybridDeriver, KemExchange, KeyContext
 from qkdd.keystore import KeyStore, NewHybridKey, StoredQkdKey
 from qkdd.peer.messages import (
+    MAX_HORIZON_KEYS,
     MAX_KEYS_PER_BATCH,
     BatchAck,
     BatchDecision,
@@ -43,6 +44,7 @@ from qkdd.peer.messages import (
     KeyBatch,
     LinkMessage,
     PoolDemand,
+    QkdHorizon,
     Resync,
     StoreId,
 )
@@ -117,6 +119,7 @@ class LinkAgreement:
         self._kem_key: KemPrivateKey | None = None
         self._waiting: tuple[KeyBatch, float] | None = None
         self._last_demand: PoolDemand | None = None
+        self._last_horizon: str | None = None
         self.keys_agreed = 0
 
     # -- entry points ---------------------------------------------------------------------
@@ -126,7 +129,7 @@ class LinkAgreement:
         if self.params.is_master:
             return hello
         pending = self._store.pending_batches(self.params.peer_site_id)
-        return [*hello, Resync(tuple(pending)), self._new_offer()]
+        return [*hello, *self._horizon(), Resync(tuple(pending)), self._new_offer()]
 
     def on_message(self, message: LinkMessage, now: float) -> list[LinkMessage]:
         if isinstance(message, StoreId):
@@ -142,6 +145,9 @@ class LinkAgreement:
         if self.params.is_master:
             if isinstance(message, Resync):
                 return self._on_resync(message)
+            if isinstance(message, QkdHorizon):
+                self._drop_orphans(message.oldest_key_ids, "peer-horizon")
+                return []
             if not self._resynced:
                 raise LinkError("peer sent key-agreement messages before RESYNC")
             if isinstance(message, KemOffer):
@@ -149,6 +155,7 @@ class LinkAgreement:
                 return []
             if isinstance(message, PoolDemand):
                 return self._on_demand(message)
+
             if isinstance(message, BatchAck):
                 return self._on_ack(message)
         else:
@@ -173,7 +180,26 @@ class LinkAgreement:
         if demand != self._last_demand:
             self._last_demand = demand
             out.append(demand)
+        out += self._horizon()
         return out
+
+    def _horizon(self) -> list[LinkMessage]:
+        """Our oldest QKD key, when it changed: lets the master drop keys we never had."""
+        oldest = self._store.oldest_qkd_key_ids(self.params.peer_site_id, MAX_HORIZON_KEYS)
+        if not oldest or oldest[0] == self._last_horizon:
+            return []
+        self._last_horizon = oldest[0]
+        return [QkdHorizon(tuple(oldest))]
+
+    def _drop_orphans(self, key_ids: Sequence[str], why: str) -> None:
+        dropped = self._store.quarantine_qkd_keys_before(self.params.peer_site_id, key_ids)
+        if dropped:
+            log.warning(
+                "event=qkd_keys_quarantined peer=%s count=%d reason=%s",
+                self.params.peer_site_id,
+                dropped,
+                why,
+            )
 
     # -- master ---------------------------------------------------------------------------
 
@@ -350,6 +376,8 @@ class LinkAgreement:
                 batch, qkd_ids, f"{missing} QKD keys never arrived here (device desync)"
             )
         self._waiting = None
+        # The master skipped any older keys we hold: its device never delivered them.
+        self._drop_orphans(qkd_ids, "not-in-peer-stream")
         kem_key, self._kem_key = self._kem_key, None
         shared = kem_key.decapsulate(batch.kem_ciphertext)
         deriver = HybridDeriver(

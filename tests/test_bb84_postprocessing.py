@@ -48,7 +48,7 @@ def test_keys_flow_and_match_although_the_raw_strings_differ() -> None:
     assert [k for k in alice.outcome.keys] == bob.keys  # bit for bit, IDs included
     assert all(len(i) == 16 and len(m) == 32 for i, m in bob.keys)
     assert len({i for i, _ in bob.keys}) == len(bob.keys)
-    assert 0.015 < report.qber_estimate < 0.025
+    assert 0.012 < report.qber_estimate < 0.028  # sample of ~3700 bits: 3.5 sigma
     assert report.disclosed_bits == report.sample_bits + report.ec_disclosed_bits + 64
     assert report.corrected_errors > 0
     # Alice reached the same public figures on her own.
@@ -75,8 +75,11 @@ def test_secret_fraction_follows_one_minus_entropy_minus_leak(qber: float) -> No
     expected = 1 - binary_entropy(e) - (r.ec_disclosed_bits + r.verification_bits) / n
     fraction = r.final_bits / n
     assert fraction == pytest.approx(expected, rel=0.10)
-    # And against the model: Cascade leaks 1.0-1.4 times the Shannon limit.
-    assert 1 - 2.4 * binary_entropy(qber) < fraction < 1 - 2.0 * binary_entropy(qber) + 0.02
+    # And against theory: Cascade leaks between 1 and 1.5 times the Shannon limit
+    # n h(e_true) of the errors it actually corrected.
+    shannon = binary_entropy(r.corrected_errors / n)
+    assert abs(r.corrected_errors / n - qber) < 0.2 * qber
+    assert 1 - binary_entropy(e) - 1.5 * shannon < fraction < 1 - binary_entropy(e) - shannon
 
 
 @pytest.mark.parametrize("qber", [0.11, 0.13, 0.2])

@@ -31,7 +31,7 @@ async def test_next_block_hands_out_keys_and_keeps_the_rest() -> None:
     assert source.qber is None
     first = await source.next_block(10)
     assert len(first) == 10 and all(len(i) == 16 and len(m) == 16 for i, m in first)
-    assert 0.01 < source.qber < 0.03
+    assert 0.005 < source.qber < 0.035  # sample of ~1500 bits: 4 sigma
     blocks = source.totals.blocks
     rest = await source.next_block(100_000)
     assert source.totals.blocks == blocks  # served from the same block
@@ -116,7 +116,7 @@ def test_simulate_prints_a_json_report() -> None:
     assert len(report["blocks"]) == 2
     for block in report["blocks"]:
         assert block["keys_match"] and block["final_bits"] == 512 * block["keys"] > 0
-        assert 0.01 < block["qber_estimate"] < 0.03
+        assert 0.004 < block["qber_estimate"] < 0.036  # ~1250 sample bits: 4 sigma
         assert block["secret_key_rate"] == pytest.approx(
             block["final_bits"] / block["simulated_seconds"]
         )

@@ -41,9 +41,10 @@ class ListSink:
 
 
 async def start_emulator(*args: str) -> tuple[subprocess.Popen[bytes], str]:
-    proc = subprocess.Popen(
-        [*EMULATOR, "pty", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    # Its log goes to a file beside the links, not to a pipe nobody reads.
+    log = Path(args[args.index("--link-a") + 1]).with_suffix(".emulator.log")
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen([*EMULATOR, "pty", *args], stdout=subprocess.PIPE, stderr=stderr)
     assert proc.stdout is not None
     with trio.fail_after(10):
         line = await trio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)

@@ -137,7 +137,9 @@ async def test_keys_arrive_and_are_acked_only_after_the_sink_returns(tmp_path: P
     assert "test-device" in device.status.detail
 
 
-async def test_garbage_truncated_and_corrupt_frames_are_skipped(tmp_path: Path) -> None:
+async def test_garbage_truncated_and_corrupt_frames_are_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     pty = Pty(tmp_path / "qkd")
     half = new_half()
     sink = RecordingSink(half)
@@ -168,6 +170,7 @@ async def test_garbage_truncated_and_corrupt_frames_are_skipped(tmp_path: Path) 
     await pty.close()
     assert {k.key_id: k.material for k in sink.keys} == as_dict(first + second)
     assert QkdKey.from_wire(forged_id, forged_material).key_id not in sink.ids()
+    assert "device.frames-dropped" in caplog.text and "device.down" not in caplog.text
 
 
 async def test_device_restart_resending_stored_keys_gives_no_duplicates(tmp_path: Path) -> None:
@@ -425,3 +428,33 @@ async def test_logs_and_reprs_never_show_key_material(
             assert secret.hex() not in line and repr(secret)[2:-1] not in line
     for key in sink.keys:
         assert key.material.hex() not in repr(key) and "material" not in repr(key)
+
+
+async def test_slow_sink_is_not_mistaken_for_a_stalled_or_silent_device(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pty = Pty(tmp_path / "qkd")
+    half = new_half(status_interval=5.0)  # no heartbeat during the test
+    sink = RecordingSink(delay=1.2)  # longer than the idle and stall timeouts
+    params = dict(FAST, stall_timeout=0.5, idle_timeout=1.0)
+    device = SerialDevice(str(pty.path), **params)
+    x_id, y_id = os.urandom(16), os.urandom(16)
+    frames = []
+    for seq, key_id in ((1, x_id), (2, y_id)):
+        msg_type, payload = encode_message(Keys((KeyEntry(key_id, b"k" * 32),)))
+        frames.append(encode_frame(1, msg_type, seq, payload))
+    async with trio.open_nursery() as dev_nursery:
+        dev_nursery.start_soon(half.serve, pty.stream)
+        async with running(device, sink):
+            await wait_for(lambda: device.status.state == "up")
+            # One complete frame and the start of the next arrive together; the sink
+            # then takes its time over the first before the rest of the second arrives.
+            await half.send_raw(frames[0] + frames[1][:12], pty.stream)
+            await wait_for(lambda: len(sink.keys) == 1)
+            await half.send_raw(frames[1][12:], pty.stream)
+            await wait_for(lambda: len(sink.keys) == 2)
+            assert device.status.state == "up"
+        dev_nursery.cancel_scope.cancel()
+    await pty.close()
+    assert "device.down" not in caplog.text
+    assert sink.ids() == [QkdKey.from_wire(k, b"k").key_id for k in (x_id, y_id)]

@@ -243,3 +243,18 @@ def test_lost_decision_on_the_psk_keeps_both_sides_able_to_authenticate(stores, 
     b.auth_key_proven("site-a", new.key_id)  # what a handshake with `new` does
     assert b.auth_key("site-a", new.key_id).ready
     assert b.auth_key("site-a", old.key_id) is None
+
+
+def test_orphaned_qkd_keys_on_either_side_are_dropped_and_buffers_line_up(stores, backend):
+    """Keys one device delivered that the other side lost (e.g. its state was wiped) come
+    first in one buffer only; the horizon and the slave's own check drop them at once,
+    without a batch waiting for keys that will never come."""
+    a, b = stores
+    feed_qkd(stores, 5, only="a")  # master-only orphans
+    feed_qkd(stores, 3, only="b")  # slave-only orphans
+    feed_qkd(stores, 16)
+    master, slave = agreements(stores, backend, pool_size=2)
+    pump(master, slave, now=0.0)  # no time passes: nothing may wait for missing keys
+    assert a.ready_count("sae-a", "sae-b") == 2 and b.ready_count("sae-b", "sae-a") == 2
+    # 16 common keys, 5 used (2 + 2 + 1 authentication key): 11 left on each side.
+    assert a.qkd_key_count("site-b") == b.qkd_key_count("site-a") == 11

@@ -21,7 +21,9 @@ from qkdd.peer.messages import (
     KemOffer,
     KeyBatch,
     PoolDemand,
+    QkdHorizon,
     Resync,
+    StoreId,
     decode_message,
 )
 from qkdd.peer.wire import MAX_HANDSHAKE_BODY, FrameBuffer
@@ -46,6 +48,8 @@ EXAMPLES = [
     PoolDemand((("sae-a", "sae-b", 12),)),
     Resync((1, 2, 3)),
     Resync(()),
+    StoreId(b"\x07" * 16),
+    QkdHorizon((str(uuid.uuid4()), str(uuid.uuid4()))),
 ]
 
 

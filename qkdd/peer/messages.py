@@ -7,6 +7,7 @@ the link slave:
     slave  -> master  RESYNC      batch IDs the slave holds but has not seen committed
     slave  -> master  KEM_OFFER   a fresh ML-KEM-768 encapsulation key (used once)
     slave  -> master  POOL_DEMAND how many keys the slave's local master SAEs want
+    slave  -> master  QKD_HORIZON the oldest QKD key the slave holds (buffers line up)
     master -> slave   KEY_BATCH   purpose, ML-KEM ciphertext + per key: key ID, SAE pair,
                                   QKD key IDs
     slave  -> master  BATCH_ACK   stored (or rejected, with the reason)
@@ -29,6 +30,7 @@ MAX_DEMAND_ENTRIES: Final = 256
 MAX_RESYNC_BATCHES: Final = 1024
 MAX_REASON_LENGTH: Final = 512
 STORE_ID_SIZE: Final = 16
+MAX_HORIZON_KEYS: Final = 64
 
 
 class BatchPurpose:
@@ -44,6 +46,7 @@ class MessageType:
     POOL_DEMAND: Final = 0x05
     RESYNC: Final = 0x06
     STORE_ID: Final = 0x07
+    QKD_HORIZON: Final = 0x08
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,30 @@ class StoreId:
         return cls(r.fixed(STORE_ID_SIZE))
 
 
-LinkMessage = KemOffer | KeyBatch | BatchAck | BatchDecision | PoolDemand | Resync | StoreId
+@dataclass(frozen=True)
+class QkdHorizon:
+    """The oldest QKD keys the slave still holds, oldest first: keys the master holds that
+    come before the first of these it also holds are orphans (the slave never had them)."""
+
+    oldest_key_ids: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        w = Writer().u8(MessageType.QKD_HORIZON).u8(len(self.oldest_key_ids))
+        for key_id in self.oldest_key_ids:
+            w.fixed(uuid.UUID(key_id).bytes, 16)
+        return w.build()
+
+    @classmethod
+    def read(cls, r: Reader) -> QkdHorizon:
+        count = r.u8()
+        if not 1 <= count <= MAX_HORIZON_KEYS:
+            raise RemoteProtocolError(f"QKD_HORIZON: {count} keys, allowed 1-{MAX_HORIZON_KEYS}")
+        return cls(tuple(str(uuid.UUID(bytes=r.fixed(16))) for _ in range(count)))
+
+
+LinkMessage = (
+    KemOffer | KeyBatch | BatchAck | BatchDecision | PoolDemand | Resync | StoreId | QkdHorizon
+)
 
 _DECODERS: dict[int, type[LinkMessage]] = {
     MessageType.KEM_OFFER: KemOffer,
@@ -231,6 +257,7 @@ _DECODERS: dict[int, type[LinkMessage]] = {
     MessageType.POOL_DEMAND: PoolDemand,
     MessageType.RESYNC: Resync,
     MessageType.STORE_ID: StoreId,
+    MessageType.QKD_HORIZON: QkdHorizon,
 }
 
 
