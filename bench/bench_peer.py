@@ -450,6 +450,46 @@ def agreement_table(backend: PqcBackend, qkd_keys: int, profile_keys: int) -> No
                 row[1][2] for row in rows if any(n in f"{row[0][0]}{row[0][2]}" for n in needles)
             )
             print(f"{kind:24}{own / total:>6.0%} of own time")
+        sql_table(backend, directory / "sql", profile_keys)
+
+
+class TimedConnection:
+    """Wraps a store's sqlite3 connection to total the time spent per SQL statement."""
+
+    def __init__(self, db: sqlite3.Connection, totals: dict[str, list[float]]) -> None:
+        self._db = db
+        self._totals = totals
+
+    def _timed(self, method: str, sql: str, *args: object) -> object:
+        start = time.perf_counter()
+        result = getattr(self._db, method)(sql, *args)
+        entry = self._totals.setdefault(" ".join(sql.split())[:72], [0.0, 0])
+        entry[0] += time.perf_counter() - start
+        entry[1] += 1
+        return result
+
+    def execute(self, sql: str, *args: object) -> object:
+        return self._timed("execute", sql, *args)
+
+    def executemany(self, sql: str, *args: object) -> object:
+        return self._timed("executemany", sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._db, name)
+
+
+def sql_table(backend: PqcBackend, directory: Path, qkd_keys: int) -> None:
+    totals: dict[str, list[float]] = {}
+    with agreement_pair(directory, backend, qkd_keys) as (m, s, mc, sc, ms, ss):
+        for store in (ms, ss):
+            store._db = TimedConnection(store._db, totals)  # type: ignore[assignment]
+        start = time.perf_counter()
+        agreed = run_agreement(m, s, mc, sc)
+        elapsed = time.perf_counter() - start
+    print(f"\nSQL statements, both stores, {agreed} keys in {elapsed:.2f} s (top 8 by time):")
+    print(f"{'total s':>8}{'share':>7}{'calls':>9}{'µs/key':>8}  statement")
+    for sql, (spent, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:8]:
+        print(f"{spent:>8.2f}{spent / elapsed:>7.0%}{calls:>9}{spent / agreed * 1e6:>8.1f}  {sql}")
 
 
 def available_backends() -> dict[str, PqcBackend]:

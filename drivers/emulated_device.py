@@ -39,6 +39,8 @@ log = logging.getLogger("qkdd.emulator")
 BLOCK_KEYS = 256
 #: Window over which the reported secret key rate is averaged.
 RATE_WINDOW = 5.0
+#: Pause after a source returned no key, before asking again.
+EMPTY_BLOCK_PAUSE = 0.01
 #: A paced source may catch up this many seconds of missed keys at once, no more.
 MAX_BURST_SECONDS = 1.0
 
@@ -243,6 +245,9 @@ class EmulatedLink:
                 n = min(n, allowed)
             block = await self.source.next_block(n)
             block = block[: min(half.proto.room for half in self.halves)]
+            if not block:
+                await trio.sleep(EMPTY_BLOCK_PAUSE)  # a source with nothing yet: no spin
+                continue
             for half in self.halves:
                 half.add_keys(block)
             produced += len(block)

@@ -45,6 +45,34 @@ class RunningSite:
     log_file: Path
     process: subprocess.Popen[bytes]
 
+    @classmethod
+    def start(cls, site: DemoSite, config_file: Path) -> RunningSite:
+        directory = config_file.parent
+        running = cls(
+            site,
+            config_file,
+            directory / site.directory / "api.sock",
+            directory / f"{site.site_id}.log",
+            None,  # type: ignore[arg-type]
+        )
+        running.spawn()
+        return running
+
+    def spawn(self) -> None:
+        """Start the daemon; its log is appended to (it survives restarts)."""
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "qkdd", "run", "--config", str(self.config_file)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+
+    def restart(self, *, kill: bool = False) -> None:
+        """Stop the daemon (SIGTERM, or SIGKILL with ``kill``) and start it again."""
+        self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        self.process.wait(timeout=STOP_GRACE * 4)
+        self.spawn()
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -96,46 +124,32 @@ def running_demo(
     configs = prepare_directory(directory)
     if tamper is not None:
         tamper(directory)
-    processes: list[subprocess.Popen[bytes]] = []
-    logs = contextlib.ExitStack()
+    emulator: subprocess.Popen[bytes] | None = None
+    sites: list[RunningSite] = []
     try:
-        emulator = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "qkdd_drivers.emulator",
-                "pty",
-                "--link-a",
-                str(directory / SITE_A.device_link),
-                "--link-b",
-                str(directory / SITE_B.device_link),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=logs.enter_context(open(directory / "emulator.log", "wb")),  # noqa: SIM115
-        )
-        processes.append(emulator)
+        with open(directory / "emulator.log", "wb") as emulator_log:
+            emulator = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "qkdd_drivers.emulator",
+                    "pty",
+                    "--link-a",
+                    str(directory / SITE_A.device_link),
+                    "--link-b",
+                    str(directory / SITE_B.device_link),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=emulator_log,
+            )
         _wait_for_line(emulator, STARTUP_TIMEOUT, "the QKD link emulator")
-        sites = []
         for site in SITES:
-            log_file = directory / f"{site.site_id}.log"
-            process = subprocess.Popen(
-                [sys.executable, "-m", "qkdd", "run", "--config", str(configs[site.site_id])],
-                stdout=subprocess.DEVNULL,
-                stderr=logs.enter_context(open(log_file, "wb")),  # noqa: SIM115
-            )
-            processes.append(process)
-            sites.append(
-                RunningSite(
-                    site,
-                    configs[site.site_id],
-                    directory / site.directory / "api.sock",
-                    log_file,
-                    process,
-                )
-            )
+            sites.append(RunningSite.start(site, configs[site.site_id]))
         yield sites
     finally:
-        for process in reversed(processes):
+        # The sites' current processes (a test may have restarted them), then the link.
+        processes = [s.process for s in sites] + ([emulator] if emulator else [])
+        for process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
@@ -145,7 +159,6 @@ def running_demo(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        logs.close()
 
 
 def wait_for_keys(site: RunningSite, slave_sae_id: str, number: int, timeout: float) -> None:

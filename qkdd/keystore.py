@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS hybrid_keys (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS hybrid_by_pair ON hybrid_keys (master_sae, slave_sae, state);
+CREATE INDEX IF NOT EXISTS hybrid_by_batch ON hybrid_keys (peer_site, batch_id);
 CREATE TABLE IF NOT EXISTS auth_keys (
     seq       INTEGER PRIMARY KEY,
     peer_site TEXT NOT NULL,
@@ -84,6 +85,7 @@ CREATE TABLE IF NOT EXISTS auth_keys (
     material  BLOB NOT NULL,
     state     TEXT NOT NULL CHECK (state IN ('pending', 'ready'))
 );
+CREATE INDEX IF NOT EXISTS auth_by_batch ON auth_keys (peer_site, batch_id);
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY,
     value BLOB NOT NULL
@@ -250,14 +252,14 @@ class KeyStore:
         row = self._db.execute("SELECT count(*) FROM qkd_keys WHERE peer_site=?", (peer_site,))
         return int(row.fetchone()[0])
 
-    def oldest_qkd_keys(self, peer_site: str, limit: int) -> list[StoredQkdKey]:
+    def oldest_qkd_keys(self, peer_site: str) -> Iterator[StoredQkdKey]:
+        """The buffered QKD keys, oldest first, unsealed one at a time as they are taken.
+        Finish with the iterator before writing to the store."""
         rows = self._db.execute(
-            "SELECT key_id, material FROM qkd_keys WHERE peer_site=? ORDER BY seq LIMIT ?",
-            (peer_site, limit),
+            "SELECT key_id, material FROM qkd_keys WHERE peer_site=? ORDER BY seq", (peer_site,)
         )
-        return [
-            StoredQkdKey(k, self._sealer.open(_qkd_aad(peer_site, k), bytes(m))) for k, m in rows
-        ]
+        for key_id, sealed in rows:
+            yield StoredQkdKey(key_id, self._sealer.open(_qkd_aad(peer_site, key_id), sealed))
 
     def get_qkd_keys(self, peer_site: str, key_ids: Sequence[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
@@ -317,9 +319,9 @@ class KeyStore:
     def _consume_qkd_keys(
         self, db: sqlite3.Connection, peer_site: str, key_ids: Iterable[str]
     ) -> None:
-        for key_id in key_ids:
-            db.execute("DELETE FROM qkd_keys WHERE peer_site=? AND key_id=?", (peer_site, key_id))
-            db.execute("INSERT OR IGNORE INTO consumed_qkd_keys VALUES (?, ?)", (peer_site, key_id))
+        rows = [(peer_site, key_id) for key_id in key_ids]
+        db.executemany("DELETE FROM qkd_keys WHERE peer_site=? AND key_id=?", rows)
+        db.executemany("INSERT OR IGNORE INTO consumed_qkd_keys VALUES (?, ?)", rows)
 
     def quarantine_qkd_keys(self, peer_site: str, key_ids: Iterable[str]) -> None:
         """Mark QKD key IDs as never to be used (e.g. present on one side only)."""
@@ -329,12 +331,12 @@ class KeyStore:
     # -- batches and hybrid keys ----------------------------------------------------------
 
     def next_batch_id(self, peer_site: str) -> int:
-        name = f"batch:{peer_site}"
-        with self._transaction() as db:
-            row = db.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
-            value = (row[0] if row else 0) + 1
-            db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (name, value))
-        return int(value)
+        """The ID the master's next batch takes; ``add_batch`` records it as used, in the
+        same transaction, so an ID is never reused (one batch is made at a time)."""
+        row = self._db.execute(
+            "SELECT value FROM counters WHERE name=?", (f"batch:{peer_site}",)
+        ).fetchone()
+        return int(row[0] if row else 0) + 1
 
     def add_batch(
         self,
@@ -349,6 +351,11 @@ class KeyStore:
         now = time.time()
         with self._transaction() as db:
             db.execute("INSERT INTO batches VALUES (?, ?, 'pending')", (peer_site, batch_id))
+            db.execute(
+                "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
+                " SET value = max(value, excluded.value)",
+                (f"batch:{peer_site}", batch_id),
+            )
             db.executemany(
                 "INSERT INTO hybrid_keys VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
                 [

@@ -54,6 +54,9 @@ log = logging.getLogger("qkdd.link")
 # How long the slave waits for QKD keys the master already has: the two devices deliver
 # the same stream, but not at the same instant.
 QKD_KEY_WAIT_SECONDS: Final = 5.0
+# How long a side waits for the reply to a batch message before it gives up on the
+# session: 3x the time the slave may legitimately wait for its device's QKD keys.
+BATCH_REPLY_TIMEOUT: Final = 3 * QKD_KEY_WAIT_SECONDS
 # Size of an authentication key (a PSK for the next handshakes).
 AUTH_KEY_BITS: Final = 256
 
@@ -120,6 +123,8 @@ class LinkAgreement:
         self._waiting: tuple[KeyBatch, float] | None = None
         self._last_demand: PoolDemand | None = None
         self._last_horizon: str | None = None
+        # Both: when the reply to our last batch message is overdue.
+        self._reply_deadline: float | None = None
         self.keys_agreed = 0
 
     # -- entry points ---------------------------------------------------------------------
@@ -172,9 +177,18 @@ class LinkAgreement:
         )
 
     def poll(self, now: float) -> list[LinkMessage]:
+        """What to send now; raises LinkError if the peer stopped answering mid-batch."""
+        if self._reply_deadline is not None and now > self._reply_deadline:
+            # A dropped frame is only noticed when a later one arrives; when nothing else
+            # flows, this deadline ends the session, and RESYNC settles the batch.
+            waiting_for = "BATCH_ACK" if self.params.is_master else "BATCH_DECISION"
+            raise LinkError(f"no {waiting_for} within {BATCH_REPLY_TIMEOUT:g} s")
         if self.params.is_master:
             batch = self._make_batch()
-            return [batch] if batch else []
+            if batch is None:
+                return []
+            self._reply_deadline = now + BATCH_REPLY_TIMEOUT
+            return [batch]
         out = self._try_batch(now) if self._waiting else []
         demand = self._demand()
         if demand != self._last_demand:
@@ -231,6 +245,7 @@ class LinkAgreement:
         return []
 
     def _on_ack(self, message: BatchAck) -> list[LinkMessage]:
+        self._reply_deadline = None
         batch = self._in_flight
         if batch is None or batch.batch_id != message.batch_id:
             raise LinkError(f"BATCH_ACK for batch {message.batch_id}, which is not in flight")
@@ -306,20 +321,18 @@ class LinkAgreement:
     ) -> list[tuple[BatchEntry, bytes]]:
         """Up to ``wanted`` entries, each with enough of the oldest QKD keys for its size."""
         key_bytes = size_bits // 8
-        qkd_keys = self._store.oldest_qkd_keys(self.params.peer_site_id, wanted * 8)
         entries: list[tuple[BatchEntry, bytes]] = []
-        index = 0
-        while index < len(qkd_keys) and len(entries) < wanted:
-            ids: list[str] = []
-            material = b""
-            while len(material) < key_bytes and index < len(qkd_keys):
-                ids.append(qkd_keys[index].key_id)
-                material += qkd_keys[index].material
-                index += 1
-            if len(material) < key_bytes:
-                break
-            entry = BatchEntry(str(uuid.uuid4()), size_bits, pair[0], pair[1], tuple(ids))
-            entries.append((entry, material))
+        ids: list[str] = []
+        material = b""
+        for qkd_key in self._store.oldest_qkd_keys(self.params.peer_site_id):
+            ids.append(qkd_key.key_id)
+            material += qkd_key.material
+            if len(material) >= key_bytes:
+                entry = BatchEntry(str(uuid.uuid4()), size_bits, pair[0], pair[1], tuple(ids))
+                entries.append((entry, material))
+                ids, material = [], b""
+                if len(entries) == wanted:
+                    break
         return entries
 
     def _store_batch(
@@ -385,6 +398,7 @@ class LinkAgreement:
         )
         entries = [(e, b"".join(materials[q] for q in e.qkd_key_ids)) for e in batch.entries]
         self._store_batch(batch, deriver, entries)
+        self._reply_deadline = now + BATCH_REPLY_TIMEOUT
         return [BatchAck(batch.batch_id, True), self._new_offer()]
 
     def _check_batch(self, batch: KeyBatch, qkd_ids: Sequence[str]) -> str:
@@ -424,6 +438,7 @@ class LinkAgreement:
         return [BatchAck(batch.batch_id, False, reason), self._new_offer()]
 
     def _on_decision(self, message: BatchDecision) -> list[LinkMessage]:
+        self._reply_deadline = None
         peer = self.params.peer_site_id
         if self._store.batch_state(peer, message.batch_id) is None:
             return []  # a decision for a batch we rejected: nothing to do

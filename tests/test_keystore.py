@@ -70,7 +70,10 @@ def test_state_survives_reopening(tmp_path):
     assert store.pending_batches("peer") == [5]
     assert store.qkd_key_count("peer") == 2
     assert store.store_qkd_keys("peer", qkd_keys) == 0  # consumed one ignored, others already held
-    assert store.next_batch_id("peer") == 1 and store.next_batch_id("peer") == 2
+    # Batch IDs are never reused, even for a batch that was aborted and erased.
+    assert store.next_batch_id("peer") == 6
+    store.abort_batch("peer", 5)
+    assert store.next_batch_id("peer") == 6
 
 
 def test_erased_key_material_is_gone_from_the_files(tmp_path):

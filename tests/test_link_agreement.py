@@ -258,3 +258,20 @@ def test_orphaned_qkd_keys_on_either_side_are_dropped_and_buffers_line_up(stores
     assert a.ready_count("sae-a", "sae-b") == 2 and b.ready_count("sae-b", "sae-a") == 2
     # 16 common keys, 5 used (2 + 2 + 1 authentication key): 11 left on each side.
     assert a.qkd_key_count("site-b") == b.qkd_key_count("site-a") == 11
+
+
+def test_slave_gives_up_when_the_decision_never_comes(stores, backend):
+    from qkdd.link import BATCH_REPLY_TIMEOUT, LinkError
+
+    feed_qkd(stores, 8)
+    master, slave = agreements(stores, backend)
+    for message in master.start():
+        slave.on_message(message, 0.0)
+    for message in slave.start():
+        master.on_message(message, 0.0)
+    (batch,) = master.poll(0.0)
+    replies = slave.on_message(batch, 0.0)
+    assert isinstance(replies[0], BatchAck) and replies[0].accepted  # ... the decision is lost
+    slave.poll(BATCH_REPLY_TIMEOUT - 1)  # still within the deadline
+    with pytest.raises(LinkError, match="no BATCH_DECISION"):
+        slave.poll(BATCH_REPLY_TIMEOUT + 1)

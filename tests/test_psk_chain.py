@@ -22,17 +22,13 @@ def wait_for_log(path: Path, text: str, count: int = 1, timeout: float = 30.0) -
 
 
 def restart(site, *, wipe_state: bool = False) -> None:
-    site.process.send_signal(signal.SIGTERM)
-    assert site.process.wait(timeout=20) == 0
     if wipe_state:
+        site.process.send_signal(signal.SIGTERM)
+        assert site.process.wait(timeout=20) == 0
         shutil.rmtree(site.config_file.parent / site.site.directory / "state")
-    log = open(site.log_file, "ab")  # noqa: SIM115 - handed to the child, closed below
-    site.process = subprocess.Popen(
-        [sys.executable, "-m", "qkdd", "run", "--config", str(site.config_file)],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    log.close()
+        site.spawn()
+    else:
+        site.restart()
 
 
 def test_psk_after_bootstrap_and_fail_closed_when_the_chain_is_lost(tmp_path):
