@@ -1,9 +1,12 @@
 """``qkd-emulator``: a QKD link emulated in one process, exposed as two pseudo-terminals.
 
+``qkd-emulator simulate ...`` runs the simulated BB84 link offline and prints its report.
+
 ``qkd-emulator pty --link-a PATH --link-b PATH`` opens two ptys, makes each slave raw (so
 the line discipline neither echoes nor rewrites frame bytes), links PATH -> /dev/pts/N, and
 speaks the device side of serial protocol v1 on each master. Both sides get the same keys
-with the same IDs (see ``emulated_device.EmulatedLink``). The emulator keeps each slave open
+with the same IDs (see ``emulated_device.EmulatedLink``), made by the simulated BB84 link
+(``bb84_source``) or, with ``--physics random``, drawn at random. The emulator keeps each slave open
 itself so that the master never sees EIO while no daemon is attached. It prints ``ready``
 (or a JSON object with ``--json``) once both links exist, and exits 0 on SIGTERM/SIGINT
 after removing the links it made.
@@ -28,6 +31,12 @@ from .constants import DEFAULT_RETRANSMIT_TIMEOUT, DEFAULT_STATUS_INTERVAL, DEFA
 from .emulated_device import EmulatedLink
 from .errors import DeviceError
 from .key_source import RandomKeySource
+from .simulate_cli import (
+    add_link_arguments,
+    add_simulate_arguments,
+    key_source_from_args,
+    simulate_main,
+)
 
 __all__ = ["EmulatorError", "PtyLink", "close_pty_link", "main", "open_pty_link"]
 
@@ -88,8 +97,13 @@ async def run_pty(args: argparse.Namespace) -> None:
         try:
             for path in (args.link_a, args.link_b):
                 links.append(open_pty_link(path))
+            source = (
+                RandomKeySource(args.key_bits)
+                if args.physics == "random"
+                else key_source_from_args(args)
+            )
             link = EmulatedLink(
-                RandomKeySource(args.key_bits),
+                source,
                 rate=args.rate,
                 buffer=args.buffer,
                 window=args.window,
@@ -215,16 +229,38 @@ def build_parser() -> argparse.ArgumentParser:
         help='print {"link_a": PATH, "link_b": PATH} instead of "ready" once both paths exist',
     )
     pty_cmd.add_argument(
+        "--physics",
+        choices=["bb84", "random"],
+        default="bb84",
+        help="bb84: simulate the link (photons, loss, errors, eavesdropper) and its "
+        "post-processing, with the flags below; random: shared random keys, no physics "
+        "(default: bb84)",
+    )
+    add_link_arguments(pty_cmd)
+    pty_cmd.add_argument(
         "--log-level",
         default="WARNING",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging threshold for messages on stderr (default: WARNING)",
     )
+    simulate = sub.add_parser(
+        "simulate",
+        help="run the simulated BB84 link offline and report its figures",
+        description=(
+            "Simulate the BB84 link and its post-processing with no serial endpoint, and "
+            "report per block and in total: detections, sifted bits, QBER estimate, disclosed "
+            "bits, final key bits and secret key rate. For planning a link (what key rate at "
+            "this distance?) and for checking the physics."
+        ),
+    )
+    add_simulate_arguments(simulate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "simulate":
+        return simulate_main(args)
     if os.path.abspath(args.link_a) == os.path.abspath(args.link_b):
         print("qkd-emulator: --link-a and --link-b must be different paths", file=sys.stderr)
         return 2

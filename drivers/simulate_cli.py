@@ -123,7 +123,9 @@ def add_link_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"fibre attenuation (default: {_LINK.alpha_db_per_km:g} dB/km)",
     )
     g.add_argument(
+        "--length-km",
         "--length",
+        dest="length",
         type=_number(0, _INF),
         default=_LINK.length_km,
         metavar="KM",
@@ -230,6 +232,14 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "--blocks", type=_count(1), default=3, help="blocks to simulate (default: 3)"
     )
     parser.add_argument(
+        "--detections",
+        type=_count(1),
+        default=None,
+        metavar="N",
+        help="detections to simulate in all, instead of --blocks: split into blocks of at "
+        "most --block-detections",
+    )
+    parser.add_argument(
         "--key-bits",
         type=_count(8),
         default=_POST.key_bits,
@@ -292,6 +302,10 @@ def _model(link: LinkParameters) -> dict[str, float]:
 def simulate_main(args: argparse.Namespace) -> int:
     """Run ``args.blocks`` blocks and print the per-block and total figures. Returns 0,
     or 2 (message on stderr) if the parameters are inconsistent."""
+    if args.detections is not None:
+        # N detections in blocks of at most --block-detections, as even as possible.
+        args.blocks = -(-args.detections // args.block_detections)
+        args.block_detections = -(-args.detections // args.blocks)
     try:
         source = key_source_from_args(args)
     except ValueError as exc:

@@ -38,8 +38,9 @@ RECEIVE_SIZE: Final = 64 * 1024
 DIAL_BACKOFF_FIRST: Final = 0.25
 DIAL_BACKOFF_MAX: Final = 10.0
 # Device keys held at most before the driver stops acknowledging (back-pressure to the
-# device, which then buffers): bounds the disk a stalled peer can make us use.
-QKD_BUFFER_MAX: Final = 20_000
+# device, which then buffers): bounds the QKD material at rest here and the disk a stalled
+# peer can make us use. 4096 keys of 256 bits is 1 Mbit.
+QKD_BUFFER_MAX: Final = 4096
 # Pre-authentication limits: an unauthenticated client holds at most one handshake slot
 # for HANDSHAKE_TIMEOUT, and at most this many at once in all and per source address.
 MAX_PENDING_HANDSHAKES: Final = 32
