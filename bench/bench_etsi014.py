@@ -5,7 +5,11 @@ Measures enc_keys (1 and 100 keys per request) and dec_keys (1 key per request) 
 the same kind of socket answering every request with a fixed small body. Each server runs in
 its own process (as qkdd does); the callers share one Trio process using `qkdd.client`.
 
-    python bench/bench_etsi014.py [--requests N]
+    python bench/bench_etsi014.py [--requests N] [--pool memory|store]
+
+``--pool store`` serves from the daemon's real pool (``StoreKeyPool`` over an SQLite
+``KeyStore`` with keys sealed at rest), filled beforehand with ready keys; ``memory`` (the
+default) from ``MemoryKeyPool``, which measures the API layer alone.
 """
 
 from __future__ import annotations
@@ -34,9 +38,56 @@ FLOOR_BODY = b'{"keys":[]}'
 
 # -- servers (run in child processes) --
 
+def _store_pool(directory: str, keys: int) -> tuple[object, list[str]]:
+    """A StoreKeyPool with ``keys`` ready keys for MASTER -> SLAVE, and the IDs of as many
+    more that a slave may collect (in a real pair of sites they sit in the peer's store)."""
+    import base64
+    import uuid
+    from pathlib import Path
+
+    from qkdd.config import parse_config
+    from qkdd.crypto import SIGNATURE_PUBLIC_KEY_SIZE
+    from qkdd.keystore import KeyStore, NewHybridKey
+    from qkdd.pool import StoreKeyPool
+
+    config = parse_config(Path(directory) / "bench.toml", {
+        "site_id": "site-a", "listen": "127.0.0.1:1", "state_directory": directory,
+        "identity": {"private_key": "unused"},
+        "store": {"key_encryption_key": "unused"},
+        "api": {"socket": "unused", "max_keys_per_request": 100},
+        "consumers": [{"sae_id": MASTER}],
+        "peers": [{
+            "site_id": "site-b", "address": "127.0.0.1:2", "remote_sae_ids": [SLAVE],
+            "public_key": base64.b64encode(bytes(SIGNATURE_PUBLIC_KEY_SIZE)).decode(),
+            "device": {"kind": "serial", "path": "unused"},
+        }],
+    })
+    store = KeyStore(Path(directory) / "keys.sqlite3", os.urandom(32))
+    dec_ids: list[str] = []
+    for batch_id, start in enumerate(range(0, 2 * keys, 256), start=1):
+        batch = [NewHybridKey(str(uuid.uuid4()), MASTER, SLAVE, 256, os.urandom(32))
+                 for _ in range(min(256, 2 * keys - start))]
+        store.add_batch("site-b", batch_id, batch, [])
+        store.commit_batch("site-b", batch_id)
+        if start >= keys:
+            dec_ids += [k.key_id for k in batch]
+
+    class Live:
+        pass
+
+    live = Live()
+    live.config = config  # type: ignore[attr-defined]
+    return StoreKeyPool(live, store, lambda site: None), dec_ids  # type: ignore[arg-type]
+
+
 async def _serve_api(path: str, keys: int) -> None:
-    pool = MemoryKeyPool([MASTER, SLAVE], max_key_per_request=100, max_key_count=keys)
-    pool.fill(MASTER, SLAVE, keys)
+    if os.environ.get("BENCH_POOL") == "store":
+        pool, dec_ids = _store_pool(os.path.dirname(path), keys)
+        with open(path + ".ids", "w") as handle:
+            handle.write("\n".join(dec_ids))
+    else:
+        pool = MemoryKeyPool([MASTER, SLAVE], max_key_per_request=100, max_key_count=keys)
+        pool.fill(MASTER, SLAVE, keys)
     both = frozenset({MASTER, SLAVE})
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_unix, path, RequestHandler(pool), lambda uid, gid: both)
@@ -144,10 +195,15 @@ async def _bench(requests: int) -> list[tuple[str, int, float, list[float], floa
                                            _enc_call(number))
                     rows.append((label, concurrency, rate, lat, floor_rate))
                 # Keys for the slave to collect, handed out to the master beforehand.
-                async with KeyClient(api_path, sae_id=MASTER) as master:
-                    ids: list[str] = []
-                    while len(ids) < requests:
-                        ids += [k.key_id for k in await master.enc_keys(SLAVE, number=100)]
+                if os.path.exists(api_path + ".ids"):
+                    with open(api_path + ".ids") as handle:
+                        all_ids = handle.read().split()
+                    ids = all_ids[concurrency * requests : (concurrency + 1) * requests]
+                else:
+                    async with KeyClient(api_path, sae_id=MASTER) as master:
+                        ids = []
+                        while len(ids) < requests:
+                            ids += [k.key_id for k in await master.enc_keys(SLAVE, number=100)]
                 rate, lat = await _run(api_path, SLAVE, concurrency, requests, _dec_call(ids))
                 rows.append(("dec_keys x1", concurrency, rate, lat, floor_rate))
         finally:
@@ -161,14 +217,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="per cell (default 2000)")
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--pool", choices=("memory", "store"), default="memory",
+                        help="the pool behind the API (default: memory)")
     args = parser.parse_args()
+    os.environ["BENCH_POOL"] = args.pool  # the server child reads it
     if args.serve:
         kind, path, keys = args.serve
         trio.run(_serve_api, path, int(keys)) if kind == "api" else trio.run(_serve_floor, path)
         return
     requests = max(args.requests, max(CONCURRENCY) * 4)
     rows = trio.run(_bench, requests)
-    print(f"ETSI 014 over a Unix socket, {requests} requests per cell, "
+    print(f"ETSI 014 over a Unix socket ({args.pool} pool), {requests} requests per cell, "
           f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
     print(f"{'workload':<14} {'callers':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'floor req/s':>11} {'ratio':>6}")
