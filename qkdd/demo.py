@@ -115,12 +115,18 @@ def _wait_for_line(process: subprocess.Popen[bytes], timeout: float, what: str) 
 
 @contextlib.contextmanager
 def running_demo(
-    directory: Path, tamper: Callable[[Path], object] | None = None
+    directory: Path,
+    tamper: Callable[[Path], object] | None = None,
+    *,
+    b_first: bool = False,
+    gap: float = 0.0,
 ) -> Iterator[list[RunningSite]]:
-    """Start the emulator and both daemons in ``directory``; stop them on exit.
+    """Start the emulator and both daemons in ``directory``; stop them on exit. The sites
+    are yielded as [A, B] whatever order they were started in.
 
     ``tamper(directory)`` runs after the files are written and before anything starts
-    (tests use it to break a site's config)."""
+    (tests use it to break a site's config); ``b_first`` and ``gap`` (seconds between the
+    two starts) let tests start the sites in either order."""
     configs = prepare_directory(directory)
     if tamper is not None:
         tamper(directory)
@@ -146,8 +152,11 @@ def running_demo(
                 stderr=emulator_log,
             )
         _wait_for_line(emulator, STARTUP_TIMEOUT, "the QKD link emulator")
-        for site in SITES:
+        for index, site in enumerate(reversed(SITES) if b_first else SITES):
+            if index:
+                time.sleep(gap)
             sites.append(RunningSite.start(site, configs[site.site_id]))
+        sites.sort(key=lambda running: running.site.site_id)
         yield sites
     finally:
         # The sites' current processes (a test may have restarted them), then the link.
