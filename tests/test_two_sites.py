@@ -137,3 +137,24 @@ def test_qkdd_demo_serve_describes_live_sites_for_qkdctl():
         process.wait(timeout=30)
     assert process.returncode == 0
     assert not os.path.exists(site_a["config_file"])  # the demo directory is gone
+
+
+def test_sites_on_different_pqc_backends_interoperate(tmp_path):
+    """Site A on liboqs, site B on pyca/cryptography: bootstrap, PSK and keys all agree."""
+    from qkdd.crypto.liboqs_probe import find_liboqs
+
+    if find_liboqs() is None:
+        pytest.skip("liboqs C library not found (set OQS_INSTALL_PATH)")
+
+    def mix(directory):
+        for site, backend in (("site-a", "oqs"), ("site-b", "cryptography")):
+            path = directory / f"{site}.toml"
+            path.write_text(
+                path.read_text().replace('pqc_backend = "auto"', f'pqc_backend = "{backend}"')
+            )
+
+    with running_demo(tmp_path, tamper=mix) as (site_a, site_b):
+        wait_for_keys(site_a, SITE_B.sae_id, 4, timeout=30)
+        assert all(row["match"] for row in exchange_keys(site_a, site_b, 4))
+        assert "backend=liboqs" in site_a.log_file.read_text()
+        assert "backend=cryptography" in site_b.log_file.read_text()
