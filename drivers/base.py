@@ -18,13 +18,21 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import trio
 
 from .errors import DeviceError
 
-__all__ = ["DeviceError", "DeviceStatus", "KeySink", "QkdDevice", "QkdKey"]
+__all__ = [
+    "CountingKeySink",
+    "DeviceError",
+    "DeviceStatus",
+    "FetchByIdDevice",
+    "KeySink",
+    "QkdDevice",
+    "QkdKey",
+]
 
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -64,6 +72,15 @@ class KeySink(Protocol):
         ...
 
 
+@runtime_checkable
+class CountingKeySink(KeySink, Protocol):
+    """A sink that can say how many QKD keys it holds, unused. Optional: devices that take
+    keys on demand (an ETSI GS QKD 014 KME) use it to take only as many as the daemon needs;
+    with a plain ``KeySink`` they rely on ``store_qkd_keys`` blocking while the sink is full."""
+
+    def qkd_keys_buffered(self) -> int: ...
+
+
 @dataclass
 class DeviceStatus:
     """A snapshot for operators; drivers replace the whole object on every change."""
@@ -74,6 +91,7 @@ class DeviceStatus:
     qber: float | None = None
     secret_key_rate: float | None = None  # bit/s reported by the device
     keys_buffered: int | None = None
+    key_size_bits: int | None = None  # bits per key the device hands out, if it says
 
 
 class QkdDevice(abc.ABC):
@@ -89,3 +107,28 @@ class QkdDevice(abc.ABC):
         """Runs until cancelled: connects (reconnecting with backoff on any fault), receives
         keys, awaits sink.store_qkd_keys(keys), and only then acknowledges them to the device.
         task_status.started() once the first connection attempt has been made."""
+
+
+class FetchByIdDevice(QkdDevice):
+    """A device from which the link slave collects keys by ID instead of receiving a stream.
+
+    Some QKD systems hand a key to each site only when asked, e.g. a key management entity
+    (KME) serving ETSI GS QKD 014: the link master's device supplies keys with IDs through
+    ``run`` like any other device, and the link slave must then ask its own device for
+    exactly the IDs the master named in a KEY_BATCH. At the link slave, ``run`` only keeps
+    ``status`` current and the daemon calls ``fetch_keys`` with the IDs it is waiting for.
+
+    The daemon tells such a device from a streaming one with
+    ``isinstance(device, FetchByIdDevice)``; devices that stream (``SerialDevice``) are not
+    affected. The delivery contract of ``QkdDevice`` still holds for what ``fetch_keys``
+    stores: the sink may see an ID it already holds and must ignore it.
+    """
+
+    @abc.abstractmethod
+    async def fetch_keys(self, key_ids: Sequence[str]) -> None:
+        """Collect the keys with these IDs (canonical lowercase UUIDs) from the device and
+        store them in the sink given to the running ``run``, returning once they are stored.
+
+        Raises a ``DeviceError``: for IDs the device does not hold (yet), one that names them,
+        after the keys it did find have been stored, so a later call need only ask again for
+        the missing IDs. Raises ``ValueError`` for an ID that is not a canonical UUID."""

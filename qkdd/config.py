@@ -85,6 +85,7 @@ class PeerConfig:
     remote_sae_ids: tuple[str, ...]
     device: DeviceConfig
     pool_size: int
+    auth_key_bits: int
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,7 @@ def _peer(reader: _Reader) -> PeerConfig:
             "remote_sae_ids",
             "device",
             "pool_size",
+            "auth_key_bits",
         }
     )
     remote = reader.get("remote_sae_ids", list, "a list of the SAE IDs at that site")
@@ -296,7 +298,17 @@ def _peer(reader: _Reader) -> PeerConfig:
         remote_sae_ids=tuple(remote),
         device=_device(reader.subtable("device")),
         pool_size=reader.integer("pool_size", 1, 1_000_000, 256),
+        auth_key_bits=_auth_key_bits(reader),
     )
+
+
+def _auth_key_bits(reader: _Reader) -> int:
+    """QKD bits set aside per session for the next session's PSK (the link master's value
+    is the one used; both sites should agree)."""
+    bits = reader.integer("auth_key_bits", 128, 4096, 256)
+    if bits % 8:
+        raise reader.error("auth_key_bits", "a multiple of 8 bits from 128 to 4096", bits)
+    return bits
 
 
 def _consumer(reader: _Reader) -> ConsumerConfig:

@@ -57,8 +57,9 @@ QKD_KEY_WAIT_SECONDS: Final = 5.0
 # How long a side waits for the reply to a batch message before it gives up on the
 # session: 3x the time the slave may legitimately wait for its device's QKD keys.
 BATCH_REPLY_TIMEOUT: Final = 3 * QKD_KEY_WAIT_SECONDS
-# Size of an authentication key (a PSK for the next handshakes).
-AUTH_KEY_BITS: Final = 256
+# Sizes an authentication key (a PSK for the next handshakes) may have; the link master's
+# config chooses (``auth_key_bits``, 256 by default).
+AUTH_KEY_BITS_RANGE: Final = (128, 4096)
 
 
 class LinkError(Exception):
@@ -73,6 +74,7 @@ class LinkParameters:
     remote_sae_ids: frozenset[str]
     key_size_bits: int
     pool_size: int
+    auth_key_bits: int = 256
 
     @property
     def is_master(self) -> bool:
@@ -291,7 +293,7 @@ class LinkAgreement:
                 BatchPurpose.AUTHENTICATION_KEYS,
                 1,
                 ("", ""),
-                AUTH_KEY_BITS,
+                self.params.auth_key_bits,
             )
         else:
             deficits = self._deficits()
@@ -409,8 +411,9 @@ class LinkAgreement:
             if len(batch.entries) != 1:
                 return "an authentication batch holds exactly one key"
             entry = batch.entries[0]
-            if entry.master_sae_id or entry.slave_sae_id or entry.size_bits != AUTH_KEY_BITS:
-                return f"an authentication key has no SAE pair and {AUTH_KEY_BITS} bits"
+            low, high = AUTH_KEY_BITS_RANGE
+            if entry.master_sae_id or entry.slave_sae_id or not low <= entry.size_bits <= high:
+                return f"an authentication key has no SAE pair and {low}-{high} bits"
         for entry in batch.entries if batch.purpose == BatchPurpose.APPLICATION_KEYS else ():
             if not self.params.pair_allowed(entry.master_sae_id, entry.slave_sae_id):
                 return (

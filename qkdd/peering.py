@@ -2,12 +2,13 @@
 sessions with the peer daemon, each pumping bytes through a sans-IO ``PeerConnection`` and
 a ``LinkAgreement``. The link master dials (with backoff); the slave's sessions arrive
 through the site's peer listener, which runs the responder handshake and hands them here.
+Each handshake's outcome is told to an optional ``HandshakeObserver`` (the daemon's metrics).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import trio
@@ -19,6 +20,7 @@ from qkdd.crypto import PqcBackend, SigningKey
 from qkdd.keystore import KeyStore, StoredQkdKey
 from qkdd.link import LinkAgreement, LinkError, LinkParameters
 from qkdd.peer.connection import (
+    MODE_PSK,
     AuthKey,
     HandshakeComplete,
     MessageReceived,
@@ -90,6 +92,34 @@ SESSION_ERRORS = (
 )
 
 
+# Told of each handshake: (peer site ID, mode, outcome). Mode is "bootstrap", "psk", or
+# "unknown" (the peer never said who it is); outcome is "ok" or ``handshake_outcome``'s word.
+HandshakeObserver = Callable[[str, str, str], None]
+
+
+def _no_observer(peer: str, mode: str, outcome: str) -> None:
+    pass
+
+
+def mode_name(conn: PeerConnection) -> str:
+    if conn.peer_site_id is None:  # a responder before a valid HELLO
+        return "unknown"
+    return "psk" if conn.mode == MODE_PSK else "bootstrap"
+
+
+def handshake_outcome(exc: BaseException) -> str:
+    """Why a handshake failed, in one word from a fixed set (a metric label)."""
+    if isinstance(exc, PeerAuthenticationError):
+        return "authentication_failed"
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout"
+    if isinstance(exc, PeerClosed):
+        return "closed"
+    if isinstance(exc, PeerProtocolError):
+        return "protocol_error"
+    return "connection_error"
+
+
 def _first(group: BaseExceptionGroup[Exception]) -> Exception:
     """The first real error in a group, for the log line."""
     exc: BaseException = group
@@ -128,6 +158,7 @@ class PeerLink:
         store: KeyStore,
         backend: PqcBackend,
         signing_key: SigningKey,
+        on_handshake: HandshakeObserver = _no_observer,
     ) -> None:
         self.config = config
         self.peer = peer
@@ -138,12 +169,14 @@ class PeerLink:
             remote_sae_ids=frozenset(peer.remote_sae_ids),
             key_size_bits=config.key_size,
             pool_size=peer.pool_size,
+            auth_key_bits=peer.auth_key_bits,
         )
         self.device = make_device(peer)
         self.sink = StoreSink(store, peer.site_id)
         self._store = store
         self._backend = backend
         self._signing_key = signing_key
+        self._on_handshake = on_handshake
         self._session_scope: trio.CancelScope | None = None
         self.session_up = False
         self.last_error = "no session yet"
@@ -224,15 +257,22 @@ class PeerLink:
                 auth_key=auth_key,
             )
             async with stream:
+                handshake_done = False
                 try:
                     conn.initiate()
                     await stream.send_all(conn.data_to_send())
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
                         done, leftover = await complete_handshake(stream, conn)
+                    handshake_done = True
                     delay = DIAL_BACKOFF_FIRST
                     await self.run_session(stream, conn, done, leftover)
                 except* SESSION_ERRORS as group:
-                    self.session_failed(_first(group))
+                    exc = _first(group)
+                    if not handshake_done:
+                        self._on_handshake(
+                            self.peer.site_id, mode_name(conn), handshake_outcome(exc)
+                        )
+                    self.session_failed(exc)
             await trio.sleep(delay)
             delay = min(delay * 2, DIAL_BACKOFF_MAX)
 
@@ -262,6 +302,7 @@ class PeerLink:
         """Run key agreement over an authenticated connection until it breaks.
 
         A newer session with the same peer replaces this one (the peer restarted)."""
+        self._on_handshake(self.peer.site_id, mode_name(conn), "ok")
         if self._session_scope is not None:
             self._session_scope.cancel()
         assert conn.session_id is not None
@@ -374,9 +415,13 @@ async def serve_peers(
     backend: PqcBackend,
     signing_key: SigningKey,
     *,
+    on_handshake: HandshakeObserver = _no_observer,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept peer connections on the site's listen address and route them to their link."""
+    """Accept peer connections on the site's listen address and route them to their link.
+
+    ``on_handshake`` is told of the handshakes that fail or are refused here; a link tells
+    its own of those that succeed."""
     host, port = config.listen
     listeners = await trio.open_tcp_listeners(port, host=host)
 
@@ -396,10 +441,12 @@ async def serve_peers(
             log.warning(
                 "event=handshake_refused address=%s reason='too many pending handshakes'", address
             )
+            on_handshake("unknown", "unknown", "refused")
             await stream.aclose()
             return
         async with stream:
             link = None
+            session_started = False
             try:
                 try:
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -412,9 +459,14 @@ async def serve_peers(
                     raise PeerAuthenticationError(
                         f"site {conn.peer_site_id!r} dialled us, but we are the link master"
                     )
+                session_started = True
                 await link.run_session(stream, conn, done, leftover)
             except* SESSION_ERRORS as group:
                 exc = _first(group)
+                if not session_started:
+                    on_handshake(
+                        conn.peer_site_id or "unknown", mode_name(conn), handshake_outcome(exc)
+                    )
                 link = link or links.get(conn.peer_site_id or "")
                 if link is not None:
                     link.session_failed(exc)

@@ -112,6 +112,18 @@ BAD_VALUES = [
     ('remote_sae_ids = ["sae-b"]', 'remote_sae_ids = "sae-b"', "peers[0].remote_sae_ids", "list"),
     ("pool_size = 64", "pool_size = -1", "peers[0].pool_size", "integer from 1"),
     (
+        "pool_size = 64",
+        "pool_size = 64\nauth_key_bits = 100",
+        "peers[0].auth_key_bits",
+        "integer from 128",
+    ),
+    (
+        "pool_size = 64",
+        "pool_size = 64\nauth_key_bits = 129",
+        "peers[0].auth_key_bits",
+        "multiple of 8",
+    ),
+    (
         'key_encryption_key = "site-a/kek.bin"',
         'key_encryption_key = "credential:"',
         "store.key_encryption_key",

@@ -275,3 +275,16 @@ def test_slave_gives_up_when_the_decision_never_comes(stores, backend):
     slave.poll(BATCH_REPLY_TIMEOUT - 1)  # still within the deadline
     with pytest.raises(LinkError, match="no BATCH_DECISION"):
         slave.poll(BATCH_REPLY_TIMEOUT + 1)
+
+
+def test_the_share_of_qkd_material_for_authentication_is_configurable(stores, backend):
+    import dataclasses
+
+    a, b = stores
+    feed_qkd(stores, 16)
+    master, slave = agreements(stores, backend, pool_size=1)
+    master.params = dataclasses.replace(master.params, auth_key_bits=512)
+    pump(master, slave)
+    key = a.newest_ready_auth_key("site-b")
+    assert len(key.material) == 64  # two 256-bit QKD keys set aside for it
+    assert b.auth_key("site-a", key.key_id).material == key.material

@@ -4,6 +4,10 @@ sent it go in, an `ApiResponse` comes out.
 Owns routing, the caller's SAE identity, validation of the standard's Key request and Key IDs
 objects and of query parameters, and the mapping of pool errors to the standard's status codes
 (400, 401, 503) and Error object. HTTP framing belongs to `qkdd.etsi014.server`.
+
+Paths under `EXTENSION_PREFIX` are not ETSI: they go to the `extensions` the handler was
+given (the daemon's own status and metrics routes), matched by exact path; this module knows
+nothing of what they do.
 """
 
 from __future__ import annotations
@@ -11,14 +15,17 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, NoReturn
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from qkdd.etsi014.pool import DeliveredKey, KeyPool, KeyServiceError, KeysUnavailable, UnknownKeys
 
 API_PREFIX = "/api/v1/keys/"
+# The project's own routes live under this prefix, outside the standard's paths.
+EXTENSION_PREFIX = "/qkdd/"
 SAE_HEADER = "x-sae-id"
 # Additional slave SAEs (multicast keys) are not offered yet; the Status object says so.
 MAX_SAE_ID_COUNT = 0
@@ -59,6 +66,10 @@ class ApiResponse:
     body: bytes
     # One-line outcome for the access log: SAE IDs, key IDs, error messages; never key material.
     note: str = ""
+
+
+# A route outside the standard: the request and its caller in, a response out.
+Extension = Callable[[ApiRequest, Caller], ApiResponse]
 
 
 class _Reject(Exception):
@@ -162,11 +173,22 @@ def _key_container(keys: Sequence[DeliveredKey]) -> bytes:
 
 
 class RequestHandler:
-    """Answers ETSI GS QKD 014 requests from a `KeyPool`."""
+    """Answers ETSI GS QKD 014 requests from a `KeyPool`; paths under `EXTENSION_PREFIX`
+    go to `extensions` (exact path -> route), and are 404 when none matches."""
 
-    def __init__(self, pool: KeyPool, *, max_body: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        pool: KeyPool,
+        *,
+        max_body: int = 64 * 1024,
+        extensions: Mapping[str, Extension] = MappingProxyType({}),
+    ) -> None:
+        for path in extensions:
+            if not path.startswith(EXTENSION_PREFIX):
+                raise ValueError(f"extension path {path!r} must start with {EXTENSION_PREFIX}")
         self.pool = pool
         self.max_body = max_body
+        self.extensions = dict(extensions)
 
     def handle(self, request: ApiRequest, caller: Caller) -> ApiResponse:
         try:
@@ -183,6 +205,11 @@ class RequestHandler:
     def _dispatch(self, request: ApiRequest, caller: Caller) -> ApiResponse:
         url = urlsplit(request.target)
         path = url.path
+        if path.startswith(EXTENSION_PREFIX):
+            route = self.extensions.get(path)
+            if route is None:
+                _reject(404, f"no such resource {path!r}")
+            return route(request, caller)
         if not path.startswith(API_PREFIX):
             _reject(404, f"no such resource {path!r}; the API lives under {API_PREFIX}")
         parts = path[len(API_PREFIX) :].split("/")

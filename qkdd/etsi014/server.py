@@ -46,6 +46,9 @@ LINGER_MAX_BYTES = 1024 * 1024
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 Identify = Callable[[int, int], frozenset[str]]
+# Told of every answered request: the request, its response, and the seconds the handler took
+# (e.g. to feed metrics). It must not block; an exception it raises is logged and ignored.
+Observe = Callable[[ApiRequest, ApiResponse, float], None]
 
 
 class SocketPathError(KeyServiceError):
@@ -61,12 +64,13 @@ async def serve_unix(
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     task_status: trio.TaskStatus[trio.SocketListener] = trio.TASK_STATUS_IGNORED,
     listener: trio.SocketListener | None = None,
+    observe: Observe | None = None,
 ) -> None:
     """Serve `handler` on the Unix socket `path` until cancelled.
 
     With `listener` given (an already listening Unix socket), `path` is only used in logs and
     nothing is bound, chmod-ed or removed. `task_status.started(listener)` is called once
-    connections are accepted.
+    connections are accepted. `observe` is told of each answered request.
     """
     bound_inode: int | None = None
     if listener is None:
@@ -76,7 +80,9 @@ async def serve_unix(
             counter = itertools.count(1)
 
             async def on_connection(stream: trio.SocketStream) -> None:
-                await _serve_connection(stream, handler, identify, request_timeout, next(counter))
+                await _serve_connection(
+                    stream, handler, identify, request_timeout, next(counter), observe
+                )
 
             await nursery.start(trio.serve_listeners, on_connection, [listener])
             log.info(
@@ -173,6 +179,7 @@ async def _serve_connection(
     identify: Identify,
     request_timeout: float,
     conn_id: int,
+    observe: Observe | None,
 ) -> None:
     caller = peer_caller(stream.socket, identify)
     log.debug(
@@ -189,6 +196,7 @@ async def _serve_connection(
         who=f"uid={caller.uid}",
         request_timeout=request_timeout,
         conn_id=conn_id,
+        observe=observe,
     )
 
 
@@ -200,14 +208,16 @@ async def serve_stream(
     who: str,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     conn_id: int = 0,
+    observe: Observe | None = None,
 ) -> None:
     """Answer HTTP/1.1 requests from `caller` on one established connection until it ends.
 
     Shared by every transport (Unix socket, TLS). `who` names the caller in log events, as
     "key=value" fields. A failure of the connection is logged, never raised. The stream is left
     open for the transport to close, after an EOF and a drain of the client's unread input.
+    `observe` is told of each request the handler answered.
     """
-    connection = _Connection(stream, handler, caller, who, request_timeout, conn_id)
+    connection = _Connection(stream, handler, caller, who, request_timeout, conn_id, observe)
     try:
         await connection.run()
         if not connection.peer_closed:
@@ -252,6 +262,7 @@ class _Connection:
         who: str,
         timeout: float,
         conn_id: int,
+        observe: Observe | None = None,
     ) -> None:
         self._stream = stream
         self._handler = handler
@@ -259,6 +270,7 @@ class _Connection:
         self._who = who
         self._timeout = timeout
         self._id = conn_id
+        self._observe = observe
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
 
     @property
@@ -283,7 +295,14 @@ class _Connection:
                 response = error_response(
                     503, "internal error in the key service; see the daemon log"
                 )
-            self._log(request, response, trio.current_time() - start)
+            elapsed = trio.current_time() - start
+            self._log(request, response, elapsed)
+            if self._observe is not None:
+                try:
+                    self._observe(request, response, elapsed)
+                except Exception:
+                    # Metrics must never cost a caller its answer.
+                    log.exception("event=api_observe_failed conn=%d", self._id)
             # The handler may have handed keys out (and erased them): the answer must reach
             # the caller even when the daemon is shutting down. Shielded, but still bounded
             # by the send timeout.
