@@ -6,6 +6,8 @@ both keep one HTTP/1.1 connection alive between calls. The HTTP exchange itself 
 `_Exchange`, so the two differ only in how they move bytes. `KeyClient(path)` talks to a Unix
 socket; `KeyClient.tls(host, port, cert_file=..., ...)` to a TLS listener, presenting a client
 certificate (which the service maps to an SAE) and checking the service's certificate.
+Both also read the daemon's own site status and metrics (`site_status`, `metrics`), which
+only the local socket serves (see `qkdd.admin`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from urllib.parse import quote
 
 import h11
 
+from qkdd.admin import METRICS_PATH, STATUS_PATH
 from qkdd.etsi014.pool import DeliveredKey
 
 __all__ = [
@@ -150,6 +153,12 @@ def _decode_json(status: int, body: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise BadResponse("the key service answered 200 without a JSON object")
     return obj
+
+
+def _decode_text(status: int, body: bytes) -> str:
+    if status != 200:
+        _decode_json(status, body)  # raises with the service's Error object
+    return body.decode("utf-8", "replace")
 
 
 def _decode_keys(obj: dict[str, Any]) -> list[DeliveredKey]:
@@ -330,6 +339,14 @@ class KeyClient:
         target, body = _dec_request(master_sae_id, key_ids)
         return _decode_keys(_decode_json(*await self._call("POST", target, body)))
 
+    async def site_status(self) -> dict[str, Any]:
+        """The daemon's site status (links, devices, pools, recent errors); local socket only."""
+        return _decode_json(*await self._call("GET", STATUS_PATH, None))
+
+    async def metrics(self) -> str:
+        """The daemon's Prometheus metrics, in the text format; local socket only."""
+        return _decode_text(*await self._call("GET", METRICS_PATH, None))
+
     async def request(self, method: str, target: str, body: bytes | None) -> tuple[int, bytes]:
         """A raw exchange with the service: (status, body)."""
         return await self._call(method, target, body)
@@ -473,6 +490,14 @@ class BlockingKeyClient:
     def dec_keys(self, master_sae_id: str, key_ids: Sequence[str]) -> list[DeliveredKey]:
         target, body = _dec_request(master_sae_id, key_ids)
         return _decode_keys(_decode_json(*self._call("POST", target, body)))
+
+    def site_status(self) -> dict[str, Any]:
+        """The daemon's site status (links, devices, pools, recent errors); local socket only."""
+        return _decode_json(*self._call("GET", STATUS_PATH, None))
+
+    def metrics(self) -> str:
+        """The daemon's Prometheus metrics, in the text format; local socket only."""
+        return _decode_text(*self._call("GET", METRICS_PATH, None))
 
     def request(self, method: str, target: str, body: bytes | None) -> tuple[int, bytes]:
         """A raw exchange with the service: (status, body)."""

@@ -2,8 +2,11 @@
 
 Talks to the local Unix socket (`--socket`), or to the HTTPS listener (`--url https://host:port`
 with a client certificate `--cert`, its key `--key` and the service's CA `--cacert`). Prints the
-standard's JSON objects (Status, Key container) so the output can be piped to other tools. Exit
-codes: 0 success, 1 the service refused or could not be reached, 2 usage error.
+standard's JSON objects (Status, Key container) so the output can be piped to other tools.
+`qkdctl status` without an SAE ID shows the site itself (links, QKD devices, key pools, recent
+errors) for a person, or as JSON with `--json`; `qkdctl metrics` prints the Prometheus metrics.
+Those two are served on the local socket only, to any user the socket admits. Exit codes:
+0 success, 1 the service refused or could not be reached, 2 usage error.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import base64
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,7 +29,10 @@ SOCKET_ENV = "QKDD_SOCKET"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qkdctl", description="Query the local ETSI GS QKD 014 key service."
+        prog="qkdctl",
+        description="Query the local ETSI GS QKD 014 key service, or the site's own status.",
+        epilog="`status` without an SAE ID and `metrics` are served on the local socket only, "
+        "to any user the socket admits (its mode and group are the gate).",
     )
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
@@ -44,8 +51,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--compact", action="store_true", help="one-line JSON output")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    status = commands.add_parser("status", help="key pool status towards a slave SAE")
-    status.add_argument("slave_sae_id", metavar="SLAVE_SAE_ID")
+    status = commands.add_parser(
+        "status",
+        help="the site's status; with SLAVE_SAE_ID, the ETSI key pool status towards it",
+        description="Without SLAVE_SAE_ID: this site's links, QKD devices, key pools and "
+        "recent errors (--json for the raw object). With SLAVE_SAE_ID: the ETSI GS QKD 014 "
+        "Status object of the pool from this SAE to that slave SAE.",
+    )
+    status.add_argument("slave_sae_id", metavar="SLAVE_SAE_ID", nargs="?")
+    status.add_argument(
+        "--json", action="store_true", help="the site status as JSON instead of for a person"
+    )
 
     enc = commands.add_parser("enc-keys", help="get new keys, as master, for a slave SAE")
     enc.add_argument("slave_sae_id", metavar="SLAVE_SAE_ID")
@@ -55,7 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     dec = commands.add_parser("dec-keys", help="collect, as slave, keys a master SAE got")
     dec.add_argument("master_sae_id", metavar="MASTER_SAE_ID")
     dec.add_argument("key_ids", metavar="KEY_ID", nargs="+")
+
+    commands.add_parser("metrics", help="the daemon's Prometheus metrics (text format)")
     return parser
+
+
+def _site_level(args: argparse.Namespace) -> bool:
+    """The command asks about the site itself, not an SAE's keys."""
+    return args.command == "metrics" or (args.command == "status" and args.slave_sae_id is None)
 
 
 def _positive_int(text: str) -> int:
@@ -127,6 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
 
     try:
+        if args.url is not None and _site_level(args):
+            parser.error(
+                f"`qkdctl {args.command}` for the site is served on the local socket only; "
+                "use --socket"
+            )
         client = _client(parser, args)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
@@ -135,8 +163,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         with client:
-            if args.command == "status":
-                result: dict[str, Any] = client.status(args.slave_sae_id)
+            if args.command == "metrics":
+                sys.stdout.write(client.metrics())
+                return 0
+            if args.command == "status" and args.slave_sae_id is None:
+                site = client.site_status()
+                if not args.json:
+                    sys.stdout.write(render_site_status(site))
+                    return 0
+                result: dict[str, Any] = site
+            elif args.command == "status":
+                result = client.status(args.slave_sae_id)
             elif args.command == "enc-keys":
                 result = _key_container(
                     client.enc_keys(args.slave_sae_id, number=args.number, size=args.size)
@@ -160,6 +197,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     return 0
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _rate(bits_per_second: float) -> str:
+    for unit, scale in (("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits_per_second >= scale:
+            return f"{bits_per_second / scale:.2f} {unit}"
+    return f"{bits_per_second:.0f} bit/s"
+
+
+def _device_lines(device: dict[str, Any]) -> list[str]:
+    lines = [f"  QKD device    {device['state']}: {device['detail']}"]
+    figures = []
+    if device.get("qber") is not None:
+        figures.append(f"QBER {device['qber'] * 100:.2f} %")
+    if device.get("secret_key_rate_bps") is not None:
+        figures.append(f"secret key rate {_rate(device['secret_key_rate_bps'])}")
+    figures.append(f"{device['keys_received']} keys received")
+    if device.get("keys_buffered") is not None:
+        figures.append(f"{device['keys_buffered']} in the device's buffer")
+    lines.append(f"                {', '.join(figures)}")
+    return lines
+
+
+def render_site_status(site: dict[str, Any]) -> str:
+    """The site status object (``GET /qkdd/v1/status``) as text for a person."""
+    lines = [f"site {site['site_id']}   backend {site['backend']}   at {_when(site['time'])}"]
+    if not site["peers"]:
+        lines.append("no peers configured")
+    for peer_id, peer in site["peers"].items():
+        session = f"{peer['session']}, {peer['sessions_established']} established so far"
+        if peer["session"] != "up" and peer.get("last_error"):
+            session += f"; last error: {peer['last_error']}"
+        lines += [
+            "",
+            f"peer {peer_id} (this site is the link {peer['role']})",
+            f"  session       {session}",
+            "  PSK chain     "
+            + ("established" if peer["psk_chain_established"] else "not yet (bootstrap allowed)"),
+            *_device_lines(peer["device"]),
+            f"  QKD keys      {peer['qkd_keys_buffered']} buffered here",
+            f"  key pools     (kept at {peer['pool_size']} keys per pair)",
+        ]
+        for pool in peer["pools"]:
+            pair = f"{pool['master_SAE_ID']} -> {pool['slave_SAE_ID']}"
+            lines.append(f"    {pair:<30} {pool['ready']:>6} ready  ({pool['taken_with']} here)")
+        reason = peer.get("keys_unavailable_because")
+        lines.append(f"  new keys      {'not being made: ' + reason if reason else 'being made'}")
+    lines += ["", "recent errors (oldest first)"]
+    errors = site["recent_errors"]
+    if not errors:
+        lines.append("  none")
+    for event in errors:
+        lines.append(
+            f"  {_when(event['time'])} {event['level']} {event['logger']}: {event['message']}"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ run_daemon(config)
     per peer we are master of: dial the peer      (PeerLink.dial_forever)
     peer listener: responder handshakes           (serve_peers)
     ETSI GS QKD 014 API on the Unix socket        (serve_unix; bound here, or
-                                                   passed by qkdd.socket)
+                                                   passed by qkdd.socket), with the
+                                                   site status and metrics (qkdd.admin)
     key expiry, STATUS= lines, watchdog pings      (_expire_keys, _report_status, _watchdog)
     READY=1 to systemd, then wait for a signal
   SIGHUP: re-read the config, apply what can change live, say what needs a restart.
@@ -28,6 +29,7 @@ from typing import Final
 
 import trio
 
+from qkdd.admin import admin_routes
 from qkdd.config import ConfigError, SiteConfig, TlsConfig, load_config
 from qkdd.crypto.select import select_backend
 from qkdd.etsi014.handler import RequestHandler
@@ -35,8 +37,10 @@ from qkdd.etsi014.server import serve_unix
 from qkdd.etsi014.tls import sae_ids_from_certificate, serve_tls
 from qkdd.identity import load_identity, read_key_encryption_key
 from qkdd.keystore import KeyStore, StoreError
+from qkdd.metrics import SiteMetrics
 from qkdd.peering import PeerLink, serve_peers
 from qkdd.pool import StoreKeyPool
+from qkdd.status import RecentErrors, site_status
 from qkdd.systemd import Notifier, listen_fds_with_names, watchdog_interval
 
 log = logging.getLogger("qkdd.daemon")
@@ -83,12 +87,36 @@ async def run_daemon(config: SiteConfig) -> None:
         config.state_directory / STORE_FILE, read_key_encryption_key(config.key_encryption_key)
     )
     live = LiveConfig(config)
+    metrics = SiteMetrics(config.site_id, backend.name, (peer.site_id for peer in config.peers))
     links = {
-        peer.site_id: PeerLink(config, peer, store=store, backend=backend, signing_key=signing_key)
+        peer.site_id: PeerLink(
+            config,
+            peer,
+            store=store,
+            backend=backend,
+            signing_key=signing_key,
+            on_handshake=metrics.record_handshake,
+        )
         for peer in config.peers
     }
-    pool = StoreKeyPool(live, store, lambda site: links[site].why_unavailable())
-    handler = RequestHandler(pool)
+    metrics.watch(links, store)
+    recent_errors = RecentErrors()
+    pool = metrics.counting_pool(
+        StoreKeyPool(live, store, lambda site: links[site].why_unavailable())
+    )
+
+    def status() -> dict[str, object]:
+        return site_status(
+            site_id=config.site_id,
+            backend=backend.name,
+            links=links,
+            store=store,
+            recent_errors=recent_errors.events(),
+        )
+
+    handler = RequestHandler(pool, extensions=admin_routes(status, metrics.exposition))
+    # The TLS listener's callers are remote SAEs: the ETSI API only, no site status.
+    etsi_only = RequestHandler(pool)
 
     def identify(uid: int, gid: int) -> frozenset[str]:
         return live.config.sae_ids_for_uid(uid)
@@ -102,13 +130,25 @@ async def run_daemon(config: SiteConfig) -> None:
         "from systemd" if api_listener else config.api_socket,
     )
     try:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with (
+            recent_errors.installed("qkdd"),
+            trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
+        ):
             async with trio.open_nursery() as nursery:
                 for link in links.values():
                     await nursery.start(link.device.run, link.sink)
                     if link.params.is_master:
                         nursery.start_soon(link.dial_forever)
-                await nursery.start(serve_peers, config, links, backend, signing_key)
+                await nursery.start(
+                    functools.partial(
+                        serve_peers,
+                        config,
+                        links,
+                        backend,
+                        signing_key,
+                        on_handshake=metrics.record_handshake,
+                    )
+                )
                 await nursery.start(
                     functools.partial(
                         serve_unix,
@@ -117,10 +157,11 @@ async def run_daemon(config: SiteConfig) -> None:
                         identify,
                         mode=config.api_socket_mode,
                         listener=api_listener,
+                        observe=metrics.observe_request,
                     )
                 )
                 if config.api_tls is not None:
-                    await nursery.start(_tls_listener(config.api_tls, handler))
+                    await nursery.start(_tls_listener(config.api_tls, etsi_only))
                 nursery.start_soon(_report_status, notifier, config, links, store)
                 nursery.start_soon(_expire_keys, live, store)
                 period = watchdog_interval()

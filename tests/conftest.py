@@ -1,18 +1,20 @@
-"""Shared fixtures: crypto backends and identities."""
+"""Shared fixtures: the PQC backends and site identities made with each."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+from backends import BACKENDS
 
 from qkdd.crypto import PqcBackend, SigningKey
 from qkdd.crypto.select import select_backend
 
 
-@pytest.fixture(scope="session")
-def backend() -> PqcBackend:
-    return select_backend("cryptography")
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> PqcBackend:
+    """Each PQC backend in turn (liboqs only where its C library is installed)."""
+    return select_backend(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from backends import HAVE_LIBOQS, needs_liboqs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,21 +36,8 @@ from qkdd.crypto import (
 from qkdd.crypto.liboqs_probe import find_liboqs
 from qkdd.crypto.select import select_backend
 
-LIBOQS_MISSING = "liboqs C library not found (set OQS_INSTALL_PATH)"
-HAVE_LIBOQS = find_liboqs() is not None
-needs_liboqs = pytest.mark.skipif(not HAVE_LIBOQS, reason=LIBOQS_MISSING)
-
-BACKENDS = [
-    pytest.param("cryptography", id="cryptography"),
-    pytest.param("oqs", id="liboqs", marks=needs_liboqs),
-]
 AVAILABLE = ["cryptography"] + (["oqs"] if HAVE_LIBOQS else [])
 PAIRS = [pytest.param(a, b, id=f"{a}->{b}") for a, b in itertools.product(AVAILABLE, repeat=2)]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> PqcBackend:
-    return select_backend(request.param)
 
 
 def flip(data: bytes, index: int = 0) -> bytes:

@@ -6,25 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qkdd.crypto import KemPrivateKey, PqcBackend, SeedNotSupported, SigningKey
-from qkdd.crypto.liboqs_probe import find_liboqs
-from qkdd.crypto.select import select_backend
 from qkdd.crypto.selftest import SelfTestFailed, run_self_tests
-
-BACKENDS = [
-    pytest.param("cryptography", id="cryptography"),
-    pytest.param(
-        "oqs",
-        id="liboqs",
-        marks=pytest.mark.skipif(
-            find_liboqs() is None, reason="liboqs C library not found (set OQS_INSTALL_PATH)"
-        ),
-    ),
-]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> PqcBackend:
-    return select_backend(request.param)
 
 
 def _flip(data: bytes) -> bytes:

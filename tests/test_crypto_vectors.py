@@ -13,22 +13,6 @@ from qkdd.crypto.select import select_backend
 
 cryptography_vectors = pytest.importorskip("cryptography_vectors")
 
-BACKENDS = [
-    pytest.param("cryptography", id="cryptography"),
-    pytest.param(
-        "oqs",
-        id="liboqs",
-        marks=pytest.mark.skipif(
-            find_liboqs() is None, reason="liboqs C library not found (set OQS_INSTALL_PATH)"
-        ),
-    ),
-]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> PqcBackend:
-    return select_backend(request.param)
-
 
 def load_nist_vectors(relative_path: str) -> list[dict[str, bytes]]:
     """Parse a NIST ``.rsp`` file: ``count = N`` starts a vector, ``key = hex`` lines fill it."""
