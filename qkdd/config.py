@@ -397,26 +397,31 @@ def load_config(path: str | os.PathLike[str]) -> SiteConfig:
 def check_files(config: SiteConfig) -> list[ConfigError]:
     """Problems a daemon would hit at start that parsing alone cannot see."""
     problems: list[ConfigError] = []
-    key = config.identity_key
-    if key.path is not None and not key.path.is_file():
-        problems.append(
-            ConfigError(
-                config.file,
-                "identity.private_key",
-                "an existing ML-DSA-65 seed file (create it with `qkdd keygen`)",
-                str(key.path),
+    secret_files = (
+        (
+            "identity.private_key",
+            config.identity_key,
+            "an existing ML-DSA-65 seed file",
+            "qkdd keygen --out FILE",
+        ),
+        (
+            "store.key_encryption_key",
+            config.key_encryption_key,
+            "an existing 32-byte key file",
+            "qkdd keygen --kek FILE",
+        ),
+    )
+    for key, source, expected, create_with in secret_files:
+        # A systemd credential only exists while the service runs: nothing to check here.
+        if source.path is not None and not source.path.is_file():
+            problems.append(
+                ConfigError(
+                    config.file,
+                    key,
+                    f"{expected} (create it with `{create_with}`)",
+                    str(source.path),
+                )
             )
-        )
-    kek = config.key_encryption_key
-    if kek.path is not None and not kek.path.is_file():
-        problems.append(
-            ConfigError(
-                config.file,
-                "store.key_encryption_key",
-                "an existing 32-byte key file (create it with `qkdd keygen --kek FILE`)",
-                str(kek.path),
-            )
-        )
     if not config.api_socket.parent.is_dir():
         problems.append(
             ConfigError(

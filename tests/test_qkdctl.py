@@ -124,7 +124,7 @@ def test_api_errors_exit_1_with_the_message(
     "args",
     [
         [],
-        ["status"],
+        ["status", "SAE-B", "extra"],
         ["enc-keys", "SAE-B", "--number", "0"],
         ["enc-keys", "SAE-B", "--size", "big"],
         ["dec-keys", "SAE-A"],
