@@ -23,3 +23,9 @@ def identities(backend: PqcBackend) -> dict[str, SigningKey]:
         site: backend.signing_key_from_seed(os.urandom(32))
         for site in ("site-a", "site-b", "mallory")
     }
+
+
+@pytest.fixture(scope="session")
+def any_backend() -> PqcBackend:
+    """A PQC backend, for tests where which one does not matter."""
+    return select_backend("cryptography")

@@ -15,11 +15,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def site_dir(tmp_path, backend):
+def site_dir(tmp_path, any_backend):
     """A demo layout: both configs and both public keys (the private keys are not needed)."""
     for site in (SITE_A, SITE_B):
         (tmp_path / site.directory).mkdir()
-        key = backend.signing_key_from_seed(os.urandom(32))
+        key = any_backend.signing_key_from_seed(os.urandom(32))
         (tmp_path / site.directory / "identity.pub").write_text(
             base64.b64encode(key.public_bytes).decode()
         )
@@ -190,10 +190,10 @@ def test_check_config_command_reports_problems(site_dir):
     assert "peers[0].pool_size" in result.stderr and str(bad) in result.stderr
 
 
-def test_site_host_example_parses(tmp_path, backend):
+def test_site_host_example_parses(tmp_path, any_backend):
     """The production example: credentials from systemd, absolute paths."""
     pub = tmp_path / "site-b.pub"
-    key = backend.signing_key_from_seed(os.urandom(32))
+    key = any_backend.signing_key_from_seed(os.urandom(32))
     pub.write_text(base64.b64encode(key.public_bytes).decode())
     text = (REPO / "config" / "site-host.example.toml").read_text()
     path = tmp_path / "qkdd.toml"

@@ -52,9 +52,9 @@ def test_two_sites_hand_out_identical_keys(tmp_path):
         assert key.material.hex() not in logs
 
 
-def test_wrong_pinned_key_fails_bootstrap_and_delivers_nothing(tmp_path, backend):
+def test_wrong_pinned_key_fails_bootstrap_and_delivers_nothing(tmp_path, any_backend):
     # Site A pins a key that is not site B's: the bootstrap must fail at A.
-    impostor = backend.signing_key_from_seed(os.urandom(32))
+    impostor = any_backend.signing_key_from_seed(os.urandom(32))
     with running_demo(
         tmp_path,
         tamper=lambda d: (d / "site-b" / "identity.pub").write_text(
