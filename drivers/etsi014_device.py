@@ -30,6 +30,7 @@ import binascii
 import dataclasses
 import json
 import logging
+import os
 import re
 import socket
 import ssl
@@ -65,10 +66,12 @@ __all__ = [
     "KmeUnavailableError",
     "KmeUnreachableError",
     "UnknownKeyIdsError",
+    "canonical_key_id",
     "kme_ssl_context",
     "parse_key_container",
     "parse_kme_url",
     "parse_status",
+    "refusal",
 ]
 
 log = logging.getLogger("qkdd.device")
@@ -93,8 +96,9 @@ MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 #: How much of a KME's error text goes into messages.
 MAX_MESSAGE_CHARS = 300
 
-_UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_UUID_TEXT = re.compile(_UUID_PATTERN, re.IGNORECASE)  # what a KME may send
+_CANONICAL_UUID = re.compile(_UUID_PATTERN)  # what the daemon passes around
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -423,7 +427,7 @@ def kme_ssl_context(cert_file: str, key_file: str | None, ca_file: str | None) -
     try:
         context.load_cert_chain(cert_file, key_file)
     except FileNotFoundError:
-        missing = [p for p in (cert_file, key_file) if p is not None and not _exists(p)]
+        missing = [p for p in (cert_file, key_file) if p is not None and not os.path.exists(p)]
         raise KmeConfigError(
             f"client certificate or key file not found: {', '.join(missing) or cert_file}; "
             "check cert_file and key_file"
@@ -435,14 +439,6 @@ def kme_ssl_context(cert_file: str, key_file: str | None, ca_file: str | None) -
             "the key must belong to the certificate"
         ) from None
     return context
-
-
-def _exists(path: str) -> bool:
-    try:
-        with open(path, "rb"):
-            return True
-    except OSError:
-        return False
 
 
 def _tls_problem(exc: BaseException) -> str | None:
@@ -476,6 +472,11 @@ def _tls_problem(exc: BaseException) -> str | None:
 
 
 def _connect_problem(exc: OSError) -> str:
+    # trio reports a failed connect as one OSError caused by a group of the failures of
+    # each address tried; the first of those says what happened.
+    group = exc.__cause__
+    if isinstance(group, BaseExceptionGroup) and isinstance(group.exceptions[0], OSError):
+        exc = group.exceptions[0]
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused; is the KME running, and are the URL's host and port right?"
     if isinstance(exc, socket.gaierror):
@@ -546,7 +547,7 @@ class _KmeConnection:
                 result = http.receive(bytes(data))
                 if result is not None:
                     break
-        except (trio.BrokenResourceError, KmeUnreachableError) as exc:
+        except (trio.BrokenResourceError, trio.ClosedResourceError, KmeUnreachableError) as exc:
             await self.aclose()
             tls = _tls_problem(exc)
             if reused and not got_bytes and tls is None:
@@ -708,12 +709,11 @@ class Etsi014Device(FetchByIdDevice):
                     log.exception("device.unexpected-error url=%s", self.url)
                     error = exc
                 if not isinstance(error, KmeRefusedError):
-                    # The KME answered, so the connection is fine; on anything else
-                    # start the next attempt on a fresh one.
+                    # After a refusal the connection is fine (the KME answered on it);
+                    # after anything else the next attempt starts on a fresh one.
                     await self._poll_conn.aclose()
                 if self._healthy:
                     delay = self.reconnect_initial_delay
-                attempted()
                 log.warning(
                     "device.down url=%s role=%s error=%s reason=%r retry_in=%g",
                     self.url,
@@ -725,12 +725,14 @@ class Etsi014Device(FetchByIdDevice):
                 self._update(
                     state="down", detail=f"{error}; retrying in {delay:g} s", keys_buffered=None
                 )
+                attempted()  # the caller sees this first attempt's outcome in status
                 await trio.sleep(delay)
                 delay = min(delay * 2, self.reconnect_max_delay)
         finally:
             self._sink = None
             with trio.CancelScope(shield=True):
                 await self._poll_conn.aclose()
+                await self._fetch_conn.aclose()
 
     def _mark_healthy(self, detail: str, **changes: object) -> None:
         if not self._healthy or self.status.state != "up":
@@ -745,7 +747,8 @@ class Etsi014Device(FetchByIdDevice):
         self._update(state="up", detail=detail, **changes)
 
     async def _status(self, conn: _KmeConnection) -> KmeStatus:
-        status, body = await conn.call("GET", self.endpoint.target(self.peer_sae_id, "status"), None)
+        target = self.endpoint.target(self.peer_sae_id, "status")
+        status, body = await conn.call("GET", target, None)
         if status != 200:
             raise refusal(status, body, "a status request", self.url)
         st = parse_status(body)
@@ -757,24 +760,21 @@ class Etsi014Device(FetchByIdDevice):
 
     async def _master_session(self, sink: KeySink, attempted: Callable[[], None]) -> None:
         while True:
-            try:
-                st = await self._status(self._poll_conn)
-            finally:
-                attempted()
+            st = await self._status(self._poll_conn)
             self._check_master_status(st)
             if self._unstored:
                 await self._store_taken(sink)
             wanted = self._wanted(st, sink)
             if wanted:
-                await self._take(wanted, st)
-                self._mark_healthy(self._master_detail(st), key_size_bits=self.key_size_bits)
-                continue  # ask for more at once if the buffer is still short
+                await self._take(wanted, st, sink)
             self._mark_healthy(
                 self._master_detail(st),
                 keys_buffered=st.stored_key_count,
                 key_size_bits=self.key_size_bits,
             )
-            await trio.sleep(self.poll_interval)
+            attempted()
+            if not wanted:  # else ask again at once: the buffer may still be short
+                await trio.sleep(self.poll_interval)
 
     def _check_master_status(self, st: KmeStatus) -> None:
         if st.master_sae_id is not None and st.master_sae_id != self.own_sae_id:
@@ -793,7 +793,8 @@ class Etsi014Device(FetchByIdDevice):
             high is not None and self.key_size_bits > high
         ):
             raise KmeConfigError(
-                f"the KME at {self.url} serves keys of {low or '?'} to {high or '?'} bits; "
+                f"the KME at {self.url} serves keys of {'?' if low is None else low} to "
+                f"{'?' if high is None else high} bits; "
                 f"key_size_bits = {self.key_size_bits} is outside that range, change it"
             )
 
@@ -818,7 +819,7 @@ class Etsi014Device(FetchByIdDevice):
             detail += "; waiting for the QKD link to deliver more"
         return detail
 
-    async def _take(self, number: int, st: KmeStatus) -> None:
+    async def _take(self, number: int, st: KmeStatus, sink: KeySink) -> None:
         request: dict[str, int] = {"number": number}
         # Ask for a size only when it is not the KME's default: some KMEs serve one size.
         if self.key_size_bits != st.key_size:
@@ -835,22 +836,16 @@ class Etsi014Device(FetchByIdDevice):
             raise KmeResponseError(
                 f"the KME at {self.url} sent {len(keys)} keys when asked for {number}"
             )
-        fresh = []
-        for key in keys:
-            verdict = self._recent.check(key.key_id, key.material)
-            if verdict == "new":
-                fresh.append(key)
-            else:
-                log.error(
-                    "device.key-id-reused url=%s key_id=%s same_material=%s "
-                    "hint='the KME handed out a key ID twice; report this to its vendor'",
-                    self.url,
-                    key.key_id,
-                    verdict == "duplicate",
-                )
+        fresh = [key for key in keys if self._recent.check(key.key_id, key.material) == "new"]
+        if len(fresh) < len(keys):
+            # Dropped: the daemon may already have used the first copy.
+            log.error(
+                "device.key-id-reused url=%s count=%d action=dropped "
+                "hint='the KME handed out key IDs it had handed out before; report this'",
+                self.url,
+                len(keys) - len(fresh),
+            )
         self._unstored += fresh
-        sink = self._sink
-        assert sink is not None
         await self._store_taken(sink)
 
     async def _store_taken(self, sink: KeySink) -> None:
@@ -879,23 +874,22 @@ class Etsi014Device(FetchByIdDevice):
 
     async def _slave_session(self, attempted: Callable[[], None]) -> None:
         while True:
-            try:
-                detail = await self._slave_check()
-            finally:
-                attempted()
-            self._mark_healthy(detail)
+            self._mark_healthy(await self._slave_check())
+            attempted()
             await trio.sleep(self.poll_interval)
 
     async def _slave_check(self) -> str:
+        kme = "KME"
         try:
             st = await self._status(self._poll_conn)
         except KmeRefusedError as exc:
             # The standard has the master SAE ask for status; a KME may refuse the slave
             # with 400 or 404. It answered over mutual TLS, which is what is checked here.
-            if exc.status in (400, 404):
-                return f"KME at {self.url} answers; keys from {self.peer_sae_id} are fetched by ID"
-            raise
-        kme = f"KME {st.source_kme_id!r}" if st.source_kme_id else "KME"
+            if exc.status not in (400, 404):
+                raise
+        else:
+            if st.source_kme_id:
+                kme = f"KME {st.source_kme_id!r}"
         return f"{kme} at {self.url} answers; keys from {self.peer_sae_id} are fetched by ID"
 
     async def fetch_keys(self, key_ids: Sequence[str]) -> None:
@@ -933,20 +927,21 @@ class Etsi014Device(FetchByIdDevice):
             except KmeRefusedError as exc:
                 if exc.status not in (400, 404):
                     raise
-                # All-or-nothing for the whole request: ask one by one to learn which IDs
-                # the KME lacks, and still collect the others.
                 reason = exc.message
                 keys = []
-                for key_id in part if len(part) > 1 else ():
-                    try:
-                        keys += await self._dec_keys([key_id])
-                    except KmeRefusedError as one:
-                        if one.status not in (400, 404):
-                            raise
-                        missing.append(key_id)
-                        reason = one.message
                 if len(part) == 1:
                     missing += part
+                else:
+                    # The standard's dec_keys is all or nothing: ask one by one to learn
+                    # which IDs the KME lacks, and still collect the others.
+                    for key_id in part:
+                        try:
+                            keys += await self._dec_keys([key_id])
+                        except KmeRefusedError as one:
+                            if one.status not in (400, 404):
+                                raise
+                            missing.append(key_id)
+                            reason = one.message
             if keys:
                 await self._store_fetched(sink, keys)
                 stored += len(keys)

@@ -7,6 +7,10 @@ They are handler extensions (``RequestHandler(extensions=...)``). Who may call t
 process the API socket admits, whether or not it may act as an SAE; the socket's mode and
 group are the gate. They are not offered on the TLS listener, whose callers are remote SAEs.
 Neither route returns key material.
+
+Prometheus does not scrape Unix sockets itself: run ``qkdctl metrics`` for a textfile
+collector, or put a local proxy in front of the socket. The metrics route honours the
+Accept header (OpenMetrics when asked for, the Prometheus text format otherwise).
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ _READ_METHODS: Final = ("GET", "HEAD")
 
 def admin_routes(
     status: Callable[[], dict[str, Any]],
-    metrics: Callable[[], tuple[bytes, str]],
+    metrics: Callable[[str], tuple[bytes, str]],
 ) -> dict[str, Extension]:
-    """The routes, given the status snapshot and the metrics exposition (body, content type)."""
+    """The routes, given the status snapshot and the metrics exposition: ``metrics(accept)``
+    returns the body and its content type for the request's Accept header."""
 
     def status_route(request: ApiRequest, caller: Caller) -> ApiResponse:
         if request.method not in _READ_METHODS:
@@ -44,7 +49,7 @@ def admin_routes(
     def metrics_route(request: ApiRequest, caller: Caller) -> ApiResponse:
         if request.method not in _READ_METHODS:
             return _not_allowed()
-        body, content_type = metrics()
+        body, content_type = metrics(", ".join(request.header_values("accept")))
         return ApiResponse(200, (("content-type", content_type),), body, note="metrics")
 
     return {STATUS_PATH: status_route, METRICS_PATH: metrics_route}

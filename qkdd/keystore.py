@@ -6,8 +6,8 @@ Durability rules that the rest of the daemon relies on:
 - A QKD key serves once: consuming it records its ID in ``consumed_qkd_keys`` and erases
   its material in the same transaction; a device that re-sends it later is ignored.
 - A hybrid key is ``pending`` until both sites are known to hold it, then ``ready``; only
-  ready keys are handed out, each exactly once, and erased in the transaction that hands
-  it out.
+  ready keys are handed out from the pool, each exactly once, and erased in the
+  transaction that hands it out (a key asked for by ID may be pending: see take_by_ids).
 - Authentication keys (PSKs for later handshakes) follow the same batch life cycle in
   their own table and never reach an application. When a newer one becomes ready the
   older ones are erased: the previous PSK is kept until the peer has proved it holds the
@@ -572,7 +572,12 @@ class KeyStore:
     def take_by_ids(
         self, master_sae_id: str, slave_sae_id: str, key_ids: Sequence[str]
     ) -> list[HybridKey] | None:
-        """Hand out exactly these ready keys of the pair and erase them; None if any is missing."""
+        """Hand out exactly these keys of the pair and erase them; None if any is missing.
+
+        A key asked for by ID may still be pending here: its ID is random and reaches an
+        application only through the other site, which hands a key out only once it has
+        committed the batch, so the decision on its way here can only be "commit". Serving
+        it now means a lost or late BATCH_DECISION never makes an application wait."""
         if len(set(key_ids)) != len(key_ids):
             return None
         with self._transaction() as db:
@@ -580,8 +585,7 @@ class KeyStore:
             for key_id in key_ids:
                 row = db.execute(
                     "SELECT material, size_bits FROM hybrid_keys"
-                    " WHERE key_id=? AND master_sae=? AND slave_sae=?"
-                    " AND state='ready'",
+                    " WHERE key_id=? AND master_sae=? AND slave_sae=?",
                     (key_id, master_sae_id, slave_sae_id),
                 ).fetchone()
                 if row is None:

@@ -19,7 +19,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -125,9 +125,11 @@ class SiteMetrics:
 
     # -- exposition ---------------------------------------------------------------------
 
-    def exposition(self) -> tuple[bytes, str]:
-        """The Prometheus text format of every metric, and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """Every metric in the format the HTTP ``accept`` header asks for, and its content
+        type: the Prometheus text format (version 0.0.4) unless OpenMetrics is asked for."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
 
 
 class _CountingPool:

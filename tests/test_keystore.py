@@ -30,18 +30,22 @@ def test_database_file_is_private_and_uses_wal(tmp_path):
     store.close()
 
 
-def test_pending_keys_are_not_deliverable_until_committed(tmp_path):
+def test_pending_keys_are_not_in_the_pool_until_committed(tmp_path):
     store = KeyStore(tmp_path / "k.db", KEK)
-    qkd_keys = qkd(2)
+    qkd_keys = qkd(3)
     store.store_qkd_keys("peer", qkd_keys)
     keys = hybrid(qkd_keys)
     store.add_batch("peer", 1, keys, [k.key_id for k in qkd_keys])
     assert store.take_ready("sae-a", "sae-b", 1) == []
+    # By ID a pending key is served (only the committed peer can have told anyone its ID),
+    # once.
+    (early,) = store.take_by_ids("sae-a", "sae-b", [keys[0].key_id])
+    assert early.material == keys[0].material
     assert store.take_by_ids("sae-a", "sae-b", [keys[0].key_id]) is None
     assert store.commit_batch("peer", 1)
     assert store.ready_count("sae-a", "sae-b") == 2
     taken = store.take_ready("sae-a", "sae-b", 2)
-    assert [k.material for k in taken] == [k.material for k in keys]
+    assert [k.material for k in taken] == [k.material for k in keys[1:]]
     assert store.take_ready("sae-a", "sae-b", 1) == []  # each key once
 
 

@@ -139,16 +139,21 @@ def test_lost_batch_is_aborted_on_the_master(stores, backend):
     assert b.take_by_ids("sae-a", "sae-b", [k.key_id for k in keys_a]) is not None
 
 
-def test_lost_decision_keeps_slave_keys_pending_until_resync(stores, backend):
+def test_lost_decision_neither_loses_keys_nor_holds_up_the_slave(stores, backend):
     a, b = stores
     feed_qkd(stores, 16)
     master, slave = agreements(stores, backend, pool_size=4)
     pump(master, slave, drop=lambda m: isinstance(m, BatchDecision))
-    keys_a = a.take_ready("sae-a", "sae-b", 4)  # master committed on the ACK
-    assert b.take_by_ids("sae-a", "sae-b", [k.key_id for k in keys_a]) is None  # still pending
+    assert b.pending_batches("site-a")  # every decision was lost
+    assert b.ready_count("sae-b", "sae-a") == 0  # B's own pool waits for them
+    keys_a = a.take_ready("sae-a", "sae-b", 4)  # the master committed on the ACKs
+    # An application at B asking by ID gets them: only A can have told it the IDs.
+    keys_b = b.take_by_ids("sae-a", "sae-b", [k.key_id for k in keys_a])
+    assert [k.material for k in keys_b] == [k.material for k in keys_a]
     master, slave = agreements(stores, backend, pool_size=4)
     pump(master, slave)
-    assert b.take_by_ids("sae-a", "sae-b", [k.key_id for k in keys_a]) is not None
+    assert not b.pending_batches("site-a")  # RESYNC settled the rest
+    assert b.ready_count("sae-b", "sae-a") == 4
 
 
 def test_device_desync_quarantines_the_keys_and_delivers_nothing(stores, backend):
