@@ -217,3 +217,36 @@ client_ca = "{pki.ca}"
     finally:
         daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=20) == 0
+
+
+BROKEN_BACKEND = """
+import sys
+from qkdd.crypto import backend_pyca
+from qkdd.cli import main
+
+# A backend that derives the wrong ML-KEM key from a seed: what a miscompiled or tampered
+# library would do. Only this child process is affected.
+backend_pyca.PycaBackend.kem_from_seed = lambda self, seed: self.kem_generate()
+sys.exit(main(["run", "--config", sys.argv[1]]))
+"""
+
+
+def test_failed_self_test_means_no_ready_and_a_clear_exit(site_a, notify_socket, tmp_path):
+    sock, path = notify_socket
+    site_a.write_text(
+        site_a.read_text().replace('pqc_backend = "auto"', 'pqc_backend = "cryptography"')
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", BROKEN_BACKEND, str(site_a)],
+        env={**os.environ, "NOTIFY_SOCKET": str(path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "ML-KEM-768 self-test failed" in result.stderr
+    assert "event=failed" in result.stderr
+    sock.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        sock.recv(4096)  # the daemon told systemd nothing: no READY=1
+    assert not (tmp_path / "site-a" / "api.sock").exists()
