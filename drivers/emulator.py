@@ -10,27 +10,34 @@ with the same IDs (see ``emulated_device.EmulatedLink``), made by the simulated 
 itself so that the master never sees EIO while no daemon is attached. It prints ``ready``
 (or a JSON object with ``--json``) once both links exist, and exits 0 on SIGTERM/SIGINT
 after removing the links it made.
+
+``qkd-emulator half --role alice|bob --link PATH (--listen|--connect) HOST:PORT`` runs one
+half of the link on a site host of its own: one pty here, the other half over TCP
+(``emulator_half``, wire format in ``fibre_link``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import signal
 import sys
-import tty
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import trio
 
 from .constants import DEFAULT_RETRANSMIT_TIMEOUT, DEFAULT_STATUS_INTERVAL, DEFAULT_WINDOW
 from .emulated_device import EmulatedLink
-from .errors import DeviceError
+from .emulator_half import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_RECONNECT_MAX_DELAY,
+    half_main,
+    parse_address,
+)
 from .key_source import RandomKeySource
+from .pty_link import EmulatorError, PtyLink, close_pty_link, open_pty_link
 from .simulate_cli import (
     add_link_arguments,
     add_simulate_arguments,
@@ -41,52 +48,6 @@ from .simulate_cli import (
 __all__ = ["EmulatorError", "PtyLink", "close_pty_link", "main", "open_pty_link"]
 
 log = logging.getLogger("qkdd.emulator")
-
-
-class EmulatorError(DeviceError):
-    """The emulator cannot start (bad arguments, a path it must not replace...)."""
-
-
-@dataclass
-class PtyLink:
-    master: int  # the emulated device's end
-    slave: int  # held open by the emulator so the master never sees EIO
-    slave_name: str  # /dev/pts/N
-    link_path: str  # the symlink given to the daemon
-
-
-def open_pty_link(link_path: str) -> PtyLink:
-    """Open a raw pty and point ``link_path`` at its slave (replacing only a symlink)."""
-    if os.path.lexists(link_path) and not os.path.islink(link_path):
-        raise EmulatorError(
-            f"refusing to replace {link_path}: it exists and is not a symlink; "
-            "choose another --link path or remove it"
-        )
-    master, slave = os.openpty()
-    try:
-        tty.setraw(slave)
-        name = os.ttyname(slave)
-        tmp = f"{link_path}.{os.getpid()}.tmp"
-        os.symlink(name, tmp)
-        os.replace(tmp, link_path)  # atomic: the path is never missing or half made
-    except OSError as exc:
-        os.close(master)
-        os.close(slave)
-        raise EmulatorError(f"cannot create {link_path}: {exc.strerror}") from None
-    log.info("emulator.pty link=%s pty=%s", link_path, name)
-    return PtyLink(master, slave, name, link_path)
-
-
-def close_pty_link(link: PtyLink, *, close_master: bool = True) -> None:
-    """Remove the symlink if it still points at our pty, and close the fds."""
-    try:
-        if os.path.islink(link.link_path) and os.readlink(link.link_path) == link.slave_name:
-            os.unlink(link.link_path)
-    except OSError as exc:
-        log.warning("emulator.unlink-failed link=%s reason=%r", link.link_path, exc.strerror)
-    for fd in (link.master, link.slave) if close_master else (link.slave,):
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 async def run_pty(args: argparse.Namespace) -> None:
@@ -243,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging threshold for messages on stderr (default: WARNING)",
     )
+    add_half_parser(sub)
     simulate = sub.add_parser(
         "simulate",
         help="run the simulated BB84 link offline and report its figures",
@@ -257,10 +219,140 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_half_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    half = sub.add_parser(
+        "half",
+        help="run one half of an emulated QKD link on this host, the other half over TCP",
+        description=(
+            "Run one half of an emulated BB84 link: one pseudo-terminal for this site's "
+            "qkdd, and a TCP connection to the half on the other site host. That "
+            "connection stands for the fibre (Alice's half simulates each block and sends "
+            "Bob's detection record, where a real link would send photons) and for the "
+            "classical post-processing channel. Both halves hand out the same keys with "
+            "the same IDs, a block at a time, and only once both have it. Run both halves "
+            "with the same link flags: halves that differ refuse each other (exit 2). "
+            "Prints 'ready' (or JSON with --json) once the link path exists and the TCP "
+            "side is set up; exits 0 on SIGTERM or SIGINT and removes the path."
+        ),
+    )
+    half.add_argument(
+        "--role",
+        required=True,
+        choices=["alice", "bob"],
+        help="alice simulates the blocks and answers the post-processing; bob asks for "
+        "blocks and drives it. One half of each link runs each role",
+    )
+    half.add_argument(
+        "--link",
+        required=True,
+        metavar="PATH",
+        help="symlink to create, pointing at this half's /dev/pts/N (an existing symlink "
+        "is replaced; any other file is refused)",
+    )
+    where = half.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--listen",
+        type=parse_address,
+        metavar="HOST:PORT",
+        help="accept the other half's connection here (port 0: any free port, printed "
+        "with --json); a new connection replaces the previous one",
+    )
+    where.add_argument(
+        "--connect",
+        type=parse_address,
+        metavar="HOST:PORT",
+        help="connect to the other half here, and again with backoff whenever the "
+        "connection is lost",
+    )
+    half.add_argument(
+        "--key-bits",
+        type=_key_bits,
+        default=256,
+        metavar="BITS",
+        help="size of each key in bits, a multiple of 8 up to 8192 (default: 256)",
+    )
+    half.add_argument(
+        "--buffer",
+        type=_positive_int,
+        default=4096,
+        metavar="N",
+        help="keys this half holds for its host before it asks for no more blocks (default: 4096)",
+    )
+    half.add_argument(
+        "--window",
+        type=_positive_int,
+        default=DEFAULT_WINDOW,
+        metavar="N",
+        help=f"keys kept in flight before an ACK (default: {DEFAULT_WINDOW})",
+    )
+    half.add_argument(
+        "--retransmit-timeout",
+        type=_positive_float,
+        default=DEFAULT_RETRANSMIT_TIMEOUT,
+        metavar="S",
+        help="resend an unacknowledged key after this many seconds "
+        f"(default: {DEFAULT_RETRANSMIT_TIMEOUT:g})",
+    )
+    half.add_argument(
+        "--status-interval",
+        type=_positive_float,
+        default=DEFAULT_STATUS_INTERVAL,
+        metavar="S",
+        help=f"seconds between STATUS heartbeats (default: {DEFAULT_STATUS_INTERVAL:g})",
+    )
+    half.add_argument(
+        "--reconnect-max-delay",
+        type=_positive_float,
+        default=DEFAULT_RECONNECT_MAX_DELAY,
+        metavar="S",
+        help="with --connect, the longest wait between connection attempts "
+        f"(default: {DEFAULT_RECONNECT_MAX_DELAY:g})",
+    )
+    half.add_argument(
+        "--drain-timeout",
+        type=_positive_float,
+        default=DEFAULT_DRAIN_TIMEOUT,
+        metavar="S",
+        help="on SIGTERM/SIGINT, wait at most this long for the block under way and for "
+        f"the host to take the keys already handed over (default: {DEFAULT_DRAIN_TIMEOUT:g})",
+    )
+    half.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"role": ..., "link": PATH, "listen" or "connect": HOST:PORT} instead '
+        'of "ready" (with --listen, the port actually bound)',
+    )
+    half.add_argument(
+        "--physics",
+        choices=["bb84"],
+        default="bb84",
+        help="bb84: the simulated link, with the flags below (the only physics that can "
+        "be split between two hosts; default: bb84)",
+    )
+    add_link_arguments(half)
+    half.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging threshold for messages on stderr (default: WARNING)",
+    )
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "simulate":
         return simulate_main(args)
+    if args.command == "half":
+        _setup_logging(args.log_level)
+        return half_main(args)
     if os.path.abspath(args.link_a) == os.path.abspath(args.link_b):
         print("qkd-emulator: --link-a and --link-b must be different paths", file=sys.stderr)
         return 2

@@ -661,6 +661,9 @@ class Etsi014Device(FetchByIdDevice):
         self._poll_conn = _KmeConnection(self.endpoint, make_context, hostname, request_timeout)
         self._fetch_conn = _KmeConnection(self.endpoint, make_context, hostname, request_timeout)
         self._recent = RecentKeyIds(recent_ids)
+        # One fetch at a time, so a fetch sees what the one before it stored and does not
+        # ask again for keys the KME has already erased.
+        self._fetch_lock = trio.Lock()
         self._sink: KeySink | None = None
         self._unstored: list[QkdKey] = []  # taken from the KME, not yet in the sink
         self._max_per_request: int | None = None  # the KME's, once its status is known
@@ -760,10 +763,10 @@ class Etsi014Device(FetchByIdDevice):
 
     async def _master_session(self, sink: KeySink, attempted: Callable[[], None]) -> None:
         while True:
+            if self._unstored:  # before anything else, KME or not
+                await self._store_taken(sink)
             st = await self._status(self._poll_conn)
             self._check_master_status(st)
-            if self._unstored:
-                await self._store_taken(sink)
             wanted = self._wanted(st, sink)
             if wanted:
                 await self._take(wanted, st, sink)
@@ -852,6 +855,8 @@ class Etsi014Device(FetchByIdDevice):
         """Store the keys taken from the KME. On failure they stay here and are stored before
         any more are taken: the KME has handed them out and will not give them again."""
         keys = self._unstored
+        if not keys:
+            return
         try:
             await sink.store_qkd_keys(keys)
         except Exception as exc:
@@ -908,12 +913,14 @@ class Etsi014Device(FetchByIdDevice):
         sink = self._sink
         if sink is None:
             raise KmeError("fetch_keys needs the device running: start run(sink) first")
-        wanted: list[str] = []
         for key_id in key_ids:
             if not isinstance(key_id, str) or not _CANONICAL_UUID.fullmatch(key_id):
                 raise ValueError(f"key ID {key_id!r} is not a canonical lowercase UUID")
-            if key_id not in self._recent and key_id not in wanted:
-                wanted.append(key_id)
+        async with self._fetch_lock:
+            await self._fetch(sink, key_ids)
+
+    async def _fetch(self, sink: KeySink, key_ids: Sequence[str]) -> None:
+        wanted = [k for k in dict.fromkeys(key_ids) if k not in self._recent]
         if not wanted:
             return
         chunk = max(1, min(self.keys_per_request, self._max_per_request or self.keys_per_request))
@@ -969,8 +976,8 @@ class Etsi014Device(FetchByIdDevice):
         )
         if status != 200:
             raise refusal(status, answer, f"a request for {len(key_ids)} keys by ID", self.url)
-        keys = parse_key_container(answer)
-        got = {key.key_id for key in keys}
+        by_id = {key.key_id: key for key in parse_key_container(answer)}
+        got = set(by_id)
         if got != set(key_ids):
             extra = sorted(got - set(key_ids))
             lacking = sorted(set(key_ids) - got)
@@ -979,7 +986,8 @@ class Etsi014Device(FetchByIdDevice):
                 f"(not sent: {', '.join(lacking) or 'none'}; not asked for: "
                 f"{', '.join(extra) or 'none'})"
             )
-        return keys
+        # In the order asked for: the key store keeps keys in arrival order.
+        return [by_id[key_id] for key_id in key_ids]
 
     async def _store_fetched(self, sink: KeySink, keys: list[QkdKey]) -> None:
         try:

@@ -28,7 +28,7 @@ else:  # pragma: no cover
 T = TypeVar("T")
 
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-DEVICE_KINDS = ("serial",)
+DEVICE_KINDS = ("serial", "etsi014")
 
 
 class ConfigError(Exception):
@@ -71,10 +71,36 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
-class DeviceConfig:
-    kind: str
+class SerialDeviceConfig:
+    """A QKD device on a serial port, speaking drivers/PROTOCOL.md (or the emulator)."""
+
     path: Path
     baudrate: int
+    kind: str = "serial"
+
+    def describe(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class Etsi014DeviceConfig:
+    """A QKD device (KME) that hands out keys itself over ETSI GS QKD 014 (HTTPS, mutual
+    TLS); see drivers/ETSI014_DEVICES.md."""
+
+    url: str
+    certificate: Path
+    private_key: Path | None
+    ca: Path | None
+    own_sae_id: str
+    peer_sae_id: str
+    key_size: int
+    kind: str = "etsi014"
+
+    def describe(self) -> str:
+        return self.url
+
+
+DeviceConfig = SerialDeviceConfig | Etsi014DeviceConfig
 
 
 @dataclass(frozen=True)
@@ -261,15 +287,42 @@ def _tls(reader: _Reader, local_saes: set[str]) -> TlsConfig:
 
 
 def _device(reader: _Reader) -> DeviceConfig:
-    reader.reject_unknown({"kind", "path", "baudrate"})
     kind = reader.get("kind", str, f"one of {', '.join(DEVICE_KINDS)}")
-    if kind not in DEVICE_KINDS:
-        raise reader.error("kind", f"one of {', '.join(DEVICE_KINDS)}", kind)
-    return DeviceConfig(
-        kind=kind,
-        path=reader.path("path"),
-        baudrate=reader.integer("baudrate", 50, 4_000_000, 115200),
-    )
+    if kind == "serial":
+        reader.reject_unknown({"kind", "path", "baudrate"})
+        return SerialDeviceConfig(
+            path=reader.path("path"),
+            baudrate=reader.integer("baudrate", 50, 4_000_000, 115200),
+        )
+    if kind == "etsi014":
+        reader.reject_unknown(
+            {
+                "kind",
+                "url",
+                "certificate",
+                "private_key",
+                "ca",
+                "own_sae_id",
+                "peer_sae_id",
+                "key_size",
+            }
+        )
+        url = reader.get("url", str, "an https:// URL of the device's ETSI 014 API")
+        if not url.startswith("https://"):
+            raise reader.error("url", "an https:// URL of the device's ETSI 014 API", url)
+        key_size = reader.integer("key_size", 8, 8192, 256)
+        if key_size % 8:
+            raise reader.error("key_size", "a multiple of 8 bits", key_size)
+        return Etsi014DeviceConfig(
+            url=url,
+            certificate=reader.path("certificate"),
+            private_key=reader.path("private_key") if "private_key" in reader.table else None,
+            ca=reader.path("ca") if "ca" in reader.table else None,
+            own_sae_id=reader.get("own_sae_id", str, "the SAE ID the device knows qkdd by"),
+            peer_sae_id=reader.get("peer_sae_id", str, "the SAE ID of the peer site's qkdd"),
+            key_size=key_size,
+        )
+    raise reader.error("kind", f"one of {', '.join(DEVICE_KINDS)}", kind)
 
 
 def _peer(reader: _Reader) -> PeerConfig:

@@ -267,12 +267,12 @@ class PeerLink:
                     delay = DIAL_BACKOFF_FIRST
                     await self.run_session(stream, conn, done, leftover)
                 except* SESSION_ERRORS as group:
-                    exc = _first(group)
+                    failure = _first(group)
                     if not handshake_done:
                         self._on_handshake(
-                            self.peer.site_id, mode_name(conn), handshake_outcome(exc)
+                            self.peer.site_id, mode_name(conn), handshake_outcome(failure)
                         )
-                    self.session_failed(exc)
+                    self.session_failed(failure)
             await trio.sleep(delay)
             delay = min(delay * 2, DIAL_BACKOFF_MAX)
 

@@ -203,3 +203,47 @@ def test_site_host_example_parses(tmp_path, any_backend):
     assert config.key_encryption_key.credential == "qkdd-kek"
     assert config.consumers[0].uid == 1001
     assert str(config.api_socket) == "/run/qkdd/api.sock"
+
+
+def etsi014_device(site_dir: Path, **changes: str) -> Path:
+    fields = {
+        "url": '"https://kme-a.example:8443/kme"',
+        "certificate": '"site-a/kme-client.crt"',
+        "private_key": '"site-a/kme-client.key"',
+        "ca": '"site-a/kme-ca.crt"',
+        "own_sae_id": '"qkdd-site-a"',
+        "peer_sae_id": '"qkdd-site-b"',
+        **changes,
+    }
+    body = "".join(f"{k} = {v}\n" for k, v in fields.items())
+    return edit(
+        site_dir,
+        'kind = "serial"\npath = "qkd-a.tty"\nbaudrate = 115200\n',
+        f'kind = "etsi014"\n{body}',
+    )
+
+
+def test_etsi014_device(site_dir):
+    device = load_config(etsi014_device(site_dir)).peers[0].device
+    assert device.kind == "etsi014"
+    assert device.url == "https://kme-a.example:8443/kme"
+    assert device.certificate == site_dir / "site-a" / "kme-client.crt"
+    assert (device.own_sae_id, device.peer_sae_id, device.key_size) == (
+        "qkdd-site-a",
+        "qkdd-site-b",
+        256,
+    )
+
+
+@pytest.mark.parametrize(
+    "changes,key,expected",
+    [
+        ({"url": '"http://kme"'}, "peers[0].device.url", "https://"),
+        ({"key_size": "100"}, "peers[0].device.key_size", "multiple of 8"),
+        ({"path": '"x"'}, "peers[0].device.path", "no such key"),
+    ],
+)
+def test_etsi014_device_errors(site_dir, changes, key, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(etsi014_device(site_dir, **changes))
+    assert info.value.key == key and expected in info.value.expected

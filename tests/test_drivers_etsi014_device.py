@@ -37,7 +37,7 @@ from qkdd_drivers.etsi014_device import (
 )
 
 from qkdd.etsi014.handler import RequestHandler
-from qkdd.etsi014.pool import MemoryKeyPool
+from qkdd.etsi014.pool import DeliveredKey, MemoryKeyPool
 from qkdd.etsi014.tls import sae_ids_from_certificate, serve_tls
 from qkdd.keystore import KeyStore
 from qkdd.peering import StoreSink
@@ -103,6 +103,25 @@ async def start_kme(
     return Kme(pool, bound, scope)
 
 
+class ReorderingPool(MemoryKeyPool):
+    """Answers dec_keys with the keys in reverse order (the standard fixes no order)."""
+
+    def take_for_slave(
+        self, master_sae_id: str, slave_sae_id: str, key_ids: Sequence[str]
+    ) -> list[DeliveredKey]:
+        return super().take_for_slave(master_sae_id, slave_sae_id, key_ids)[::-1]
+
+
+class SwappingPool(MemoryKeyPool):
+    """Answers dec_keys with a key other than the one asked for."""
+
+    def take_for_slave(
+        self, master_sae_id: str, slave_sae_id: str, key_ids: Sequence[str]
+    ) -> list[DeliveredKey]:
+        keys = super().take_for_slave(master_sae_id, slave_sae_id, key_ids)
+        return [DeliveredKey(str(uuid.uuid4()), keys[0].material), *keys[1:]]
+
+
 @dataclass
 class RecordingSink:
     """Records keys like the daemon's store; ``used`` keys count as consumed."""
@@ -122,9 +141,7 @@ class RecordingSink:
         return len(self.keys) - self.used
 
 
-def make_device(
-    url: str, pki: Pki, who: Credentials, role: str, **options: Any
-) -> Etsi014Device:
+def make_device(url: str, pki: Pki, who: Credentials, role: str, **options: Any) -> Etsi014Device:
     own, peer = (A, B) if role == "master" else (B, A)
     settings: dict[str, Any] = {
         "cert_file": who.cert,
@@ -178,7 +195,9 @@ async def test_slave_fetches_by_id_the_keys_the_master_took(
     kme = await start_kme(nursery, pki)
     kme.pool.fill(A, B, 100)
     master_sink = RecordingSink()
-    master = make_device(kme.url, pki, pki.client_a, "master", keys_per_request=16, buffer_target=40)
+    master = make_device(
+        kme.url, pki, pki.client_a, "master", keys_per_request=16, buffer_target=40
+    )
     await nursery.start(master.run, master_sink)
     await until(lambda: len(master_sink.keys) >= 40, "the master to fill its buffer")
     await until(lambda: master.status.keys_buffered == 60, "the master to report the KME's count")
@@ -213,7 +232,7 @@ async def test_slave_fetches_by_id_the_keys_the_master_took(
 async def test_keys_flow_into_the_daemons_key_stores(
     nursery: trio.Nursery, pki: Pki, tmp_path: Path
 ) -> None:
-    kme = await start_kme(nursery, pki)
+    kme = await start_kme(nursery, pki, ReorderingPool([A, B], max_key_per_request=16))
     kme.pool.fill(A, B, 30)
     store_a = KeyStore(tmp_path / "a.db", KEK)
     store_b = KeyStore(tmp_path / "b.db", KEK)
@@ -227,6 +246,18 @@ async def test_keys_flow_into_the_daemons_key_stores(
     await slave.fetch_keys(ids)
     assert store_b.get_qkd_keys("site-a", ids) == store_a.get_qkd_keys("site-b", ids)
     assert store_b.oldest_qkd_key_ids("site-a", 30) == ids  # stored in the order asked
+
+
+async def test_keys_other_than_those_asked_for_are_refused(nursery: trio.Nursery, pki: Pki) -> None:
+    kme = await start_kme(nursery, pki, SwappingPool([A, B]))
+    kme.pool.fill(A, B, 2)
+    handed = kme.pool.take_for_master(A, B, 2, 256)
+    sink = RecordingSink()
+    slave = make_device(kme.url, pki, pki.client_b, "slave")
+    await nursery.start(slave.run, sink)
+    with pytest.raises(KmeResponseError, match=f"not sent: {handed[0].key_id}; not asked for: "):
+        await slave.fetch_keys([k.key_id for k in handed])
+    assert sink.keys == {}
 
 
 async def test_fetch_names_the_ids_the_kme_does_not_hold(nursery: trio.Nursery, pki: Pki) -> None:
@@ -512,7 +543,7 @@ def test_http_exchange_without_io() -> None:
     wire = http.request("POST", "/api/v1/keys/B/enc_keys", b'{"number": 1}')
     assert wire.startswith(b"POST /api/v1/keys/B/enc_keys HTTP/1.1\r\n")
     assert b"host: kme:443\r\n" in wire and wire.endswith(b'{"number": 1}')
-    answer = b'HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}'
+    answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
     results = [http.receive(answer[i : i + 1]) for i in range(len(answer))]
     assert results[:-1] == [None] * (len(answer) - 1) and results[-1] == (200, b"{}")
     assert http.next_cycle()
