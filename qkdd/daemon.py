@@ -33,7 +33,7 @@ from qkdd.admin import admin_routes
 from qkdd.config import ConfigError, SiteConfig, TlsConfig, load_config
 from qkdd.crypto.select import select_backend
 from qkdd.etsi014.handler import RequestHandler
-from qkdd.etsi014.server import serve_unix
+from qkdd.etsi014.server import Observe, serve_unix
 from qkdd.etsi014.tls import sae_ids_from_certificate, serve_tls
 from qkdd.identity import load_identity, read_key_encryption_key
 from qkdd.keystore import KeyStore, StoreError
@@ -161,7 +161,9 @@ async def run_daemon(config: SiteConfig) -> None:
                     )
                 )
                 if config.api_tls is not None:
-                    await nursery.start(_tls_listener(config.api_tls, etsi_only))
+                    await nursery.start(
+                        _tls_listener(config.api_tls, etsi_only, metrics.observe_request)
+                    )
                 nursery.start_soon(_report_status, notifier, config, links, store)
                 nursery.start_soon(_expire_keys, live, store)
                 period = watchdog_interval()
@@ -182,7 +184,9 @@ async def run_daemon(config: SiteConfig) -> None:
         log.info("event=stopped site=%s", config.site_id)
 
 
-def _tls_listener(tls: TlsConfig, handler: RequestHandler) -> functools.partial[Awaitable[None]]:
+def _tls_listener(
+    tls: TlsConfig, handler: RequestHandler, observe: Observe
+) -> functools.partial[Awaitable[None]]:
     """The ETSI 014 API over TLS 1.3, callers identified by client certificate."""
     host, port = tls.listen
     return functools.partial(
@@ -194,6 +198,7 @@ def _tls_listener(tls: TlsConfig, handler: RequestHandler) -> functools.partial[
         cert_file=str(tls.certificate),
         key_file=str(tls.private_key),
         client_ca_file=str(tls.client_ca),
+        observe=observe,
     )
 
 

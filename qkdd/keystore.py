@@ -400,10 +400,17 @@ class KeyStore:
                 "UPDATE batches SET state='committed' WHERE peer_site=? AND batch_id=?",
                 (peer_site, batch_id),
             )
-            db.execute(
-                "UPDATE hybrid_keys SET state='ready' WHERE peer_site=? AND batch_id=?",
+            made = db.execute(
+                "UPDATE hybrid_keys SET state='ready'"
+                " WHERE peer_site=? AND batch_id=? AND state='pending'",
                 (peer_site, batch_id),
-            )
+            ).rowcount
+            if made:
+                db.execute(
+                    "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
+                    " SET value = value + excluded.value",
+                    (f"made:{peer_site}", made),
+                )
             newest = db.execute(
                 "SELECT min(seq) FROM auth_keys WHERE peer_site=? AND batch_id=?",
                 (peer_site, batch_id),
@@ -539,6 +546,13 @@ class KeyStore:
                 "DELETE FROM hybrid_keys WHERE state='ready' AND created_at < ?", (created_before,)
             )
         return cursor.rowcount
+
+    def hybrid_keys_made(self, peer_site: str) -> int:
+        """Hybrid keys agreed with the peer and made ready here, ever (survives restarts)."""
+        row = self._db.execute(
+            "SELECT value FROM counters WHERE name=?", (f"made:{peer_site}",)
+        ).fetchone()
+        return int(row[0]) if row else 0
 
     def ready_count(self, master_sae_id: str, slave_sae_id: str) -> int:
         row = self._db.execute(

@@ -64,12 +64,6 @@ class SiteMetrics:
             ["peer", "mode", "outcome"],
             registry=self.registry,
         )
-        self._keys_made = Counter(
-            "qkdd_hybrid_keys_made",
-            "Hybrid keys agreed with a peer site and made ready here.",
-            ["peer"],
-            registry=self.registry,
-        )
         self._delivered = Counter(
             "qkdd_api_keys_delivered",
             "Keys handed to applications, by API call (enc_keys, dec_keys) and SAE pair.",
@@ -85,7 +79,6 @@ class SiteMetrics:
         )
         # Series that exist from the start read 0 rather than "absent".
         for peer in sorted(self._peers):
-            self._keys_made.labels(peer)
             for mode in HANDSHAKE_MODES:
                 self._handshakes.labels(peer, mode, "ok")
 
@@ -102,11 +95,6 @@ class SiteMetrics:
         """A handshake ended: ``outcome`` is "ok" or a word saying why not."""
         mode = mode if mode in HANDSHAKE_MODES else "unknown"
         self._handshakes.labels(self._peer_label(peer), mode, outcome).inc()
-
-    def record_keys_made(self, peer: str, count: int) -> None:
-        """``count`` hybrid keys agreed with ``peer`` became ready here (a batch committed)."""
-        if count > 0:
-            self._keys_made.labels(self._peer_label(peer)).inc(count)
 
     def record_delivered(self, call: str, master_sae: str, slave_sae: str, count: int) -> None:
         if count > 0:
@@ -223,6 +211,11 @@ class _SiteCollector:
         pool_size = GaugeMetricFamily(
             "qkdd_pool_size_keys", "Configured number of ready keys kept per SAE pair.", labels=peer
         )
+        made = CounterMetricFamily(
+            "qkdd_hybrid_keys_made",
+            "Hybrid keys agreed with the peer site and made ready here (kept in the store).",
+            labels=peer,
+        )
         ready = GaugeMetricFamily(
             "qkdd_pool_ready_keys",
             "Ready hybrid keys held here for the SAE pair.",
@@ -234,6 +227,7 @@ class _SiteCollector:
             sessions.add_metric([site], link.sessions_established)
             chain.add_metric([site], 1.0 if self._store.chain_established(site) else 0.0)
             buffered.add_metric([site], self._store.qkd_key_count(site))
+            made.add_metric([site], self._store.hybrid_keys_made(site))
             states = DEVICE_STATES if status.state in DEVICE_STATES else (*DEVICE_STATES, "other")
             current = status.state if status.state in DEVICE_STATES else "other"
             for state in states:
@@ -249,4 +243,4 @@ class _SiteCollector:
             for level in pool_levels(link, self._store):
                 ready.add_metric([site, level.master_sae_id, level.slave_sae_id], level.ready)
         yield from (session_up, sessions, chain, buffered, device_state, received, qber, rate)
-        yield from (device_buffer, pool_size, ready)
+        yield from (device_buffer, pool_size, made, ready)

@@ -187,16 +187,12 @@ def test_handshakes_and_keys_made_are_counted_with_bounded_labels() -> None:
     # Configured peers start at 0 for each mode's success.
     assert value(metrics, total, peer="site-b", mode="bootstrap", outcome="ok") == 0
     assert value(metrics, total, peer="site-b", mode="psk", outcome="ok") == 0
-    assert value(metrics, "qkdd_hybrid_keys_made_total", peer="site-b") == 0
-
     metrics.record_handshake("site-b", "bootstrap", "ok")
     metrics.record_handshake("site-b", "psk", "timeout")
     metrics.record_handshake("site-b", "psk", "timeout")
     # A name the peer claims, or a mode nobody defined, never becomes a new label value.
     metrics.record_handshake("mallory-1", "psk", "authentication_failed")
     metrics.record_handshake("mallory-2", "nonsense", "authentication_failed")
-    metrics.record_keys_made("site-b", 64)
-    metrics.record_keys_made("site-b", 0)
 
     assert value(metrics, total, peer="site-b", mode="bootstrap", outcome="ok") == 1
     assert value(metrics, total, peer="site-b", mode="psk", outcome="timeout") == 2
@@ -205,7 +201,24 @@ def test_handshakes_and_keys_made_are_counted_with_bounded_labels() -> None:
         value(metrics, total, peer="unknown", mode="unknown", outcome="authentication_failed") == 1
     )
     assert "mallory" not in metrics.exposition()[0].decode()
+
+
+def test_keys_made_are_counted_by_the_store_across_restarts(tmp_path: Path) -> None:
+    kek = os.urandom(32)
+    store = KeyStore(tmp_path / "keys.sqlite3", kek)
+    metrics = SiteMetrics("site-a", "cryptography", ["site-b"])
+    metrics.watch({"site-b": make_link()}, store)
+    assert value(metrics, "qkdd_hybrid_keys_made_total", peer="site-b") == 0
+    commit_keys(store, 1, 64)
+    store.commit_batch("site-b", 1)  # committing again (a RESYNC) makes nothing new
     assert value(metrics, "qkdd_hybrid_keys_made_total", peer="site-b") == 64
+    store.close()
+    store = KeyStore(tmp_path / "keys.sqlite3", kek)
+    again = SiteMetrics("site-a", "cryptography", ["site-b"])
+    again.watch({"site-b": make_link()}, store)
+    commit_keys(store, 2, 8)
+    assert value(again, "qkdd_hybrid_keys_made_total", peer="site-b") == 72
+    store.close()
 
 
 def test_each_daemon_has_its_own_registry() -> None:

@@ -36,6 +36,7 @@ from qkdd.etsi014.pool import KeyServiceError
 from qkdd.etsi014.server import (
     DEFAULT_REQUEST_TIMEOUT,
     LINGER_SECONDS,
+    Observe,
     _drain_and_close,
     _printable,
     serve_stream,
@@ -157,6 +158,7 @@ async def serve_tls(
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     listeners: Sequence[trio.SocketListener] | None = None,
+    observe: Observe | None = None,
 ) -> None:
     """Serve `handler` over HTTPS with mutual TLS on `host`:`port` until cancelled.
 
@@ -190,6 +192,7 @@ async def serve_tls(
             request_timeout,
             handshake_timeout,
             next(counter),
+            observe,
         )
 
     try:
@@ -214,10 +217,18 @@ async def _serve_tls_connection(
     request_timeout: float,
     handshake_timeout: float,
     conn_id: int,
+    observe: Observe | None,
 ) -> None:
     try:
         await _serve_tls(
-            tcp, context, handler, identify_certificate, request_timeout, handshake_timeout, conn_id
+            tcp,
+            context,
+            handler,
+            identify_certificate,
+            request_timeout,
+            handshake_timeout,
+            conn_id,
+            observe,
         )
     except Exception:
         # One connection's failure must never end the server.
@@ -234,6 +245,7 @@ async def _serve_tls(
     request_timeout: float,
     handshake_timeout: float,
     conn_id: int,
+    observe: Observe | None,
 ) -> None:
     try:
         peer = _address(tcp.socket.getpeername())
@@ -260,7 +272,13 @@ async def _serve_tls(
         return
     caller, who = _certificate_caller(der, identify_certificate, peer, conn_id)
     await serve_stream(
-        stream, handler, caller, who=who, request_timeout=request_timeout, conn_id=conn_id
+        stream,
+        handler,
+        caller,
+        who=who,
+        request_timeout=request_timeout,
+        conn_id=conn_id,
+        observe=observe,
     )
 
 
