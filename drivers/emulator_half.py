@@ -390,7 +390,7 @@ class Half:
             return
         self.pending = None
         same = hmac.compare_digest(pending.alice_instance, alice.instance)
-        if False:
+        if same and alice.committed == pending.seq:
             self._hand_over(pending.keys)
             self.blocks += 1
             log.info("half.pending-committed seq=%d keys=%d", pending.seq, len(pending.keys))

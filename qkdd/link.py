@@ -199,6 +199,15 @@ class LinkAgreement:
         out += self._horizon()
         return out
 
+    def awaited_qkd_keys(self) -> list[str]:
+        """QKD key IDs an open batch names that our device has not delivered yet (a device
+        that hands keys out by ID is asked for exactly these)."""
+        if self._waiting is None:
+            return []
+        qkd_ids = [qid for e in self._waiting[0].entries for qid in e.qkd_key_ids]
+        held = self._store.get_qkd_keys(self.params.peer_site_id, qkd_ids)
+        return [qid for qid in qkd_ids if qid not in held]
+
     def _horizon(self) -> list[LinkMessage]:
         """Our oldest QKD key, when it changed: lets the master drop keys we never had."""
         oldest = self._store.oldest_qkd_key_ids(self.params.peer_site_id, MAX_HORIZON_KEYS)

@@ -12,13 +12,14 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 import trio
-from qkdd_drivers.base import QkdDevice, QkdKey
+from qkdd_drivers.base import DeviceError, FetchByIdDevice, QkdDevice, QkdKey
+from qkdd_drivers.etsi014_device import Etsi014Device
 from qkdd_drivers.serial_driver import SerialDevice
 
-from qkdd.config import PeerConfig, SiteConfig
+from qkdd.config import Etsi014DeviceConfig, PeerConfig, SiteConfig
 from qkdd.crypto import PqcBackend, SigningKey
 from qkdd.keystore import KeyStore, StoredQkdKey
-from qkdd.link import LinkAgreement, LinkError, LinkParameters
+from qkdd.link import QKD_KEY_WAIT_SECONDS, LinkAgreement, LinkError, LinkParameters
 from qkdd.peer.connection import (
     MODE_PSK,
     AuthKey,
@@ -34,6 +35,8 @@ log = logging.getLogger("qkdd.peer")
 
 HANDSHAKE_TIMEOUT: Final = 10.0
 POLL_INTERVAL: Final = 0.02
+# Pause before asking a fetch-by-ID device again for keys it did not have yet.
+FETCH_RETRY_DELAY: Final = 0.2
 # Each direction of a session moves to a new key at least this often.
 REKEY_SECONDS: Final = 600.0
 RECEIVE_SIZE: Final = 64 * 1024
@@ -139,14 +142,32 @@ class StoreSink:
         self._peer = peer_site_id
         self._buffer_max = buffer_max
 
+    def qkd_keys_buffered(self) -> int:
+        """How many of the peer's QKD keys wait here (a pulling device fills up to a target)."""
+        return self._store.qkd_key_count(self._peer)
+
     async def store_qkd_keys(self, keys: Sequence[QkdKey]) -> None:
         while self._store.qkd_key_count(self._peer) >= self._buffer_max:
             await trio.sleep(0.05)
         self._store.store_qkd_keys(self._peer, [StoredQkdKey(k.key_id, k.material) for k in keys])
 
 
-def make_device(peer: PeerConfig) -> QkdDevice:
-    return SerialDevice(str(peer.device.path), peer.device.baudrate)
+def make_device(peer: PeerConfig, is_master: bool) -> QkdDevice:
+    device = peer.device
+    if isinstance(device, Etsi014DeviceConfig):
+        # The link master pulls keys from its KME; the slave fetches the IDs the master
+        # names (see fetch_awaited_keys).
+        return Etsi014Device(
+            device.url,
+            cert_file=str(device.certificate),
+            key_file=str(device.private_key) if device.private_key else None,
+            ca_file=str(device.ca) if device.ca else None,
+            own_sae_id=device.own_sae_id,
+            peer_sae_id=device.peer_sae_id,
+            role="master" if is_master else "slave",
+            key_size_bits=device.key_size,
+        )
+    return SerialDevice(str(device.path), device.baudrate)
 
 
 class PeerLink:
@@ -171,7 +192,7 @@ class PeerLink:
             pool_size=peer.pool_size,
             auth_key_bits=peer.auth_key_bits,
         )
-        self.device = make_device(peer)
+        self.device = make_device(peer, self.params.is_master)
         self.sink = StoreSink(store, peer.site_id)
         self._store = store
         self._backend = backend
@@ -212,7 +233,7 @@ class PeerLink:
     def why_unavailable(self) -> str | None:
         if self.device.status.state != "up":
             status = self.device.status
-            return f"QKD device {self.peer.device.path} is {status.state}: {status.detail}"
+            return f"QKD device {self.peer.device.describe()} is {status.state}: {status.detail}"
         if not self.session_up:
             return f"no authenticated session with site {self.peer.site_id}: {self.last_error}"
         return None
@@ -327,13 +348,34 @@ class PeerLink:
                     message = decode_message(event.payload)
                     await send(agreement.on_message(message, trio.current_time()))
 
-        async def poll_loop() -> None:
+        fetching = False
+
+        async def fetch(key_ids: list[str]) -> None:
+            """Ask a fetch-by-ID device (an ETSI 014 KME) for the QKD keys a batch names."""
+            nonlocal fetching
+            assert isinstance(self.device, FetchByIdDevice)
+            try:
+                with trio.move_on_after(QKD_KEY_WAIT_SECONDS):
+                    await self.device.fetch_keys(key_ids)
+            except DeviceError as exc:
+                log.warning("event=qkd_fetch_failed peer=%s reason=%r", self.peer.site_id, str(exc))
+                await trio.sleep(FETCH_RETRY_DELAY)  # the KMEs may still be syncing
+            finally:
+                fetching = False
+
+        async def poll_loop(nursery: trio.Nursery) -> None:
+            nonlocal fetching
             rekey_at = trio.current_time() + REKEY_SECONDS
             while True:
                 now = trio.current_time()
                 if now >= rekey_at:
                     conn.update_send_key()  # rekey by time; by volume happens in send
                     rekey_at = now + REKEY_SECONDS
+                if isinstance(self.device, FetchByIdDevice) and not fetching:
+                    awaited = agreement.awaited_qkd_keys()
+                    if awaited:
+                        fetching = True
+                        nursery.start_soon(fetch, awaited)
                 await send(agreement.poll(now))
                 await trio.sleep(POLL_INTERVAL)
 
@@ -351,7 +393,7 @@ class PeerLink:
                 await send(agreement.start())
                 await handle(leftover)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(poll_loop)
+                    nursery.start_soon(poll_loop, nursery)
                     while True:
                         data = await stream.receive_some(RECEIVE_SIZE)
                         if not data:
