@@ -237,10 +237,12 @@ def test_cli_parameters_cover_every_link_flag_but_not_local_ones() -> None:
 
 
 class ListSink:
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.keys: list[QkdKey] = []
+        self.delay = delay  # a slow host: keys wait in the device buffer meanwhile
 
     async def store_qkd_keys(self, keys: Sequence[QkdKey]) -> None:
+        await trio.sleep(self.delay)
         self.keys += keys
 
     def ids(self) -> set[str]:
@@ -445,9 +447,11 @@ async def test_cut_connections_never_leave_a_key_on_one_side(tmp_path: Path) -> 
 
 async def test_restarted_bob_half_keeps_both_sides_in_lockstep(tmp_path: Path) -> None:
     alice, ready_a, _ = await start_half(tmp_path, "alice", ["--listen", "127.0.0.1:0"])
-    where = ["--connect", ready_a["listen"], "--reconnect-max-delay", "0.2"]
+    where = ["--connect", ready_a["listen"], "--reconnect-max-delay", "0.2", "--buffer", "300"]
     bob, _, _ = await start_half(tmp_path, "bob", where)
-    sink_a, sink_b = ListSink(), ListSink()
+    # Bob's host is slow, so his pty holds keys when SIGTERM comes: they must reach the
+    # host before the half exits, as Alice's copies reach hers.
+    sink_a, sink_b = ListSink(), ListSink(delay=0.03)
     codes = []
     try:
         async with trio.open_nursery() as nursery:
