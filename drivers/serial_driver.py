@@ -262,12 +262,20 @@ class SerialDevice(QkdDevice):
         hello_deadline = now + self.hello_timeout
         last_frame = now
         frame_started: float | None = None
+        bytes_received = 0
         while True:
             if proto.state is HostState.AWAIT_HELLO:
                 deadline = hello_deadline
+                # Bytes but no valid frame is what a line at the wrong speed looks like.
+                hint = (
+                    f"{bytes_received} bytes arrived but no valid frame: is the baud rate "
+                    f"({self.baudrate}) the device's?"
+                    if bytes_received and proto.frames_ok == 0
+                    else "is a QKD device speaking protocol v1 attached?"
+                )
                 timeout: Exception = DeviceTimeoutError(
                     f"{self.path}: the device did not answer HELLO within "
-                    f"{self.hello_timeout:g} s (is a QKD device speaking protocol v1 attached?)"
+                    f"{self.hello_timeout:g} s ({hint})"
                 )
             else:
                 deadline = last_frame + self.idle_timeout
@@ -285,6 +293,7 @@ class SerialDevice(QkdDevice):
                 data = await self._read(fd)
             if data is None:
                 raise timeout
+            bytes_received += len(data)
             now = trio.current_time()
             ok_before = proto.frames_ok
             seen_before = proto.frames_seen

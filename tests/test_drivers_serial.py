@@ -349,6 +349,25 @@ async def test_silent_device_and_unanswered_hello_cause_reconnects(tmp_path: Pat
     await pty.close()
 
 
+async def test_wrong_baud_rate_is_named_as_the_likely_cause(tmp_path: Path) -> None:
+    """A device at another line speed shows up as bytes that never form a valid frame. (A
+    pty ignores the baud rate, so the device side sends what a mismatched UART delivers:
+    noise.)"""
+    pty = Pty(tmp_path / "qkd")
+    sink = RecordingSink()
+    device = SerialDevice(str(pty.path), baudrate=9600, **WATCHABLE)
+    async def noise() -> None:
+        while True:
+            await pty.stream.send_all(os.urandom(200))
+            await trio.sleep(0.05)
+
+    async with running(device, sink) as nursery:
+        nursery.start_soon(noise)
+        await wait_for(lambda: "is the baud rate (9600)" in device.status.detail)
+        assert device.status.state != "up" and sink.keys == []
+    await pty.close()
+
+
 async def test_status_carries_device_figures(tmp_path: Path) -> None:
     from qkdd_drivers.messages import LinkState
 
