@@ -477,3 +477,37 @@ async def test_slow_sink_is_not_mistaken_for_a_stalled_or_silent_device(
     await pty.close()
     assert "device.down" not in caplog.text
     assert sink.ids() == [QkdKey.from_wire(k, b"k").key_id for k in (x_id, y_id)]
+
+
+def test_no_permission_on_the_device_is_named(tmp_path: Path) -> None:
+    """Opened by a user without rights to the device node (a forked child that drops to
+    uid 65534 when run as root, as the tests here are)."""
+    from qkdd_drivers.errors import DevicePermissionError
+
+    master, slave = os.openpty()
+    name = os.ttyname(slave)
+    # As root, the child drops to nobody and meets 0600; otherwise the owner meets 0000.
+    os.chmod(name, 0o600 if os.geteuid() == 0 else 0)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        message = "opened"
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            open_serial_port(name, 115200)
+        except DevicePermissionError as exc:
+            message = f"refused: {exc}"
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            message = f"other: {exc!r}"
+        os.write(write_end, message.encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    message = os.read(read_end, 4096).decode()
+    os.close(read_end)
+    os.close(master)
+    os.close(slave)
+    assert message.startswith("refused: permission denied opening"), message
+    assert "group" in message
