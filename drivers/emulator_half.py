@@ -66,7 +66,7 @@ from .fibre_link import (
     key_ids_digest,
 )
 from .messages import LinkState
-from .postprocessing import AliceSession, PostProcessingError, bob_postprocess
+from .postprocessing import AliceSession, Msg, PostProcessingError, bob_postprocess
 from .pty_link import EmulatorError, close_pty_link, open_pty_link
 from .simulate_cli import add_link_arguments, key_source_from_args
 
@@ -89,6 +89,8 @@ IDLE_TIMEOUT = 10.0
 HELLO_TIMEOUT = 10.0
 #: Reconnect backoff of the connecting half: first delay, doubled after each failure.
 RECONNECT_INITIAL_DELAY = 0.25
+#: Post-processing messages Alice answers on the event loop rather than in a thread.
+CASCADE_KIND = bytes([Msg.CASCADE])
 #: Cap of that backoff unless --reconnect-max-delay says otherwise.
 DEFAULT_RECONNECT_MAX_DELAY = 5.0
 #: SIGTERM waits at most this long (--drain-timeout) for the host to take its keys.
@@ -138,7 +140,9 @@ class KeyFeed:
         self.device = device
         self.capacity = capacity
         self._outbox: collections.deque[tuple[bytes, bytes]] = collections.deque()
-        self._changed = trio.Event()
+        # Two tasks wait for changes (the feeder and the block loop): a parking lot wakes
+        # them all, where a shared Event replaced by one waiter would lose the other's.
+        self._changed = trio.lowlevel.ParkingLot()
         self.keys_delivered = 0
 
     @property
@@ -147,7 +151,7 @@ class KeyFeed:
         return len(self._outbox) + self.device.proto.held
 
     def notify(self) -> None:
-        self._changed.set()
+        self._changed.unpark_all()
 
     def deliver(self, keys: list[tuple[bytes, bytes]]) -> None:
         self._outbox.extend(keys)
@@ -155,8 +159,7 @@ class KeyFeed:
         self.notify()
 
     async def _wait_change(self) -> None:
-        await self._changed.wait()
-        self._changed = trio.Event()
+        await self._changed.park()
 
     async def feed(self) -> None:
         """Move keys into the device buffer as it makes room (forever)."""
@@ -211,7 +214,7 @@ class _Connection:
                 msg = self._queue.popleft()
                 if not isinstance(msg, Ping):
                     return msg
-            data = b""
+            data: bytes | bytearray = b""
             with trio.move_on_after(IDLE_TIMEOUT):
                 try:
                     data = await self.stream.receive_some(65536)
@@ -221,7 +224,7 @@ class _Connection:
                     raise LinkFault("the peer half closed the connection")
             if not data:
                 raise LinkFault(f"the peer half was silent for {IDLE_TIMEOUT:g} s")
-            self._queue.extend(self.proto.receive_data(data))
+            self._queue.extend(self.proto.receive_data(bytes(data)))
 
     async def keepalive(self, scope: trio.CancelScope) -> None:
         """PING whenever nothing was sent for a while; a failed PING ends the connection."""
@@ -431,7 +434,12 @@ class Half:
                 await conn.send(Record(self.seq, block.pulses, block.decoy, block.bob))
             elif isinstance(msg, Request):
                 assert session is not None
-                reply = await trio.to_thread.run_sync(session.handle, msg.message)
+                if msg.message[:1] == CASCADE_KIND:
+                    # Cascade's many small round trips: a thread hop would cost more
+                    # than the parity computation it moves off the loop.
+                    reply = session.handle(msg.message)
+                else:
+                    reply = await trio.to_thread.run_sync(session.handle, msg.message)
                 await conn.send(Reply(msg.seq, reply))
             elif isinstance(msg, Commit):
                 assert session is not None
@@ -511,8 +519,10 @@ class Half:
                 if self.feed.backlog != backlog:
                     backlog, since = self.feed.backlog, trio.current_time()
                 elif not self.in_block and trio.current_time() - since > DRAIN_STALL:
+                    log.warning("half.drain-stalled backlog=%d", self.feed.backlog)
                     return  # no host is taking keys: nothing to wait for
                 await trio.sleep(DRAIN_POLL)
+        log.info("half.drained backlog=%d in-block=%s", self.feed.backlog, self.in_block)
 
 
 # -- the process --
@@ -586,8 +596,9 @@ async def run_half(args: argparse.Namespace) -> None:
                 if listeners:
                     nursery.start_soon(trio.serve_listeners, serve_peer, listeners)
                 else:
+                    host, port = args.connect
                     nursery.start_soon(
-                        stop_on_fatal, _connector(half, *args.connect, args.reconnect_max_delay)
+                        stop_on_fatal, _connector(half, host, port, args.reconnect_max_delay)
                     )
                 nursery.start_soon(half.feed.feed)
                 nursery.start_soon(half.device.serve, stream)

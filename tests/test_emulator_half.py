@@ -343,7 +343,7 @@ class CuttingProxy:
         reader, seen = FrameReader(), 0
         try:
             while data := await src.receive_some(65536):
-                out = []
+                out: list[bytes] = []
                 for kind, body in reader.feed(data):
                     if rule is not None and (rule[0], rule[1]) == (direction, kind):
                         if seen == rule[2]:
@@ -451,7 +451,7 @@ async def test_restarted_bob_half_keeps_both_sides_in_lockstep(tmp_path: Path) -
     bob, _, _ = await start_half(tmp_path, "bob", where)
     # Bob's host is slow, so his pty holds keys when SIGTERM comes: they must reach the
     # host before the half exits, as Alice's copies reach hers.
-    sink_a, sink_b = ListSink(), ListSink(delay=0.03)
+    sink_a, sink_b = ListSink(), ListSink(delay=0.3)
     codes = []
     try:
         async with trio.open_nursery() as nursery:
