@@ -19,7 +19,7 @@ import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 import h11
@@ -273,8 +273,8 @@ def _unreachable(path: str, exc: OSError) -> KeyServiceUnreachable:
     return KeyServiceUnreachable(f"cannot reach the key service at {path}: {why}")
 
 
-class KeyClient:
-    """Trio client: `async with KeyClient(path) as client: keys = await client.enc_keys(...)`."""
+class _Endpoints:
+    """How both clients are made: on a Unix socket path, or with `tls` on a TLS listener."""
 
     def __init__(
         self, socket_path: str, *, sae_id: str | None = None, timeout: float = DEFAULT_TIMEOUT
@@ -293,13 +293,20 @@ class KeyClient:
         sae_id: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         server_hostname: str | None = None,
-    ) -> KeyClient:
+    ) -> Self:
         """A client of the TLS listener at `host`:`port`; see `client_ssl_context`.
         `server_hostname` is the name the service's certificate must carry (default `host`)."""
         context = client_ssl_context(cert_file, key_file, ca_file)
         client = cls.__new__(cls)
         client._setup(_Endpoint.tls(host, port, context, server_hostname), sae_id, timeout)
         return client
+
+    def _setup(self, endpoint: _Endpoint, sae_id: str | None, timeout: float) -> None:
+        raise NotImplementedError
+
+
+class KeyClient(_Endpoints):
+    """Trio client: `async with KeyClient(path) as client: keys = await client.enc_keys(...)`."""
 
     def _setup(self, endpoint: _Endpoint, sae_id: str | None, timeout: float) -> None:
         import trio  # only Trio users pay for the import
@@ -429,33 +436,8 @@ class _StaleConnection(Exception):
     pass
 
 
-class BlockingKeyClient:
+class BlockingKeyClient(_Endpoints):
     """Blocking client over a plain socket; usable as a context manager."""
-
-    def __init__(
-        self, socket_path: str, *, sae_id: str | None = None, timeout: float = DEFAULT_TIMEOUT
-    ) -> None:
-        self._setup(_Endpoint.unix(socket_path), sae_id, timeout)
-
-    @classmethod
-    def tls(
-        cls,
-        host: str,
-        port: int,
-        *,
-        cert_file: str,
-        key_file: str | None = None,
-        ca_file: str | None = None,
-        sae_id: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        server_hostname: str | None = None,
-    ) -> BlockingKeyClient:
-        """A client of the TLS listener at `host`:`port`; see `client_ssl_context`.
-        `server_hostname` is the name the service's certificate must carry (default `host`)."""
-        context = client_ssl_context(cert_file, key_file, ca_file)
-        client = cls.__new__(cls)
-        client._setup(_Endpoint.tls(host, port, context, server_hostname), sae_id, timeout)
-        return client
 
     def _setup(self, endpoint: _Endpoint, sae_id: str | None, timeout: float) -> None:
         self._endpoint = endpoint
