@@ -113,6 +113,35 @@ def _wait_for_line(process: subprocess.Popen[bytes], timeout: float, what: str) 
     return line
 
 
+def start_emulator(directory: Path) -> subprocess.Popen[bytes]:
+    """The emulated QKD link of the demo sites, ready once this returns."""
+    with open(directory / "emulator.log", "wb") as emulator_log:
+        emulator = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "qkdd_drivers.emulator",
+                "pty",
+                "--link-a",
+                str(directory / SITE_A.device_link),
+                "--link-b",
+                str(directory / SITE_B.device_link),
+                # A simulated 10 km BB84 link (the defaults), computed in smaller blocks for
+                # a quick first key.
+                *("--block-detections", "200000"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=emulator_log,
+        )
+    try:
+        _wait_for_line(emulator, STARTUP_TIMEOUT, "the QKD link emulator")
+    except DemoError:
+        emulator.kill()
+        emulator.wait()
+        raise
+    return emulator
+
+
 @contextlib.contextmanager
 def running_demo(
     directory: Path,
@@ -133,25 +162,7 @@ def running_demo(
     emulator: subprocess.Popen[bytes] | None = None
     sites: list[RunningSite] = []
     try:
-        with open(directory / "emulator.log", "wb") as emulator_log:
-            emulator = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "qkdd_drivers.emulator",
-                    "pty",
-                    "--link-a",
-                    str(directory / SITE_A.device_link),
-                    "--link-b",
-                    str(directory / SITE_B.device_link),
-                    # A simulated 10 km BB84 link (the defaults), computed in smaller blocks
-                    # for a quick first key.
-                    *("--block-detections", "200000"),
-                ],
-                stdout=subprocess.PIPE,
-                stderr=emulator_log,
-            )
-        _wait_for_line(emulator, STARTUP_TIMEOUT, "the QKD link emulator")
+        emulator = start_emulator(directory)
         for index, site in enumerate(reversed(SITES) if b_first else SITES):
             if index:
                 time.sleep(gap)

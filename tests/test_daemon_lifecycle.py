@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from qkdd.client import BlockingKeyClient
-from qkdd.demo import prepare_directory
+from qkdd.demo import prepare_directory, start_emulator
 from qkdd.demo_sites import SITE_B
 
 
@@ -23,21 +23,7 @@ from qkdd.demo_sites import SITE_B
 def site_a(tmp_path):
     """Site A's files; its QKD device is an emulator pty, its peer is absent."""
     configs = prepare_directory(tmp_path)
-    emulator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "qkdd_drivers.emulator",
-            "pty",
-            "--link-a",
-            str(tmp_path / "qkd-a.tty"),
-            "--link-b",
-            str(tmp_path / "qkd-b.tty"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    assert emulator.stdout.readline()  # ready
+    emulator = start_emulator(tmp_path)
     yield configs["site-a"]
     emulator.terminate()
     emulator.wait(timeout=10)
