@@ -40,6 +40,7 @@ from qkdd.keystore import KeyStore, StoreError
 from qkdd.metrics import SiteMetrics
 from qkdd.peering import PeerLink, serve_peers
 from qkdd.pool import StoreKeyPool
+from qkdd.progress import ProgressWatch
 from qkdd.status import RecentErrors, site_status
 from qkdd.systemd import Notifier, listen_fds_with_names, watchdog_interval
 
@@ -168,7 +169,7 @@ async def run_daemon(config: SiteConfig) -> None:
                 nursery.start_soon(_expire_keys, live, store)
                 period = watchdog_interval()
                 if period is not None:
-                    nursery.start_soon(_watchdog, notifier, store, period)
+                    nursery.start_soon(_watchdog, notifier, ProgressWatch(links, store), period)
                 notifier.ready()
                 log.info("event=ready site=%s", config.site_id)
                 async for signum in signals:
@@ -226,16 +227,18 @@ def _reload(live: LiveConfig, notifier: Notifier) -> None:
     notifier.ready()
 
 
-async def _watchdog(notifier: Notifier, store: KeyStore, period: float) -> None:
-    """Ping systemd only while the key store answers: a wedged store (disk gone, lock held
-    forever) stops the pings, and systemd restarts the service."""
+async def _watchdog(notifier: Notifier, watch: ProgressWatch, period: float) -> None:
+    """Ping systemd only while the key pipeline progresses or idles for a known reason (and
+    the store answers): a wedged pipeline stops the pings, and systemd restarts us."""
     while True:
         try:
-            store.health_check()
+            problem = watch.problem(trio.current_time())
         except StoreError as exc:
-            log.error("event=watchdog_withheld reason=%r", str(exc))
-        else:
+            problem = str(exc)
+        if problem is None:
             notifier.watchdog()
+        else:
+            log.error("event=watchdog_withheld reason=%r", problem)
         await trio.sleep(period)
 
 
