@@ -127,7 +127,6 @@ class LinkAgreement:
         self._last_horizon: str | None = None
         # Both: when the reply to our last batch message is overdue.
         self._reply_deadline: float | None = None
-        self.keys_agreed = 0
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -162,7 +161,6 @@ class LinkAgreement:
                 return []
             if isinstance(message, PoolDemand):
                 return self._on_demand(message)
-
             if isinstance(message, BatchAck):
                 return self._on_ack(message)
         else:
@@ -268,7 +266,6 @@ class LinkAgreement:
                 self._auth_key_wanted = False
                 log.info("event=auth_key_rotated peer=%s key=%s", peer, batch.entries[0].key_id)
                 return [BatchDecision(batch.batch_id, True)]
-            self.keys_agreed += len(batch.entries)
             for entry in batch.entries:
                 if (entry.master_sae_id, entry.slave_sae_id) in self._remote_demand:
                     self._remote_demand[(entry.master_sae_id, entry.slave_sae_id)] -= 1
