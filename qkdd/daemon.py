@@ -24,7 +24,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
@@ -187,7 +187,7 @@ async def run_daemon(config: SiteConfig) -> None:
 
 def _tls_listener(
     tls: TlsConfig, handler: RequestHandler, observe: Observe
-) -> functools.partial[Awaitable[None]]:
+) -> Callable[..., Awaitable[None]]:
     """The ETSI 014 API over TLS 1.3, callers identified by client certificate."""
     host, port = tls.listen
     return functools.partial(

@@ -82,6 +82,10 @@ class PeerClosed(Exception):
     pass
 
 
+class PskChainLost(Exception):
+    """We share no PSK with the peer any more and a signature bootstrap is not allowed."""
+
+
 # Everything that ends one session but must never end the daemon. They may arrive wrapped
 # in an ExceptionGroup from the session's nursery, hence ``except*``.
 SESSION_ERRORS = (
@@ -217,8 +221,9 @@ class PeerLink:
         record = self._store.auth_key(site_id, key_id)
         return record.material if record else None
 
-    def _initiator_auth_key(self) -> AuthKey | None | bool:
-        """The PSK to dial with, None for a bootstrap, False when neither is possible."""
+    def _initiator_auth_key(self) -> AuthKey | None:
+        """The PSK to dial with, or None for a bootstrap; PskChainLost when neither may be
+        used."""
         peer = self.peer.site_id
         if self._store.bootstrap_requested(peer):
             log.warning("event=bootstrap peer=%s reason=allowed-by-operator", peer)
@@ -228,7 +233,7 @@ class PeerLink:
             return AuthKey(record.key_id, record.material)
         if self._store.bootstrap_allowed(peer):
             return None  # first contact: no PSK chain yet
-        return False
+        raise PskChainLost
 
     def why_unavailable(self) -> str | None:
         if self.device.status.state != "up":
@@ -244,8 +249,9 @@ class PeerLink:
         delay = DIAL_BACKOFF_FIRST
         host, port = self.peer.address
         while True:
-            auth_key = self._initiator_auth_key()
-            if auth_key is False:
+            try:
+                auth_key = self._initiator_auth_key()
+            except PskChainLost:
                 # Fail closed: never fall back to signatures on our own (docs/protocol.md).
                 self.last_error = (
                     "the PSK chain with this peer is lost and a signature bootstrap is not "

@@ -17,14 +17,17 @@ STALL_GRACE_SECONDS: Final = 60.0
 
 
 class _Params(Protocol):
-    pool_size: int
+    @property
+    def pool_size(self) -> int: ...
 
     def local_master_pairs(self) -> list[tuple[str, str]]: ...
 
 
 class _Link(Protocol):
-    params: _Params
-    session_up: bool
+    @property
+    def params(self) -> _Params: ...
+    @property
+    def session_up(self) -> bool: ...
 
 
 class _Store(Protocol):

@@ -327,7 +327,7 @@ class PeerConnection:
         self._emit(make_frame(FrameType.HELLO, hello.encode()))
         self.state = State.SENT_HELLO
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray) -> list[Event]:
         """Feed bytes from the peer; return the events they complete.
 
         Raises a RemoteProtocolError (or PeerAuthenticationError) on any bad input, after

@@ -57,7 +57,7 @@ class FrameBuffer:
         self._buffer = bytearray()
         self.max_body = MAX_HANDSHAKE_BODY
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buffer += data
         # Refuse early: a header announcing an oversized body is rejected before the body
         # arrives, and no more than one header plus the cap is ever held.
