@@ -112,6 +112,7 @@ class PeerConfig:
     device: DeviceConfig
     pool_size: int
     auth_key_bits: int
+    qkd_buffer_keys: int
 
 
 @dataclass(frozen=True)
@@ -336,6 +337,7 @@ def _peer(reader: _Reader) -> PeerConfig:
             "device",
             "pool_size",
             "auth_key_bits",
+            "qkd_buffer_keys",
         }
     )
     remote = reader.get("remote_sae_ids", list, "a list of the SAE IDs at that site")
@@ -352,6 +354,8 @@ def _peer(reader: _Reader) -> PeerConfig:
         device=_device(reader.subtable("device")),
         pool_size=reader.integer("pool_size", 1, 1_000_000, 256),
         auth_key_bits=_auth_key_bits(reader),
+        # QKD keys held here at most before the device is made to wait (back-pressure).
+        qkd_buffer_keys=reader.integer("qkd_buffer_keys", 16, 10_000_000, 4096),
     )
 
 

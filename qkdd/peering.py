@@ -44,7 +44,8 @@ DIAL_BACKOFF_FIRST: Final = 0.25
 DIAL_BACKOFF_MAX: Final = 10.0
 # Device keys held at most before the driver stops acknowledging (back-pressure to the
 # device, which then buffers): bounds the QKD material at rest here and the disk a stalled
-# peer can make us use. 4096 keys of 256 bits is 1 Mbit.
+# peer can make us use. The default of `qkd_buffer_keys` in config; 4096 keys of 256 bits
+# is 1 Mbit.
 QKD_BUFFER_MAX: Final = 4096
 # Pre-authentication limits: an unauthenticated client holds at most one handshake slot
 # for HANDSHAKE_TIMEOUT, and at most this many at once in all and per source address.
@@ -197,7 +198,7 @@ class PeerLink:
             auth_key_bits=peer.auth_key_bits,
         )
         self.device = make_device(peer, self.params.is_master)
-        self.sink = StoreSink(store, peer.site_id)
+        self.sink = StoreSink(store, peer.site_id, peer.qkd_buffer_keys)
         self._store = store
         self._backend = backend
         self._signing_key = signing_key

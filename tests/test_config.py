@@ -38,6 +38,7 @@ def test_demo_config_loads(site_dir):
     assert peer.site_id == "site-b" and peer.address == ("127.0.0.1", 47102)
     assert peer.public_key == base64.b64decode((site_dir / "site-b" / "identity.pub").read_text())
     assert peer.device.path == site_dir / "qkd-a.tty"
+    assert peer.qkd_buffer_keys == 4096
     assert config.sae_ids_for_uid(12345) == {"sae-a"}
 
 
@@ -111,6 +112,12 @@ BAD_VALUES = [
     ),
     ('remote_sae_ids = ["sae-b"]', 'remote_sae_ids = "sae-b"', "peers[0].remote_sae_ids", "list"),
     ("pool_size = 64", "pool_size = -1", "peers[0].pool_size", "integer from 1"),
+    (
+        "pool_size = 64",
+        "pool_size = 64\nqkd_buffer_keys = 1",
+        "peers[0].qkd_buffer_keys",
+        "integer from 16",
+    ),
     (
         "pool_size = 64",
         "pool_size = 64\nauth_key_bits = 100",
