@@ -285,27 +285,62 @@ class KeyStore:
         two buffers line up again. Returns how many were dropped (0 if none of ``key_ids``
         is buffered here)."""
         with self._transaction() as db:
-            seqs = [
-                row[0]
-                for key_id in key_ids
-                if (
-                    row := db.execute(
-                        "SELECT seq FROM qkd_keys WHERE peer_site=? AND key_id=?",
-                        (peer_site, key_id),
-                    ).fetchone()
-                )
-            ]
-            if not seqs:
-                return 0
-            stale = [
-                r[0]
-                for r in db.execute(
-                    "SELECT key_id FROM qkd_keys WHERE peer_site=? AND seq < ?",
-                    (peer_site, min(seqs)),
-                )
-            ]
+            seqs = self._buffered_seqs(db, peer_site, key_ids)
+            stale = self._buffered_before(db, peer_site, min(seqs)) if seqs else []
             self._consume_qkd_keys(db, peer_site, stale)
         return len(stale)
+
+    def align_to_peer_horizon(self, peer_site: str, oldest_at_peer: Sequence[str]) -> int:
+        """Drop the buffered QKD keys the peer can never have, given its oldest ones.
+
+        - One of them is buffered here: ours before it are orphans.
+        - One of them was already used here: the peer is behind; it drops its own.
+        - None has reached us yet, and the peer lost its state since we last agreed a batch:
+          its device delivers only keys after the ones its lost store acknowledged, so all
+          we hold is orphaned (a peer that lost its state while our buffer was full ends up
+          exactly here). Without a state loss "not here yet" may as well mean that the
+          peer is behind, so nothing is dropped.
+        Returns how many keys were dropped."""
+        with self._transaction() as db:
+            seqs = self._buffered_seqs(db, peer_site, oldest_at_peer)
+            if seqs:
+                stale = self._buffered_before(db, peer_site, min(seqs))
+            elif any(
+                db.execute(
+                    "SELECT 1 FROM consumed_qkd_keys WHERE peer_site=? AND key_id=?",
+                    (peer_site, key_id),
+                ).fetchone()
+                for key_id in oldest_at_peer
+            ):
+                stale = []
+            elif self._flag(f"peer-reset:{peer_site}"):
+                stale = self._buffered_before(db, peer_site, None)
+            else:
+                stale = []
+            self._consume_qkd_keys(db, peer_site, stale)
+        return len(stale)
+
+    @staticmethod
+    def _buffered_seqs(db: sqlite3.Connection, peer_site: str, key_ids: Iterable[str]) -> list[int]:
+        return [
+            int(row[0])
+            for key_id in key_ids
+            if (
+                row := db.execute(
+                    "SELECT seq FROM qkd_keys WHERE peer_site=? AND key_id=?",
+                    (peer_site, key_id),
+                ).fetchone()
+            )
+        ]
+
+    @staticmethod
+    def _buffered_before(db: sqlite3.Connection, peer_site: str, seq: int | None) -> list[str]:
+        """Buffered key IDs received before ``seq`` (all of them for None)."""
+        rows = db.execute(
+            "SELECT key_id FROM qkd_keys WHERE peer_site=? AND seq < ?",
+            (peer_site, seq if seq is not None else 2**62),
+        )
+        return [str(r[0]) for r in rows]
 
     def is_qkd_key_consumed(self, peer_site: str, key_id: str) -> bool:
         return (
@@ -400,6 +435,8 @@ class KeyStore:
                 "UPDATE batches SET state='committed' WHERE peer_site=? AND batch_id=?",
                 (peer_site, batch_id),
             )
+            if cursor.rowcount:
+                self._set_flag(db, f"peer-reset:{peer_site}", False)  # the buffers line up
             made = db.execute(
                 "UPDATE hybrid_keys SET state='ready'"
                 " WHERE peer_site=? AND batch_id=? AND state='pending'",
@@ -450,6 +487,8 @@ class KeyStore:
             row = db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
             dropped = 0
             if row is not None and bytes(row[0]) != peer_store_id:
+                # Until a batch commits again, the peer's buffer may lag all of ours.
+                self._set_flag(db, f"peer-reset:{peer_site}", True)
                 dropped = db.execute(
                     "DELETE FROM hybrid_keys WHERE peer_site=?", (peer_site,)
                 ).rowcount

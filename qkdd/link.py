@@ -125,17 +125,21 @@ class LinkAgreement:
         self._waiting: tuple[KeyBatch, float] | None = None
         self._last_demand: PoolDemand | None = None
         self._last_horizon: str | None = None
+        # Both: the peer's oldest QKD keys as it last told us, and our oldest key when we
+        # last lined our buffer up with them (new keys from our device may need it again).
+        self._peer_horizon: tuple[str, ...] = ()
+        self._aligned_with: str | None = None
         # Both: when the reply to our last batch message is overdue.
         self._reply_deadline: float | None = None
 
     # -- entry points ---------------------------------------------------------------------
 
     def start(self) -> list[LinkMessage]:
-        hello: list[LinkMessage] = [StoreId(self._store.store_id)]
+        hello: list[LinkMessage] = [StoreId(self._store.store_id), *self._horizon()]
         if self.params.is_master:
             return hello
         pending = self._store.pending_batches(self.params.peer_site_id)
-        return [*hello, *self._horizon(), Resync(tuple(pending)), self._new_offer()]
+        return [*hello, Resync(tuple(pending)), self._new_offer()]
 
     def on_message(self, message: LinkMessage, now: float) -> list[LinkMessage]:
         if isinstance(message, StoreId):
@@ -148,12 +152,13 @@ class LinkAgreement:
                     dropped,
                 )
             return []
+        if isinstance(message, QkdHorizon):
+            self._peer_horizon = message.oldest_key_ids
+            self._align()
+            return []
         if self.params.is_master:
             if isinstance(message, Resync):
                 return self._on_resync(message)
-            if isinstance(message, QkdHorizon):
-                self._drop_orphans(message.oldest_key_ids, "peer-horizon")
-                return []
             if not self._resynced:
                 raise LinkError("peer sent key-agreement messages before RESYNC")
             if isinstance(message, KemOffer):
@@ -178,17 +183,22 @@ class LinkAgreement:
 
     def poll(self, now: float) -> list[LinkMessage]:
         """What to send now; raises LinkError if the peer stopped answering mid-batch."""
+        if self._peer_horizon:
+            oldest = self._store.oldest_qkd_key_ids(self.params.peer_site_id, 1)
+            if oldest and oldest[0] != self._aligned_with:
+                self._align()
         if self._reply_deadline is not None and now > self._reply_deadline:
             # A dropped frame is only noticed when a later one arrives; when nothing else
             # flows, this deadline ends the session, and RESYNC settles the batch.
             waiting_for = "BATCH_ACK" if self.params.is_master else "BATCH_DECISION"
             raise LinkError(f"no {waiting_for} within {BATCH_REPLY_TIMEOUT:g} s")
         if self.params.is_master:
+            out = self._horizon()
             batch = self._make_batch()
-            if batch is None:
-                return []
-            self._reply_deadline = now + BATCH_REPLY_TIMEOUT
-            return [batch]
+            if batch is not None:
+                self._reply_deadline = now + BATCH_REPLY_TIMEOUT
+                out.append(batch)
+            return out
         out = self._try_batch(now) if self._waiting else []
         demand = self._demand()
         if demand != self._last_demand:
@@ -207,15 +217,28 @@ class LinkAgreement:
         return [qid for qid in qkd_ids if qid not in held]
 
     def _horizon(self) -> list[LinkMessage]:
-        """Our oldest QKD key, when it changed: lets the master drop keys we never had."""
+        """Our oldest QKD keys, when they changed: lets the peer drop keys we never had."""
         oldest = self._store.oldest_qkd_key_ids(self.params.peer_site_id, MAX_HORIZON_KEYS)
         if not oldest or oldest[0] == self._last_horizon:
             return []
         self._last_horizon = oldest[0]
         return [QkdHorizon(tuple(oldest))]
 
+    def _align(self) -> None:
+        """Drop the buffered QKD keys the peer can never have, by its last horizon."""
+        peer = self.params.peer_site_id
+        self._log_orphans(
+            self._store.align_to_peer_horizon(peer, self._peer_horizon), "peer-horizon"
+        )
+        oldest = self._store.oldest_qkd_key_ids(peer, 1)
+        self._aligned_with = oldest[0] if oldest else None
+
     def _drop_orphans(self, key_ids: Sequence[str], why: str) -> None:
-        dropped = self._store.quarantine_qkd_keys_before(self.params.peer_site_id, key_ids)
+        self._log_orphans(
+            self._store.quarantine_qkd_keys_before(self.params.peer_site_id, key_ids), why
+        )
+
+    def _log_orphans(self, dropped: int, why: str) -> None:
         if dropped:
             log.warning(
                 "event=qkd_keys_quarantined peer=%s count=%d reason=%s",

@@ -179,7 +179,7 @@ def test_slave_rejects_a_batch_for_an_unconfigured_sae_pair(stores, backend):
     master, slave = agreements(stores, backend)
     for m in slave.start():
         master.on_message(m, 0.0)
-    batch = master.poll(0.0)[0]
+    (batch,) = [m for m in master.poll(0.0) if isinstance(m, KeyBatch)]
     forged = KeyBatch(
         batch.batch_id,
         batch.offer_id,
@@ -274,7 +274,7 @@ def test_slave_gives_up_when_the_decision_never_comes(stores, backend):
         slave.on_message(message, 0.0)
     for message in slave.start():
         master.on_message(message, 0.0)
-    (batch,) = master.poll(0.0)
+    (batch,) = [m for m in master.poll(0.0) if isinstance(m, KeyBatch)]
     replies = slave.on_message(batch, 0.0)
     assert isinstance(replies[0], BatchAck) and replies[0].accepted  # ... the decision is lost
     slave.poll(BATCH_REPLY_TIMEOUT - 1)  # still within the deadline
@@ -293,3 +293,31 @@ def test_the_share_of_qkd_material_for_authentication_is_configurable(stores, ba
     key = a.newest_ready_auth_key("site-b")
     assert len(key.material) == 64  # two 256-bit QKD keys set aside for it
     assert b.auth_key("site-a", key.key_id).material == key.material
+
+
+def test_a_peer_whose_state_was_lost_while_our_buffer_was_full_is_caught_up(stores, backend):
+    """Our buffer holds only keys the peer had before it lost its state; the peer's oldest
+    keys have not reached us yet. The horizon tells us our whole buffer is orphaned, so it
+    is dropped and room is made for the keys both sides will have."""
+    a, b = stores
+    a.check_peer_store("site-b", b"\x01" * 16)  # the peer's store, before it was lost
+    feed_qkd(stores, 8, only="a")  # the peer's copies were lost with its store
+    fresh = feed_qkd(stores, 4, only="b")  # the peer already has newer keys; we do not yet
+    master, slave = agreements(stores, backend, pool_size=2)
+    pump(master, slave, now=0.0)
+    assert a.qkd_key_count("site-b") == 0  # all orphans dropped at once, without waiting
+    assert b.qkd_key_count("site-a") == 4  # the peer keeps what we are about to receive
+    a.store_qkd_keys("site-b", fresh)
+    pump(master, slave, now=1.0)
+    assert a.newest_ready_auth_key("site-b") is not None
+    assert a.ready_count("sae-a", "sae-b") + b.ready_count("sae-b", "sae-a") >= 2
+
+
+def test_without_a_state_loss_unknown_horizon_keys_drop_nothing(stores, backend):
+    """The peer is merely behind (its device slower): nothing of ours may be dropped."""
+    a, b = stores
+    keys = feed_qkd(stores, 6, only="a")
+    b.store_qkd_keys("site-a", keys[3:4])  # the peer has one later key only
+    assert a.align_to_peer_horizon("site-b", [keys[3].key_id]) == 3  # ours before it
+    assert a.align_to_peer_horizon("site-b", [str(uuid.uuid4())]) == 0  # unknown: kept
+    assert a.qkd_key_count("site-b") == 3

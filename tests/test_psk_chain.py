@@ -72,5 +72,9 @@ def test_psk_after_bootstrap_and_fail_closed_when_the_chain_is_lost(tmp_path):
         wait_for_log(site_a.log_file, "event=bootstrap peer=site-b reason=allowed-by-operator")
         wait_for_log(site_a.log_file, "auth=ml-dsa-bootstrap", count=2)
         assert site_a.log_file.read_text().count("event=session_established") == sessions + 1
+        # A learns that B's store is new and withdraws the keys B lost; only then are the
+        # keys in A's pool ones B holds (keys handed out before that are lost with B's state).
+        wait_for_log(site_a.log_file, "event=peer_state_lost")
+        wait_for_log(site_a.log_file, "event=auth_key_rotated", count=3)
         wait_for_keys(site_a, SITE_B.sae_id, 4, timeout=30)
         assert all(row["match"] for row in exchange_keys(site_a, site_b, 4))
