@@ -193,12 +193,13 @@ class LinkAgreement:
             waiting_for = "BATCH_ACK" if self.params.is_master else "BATCH_DECISION"
             raise LinkError(f"no {waiting_for} within {BATCH_REPLY_TIMEOUT:g} s")
         if self.params.is_master:
-            out = self._horizon()
+            # The master's horizon goes out once per session (in start): its oldest keys
+            # change with every batch it makes, which the slave learns from the batch.
             batch = self._make_batch()
-            if batch is not None:
-                self._reply_deadline = now + BATCH_REPLY_TIMEOUT
-                out.append(batch)
-            return out
+            if batch is None:
+                return []
+            self._reply_deadline = now + BATCH_REPLY_TIMEOUT
+            return [batch]
         out = self._try_batch(now) if self._waiting else []
         demand = self._demand()
         if demand != self._last_demand:
