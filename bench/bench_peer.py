@@ -39,17 +39,16 @@ from pathlib import Path
 from unittest import mock
 
 import trio
+from backends import available_backends
 
 import qkdd.crypto
 from qkdd.crypto import (
     AT_REST_AEAD_ALGORITHM,
     Aead,
-    BackendUnavailable,
     PqcBackend,
     X25519KeyPair,
     hkdf,
 )
-from qkdd.crypto.liboqs_probe import explain_missing, find_liboqs
 from qkdd.crypto.select import select_backend
 from qkdd.hybrid import HybridDeriver, KemExchange, KeyContext
 from qkdd.keystore import KeyStore, StoredQkdKey
@@ -490,18 +489,6 @@ def sql_table(backend: PqcBackend, directory: Path, qkd_keys: int) -> None:
     print(f"{'total s':>8}{'share':>7}{'calls':>9}{'µs/key':>8}  statement")
     for sql, (spent, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:8]:
         print(f"{spent:>8.2f}{spent / elapsed:>7.0%}{calls:>9}{spent / agreed * 1e6:>8.1f}  {sql}")
-
-
-def available_backends() -> dict[str, PqcBackend]:
-    backends = {"cryptography": select_backend("cryptography")}
-    if find_liboqs() is None:
-        print(f"(liboqs omitted: {explain_missing()})")
-        return backends
-    try:
-        backends["liboqs"] = select_backend("oqs")
-    except BackendUnavailable as exc:
-        print(f"(liboqs omitted: {exc})")
-    return backends
 
 
 def main() -> None:

@@ -18,16 +18,15 @@ import statistics
 import time
 from collections.abc import Callable
 
+from backends import available_backends
+
 from qkdd.crypto import (
     AT_REST_AEAD_ALGORITHM,
     Aead,
-    BackendUnavailable,
     PqcBackend,
     X25519KeyPair,
     hkdf,
 )
-from qkdd.crypto.liboqs_probe import explain_missing, find_liboqs
-from qkdd.crypto.select import select_backend
 from qkdd.crypto.selftest import run_self_tests
 
 _MIN_BATCH_SECONDS = 200e-6
@@ -92,18 +91,6 @@ def classical_operations() -> dict[str, Callable[[], object]]:
     }
 
 
-def available_backends() -> dict[str, PqcBackend]:
-    backends = {"cryptography": select_backend("cryptography")}
-    if find_liboqs() is None:
-        print(f"(liboqs column omitted: {explain_missing()})")
-        return backends
-    try:
-        backends["liboqs"] = select_backend("oqs")
-    except BackendUnavailable as exc:
-        print(f"(liboqs column omitted: {exc})")
-    return backends
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=201, help="batches per figure")
@@ -111,7 +98,7 @@ def main() -> None:
 
     data = os.urandom(32)
     floor = microseconds_per_op(lambda: hashlib.sha256(data).digest(), args.samples)
-    backends = available_backends()
+    backends = available_backends("liboqs column omitted")
     names = list(backends)
     per_backend = {name: pqc_operations(backend) for name, backend in backends.items()}
 
