@@ -126,10 +126,14 @@ def _status_target(slave_sae_id: str) -> str:
     return f"/api/v1/keys/{quote(slave_sae_id, safe='')}/status"
 
 
-def _enc_request(slave_sae_id: str, number: int, size: int | None) -> tuple[str, bytes]:
+def _enc_request(
+    slave_sae_id: str, number: int, size: int | None, additional: Sequence[str] = ()
+) -> tuple[str, bytes]:
     body: dict[str, Any] = {"number": number}
     if size is not None:
         body["size"] = size
+    if additional:
+        body["additional_slave_SAE_IDs"] = list(additional)
     return f"/api/v1/keys/{quote(slave_sae_id, safe='')}/enc_keys", json.dumps(body).encode()
 
 
@@ -337,9 +341,15 @@ class KeyClient(_Endpoints):
         return _decode_json(*await self._call("GET", _status_target(slave_sae_id), None))
 
     async def enc_keys(
-        self, slave_sae_id: str, number: int = 1, size: int | None = None
+        self,
+        slave_sae_id: str,
+        number: int = 1,
+        size: int | None = None,
+        additional_slave_sae_ids: Sequence[str] = (),
     ) -> list[DeliveredKey]:
-        target, body = _enc_request(slave_sae_id, number, size)
+        """New keys for this SAE as master; `size` in bits (default: the KME's key size);
+        each additional slave SAE may also collect each key once."""
+        target, body = _enc_request(slave_sae_id, number, size, additional_slave_sae_ids)
         return _decode_keys(_decode_json(*await self._call("POST", target, body)))
 
     async def dec_keys(self, master_sae_id: str, key_ids: Sequence[str]) -> list[DeliveredKey]:
@@ -464,9 +474,15 @@ class BlockingKeyClient(_Endpoints):
         return _decode_json(*self._call("GET", _status_target(slave_sae_id), None))
 
     def enc_keys(
-        self, slave_sae_id: str, number: int = 1, size: int | None = None
+        self,
+        slave_sae_id: str,
+        number: int = 1,
+        size: int | None = None,
+        additional_slave_sae_ids: Sequence[str] = (),
     ) -> list[DeliveredKey]:
-        target, body = _enc_request(slave_sae_id, number, size)
+        """New keys for this SAE as master; `size` in bits (default: the KME's key size);
+        each additional slave SAE may also collect each key once."""
+        target, body = _enc_request(slave_sae_id, number, size, additional_slave_sae_ids)
         return _decode_keys(_decode_json(*self._call("POST", target, body)))
 
     def dec_keys(self, master_sae_id: str, key_ids: Sequence[str]) -> list[DeliveredKey]:

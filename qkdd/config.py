@@ -119,6 +119,8 @@ class PeerConfig:
 class ConsumerConfig:
     sae_id: str
     uid: int | None
+    # At most this many keys per rolling hour through enc_keys (None: no quota).
+    keys_per_hour: int | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,10 @@ class SiteConfig:
 
     def peer(self, site_id: str) -> PeerConfig | None:
         return next((p for p in self.peers if p.site_id == site_id), None)
+
+    def quota_of(self, sae_id: str) -> int | None:
+        """Keys per rolling hour the SAE may take with enc_keys; None for no quota."""
+        return next((c.keys_per_hour for c in self.consumers if c.sae_id == sae_id), None)
 
 
 class _Reader:
@@ -369,9 +375,14 @@ def _auth_key_bits(reader: _Reader) -> int:
 
 
 def _consumer(reader: _Reader) -> ConsumerConfig:
-    reader.reject_unknown({"sae_id", "uid"})
+    reader.reject_unknown({"sae_id", "uid", "keys_per_hour"})
     uid = reader.integer("uid", 0, 2**32 - 2, None) if "uid" in reader.table else None
-    return ConsumerConfig(sae_id=reader.identifier("sae_id"), uid=uid)
+    quota = (
+        reader.integer("keys_per_hour", 1, 10**12, None)
+        if "keys_per_hour" in reader.table
+        else None
+    )
+    return ConsumerConfig(sae_id=reader.identifier("sae_id"), uid=uid, keys_per_hour=quota)
 
 
 def _unique(file: Path, key: str, values: list[str]) -> None:

@@ -38,7 +38,8 @@ from qkdd.etsi014.tls import sae_ids_from_certificate, serve_tls
 from qkdd.identity import load_identity, read_key_encryption_key
 from qkdd.keystore import KeyStore, StoreError
 from qkdd.metrics import SiteMetrics
-from qkdd.peering import PeerLink, serve_peers
+from qkdd.peer.calls import CallKind
+from qkdd.peering import CallHandler, PeerLink, serve_peers
 from qkdd.pool import StoreKeyPool
 from qkdd.progress import ProgressWatch
 from qkdd.status import RecentErrors, site_status
@@ -54,7 +55,7 @@ EXPIRY_INTERVAL: Final = 10.0
 class LiveConfig:
     """The config in force; SIGHUP swaps in what can change without a restart."""
 
-    RELOADABLE = ("consumers", "key_lifetime", "max_keys_per_request")
+    RELOADABLE = ("consumers", "key_lifetime", "max_keys_per_request")  # incl. quotas
 
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
@@ -102,8 +103,18 @@ async def run_daemon(config: SiteConfig) -> None:
     }
     metrics.watch(links, store)
     recent_errors = RecentErrors()
-    pool = metrics.counting_pool(
-        StoreKeyPool(live, store, lambda site: links[site].why_unavailable())
+
+    async def call_peer(site: str, kind: int, body: bytes, timeout: float) -> bytes:
+        return await links[site].call(kind, body, timeout=timeout)
+
+    store_pool = StoreKeyPool(live, store, lambda site: links[site].why_unavailable(), call_peer)
+    for site, link in links.items():
+        link.call_handlers[CallKind.KEY_ASSIGN] = _sync_call_handler(
+            functools.partial(store_pool.accept_assignment, site)
+        )
+    pool = metrics.counting_pool(store_pool)
+    metrics.watch_quotas(
+        lambda: {sae: store_pool.quota_state(sae) for sae in live.config.local_sae_ids}
     )
 
     def status() -> dict[str, object]:
@@ -183,6 +194,13 @@ async def run_daemon(config: SiteConfig) -> None:
     finally:
         store.close()
         log.info("event=stopped site=%s", config.site_id)
+
+
+def _sync_call_handler(answer: Callable[[bytes], bytes]) -> CallHandler:
+    async def handler(body: bytes) -> bytes:
+        return answer(body)
+
+    return handler
 
 
 def _tls_listener(

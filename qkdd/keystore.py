@@ -8,6 +8,9 @@ Durability rules that the rest of the daemon relies on:
 - A hybrid key is ``pending`` until both sites are known to hold it, then ``ready``; only
   ready keys are handed out from the pool, each exactly once, and erased in the
   transaction that hands it out (a key asked for by ID may be pending: see take_by_ids).
+- A key of another size, or for several slave SAEs, is *assigned* by the master's site
+  from ready keys of the pair (``assign_keys`` at the slave's site): the slave's site
+  erases those keys and holds the assigned key once per slave SAE, until each collects it.
 - Authentication keys (PSKs for later handshakes) follow the same batch life cycle in
   their own table and never reach an application. When a newer one becomes ready the
   older ones are erased: the previous PSK is kept until the peer has proved it holds the
@@ -77,6 +80,15 @@ CREATE TABLE IF NOT EXISTS hybrid_keys (
 );
 CREATE INDEX IF NOT EXISTS hybrid_by_pair ON hybrid_keys (master_sae, slave_sae, state);
 CREATE INDEX IF NOT EXISTS hybrid_by_batch ON hybrid_keys (peer_site, batch_id);
+CREATE TABLE IF NOT EXISTS assigned_keys (
+    key_id     TEXT NOT NULL,
+    slave_sae  TEXT NOT NULL,
+    master_sae TEXT NOT NULL,
+    size_bits  INTEGER NOT NULL,
+    material   BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (key_id, slave_sae)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS auth_keys (
     seq       INTEGER PRIMARY KEY,
     peer_site TEXT NOT NULL,
@@ -99,6 +111,10 @@ CREATE TABLE IF NOT EXISTS counters (
 
 class StoreError(Exception):
     """The key store cannot be opened or used (the message names the file)."""
+
+
+class _KeyMissing(Exception):
+    """Internal: abort a hand-out transaction because a requested key is not held."""
 
 
 class Sealer:
@@ -143,6 +159,36 @@ def _hybrid_aad(key_id: str, master_sae: str, slave_sae: str, size_bits: int) ->
         + lp(slave_sae.encode())
         + lp(str(size_bits).encode())
     )
+
+
+def _assigned_aad(key_id: str, master_sae: str, slave_sae: str, size_bits: int) -> bytes:
+    return (
+        lp(labels.AAD_ASSIGNED_KEY_ROW)
+        + lp(key_id.encode())
+        + lp(master_sae.encode())
+        + lp(slave_sae.encode())
+        + lp(str(size_bits).encode())
+    )
+
+
+def compose_key(materials: Sequence[bytes], size_bits: int) -> bytes:
+    """An assigned key: the first ``size_bits`` of its constituents' material, in order.
+    Each constituent is a full hybrid key, so no QKD or ML-KEM input is stretched."""
+    joined = b"".join(materials)
+    if size_bits % 8 or size_bits // 8 > len(joined):
+        raise ValueError(f"{len(materials)} keys cannot make a key of {size_bits} bits")
+    return joined[: size_bits // 8]
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """How the master's site made one key (see ``KeyStore.assign_keys``)."""
+
+    key_id: str
+    size_bits: int
+    master_sae: str
+    slave_saes: tuple[str, ...]
+    constituent_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -209,6 +255,15 @@ class KeyStore:
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()
+
+    @property
+    def sealer(self) -> Sealer:
+        return self._sealer
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception),
+        for modules that keep their own tables in this database (``qkdd.inbox``)."""
+        return self._transaction()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -584,7 +639,9 @@ class KeyStore:
             cursor = db.execute(
                 "DELETE FROM hybrid_keys WHERE state='ready' AND created_at < ?", (created_before,)
             )
-        return cursor.rowcount
+            erased = cursor.rowcount
+            cursor = db.execute("DELETE FROM assigned_keys WHERE created_at < ?", (created_before,))
+        return erased + cursor.rowcount
 
     def hybrid_keys_made(self, peer_site: str) -> int:
         """Hybrid keys agreed with the peer and made ready here, ever (survives restarts)."""
@@ -633,17 +690,80 @@ class KeyStore:
         it now means a lost or late BATCH_DECISION never makes an application wait."""
         if len(set(key_ids)) != len(key_ids):
             return None
-        with self._transaction() as db:
-            found = []
-            for key_id in key_ids:
-                row = db.execute(
-                    "SELECT material, size_bits FROM hybrid_keys"
-                    " WHERE key_id=? AND master_sae=? AND slave_sae=?",
-                    (key_id, master_sae_id, slave_sae_id),
-                ).fetchone()
-                if row is None:
-                    return None
-                material = self._open_hybrid(key_id, master_sae_id, slave_sae_id, row[1], row[0])
-                found.append(HybridKey(key_id, material))
-            db.executemany("DELETE FROM hybrid_keys WHERE key_id=?", [(k,) for k in key_ids])
+        try:
+            with self._transaction() as db:
+                found = []
+                for key_id in key_ids:
+                    key = self._take_one(db, key_id, master_sae_id, slave_sae_id)
+                    if key is None:
+                        raise _KeyMissing  # rolls back what was taken so far
+                    found.append(key)
+        except _KeyMissing:
+            return None
         return found
+
+    def _take_one(
+        self, db: sqlite3.Connection, key_id: str, master: str, slave: str
+    ) -> HybridKey | None:
+        """Open and erase one key of the pair by ID, agreed or assigned; None if missing."""
+        row = db.execute(
+            "SELECT material, size_bits FROM hybrid_keys"
+            " WHERE key_id=? AND master_sae=? AND slave_sae=?",
+            (key_id, master, slave),
+        ).fetchone()
+        if row is not None:
+            material = self._open_hybrid(key_id, master, slave, row[1], row[0])
+            db.execute("DELETE FROM hybrid_keys WHERE key_id=?", (key_id,))
+            return HybridKey(key_id, material)
+        row = db.execute(
+            "SELECT material, size_bits FROM assigned_keys"
+            " WHERE key_id=? AND master_sae=? AND slave_sae=?",
+            (key_id, master, slave),
+        ).fetchone()
+        if row is None:
+            return None
+        material = self._sealer.open(_assigned_aad(key_id, master, slave, row[1]), bytes(row[0]))
+        db.execute("DELETE FROM assigned_keys WHERE key_id=? AND slave_sae=?", (key_id, slave))
+        return HybridKey(key_id, material)
+
+    def assign_keys(self, assignments: Sequence[Assignment]) -> None:
+        """At the slave's site: make each assigned key from its constituents (ready or
+        pending keys of the pair master -> first slave, erased here) and hold it for every
+        slave SAE. All or nothing: StoreError names the first constituent that is missing."""
+        now = time.time()
+        with self._transaction() as db:
+            for a in assignments:
+                materials = []
+                for cid in a.constituent_ids:
+                    key = self._take_one(db, cid, a.master_sae, a.slave_saes[0])
+                    if key is None:
+                        raise StoreError(
+                            f"key {cid} of {a.master_sae} -> {a.slave_saes[0]} is not held here"
+                        )
+                    materials.append(key.material)
+                try:
+                    material = compose_key(materials, a.size_bits)
+                except ValueError as exc:
+                    raise StoreError(f"key {a.key_id}: {exc}") from None
+                for slave in a.slave_saes:
+                    if db.execute(
+                        "SELECT 1 FROM assigned_keys WHERE key_id=? AND slave_sae=?",
+                        (a.key_id, slave),
+                    ).fetchone():
+                        raise StoreError(f"key {a.key_id} is already assigned")
+                    db.execute(
+                        "INSERT INTO assigned_keys VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            a.key_id,
+                            slave,
+                            a.master_sae,
+                            a.size_bits,
+                            self._sealer.seal(
+                                _assigned_aad(a.key_id, a.master_sae, slave, a.size_bits), material
+                            ),
+                            now,
+                        ),
+                    )
+
+    def assigned_count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM assigned_keys").fetchone()[0])

@@ -44,6 +44,17 @@ LABEL_STORE_SEAL_KEY: Final = b"qkdd/v1 key store seal key"
 AAD_QKD_KEY_ROW: Final = b"qkdd/v1 sealed qkd key row"
 AAD_HYBRID_KEY_ROW: Final = b"qkdd/v1 sealed hybrid key row"
 AAD_AUTH_KEY_ROW: Final = b"qkdd/v1 sealed authentication key row"
+AAD_ASSIGNED_KEY_ROW: Final = b"qkdd/v1 sealed assigned key row"
+AAD_MESSAGE_ROW: Final = b"qkdd/v1 sealed message row"
+
+# Application messages (qkdd.messaging): the one-time AEAD key from a hybrid key, and the
+# associated data that binds a ciphertext to its message ID, sender and recipient.
+LABEL_MESSAGE_KEY: Final = b"qkdd/v1 message key"
+AAD_MESSAGE: Final = b"qkdd/v1 message"
+
+# WireGuard pre-shared keys (qkdd.wireguard): a PSK derived from a hybrid key under its own
+# label, bound to the binding name and key ID, so it never equals the key itself.
+LABEL_WIREGUARD_PSK: Final = b"qkdd/v1 wireguard preshared key"
 
 ALL_LABELS: Final = (
     PROTOCOL_NAME,
@@ -67,4 +78,9 @@ ALL_LABELS: Final = (
     AAD_QKD_KEY_ROW,
     AAD_HYBRID_KEY_ROW,
     AAD_AUTH_KEY_ROW,
+    AAD_ASSIGNED_KEY_ROW,
+    AAD_MESSAGE_ROW,
+    LABEL_MESSAGE_KEY,
+    AAD_MESSAGE,
+    LABEL_WIREGUARD_PSK,
 )

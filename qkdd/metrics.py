@@ -30,6 +30,7 @@ from prometheus_client.metrics_core import (
 from qkdd.admin import METRICS_PATH, STATUS_PATH
 from qkdd.etsi014.handler import API_PREFIX, ApiRequest, ApiResponse
 from qkdd.etsi014.pool import DeliveredKey, KeyPool, PoolStatus
+from qkdd.quota import QuotaState
 from qkdd.status import LinkView, StoreView, pool_levels
 
 DEVICE_STATES: Final = ("connecting", "up", "down")
@@ -85,6 +86,10 @@ class SiteMetrics:
     def watch(self, links: Mapping[str, LinkView], store: StoreView) -> None:
         """Read the links and the store at every scrape from now on."""
         self.registry.register(_SiteCollector(self._site_id, self._backend, links, store))
+
+    def watch_quotas(self, quotas: Callable[[], Mapping[str, QuotaState]]) -> None:
+        """Read the SAEs' quotas (``quotas()``: SAE ID -> state) at every scrape."""
+        self.registry.register(_QuotaCollector(quotas))
 
     # -- recording ----------------------------------------------------------------------
 
@@ -146,6 +151,42 @@ class _CountingPool:
         keys = self._pool.take_for_slave(master_sae_id, slave_sae_id, key_ids)
         self._delivered("dec_keys", master_sae_id, slave_sae_id, len(keys))
         return keys
+
+    async def take_assigned(
+        self,
+        master_sae_id: str,
+        slave_sae_id: str,
+        number: int,
+        size_bits: int,
+        additional_slave_sae_ids: Sequence[str],
+    ) -> list[DeliveredKey]:
+        keys = await self._pool.take_assigned(
+            master_sae_id, slave_sae_id, number, size_bits, additional_slave_sae_ids
+        )
+        self._delivered("enc_keys", master_sae_id, slave_sae_id, len(keys))
+        return keys
+
+
+class _QuotaCollector:
+    def __init__(self, quotas: Callable[[], Mapping[str, QuotaState]]) -> None:
+        self._quotas = quotas
+
+    def collect(self) -> Iterator[Metric]:
+        limit = GaugeMetricFamily(
+            "qkdd_api_quota_keys_per_hour",
+            "Keys the SAE may take with enc_keys per rolling hour (SAEs with a quota).",
+            labels=["sae"],
+        )
+        remaining = GaugeMetricFamily(
+            "qkdd_api_quota_remaining_keys",
+            "Keys the SAE may still take with enc_keys in the current rolling hour.",
+            labels=["sae"],
+        )
+        for sae, state in sorted(self._quotas().items()):
+            if state.limit is not None and state.remaining is not None:
+                limit.add_metric([sae], state.limit)
+                remaining.add_metric([sae], state.remaining)
+        yield from (limit, remaining)
 
 
 class _SiteCollector:

@@ -3,12 +3,17 @@ sessions with the peer daemon, each pumping bytes through a sans-IO ``PeerConnec
 a ``LinkAgreement``. The link master dials (with backoff); the slave's sessions arrive
 through the site's peer listener, which runs the responder handshake and hands them here.
 Each handshake's outcome is told to an optional ``HandshakeObserver`` (the daemon's metrics).
+
+Peer calls (``qkdd.peer.calls``) ride the same session: ``PeerLink.call`` sends one and
+waits for its reply; a call from the peer is answered by the handler registered for its
+kind in ``PeerLink.call_handlers``, in arrival order, before the next message is read.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Final
 
 import trio
@@ -20,6 +25,7 @@ from qkdd.config import Etsi014DeviceConfig, PeerConfig, SiteConfig
 from qkdd.crypto import PqcBackend, SigningKey
 from qkdd.keystore import KeyStore, StoredQkdKey
 from qkdd.link import QKD_KEY_WAIT_SECONDS, LinkAgreement, LinkError, LinkParameters
+from qkdd.peer.calls import CallRefused, CallTable, done, refusal, reply_body
 from qkdd.peer.connection import (
     MODE_PSK,
     AuthKey,
@@ -29,7 +35,7 @@ from qkdd.peer.connection import (
     Role,
 )
 from qkdd.peer.errors import PeerAuthenticationError, PeerProtocolError
-from qkdd.peer.messages import LinkMessage, decode_message
+from qkdd.peer.messages import CallReply, LinkMessage, PeerCall, decode_message
 
 log = logging.getLogger("qkdd.peer")
 
@@ -81,6 +87,31 @@ class HandshakeLimiter:
 
 class PeerClosed(Exception):
     pass
+
+
+class PeerUnavailable(Exception):
+    """A peer call could not be completed: no session, or the session ended or the reply
+    did not come in time (its outcome is then unknown)."""
+
+
+# Answers one kind of peer call: gets the call body, returns the reply body, raises
+# CallRefused to decline. It runs before the session reads its next message.
+CallHandler = Callable[[bytes], Awaitable[bytes]]
+
+
+@dataclass
+class _OpenCalls:
+    """The calls of one session that wait for a reply: call ID -> (event, reply)."""
+
+    table: CallTable = field(default_factory=CallTable)
+    waiting: dict[int, trio.Event] = field(default_factory=dict)
+    replies: dict[int, CallReply] = field(default_factory=dict)
+    send: Callable[[list[LinkMessage]], Awaitable[None]] | None = None
+
+    def close(self) -> None:
+        self.send = None
+        for event in self.waiting.values():
+            event.set()
 
 
 class PskChainLost(Exception):
@@ -204,6 +235,8 @@ class PeerLink:
         self._signing_key = signing_key
         self._on_handshake = on_handshake
         self._session_scope: trio.CancelScope | None = None
+        self._calls: _OpenCalls | None = None
+        self.call_handlers: dict[int, CallHandler] = {}
         self.session_up = False
         self.last_error = "no session yet"
         self.sessions_established = 0
@@ -243,6 +276,47 @@ class PeerLink:
         if not self.session_up:
             return f"no authenticated session with site {self.peer.site_id}: {self.last_error}"
         return None
+
+    # -- peer calls ---------------------------------------------------------------------
+
+    async def call(self, kind: int, body: bytes, *, timeout: float) -> bytes:
+        """Make a peer call and return the reply body. CallRefused if the peer declined;
+        PeerUnavailable if there is no session, or it ended, or no reply came in time."""
+        calls = self._calls
+        if calls is None or calls.send is None:
+            raise PeerUnavailable(self.why_unavailable() or "no session with the peer")
+        message = calls.table.call(kind, body)
+        event = calls.waiting[message.call_id] = trio.Event()
+        try:
+            try:
+                await calls.send([message])
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise PeerUnavailable(f"the session with site {self.peer.site_id} broke") from exc
+            with trio.move_on_after(timeout):
+                await event.wait()
+            reply = calls.replies.pop(message.call_id, None)
+        finally:
+            calls.waiting.pop(message.call_id, None)
+        if reply is None:
+            if calls.send is None:
+                raise PeerUnavailable(f"the session with site {self.peer.site_id} ended")
+            raise PeerUnavailable(f"site {self.peer.site_id} did not answer in {timeout:g} s")
+        return reply_body(reply)
+
+    async def _answer(self, call: PeerCall) -> CallReply:
+        handler = self.call_handlers.get(call.kind)
+        if handler is None:
+            return refusal(call, f"site {self.config.site_id} does not serve call kind {call.kind}")
+        try:
+            return done(call, await handler(call.body))
+        except CallRefused as exc:
+            log.warning(
+                "event=peer_call_refused peer=%s kind=%d reason=%r",
+                self.peer.site_id,
+                call.kind,
+                str(exc),
+            )
+            return refusal(call, str(exc))
 
     # -- dialing (link master) --------------------------------------------------------------
 
@@ -344,16 +418,29 @@ class PeerLink:
         async def send(messages: list[LinkMessage]) -> None:
             for message in messages:
                 conn.send_message(message.encode())
-            data = conn.data_to_send()
-            if data:
-                async with send_lock:
+            # Take the bytes under the lock: frames carry implicit counters, so they must
+            # leave in the order they were sealed, whichever task sealed them.
+            async with send_lock:
+                data = conn.data_to_send()
+                if data:
                     await stream.send_all(data)
+
+        calls = _OpenCalls(send=send)
 
         async def handle(events: Sequence[object]) -> None:
             for event in events:
                 if isinstance(event, MessageReceived):
                     message = decode_message(event.payload)
-                    await send(agreement.on_message(message, trio.current_time()))
+                    if isinstance(message, PeerCall):
+                        await send([await self._answer(message)])
+                    elif isinstance(message, CallReply):
+                        reply = calls.table.on_reply(message)
+                        waiter = calls.waiting.get(reply.call_id)
+                        if waiter is not None:  # else the caller gave up: drop it
+                            calls.replies[reply.call_id] = reply
+                            waiter.set()
+                    else:
+                        await send(agreement.on_message(message, trio.current_time()))
 
         fetching = False
 
@@ -388,6 +475,7 @@ class PeerLink:
 
         with trio.CancelScope() as scope:
             self._session_scope = scope
+            self._calls = calls
             self.session_up = True
             self.sessions_established += 1
             log.info(
@@ -407,8 +495,10 @@ class PeerLink:
                             raise PeerClosed("peer closed the connection")
                         await handle(conn.receive_data(data))
             finally:
+                calls.close()
                 if self._session_scope is scope:
                     self._session_scope = None
+                    self._calls = None
                     self.session_up = False
         if scope.cancelled_caught:
             log.info("event=session_replaced peer=%s", self.peer.site_id)

@@ -1,15 +1,47 @@
 """The daemon's key pool as the ETSI GS QKD 014 layer sees it: ready hybrid keys in the
 key store, per SAE pair, handed out once and erased. Implements ``etsi014.pool.KeyPool``.
+
+Keys of the site key size go out straight from the store. A key of another size, or one for
+additional slave SAEs, is *assigned*: made from whole ready keys of the pair (enough of them
+to cover its size, concatenated and cut), after the slave's site has confirmed, by a
+KEY_ASSIGN peer call, that it made the same key and holds it for every slave. So such keys
+need the peer site to be reachable; if the call fails, the ready keys it took are lost (never
+handed out anywhere), and the caller gets 503 with the reason.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Protocol
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, Protocol
 
 from qkdd.config import SiteConfig
-from qkdd.etsi014.pool import DeliveredKey, KeysUnavailable, PoolStatus, UnknownKeys
-from qkdd.keystore import KeyStore
+from qkdd.etsi014.pool import (
+    DeliveredKey,
+    InvalidKeyRequest,
+    KeysUnavailable,
+    PoolStatus,
+    UnknownKeys,
+)
+from qkdd.keystore import Assignment, KeyStore, StoreError, compose_key
+from qkdd.peer.calls import MAX_ASSIGNMENTS, MAX_CONSTITUENTS, CallKind, KeyAssign, KeyAssignment
+from qkdd.peer.calls import CallRefused as CallRefused
+from qkdd.quota import QuotaBook, QuotaExceeded, QuotaState
+
+MIN_ASSIGNED_KEY_BITS: Final = 64
+MAX_ASSIGNED_KEY_BITS: Final = 8192
+# How long enc_keys waits for the slave's site to confirm an assignment.
+ASSIGN_TIMEOUT: Final = 5.0
+
+# Makes a peer call: (peer site ID, call kind, body, timeout) -> reply body. Raises on any
+# failure, with a message fit for the caller.
+PeerCaller = Callable[[str, int, bytes, float], Awaitable[bytes]]
+
+
+async def _no_peer_calls(site: str, kind: int, body: bytes, timeout: float) -> bytes:
+    raise KeysUnavailable("peer calls are not available")
 
 
 class _HasConfig(Protocol):
@@ -22,6 +54,8 @@ class StoreKeyPool:
         live: _HasConfig,
         store: KeyStore,
         why_unavailable: Callable[[str], str | None],
+        call_peer: PeerCaller = _no_peer_calls,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``live.config`` is the config in force (it changes on reload);
         ``why_unavailable(peer_site_id)`` says why no keys are being made (or None)."""
@@ -29,6 +63,9 @@ class StoreKeyPool:
         config = live.config
         self._store = store
         self._why_unavailable = why_unavailable
+        self._call_peer = call_peer
+        self._clock = clock
+        self._quotas = QuotaBook()
         self._site_of_sae: dict[str, str] = {sae: config.site_id for sae in config.local_sae_ids}
         for peer in config.peers:
             for sae in peer.remote_sae_ids:
@@ -55,14 +92,36 @@ class StoreKeyPool:
             stored_key_count=self._store.ready_count(master_sae_id, slave_sae_id),
             max_key_count=peer.pool_size if peer else 0,
             max_key_per_request=self._live.config.max_keys_per_request,
-            # Keys are derived at one size per site for now; status says so.
-            max_key_size=size,
-            min_key_size=size,
+            max_key_size=max(size, MAX_ASSIGNED_KEY_BITS),
+            min_key_size=min(size, MIN_ASSIGNED_KEY_BITS),
+            extension=self._quota_extension(master_sae_id),
         )
+
+    # -- quotas -----------------------------------------------------------------------------
+
+    def quota_state(self, sae_id: str) -> QuotaState:
+        return self._quotas.state(sae_id, self._live.config.quota_of(sae_id), self._clock())
+
+    def _quota_extension(self, sae_id: str) -> dict[str, object] | None:
+        state = self.quota_state(sae_id)
+        if state.limit is None:
+            return None
+        return {
+            "qkdd_quota_keys_per_hour": state.limit,
+            "qkdd_quota_used": state.used,
+            "qkdd_quota_remaining": state.remaining,
+        }
+
+    def _check_quota(self, sae_id: str, number: int) -> None:
+        try:
+            self._quotas.check(sae_id, self._live.config.quota_of(sae_id), number, self._clock())
+        except QuotaExceeded as exc:
+            raise KeysUnavailable(str(exc)) from None
 
     def take_for_master(
         self, master_sae_id: str, slave_sae_id: str, number: int, size_bits: int
     ) -> list[DeliveredKey]:
+        self._check_quota(master_sae_id, number)
         keys = self._store.take_ready(master_sae_id, slave_sae_id, number)
         if not keys:
             peer_site = self._peer_of_pair(master_sae_id, slave_sae_id)
@@ -72,6 +131,7 @@ class StoreKeyPool:
                 f"{ready} keys ready for {master_sae_id} -> {slave_sae_id}, {number} requested"
                 + (f"; {reason}" if reason else "; the pool is refilling, retry shortly")
             )
+        self._quotas.charge(master_sae_id, number, self._clock())
         return [DeliveredKey(k.key_id, k.material) for k in keys]
 
     def take_for_slave(
@@ -84,3 +144,90 @@ class StoreKeyPool:
                 "(unknown, already delivered, or not yet agreed with the peer site)"
             )
         return [DeliveredKey(k.key_id, k.material) for k in keys]
+
+    # -- assigned keys --------------------------------------------------------------------
+
+    async def take_assigned(
+        self,
+        master_sae_id: str,
+        slave_sae_id: str,
+        number: int,
+        size_bits: int,
+        additional_slave_sae_ids: Sequence[str],
+    ) -> list[DeliveredKey]:
+        config = self._live.config
+        slaves = (slave_sae_id, *additional_slave_sae_ids)
+        peer_site = self._site_of_sae.get(slave_sae_id)
+        if master_sae_id not in config.local_sae_ids or peer_site in (None, config.site_id):
+            raise InvalidKeyRequest(
+                f"keys for {master_sae_id} -> {slave_sae_id} are not made by this KME"
+            )
+        elsewhere = [s for s in slaves if self._site_of_sae.get(s) != peer_site]
+        if elsewhere:
+            raise InvalidKeyRequest(
+                f"additional slave SAEs must be at the slave's site {peer_site}; "
+                f"{', '.join(elsewhere)} are not"
+            )
+        per_key = math.ceil(size_bits / config.key_size)
+        if per_key > MAX_CONSTITUENTS or number > MAX_ASSIGNMENTS:
+            raise InvalidKeyRequest(f"{number} keys of {size_bits} bits is too much at once")
+        self._check_quota(master_sae_id, number)
+        reason = self._why_unavailable(peer_site)
+        if reason is not None:
+            raise KeysUnavailable(
+                f"keys of {size_bits} bits or for several slaves need site {peer_site}: {reason}"
+            )
+        taken = self._store.take_ready(master_sae_id, slave_sae_id, number * per_key)
+        if not taken:
+            ready = self._store.ready_count(master_sae_id, slave_sae_id)
+            raise KeysUnavailable(
+                f"{number} keys of {size_bits} bits need {number * per_key} ready keys of "
+                f"{config.key_size} bits for {master_sae_id} -> {slave_sae_id}; {ready} are "
+                "ready, retry shortly"
+            )
+        keys, assignments = [], []
+        for i in range(number):
+            parts = taken[i * per_key : (i + 1) * per_key]
+            key_id = str(uuid.uuid4())
+            keys.append(DeliveredKey(key_id, compose_key([p.material for p in parts], size_bits)))
+            assignments.append(
+                KeyAssignment(
+                    key_id, size_bits, master_sae_id, slaves, tuple(p.key_id for p in parts)
+                )
+            )
+        try:
+            await self._call_peer(
+                peer_site,
+                CallKind.KEY_ASSIGN,
+                KeyAssign(tuple(assignments)).encode(),
+                ASSIGN_TIMEOUT,
+            )
+        except Exception as exc:
+            raise KeysUnavailable(
+                f"site {peer_site} did not confirm the keys ({exc}); "
+                f"{len(taken)} ready keys were discarded, retry"
+            ) from None
+        self._quotas.charge(master_sae_id, number, self._clock())
+        return keys
+
+    def accept_assignment(self, peer_site: str, body: bytes) -> bytes:
+        """Answer the peer's KEY_ASSIGN call: make and hold the keys it assigned."""
+        config = self._live.config
+        peer = config.peer(peer_site)
+        assign = KeyAssign.decode(body)
+        for a in assign.assignments:
+            if peer is None or a.master_sae not in peer.remote_sae_ids:
+                raise CallRefused(f"SAE {a.master_sae} is not a master SAE at site {peer_site}")
+            strangers = [s for s in a.slave_saes if s not in config.local_sae_ids]
+            if strangers:
+                raise CallRefused(f"SAEs {', '.join(strangers)} are not served here")
+        try:
+            self._store.assign_keys(
+                [
+                    Assignment(a.key_id, a.size_bits, a.master_sae, a.slave_saes, a.constituent_ids)
+                    for a in assign.assignments
+                ]
+            )
+        except StoreError as exc:
+            raise CallRefused(str(exc)) from None
+        return b""

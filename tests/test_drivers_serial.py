@@ -356,6 +356,7 @@ async def test_wrong_baud_rate_is_named_as_the_likely_cause(tmp_path: Path) -> N
     pty = Pty(tmp_path / "qkd")
     sink = RecordingSink()
     device = SerialDevice(str(pty.path), baudrate=9600, **WATCHABLE)
+
     async def noise() -> None:
         while True:
             await pty.stream.send_all(os.urandom(200))

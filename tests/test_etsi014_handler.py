@@ -8,8 +8,9 @@ import uuid
 from typing import Any
 
 import pytest
+import trio
 
-from qkdd.etsi014.handler import ApiRequest, ApiResponse, Caller, RequestHandler
+from qkdd.etsi014.handler import ApiRequest, ApiResponse, Caller, Deferred, RequestHandler
 from qkdd.etsi014.pool import KeyServiceError, MemoryKeyPool
 
 A, B, C = "SAE-A", "SAE-B", "SAE-C"
@@ -46,7 +47,11 @@ def call(
     headers: tuple[tuple[str, str], ...] = (),
 ) -> ApiResponse:
     raw = body if isinstance(body, bytes) else (b"" if body is None else json.dumps(body).encode())
-    return handler.handle(ApiRequest(method, target, headers, raw), caller)
+    answer = handler.handle(ApiRequest(method, target, headers, raw), caller)
+    if isinstance(answer, Deferred):  # what the server does: await its completion
+        return trio.run(answer.complete)
+    assert isinstance(answer, ApiResponse)
+    return answer
 
 
 def ok(response: ApiResponse) -> dict[str, Any]:
@@ -76,7 +81,7 @@ def test_status_reports_the_pair_and_pool(handler: RequestHandler) -> None:
         "max_key_per_request": 16,
         "max_key_size": 1024,
         "min_key_size": 64,
-        "max_SAE_ID_count": 0,
+        "max_SAE_ID_count": 8,
     }
 
 
@@ -155,7 +160,12 @@ def test_dec_keys_is_all_or_nothing(handler: RequestHandler, pool: MemoryKeyPool
         ({"size": 56}, "size"),
         ({"size": 1032}, "size"),
         ({"size": 256.0}, "size"),
-        ({"additional_slave_SAE_IDs": [C]}, "not supported"),
+        ({"additional_slave_SAE_IDs": ["SAE-X"]}, "not known"),
+        ({"additional_slave_SAE_IDs": [B]}, "already the master or slave"),
+        ({"additional_slave_SAE_IDs": [A]}, "already the master or slave"),
+        ({"additional_slave_SAE_IDs": [C, C]}, "twice"),
+        ({"additional_slave_SAE_IDs": [7]}, "strings"),
+        ({"additional_slave_SAE_IDs": [C] * 9}, "at most 8"),
         ({"additional_slave_SAE_IDs": C}, "array"),
         ({"extension_mandatory": [{"route": "direct"}]}, "extension_mandatory"),
         ({"extension_optional": "x"}, "array"),
@@ -170,6 +180,38 @@ def test_bad_key_requests_get_400(handler: RequestHandler, body: Any, fragment: 
     handler.max_body = 64 * 1024
     obj = error(call(handler, "POST", f"/api/v1/keys/{B}/enc_keys", body), 400)
     assert fragment.lower() in obj["message"].lower()
+
+
+def test_keys_of_another_size_are_deferred_then_shared(
+    handler: RequestHandler, pool: MemoryKeyPool
+) -> None:
+    request = ApiRequest("POST", f"/api/v1/keys/{B}/enc_keys", (), b'{"number": 2, "size": 512}')
+    answer = handler.handle(request, AS_A)
+    assert isinstance(answer, Deferred), "a non-default size needs the peer: not answered at once"
+    keys = ok(trio.run(answer.complete))["keys"]
+    assert [len(base64.b64decode(k["key"])) for k in keys] == [64, 64]
+    body = {"key_IDs": [{"key_ID": k["key_ID"]} for k in keys]}
+    assert (
+        ok(call(handler, "POST", f"/api/v1/keys/{A}/dec_keys", body, caller=AS_B))["keys"] == keys
+    )
+
+
+def test_additional_slaves_each_collect_the_key_once(handler: RequestHandler) -> None:
+    body = {"number": 1, "additional_slave_SAE_IDs": [C]}
+    (key,) = ok(call(handler, "POST", f"/api/v1/keys/{B}/enc_keys", body))["keys"]
+    as_c = Caller(1002, 1002, frozenset({C}))
+    dec = f"/api/v1/keys/{A}/dec_keys?key_ID={key['key_ID']}"
+    assert ok(call(handler, "GET", dec, caller=as_c))["keys"] == [key]
+    assert ok(call(handler, "GET", dec, caller=AS_B))["keys"] == [key]
+    error(call(handler, "GET", dec, caller=as_c), 400)  # once each
+
+
+def test_errors_while_a_deferred_answer_completes_map_to_the_standard(
+    handler: RequestHandler, pool: MemoryKeyPool
+) -> None:
+    pool.unavailable = "the peer site is down"
+    obj = error(call(handler, "POST", f"/api/v1/keys/{B}/enc_keys", {"size": 512}), 503)
+    assert "peer site is down" in obj["message"]
 
 
 def test_unsupported_mandatory_extensions_are_listed(handler: RequestHandler) -> None:

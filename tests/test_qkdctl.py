@@ -62,7 +62,7 @@ def test_status_prints_the_standard_status_object(socket_path: str) -> None:
     assert done.stdout.startswith("{\n  ")  # pretty by default
     status = json.loads(done.stdout)
     assert status["master_SAE_ID"] == "SAE-A" and status["slave_SAE_ID"] == "SAE-B"
-    assert status["max_key_per_request"] == 8 and status["max_SAE_ID_count"] == 0
+    assert status["max_key_per_request"] == 8 and status["max_SAE_ID_count"] == 8
 
 
 def test_enc_keys_then_dec_keys(socket_path: str) -> None:

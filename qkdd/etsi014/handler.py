@@ -6,29 +6,43 @@ objects and of query parameters, and the mapping of pool errors to the standard'
 (400, 401, 503) and Error object. HTTP framing belongs to `qkdd.etsi014.server`.
 
 Paths under `EXTENSION_PREFIX` are not ETSI: they go to the `extensions` the handler was
-given (the daemon's own status and metrics routes), matched by exact path; this module knows
-nothing of what they do.
+given (the daemon's own routes), matched by the longest registered path prefix ending in "/"
+or by exact path; this module knows nothing of what they do.
+
+Most answers are ready at once. Two kinds need I/O first, and the handler says so instead of
+doing it: a `Deferred` answer (e.g. a key of a non-default size, which the peer site must
+confirm) is awaited by the server; a `Streamed` answer (e.g. key events) is a chunked body the
+server sends as it is produced. Errors raised while a deferred answer completes map to the
+standard's codes exactly as the immediate ones do.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NoReturn
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from qkdd.etsi014.pool import DeliveredKey, KeyPool, KeyServiceError, KeysUnavailable, UnknownKeys
+from qkdd.etsi014.pool import (
+    DeliveredKey,
+    InvalidKeyRequest,
+    KeyPool,
+    KeyServiceError,
+    KeysUnavailable,
+    UnknownKeys,
+)
 
 API_PREFIX = "/api/v1/keys/"
 # The project's own routes live under this prefix, outside the standard's paths.
 EXTENSION_PREFIX = "/qkdd/"
 SAE_HEADER = "x-sae-id"
-# Additional slave SAEs (multicast keys) are not offered yet; the Status object says so.
-MAX_SAE_ID_COUNT = 0
+# At most this many additional slave SAEs per key request (the Status max_SAE_ID_COUNT).
+MAX_SAE_ID_COUNT = 8
 
 JSON_HEADERS: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
 
@@ -68,8 +82,28 @@ class ApiResponse:
     note: str = ""
 
 
-# A route outside the standard: the request and its caller in, a response out.
-Extension = Callable[[ApiRequest, Caller], ApiResponse]
+@dataclass(frozen=True)
+class Deferred:
+    """An answer that needs I/O before it exists: the server awaits ``complete()``."""
+
+    complete: Callable[[], Awaitable[ApiResponse]]
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """An answer whose body is produced over time and sent chunked as it comes; it ends
+    when ``chunks`` ends (or the client goes away)."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    chunks: Callable[[], AsyncIterator[bytes]]
+    note: str = ""
+
+
+Answer = ApiResponse | Deferred | Streamed
+
+# A route outside the standard: the request and its caller in, an answer out.
+Extension = Callable[[ApiRequest, Caller], Answer]
 
 
 class _Reject(Exception):
@@ -84,6 +118,10 @@ class _Reject(Exception):
 
 def _reject(status: int, message: str, *details: dict[str, Any]) -> NoReturn:
     raise _Reject(status, message, details)
+
+
+# For extension routes: end the request with this status and the standard's Error object.
+reject = _reject
 
 
 def error_response(
@@ -190,23 +228,20 @@ class RequestHandler:
         self.max_body = max_body
         self.extensions = dict(extensions)
 
-    def handle(self, request: ApiRequest, caller: Caller) -> ApiResponse:
+    def handle(self, request: ApiRequest, caller: Caller) -> Answer:
         try:
-            return self._dispatch(request, caller)
-        except _Reject as rej:
-            return error_response(rej.status, rej.message, rej.details, _allow_header(rej))
-        except UnknownKeys as exc:
-            return error_response(400, str(exc))
-        except KeysUnavailable as exc:
-            return error_response(503, str(exc))
-        except KeyServiceError as exc:
-            return error_response(503, f"key service failure: {exc}")
+            answer = self._dispatch(request, caller)
+        except Exception as exc:
+            return _error_for(exc)
+        if isinstance(answer, Deferred):
+            return Deferred(functools.partial(_complete, answer))
+        return answer
 
-    def _dispatch(self, request: ApiRequest, caller: Caller) -> ApiResponse:
+    def _dispatch(self, request: ApiRequest, caller: Caller) -> Answer:
         url = urlsplit(request.target)
         path = url.path
         if path.startswith(EXTENSION_PREFIX):
-            route = self.extensions.get(path)
+            route = self._extension(path)
             if route is None:
                 _reject(404, f"no such resource {path!r}")
             return route(request, caller)
@@ -234,6 +269,18 @@ class RequestHandler:
         if operation == "enc_keys":
             return self._enc_keys(request, query, master=own_sae, slave=other_sae)
         return self._dec_keys(request, query, master=other_sae, slave=own_sae)
+
+    def _extension(self, path: str) -> Extension | None:
+        route = self.extensions.get(path)
+        if route is not None:
+            return route
+        prefixes = [p for p in self.extensions if p.endswith("/") and path.startswith(p)]
+        return self.extensions[max(prefixes, key=len)] if prefixes else None
+
+    def caller_sae(self, request: ApiRequest, caller: Caller) -> str:
+        """The SAE the caller acts as (its only one, or the one its X-SAE-ID header picks);
+        401 when it may act as none, or not as the one it names."""
+        return self._caller_sae(request, caller)
 
     def _caller_sae(self, request: ApiRequest, caller: Caller) -> str:
         who = f"uid {caller.uid}, gid {caller.gid}"
@@ -279,6 +326,7 @@ class RequestHandler:
                 "min_key_size": st.min_key_size,
                 "max_SAE_ID_count": MAX_SAE_ID_COUNT,
             }
+            | ({"status_extension": st.extension} if st.extension else {})
         )
         return ApiResponse(
             200,
@@ -289,7 +337,8 @@ class RequestHandler:
 
     def _enc_keys(
         self, request: ApiRequest, query: dict[str, list[str]], *, master: str, slave: str
-    ) -> ApiResponse:
+    ) -> ApiResponse | Deferred:
+        additional: list[Any] = []
         if request.method == "GET":
             number = _query_int(query, "number")
             size = _query_int(query, "size")
@@ -297,12 +346,7 @@ class RequestHandler:
             obj = _json_object(request.body, "Key request")
             number = _optional_int(obj, "number")
             size = _optional_int(obj, "size")
-            if _optional_list(obj, "additional_slave_SAE_IDs"):
-                _reject(
-                    400,
-                    "additional_slave_SAE_IDs is not supported by this KME "
-                    f"(max_SAE_ID_count is {MAX_SAE_ID_COUNT})",
-                )
+            additional = _optional_list(obj, "additional_slave_SAE_IDs")
             mandatory = _optional_list(obj, "extension_mandatory")
             if mandatory:
                 # No extension is supported, so every mandatory one is unsupported (6.2).
@@ -327,14 +371,43 @@ class RequestHandler:
                 f"{st.max_key_size} bits",
                 {"size": size},
             )
-        keys = self.pool.take_for_master(master, slave, number, size)
-        return ApiResponse(
-            200,
-            JSON_HEADERS,
-            _key_container(keys),
-            note=f"master={master} slave={slave} size={size} "
-            f"key_IDs={','.join(k.key_id for k in keys)}",
-        )
+        extra = self._additional_slaves(additional, master=master, slave=slave)
+
+        def answer(keys: Sequence[DeliveredKey]) -> ApiResponse:
+            return ApiResponse(
+                200,
+                JSON_HEADERS,
+                _key_container(keys),
+                note=f"master={master} slave={slave} size={size} "
+                + (f"additional={','.join(extra)} " if extra else "")
+                + f"key_IDs={','.join(k.key_id for k in keys)}",
+            )
+
+        if size == st.key_size and not extra:
+            return answer(self.pool.take_for_master(master, slave, number, size))
+
+        async def assigned() -> ApiResponse:
+            return answer(await self.pool.take_assigned(master, slave, number, size, extra))
+
+        return Deferred(assigned)
+
+    def _additional_slaves(self, raw: list[Any], *, master: str, slave: str) -> tuple[str, ...]:
+        if len(raw) > MAX_SAE_ID_COUNT:
+            _reject(
+                400,
+                f"at most {MAX_SAE_ID_COUNT} additional_slave_SAE_IDs per request",
+                {"count": len(raw)},
+            )
+        for sae in raw:
+            if not isinstance(sae, str):
+                _reject(400, "additional_slave_SAE_IDs must be strings", {"SAE_ID": sae})
+            if not self.pool.knows_sae(sae):
+                _reject(400, f"SAE {sae!r} is not known to this KME", {"SAE_ID": sae})
+            if sae in (master, slave):
+                _reject(400, f"SAE {sae!r} is already the master or slave of this request")
+        if len(set(raw)) != len(raw):
+            _reject(400, "the same SAE is listed twice in additional_slave_SAE_IDs")
+        return tuple(raw)
 
     def _dec_keys(
         self, request: ApiRequest, query: dict[str, list[str]], *, master: str, slave: str
@@ -375,6 +448,27 @@ class RequestHandler:
             _key_container(keys),
             note=f"master={master} slave={slave} key_IDs={','.join(key_ids)}",
         )
+
+
+def _error_for(exc: Exception) -> ApiResponse:
+    """The standard's answer to an exception raised while handling a request; anything that
+    is not the key service's own error propagates (the server logs it and answers 503)."""
+    if isinstance(exc, _Reject):
+        return error_response(exc.status, exc.message, exc.details, _allow_header(exc))
+    if isinstance(exc, (UnknownKeys, InvalidKeyRequest)):
+        return error_response(400, str(exc))
+    if isinstance(exc, KeysUnavailable):
+        return error_response(503, str(exc))
+    if isinstance(exc, KeyServiceError):
+        return error_response(503, f"key service failure: {exc}")
+    raise exc
+
+
+async def _complete(deferred: Deferred) -> ApiResponse:
+    try:
+        return await deferred.complete()
+    except Exception as exc:
+        return _error_for(exc)
 
 
 class _MethodNotAllowed(_Reject):

@@ -34,6 +34,8 @@ class PoolStatus:
     max_key_per_request: int
     max_key_size: int
     min_key_size: int
+    # Sent as the Status object's status_extension (the master SAE's quota), when set.
+    extension: dict[str, object] | None = None
 
 
 class KeyServiceError(Exception):
@@ -42,6 +44,10 @@ class KeyServiceError(Exception):
 
 class KeysUnavailable(KeyServiceError):
     """No keys can be delivered now (QKD link down, peer down, pool empty); HTTP 503."""
+
+
+class InvalidKeyRequest(KeyServiceError):
+    """The request cannot be met as asked (e.g. slave SAEs at different sites); HTTP 400."""
 
 
 class UnknownKeys(KeyServiceError):
@@ -58,6 +64,18 @@ class KeyPool(Protocol):
     def take_for_slave(
         self, master_sae_id: str, slave_sae_id: str, key_ids: Sequence[str]
     ) -> list[DeliveredKey]: ...
+
+    async def take_assigned(
+        self,
+        master_sae_id: str,
+        slave_sae_id: str,
+        number: int,
+        size_bits: int,
+        additional_slave_sae_ids: Sequence[str],
+    ) -> list[DeliveredKey]:
+        """Keys of a size other than ``status().key_size``, or for more slave SAEs than one;
+        each slave collects each key once. May need the peer site's confirmation."""
+        ...
 
     def knows_sae(self, sae_id: str) -> bool: ...
 
@@ -175,6 +193,21 @@ class MemoryKeyPool:
                 f"{master_sae_id} -> {slave_sae_id}"
             )
         return [DeliveredKey(key_id, delivered.pop(key_id)) for key_id in key_ids]
+
+    async def take_assigned(
+        self,
+        master_sae_id: str,
+        slave_sae_id: str,
+        number: int,
+        size_bits: int,
+        additional_slave_sae_ids: Sequence[str],
+    ) -> list[DeliveredKey]:
+        keys = self.take_for_master(master_sae_id, slave_sae_id, number, size_bits)
+        for extra in additional_slave_sae_ids:
+            delivered = self._delivered.setdefault((master_sae_id, extra), {})
+            for key in keys:
+                delivered[key.key_id] = key.material
+        return keys
 
     def _check_available(self) -> None:
         if self.unavailable is not None:

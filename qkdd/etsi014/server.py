@@ -26,7 +26,15 @@ from collections.abc import Callable, Sequence
 import h11
 import trio
 
-from qkdd.etsi014.handler import ApiRequest, ApiResponse, Caller, RequestHandler, error_response
+from qkdd.etsi014.handler import (
+    ApiRequest,
+    ApiResponse,
+    Caller,
+    Deferred,
+    RequestHandler,
+    Streamed,
+    error_response,
+)
 from qkdd.etsi014.pool import KeyServiceError
 
 log = logging.getLogger("qkdd.api")
@@ -283,8 +291,16 @@ class _Connection:
             if request is None:
                 return
             start = trio.current_time()
+            answer: ApiResponse | Streamed
             try:
-                response = self._handler.handle(request, self._caller)
+                handled = self._handler.handle(request, self._caller)
+                if isinstance(handled, Deferred):
+                    # Shielded: the work may hand keys out, so once started it finishes and
+                    # its answer is sent even on shutdown (the work bounds its own time).
+                    with trio.CancelScope(shield=True):
+                        answer = await handled.complete()
+                else:
+                    answer = handled
             except Exception:
                 log.exception(
                     "event=api_handler_failed conn=%d method=%s target=%s",
@@ -292,9 +308,13 @@ class _Connection:
                     request.method,
                     _printable(request.target),
                 )
-                response = error_response(
+                answer = error_response(
                     503, "internal error in the key service; see the daemon log"
                 )
+            if isinstance(answer, Streamed):
+                await self._stream_answer(request, answer)
+                return
+            response = answer
             elapsed = trio.current_time() - start
             self._log(request, response, elapsed)
             if self._observe is not None:
@@ -397,6 +417,48 @@ class _Connection:
             log.warning("event=api_cannot_answer conn=%d reason=%r", self._id, str(exc))
             return False
         return await self._send_bytes(data)
+
+    async def _stream_answer(self, request: ApiRequest, answer: Streamed) -> None:
+        """Send a chunked body as it is produced, until it ends or the client goes away;
+        the connection then closes (a stream is its connection's last answer)."""
+        log.info(
+            "event=api_stream_opened conn=%d %s target=%s %s",
+            self._id,
+            self._who,
+            _printable(request.target),
+            _printable(answer.note),
+        )
+        headers = [*answer.headers, ("transfer-encoding", "chunked"), ("connection", "close")]
+        sent = 0
+        try:
+            data = self._h11.send(h11.Response(status_code=answer.status, headers=headers))
+            if not await self._send_bytes(data):
+                return
+            async with trio.open_nursery() as nursery:
+                # A client that closes its end stops the stream at once, not at the next chunk.
+                nursery.start_soon(self._cancel_on_eof, nursery.cancel_scope)
+                chunks = answer.chunks()
+                try:
+                    async for chunk in chunks:
+                        if not await self._send_bytes(self._h11.send(h11.Data(data=chunk))):
+                            break
+                        sent += 1
+                    else:
+                        await self._send_bytes(self._h11.send(h11.EndOfMessage()))
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await chunks.aclose()  # type: ignore[attr-defined]
+                nursery.cancel_scope.cancel()
+        finally:
+            log.info("event=api_stream_closed conn=%d chunks=%d", self._id, sent)
+
+    async def _cancel_on_eof(self, scope: trio.CancelScope) -> None:
+        try:
+            while await self._stream.receive_some(RECEIVE_SIZE):
+                pass  # nothing may follow a request on a streaming connection
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        scope.cancel()
 
     async def _send_bytes(self, data: bytes) -> bool:
         with trio.move_on_after(self._timeout) as scope:

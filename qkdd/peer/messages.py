@@ -12,6 +12,9 @@ the link slave:
                                   QKD key IDs
     slave  -> master  BATCH_ACK   stored (or rejected, with the reason)
     master -> slave   BATCH_DECISION  commit (keys become deliverable) or abort
+    either -> other   PEER_CALL   a request the other site's daemon must act on and answer
+                                  (kinds and bodies: ``qkdd.peer.calls``)
+    other  -> either  CALL_REPLY  its outcome: done (with a body) or refused (with a reason)
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ MAX_RESYNC_BATCHES: Final = 1024
 MAX_REASON_LENGTH: Final = 512
 STORE_ID_SIZE: Final = 16
 MAX_HORIZON_KEYS: Final = 64
+# A call body carries at most one application message (capped at 1 MiB) and its framing.
+MAX_CALL_BODY: Final = 1024 * 1024 + 4096
 
 
 class BatchPurpose:
@@ -47,6 +52,13 @@ class MessageType:
     RESYNC: Final = 0x06
     STORE_ID: Final = 0x07
     QKD_HORIZON: Final = 0x08
+    PEER_CALL: Final = 0x09
+    CALL_REPLY: Final = 0x0A
+
+
+class CallOutcome:
+    DONE: Final = 0
+    REFUSED: Final = 1  # the body is the reason, UTF-8
 
 
 @dataclass(frozen=True)
@@ -245,8 +257,54 @@ class QkdHorizon:
         return cls(tuple(str(uuid.UUID(bytes=r.fixed(16))) for _ in range(count)))
 
 
+@dataclass(frozen=True)
+class PeerCall:
+    """A request to the other site's daemon; answered by exactly one CALL_REPLY."""
+
+    call_id: int
+    kind: int
+    body: bytes
+
+    def encode(self) -> bytes:
+        return (
+            Writer().u8(MessageType.PEER_CALL).u64(self.call_id).u8(self.kind).blob(self.body)
+        ).build()
+
+    @classmethod
+    def read(cls, r: Reader) -> PeerCall:
+        return cls(r.u64(), r.u8(), r.blob(MAX_CALL_BODY))
+
+
+@dataclass(frozen=True)
+class CallReply:
+    call_id: int
+    outcome: int
+    body: bytes
+
+    def encode(self) -> bytes:
+        return (
+            Writer().u8(MessageType.CALL_REPLY).u64(self.call_id).u8(self.outcome).blob(self.body)
+        ).build()
+
+    @classmethod
+    def read(cls, r: Reader) -> CallReply:
+        call_id, outcome = r.u64(), r.u8()
+        if outcome not in (CallOutcome.DONE, CallOutcome.REFUSED):
+            raise RemoteProtocolError(f"CALL_REPLY: unknown outcome {outcome}")
+        return cls(call_id, outcome, r.blob(MAX_CALL_BODY))
+
+
 LinkMessage = (
-    KemOffer | KeyBatch | BatchAck | BatchDecision | PoolDemand | Resync | StoreId | QkdHorizon
+    KemOffer
+    | KeyBatch
+    | BatchAck
+    | BatchDecision
+    | PoolDemand
+    | Resync
+    | StoreId
+    | QkdHorizon
+    | PeerCall
+    | CallReply
 )
 
 _DECODERS: dict[int, type[LinkMessage]] = {
@@ -258,6 +316,8 @@ _DECODERS: dict[int, type[LinkMessage]] = {
     MessageType.RESYNC: Resync,
     MessageType.STORE_ID: StoreId,
     MessageType.QKD_HORIZON: QkdHorizon,
+    MessageType.PEER_CALL: PeerCall,
+    MessageType.CALL_REPLY: CallReply,
 }
 
 
