@@ -19,6 +19,7 @@ import json
 from collections.abc import Callable
 from typing import Any, Final
 
+from qkdd.api_paths import METRICS_PATH, STATUS_PATH
 from qkdd.etsi014.handler import (
     JSON_HEADERS,
     ApiRequest,
@@ -28,8 +29,6 @@ from qkdd.etsi014.handler import (
     error_response,
 )
 
-STATUS_PATH: Final = "/qkdd/v1/status"
-METRICS_PATH: Final = "/qkdd/v1/metrics"
 _READ_METHODS: Final = ("GET", "HEAD")
 
 

@@ -7,7 +7,9 @@ both keep one HTTP/1.1 connection alive between calls. The HTTP exchange itself 
 socket; `KeyClient.tls(host, port, cert_file=..., ...)` to a TLS listener, presenting a client
 certificate (which the service maps to an SAE) and checking the service's certificate.
 Both also read the daemon's own site status and metrics (`site_status`, `metrics`), which
-only the local socket serves (see `qkdd.admin`).
+only the local socket serves (see `qkdd.admin`), and send and receive secure messages to and
+from SAEs at other sites (`send_message`, `receive_message`, `acknowledge_message`,
+`messages`; see `qkdd.messages_api`).
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ import binascii
 import json
 import socket
 import ssl
-from collections.abc import Sequence
-from dataclasses import dataclass
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Self
 from urllib.parse import quote
 
 import h11
 
-from qkdd.admin import METRICS_PATH, STATUS_PATH
+from qkdd.api_paths import INBOX_PATH, INBOX_PREFIX, METRICS_PATH, SEND_PREFIX, STATUS_PATH
 from qkdd.etsi014.pool import DeliveredKey
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "KeyClient",
     "KeyServiceClientError",
     "KeyServiceUnreachable",
+    "Message",
     "client_ssl_context",
 ]
 
@@ -120,6 +124,102 @@ class _Exchange:
             self.h11.start_next_cycle()
             return True
         return False
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message received from an SAE at another site; acknowledge it once handled."""
+
+    message_id: str
+    seq: int
+    sender_sae_id: str
+    sender_site_id: str
+    protection: str
+    received_at: float
+    body: bytes = field(repr=False)
+
+
+def _send_request(recipient_sae_id: str, body: bytes, message_id: str | None) -> tuple[str, bytes]:
+    obj: dict[str, Any] = {"body": base64.b64encode(body).decode("ascii")}
+    if message_id is not None:
+        obj["message_ID"] = message_id
+    return f"{SEND_PREFIX}{quote(recipient_sae_id, safe='')}", json.dumps(obj).encode()
+
+
+def _message(obj: Any) -> Message:
+    try:
+        return Message(
+            str(obj["message_ID"]),
+            int(obj["seq"]),
+            str(obj["sender_SAE_ID"]),
+            str(obj["sender_site_ID"]),
+            str(obj["protection"]),
+            float(obj["received_at"]),
+            base64.b64decode(obj["body"], validate=True),
+        )
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise BadResponse(f"the service sent a malformed message object: {exc!r}") from exc
+
+
+def _first_message(obj: dict[str, Any]) -> Message | None:
+    found = obj.get("messages")
+    if not isinstance(found, list):
+        raise BadResponse("the service's inbox answer has no messages array")
+    return _message(found[0]) if found else None
+
+
+def _inbox_target(wait: float, after: int, stream: bool = False) -> str:
+    if stream:
+        return f"{INBOX_PATH}?stream=1&after={after}"
+    return f"{INBOX_PATH}?timeout={wait:g}&after={after}"
+
+
+def _ack_target(message_id: str) -> str:
+    return f"{INBOX_PREFIX}{uuid.UUID(message_id)}"
+
+
+class _MessageStream:
+    """The bytes of a streamed inbox answer in, messages out (sans-IO)."""
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self._h11 = exchange.h11
+        self._status = 0
+        self._pending = bytearray()
+        self._error = bytearray()
+
+    def receive(self, data: bytes) -> list[Message]:
+        """Messages complete so far; KeyServiceUnreachable at the end of the stream."""
+        self._h11.receive_data(data)
+        out: list[Message] = []
+        while True:
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise BadResponse(f"malformed HTTP from the key service: {exc}") from exc
+            if event is h11.NEED_DATA:
+                return out
+            if isinstance(event, h11.Response):
+                self._status = event.status_code
+            elif isinstance(event, h11.Data):
+                if self._status != 200:
+                    self._error += event.data
+                    continue
+                self._pending += event.data
+                while b"\n" in self._pending:
+                    line, _, rest = bytes(self._pending).partition(b"\n")
+                    self._pending = bytearray(rest)
+                    try:
+                        out.append(_message(json.loads(line)))
+                    except ValueError as exc:
+                        raise BadResponse(f"malformed line in the message stream: {exc}") from exc
+                if len(self._pending) > MAX_RESPONSE_BYTES:
+                    raise BadResponse("a streamed message is too large")
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                if self._status != 200:
+                    _decode_json(self._status, bytes(self._error))
+                if out:
+                    return out
+                raise KeyServiceUnreachable("the key service ended the message stream")
 
 
 def _status_target(slave_sae_id: str) -> str:
@@ -368,10 +468,53 @@ class KeyClient(_Endpoints):
         """A raw exchange with the service: (status, body)."""
         return await self._call(method, target, body)
 
-    async def _call(self, method: str, target: str, body: bytes | None) -> tuple[int, bytes]:
+    async def send_message(
+        self, recipient_sae_id: str, body: bytes, *, message_id: str | None = None
+    ) -> str:
+        """Send `body` to an SAE at another site; returns the message ID once the recipient's
+        site has stored it. After a failure, sending again with the same `message_id` is
+        safe: the message is kept once."""
+        target, request = _send_request(recipient_sae_id, body, message_id)
+        return str(_decode_json(*await self._call("POST", target, request))["message_ID"])
+
+    async def receive_message(self, wait: float = 0.0, *, after: int = 0) -> Message | None:
+        """The oldest unacknowledged message for this SAE (after sequence number `after`),
+        waiting up to `wait` seconds; None if none came."""
+        answer = await self._call("GET", _inbox_target(wait, after), None, extra_time=wait)
+        return _first_message(_decode_json(*answer))
+
+    async def acknowledge_message(self, message_id: str) -> None:
+        """Erase a handled message at the daemon; it is not delivered again."""
+        _decode_json(*await self._call("DELETE", _ack_target(message_id), None))
+
+    async def messages(self, *, after: int = 0) -> AsyncIterator[Message]:
+        """Every unacknowledged message, then each new one as it arrives, on a connection of
+        its own. Messages not acknowledged come again on the next stream."""
+        trio = self._trio
+        stream = await self._connect()
+        try:
+            exchange = _Exchange(self._endpoint.host_header)
+            await stream.send_all(
+                exchange.request("GET", _inbox_target(0, after, True), None, self.sae_id)
+            )
+            reader = _MessageStream(exchange)
+            while True:
+                try:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                except trio.BrokenResourceError as exc:
+                    raise KeyServiceUnreachable(f"the message stream broke: {exc}") from exc
+                for message in reader.receive(bytes(data)):
+                    yield message
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _call(
+        self, method: str, target: str, body: bytes | None, *, extra_time: float = 0.0
+    ) -> tuple[int, bytes]:
         trio = self._trio
         async with self._lock:
-            with trio.fail_after(self.timeout):
+            with trio.fail_after(self.timeout + extra_time):
                 try:
                     return await self._exchange_once(method, target, body)
                 except _StaleConnection:
@@ -457,6 +600,7 @@ class BlockingKeyClient(_Endpoints):
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._exchange = _Exchange(endpoint.host_header)
+        self._call_timeout = timeout
 
     def __enter__(self) -> BlockingKeyClient:
         return self
@@ -501,7 +645,47 @@ class BlockingKeyClient(_Endpoints):
         """A raw exchange with the service: (status, body)."""
         return self._call(method, target, body)
 
-    def _call(self, method: str, target: str, body: bytes | None) -> tuple[int, bytes]:
+    def send_message(
+        self, recipient_sae_id: str, body: bytes, *, message_id: str | None = None
+    ) -> str:
+        """Send `body` to an SAE at another site; returns the message ID once the recipient's
+        site has stored it. After a failure, sending again with the same `message_id` is
+        safe: the message is kept once."""
+        target, request = _send_request(recipient_sae_id, body, message_id)
+        return str(_decode_json(*self._call("POST", target, request))["message_ID"])
+
+    def receive_message(self, wait: float = 0.0, *, after: int = 0) -> Message | None:
+        """The oldest unacknowledged message for this SAE (after sequence number `after`),
+        waiting up to `wait` seconds; None if none came."""
+        answer = self._call("GET", _inbox_target(wait, after), None, extra_time=wait)
+        return _first_message(_decode_json(*answer))
+
+    def acknowledge_message(self, message_id: str) -> None:
+        """Erase a handled message at the daemon; it is not delivered again."""
+        _decode_json(*self._call("DELETE", _ack_target(message_id), None))
+
+    def messages(self, *, after: int = 0) -> Iterator[Message]:
+        """Every unacknowledged message, then each new one as it arrives, on a connection of
+        its own (blocking between messages). Unacknowledged messages come again next time."""
+        sock = self._connect()
+        sock.settimeout(None)
+        try:
+            exchange = _Exchange(self._endpoint.host_header)
+            sock.sendall(exchange.request("GET", _inbox_target(0, after, True), None, self.sae_id))
+            reader = _MessageStream(exchange)
+            while True:
+                try:
+                    data = sock.recv(RECEIVE_SIZE)
+                except OSError as exc:
+                    raise KeyServiceUnreachable(f"the message stream broke: {exc}") from exc
+                yield from reader.receive(data)
+        finally:
+            sock.close()
+
+    def _call(
+        self, method: str, target: str, body: bytes | None, *, extra_time: float = 0.0
+    ) -> tuple[int, bytes]:
+        self._call_timeout = self.timeout + extra_time
         try:
             return self._exchange_once(method, target, body)
         except _StaleConnection:
@@ -512,6 +696,7 @@ class BlockingKeyClient(_Endpoints):
         if self._sock is None:
             self._sock, self._exchange = self._connect(), _Exchange(self._endpoint.host_header)
         exchange, sock = self._exchange, self._sock
+        sock.settimeout(self._call_timeout)
         reused = exchange.used
         got_bytes = False
         try:

@@ -140,6 +140,10 @@ class SiteConfig:
     pqc_backend: str
     consumers: tuple[ConsumerConfig, ...]
     peers: tuple[PeerConfig, ...]
+    # [messages]: the largest message an application may send, and how many messages an
+    # SAE's inbox holds unacknowledged before new ones are refused.
+    message_max_size: int = 1024 * 1024
+    message_max_pending: int = 100_000
 
     @property
     def local_sae_ids(self) -> frozenset[str]:
@@ -406,8 +410,13 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
             "api",
             "consumers",
             "peers",
+            "messages",
         }
     )
+    messages = (
+        root.subtable("messages") if "messages" in root.table else _Reader(file, {}, "messages.")
+    )
+    messages.reject_unknown({"max_size", "max_pending"})
     identity = root.subtable("identity")
     identity.reject_unknown({"private_key"})
     store = root.subtable("store")
@@ -445,6 +454,8 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
         pqc_backend=backend,
         consumers=consumers,
         peers=peers,
+        message_max_size=messages.integer("max_size", 0, 1024 * 1024, 1024 * 1024),
+        message_max_pending=messages.integer("max_pending", 1, 10**9, 100_000),
     )
 
 

@@ -36,7 +36,10 @@ from qkdd.etsi014.handler import RequestHandler
 from qkdd.etsi014.server import Observe, serve_unix
 from qkdd.etsi014.tls import sae_ids_from_certificate, serve_tls
 from qkdd.identity import load_identity, read_key_encryption_key
+from qkdd.inbox import Inbox
 from qkdd.keystore import KeyStore, StoreError
+from qkdd.messages_api import SEND_PREFIX, message_routes, send_body_limit
+from qkdd.messaging import Messenger
 from qkdd.metrics import SiteMetrics
 from qkdd.peer.calls import CallKind
 from qkdd.peering import CallHandler, PeerLink, serve_peers
@@ -113,6 +116,18 @@ async def run_daemon(config: SiteConfig) -> None:
             functools.partial(store_pool.accept_assignment, site)
         )
     pool = metrics.counting_pool(store_pool)
+    messenger = Messenger(
+        live,
+        store,
+        Inbox(store, config.message_max_pending),
+        lambda site: links[site].why_unavailable(),
+        call_peer,
+        max_size=config.message_max_size,
+    )
+    for site, link in links.items():
+        link.call_handlers[CallKind.MESSAGE] = _sync_call_handler(
+            functools.partial(messenger.accept_call, site)
+        )
     metrics.watch_quotas(
         lambda: {sae: store_pool.quota_state(sae) for sae in live.config.local_sae_ids}
     )
@@ -126,7 +141,12 @@ async def run_daemon(config: SiteConfig) -> None:
             recent_errors=recent_errors.events(),
         )
 
-    handler = RequestHandler(pool, extensions=admin_routes(status, metrics.exposition))
+    handler = RequestHandler(
+        pool,
+        extensions=admin_routes(status, metrics.exposition)
+        | message_routes(messenger, lambda sae: sae in live.config.local_sae_ids),
+        body_limits={SEND_PREFIX: send_body_limit(config.message_max_size)},
+    )
     # The TLS listener's callers are remote SAEs: the ETSI API only, no site status.
     etsi_only = RequestHandler(pool)
 

@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from qkdd import labels
 from qkdd.crypto import (
@@ -259,6 +259,18 @@ class KeyStore:
     @property
     def sealer(self) -> Sealer:
         return self._sealer
+
+    def run_schema(self, script: str) -> None:
+        """Create the tables of a module that keeps its own rows in this database."""
+        try:
+            self._db.executescript(script)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot set up tables in key store {self.path}: {exc}") from None
+
+    def query_one(self, sql: str, params: tuple[object, ...]) -> tuple[Any, ...] | None:
+        """One row of a read-only query (for modules with their own tables)."""
+        row = self._db.execute(sql, params).fetchone()
+        return tuple(row) if row is not None else None
 
     def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """A write transaction (BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception),
@@ -701,6 +713,14 @@ class KeyStore:
         except _KeyMissing:
             return None
         return found
+
+    def take_one_in(
+        self, db: sqlite3.Connection, key_id: str, master: str, slave: str
+    ) -> HybridKey | None:
+        """Inside ``transaction()``: open and erase one key of the pair by ID (agreed or
+        assigned; ready or pending); None if it is not held. Erased only if the caller's
+        transaction commits."""
+        return self._take_one(db, key_id, master, slave)
 
     def _take_one(
         self, db: sqlite3.Connection, key_id: str, master: str, slave: str

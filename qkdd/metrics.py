@@ -27,7 +27,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from qkdd.admin import METRICS_PATH, STATUS_PATH
+from qkdd.api_paths import METRICS_PATH, STATUS_PATH
 from qkdd.etsi014.handler import API_PREFIX, ApiRequest, ApiResponse
 from qkdd.etsi014.pool import DeliveredKey, KeyPool, PoolStatus
 from qkdd.quota import QuotaState

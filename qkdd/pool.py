@@ -44,14 +44,14 @@ async def _no_peer_calls(site: str, kind: int, body: bytes, timeout: float) -> b
     raise KeysUnavailable("peer calls are not available")
 
 
-class _HasConfig(Protocol):
+class HasConfig(Protocol):
     config: SiteConfig
 
 
 class StoreKeyPool:
     def __init__(
         self,
-        live: _HasConfig,
+        live: HasConfig,
         store: KeyStore,
         why_unavailable: Callable[[str], str | None],
         call_peer: PeerCaller = _no_peer_calls,

@@ -27,6 +27,8 @@ KEX_ALGORITHM: Final = "X25519"
 KDF_ALGORITHM: Final = "HKDF-SHA256"
 SESSION_AEAD_ALGORITHM: Final = "ChaCha20-Poly1305"
 AT_REST_AEAD_ALGORITHM: Final = "AES-256-GCM"
+# Application messages between sites, each under its own one-time key.
+MESSAGE_AEAD_ALGORITHM: Final = SESSION_AEAD_ALGORITHM
 
 # -- Sizes (FIPS 203 / FIPS 204 / RFC 7748 / RFC 8439) -------------------------------------
 

@@ -84,9 +84,14 @@ class ApiResponse:
 
 @dataclass(frozen=True)
 class Deferred:
-    """An answer that needs I/O before it exists: the server awaits ``complete()``."""
+    """An answer that needs I/O before it exists: the server awaits ``complete()``.
+
+    ``shielded`` work (it may hand keys out) runs to its end even when the daemon stops, so
+    its answer is not lost; unshielded work (e.g. waiting for a message to arrive) is simply
+    abandoned."""
 
     complete: Callable[[], Awaitable[ApiResponse]]
+    shielded: bool = True
 
 
 @dataclass(frozen=True)
@@ -118,10 +123,6 @@ class _Reject(Exception):
 
 def _reject(status: int, message: str, *details: dict[str, Any]) -> NoReturn:
     raise _Reject(status, message, details)
-
-
-# For extension routes: end the request with this status and the standard's Error object.
-reject = _reject
 
 
 def error_response(
@@ -220,13 +221,25 @@ class RequestHandler:
         *,
         max_body: int = 64 * 1024,
         extensions: Mapping[str, Extension] = MappingProxyType({}),
+        body_limits: Mapping[str, int] = MappingProxyType({}),
     ) -> None:
+        """``body_limits`` maps extension path prefixes to the request body size they accept
+        instead of ``max_body`` (e.g. the message routes)."""
         for path in extensions:
             if not path.startswith(EXTENSION_PREFIX):
                 raise ValueError(f"extension path {path!r} must start with {EXTENSION_PREFIX}")
         self.pool = pool
         self.max_body = max_body
         self.extensions = dict(extensions)
+        self.body_limits = dict(body_limits)
+
+    def body_limit(self, target: str) -> int:
+        """The largest request body accepted for this request target."""
+        path = urlsplit(target).path
+        return max(
+            [self.max_body]
+            + [limit for prefix, limit in self.body_limits.items() if path.startswith(prefix)]
+        )
 
     def handle(self, request: ApiRequest, caller: Caller) -> Answer:
         try:
@@ -234,7 +247,7 @@ class RequestHandler:
         except Exception as exc:
             return _error_for(exc)
         if isinstance(answer, Deferred):
-            return Deferred(functools.partial(_complete, answer))
+            return Deferred(functools.partial(_complete, answer), answer.shielded)
         return answer
 
     def _dispatch(self, request: ApiRequest, caller: Caller) -> Answer:
@@ -277,38 +290,8 @@ class RequestHandler:
         prefixes = [p for p in self.extensions if p.endswith("/") and path.startswith(p)]
         return self.extensions[max(prefixes, key=len)] if prefixes else None
 
-    def caller_sae(self, request: ApiRequest, caller: Caller) -> str:
-        """The SAE the caller acts as (its only one, or the one its X-SAE-ID header picks);
-        401 when it may act as none, or not as the one it names."""
-        return self._caller_sae(request, caller)
-
     def _caller_sae(self, request: ApiRequest, caller: Caller) -> str:
-        who = f"uid {caller.uid}, gid {caller.gid}"
-        if not caller.sae_ids:
-            _reject(
-                401,
-                f"this local user ({who}) may not act as any SAE; map it to an SAE "
-                "in the daemon's configuration",
-            )
-        wanted = request.header_values(SAE_HEADER)
-        if len(wanted) > 1:
-            _reject(400, "X-SAE-ID header given more than once")
-        if not wanted:
-            if len(caller.sae_ids) > 1:
-                _reject(
-                    401,
-                    f"this local user ({who}) may act as several SAEs "
-                    f"({', '.join(sorted(caller.sae_ids))}); pick one with the "
-                    "X-SAE-ID header",
-                )
-            (sae,) = caller.sae_ids
-        else:
-            sae = wanted[0]
-            if sae not in caller.sae_ids:
-                _reject(401, f"this local user ({who}) may not act as SAE {sae!r}")
-        if not self.pool.knows_sae(sae):
-            _reject(401, f"SAE {sae!r} is not served by this KME")
-        return sae
+        return caller_sae(request, caller, self.pool.knows_sae)
 
     def _status(self, master: str, slave: str) -> ApiResponse:
         st = self.pool.status(master, slave)
@@ -450,6 +433,37 @@ class RequestHandler:
         )
 
 
+def caller_sae(request: ApiRequest, caller: Caller, knows_sae: Callable[[str], bool]) -> str:
+    """The SAE the caller acts as (its only one, or the one its X-SAE-ID header picks);
+    401 when it may act as none, or not as the one it names, or that SAE is not served."""
+    who = f"uid {caller.uid}, gid {caller.gid}"
+    if not caller.sae_ids:
+        _reject(
+            401,
+            f"this local user ({who}) may not act as any SAE; map it to an SAE "
+            "in the daemon's configuration",
+        )
+    wanted = request.header_values(SAE_HEADER)
+    if len(wanted) > 1:
+        _reject(400, "X-SAE-ID header given more than once")
+    if not wanted:
+        if len(caller.sae_ids) > 1:
+            _reject(
+                401,
+                f"this local user ({who}) may act as several SAEs "
+                f"({', '.join(sorted(caller.sae_ids))}); pick one with the "
+                "X-SAE-ID header",
+            )
+        (sae,) = caller.sae_ids
+    else:
+        sae = wanted[0]
+        if sae not in caller.sae_ids:
+            _reject(401, f"this local user ({who}) may not act as SAE {sae!r}")
+    if not knows_sae(sae):
+        _reject(401, f"SAE {sae!r} is not served by this KME")
+    return sae
+
+
 def _error_for(exc: Exception) -> ApiResponse:
     """The standard's answer to an exception raised while handling a request; anything that
     is not the key service's own error propagates (the server logs it and answers 503)."""
@@ -481,3 +495,9 @@ def _allow_header(rej: _Reject) -> tuple[tuple[str, str], ...]:
     if isinstance(rej, _MethodNotAllowed):
         return (("allow", ", ".join(rej.allowed)),)
     return ()
+
+
+# For extension routes: end the request with this status and the standard's Error object;
+# parse a JSON object body (400 when it is not one).
+reject = _reject
+json_object = _json_object

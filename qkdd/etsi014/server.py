@@ -295,9 +295,9 @@ class _Connection:
             try:
                 handled = self._handler.handle(request, self._caller)
                 if isinstance(handled, Deferred):
-                    # Shielded: the work may hand keys out, so once started it finishes and
-                    # its answer is sent even on shutdown (the work bounds its own time).
-                    with trio.CancelScope(shield=True):
+                    # Shielded work may hand keys out: once started it finishes and its
+                    # answer is sent even on shutdown (the work bounds its own time).
+                    with trio.CancelScope(shield=handled.shielded):
                         answer = await handled.complete()
                 else:
                     answer = handled
@@ -343,8 +343,8 @@ class _Connection:
                 return await self._receive_request()
             except h11.RemoteProtocolError as exc:
                 problem = (exc.error_status_hint, f"malformed HTTP request: {exc}")
-            except _BodyTooLarge:
-                problem = (413, f"request body over {self._handler.max_body} bytes")
+            except _BodyTooLarge as exc:
+                problem = (413, f"request body over {exc.args[0]} bytes")
         if problem is None:  # timed out
             if self._h11.their_state is h11.IDLE and not self._h11.trailing_data[0]:
                 return None  # an idle kept-alive connection: just close it
@@ -365,9 +365,10 @@ class _Connection:
         if isinstance(event, h11.ConnectionClosed):
             return None
         assert isinstance(event, h11.Request), event
+        limit = self._handler.body_limit(event.target.decode("ascii", "replace"))
         length = _content_length(event.headers)
-        if length is not None and length > self._handler.max_body:
-            raise _BodyTooLarge
+        if length is not None and length > limit:
+            raise _BodyTooLarge(limit)
         if self._h11.they_are_waiting_for_100_continue:
             go_on = self._h11.send(h11.InformationalResponse(status_code=100, headers=[]))
             if not go_on or not await self._send_bytes(go_on):
@@ -377,8 +378,8 @@ class _Connection:
             part = await self._next_event()
             if isinstance(part, h11.Data):
                 body += part.data
-                if len(body) > self._handler.max_body:
-                    raise _BodyTooLarge
+                if len(body) > limit:
+                    raise _BodyTooLarge(limit)
             elif isinstance(part, h11.EndOfMessage):
                 break
             else:  # ConnectionClosed mid-request

@@ -1,0 +1,217 @@
+"""Secure messages between sites, end to end: the emulator and both daemons as real
+subprocesses, the message routes on the real Unix sockets, delivery over the real peer
+session. Sealing and the inbox are also tested on their own, on a real SQLite store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from qkdd.client import BlockingKeyClient, KeyServiceClientError
+from qkdd.crypto import AuthenticationFailed
+from qkdd.demo import running_demo, wait_for_keys
+from qkdd.demo_sites import SITE_A, SITE_B
+from qkdd.inbox import Inbox, InboxError
+from qkdd.keystore import HybridKey, KeyStore, NewHybridKey
+from qkdd.messaging import open_message, seal_message
+
+CAP = 1024 * 1024
+OTHER_B = "sae-b2"
+
+
+def _second_sae_at_b(directory: Path) -> None:
+    a = directory / "site-a.toml"
+    a.write_text(
+        a.read_text().replace(
+            f'remote_sae_ids = ["{SITE_B.sae_id}"]',
+            f'remote_sae_ids = ["{SITE_B.sae_id}", "{OTHER_B}"]',
+        )
+    )
+    b = directory / "site-b.toml"
+    b.write_text(
+        b.read_text().replace("[[peers]]", f'[[consumers]]\nsae_id = "{OTHER_B}"\n\n[[peers]]')
+    )
+
+
+def send_retrying(client: BlockingKeyClient, recipient: str, body: bytes, timeout: float = 30):
+    """Send, retrying with the same message ID while the key stock refills."""
+    message_id = str(uuid.uuid4())
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.send_message(recipient, body, message_id=message_id)
+        except KeyServiceClientError as exc:
+            if exc.status != 503 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_messages_of_every_size_arrive_once_in_order_for_their_recipient_only(tmp_path):
+    with running_demo(tmp_path, _second_sae_at_b) as (site_a, site_b):
+        wait_for_keys(site_a, SITE_B.sae_id, 8, timeout=60)
+        bodies = [b"", b"\x00", os.urandom(CAP), b"last"]
+        with BlockingKeyClient(str(site_a.socket_path), timeout=30) as app_a:
+            ids = [send_retrying(app_a, SITE_B.sae_id, body) for body in bodies]
+            with pytest.raises(KeyServiceClientError) as info:
+                app_a.send_message(SITE_B.sae_id, bytes(CAP + 1))
+            assert info.value.status in (400, 413) and str(CAP) in info.value.message
+            with pytest.raises(KeyServiceClientError) as info:
+                app_a.send_message("sae-nowhere", b"x")
+            assert info.value.status == 400 and "sae-nowhere" in info.value.message
+        sock_b = str(site_b.socket_path)
+        with BlockingKeyClient(sock_b, sae_id=OTHER_B, timeout=30) as other:
+            assert other.receive_message(wait=0.2) is None  # not addressed to it
+            with pytest.raises(KeyServiceClientError) as info:
+                other.acknowledge_message(ids[0])
+            assert info.value.status == 400
+        with BlockingKeyClient(sock_b, sae_id=SITE_B.sae_id, timeout=30) as app_b:
+            got = []
+            while (message := app_b.receive_message(wait=1)) is not None:
+                got.append(message)
+                app_b.acknowledge_message(message.message_id)
+            assert [m.message_id for m in got] == ids
+            assert [m.body for m in got] == bodies
+            assert {(m.sender_sae_id, m.sender_site_id, m.protection) for m in got} == {
+                (SITE_A.sae_id, SITE_A.site_id, "hybrid")
+            }
+            # A message from B to A, read on a stream as it arrives.
+            with BlockingKeyClient(str(site_a.socket_path)) as app_a:
+                stream = app_a.messages()
+                back = send_retrying(app_b, SITE_A.sae_id, b"reply")
+                first = next(stream)
+                assert (first.message_id, first.body) == (back, b"reply")
+                stream.close()
+        logs = site_a.log_file.read_text() + site_b.log_file.read_text()
+        assert bodies[2][:32].hex() not in logs
+
+
+def test_recipient_site_down_is_503_and_nothing_is_half_sent(tmp_path):
+    with running_demo(tmp_path) as (site_a, site_b):
+        wait_for_keys(site_a, SITE_B.sae_id, 4, timeout=60)
+        site_b.process.send_signal(signal.SIGTERM)
+        site_b.process.wait(15)
+        with BlockingKeyClient(str(site_a.socket_path)) as app_a:
+            before = app_a.status(SITE_B.sae_id)["stored_key_count"]
+            message_id = str(uuid.uuid4())
+            with pytest.raises(KeyServiceClientError) as info:
+                app_a.send_message(SITE_B.sae_id, b"hello", message_id=message_id)
+            assert info.value.status == 503 and SITE_B.site_id in info.value.message
+            assert app_a.status(SITE_B.sae_id)["stored_key_count"] == before  # no key used
+        site_b.spawn()
+        with BlockingKeyClient(str(site_a.socket_path), timeout=30) as app_a:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert app_a.send_message(SITE_B.sae_id, b"hello", message_id=message_id)
+                    break
+                except KeyServiceClientError as exc:
+                    assert exc.status == 503 and time.monotonic() < deadline
+                    time.sleep(0.1)
+        with BlockingKeyClient(str(site_b.socket_path)) as app_b:
+            message = app_b.receive_message(wait=5)
+            assert message is not None and message.message_id == message_id
+            app_b.acknowledge_message(message_id)
+            assert app_b.receive_message(wait=0.2) is None
+
+
+# -- without daemons: sealing and the inbox --------------------------------------------------
+
+KEK = bytes(range(32))
+
+
+def _key() -> HybridKey:
+    return HybridKey(str(uuid.uuid4()), os.urandom(32))
+
+
+def test_sealed_message_is_bound_to_its_id_sae_pair_and_key():
+    key, mid = _key(), str(uuid.uuid4())
+    sealed = seal_message(key, mid, "a", "b", b"secret")
+    assert b"secret" not in sealed
+    assert open_message(key, mid, "a", "b", sealed) == b"secret"
+    for args in ((mid, "a", "c"), (mid, "c", "b"), (str(uuid.uuid4()), "a", "b")):
+        with pytest.raises(AuthenticationFailed):
+            open_message(key, *args, sealed)
+    with pytest.raises(AuthenticationFailed):
+        open_message(HybridKey(str(uuid.uuid4()), key.material), mid, "a", "b", sealed)
+
+
+def _store_with_key(tmp_path: Path) -> tuple[KeyStore, NewHybridKey]:
+    store = KeyStore(tmp_path / "k.db", KEK)
+    key = NewHybridKey(str(uuid.uuid4()), "a", "b", 256, os.urandom(32))
+    store.add_batch("peer", 1, [key], [])
+    store.commit_batch("peer", 1)
+    return store, key
+
+
+def test_inbox_stores_once_erases_the_key_and_keeps_order(tmp_path):
+    store, key = _store_with_key(tmp_path)
+    inbox = Inbox(store, max_pending=10)
+    hk = HybridKey(key.key_id, key.material)
+    mid = str(uuid.uuid4())
+    sealed = seal_message(hk, mid, "a", "b", b"one")
+
+    def accept(message_id: str, key_id: str, body: bytes) -> bool:
+        return inbox.accept(
+            message_id=message_id,
+            sender_site="peer",
+            sender_sae="a",
+            recipient_sae="b",
+            protection="hybrid",
+            key_id=key_id,
+            open_body=lambda k: open_message(k, message_id, "a", "b", body),
+        )
+
+    assert accept(mid, key.key_id, sealed)
+    assert store.ready_count("a", "b") == 0  # the one-time key is gone
+    assert not accept(mid, key.key_id, sealed)  # a re-sent message is kept once
+    with pytest.raises(InboxError, match="not held here"):
+        accept(str(uuid.uuid4()), key.key_id, sealed)
+    message = inbox.next_for("b")
+    assert message is not None and message.body == b"one"
+    assert inbox.next_for("b", after_seq=message.seq) is None
+    assert inbox.next_for("a") is None
+    assert not inbox.acknowledge("a", mid)
+    assert inbox.acknowledge("b", mid) and inbox.next_for("b") is None
+    store.close()
+
+
+def test_inbox_refuses_a_message_that_does_not_open_and_keeps_the_key(tmp_path):
+    store, key = _store_with_key(tmp_path)
+    inbox = Inbox(store, max_pending=10)
+
+    def fail(k: HybridKey) -> bytes:
+        raise InboxError("does not open")
+
+    with pytest.raises(InboxError):
+        inbox.accept(
+            message_id=str(uuid.uuid4()),
+            sender_site="peer",
+            sender_sae="a",
+            recipient_sae="b",
+            protection="hybrid",
+            key_id=key.key_id,
+            open_body=fail,
+        )
+    assert store.ready_count("a", "b") == 1
+    store.close()
+
+
+def test_full_inbox_refuses_new_messages(tmp_path):
+    store, key = _store_with_key(tmp_path)
+    inbox = Inbox(store, max_pending=0)
+    with pytest.raises(InboxError, match="full"):
+        inbox.accept(
+            message_id=str(uuid.uuid4()),
+            sender_site="peer",
+            sender_sae="a",
+            recipient_sae="b",
+            protection="hybrid",
+            key_id=key.key_id,
+            open_body=lambda k: b"",
+        )
+    store.close()

@@ -1,0 +1,1013 @@
+"""WireGuard PSK rotation: the binding config, the PSK derivation, the policy, and two
+sites' rotators wired to each other in-process.
+
+Where `wg` runs, these tests use a recording stand-in for wg(8) that each test writes into
+its tmp dir and puts first on PATH: a real `wg set` needs a WireGuard interface, and most
+CI containers (this project's included) have neither the kernel module nor the right to
+create one. The stand-in reads the key file the way wg does, records its argv and the key,
+checks the key's format as wg does, and fails when a test asks it to.
+test_real_wg_interface runs against the real `wg` and a real interface when the machine
+allows both, and otherwise skips saying why.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkdd import labels
+from qkdd.wireguard import (
+    KeyMaterialError,
+    NotTheDrivingSiteError,
+    PskAction,
+    PskPolicy,
+    PskRotator,
+    PskState,
+    WgCommandError,
+    WgInstaller,
+    WgNotFoundError,
+    WireGuardBinding,
+    WireGuardError,
+    derive_psk,
+)
+
+PUB_A = base64.b64encode(bytes(range(32))).decode()  # site A's WireGuard public key
+PUB_B = base64.b64encode(bytes(range(100, 132))).decode()
+NAME = "tunnel-a-b"
+
+
+def binding(**changes: object) -> WireGuardBinding:
+    """Site A's binding (the driving site); site B's is `slave_binding`."""
+    fields: dict[str, object] = dict(
+        name=NAME,
+        interface="wg-a",
+        peer_public_key=PUB_B,
+        peer_site="site-b",
+        local_sae="wg-a",
+        remote_sae="wg-b",
+    )
+    fields.update(changes)
+    return WireGuardBinding(**fields)  # type: ignore[arg-type]
+
+
+def slave_binding(master: WireGuardBinding) -> WireGuardBinding:
+    return dataclasses.replace(
+        master,
+        interface="wg-b",
+        peer_public_key=PUB_A,
+        peer_site="site-a",
+        local_sae=master.remote_sae,
+        remote_sae=master.local_sae,
+    )
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# --------------------------------------------------------------------------------------
+# WireGuardBinding
+
+
+def test_binding_defaults():
+    b = binding()
+    assert (b.interval, b.max_key_age, b.startup_timeout, b.wg_command) == (120, 600, 15, "wg")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        b.interval = 1  # type: ignore[misc]
+
+
+NON_CANONICAL_KEY = PUB_B[:42] + chr(ord(PUB_B[42]) + 1) + "="  # same bytes, stray low bits
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("name", ""),
+        ("name", "has space"),
+        ("peer_site", "-leading-dash"),
+        ("local_sae", 7),
+        ("remote_sae", "x" * 65),
+        ("interface", ""),
+        ("interface", "wg/0"),
+        ("interface", "wg 0"),
+        ("interface", "-wg0"),
+        ("interface", "a" * 16),
+        ("peer_public_key", "not base64!"),
+        ("peer_public_key", b64(bytes(31))),
+        ("peer_public_key", b64(bytes(33))),
+        ("peer_public_key", PUB_B.rstrip("=")),
+        ("peer_public_key", NON_CANONICAL_KEY),
+        ("interval", 0),
+        ("interval", -1),
+        ("interval", math.nan),
+        ("interval", math.inf),
+        ("interval", True),
+        ("interval", "120"),
+        ("max_key_age", 120),  # not more than interval
+        ("max_key_age", 60),
+        ("startup_timeout", 0),
+        ("wg_command", ""),
+    ],
+)
+def test_binding_rejects_bad_values(key, value):
+    with pytest.raises(ValueError, match=f"wireguard.{key}: expected"):
+        binding(**{key: value})
+
+
+def test_non_canonical_key_really_decodes_to_the_same_bytes():
+    # Guards the case above: it must differ only in spelling, not be plain invalid.
+    assert base64.b64decode(NON_CANONICAL_KEY) == base64.b64decode(PUB_B)
+
+
+def test_binding_accepts_a_real_shaped_config():
+    b = binding(interface="wg0", interval=0.5, max_key_age=2, startup_timeout=1, wg_command="/x")
+    assert b.interface == "wg0" and b.max_key_age == 2
+
+
+# --------------------------------------------------------------------------------------
+# derive_psk
+
+
+def lp(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def test_derive_psk_is_the_documented_hkdf():
+    material = bytes(range(32))
+    info = lp(labels.LABEL_WIREGUARD_PSK) + lp(NAME.encode()) + lp(b"key-1")
+    expected = HKDF(hashes.SHA256(), 32, None, info).derive(material)
+    assert derive_psk(material, NAME, "key-1") == expected
+
+
+def test_derive_psk_recorded_vector():
+    """A change to the derivation must be deliberate: this value changes with it."""
+    psk = derive_psk(bytes(range(32)), NAME, str(uuid.UUID(int=1)))
+    assert psk.hex() == RECORDED_PSK
+
+
+RECORDED_PSK = "54af0d48f0bf21a7d710c12cf0dc7a61017aed3437d5a2de6452d1d94cb08cb7"
+
+
+@pytest.mark.parametrize(
+    "material,name,key_id",
+    [
+        (b"\x01" * 32, NAME, "key-2"),
+        (b"\x01" * 32, "tunnel-a-c", "key-1"),
+        (b"\x02" * 32, NAME, "key-1"),
+        (b"\x01" * 64, NAME, "key-1"),
+    ],
+)
+def test_every_input_changes_the_psk(material, name, key_id):
+    base = derive_psk(b"\x01" * 32, NAME, "key-1")
+    other = derive_psk(material, name, key_id)
+    assert len(other) == 32 and other != base
+
+
+def test_psk_is_not_the_hybrid_key_itself():
+    material = os.urandom(32)
+    assert derive_psk(material, NAME, "k") != material
+
+
+def test_short_key_material_is_refused_without_showing_it():
+    material = b"\xab" * 31
+    with pytest.raises(KeyMaterialError, match="248 bits.*at least 256") as caught:
+        derive_psk(material, NAME, "k")
+    assert isinstance(caught.value, ValueError)
+    assert material.hex() not in str(caught.value)
+
+
+# --------------------------------------------------------------------------------------
+# PskPolicy (synthetic times)
+
+
+def policy(*, master: bool = True, now: float = 1000.0, **changes: float) -> PskPolicy:
+    args = dict(interval=120.0, max_key_age=600.0, startup_timeout=15.0)
+    args.update(changes)
+    return PskPolicy(drives_rotation=master, now=now, **args)
+
+
+def test_policy_master_starts_pending_and_rotates_at_once():
+    p = policy()
+    assert p.state(1000) is PskState.PENDING
+    assert p.poll(1000) is PskAction.ROTATE
+    assert p.next_attempt_at == 1000
+    assert p.key_id is None
+
+
+def test_policy_slave_waits_for_the_peer_until_the_startup_deadline():
+    p = policy(master=False)
+    assert p.next_attempt_at is None
+    assert p.poll(1000) is PskAction.WAIT
+    assert p.wake_at() == 1015
+    assert p.poll(1014.9) is PskAction.WAIT
+    assert p.must_fail_closed(1015)
+    assert p.poll(1015) is PskAction.FAIL_CLOSED
+
+
+def test_policy_startup_retries_quickly_then_fails_closed():
+    p = policy()
+    p.attempt_failed(1000)
+    assert p.next_attempt_at == 1001  # 1 s before the first key, not 5 s
+    assert p.poll(1000.5) is PskAction.WAIT
+    assert p.wake_at() == 1001
+    assert p.poll(1001) is PskAction.ROTATE
+    p.attempt_failed(1014.5)
+    # Rotation and fail-closed both due: failing closed comes first.
+    assert p.poll(1015.5) is PskAction.FAIL_CLOSED
+    p.random_installed(1015.5)
+    assert p.state(1015.5) is PskState.FAIL_CLOSED
+    assert p.poll(1015.5) is PskAction.ROTATE  # and the driving site keeps trying
+
+
+def test_policy_fresh_install_schedules_the_next_rotation():
+    p = policy()
+    p.fresh_installed(1000, "k1")
+    assert p.state(1000) is PskState.FRESH
+    assert p.key_id == "k1" and p.last_fresh_at == 1000
+    assert p.poll(1119.9) is PskAction.WAIT
+    assert p.wake_at() == 1120
+    assert p.poll(1120) is PskAction.ROTATE
+    assert p.fail_closed_at == 1600
+
+
+def test_policy_failed_rotation_keeps_the_key_and_retries_sooner():
+    p = policy()
+    p.fresh_installed(1000, "k1")
+    p.attempt_failed(1120)
+    assert p.key_id == "k1"
+    assert p.state(1120) is PskState.STALE
+    assert p.consecutive_failures == 1
+    assert p.next_attempt_at == 1125  # min(interval, 5 s)
+    assert not p.must_fail_closed(1125)
+
+
+def test_policy_backoff_never_exceeds_the_interval():
+    p = policy(interval=2.0, max_key_age=10.0)
+    p.fresh_installed(0, "k1")
+    p.attempt_failed(2)
+    assert p.next_attempt_at == 4
+
+
+def test_policy_slave_reports_stale_when_the_peer_is_overdue():
+    p = policy(master=False)
+    p.fresh_installed(1000, "k1")
+    assert p.poll(1500) is PskAction.WAIT  # the other site never rotates by itself
+    assert p.state(1124.9) is PskState.FRESH
+    assert p.state(1125) is PskState.STALE  # one interval plus one backoff
+
+
+def test_policy_too_old_fails_closed_once():
+    p = policy()
+    p.fresh_installed(1000, "k1")
+    t = 1120.0
+    while t < 1600:
+        assert p.poll(t) is PskAction.ROTATE
+        assert not p.must_fail_closed(t)
+        p.attempt_failed(t)
+        t = p.wake_at()
+    assert t == 1600  # woken exactly when the key becomes too old
+    assert p.state(1600) is PskState.STALE  # never "fresh" once too old
+    assert p.must_fail_closed(1600)
+    assert p.poll(1600) is PskAction.FAIL_CLOSED
+    p.random_installed(1600)
+    assert p.key_id is None
+    assert p.state(1600) is PskState.FAIL_CLOSED
+    assert p.fail_closed_at is None
+    # Never again, however long the outage lasts: one random key, one log line.
+    for later in (1600, 1601, 1700, 10_000, 1e9):
+        assert not p.must_fail_closed(later)
+        assert p.poll(later) is not PskAction.FAIL_CLOSED
+
+
+def test_policy_slave_too_old_fails_closed_once():
+    p = policy(master=False)
+    p.fresh_installed(1000, "k1")
+    assert p.wake_at() == 1600
+    assert p.poll(1599.9) is PskAction.WAIT
+    assert p.poll(1600) is PskAction.FAIL_CLOSED
+    p.random_installed(1600)
+    assert p.wake_at() == math.inf
+    assert p.poll(1e9) is PskAction.WAIT
+
+
+def test_policy_failed_random_install_is_retried_after_the_backoff():
+    p = policy(master=False)
+    p.fresh_installed(1000, "k1")
+    p.random_install_failed(1600)
+    assert p.must_fail_closed(1601)  # still true: the old key is still installed
+    assert p.poll(1601) is PskAction.WAIT  # but not asked again every tick
+    assert p.wake_at() == 1605
+    assert p.poll(1605) is PskAction.FAIL_CLOSED
+
+
+def test_policy_recovers_after_a_fresh_key():
+    p = policy()
+    p.fresh_installed(1000, "k1")
+    p.random_installed(1600)
+    p.attempt_failed(1600)
+    p.fresh_installed(1700, "k2")
+    assert p.state(1700) is PskState.FRESH
+    assert p.key_id == "k2" and p.consecutive_failures == 0
+    assert not p.must_fail_closed(2299.9)
+    assert p.poll(2300) is PskAction.FAIL_CLOSED  # a new max_key_age from the new key
+
+
+def test_policy_rejects_inconsistent_timers():
+    with pytest.raises(ValueError):
+        policy(interval=600.0, max_key_age=600.0)
+    with pytest.raises(ValueError):
+        policy(startup_timeout=0.0)
+
+
+EVENTS = st.sampled_from(["fresh", "failed", "random", "random_failed", "nothing"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    master=st.booleans(),
+    steps=st.lists(st.tuples(st.floats(0, 400), EVENTS), max_size=40),
+)
+def test_policy_invariants(master, steps):
+    """For any history: never "fresh" at or after max_key_age; a too-old key is always
+    due to be replaced; and a WAIT always names a future time (no busy loop)."""
+    p = policy(master=master, now=0.0)
+    now = 0.0
+    for n, (delay, event) in enumerate(steps):
+        now += delay
+        fresh_at = p.last_fresh_at
+        if p.state(now) is PskState.FRESH:
+            assert fresh_at is not None and now - fresh_at < p.max_key_age
+        if p.key_id is not None and fresh_at is not None and now - fresh_at >= p.max_key_age:
+            assert p.must_fail_closed(now)
+        action = p.poll(now)
+        if action is PskAction.WAIT:
+            assert p.wake_at() > now
+        if action is PskAction.ROTATE:
+            assert master
+        if event == "fresh":
+            p.fresh_installed(now, f"k{n}")
+        elif event == "failed":
+            p.attempt_failed(now)
+        elif event == "random":
+            p.random_installed(now)
+        elif event == "random_failed":
+            p.random_install_failed(now)
+
+
+# --------------------------------------------------------------------------------------
+# Two sites in-process
+
+
+class KeyPool:
+    """Both sites' stores for the binding's SAE pair: the same keys under the same IDs.
+    The driving site takes the next ready key; the other site takes it by ID."""
+
+    def __init__(self) -> None:
+        self.ready: deque[str] = deque()
+        self.at_peer: dict[str, bytes] = {}
+        self.material: dict[str, bytes] = {}
+        self.taken: list[str] = []
+
+    def add(self, count: int = 1) -> None:
+        for _ in range(count):
+            key_id = str(uuid.uuid4())
+            self.material[key_id] = self.at_peer[key_id] = os.urandom(32)
+            self.ready.append(key_id)
+
+    def take_fresh_key(self) -> tuple[str, bytes] | None:
+        if not self.ready:
+            return None
+        key_id = self.ready.popleft()
+        self.taken.append(key_id)
+        return key_id, self.material[key_id]
+
+    def psk(self, key_id: str) -> bytes:
+        return derive_psk(self.material[key_id], NAME, key_id)
+
+
+class FakeWg:
+    """The kernels' view for tests that do not run `wg`: each interface's current PSK,
+    every install in order, and failures on request."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, bytes] = {}
+        self.history: list[tuple[str, bytes, float]] = []
+        self.failing: dict[str, str] = {}
+
+    async def install(self, interface: str, peer_public_key: str, psk: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        if interface in self.failing:
+            raise WgCommandError(self.failing[interface], 1, self.failing[interface])
+        self.current[interface] = psk
+        self.history.append((interface, psk, trio.current_time()))
+
+    def installs(self, interface: str) -> list[bytes]:
+        return [psk for iface, psk, _ in self.history if iface == interface]
+
+
+class Link:
+    """A driving (master) and another (slave) rotator wired to each other as the peer
+    channel would: announce() makes the slave install the key it takes by ID."""
+
+    def __init__(
+        self,
+        pool: KeyPool,
+        master_binding: WireGuardBinding,
+        installer: FakeWg | None = None,
+        announce_hook: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.peer_up = True
+        self.announce_hook = announce_hook
+        self.slave = PskRotator(slave_binding(master_binding), installer=installer)
+        self.master = PskRotator(
+            master_binding,
+            installer=installer,
+            take_fresh_key=pool.take_fresh_key,
+            announce=self.announce,
+        )
+
+    async def announce(self, key_id: str) -> None:
+        if self.announce_hook is not None:
+            await self.announce_hook()
+        if not self.peer_up:
+            raise ConnectionError("peer site unreachable")
+        await self.slave.install_announced(key_id, self.pool.at_peer.pop(key_id))
+
+    async def first_install(self) -> tuple[str, str]:
+        results: dict[str, str] = {}
+
+        async def one(side: str, rotator: PskRotator) -> None:
+            results[side] = await rotator.first_install()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, "master", self.master)
+            nursery.start_soon(one, "slave", self.slave)
+        return results["master"], results["slave"]
+
+    def states(self) -> tuple[str, str]:
+        return self.master.status()["state"], self.slave.status()["state"]  # type: ignore[return-value]
+
+
+def events(caplog: pytest.LogCaptureFixture, name: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "qkdd.wireguard" and f"event={name} " in r.getMessage()
+    ]
+
+
+FAST = dict(interval=10.0, max_key_age=60.0, startup_timeout=15.0)
+
+
+async def test_both_sites_install_the_same_psk(autojump_clock):
+    pool, wg = KeyPool(), FakeWg()
+    pool.add(1)
+    link = Link(pool, binding(**FAST), installer=wg)
+    master, slave = await link.first_install()
+    key_id = pool.taken[0]
+    assert master == slave == f"fresh key {key_id}"
+    assert wg.current["wg-a"] == wg.current["wg-b"] == pool.psk(key_id)
+    # The peer installs first: the driving site only switches once the peer has the key.
+    assert [iface for iface, _, _ in wg.history] == ["wg-b", "wg-a"]
+    assert link.states() == ("fresh", "fresh")
+
+
+async def test_rotates_every_interval_with_a_new_key_each_time(autojump_clock, nursery):
+    pool, wg = KeyPool(), FakeWg()
+    pool.add(10)
+    link = Link(pool, binding(**FAST), installer=wg)
+    await link.first_install()
+    nursery.start_soon(link.master.run)
+    nursery.start_soon(link.slave.run)
+    await trio.sleep(35)  # virtual time: rotations at 10, 20, 30
+    assert len(pool.taken) == 4
+    assert wg.installs("wg-a") == wg.installs("wg-b") == [pool.psk(k) for k in pool.taken]
+    assert len(set(wg.installs("wg-a"))) == 4
+    times = [t for iface, _, t in wg.history if iface == "wg-a"]
+    assert [round(b - a) for a, b in zip(times, times[1:], strict=False)] == [10, 10, 10]
+    assert link.master.status()["key_id"] == link.slave.status()["key_id"] == pool.taken[-1]
+
+
+async def test_empty_pool_keeps_the_key_and_retries_sooner(autojump_clock, nursery, caplog):
+    caplog.set_level(logging.INFO, "qkdd.wireguard")
+    pool, wg = KeyPool(), FakeWg()
+    pool.add(1)
+    link = Link(pool, binding(**FAST), installer=wg)
+    await link.first_install()
+    first = wg.current["wg-a"]
+    nursery.start_soon(link.master.run)
+    nursery.start_soon(link.slave.run)
+    await trio.sleep(12)  # the rotation at 10 found no key
+    assert wg.current["wg-a"] == wg.current["wg-b"] == first
+    assert link.states()[0] == "stale"
+    failed = events(caplog, "wireguard_rotation_failed")
+    assert len(failed) == 1 and "no ready hybrid key" in failed[0]
+    assert f"binding={NAME}" in failed[0]
+    pool.add(1)
+    await trio.sleep(5)  # the retry, 5 s after the failure, not a whole interval
+    assert wg.current["wg-a"] == wg.current["wg-b"] == pool.psk(pool.taken[-1])
+    assert link.states() == ("fresh", "fresh")
+
+
+async def test_unreachable_peer_is_a_failed_rotation(autojump_clock, nursery, caplog):
+    caplog.set_level(logging.INFO, "qkdd.wireguard")
+    pool, wg = KeyPool(), FakeWg()
+    pool.add(5)
+    link = Link(pool, binding(**FAST), installer=wg)
+    await link.first_install()
+    first = wg.current["wg-a"]
+    link.peer_up = False
+    nursery.start_soon(link.master.run)
+    await trio.sleep(11)
+    # The driving site does not switch to a key the peer did not confirm.
+    assert wg.current["wg-a"] == first
+    (failed,) = events(caplog, "wireguard_rotation_failed")
+    assert "peer site unreachable" in failed and f"key_id={pool.taken[-1]}" in failed
+    assert link.master.status()["last_error"] == "peer site unreachable"
+
+
+async def test_failed_install_at_the_peer_fails_the_rotation(autojump_clock, nursery, caplog):
+    caplog.set_level(logging.INFO, "qkdd.wireguard")
+    pool, wg = KeyPool(), FakeWg()
+    pool.add(5)
+    link = Link(pool, binding(**FAST), installer=wg)
+    await link.first_install()
+    first = wg.current["wg-a"]
+    wg.failing["wg-b"] = "Unable to modify interface: No such device"
+    nursery.start_soon(link.master.run)
+    await trio.sleep(11)
+    assert wg.current["wg-a"] == wg.current["wg-b"] == first
+    assert "No such device" in events(caplog, "wireguard_install_failed")[0]
+    assert "No such device" in events(caplog, "wireguard_rotation_failed")[0]
+    assert link.slave.status()["state"] == "stale"
+
+
+async def test_fail_closed_after_max_key_age_then_recover(autojump_clock, nursery, caplog):
+    caplog.set_level(logging.INFO, "qkdd.wireguard")
+    pool, wg = KeyPool(), FakeWg()
+    pool.add(1)
+    link = Link(pool, binding(**FAST), installer=wg)
+    await link.first_install()
+    last_fresh = wg.current["wg-a"]
+    nursery.start_soon(link.master.run)
+    nursery.start_soon(link.slave.run)
+    await trio.sleep(59.9)
+    assert link.states() == ("stale", "stale")
+    assert wg.current["wg-a"] == last_fresh
+    await trio.sleep(100)  # well past max_key_age (60 s), many retries later
+    assert link.states() == ("fail-closed", "fail-closed")
+    random_a, random_b = wg.current["wg-a"], wg.current["wg-b"]
+    assert last_fresh not in (random_a, random_b) and random_a != random_b
+    assert len(random_a) == len(random_b) == 32
+    # Exactly one random key and one log line per site, however long the outage.
+    assert wg.installs("wg-a") == [last_fresh, random_a]
+    fail_closed = events(caplog, "wireguard_fail_closed")
+    assert len(fail_closed) == 2
+    assert all(f"replaced={pool.taken[0]}" in line for line in fail_closed)
+    # Replaced exactly at max_key_age after the last fresh install, on both sides.
+    fresh_time = wg.history[1][2]
+    assert [t - fresh_time for _, _, t in wg.history[2:]] == pytest.approx([60, 60], abs=0.01)
+
+    pool.add(1)
+    await trio.sleep(6)  # the next retry
+    assert wg.current["wg-a"] == wg.current["wg-b"] == pool.psk(pool.taken[-1])
+    assert link.states() == ("fresh", "fresh")
+    assert len(events(caplog, "wireguard_recovered")) == 2
+
+
+async def test_hung_peer_does_not_delay_failing_closed(autojump_clock, nursery):
+    """An announce that never returns is cut off when the key becomes too old."""
+    pool, wg = KeyPool(), FakeWg()
+    pool.add(5)
+    hung = False
+
+    async def maybe_hang() -> None:
+        if hung:
+            await trio.sleep_forever()
+
+    link = Link(pool, binding(**FAST), installer=wg, announce_hook=maybe_hang)
+    await link.first_install()
+    fresh_time = wg.history[-1][2]
+    hung = True
+    nursery.start_soon(link.master.run)
+    await trio.sleep(61)
+    assert link.master.status()["state"] == "fail-closed"
+    _, _, replaced_at = wg.history[-1]
+    assert replaced_at - fresh_time == pytest.approx(60, abs=0.01)
+
+
+async def test_master_first_install_fails_closed_after_startup_timeout(autojump_clock, caplog):
+    caplog.set_level(logging.INFO, "qkdd.wireguard")
+    pool, wg = KeyPool(), FakeWg()
+    rotator = PskRotator(
+        binding(**FAST), installer=wg, take_fresh_key=pool.take_fresh_key, announce=_never_called
+    )
+    start = trio.current_time()
+    assert await rotator.first_install() == "random key (fail closed)"
+    assert wg.history[-1][2] - start == pytest.approx(15, abs=0.01)
+    assert rotator.status()["state"] == "fail-closed"
+    (line,) = events(caplog, "wireguard_fail_closed")
+    assert "startup_timeout" in line
+    # It kept trying during start-up, once a second.
+    assert len(events(caplog, "wireguard_rotation_failed")) == 15
+
+
+async def _never_called(key_id: str) -> None:
+    raise AssertionError("no key to announce")
+
+
+async def test_slave_first_install_waits_for_the_peer(autojump_clock, nursery):
+    pool, wg = KeyPool(), FakeWg()
+    pool.add(1)
+    link = Link(pool, binding(**FAST), installer=wg)
+    task_status: dict[str, str] = {}
+
+    async def slave_first() -> None:
+        task_status["slave"] = await link.slave.first_install()
+
+    nursery.start_soon(slave_first)
+    await trio.sleep(14)  # the master comes up late, within the slave's startup_timeout
+    assert "slave" not in task_status
+    assert await link.master.first_install() == f"fresh key {pool.taken[0]}"
+    await trio.testing.wait_all_tasks_blocked()
+    assert task_status["slave"] == f"fresh key {pool.taken[0]}"
+    assert wg.current["wg-a"] == wg.current["wg-b"]
+
+
+async def test_slave_first_install_fails_closed_without_the_peer(autojump_clock, caplog):
+    caplog.set_level(logging.INFO, "qkdd.wireguard")
+    wg = FakeWg()
+    rotator = PskRotator(slave_binding(binding(**FAST)), installer=wg)
+    assert await rotator.first_install() == "random key (fail closed)"
+    assert len(wg.current["wg-b"]) == 32
+    assert len(events(caplog, "wireguard_fail_closed")) == 1
+    # A fresh key announced later replaces the random one.
+    pool = KeyPool()
+    pool.add(1)
+    key_id = pool.ready[0]
+    await rotator.install_announced(key_id, pool.material[key_id])
+    assert wg.current["wg-b"] == pool.psk(key_id)
+    assert rotator.status()["state"] == "fresh"
+
+
+async def test_fresh_key_arriving_while_failing_closed_wins(autojump_clock, nursery):
+    """A fresh install in progress when the startup timeout fires is not overwritten by the
+    random key queued behind it."""
+    wg = FakeWg()
+    gate = trio.Event()
+    rotator = PskRotator(slave_binding(binding(**FAST)), installer=wg)
+    results: list[str] = []
+
+    async def first() -> None:
+        results.append(await rotator.first_install())
+
+    async def slow_install(interface: str, peer_public_key: str, psk: bytes) -> None:
+        await gate.wait()
+        await FakeWg.install(wg, interface, peer_public_key, psk)
+
+    nursery.start_soon(first)
+    await trio.sleep(14.5)
+    pool = KeyPool()
+    pool.add(1)
+    key_id = pool.ready[0]
+    wg.install = slow_install  # type: ignore[method-assign]
+    async with trio.open_nursery() as inner:
+        inner.start_soon(rotator.install_announced, key_id, pool.material[key_id])
+        await trio.sleep(1)  # the startup timeout passes while that install hangs
+        gate.set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert results == [f"fresh key {key_id}"]
+    assert wg.installs("wg-b") == [pool.psk(key_id)]
+
+
+async def test_first_install_raises_if_no_key_can_be_installed(autojump_clock):
+    wg = FakeWg()
+    wg.failing["wg-b"] = "Unable to modify interface: Operation not permitted"
+    rotator = PskRotator(slave_binding(binding(**FAST)), installer=wg)
+    with pytest.raises(WireGuardError, match="could not install any.*Operation not permitted"):
+        await rotator.first_install()
+
+
+async def test_announced_key_is_refused_at_the_driving_site(autojump_clock):
+    pool, wg = KeyPool(), FakeWg()
+    link = Link(pool, binding(**FAST), installer=wg)
+    with pytest.raises(NotTheDrivingSiteError):
+        await link.master.install_announced("k", bytes(32))
+    assert wg.history == []
+
+
+async def test_short_hybrid_key_is_refused_at_both_sites(autojump_clock, caplog):
+    caplog.set_level(logging.INFO, "qkdd.wireguard")
+    wg = FakeWg()
+    slave = PskRotator(slave_binding(binding(**FAST)), installer=wg)
+    with pytest.raises(KeyMaterialError):
+        await slave.install_announced("k", bytes(16))
+    master = PskRotator(
+        binding(**FAST),
+        installer=wg,
+        take_fresh_key=lambda: ("k", bytes(16)),
+        announce=_never_called,
+    )
+    await master._rotate()
+    assert "at least 256" in events(caplog, "wireguard_rotation_failed")[0]
+    assert wg.history == []
+
+
+def test_rotator_needs_both_driving_callables():
+    with pytest.raises(ValueError, match="both"):
+        PskRotator(binding(), take_fresh_key=lambda: None)
+
+
+async def test_status_and_logs_never_show_key_material(autojump_clock, nursery, caplog):
+    caplog.set_level(logging.DEBUG)
+    pool, wg = KeyPool(), FakeWg()
+    pool.add(3)
+    link = Link(pool, binding(**FAST), installer=wg)
+    assert link.master.status()["state"] == "pending"
+    await link.first_install()
+    nursery.start_soon(link.master.run)
+    nursery.start_soon(link.slave.run)
+    await trio.sleep(100)  # rotations, then an empty pool, then failing closed
+    status = link.master.status()
+    assert set(status) >= {"binding", "interface", "state", "key_id", "last_fresh_install"}
+    assert status["binding"] == NAME and status["interface"] == "wg-a"
+    assert isinstance(status["last_fresh_install"], float)
+    secrets_seen = [*pool.material.values(), *(psk for _, psk, _ in wg.history)]
+    text = repr(status) + repr(link.slave.status()) + caplog.text + repr(link.master)
+    assert caplog.text  # the check below has something to look at
+    for secret in secrets_seen:
+        for spelling in (secret.hex(), b64(secret), repr(secret)):
+            assert spelling not in text
+
+
+# --------------------------------------------------------------------------------------
+# WgInstaller against the recording stand-in
+
+STANDIN = """\
+#!{python} -IS
+# A stand-in for wg(8) in tests: records argv and the key file it was given, checks the
+# key the way wg does, and fails when a file named fail-INTERFACE exists.
+import base64, binascii, json, os, sys
+
+here = {here!r}
+args = sys.argv[1:]
+key = None
+if "preshared-key" in args:
+    with open(args[args.index("preshared-key") + 1]) as key_file:  # wg reads it by path
+        key = key_file.read()
+with open(os.path.join(here, "calls.jsonl"), "a") as log:
+    log.write(json.dumps({{"argv": args, "key_file": key}}) + "\\n")
+fail = os.path.join(here, "fail-" + (args[1] if len(args) > 1 else ""))
+if os.path.exists(fail):
+    with open(fail) as message:
+        sys.stderr.write(message.read().replace("{{key}}", (key or "").strip()))
+    sys.exit(3)
+if key is not None:
+    try:
+        ok = len(base64.b64decode(key.strip(), validate=True)) == 32
+    except binascii.Error:
+        ok = False
+    if not ok:
+        sys.stderr.write("Key is not the correct length or format: `%s'\\n" % key.strip())
+        sys.exit(1)
+"""
+
+
+class StandinWg:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def calls(self) -> list[dict[str, object]]:
+        log = self.directory / "calls.jsonl"
+        if not log.exists():
+            return []
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+    def installed(self, interface: str) -> list[bytes]:
+        return [
+            base64.b64decode(str(call["key_file"]))
+            for call in self.calls()
+            if call["argv"][1] == interface  # type: ignore[index]
+        ]
+
+    def fail(self, interface: str, stderr: str) -> None:
+        (self.directory / f"fail-{interface}").write_text(stderr)
+
+    def recover(self, interface: str) -> None:
+        (self.directory / f"fail-{interface}").unlink()
+
+
+@pytest.fixture
+def standin_wg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StandinWg:
+    """A recording `wg` first on PATH (the real one cannot run here: see the module
+    docstring)."""
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    script = directory / "wg"
+    script.write_text(STANDIN.format(python=sys.executable, here=str(directory)))
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{directory}{os.pathsep}{os.environ.get('PATH', '')}")
+    return StandinWg(directory)
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    # The bound only keeps a broken build from hanging the run; nothing asserts on timing.
+    with trio.fail_after(20):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def test_standin_installer_feeds_the_psk_on_stdin(standin_wg):
+    psk = os.urandom(32)
+    await WgInstaller().install("wg0", PUB_B, psk)
+    (call,) = standin_wg.calls()
+    assert call["argv"] == ["set", "wg0", "peer", PUB_B, "preshared-key", "/dev/stdin"]
+    assert call["key_file"] == b64(psk) + "\n"
+
+
+async def test_standin_sites_install_the_same_psk_never_in_argv(standin_wg, nursery):
+    pool = KeyPool()
+    pool.add(3)
+    link = Link(pool, binding(interval=0.05, max_key_age=5, startup_timeout=5))
+    assert await link.first_install() == (f"fresh key {pool.taken[0]}",) * 2
+    nursery.start_soon(link.master.run)
+    nursery.start_soon(link.slave.run)
+    await wait_until(lambda: len(standin_wg.installed("wg-a")) == 3)
+    expected = [pool.psk(k) for k in pool.taken]
+    assert standin_wg.installed("wg-a") == standin_wg.installed("wg-b") == expected
+    calls = standin_wg.calls()
+    assert [c["argv"][1] for c in calls[:6]] == ["wg-b", "wg-a"] * 3  # type: ignore[index]
+    for call in calls:
+        for psk in expected:
+            for spelling in (b64(psk), psk.hex()):
+                assert not any(spelling in arg for arg in call["argv"])  # type: ignore[union-attr]
+
+
+async def test_standin_wg_failure_is_reported_with_stderr_and_status(standin_wg):
+    standin_wg.fail("wg0", "Unable to modify interface: No such device\n")
+    psk = os.urandom(32)
+    with pytest.raises(WgCommandError) as caught:
+        await WgInstaller().install("wg0", PUB_B, psk)
+    error = caught.value
+    assert error.returncode == 3
+    assert error.stderr == "Unable to modify interface: No such device"
+    assert "status 3" in str(error) and "No such device" in str(error)
+    assert "wg set wg0" in str(error)
+
+
+async def test_standin_psk_echoed_by_wg_is_hidden(standin_wg):
+    # wg prints a key it cannot parse; that text must not carry the PSK into a log.
+    standin_wg.fail("wg0", "Key is not the correct length or format: `{key}'\n")
+    psk = os.urandom(32)
+    with pytest.raises(WgCommandError) as caught:
+        await WgInstaller().install("wg0", PUB_B, psk)
+    assert "<psk hidden>" in str(caught.value)
+    assert b64(psk) not in str(caught.value) and b64(psk) not in caught.value.stderr
+
+
+async def test_missing_wg_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without wg
+    with pytest.raises(WgNotFoundError, match="cannot run 'wg': not found.*wireguard-tools"):
+        await WgInstaller().install("wg0", PUB_B, os.urandom(32))
+    with pytest.raises(WgNotFoundError, match="not found"):
+        await WgInstaller(str(tmp_path / "no-such-wg")).install("wg0", PUB_B, os.urandom(32))
+
+
+async def test_wg_that_is_not_executable_gives_a_clear_error(tmp_path):
+    not_executable = tmp_path / "wg"
+    not_executable.write_text("#!/bin/sh\n")
+    not_executable.chmod(0o644)
+    with pytest.raises(WgNotFoundError, match="permission denied"):
+        await WgInstaller(str(not_executable)).install("wg0", PUB_B, os.urandom(32))
+
+
+async def test_installer_refuses_a_psk_of_the_wrong_size(standin_wg):
+    with pytest.raises(KeyMaterialError):
+        await WgInstaller().install("wg0", PUB_B, os.urandom(16))
+    assert standin_wg.calls() == []
+
+
+async def test_standin_fail_closed_then_recover(standin_wg, nursery, caplog):
+    caplog.set_level(logging.INFO, "qkdd.wireguard")
+    pool = KeyPool()
+    pool.add(2)
+    link = Link(pool, binding(interval=0.1, max_key_age=1.0, startup_timeout=5))
+    await link.first_install()
+    nursery.start_soon(link.master.run)
+    nursery.start_soon(link.slave.run)
+    # Both sites on the last key from the pool, the pool dry, and a rotation failed.
+    await wait_until(lambda: not pool.ready)
+    last_id = pool.taken[-1]
+    await wait_until(
+        lambda: (
+            link.master.status()["key_id"] == link.slave.status()["key_id"] == last_id
+            and link.states() == ("stale", "stale")
+        )
+    )
+    last_fresh = pool.psk(pool.taken[-1])
+    caplog.clear()
+    await wait_until(lambda: link.states() == ("fail-closed", "fail-closed"))
+    random_a = standin_wg.installed("wg-a")[-1]
+    random_b = standin_wg.installed("wg-b")[-1]
+    assert last_fresh not in (random_a, random_b)
+    assert standin_wg.installed("wg-a")[-2] == last_fresh
+
+    pool.add(1)
+    await wait_until(lambda: link.states() == ("fresh", "fresh"))
+    assert standin_wg.installed("wg-a")[-1] == standin_wg.installed("wg-b")[-1]
+    assert standin_wg.installed("wg-a")[-1] == pool.psk(pool.taken[-1])
+    fail_closed = events(caplog, "wireguard_fail_closed")
+    assert sorted("interface=wg-a" in line for line in fail_closed) == [False, True]
+    assert len(events(caplog, "wireguard_recovered")) == 2
+
+
+async def test_standin_wg_failing_at_the_peer_keeps_both_sites_on_the_old_key(
+    standin_wg, nursery, caplog
+):
+    caplog.set_level(logging.INFO, "qkdd.wireguard")
+    pool = KeyPool()
+    pool.add(5)
+    link = Link(pool, binding(interval=0.05, max_key_age=5, startup_timeout=5))
+    await link.first_install()
+    standin_wg.fail("wg-b", "Unable to modify interface: No such device\n")
+    nursery.start_soon(link.master.run)
+    await wait_until(lambda: events(caplog, "wireguard_rotation_failed"))
+    assert standin_wg.installed("wg-a") == [pool.psk(pool.taken[0])]
+    assert "No such device" in events(caplog, "wireguard_rotation_failed")[0]
+    standin_wg.recover("wg-b")
+    await wait_until(lambda: len(standin_wg.installed("wg-a")) == 2)
+    assert standin_wg.installed("wg-a")[-1] == standin_wg.installed("wg-b")[-1]
+
+
+# --------------------------------------------------------------------------------------
+# The real wg
+
+
+async def test_real_wg_reads_the_psk_from_stdin():
+    """The real parser accepts what WgInstaller feeds it (needs only the binary)."""
+    wg = shutil.which("wg")
+    if wg is None:
+        pytest.skip("the real `wg` (wireguard-tools) is not installed")
+    with pytest.raises(WgCommandError) as caught:
+        await WgInstaller(wg).install("qkdd-nosuch0", PUB_B, os.urandom(32))
+    # It got past reading the key and failed only at the missing interface.
+    assert "Unable to modify interface" in caught.value.stderr
+    assert "key" not in caught.value.stderr.lower()
+
+
+@pytest.fixture
+def real_wireguard_interface():
+    wg, ip = shutil.which("wg"), shutil.which("ip")
+    if wg is None or ip is None:
+        pytest.skip(
+            "the real `wg` and `ip` are not both installed; the stand-in tests above cover "
+            "the installer"
+        )
+    name = f"qkddt{os.getpid() % 100000}"
+    made = subprocess.run(
+        [ip, "link", "add", name, "type", "wireguard"], capture_output=True, text=True
+    )
+    if made.returncode != 0:
+        pytest.skip(
+            f"cannot create a WireGuard interface here (`ip link add {name} type wireguard`: "
+            f"{made.stderr.strip()}); needs the wireguard kernel module and CAP_NET_ADMIN. "
+            "The stand-in tests above cover the installer"
+        )
+    try:
+        yield wg, name
+    finally:
+        subprocess.run([ip, "link", "del", name], capture_output=True)
+
+
+async def test_real_wg_interface(real_wireguard_interface):
+    wg, interface = real_wireguard_interface
+    pool = KeyPool()
+    pool.add(1)
+    (key_id,) = pool.ready
+    slave = PskRotator(slave_binding(binding(interface=interface, wg_command=wg)))
+    await slave.install_announced(key_id, pool.material[key_id])
+    shown = subprocess.run(
+        [wg, "show", interface, "preshared-keys"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert shown == [PUB_A, b64(pool.psk(key_id))]
