@@ -9,7 +9,7 @@ certificate (which the service maps to an SAE) and checking the service's certif
 Both also read the daemon's own site status and metrics (`site_status`, `metrics`), which
 only the local socket serves (see `qkdd.admin`), and send and receive secure messages to and
 from SAEs at other sites (`send_message`, `receive_message`, `acknowledge_message`,
-`messages`; see `qkdd.messages_api`).
+`messages`; see `qkdd.messages_api`), and follow key events (`events`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,14 @@ from urllib.parse import quote
 
 import h11
 
-from qkdd.api_paths import INBOX_PATH, INBOX_PREFIX, METRICS_PATH, SEND_PREFIX, STATUS_PATH
+from qkdd.api_paths import (
+    EVENTS_PATH,
+    INBOX_PATH,
+    INBOX_PREFIX,
+    METRICS_PATH,
+    SEND_PREFIX,
+    STATUS_PATH,
+)
 from qkdd.etsi014.pool import DeliveredKey
 
 __all__ = [
@@ -174,12 +181,16 @@ def _inbox_target(wait: float, after: int, stream: bool = False) -> str:
     return f"{INBOX_PATH}?timeout={wait:g}&after={after}"
 
 
+def _events_target(kinds: Sequence[str]) -> str:
+    return f"{EVENTS_PATH}?kinds={','.join(kinds)}" if kinds else EVENTS_PATH
+
+
 def _ack_target(message_id: str) -> str:
     return f"{INBOX_PREFIX}{uuid.UUID(message_id)}"
 
 
-class _MessageStream:
-    """The bytes of a streamed inbox answer in, messages out (sans-IO)."""
+class _LineStream:
+    """The bytes of a streamed answer (one JSON object per line) in, objects out (sans-IO)."""
 
     def __init__(self, exchange: _Exchange) -> None:
         self._h11 = exchange.h11
@@ -187,10 +198,10 @@ class _MessageStream:
         self._pending = bytearray()
         self._error = bytearray()
 
-    def receive(self, data: bytes) -> list[Message]:
-        """Messages complete so far; KeyServiceUnreachable at the end of the stream."""
+    def receive(self, data: bytes) -> list[dict[str, Any]]:
+        """Objects complete so far; KeyServiceUnreachable at the end of the stream."""
         self._h11.receive_data(data)
-        out: list[Message] = []
+        out: list[dict[str, Any]] = []
         while True:
             try:
                 event = self._h11.next_event()
@@ -209,17 +220,20 @@ class _MessageStream:
                     line, _, rest = bytes(self._pending).partition(b"\n")
                     self._pending = bytearray(rest)
                     try:
-                        out.append(_message(json.loads(line)))
+                        obj = json.loads(line)
                     except ValueError as exc:
-                        raise BadResponse(f"malformed line in the message stream: {exc}") from exc
+                        raise BadResponse(f"malformed line in the stream: {exc}") from exc
+                    if not isinstance(obj, dict):
+                        raise BadResponse("a line of the stream is not a JSON object")
+                    out.append(obj)
                 if len(self._pending) > MAX_RESPONSE_BYTES:
-                    raise BadResponse("a streamed message is too large")
+                    raise BadResponse("a streamed line is too large")
             elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                 if self._status != 200:
                     _decode_json(self._status, bytes(self._error))
                 if out:
                     return out
-                raise KeyServiceUnreachable("the key service ended the message stream")
+                raise KeyServiceUnreachable("the key service ended the stream")
 
 
 def _status_target(slave_sae_id: str) -> str:
@@ -490,21 +504,29 @@ class KeyClient(_Endpoints):
     async def messages(self, *, after: int = 0) -> AsyncIterator[Message]:
         """Every unacknowledged message, then each new one as it arrives, on a connection of
         its own. Messages not acknowledged come again on the next stream."""
+        async for obj in self._lines(_inbox_target(0, after, True)):
+            yield _message(obj)
+
+    async def events(self, kinds: Sequence[str] = ()) -> AsyncIterator[dict[str, Any]]:
+        """Key events for this SAE from now on (``qkdd.events``), each a dict with at least
+        "event", "seq" and "at"; `kinds` limits them. On a connection of its own."""
+        async for obj in self._lines(_events_target(kinds)):
+            yield obj
+
+    async def _lines(self, target: str) -> AsyncIterator[dict[str, Any]]:
         trio = self._trio
         stream = await self._connect()
         try:
             exchange = _Exchange(self._endpoint.host_header)
-            await stream.send_all(
-                exchange.request("GET", _inbox_target(0, after, True), None, self.sae_id)
-            )
-            reader = _MessageStream(exchange)
+            await stream.send_all(exchange.request("GET", target, None, self.sae_id))
+            reader = _LineStream(exchange)
             while True:
                 try:
                     data = await stream.receive_some(RECEIVE_SIZE)
                 except trio.BrokenResourceError as exc:
-                    raise KeyServiceUnreachable(f"the message stream broke: {exc}") from exc
-                for message in reader.receive(bytes(data)):
-                    yield message
+                    raise KeyServiceUnreachable(f"the stream broke: {exc}") from exc
+                for obj in reader.receive(bytes(data)):
+                    yield obj
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -667,17 +689,26 @@ class BlockingKeyClient(_Endpoints):
     def messages(self, *, after: int = 0) -> Iterator[Message]:
         """Every unacknowledged message, then each new one as it arrives, on a connection of
         its own (blocking between messages). Unacknowledged messages come again next time."""
+        for obj in self._lines(_inbox_target(0, after, True)):
+            yield _message(obj)
+
+    def events(self, kinds: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+        """Key events for this SAE from now on (``qkdd.events``), each a dict with at least
+        "event", "seq" and "at"; `kinds` limits them. On a connection of its own."""
+        yield from self._lines(_events_target(kinds))
+
+    def _lines(self, target: str) -> Iterator[dict[str, Any]]:
         sock = self._connect()
         sock.settimeout(None)
         try:
             exchange = _Exchange(self._endpoint.host_header)
-            sock.sendall(exchange.request("GET", _inbox_target(0, after, True), None, self.sae_id))
-            reader = _MessageStream(exchange)
+            sock.sendall(exchange.request("GET", target, None, self.sae_id))
+            reader = _LineStream(exchange)
             while True:
                 try:
                     data = sock.recv(RECEIVE_SIZE)
                 except OSError as exc:
-                    raise KeyServiceUnreachable(f"the message stream broke: {exc}") from exc
+                    raise KeyServiceUnreachable(f"the stream broke: {exc}") from exc
                 yield from reader.receive(data)
         finally:
             sock.close()

@@ -5,8 +5,10 @@ with a client certificate `--cert`, its key `--key` and the service's CA `--cace
 standard's JSON objects (Status, Key container) so the output can be piped to other tools.
 `qkdctl status` without an SAE ID shows the site itself (links, QKD devices, key pools, recent
 errors) for a person, or as JSON with `--json`; `qkdctl metrics` prints the Prometheus metrics.
-Those two are served on the local socket only, to any user the socket admits. Exit codes:
-0 success, 1 the service refused or could not be reached, 2 usage error.
+Those two are served on the local socket only, to any user the socket admits.
+`qkdctl send` / `recv` / `ack` move secure messages to and from SAEs at other sites, and
+`qkdctl events` follows key events (local socket only). Exit codes: 0 success, 1 the
+service refused or could not be reached, 2 usage error, 3 `recv` found no message in time.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from qkdd.client import BlockingKeyClient, ClientError, DeliveredKey, KeyServiceClientError
+from qkdd.client import (
+    BlockingKeyClient,
+    ClientError,
+    DeliveredKey,
+    KeyServiceClientError,
+    Message,
+)
 
 DEFAULT_SOCKET = "/run/qkdd/etsi014.sock"
 SOCKET_ENV = "QKDD_SOCKET"
@@ -67,18 +75,69 @@ def _parser() -> argparse.ArgumentParser:
     enc.add_argument("slave_sae_id", metavar="SLAVE_SAE_ID")
     enc.add_argument("--number", type=_positive_int, default=1, help="keys to get (default: 1)")
     enc.add_argument("--size", type=_positive_int, help="key size in bits (default: the KME's)")
+    enc.add_argument(
+        "--additional-slave",
+        metavar="SAE_ID",
+        action="append",
+        default=[],
+        help="another slave SAE that may collect the same keys (repeatable)",
+    )
 
     dec = commands.add_parser("dec-keys", help="collect, as slave, keys a master SAE got")
     dec.add_argument("master_sae_id", metavar="MASTER_SAE_ID")
     dec.add_argument("key_ids", metavar="KEY_ID", nargs="+")
 
     commands.add_parser("metrics", help="the daemon's Prometheus metrics (text format)")
+
+    send = commands.add_parser(
+        "send",
+        help="send a message to an SAE at another site",
+        description="Sends the message (from --text, --file, or standard input) and prints its "
+        "message ID once the recipient's site has stored it. After a failure, send again with "
+        "the same --message-id: the message is kept once.",
+    )
+    send.add_argument("recipient", metavar="RECIPIENT_SAE_ID")
+    body = send.add_mutually_exclusive_group()
+    body.add_argument("--text", help="the message, as UTF-8 text")
+    body.add_argument("--file", help="read the message from this file ('-': standard input)")
+    send.add_argument("--message-id", help="a UUID to send under (default: a new one)")
+
+    recv = commands.add_parser(
+        "recv",
+        help="receive messages for this SAE",
+        description="Prints the oldest unacknowledged message as JSON (body in base64), or "
+        "with --raw writes its body alone. Exits 3 if none arrives within --wait.",
+    )
+    recv.add_argument("--wait", type=float, default=0.0, help="seconds to wait (default: 0)")
+    recv.add_argument("--ack", action="store_true", help="acknowledge (erase) what was printed")
+    recv.add_argument("--raw", action="store_true", help="write the body bytes, not JSON")
+    recv.add_argument(
+        "--follow", action="store_true", help="keep printing messages as they arrive (JSON lines)"
+    )
+
+    ack = commands.add_parser("ack", help="acknowledge (erase) a received message")
+    ack.add_argument("message_id", metavar="MESSAGE_ID")
+
+    events = commands.add_parser(
+        "events",
+        help="follow key events for this SAE (JSON lines, until interrupted)",
+        description="Prints each key event for this SAE as a JSON line: keys_available, "
+        "pool_low, keys_expired, keys_withdrawn, link_down, link_up, events_lost.",
+    )
+    events.add_argument(
+        "--kind", action="append", default=[], help="only events of this kind (repeatable)"
+    )
+    events.add_argument(
+        "--count", type=_positive_int, help="stop after this many events (default: never)"
+    )
     return parser
 
 
 def _site_level(args: argparse.Namespace) -> bool:
-    """The command asks about the site itself, not an SAE's keys."""
-    return args.command == "metrics" or (args.command == "status" and args.slave_sae_id is None)
+    """The command is served on the local socket only: the site itself, or messages."""
+    return args.command in ("metrics", "send", "recv", "ack", "events") or (
+        args.command == "status" and args.slave_sae_id is None
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -152,8 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.url is not None and _site_level(args):
             parser.error(
-                f"`qkdctl {args.command}` for the site is served on the local socket only; "
-                "use --socket"
+                f"`qkdctl {args.command}` is served on the local socket only; use --socket"
             )
         client = _client(parser, args)
     except SystemExit as exc:
@@ -176,10 +234,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = client.status(args.slave_sae_id)
             elif args.command == "enc-keys":
                 result = _key_container(
-                    client.enc_keys(args.slave_sae_id, number=args.number, size=args.size)
+                    client.enc_keys(
+                        args.slave_sae_id,
+                        number=args.number,
+                        size=args.size,
+                        additional_slave_sae_ids=args.additional_slave,
+                    )
                 )
-            else:
+            elif args.command == "dec-keys":
                 result = _key_container(client.dec_keys(args.master_sae_id, args.key_ids))
+            elif args.command == "send":
+                message = _message_body(parser, args)
+                result = {
+                    "message_ID": client.send_message(
+                        args.recipient, message, message_id=args.message_id
+                    )
+                }
+            elif args.command == "events":
+                for n, event in enumerate(client.events(args.kind), 1):
+                    print(json.dumps(event, separators=(",", ":")), flush=True)
+                    if n == args.count:
+                        break
+                return 0
+            elif args.command == "ack":
+                client.acknowledge_message(args.message_id)
+                result = {"acknowledged": args.message_id}
+            else:
+                return _receive(client, args)
     except KeyServiceClientError as exc:
         print(f"qkdctl: the key service refused ({exc.status}): {exc.message}", file=sys.stderr)
         for detail in exc.details:
@@ -196,6 +277,55 @@ def main(argv: Sequence[str] | None = None) -> int:
             indent=None if args.compact else 2,
         )
     )
+    return 0
+
+
+def _message_body(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bytes:
+    if args.text is not None:
+        return str(args.text).encode()
+    if args.file in (None, "-"):
+        return sys.stdin.buffer.read()
+    try:
+        with open(args.file, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        parser.error(f"cannot read --file {args.file}: {exc.strerror or exc}")
+
+
+def _message_json(message: Message) -> dict[str, Any]:
+    return {
+        "message_ID": message.message_id,
+        "seq": message.seq,
+        "sender_SAE_ID": message.sender_sae_id,
+        "sender_site_ID": message.sender_site_id,
+        "protection": message.protection,
+        "received_at": message.received_at,
+        "body": base64.b64encode(message.body).decode("ascii"),
+    }
+
+
+def _receive(client: BlockingKeyClient, args: argparse.Namespace) -> int:
+    def show(message: Message) -> None:
+        if args.raw:
+            sys.stdout.buffer.write(message.body)
+            sys.stdout.buffer.flush()
+        else:
+            print(json.dumps(_message_json(message), separators=(",", ":")), flush=True)
+
+    if args.follow:
+        for message in client.messages():
+            show(message)
+            if args.ack:
+                # The stream holds its own connection; the call uses the client's.
+                client.acknowledge_message(message.message_id)
+        return 0
+    found = client.receive_message(wait=args.wait)
+    if found is None:
+        print(f"qkdctl: no message within {args.wait:g} s", file=sys.stderr)
+        return 3
+    show(found)
+    if args.ack:
+        client.acknowledge_message(found.message_id)
     return 0
 
 

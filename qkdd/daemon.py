@@ -35,9 +35,11 @@ from qkdd.crypto.select import select_backend
 from qkdd.etsi014.handler import RequestHandler
 from qkdd.etsi014.server import Observe, serve_unix
 from qkdd.etsi014.tls import sae_ids_from_certificate, serve_tls
+from qkdd.events import EventBus, PoolWatch, chunks
+from qkdd.events_api import event_routes
 from qkdd.identity import load_identity, read_key_encryption_key
 from qkdd.inbox import Inbox
-from qkdd.keystore import KeyStore, StoreError
+from qkdd.keystore import ErasedKey, KeyStore, StoreError
 from qkdd.messages_api import SEND_PREFIX, message_routes, send_body_limit
 from qkdd.messaging import Messenger
 from qkdd.metrics import SiteMetrics
@@ -53,6 +55,8 @@ log = logging.getLogger("qkdd.daemon")
 STORE_FILE: Final = "keys.sqlite3"
 STATUS_INTERVAL: Final = 5.0
 EXPIRY_INTERVAL: Final = 10.0
+# How often link and pool changes are looked for, to publish key events.
+EVENT_POLL_INTERVAL: Final = 0.25
 
 
 class LiveConfig:
@@ -141,10 +145,17 @@ async def run_daemon(config: SiteConfig) -> None:
             recent_errors=recent_errors.events(),
         )
 
+    bus = EventBus()
+    store.on_erased = functools.partial(_publish_erased, bus)
+
+    def is_local_sae(sae: str) -> bool:
+        return sae in live.config.local_sae_ids
+
     handler = RequestHandler(
         pool,
         extensions=admin_routes(status, metrics.exposition)
-        | message_routes(messenger, lambda sae: sae in live.config.local_sae_ids),
+        | message_routes(messenger, is_local_sae)
+        | event_routes(bus, is_local_sae),
         body_limits={SEND_PREFIX: send_body_limit(config.message_max_size)},
     )
     # The TLS listener's callers are remote SAEs: the ETSI API only, no site status.
@@ -198,6 +209,7 @@ async def run_daemon(config: SiteConfig) -> None:
                     )
                 nursery.start_soon(_report_status, notifier, config, links, store)
                 nursery.start_soon(_expire_keys, live, store)
+                nursery.start_soon(_watch_links_and_pools, bus, links, store)
                 period = watchdog_interval()
                 if period is not None:
                     nursery.start_soon(_watchdog, notifier, ProgressWatch(links, store), period)
@@ -294,6 +306,45 @@ async def _expire_keys(live: LiveConfig, store: KeyStore) -> None:
         if erased:
             log.info("event=keys_expired count=%d lifetime_s=%d", erased, lifetime)
         await trio.sleep(min(EXPIRY_INTERVAL, lifetime / 2))
+
+
+def _publish_erased(bus: EventBus, reason: str, keys: list[ErasedKey]) -> None:
+    """Tell subscribers which keys were erased uncollected, per SAE pair."""
+    by_pair: dict[tuple[str, str], list[str]] = {}
+    for key in keys:
+        by_pair.setdefault((key.master_sae, key.slave_sae), []).append(key.key_id)
+    for (master, slave), key_ids in sorted(by_pair.items()):
+        for part in chunks(key_ids):
+            bus.publish(
+                f"keys_{reason}", master_sae=master, slave_sae=slave, details={"key_IDs": part}
+            )
+
+
+async def _watch_links_and_pools(
+    bus: EventBus, links: dict[str, PeerLink], store: KeyStore
+) -> None:
+    """Publish link_up/link_down and keys_available/pool_low as the links and pools change."""
+    session_up = {site: False for site in links}
+    pools: dict[tuple[str, str, str], PoolWatch] = {}
+    while True:
+        for site, link in links.items():
+            if link.session_up != session_up[site]:
+                session_up[site] = link.session_up
+                if link.session_up:
+                    bus.publish("link_up", peer_site=site)
+                else:
+                    bus.publish("link_down", peer_site=site, details={"reason": link.last_error})
+            for master, slave in link.params.local_master_pairs():
+                watch = pools.setdefault(
+                    (site, master, slave), PoolWatch(max(1, link.params.pool_size // 4))
+                )
+                ready = store.ready_count(master, slave)
+                newest = store.newest_ready_at(master, slave) if ready != watch.last else None
+                for kind, details in watch.reading(ready, newest):
+                    bus.publish(
+                        kind, peer_site=site, master_sae=master, slave_sae=slave, details=details
+                    )
+        await trio.sleep(EVENT_POLL_INTERVAL)
 
 
 async def _report_status(

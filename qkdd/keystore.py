@@ -29,7 +29,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -192,6 +192,15 @@ class Assignment:
 
 
 @dataclass(frozen=True)
+class ErasedKey:
+    """A key erased before any application collected it (no material: only its identity)."""
+
+    key_id: str
+    master_sae: str
+    slave_sae: str
+
+
+@dataclass(frozen=True)
 class StoredQkdKey:
     key_id: str
     material: bytes = field(repr=False)
@@ -223,6 +232,8 @@ class KeyStore:
     def __init__(self, path: Path, key_encryption_key: bytes) -> None:
         self.path = path
         self._sealer = Sealer(key_encryption_key)
+        # Told (reason, keys) after keys were erased uncollected: "expired" or "withdrawn".
+        self.on_erased: Callable[[str, list[ErasedKey]], None] | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not path.exists():
@@ -553,9 +564,17 @@ class KeyStore:
         with self._transaction() as db:
             row = db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
             dropped = 0
+            gone: list[ErasedKey] = []
             if row is not None and bytes(row[0]) != peer_store_id:
                 # Until a batch commits again, the peer's buffer may lag all of ours.
                 self._set_flag(db, f"peer-reset:{peer_site}", True)
+                gone = [
+                    ErasedKey(*r)
+                    for r in db.execute(
+                        "SELECT key_id, master_sae, slave_sae FROM hybrid_keys WHERE peer_site=?",
+                        (peer_site,),
+                    )
+                ]
                 dropped = db.execute(
                     "DELETE FROM hybrid_keys WHERE peer_site=?", (peer_site,)
                 ).rowcount
@@ -565,6 +584,7 @@ class KeyStore:
                     (peer_site, peer_site),
                 )
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, peer_store_id))
+        self._tell_erased("withdrawn", gone)
         return dropped
 
     # -- the PSK chain --------------------------------------------------------------------
@@ -646,14 +666,28 @@ class KeyStore:
         )
 
     def erase_expired(self, created_before: float) -> int:
-        """Erase ready keys nobody collected in time; returns how many."""
+        """Erase keys nobody collected in time; returns how many."""
         with self._transaction() as db:
-            cursor = db.execute(
+            gone = [
+                ErasedKey(*row)
+                for row in db.execute(
+                    "SELECT key_id, master_sae, slave_sae FROM hybrid_keys"
+                    " WHERE state='ready' AND created_at < ?"
+                    " UNION ALL SELECT key_id, master_sae, slave_sae FROM assigned_keys"
+                    " WHERE created_at < ?",
+                    (created_before, created_before),
+                )
+            ]
+            db.execute(
                 "DELETE FROM hybrid_keys WHERE state='ready' AND created_at < ?", (created_before,)
             )
-            erased = cursor.rowcount
-            cursor = db.execute("DELETE FROM assigned_keys WHERE created_at < ?", (created_before,))
-        return erased + cursor.rowcount
+            db.execute("DELETE FROM assigned_keys WHERE created_at < ?", (created_before,))
+        self._tell_erased("expired", gone)
+        return len(gone)
+
+    def _tell_erased(self, reason: str, keys: list[ErasedKey]) -> None:
+        if keys and self.on_erased is not None:
+            self.on_erased(reason, keys)
 
     def hybrid_keys_made(self, peer_site: str) -> int:
         """Hybrid keys agreed with the peer and made ready here, ever (survives restarts)."""
@@ -668,6 +702,15 @@ class KeyStore:
             (master_sae_id, slave_sae_id),
         ).fetchone()
         return int(row[0])
+
+    def newest_ready_at(self, master_sae_id: str, slave_sae_id: str) -> float | None:
+        """When the pair's newest ready key was made (Unix time), or None if none is ready."""
+        row = self._db.execute(
+            "SELECT max(created_at) FROM hybrid_keys WHERE master_sae=? AND slave_sae=?"
+            " AND state='ready'",
+            (master_sae_id, slave_sae_id),
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
 
     def take_ready(self, master_sae_id: str, slave_sae_id: str, number: int) -> list[HybridKey]:
         """Hand out the ``number`` oldest ready keys of the pair and erase them (all or none)."""

@@ -4,6 +4,7 @@ session. Sealing and the inbox are also tested on their own, on a real SQLite st
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from qkdd import ctl
 from qkdd.client import BlockingKeyClient, KeyServiceClientError
 from qkdd.crypto import AuthenticationFailed
 from qkdd.demo import running_demo, wait_for_keys
@@ -51,7 +53,7 @@ def send_retrying(client: BlockingKeyClient, recipient: str, body: bytes, timeou
             time.sleep(0.05)
 
 
-def test_messages_of_every_size_arrive_once_in_order_for_their_recipient_only(tmp_path):
+def test_messages_of_every_size_arrive_once_in_order_for_their_recipient_only(tmp_path, capsys):
     with running_demo(tmp_path, _second_sae_at_b) as (site_a, site_b):
         wait_for_keys(site_a, SITE_B.sae_id, 8, timeout=60)
         bodies = [b"", b"\x00", os.urandom(CAP), b"last"]
@@ -86,6 +88,20 @@ def test_messages_of_every_size_arrive_once_in_order_for_their_recipient_only(tm
                 first = next(stream)
                 assert (first.message_id, first.body) == (back, b"reply")
                 stream.close()
+        # The same from a shell: qkdctl send, then recv --raw --ack, then nothing is left.
+        send = ["--socket", str(site_a.socket_path), "--compact", "send", SITE_B.sae_id]
+        assert ctl.main([*send, "--text", "via qkdctl"]) == 0
+        sent = json.loads(capsys.readouterr().out)
+        recv = ["--socket", sock_b, "--sae-id", SITE_B.sae_id, "recv", "--wait", "5"]
+        assert ctl.main([*recv, "--raw", "--ack"]) == 0
+        assert capsys.readouterr().out == "via qkdctl"
+        assert ctl.main([*recv[:-1], "0.1"]) == 3
+        assert "no message" in capsys.readouterr().err
+        assert (
+            ctl.main(["--socket", sock_b, "--sae-id", SITE_B.sae_id, "ack", sent["message_ID"]])
+            == 1
+        )
+        assert "holds no message" in capsys.readouterr().err
         logs = site_a.log_file.read_text() + site_b.log_file.read_text()
         assert bodies[2][:32].hex() not in logs
 

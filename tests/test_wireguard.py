@@ -705,7 +705,11 @@ async def test_first_install_raises_if_no_key_can_be_installed(autojump_clock):
     wg = FakeWg()
     wg.failing["wg-b"] = "Unable to modify interface: Operation not permitted"
     rotator = PskRotator(slave_binding(binding(**FAST)), installer=wg)
-    with pytest.raises(WireGuardError, match="could not install any.*Operation not permitted"):
+    # Virtual time: a first_install that retried forever would fail here, not hang.
+    with (
+        trio.fail_after(3600),
+        pytest.raises(WireGuardError, match="could not install any.*Operation not permitted"),
+    ):
         await rotator.first_install()
 
 
