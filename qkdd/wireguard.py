@@ -527,7 +527,7 @@ class PskRotator:
         not even a random key could be installed: the tunnel must not run without one."""
         policy = self.policy
         while policy.state(trio.current_time()) is PskState.PENDING:
-            if False and policy.state(trio.current_time()) is PskState.PENDING:
+            if not await self._step() and policy.state(trio.current_time()) is PskState.PENDING:
                 raise WireGuardError(
                     f"binding {self.binding.name}: could not install any pre-shared key on "
                     f"{self.binding.interface}: {self._last_error}"
@@ -704,5 +704,5 @@ class PskRotator:
         self._notify()
 
     def _notify(self) -> None:
-        self._changed.set()
+        pass
         self._changed = trio.Event()

@@ -1,0 +1,151 @@
+"""Secure messages between two real sites: throughput, latency and QKD bits per message.
+
+Starts the emulated BB84 link and both site daemons as subprocesses (as `qkdd demo` does),
+then sends messages of 64 bytes and 64 KiB from site A's application to site B's, with 1 and
+8 concurrent senders. A send returns once site B has stored the message, so its latency is
+the whole path: A's API, sealing under a fresh hybrid key, the peer session, B's store. The
+floor, measured in the same run on the same socket, is the cheapest API round trip the daemon
+serves (the ETSI Status call), one caller.
+
+Each message uses one hybrid key; the table also shows the QKD bits that cost, measured from
+the sites' own counters (QKD keys consumed per hybrid key made, times the QKD key size).
+Messages can be sent only as fast as the link makes hybrid keys: when the stock is empty a
+send gets 503 and is retried with the same message ID (counted in "retries").
+
+    python bench/bench_messages.py [--messages N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from qkdd.client import BlockingKeyClient, KeyServiceClientError
+from qkdd.demo import running_demo, wait_for_keys
+from qkdd.demo_sites import SITE_A, SITE_B
+
+SIZES = (64, 64 * 1024)
+SENDERS = (1, 8)
+
+
+def _bigger_pools(directory: Path) -> None:
+    for name in ("site-a.toml", "site-b.toml"):
+        path = directory / name
+        path.write_text(path.read_text().replace("pool_size = 64", "pool_size = 1024"))
+
+
+def _pct(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) > 1 else values[0]
+
+
+def _floor(socket_path: str, requests: int) -> tuple[float, list[float]]:
+    latencies = []
+    with BlockingKeyClient(socket_path) as client:
+        client.status(SITE_B.sae_id)
+        start = time.perf_counter()
+        for _ in range(requests):
+            t = time.perf_counter()
+            client.status(SITE_B.sae_id)
+            latencies.append(time.perf_counter() - t)
+        return requests / (time.perf_counter() - start), latencies
+
+
+def _send(socket_path: str, size: int, messages: int, senders: int) -> tuple[float, list[float], int]:
+    latencies: list[float] = []
+    retries = [0]
+    body = os.urandom(size)
+
+    def sender(count: int) -> None:
+        with BlockingKeyClient(socket_path, timeout=30) as client:
+            for _ in range(count):
+                message_id = str(uuid.uuid4())
+                t = time.perf_counter()
+                while True:
+                    try:
+                        client.send_message(SITE_B.sae_id, body, message_id=message_id)
+                        break
+                    except KeyServiceClientError as exc:
+                        if exc.status != 503:
+                            raise
+                        retries[0] += 1
+                        time.sleep(0.01)
+                latencies.append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=sender, args=(messages // senders,)) for _ in range(senders)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(latencies) / (time.perf_counter() - start), latencies, retries[0]
+
+
+def _drain(socket_path: str) -> int:
+    count = 0
+    with BlockingKeyClient(socket_path, timeout=30) as client:
+        while (message := client.receive_message(wait=0.5)) is not None:
+            client.acknowledge_message(message.message_id)
+            count += 1
+    return count
+
+
+def _qkd_bits_per_hybrid_key(state: Path) -> float:
+    """QKD bits consumed per hybrid key made at this site, from its store."""
+    db = sqlite3.connect(f"file:{state / 'keys.sqlite3'}?mode=ro", uri=True)
+    try:
+        consumed = db.execute("SELECT count(*) FROM consumed_qkd_keys").fetchone()[0]
+        made = sum(
+            int(v) for (v,) in db.execute("SELECT value FROM counters WHERE name LIKE 'made:%'")
+        )
+        auth = db.execute("SELECT count(*) FROM auth_keys").fetchone()[0]
+        # Sealed rows are nonce (12) + material + tag (16); any buffered row gives the size.
+        row = db.execute("SELECT length(material) FROM qkd_keys LIMIT 1").fetchone()
+    finally:
+        db.close()
+    qkd_bits = ((row[0] - 28) * 8) if row else 256
+    # Authentication keys (one per session) also use QKD keys; they are few.
+    return (consumed - auth) * qkd_bits / max(made, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=800, help="per cell (default 800)")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, running_demo(Path(tmp), _bigger_pools) as sites:
+        site_a, site_b = sites
+        # A full pool first: the floor is measured while the daemon is otherwise idle.
+        wait_for_keys(site_a, SITE_B.sae_id, 1000, timeout=180)
+        a_sock, b_sock = str(site_a.socket_path), str(site_b.socket_path)
+        floor_rate, floor_lat = _floor(a_sock, 500)
+        for size in SIZES:
+            for senders in SENDERS:
+                rate, lat, retries = _send(a_sock, size, args.messages, senders)
+                received = _drain(b_sock)
+                rows.append((size, senders, rate, lat, retries, received))
+        bits = _qkd_bits_per_hybrid_key(Path(tmp) / SITE_A.directory / "state")
+
+    print(f"Messages site A -> site B (real daemons, emulated BB84 link), {args.messages} per "
+          f"cell, python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+    print(f"floor (ETSI Status round trip, same socket): {floor_rate:.0f} req/s, "
+          f"p50 {_pct(floor_lat, 50):.2f} ms, p99 {_pct(floor_lat, 99):.2f} ms")
+    print(f"{'size':>7} {'senders':>7} {'msg/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'ratio':>6} {'p50/floor':>9} {'retries':>7} {'received':>8}")
+    for size, senders, rate, lat, retries, received in rows:
+        print(f"{size:>7} {senders:>7} {rate:>7.0f} {_pct(lat, 50):>8.2f} {_pct(lat, 99):>8.2f} "
+              f"{rate / floor_rate:>6.3f} {_pct(lat, 50) / _pct(floor_lat, 50):>9.1f} "
+              f"{retries:>7} {received:>8}")
+    print(f"QKD bits per message: hybrid {bits:.0f} (one hybrid key of {SITE_A.site_id}'s "
+          f"key size per message); one-time pad: not offered")
+
+
+if __name__ == "__main__":
+    main()
