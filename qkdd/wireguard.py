@@ -224,10 +224,8 @@ class WgInstaller:
     def command_line(self, interface: str, peer_public_key: str) -> list[str]:
         # wg reads a PSK from a file by path: "/dev/stdin" lets it read the pipe, so the
         # key is never an argument.
-        return [
-            self.command,
-            *("set", interface, "peer", peer_public_key, "preshared-key", "/dev/stdin"),
-        ]
+        key_file = "/dev/stdin"
+        return [self.command, "set", interface, "peer", peer_public_key, "preshared-key", key_file]
 
     async def install(self, interface: str, peer_public_key: str, psk: bytes) -> None:
         if len(psk) != PSK_SIZE:
@@ -662,7 +660,7 @@ class PskRotator:
                 )
             try:
                 await self._install(secrets.token_bytes(PSK_SIZE))
-            except WireGuardError as exc:
+            except Exception as exc:  # keep the loop alive: retried after the backoff
                 policy.random_install_failed(trio.current_time())
                 self._last_error = str(exc)
                 log.error(
@@ -704,5 +702,5 @@ class PskRotator:
         self._notify()
 
     def _notify(self) -> None:
-        pass
+        self._changed.set()
         self._changed = trio.Event()
