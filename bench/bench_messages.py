@@ -58,7 +58,9 @@ def _floor(socket_path: str, requests: int) -> tuple[float, list[float]]:
         return requests / (time.perf_counter() - start), latencies
 
 
-def _send(socket_path: str, size: int, messages: int, senders: int) -> tuple[float, list[float], int]:
+def _send(
+    socket_path: str, size: int, messages: int, senders: int
+) -> tuple[float, list[float], int]:
     latencies: list[float] = []
     retries = [0]
     body = os.urandom(size)
@@ -133,18 +135,28 @@ def main() -> None:
                 rows.append((size, senders, rate, lat, retries, received))
         bits = _qkd_bits_per_hybrid_key(Path(tmp) / SITE_A.directory / "state")
 
-    print(f"Messages site A -> site B (real daemons, emulated BB84 link), {args.messages} per "
-          f"cell, python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
-    print(f"floor (ETSI Status round trip, same socket): {floor_rate:.0f} req/s, "
-          f"p50 {_pct(floor_lat, 50):.2f} ms, p99 {_pct(floor_lat, 99):.2f} ms")
-    print(f"{'size':>7} {'senders':>7} {'msg/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'ratio':>6} {'p50/floor':>9} {'retries':>7} {'received':>8}")
+    print(
+        f"Messages site A -> site B (real daemons, emulated BB84 link), {args.messages} per "
+        f"cell, python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
+    )
+    print(
+        f"floor (ETSI Status round trip, same socket): {floor_rate:.0f} req/s, "
+        f"p50 {_pct(floor_lat, 50):.2f} ms, p99 {_pct(floor_lat, 99):.2f} ms"
+    )
+    print(
+        f"{'size':>7} {'senders':>7} {'msg/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'ratio':>6} {'p50/floor':>9} {'retries':>7} {'received':>8}"
+    )
     for size, senders, rate, lat, retries, received in rows:
-        print(f"{size:>7} {senders:>7} {rate:>7.0f} {_pct(lat, 50):>8.2f} {_pct(lat, 99):>8.2f} "
-              f"{rate / floor_rate:>6.3f} {_pct(lat, 50) / _pct(floor_lat, 50):>9.1f} "
-              f"{retries:>7} {received:>8}")
-    print(f"QKD bits per message: hybrid {bits:.0f} (one hybrid key of {SITE_A.site_id}'s "
-          f"key size per message); one-time pad: not offered")
+        print(
+            f"{size:>7} {senders:>7} {rate:>7.0f} {_pct(lat, 50):>8.2f} {_pct(lat, 99):>8.2f} "
+            f"{rate / floor_rate:>6.3f} {_pct(lat, 50) / _pct(floor_lat, 50):>9.1f} "
+            f"{retries:>7} {received:>8}"
+        )
+    print(
+        f"QKD bits per message: hybrid {bits:.0f} (one hybrid key of {SITE_A.site_id}'s "
+        f"key size per message); one-time pad: not offered"
+    )
 
 
 if __name__ == "__main__":

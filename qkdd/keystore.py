@@ -78,7 +78,10 @@ CREATE TABLE IF NOT EXISTS hybrid_keys (
     state      TEXT NOT NULL CHECK (state IN ('pending', 'ready')),
     created_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS hybrid_by_pair ON hybrid_keys (master_sae, slave_sae, state);
+-- Oldest ready keys of a pair come straight off this index (no sort of the whole pool).
+DROP INDEX IF EXISTS hybrid_by_pair;
+CREATE INDEX IF NOT EXISTS hybrid_by_pair_age
+    ON hybrid_keys (master_sae, slave_sae, state, created_at);
 CREATE INDEX IF NOT EXISTS hybrid_by_batch ON hybrid_keys (peer_site, batch_id);
 CREATE TABLE IF NOT EXISTS assigned_keys (
     key_id     TEXT NOT NULL,

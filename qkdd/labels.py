@@ -50,7 +50,7 @@ AAD_MESSAGE_ROW: Final = b"qkdd/v1 sealed message row"
 # Application messages (qkdd.messaging): the one-time AEAD key from a hybrid key, and the
 # associated data that binds a ciphertext to its message ID, sender and recipient.
 LABEL_MESSAGE_KEY: Final = b"qkdd/v1 message key"
-AAD_MESSAGE: Final = b"qkdd/v1 message"
+AAD_MESSAGE: Final = b"qkdd/v1 message aad"
 
 # WireGuard pre-shared keys (qkdd.wireguard): a PSK derived from a hybrid key under its own
 # label, bound to the binding name and key ID, so it never equals the key itself.
