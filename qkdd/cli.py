@@ -31,10 +31,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from qkdd.etsi014.pool import KeyServiceError
     from qkdd.identity import IdentityError
     from qkdd.keystore import StoreError
+    from qkdd.wireguard import WireGuardError
 
     _configure_logging(args.verbose)
     config = load_config(args.config)
-    expected = (IdentityError, StoreError, CryptoError, KeyServiceError, OSError)
+    expected = (IdentityError, StoreError, CryptoError, KeyServiceError, WireGuardError, OSError)
     try:
         trio.run(run_daemon, config)
     except BaseException as exc:  # noqa: BLE001 - unwrapped below, re-raised if unknown

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from qkdd.crypto import SIGNATURE_PUBLIC_KEY_SIZE
 from qkdd.crypto.select import BACKEND_CHOICES
+from qkdd.wireguard import WireGuardBinding
 
 if sys.version_info >= (3, 11):  # noqa: UP036 - tomli stays declared for older Pythons
     import tomllib
@@ -144,6 +145,8 @@ class SiteConfig:
     # SAE's inbox holds unacknowledged before new ones are refused.
     message_max_size: int = 1024 * 1024
     message_max_pending: int = 100_000
+    # [[wireguard]]: WireGuard peers whose pre-shared key is kept fresh from hybrid keys.
+    wireguard: tuple[WireGuardBinding, ...] = ()
 
     @property
     def local_sae_ids(self) -> frozenset[str]:
@@ -389,6 +392,51 @@ def _consumer(reader: _Reader) -> ConsumerConfig:
     return ConsumerConfig(sae_id=reader.identifier("sae_id"), uid=uid, keys_per_hour=quota)
 
 
+_WIREGUARD_KEYS = {
+    "name",
+    "interface",
+    "peer_public_key",
+    "peer_site",
+    "local_sae",
+    "remote_sae",
+    "interval",
+    "max_key_age",
+    "startup_timeout",
+    "wg_command",
+}
+
+
+def _wireguard(
+    reader: _Reader, consumers: tuple[ConsumerConfig, ...], peers: tuple[PeerConfig, ...]
+) -> WireGuardBinding:
+    reader.reject_unknown(_WIREGUARD_KEYS)
+    fields = {k: v for k, v in reader.table.items() if k in _WIREGUARD_KEYS}
+    missing = sorted(
+        {"name", "interface", "peer_public_key", "peer_site", "local_sae", "remote_sae"}
+        - set(fields)
+    )
+    if missing:
+        raise reader.error(missing[0], "a value (this key is required)")
+    try:
+        binding = WireGuardBinding(**fields)
+    except (ValueError, TypeError) as exc:
+        # WireGuardBinding's messages start with "wireguard.<key>: expected ..."
+        key, _, expected = str(exc).partition(": expected ")
+        raise reader.error(key.removeprefix("wireguard."), expected or str(exc)) from None
+    peer = next((p for p in peers if p.site_id == binding.peer_site), None)
+    if peer is None:
+        raise reader.error("peer_site", "the site_id of one of [[peers]]", binding.peer_site)
+    if binding.local_sae not in {c.sae_id for c in consumers}:
+        raise reader.error(
+            "local_sae", "an sae_id of [[consumers]] (keys are made for it)", binding.local_sae
+        )
+    if binding.remote_sae not in peer.remote_sae_ids:
+        raise reader.error(
+            "remote_sae", f"one of the remote_sae_ids of peer {peer.site_id}", binding.remote_sae
+        )
+    return binding
+
+
 def _unique(file: Path, key: str, values: list[str]) -> None:
     seen: set[str] = set()
     for value in values:
@@ -411,6 +459,7 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
             "consumers",
             "peers",
             "messages",
+            "wireguard",
         }
     )
     messages = (
@@ -432,6 +481,8 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
     consumers = tuple(_consumer(r) for r in root.table_list("consumers"))
     peers = tuple(_peer(r) for r in root.table_list("peers"))
     site_id = root.identifier("site_id")
+    wireguard = tuple(_wireguard(r, consumers, peers) for r in root.table_list("wireguard"))
+    _unique(file, "wireguard[].name", [w.name for w in wireguard])
     _unique(file, "consumers[].sae_id", [c.sae_id for c in consumers])
     _unique(file, "peers[].site_id", [p.site_id for p in peers])
     if any(p.site_id == site_id for p in peers):
@@ -456,6 +507,7 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
         peers=peers,
         message_max_size=messages.integer("max_size", 0, 1024 * 1024, 1024 * 1024),
         message_max_pending=messages.integer("max_pending", 1, 10**9, 100_000),
+        wireguard=wireguard,
     )
 
 

@@ -49,6 +49,8 @@ from qkdd.pool import StoreKeyPool
 from qkdd.progress import ProgressWatch
 from qkdd.status import RecentErrors, site_status
 from qkdd.systemd import Notifier, listen_fds_with_names, watchdog_interval
+from qkdd.wireguard import PskRotator
+from qkdd.wireguard_link import make_rotators
 
 log = logging.getLogger("qkdd.daemon")
 
@@ -143,8 +145,10 @@ async def run_daemon(config: SiteConfig) -> None:
             links=links,
             store=store,
             recent_errors=recent_errors.events(),
+            wireguard=[rotator.status() for rotator in rotators.values()],
         )
 
+    rotators = make_rotators(config, links, store)
     bus = EventBus()
     store.on_erased = functools.partial(_publish_erased, bus)
 
@@ -213,6 +217,11 @@ async def run_daemon(config: SiteConfig) -> None:
                 period = watchdog_interval()
                 if period is not None:
                     nursery.start_soon(_watchdog, notifier, ProgressWatch(links, store), period)
+                # The first WireGuard PSK (fresh, or random to fail closed) is in place
+                # before READY, so no tunnel runs without one.
+                await _first_psks(notifier, rotators)
+                for rotator in rotators.values():
+                    nursery.start_soon(rotator.run)
                 notifier.ready()
                 log.info("event=ready site=%s", config.site_id)
                 async for signum in signals:
@@ -306,6 +315,20 @@ async def _expire_keys(live: LiveConfig, store: KeyStore) -> None:
         if erased:
             log.info("event=keys_expired count=%d lifetime_s=%d", erased, lifetime)
         await trio.sleep(min(EXPIRY_INTERVAL, lifetime / 2))
+
+
+async def _first_psks(notifier: Notifier, rotators: dict[str, PskRotator]) -> None:
+    if not rotators:
+        return
+    notifier.status(f"installing the first WireGuard PSK of {len(rotators)} binding(s)")
+    async with trio.open_nursery() as nursery:
+        for name, rotator in rotators.items():
+
+            async def first(name: str = name, rotator: PskRotator = rotator) -> None:
+                installed = await rotator.first_install()
+                log.info("event=wireguard_ready binding=%s installed=%r", name, installed)
+
+            nursery.start_soon(first)
 
 
 def _publish_erased(bus: EventBus, reason: str, keys: list[ErasedKey]) -> None:

@@ -165,13 +165,16 @@ def site_status(
     links: Mapping[str, LinkView],
     store: StoreView,
     recent_errors: Sequence[Mapping[str, Any]] = (),
+    wireguard: Sequence[Mapping[str, Any]] = (),
     now: float | None = None,
 ) -> dict[str, Any]:
-    """A snapshot of the site for operators (``GET /qkdd/v1/status``, ``qkdctl status``)."""
+    """A snapshot of the site for operators (``GET /qkdd/v1/status``, ``qkdctl status``);
+    ``wireguard`` holds each WireGuard binding's status row."""
     return {
         "site_id": site_id,
         "backend": backend,
         "time": time.time() if now is None else now,
         "peers": {peer: _peer(link, store) for peer, link in links.items()},
+        "wireguard": [dict(row) for row in wireguard],
         "recent_errors": [dict(event) for event in recent_errors],
     }

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import json
 import logging
 import math
 import os
 import shutil
 import struct
 import subprocess
-import sys
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -34,6 +32,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from wg_standin import StandinWg, install_standin, path_with
 
 from qkdd import labels
 from qkdd.wireguard import (
@@ -768,71 +767,14 @@ async def test_status_and_logs_never_show_key_material(autojump_clock, nursery, 
 # --------------------------------------------------------------------------------------
 # WgInstaller against the recording stand-in
 
-STANDIN = """\
-#!{python} -IS
-# A stand-in for wg(8) in tests: records argv and the key file it was given, checks the
-# key the way wg does, and fails when a file named fail-INTERFACE exists.
-import base64, binascii, json, os, sys
-
-here = {here!r}
-args = sys.argv[1:]
-key = None
-if "preshared-key" in args:
-    with open(args[args.index("preshared-key") + 1]) as key_file:  # wg reads it by path
-        key = key_file.read()
-with open(os.path.join(here, "calls.jsonl"), "a") as log:
-    log.write(json.dumps({{"argv": args, "key_file": key}}) + "\\n")
-fail = os.path.join(here, "fail-" + (args[1] if len(args) > 1 else ""))
-if os.path.exists(fail):
-    with open(fail) as message:
-        sys.stderr.write(message.read().replace("{{key}}", (key or "").strip()))
-    sys.exit(3)
-if key is not None:
-    try:
-        ok = len(base64.b64decode(key.strip(), validate=True)) == 32
-    except binascii.Error:
-        ok = False
-    if not ok:
-        sys.stderr.write("Key is not the correct length or format: `%s'\\n" % key.strip())
-        sys.exit(1)
-"""
-
-
-class StandinWg:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def calls(self) -> list[dict[str, object]]:
-        log = self.directory / "calls.jsonl"
-        if not log.exists():
-            return []
-        return [json.loads(line) for line in log.read_text().splitlines()]
-
-    def installed(self, interface: str) -> list[bytes]:
-        return [
-            base64.b64decode(str(call["key_file"]))
-            for call in self.calls()
-            if call["argv"][1] == interface  # type: ignore[index]
-        ]
-
-    def fail(self, interface: str, stderr: str) -> None:
-        (self.directory / f"fail-{interface}").write_text(stderr)
-
-    def recover(self, interface: str) -> None:
-        (self.directory / f"fail-{interface}").unlink()
-
 
 @pytest.fixture
 def standin_wg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StandinWg:
     """A recording `wg` first on PATH (the real one cannot run here: see the module
     docstring)."""
-    directory = tmp_path / "bin"
-    directory.mkdir()
-    script = directory / "wg"
-    script.write_text(STANDIN.format(python=sys.executable, here=str(directory)))
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{directory}{os.pathsep}{os.environ.get('PATH', '')}")
-    return StandinWg(directory)
+    standin = install_standin(tmp_path / "bin")
+    monkeypatch.setenv("PATH", path_with(standin.directory))
+    return standin
 
 
 async def wait_until(condition: Callable[[], bool]) -> None:

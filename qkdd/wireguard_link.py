@@ -1,0 +1,87 @@
+"""WireGuard bindings wired to the key store and the peer links: one ``PskRotator`` per
+``[[wireguard]]`` entry, fed with hybrid keys of its SAE pair.
+
+At the link master a rotation takes one ready key of (local_sae -> remote_sae) and makes a
+WG_INSTALL peer call naming it; at the link slave the call's handler takes the same key by
+ID (pair remote_sae -> local_sae) and installs it, answering only once ``wg`` succeeded, so
+the master installs its copy only after the peer has. Each key is erased from both stores
+when it is taken, like any key handed out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from qkdd.config import SiteConfig
+from qkdd.keystore import KeyStore
+from qkdd.peer.calls import CallKind, CallRefused, WgInstall
+from qkdd.peering import CallHandler, PeerLink
+from qkdd.wireguard import (
+    ANNOUNCE_TIMEOUT,
+    Announce,
+    PskRotator,
+    TakeFreshKey,
+    WireGuardBinding,
+    WireGuardError,
+)
+
+
+def make_rotators(
+    config: SiteConfig, links: Mapping[str, PeerLink], store: KeyStore
+) -> dict[str, PskRotator]:
+    """A rotator per binding (by name); registers the WG_INSTALL handler on links where
+    this site is the slave."""
+    rotators: dict[str, PskRotator] = {}
+    served: dict[str, dict[str, PskRotator]] = {}
+    for binding in config.wireguard:
+        link = links[binding.peer_site]
+        if link.params.is_master:
+            rotators[binding.name] = PskRotator(
+                binding,
+                take_fresh_key=_taker(store, binding),
+                announce=_announcer(link, binding),
+            )
+        else:
+            rotators[binding.name] = PskRotator(binding)
+            served.setdefault(binding.peer_site, {})[binding.name] = rotators[binding.name]
+    for site, by_name in served.items():
+        links[site].call_handlers[CallKind.WG_INSTALL] = _install_handler(site, store, by_name)
+    return rotators
+
+
+def _taker(store: KeyStore, binding: WireGuardBinding) -> TakeFreshKey:
+    def take_fresh_key() -> tuple[str, bytes] | None:
+        keys = store.take_ready(binding.local_sae, binding.remote_sae, 1)
+        return (keys[0].key_id, keys[0].material) if keys else None
+
+    return take_fresh_key
+
+
+def _announcer(link: PeerLink, binding: WireGuardBinding) -> Announce:
+    async def announce(key_id: str) -> None:
+        body = WgInstall(binding.name, key_id).encode()
+        await link.call(CallKind.WG_INSTALL, body, timeout=ANNOUNCE_TIMEOUT)
+
+    return announce
+
+
+def _install_handler(site: str, store: KeyStore, rotators: Mapping[str, PskRotator]) -> CallHandler:
+    async def handle(body: bytes) -> bytes:
+        request = WgInstall.decode(body)
+        rotator = rotators.get(request.binding)
+        if rotator is None:
+            raise CallRefused(f"no WireGuard binding {request.binding!r} with site {site} here")
+        binding = rotator.binding
+        keys = store.take_by_ids(binding.remote_sae, binding.local_sae, [request.key_id])
+        if not keys:
+            raise CallRefused(
+                f"key {request.key_id} of {binding.remote_sae} -> {binding.local_sae} is not "
+                "held here"
+            )
+        try:
+            await rotator.install_announced(request.key_id, keys[0].material)
+        except WireGuardError as exc:
+            raise CallRefused(f"installing the PSK failed: {exc}") from None
+        return b""
+
+    return handle
