@@ -143,7 +143,67 @@ BAD_VALUES = [
     ("[api]", "[api]\nsocket_colour = 1", "api.socket_colour", "no such key"),
     ('private_key = "site-a/identity.key"\n', "", "identity.private_key", "the key is missing"),
     ("[identity]\n", "[identities]\n", "identities", "no such key"),
+    (
+        'sae_id = "sae-a"',
+        'sae_id = "sae-a"\nkeys_per_hour = 0',
+        "consumers[0].keys_per_hour",
+        "integer from 1",
+    ),
+    ("[api]", "[messages]\nmax_size = 2000000\n\n[api]", "messages.max_size", "to 1048576"),
+    ("[api]", "[messages]\nmax_pending = 0\n\n[api]", "messages.max_pending", "from 1"),
+    ("[api]", "[messages]\ncolour = 1\n\n[api]", "messages.colour", "no such key"),
 ]
+
+WG = {
+    "name": '"t"',
+    "interface": '"wg0"',
+    "peer_public_key": f'"{base64.b64encode(bytes(32)).decode()}"',
+    "peer_site": '"site-b"',
+    "local_sae": '"sae-a"',
+    "remote_sae": '"sae-b"',
+}
+
+
+def wireguard_table(**changes: str | None) -> str:
+    fields = {**WG, **changes}
+    return "\n[[wireguard]]\n" + "".join(
+        f"{k} = {v}\n" for k, v in fields.items() if v is not None
+    )
+
+
+def test_wireguard_binding_loads(site_dir):
+    path = site_dir / "site-a.toml"
+    path.write_text(path.read_text() + wireguard_table(interval="60"))
+    (binding,) = load_config(path).wireguard
+    assert (binding.name, binding.interface, binding.interval, binding.max_key_age) == (
+        "t",
+        "wg0",
+        60,
+        600,
+    )
+
+
+@pytest.mark.parametrize(
+    "changes,key,expected",
+    [
+        ({"peer_site": '"site-c"'}, "wireguard[0].peer_site", "[[peers]]"),
+        ({"local_sae": '"sae-x"'}, "wireguard[0].local_sae", "[[consumers]]"),
+        ({"remote_sae": '"sae-x"'}, "wireguard[0].remote_sae", "remote_sae_ids of peer site-b"),
+        ({"peer_public_key": '"short"'}, "wireguard[0].peer_public_key", "public key"),
+        ({"interface": '"a/b"'}, "wireguard[0].interface", "interface name"),
+        ({"max_key_age": "60"}, "wireguard[0].max_key_age", "more than interval"),
+        ({"interval": "true"}, "wireguard[0].interval", "positive number"),
+        ({"name": None}, "wireguard[0].name", "required"),
+        ({"colour": '"red"'}, "wireguard[0].colour", "no such key"),
+    ],
+)
+def test_wireguard_errors_name_the_key(site_dir, changes, key, expected):
+    path = site_dir / "site-a.toml"
+    path.write_text(path.read_text() + wireguard_table(**changes))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == key, info.value
+    assert expected in info.value.expected, info.value
 
 
 @pytest.mark.parametrize("old,new,key,expected", BAD_VALUES)
