@@ -38,6 +38,7 @@ FLOOR_BODY = b'{"keys":[]}'
 
 # -- servers (run in child processes) --
 
+
 def _store_pool(directory: str, keys: int) -> tuple[object, list[str]]:
     """A StoreKeyPool with ``keys`` ready keys for MASTER -> SLAVE, and the IDs of as many
     more that a slave may collect (in a real pair of sites they sit in the peer's store)."""
@@ -50,23 +51,34 @@ def _store_pool(directory: str, keys: int) -> tuple[object, list[str]]:
     from qkdd.keystore import KeyStore, NewHybridKey
     from qkdd.pool import StoreKeyPool
 
-    config = parse_config(Path(directory) / "bench.toml", {
-        "site_id": "site-a", "listen": "127.0.0.1:1", "state_directory": directory,
-        "identity": {"private_key": "unused"},
-        "store": {"key_encryption_key": "unused"},
-        "api": {"socket": "unused", "max_keys_per_request": 100},
-        "consumers": [{"sae_id": MASTER}],
-        "peers": [{
-            "site_id": "site-b", "address": "127.0.0.1:2", "remote_sae_ids": [SLAVE],
-            "public_key": base64.b64encode(bytes(SIGNATURE_PUBLIC_KEY_SIZE)).decode(),
-            "device": {"kind": "serial", "path": "unused"},
-        }],
-    })
+    config = parse_config(
+        Path(directory) / "bench.toml",
+        {
+            "site_id": "site-a",
+            "listen": "127.0.0.1:1",
+            "state_directory": directory,
+            "identity": {"private_key": "unused"},
+            "store": {"key_encryption_key": "unused"},
+            "api": {"socket": "unused", "max_keys_per_request": 100},
+            "consumers": [{"sae_id": MASTER}],
+            "peers": [
+                {
+                    "site_id": "site-b",
+                    "address": "127.0.0.1:2",
+                    "remote_sae_ids": [SLAVE],
+                    "public_key": base64.b64encode(bytes(SIGNATURE_PUBLIC_KEY_SIZE)).decode(),
+                    "device": {"kind": "serial", "path": "unused"},
+                }
+            ],
+        },
+    )
     store = KeyStore(Path(directory) / "keys.sqlite3", os.urandom(32))
     dec_ids: list[str] = []
     for batch_id, start in enumerate(range(0, 2 * keys, 256), start=1):
-        batch = [NewHybridKey(str(uuid.uuid4()), MASTER, SLAVE, 256, os.urandom(32))
-                 for _ in range(min(256, 2 * keys - start))]
+        batch = [
+            NewHybridKey(str(uuid.uuid4()), MASTER, SLAVE, 256, os.urandom(32))
+            for _ in range(min(256, 2 * keys - start))
+        ]
         store.add_batch("site-b", batch_id, batch, [])
         store.commit_batch("site-b", batch_id)
         if start >= keys:
@@ -103,10 +115,17 @@ async def _serve_floor(path: str) -> None:
                 conn.receive_data(await stream.receive_some(65536))
             elif isinstance(event, h11.EndOfMessage):
                 await stream.send_all(
-                    conn.send(h11.Response(status_code=200, headers=[
-                        ("content-type", "application/json"),
-                        ("content-length", str(len(FLOOR_BODY)))]))
-                    + conn.send(h11.Data(data=FLOOR_BODY)) + conn.send(h11.EndOfMessage())
+                    conn.send(
+                        h11.Response(
+                            status_code=200,
+                            headers=[
+                                ("content-type", "application/json"),
+                                ("content-length", str(len(FLOOR_BODY))),
+                            ],
+                        )
+                    )
+                    + conn.send(h11.Data(data=FLOOR_BODY))
+                    + conn.send(h11.EndOfMessage())
                 )
                 conn.start_next_cycle()
             elif isinstance(event, h11.ConnectionClosed):
@@ -123,7 +142,8 @@ async def _serve_floor(path: str) -> None:
 
 def _start(kind: str, path: str, keys: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", kind, path, str(keys)], stdout=subprocess.PIPE,
+        [sys.executable, __file__, "--serve", kind, path, str(keys)],
+        stdout=subprocess.PIPE,
         text=True,
     )
     assert proc.stdout is not None
@@ -137,8 +157,9 @@ def _start(kind: str, path: str, keys: int) -> subprocess.Popen[str]:
 Call = Callable[[KeyClient, int], Awaitable[object]]
 
 
-async def _run(path: str, sae: str, concurrency: int, requests: int,
-               call: Call) -> tuple[float, list[float]]:
+async def _run(
+    path: str, sae: str, concurrency: int, requests: int, call: Call
+) -> tuple[float, list[float]]:
     """Run `requests` calls spread over `concurrency` callers; (requests/s, latencies in s)."""
     latencies: list[float] = []
     per_caller = requests // concurrency
@@ -166,12 +187,14 @@ async def _floor_call(client: KeyClient, _: int) -> object:
 def _enc_call(number: int) -> Call:
     async def call(client: KeyClient, _: int) -> object:
         return await client.enc_keys(SLAVE, number=number)
+
     return call
 
 
 def _dec_call(key_ids: list[str]) -> Call:
     async def call(client: KeyClient, index: int) -> object:
         return await client.dec_keys(MASTER, [key_ids[index]])
+
     return call
 
 
@@ -188,11 +211,11 @@ async def _bench(requests: int) -> list[tuple[str, int, float, list[float], floa
         servers = [_start("api", api_path, keys), _start("floor", floor_path, 0)]
         try:
             for concurrency in CONCURRENCY:
-                floor_rate, _ = await _run(floor_path, MASTER, concurrency, requests,
-                                           _floor_call)
+                floor_rate, _ = await _run(floor_path, MASTER, concurrency, requests, _floor_call)
                 for label, number in (("enc_keys x1", 1), ("enc_keys x100", 100)):
-                    rate, lat = await _run(api_path, MASTER, concurrency, requests,
-                                           _enc_call(number))
+                    rate, lat = await _run(
+                        api_path, MASTER, concurrency, requests, _enc_call(number)
+                    )
                     rows.append((label, concurrency, rate, lat, floor_rate))
                 # Keys for the slave to collect, handed out to the master beforehand.
                 if os.path.exists(api_path + ".ids"):
@@ -217,8 +240,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="per cell (default 2000)")
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
-    parser.add_argument("--pool", choices=("memory", "store"), default="memory",
-                        help="the pool behind the API (default: memory)")
+    parser.add_argument(
+        "--pool",
+        choices=("memory", "store"),
+        default="memory",
+        help="the pool behind the API (default: memory)",
+    )
     args = parser.parse_args()
     os.environ["BENCH_POOL"] = args.pool  # the server child reads it
     if args.serve:
@@ -227,13 +254,19 @@ def main() -> None:
         return
     requests = max(args.requests, max(CONCURRENCY) * 4)
     rows = trio.run(_bench, requests)
-    print(f"ETSI 014 over a Unix socket ({args.pool} pool), {requests} requests per cell, "
-          f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
-    print(f"{'workload':<14} {'callers':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'floor req/s':>11} {'ratio':>6}")
+    print(
+        f"ETSI 014 over a Unix socket ({args.pool} pool), {requests} requests per cell, "
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'workload':<14} {'callers':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'floor req/s':>11} {'ratio':>6}"
+    )
     for label, concurrency, rate, lat, floor_rate in rows:
-        print(f"{label:<14} {concurrency:>7} {rate:>9.0f} {_pct(lat, 50):>8.2f} "
-              f"{_pct(lat, 99):>8.2f} {floor_rate:>11.0f} {rate / floor_rate:>6.2f}")
+        print(
+            f"{label:<14} {concurrency:>7} {rate:>9.0f} {_pct(lat, 50):>8.2f} "
+            f"{_pct(lat, 99):>8.2f} {floor_rate:>11.0f} {rate / floor_rate:>6.2f}"
+        )
 
 
 if __name__ == "__main__":

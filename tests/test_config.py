@@ -166,9 +166,7 @@ WG = {
 
 def wireguard_table(**changes: str | None) -> str:
     fields = {**WG, **changes}
-    return "\n[[wireguard]]\n" + "".join(
-        f"{k} = {v}\n" for k, v in fields.items() if v is not None
-    )
+    return "\n[[wireguard]]\n" + "".join(f"{k} = {v}\n" for k, v in fields.items() if v is not None)
 
 
 def test_wireguard_binding_loads(site_dir):

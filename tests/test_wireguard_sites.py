@@ -58,9 +58,7 @@ def _wait(condition, what: str, timeout: float = 40.0) -> None:  # type: ignore[
         time.sleep(0.1)
 
 
-def test_both_sites_install_the_same_psks_and_fail_closed_without_the_peer(
-    tmp_path, monkeypatch
-):
+def test_both_sites_install_the_same_psks_and_fail_closed_without_the_peer(tmp_path, monkeypatch):
     wg: StandinWg = install_standin(tmp_path / "bin")
     monkeypatch.setenv("PATH", path_with(wg.directory))  # the daemons inherit it
     with running_demo(tmp_path, _with_wireguard) as (site_a, site_b):
