@@ -146,8 +146,12 @@ class Message:
     body: bytes = field(repr=False)
 
 
-def _send_request(recipient_sae_id: str, body: bytes, message_id: str | None) -> tuple[str, bytes]:
+def _send_request(
+    recipient_sae_id: str, body: bytes, message_id: str | None, protection: str = "hybrid"
+) -> tuple[str, bytes]:
     obj: dict[str, Any] = {"body": base64.b64encode(body).decode("ascii")}
+    if protection != "hybrid":
+        obj["protection"] = protection
     if message_id is not None:
         obj["message_ID"] = message_id
     return f"{SEND_PREFIX}{quote(recipient_sae_id, safe='')}", json.dumps(obj).encode()
@@ -483,12 +487,17 @@ class KeyClient(_Endpoints):
         return await self._call(method, target, body)
 
     async def send_message(
-        self, recipient_sae_id: str, body: bytes, *, message_id: str | None = None
+        self,
+        recipient_sae_id: str,
+        body: bytes,
+        *,
+        message_id: str | None = None,
+        protection: str = "hybrid",
     ) -> str:
         """Send `body` to an SAE at another site; returns the message ID once the recipient's
         site has stored it. After a failure, sending again with the same `message_id` is
-        safe: the message is kept once."""
-        target, request = _send_request(recipient_sae_id, body, message_id)
+        safe: the message is kept once. `protection` "otp" asks for a one-time pad."""
+        target, request = _send_request(recipient_sae_id, body, message_id, protection)
         return str(_decode_json(*await self._call("POST", target, request))["message_ID"])
 
     async def receive_message(self, wait: float = 0.0, *, after: int = 0) -> Message | None:
@@ -668,12 +677,17 @@ class BlockingKeyClient(_Endpoints):
         return self._call(method, target, body)
 
     def send_message(
-        self, recipient_sae_id: str, body: bytes, *, message_id: str | None = None
+        self,
+        recipient_sae_id: str,
+        body: bytes,
+        *,
+        message_id: str | None = None,
+        protection: str = "hybrid",
     ) -> str:
         """Send `body` to an SAE at another site; returns the message ID once the recipient's
         site has stored it. After a failure, sending again with the same `message_id` is
-        safe: the message is kept once."""
-        target, request = _send_request(recipient_sae_id, body, message_id)
+        safe: the message is kept once. `protection` "otp" asks for a one-time pad."""
+        target, request = _send_request(recipient_sae_id, body, message_id, protection)
         return str(_decode_json(*self._call("POST", target, request))["message_ID"])
 
     def receive_message(self, wait: float = 0.0, *, after: int = 0) -> Message | None:

@@ -114,6 +114,9 @@ class PeerConfig:
     pool_size: int
     auth_key_bits: int
     qkd_buffer_keys: int
+    # One-time pad (raw QKD material) kept ready per local sender -> remote recipient pair,
+    # for one-time-pad messages; 0 keeps none.
+    otp_pad_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -351,6 +354,7 @@ def _peer(reader: _Reader) -> PeerConfig:
             "pool_size",
             "auth_key_bits",
             "qkd_buffer_keys",
+            "otp_pad_bytes",
         }
     )
     remote = reader.get("remote_sae_ids", list, "a list of the SAE IDs at that site")
@@ -369,6 +373,7 @@ def _peer(reader: _Reader) -> PeerConfig:
         auth_key_bits=_auth_key_bits(reader),
         # QKD keys held here at most before the device is made to wait (back-pressure).
         qkd_buffer_keys=reader.integer("qkd_buffer_keys", 16, 10_000_000, 4096),
+        otp_pad_bytes=reader.integer("otp_pad_bytes", 0, 1 << 30, 0),
     )
 
 

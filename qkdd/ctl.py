@@ -101,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     body.add_argument("--text", help="the message, as UTF-8 text")
     body.add_argument("--file", help="read the message from this file ('-': standard input)")
     send.add_argument("--message-id", help="a UUID to send under (default: a new one)")
+    send.add_argument(
+        "--otp",
+        action="store_true",
+        help="protect it with a one-time pad of QKD material (default: a hybrid key)",
+    )
 
     recv = commands.add_parser(
         "recv",
@@ -247,7 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 message = _message_body(parser, args)
                 result = {
                     "message_ID": client.send_message(
-                        args.recipient, message, message_id=args.message_id
+                        args.recipient,
+                        message,
+                        message_id=args.message_id,
+                        protection="otp" if args.otp else "hybrid",
                     )
                 }
             elif args.command == "events":

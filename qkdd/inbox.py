@@ -2,7 +2,7 @@
 recipient acknowledges them.
 
 Rules the messaging layer relies on:
-- A message is stored, and the one-time hybrid key that protected it erased, in one
+- A message is stored, and the one-time key (or pads) that protected it erased, in one
   transaction; only then does the sending site hear "stored".
 - A message ID from one sender SAE is accepted once: a re-sent message (its sender never
   heard "stored") is answered "stored" again and not kept twice. IDs are remembered for
@@ -21,7 +21,7 @@ from typing import Final
 
 from qkdd import labels
 from qkdd.hybrid import lp
-from qkdd.keystore import HybridKey, KeyStore
+from qkdd.keystore import KeyStore
 
 REMEMBER_IDS_SECONDS: Final = 7 * 24 * 3600.0
 
@@ -86,14 +86,13 @@ class Inbox:
         sender_sae: str,
         recipient_sae: str,
         protection: str,
-        key_id: str,
-        open_body: Callable[[HybridKey], bytes],
+        open_body: Callable[[sqlite3.Connection], bytes],
         now: float | None = None,
     ) -> bool:
-        """Store a message that arrived sealed under the hybrid key ``key_id`` of the pair
-        sender -> recipient: take that key, ``open_body(key)`` (raises InboxError if it does
-        not open), store the body and erase the key, all or nothing. False if this message
-        was already stored (nothing changes)."""
+        """Store a message: ``open_body(db)`` takes the keys that protect it inside this
+        transaction and returns the body (raising InboxError if they are missing or it does
+        not open); the body is stored and the keys erased, all or nothing. False if this
+        message was already stored (nothing changes, ``open_body`` is not called)."""
         now = time.time() if now is None else now
         with self._store.transaction() as db:
             if self._seen(db, sender_sae, message_id):
@@ -106,13 +105,7 @@ class Inbox:
                     f"the inbox of {recipient_sae} is full ({pending} messages not yet "
                     "acknowledged); retry once it has read some"
                 )
-            key = self._store.take_one_in(db, key_id, sender_sae, recipient_sae)
-            if key is None:
-                raise InboxError(
-                    f"key {key_id} of {sender_sae} -> {recipient_sae} is not held here "
-                    "(expired, withdrawn or never agreed)"
-                )
-            body = open_body(key)
+            body = open_body(db)
             db.execute(
                 "INSERT INTO inbox (message_id, sender_site, sender_sae, recipient_sae,"
                 " protection, body, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -11,6 +11,9 @@ Durability rules that the rest of the daemon relies on:
 - A key of another size, or for several slave SAEs, is *assigned* by the master's site
   from ready keys of the pair (``assign_keys`` at the slave's site): the slave's site
   erases those keys and holds the assigned key once per slave SAE, until each collects it.
+- One-time pads (raw QKD material for one-time-pad messages, one sender -> recipient
+  pair each) follow the same batch life cycle in their own table; they are never handed
+  to an application as keys, and each byte is used once (``take_pads``).
 - Authentication keys (PSKs for later handshakes) follow the same batch life cycle in
   their own table and never reach an application. When a newer one becomes ready the
   older ones are erased: the previous PSK is kept until the peer has proved it holds the
@@ -92,6 +95,19 @@ CREATE TABLE IF NOT EXISTS assigned_keys (
     created_at REAL NOT NULL,
     PRIMARY KEY (key_id, slave_sae)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pad_keys (
+    key_id        TEXT PRIMARY KEY,
+    peer_site     TEXT NOT NULL,
+    batch_id      INTEGER NOT NULL,
+    sender_sae    TEXT NOT NULL,
+    recipient_sae TEXT NOT NULL,
+    size_bits     INTEGER NOT NULL,
+    material      BLOB NOT NULL,
+    state         TEXT NOT NULL CHECK (state IN ('pending', 'ready')),
+    created_at    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pads_by_pair ON pad_keys (sender_sae, recipient_sae, state, created_at);
+CREATE INDEX IF NOT EXISTS pads_by_batch ON pad_keys (peer_site, batch_id);
 CREATE TABLE IF NOT EXISTS auth_keys (
     seq       INTEGER PRIMARY KEY,
     peer_site TEXT NOT NULL,
@@ -160,6 +176,16 @@ def _hybrid_aad(key_id: str, master_sae: str, slave_sae: str, size_bits: int) ->
         + lp(key_id.encode())
         + lp(master_sae.encode())
         + lp(slave_sae.encode())
+        + lp(str(size_bits).encode())
+    )
+
+
+def _pad_aad(key_id: str, sender_sae: str, recipient_sae: str, size_bits: int) -> bytes:
+    return (
+        lp(labels.AAD_PAD_ROW)
+        + lp(key_id.encode())
+        + lp(sender_sae.encode())
+        + lp(recipient_sae.encode())
         + lp(str(size_bits).encode())
     )
 
@@ -461,9 +487,11 @@ class KeyStore:
         keys: Sequence[NewHybridKey],
         consumed_qkd_ids: Iterable[str],
         auth_keys: Sequence[StoredQkdKey] = (),
+        pads: Sequence[NewHybridKey] = (),
     ) -> None:
-        """Store a batch's keys (application keys and authentication keys) as pending and
-        consume its QKD keys, atomically."""
+        """Store a batch's keys (application keys, authentication keys or one-time pads,
+        whose master/slave SAE are sender/recipient) as pending and consume its QKD keys,
+        atomically."""
         now = time.time()
         with self._transaction() as db:
             db.execute("INSERT INTO batches VALUES (?, ?, 'pending')", (peer_site, batch_id))
@@ -504,6 +532,25 @@ class KeyStore:
                     for k in auth_keys
                 ],
             )
+            db.executemany(
+                "INSERT INTO pad_keys VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                [
+                    (
+                        k.key_id,
+                        peer_site,
+                        batch_id,
+                        k.master_sae_id,
+                        k.slave_sae_id,
+                        k.size_bits,
+                        self._sealer.seal(
+                            _pad_aad(k.key_id, k.master_sae_id, k.slave_sae_id, k.size_bits),
+                            k.material,
+                        ),
+                        now,
+                    )
+                    for k in pads
+                ],
+            )
             self._consume_qkd_keys(db, peer_site, consumed_qkd_ids)
 
     def commit_batch(self, peer_site: str, batch_id: int) -> bool:
@@ -529,6 +576,11 @@ class KeyStore:
                     " SET value = value + excluded.value",
                     (f"made:{peer_site}", made),
                 )
+            db.execute(
+                "UPDATE pad_keys SET state='ready'"
+                " WHERE peer_site=? AND batch_id=? AND state='pending'",
+                (peer_site, batch_id),
+            )
             newest = db.execute(
                 "SELECT min(seq) FROM auth_keys WHERE peer_site=? AND batch_id=?",
                 (peer_site, batch_id),
@@ -553,6 +605,9 @@ class KeyStore:
             )
             db.execute(
                 "DELETE FROM auth_keys WHERE peer_site=? AND batch_id=?", (peer_site, batch_id)
+            )
+            db.execute(
+                "DELETE FROM pad_keys WHERE peer_site=? AND batch_id=?", (peer_site, batch_id)
             )
             db.execute(
                 "DELETE FROM batches WHERE peer_site=? AND batch_id=?", (peer_site, batch_id)
@@ -581,6 +636,7 @@ class KeyStore:
                 dropped = db.execute(
                     "DELETE FROM hybrid_keys WHERE peer_site=?", (peer_site,)
                 ).rowcount
+                db.execute("DELETE FROM pad_keys WHERE peer_site=?", (peer_site,))
                 db.execute(
                     "DELETE FROM batches WHERE peer_site=? AND batch_id NOT IN "
                     "(SELECT batch_id FROM auth_keys WHERE peer_site=?)",
@@ -830,6 +886,74 @@ class KeyStore:
                             now,
                         ),
                     )
+
+    # -- one-time pads ----------------------------------------------------------------------
+
+    def pad_ready_bytes(self, sender_sae: str, recipient_sae: str) -> int:
+        row = self._db.execute(
+            "SELECT coalesce(sum(size_bits), 0) FROM pad_keys WHERE sender_sae=?"
+            " AND recipient_sae=? AND state='ready'",
+            (sender_sae, recipient_sae),
+        ).fetchone()
+        return int(row[0]) // 8
+
+    def pad_ready_count(self, sender_sae: str, recipient_sae: str) -> int:
+        row = self._db.execute(
+            "SELECT count(*) FROM pad_keys WHERE sender_sae=? AND recipient_sae=?"
+            " AND state='ready'",
+            (sender_sae, recipient_sae),
+        ).fetchone()
+        return int(row[0])
+
+    def take_pads(self, sender_sae: str, recipient_sae: str, nbytes: int) -> list[HybridKey]:
+        """The oldest ready pads of the pair, enough to cover ``nbytes``, erased (all or
+        none: an empty list if the stock is short). What a message leaves of the last pad
+        is never used again."""
+        with self._transaction() as db:
+            taken: list[HybridKey] = []
+            have = 0
+            rows = db.execute(
+                "SELECT key_id, size_bits, material FROM pad_keys WHERE sender_sae=?"
+                " AND recipient_sae=? AND state='ready' ORDER BY created_at, rowid",
+                (sender_sae, recipient_sae),
+            )
+            for key_id, size_bits, sealed in rows:
+                if have >= nbytes:
+                    break
+                material = self._sealer.open(
+                    _pad_aad(key_id, sender_sae, recipient_sae, size_bits), bytes(sealed)
+                )
+                taken.append(HybridKey(key_id, material))
+                have += len(material)
+            if have < nbytes:
+                return []
+            db.executemany("DELETE FROM pad_keys WHERE key_id=?", [(k.key_id,) for k in taken])
+        return taken
+
+    def take_pads_in(
+        self, db: sqlite3.Connection, key_ids: Sequence[str], sender_sae: str, recipient_sae: str
+    ) -> list[HybridKey] | None:
+        """Inside ``transaction()``: these pads of the pair (ready or pending), erased if
+        the caller's transaction commits; None if any is not held."""
+        found = []
+        for key_id in key_ids:
+            row = db.execute(
+                "SELECT size_bits, material FROM pad_keys"
+                " WHERE key_id=? AND sender_sae=? AND recipient_sae=?",
+                (key_id, sender_sae, recipient_sae),
+            ).fetchone()
+            if row is None:
+                return None
+            found.append(
+                HybridKey(
+                    key_id,
+                    self._sealer.open(
+                        _pad_aad(key_id, sender_sae, recipient_sae, row[0]), bytes(row[1])
+                    ),
+                )
+            )
+            db.execute("DELETE FROM pad_keys WHERE key_id=?", (key_id,))
+        return found
 
     def assigned_count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM assigned_keys").fetchone()[0])

@@ -46,6 +46,7 @@ AAD_HYBRID_KEY_ROW: Final = b"qkdd/v1 sealed hybrid key row"
 AAD_AUTH_KEY_ROW: Final = b"qkdd/v1 sealed authentication key row"
 AAD_ASSIGNED_KEY_ROW: Final = b"qkdd/v1 sealed assigned key row"
 AAD_MESSAGE_ROW: Final = b"qkdd/v1 sealed message row"
+AAD_PAD_ROW: Final = b"qkdd/v1 sealed one-time pad row"
 
 # Application messages (qkdd.messaging): the one-time AEAD key from a hybrid key, and the
 # associated data that binds a ciphertext to its message ID, sender and recipient.
@@ -80,6 +81,7 @@ ALL_LABELS: Final = (
     AAD_AUTH_KEY_ROW,
     AAD_ASSIGNED_KEY_ROW,
     AAD_MESSAGE_ROW,
+    AAD_PAD_ROW,
     LABEL_MESSAGE_KEY,
     AAD_MESSAGE,
     LABEL_WIREGUARD_PSK,

@@ -36,6 +36,7 @@ from qkdd.keystore import KeyStore, NewHybridKey, StoredQkdKey
 from qkdd.peer.messages import (
     MAX_HORIZON_KEYS,
     MAX_KEYS_PER_BATCH,
+    MAX_QKD_KEYS_PER_KEY,
     BatchAck,
     BatchDecision,
     BatchEntry,
@@ -43,6 +44,7 @@ from qkdd.peer.messages import (
     KemOffer,
     KeyBatch,
     LinkMessage,
+    PadDemand,
     PoolDemand,
     QkdHorizon,
     Resync,
@@ -60,6 +62,11 @@ BATCH_REPLY_TIMEOUT: Final = 3 * QKD_KEY_WAIT_SECONDS
 # Sizes an authentication key (a PSK for the next handshakes) may have; the link master's
 # config chooses (``auth_key_bits``, 256 by default).
 AUTH_KEY_BITS_RANGE: Final = (128, 4096)
+# A one-time pad is the raw material of whole QKD keys: at most this many bits (and at most
+# MAX_QKD_KEYS_PER_KEY keys) each.
+PAD_BITS_MAX: Final = 8192
+# The most pads a peer's PAD_DEMAND may ask for per pair.
+MAX_PAD_DEMAND: Final = 65536
 
 
 class LinkError(Exception):
@@ -75,6 +82,8 @@ class LinkParameters:
     key_size_bits: int
     pool_size: int
     auth_key_bits: int = 256
+    # One-time pads kept ready per local sender -> remote recipient pair (0: none).
+    pad_keys: int = 0
 
     @property
     def is_master(self) -> bool:
@@ -115,6 +124,7 @@ class LinkAgreement:
         self._offer: KemOffer | None = None
         self._in_flight: KeyBatch | None = None
         self._remote_demand: dict[tuple[str, str], int] = {}
+        self._remote_pad_demand: dict[tuple[str, str], int] = {}
         self._resynced = False
         # Every session the master makes a fresh authentication key first: it replaces,
         # once both sides hold it, the PSK (or bootstrap) that authenticated this session.
@@ -124,6 +134,7 @@ class LinkAgreement:
         self._kem_key: KemPrivateKey | None = None
         self._waiting: tuple[KeyBatch, float] | None = None
         self._last_demand: PoolDemand | None = None
+        self._last_pad_demand: PadDemand | None = None
         self._last_horizon: str | None = None
         # Both: the peer's oldest QKD keys as it last told us, and our oldest key when we
         # last lined our buffer up with them (new keys from our device may need it again).
@@ -166,6 +177,8 @@ class LinkAgreement:
                 return []
             if isinstance(message, PoolDemand):
                 return self._on_demand(message)
+            if isinstance(message, PadDemand):
+                return self._on_pad_demand(message)
             if isinstance(message, BatchAck):
                 return self._on_ack(message)
         else:
@@ -205,6 +218,11 @@ class LinkAgreement:
         if demand != self._last_demand:
             self._last_demand = demand
             out.append(demand)
+        if self.params.pad_keys:
+            pad_demand = self._pad_demand()
+            if pad_demand != self._last_pad_demand:
+                self._last_pad_demand = pad_demand
+                out.append(pad_demand)
         out += self._horizon()
         return out
 
@@ -277,6 +295,16 @@ class LinkAgreement:
             self._remote_demand[(master, slave)] = min(wanted, self.params.pool_size)
         return []
 
+    def _on_pad_demand(self, message: PadDemand) -> list[LinkMessage]:
+        for sender, recipient, wanted in message.wanted:
+            if (
+                sender not in self.params.remote_sae_ids
+                or recipient not in self.params.local_sae_ids
+            ):
+                raise LinkError(f"PAD_DEMAND for a pair we do not serve: {sender}->{recipient}")
+            self._remote_pad_demand[(sender, recipient)] = min(wanted, MAX_PAD_DEMAND)
+        return []
+
     def _on_ack(self, message: BatchAck) -> list[LinkMessage]:
         self._reply_deadline = None
         batch = self._in_flight
@@ -290,9 +318,14 @@ class LinkAgreement:
                 self._auth_key_wanted = False
                 log.info("event=auth_key_rotated peer=%s key=%s", peer, batch.entries[0].key_id)
                 return [BatchDecision(batch.batch_id, True)]
+            demand = (
+                self._remote_pad_demand
+                if batch.purpose == BatchPurpose.PADS
+                else self._remote_demand
+            )
             for entry in batch.entries:
-                if (entry.master_sae_id, entry.slave_sae_id) in self._remote_demand:
-                    self._remote_demand[(entry.master_sae_id, entry.slave_sae_id)] -= 1
+                if (entry.master_sae_id, entry.slave_sae_id) in demand:
+                    demand[(entry.master_sae_id, entry.slave_sae_id)] -= 1
             log.debug(
                 "event=batch_committed peer=%s batch=%d keys=%d",
                 peer,
@@ -314,6 +347,15 @@ class LinkAgreement:
             wants.append((wanted, pair))
         return sorted((w for w in wants if w[0] > 0), reverse=True)
 
+    def _pad_deficits(self) -> list[tuple[int, tuple[str, str]]]:
+        wants = []
+        if self.params.pad_keys:
+            for pair in self.params.local_master_pairs():
+                wants.append((self.params.pad_keys - self._store.pad_ready_count(*pair), pair))
+        for pair, wanted in self._remote_pad_demand.items():
+            wants.append((wanted, pair))
+        return sorted((w for w in wants if w[0] > 0), reverse=True)
+
     def _make_batch(self) -> KeyBatch | None:
         if self._in_flight is not None or self._offer is None or not self._resynced:
             return None
@@ -325,13 +367,19 @@ class LinkAgreement:
                 ("", ""),
                 self.params.auth_key_bits,
             )
-        else:
-            deficits = self._deficits()
-            if not deficits:
-                return None
+        elif deficits := self._deficits():
             purpose, size = BatchPurpose.APPLICATION_KEYS, self.params.key_size_bits
             wanted, pair = min(deficits[0][0], MAX_KEYS_PER_BATCH), deficits[0][1]
-        entries = self._take_qkd_keys(wanted, pair, size)
+        elif pad_deficits := self._pad_deficits():
+            # Pads only once every key pool is full: keys come first.
+            purpose, size = BatchPurpose.PADS, PAD_BITS_MAX
+            wanted, pair = min(pad_deficits[0][0], MAX_KEYS_PER_BATCH), pad_deficits[0][1]
+        else:
+            return None
+        if purpose == BatchPurpose.PADS:
+            entries = self._take_pads(wanted, pair)
+        else:
+            entries = self._take_qkd_keys(wanted, pair, size)
         if not entries:
             return None
         offer, self._offer = self._offer, None  # each encapsulation key is used once
@@ -367,6 +415,28 @@ class LinkAgreement:
                     break
         return entries
 
+    def _take_pads(self, wanted: int, pair: tuple[str, str]) -> list[tuple[BatchEntry, bytes]]:
+        """Up to ``wanted`` pads, each the raw material of the next whole QKD keys, up to
+        PAD_BITS_MAX bits or MAX_QKD_KEYS_PER_KEY keys; a pad is only made full-sized."""
+        limit = PAD_BITS_MAX // 8
+        entries: list[tuple[BatchEntry, bytes]] = []
+        ids: list[str] = []
+        material = b""
+        for qkd_key in self._store.oldest_qkd_keys(self.params.peer_site_id):
+            if len(material) + len(qkd_key.material) > limit:
+                break  # keys of odd sizes: stop at the first that does not fit
+            ids.append(qkd_key.key_id)
+            material += qkd_key.material
+            if len(material) == limit or len(ids) == MAX_QKD_KEYS_PER_KEY:
+                entry = BatchEntry(
+                    str(uuid.uuid4()), len(material) * 8, pair[0], pair[1], tuple(ids)
+                )
+                entries.append((entry, material))
+                ids, material = [], b""
+                if len(entries) == wanted:
+                    break
+        return entries
+
     def _store_batch(
         self, batch: KeyBatch, deriver: HybridDeriver, entries: Sequence[tuple[BatchEntry, bytes]]
     ) -> None:
@@ -379,6 +449,14 @@ class LinkAgreement:
                 for e, material in entries
             ]
             self._store.add_batch(peer, batch.batch_id, [], qkd_ids, auth_keys)
+            return
+        if batch.purpose == BatchPurpose.PADS:
+            # Raw QKD material, not derived: a one-time pad must be information-theoretic.
+            pads = [
+                NewHybridKey(e.key_id, e.master_sae_id, e.slave_sae_id, e.size_bits, material)
+                for e, material in entries
+            ]
+            self._store.add_batch(peer, batch.batch_id, [], qkd_ids, pads=pads)
             return
         keys = [
             NewHybridKey(
@@ -429,6 +507,10 @@ class LinkAgreement:
             self._context, KemExchange(kem_key.public_bytes, batch.kem_ciphertext, shared)
         )
         entries = [(e, b"".join(materials[q] for q in e.qkd_key_ids)) for e in batch.entries]
+        if batch.purpose == BatchPurpose.PADS and any(
+            len(material) * 8 != e.size_bits for e, material in entries
+        ):
+            return self._reject(batch, qkd_ids, "a one-time pad's QKD keys differ in size here")
         self._store_batch(batch, deriver, entries)
         self._reply_deadline = now + BATCH_REPLY_TIMEOUT
         return [BatchAck(batch.batch_id, True), self._new_offer()]
@@ -444,12 +526,15 @@ class LinkAgreement:
             low, high = AUTH_KEY_BITS_RANGE
             if entry.master_sae_id or entry.slave_sae_id or not low <= entry.size_bits <= high:
                 return f"an authentication key has no SAE pair and {low}-{high} bits"
-        for entry in batch.entries if batch.purpose == BatchPurpose.APPLICATION_KEYS else ():
+        for entry in batch.entries if batch.purpose != BatchPurpose.AUTHENTICATION_KEYS else ():
             if not self.params.pair_allowed(entry.master_sae_id, entry.slave_sae_id):
                 return (
                     f"SAE pair {entry.master_sae_id}->{entry.slave_sae_id} is not configured here"
                 )
-            if entry.size_bits != self.params.key_size_bits:
+            if batch.purpose == BatchPurpose.PADS:
+                if entry.size_bits > PAD_BITS_MAX:
+                    return f"a one-time pad of {entry.size_bits} bits is over {PAD_BITS_MAX}"
+            elif entry.size_bits != self.params.key_size_bits:
                 return f"key size {entry.size_bits} differs from ours ({self.params.key_size_bits})"
         if self._store.batch_state(peer, batch.batch_id) is not None:
             return f"batch {batch.batch_id} was already used"
@@ -481,6 +566,13 @@ class LinkAgreement:
             self._store.abort_batch(peer, message.batch_id)
         self._store.forget_committed_batches(peer)
         return []
+
+    def _pad_demand(self) -> PadDemand:
+        wanted = []
+        for pair in self.params.local_master_pairs():
+            have = self._store.pad_ready_count(*pair)
+            wanted.append((*pair, max(0, self.params.pad_keys - have)))
+        return PadDemand(tuple(wanted))
 
     def _demand(self) -> PoolDemand:
         wanted = []

@@ -2,8 +2,9 @@
 the work; this module only speaks HTTP and JSON):
 
     POST   /qkdd/v1/messages/{recipient_SAE_ID}   send; body {"body": base64, "message_ID":
-                                                  optional UUID}; 200 once the recipient's
-                                                  site has stored it
+                                                  optional UUID, "protection": "hybrid"
+                                                  (default) or "otp"}; 200 once the
+                                                  recipient's site has stored it
     GET    /qkdd/v1/inbox?timeout=S&after=SEQ     the caller's oldest unacknowledged message
                                                   (after SEQ), waiting up to S seconds:
                                                   {"messages": [message]} or {"messages": []}
@@ -11,7 +12,7 @@ the work; this module only speaks HTTP and JSON):
                                                   one as it arrives: one JSON message per line
     DELETE /qkdd/v1/inbox/{message_ID}            acknowledge (erase) a message
 
-A message object: message_ID, seq, sender_SAE_ID, sender_site_ID, protection ("hybrid"),
+A message object: message_ID, seq, sender_SAE_ID, sender_site_ID, protection ("hybrid" or "otp"),
 received_at (Unix time) and body (base64). The caller acts as an SAE exactly as on the
 ETSI routes (SO_PEERCRED mapping, X-SAE-ID to pick one); only the addressed SAE can read
 or acknowledge a message. Errors are the ETSI Error object: 400 for a bad request, 401 for
@@ -103,7 +104,7 @@ def message_routes(
             reject(404, f"no such resource {request.target!r}")
         sender = sae_of(request, caller)
         obj = json_object(request.body, "message")
-        unknown = set(obj) - {"body", "message_ID"}
+        unknown = set(obj) - {"body", "message_ID", "protection"}
         if unknown:
             reject(400, f"unknown fields {', '.join(sorted(unknown))}")
         raw = obj.get("body")
@@ -113,6 +114,9 @@ def message_routes(
             body = base64.b64decode(raw, validate=True)
         except (binascii.Error, ValueError):
             reject(400, "body is not valid base64")
+        protection = obj.get("protection", "hybrid")
+        if protection not in ("hybrid", "otp"):
+            reject(400, 'protection must be "hybrid" or "otp"', {"protection": protection})
         message_id = obj.get("message_ID")
         if message_id is not None:
             try:
@@ -122,7 +126,7 @@ def message_routes(
 
         async def deliver() -> ApiResponse:
             try:
-                receipt = await messenger.send(sender, recipient, body, message_id)
+                receipt = await messenger.send(sender, recipient, body, message_id, protection)
             except BadMessage as exc:
                 return error_response(400, str(exc))
             except NotDelivered as exc:
@@ -138,7 +142,7 @@ def message_routes(
                     }
                 ),
                 note=f"sender={sender} recipient={recipient} message_ID={receipt.message_id} "
-                f"bytes={len(body)}",
+                f"bytes={len(body)} protection={protection}",
             )
 
         return Deferred(deliver)

@@ -24,7 +24,13 @@ from qkdd_drivers.serial_driver import SerialDevice
 from qkdd.config import Etsi014DeviceConfig, PeerConfig, SiteConfig
 from qkdd.crypto import PqcBackend, SigningKey
 from qkdd.keystore import KeyStore, StoredQkdKey
-from qkdd.link import QKD_KEY_WAIT_SECONDS, LinkAgreement, LinkError, LinkParameters
+from qkdd.link import (
+    PAD_BITS_MAX,
+    QKD_KEY_WAIT_SECONDS,
+    LinkAgreement,
+    LinkError,
+    LinkParameters,
+)
 from qkdd.peer.calls import CallRefused, CallTable, done, refusal, reply_body
 from qkdd.peer.connection import (
     MODE_PSK,
@@ -227,6 +233,7 @@ class PeerLink:
             key_size_bits=config.key_size,
             pool_size=peer.pool_size,
             auth_key_bits=peer.auth_key_bits,
+            pad_keys=-(-peer.otp_pad_bytes // (PAD_BITS_MAX // 8)),
         )
         self.device = make_device(peer, self.params.is_master)
         self.sink = StoreSink(store, peer.site_id, peer.qkd_buffer_keys)

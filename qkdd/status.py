@@ -56,6 +56,7 @@ class StoreView(Protocol):
     def qkd_key_count(self, peer_site: str) -> int: ...
     def chain_established(self, peer_site: str) -> bool: ...
     def hybrid_keys_made(self, peer_site: str) -> int: ...
+    def pad_ready_bytes(self, sender_sae: str, recipient_sae: str) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,11 @@ def _peer(link: LinkView, store: StoreView) -> dict[str, Any]:
             }
             for level in pool_levels(link, store)
         ],
+        # One-time pad ready for this site's senders to the peer's SAEs, in bytes.
+        "otp_pad_bytes_ready": sum(
+            store.pad_ready_bytes(sender, recipient)
+            for sender, recipient in params.local_master_pairs()
+        ),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 
@@ -12,6 +13,7 @@ from qkdd.link import QKD_KEY_WAIT_SECONDS, LinkAgreement, LinkError, LinkParame
 from qkdd.peer.messages import (
     BatchAck,
     BatchDecision,
+    BatchEntry,
     BatchPurpose,
     KeyBatch,
     PoolDemand,
@@ -321,3 +323,42 @@ def test_without_a_state_loss_unknown_horizon_keys_drop_nothing(stores, backend)
     assert a.align_to_peer_horizon("site-b", [keys[3].key_id]) == 3  # ours before it
     assert a.align_to_peer_horizon("site-b", [str(uuid.uuid4())]) == 0  # unknown: kept
     assert a.qkd_key_count("site-b") == 3
+
+
+def test_pads_are_raw_qkd_material_made_after_the_key_pools_in_both_directions(stores, backend):
+    a, b = stores
+    qkd = feed_qkd(stores, 1 + 2 * 2 + 2 * 2 * 32)  # auth key, two pools of 2, 2x2 pads
+    pad_params = [
+        dataclasses.replace(params(local, peer, 2), pad_keys=2)
+        for local, peer in (("site-a", "site-b"), ("site-b", "site-a"))
+    ]
+    master, slave = (
+        LinkAgreement(p, store=s, backend=backend, session_id=SESSION)
+        for p, s in zip(pad_params, stores, strict=True)
+    )
+    pump(master, slave, rounds=40)
+    assert a.ready_count("sae-a", "sae-b") == 2 and b.ready_count("sae-b", "sae-a") == 2
+    assert a.pad_ready_count("sae-a", "sae-b") == 2  # A's app sends with these
+    assert b.pad_ready_count("sae-b", "sae-a") == 2  # made on B's PAD_DEMAND
+    assert a.pad_ready_bytes("sae-a", "sae-b") == 2 * 1024
+    pads_a = a.take_pads("sae-a", "sae-b", 1500)  # two pads cover 1500 bytes
+    assert len(pads_a) == 2
+    with b.transaction() as db:
+        pads_b = b.take_pads_in(db, [p.key_id for p in pads_a], "sae-a", "sae-b")
+    assert pads_b is not None and [p.material for p in pads_b] == [p.material for p in pads_a]
+    # A pad is the QKD keys themselves, in stream order: no KDF, no ML-KEM input.
+    by_id = {k.key_id: k.material for k in qkd}
+    assert pads_a[0].material in b"".join(by_id[k.key_id] for k in qkd)
+    assert a.take_pads("sae-a", "sae-b", 1) == []  # each pad once
+    assert a.take_pads("sae-b", "sae-a", 10**6) == []  # short stock: nothing taken
+
+
+def test_slave_rejects_oversized_pads(stores, backend):
+    a, b = stores
+    feed_qkd(stores, 40)
+    master, slave = agreements(stores, backend, pool_size=0)
+    pump(master, slave)
+    entry = BatchEntry(str(uuid.uuid4()), 8192 + 256, "sae-a", "sae-b", ())
+    batch = KeyBatch(999, slave._offer_counter, BatchPurpose.PADS, bytes(1088), (entry,))
+    (ack, _offer) = slave.on_message(batch, 0.0)
+    assert not ack.accepted and "over 8192" in ack.reason

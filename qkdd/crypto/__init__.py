@@ -29,6 +29,11 @@ SESSION_AEAD_ALGORITHM: Final = "ChaCha20-Poly1305"
 AT_REST_AEAD_ALGORITHM: Final = "AES-256-GCM"
 # Application messages between sites, each under its own one-time key.
 MESSAGE_AEAD_ALGORITHM: Final = SESSION_AEAD_ALGORITHM
+# One-time-pad messages: an information-theoretic one-time authenticator (its key, fresh
+# QKD material, is used for one message only).
+ONE_TIME_MAC_ALGORITHM: Final = "Poly1305"
+ONE_TIME_MAC_KEY_SIZE: Final = 32
+ONE_TIME_MAC_TAG_SIZE: Final = 16
 
 # -- Sizes (FIPS 203 / FIPS 204 / RFC 7748 / RFC 8439) -------------------------------------
 
@@ -185,6 +190,24 @@ def hash_bytes(data: bytes) -> bytes:
 
 def constant_time_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
+
+
+def one_time_mac(key: bytes, message: bytes) -> bytes:
+    """Poly1305 under a key used for this one message only: with a uniformly random key
+    a forgery succeeds with probability at most 8 * ceil(len/16) / 2^106, whatever the
+    attacker's computing power."""
+    from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+    if len(key) != ONE_TIME_MAC_KEY_SIZE:
+        raise CryptoError(f"a {ONE_TIME_MAC_ALGORITHM} key is {ONE_TIME_MAC_KEY_SIZE} bytes")
+    return Poly1305.generate_tag(key, message)
+
+
+def one_time_mac_verify(key: bytes, message: bytes, tag: bytes) -> None:
+    """AuthenticationFailed unless ``tag`` is the one-time MAC of ``message`` (compared in
+    constant time)."""
+    if not constant_time_equal(one_time_mac(key, message), tag):
+        raise AuthenticationFailed(f"{ONE_TIME_MAC_ALGORITHM} tag did not verify")
 
 
 class Aead:

@@ -96,40 +96,54 @@ class KeyAssign:
 
 class Protection:
     HYBRID: Final = 1  # AEAD under a fresh hybrid key used once
+    OTP: Final = 2  # one-time pad of QKD material with a one-time MAC
+
+
+# A one-time-pad message of 1 MiB uses 1025 pads of 1 KiB.
+MAX_KEYS_PER_MESSAGE: Final = 2048
 
 
 @dataclass(frozen=True)
 class SealedMessage:
-    """An application message on its way to the recipient's site."""
+    """An application message on its way to the recipient's site, with the IDs of the keys
+    that protect it: one hybrid key, or the one-time pads, in order."""
 
     message_id: str
     sender_sae: str
     recipient_sae: str
     protection: int
-    key_id: str
+    key_ids: tuple[str, ...]
     ciphertext: bytes = field(repr=False)
 
     def encode(self) -> bytes:
-        return (
+        w = (
             Writer()
             .fixed(_uuid_bytes(self.message_id), 16)
             .text(self.sender_sae)
             .text(self.recipient_sae)
             .u8(self.protection)
-            .fixed(_uuid_bytes(self.key_id), 16)
-            .blob(self.ciphertext)
-            .build()
+            .u16(len(self.key_ids))
         )
+        for key_id in self.key_ids:
+            w.fixed(_uuid_bytes(key_id), 16)
+        return w.blob(self.ciphertext).build()
 
     @classmethod
     def decode(cls, body: bytes) -> SealedMessage:
         r = Reader(body, "MESSAGE")
+        message_id, sender, recipient, protection = _read_uuid(r), r.text(), r.text(), r.u8()
+        count = r.u16()
+        if protection == Protection.HYBRID and count != 1:
+            raise RemoteProtocolError("MESSAGE: a hybrid message names exactly one key")
+        if protection == Protection.OTP and not 1 <= count <= MAX_KEYS_PER_MESSAGE:
+            raise RemoteProtocolError(f"MESSAGE: {count} pads, allowed 1-{MAX_KEYS_PER_MESSAGE}")
+        if protection not in (Protection.HYBRID, Protection.OTP):
+            raise RemoteProtocolError(f"MESSAGE: unknown protection {protection}")
+        key_ids = tuple(_read_uuid(r) for _ in range(count))
         message = cls(
-            _read_uuid(r), r.text(), r.text(), r.u8(), _read_uuid(r), r.blob(MAX_MESSAGE_CIPHERTEXT)
+            message_id, sender, recipient, protection, key_ids, r.blob(MAX_MESSAGE_CIPHERTEXT)
         )
         r.end()
-        if message.protection != Protection.HYBRID:
-            raise RemoteProtocolError(f"MESSAGE: unknown protection {message.protection}")
         return message
 
 

@@ -7,6 +7,7 @@ the link slave:
     slave  -> master  RESYNC      batch IDs the slave holds but has not seen committed
     slave  -> master  KEM_OFFER   a fresh ML-KEM-768 encapsulation key (used once)
     slave  -> master  POOL_DEMAND how many keys the slave's local master SAEs want
+    slave  -> master  PAD_DEMAND  how many one-time pads the slave's local senders want
     slave  -> master  QKD_HORIZON the oldest QKD key the slave holds (buffers line up)
     master -> slave   KEY_BATCH   purpose, ML-KEM ciphertext + per key: key ID, SAE pair,
                                   QKD key IDs
@@ -41,6 +42,7 @@ MAX_CALL_BODY: Final = 1024 * 1024 + 4096
 class BatchPurpose:
     APPLICATION_KEYS: Final = 0  # hybrid keys for applications (SAE pairs)
     AUTHENTICATION_KEYS: Final = 1  # PSKs that authenticate the next handshakes
+    PADS: Final = 2  # raw QKD material for one-time-pad messages (no ML-KEM input)
 
 
 class MessageType:
@@ -54,6 +56,7 @@ class MessageType:
     QKD_HORIZON: Final = 0x08
     PEER_CALL: Final = 0x09
     CALL_REPLY: Final = 0x0A
+    PAD_DEMAND: Final = 0x0B
 
 
 class CallOutcome:
@@ -117,7 +120,11 @@ class KeyBatch:
     @classmethod
     def read(cls, r: Reader) -> KeyBatch:
         batch_id, offer_id, purpose = r.u64(), r.u32(), r.u8()
-        if purpose not in (BatchPurpose.APPLICATION_KEYS, BatchPurpose.AUTHENTICATION_KEYS):
+        if purpose not in (
+            BatchPurpose.APPLICATION_KEYS,
+            BatchPurpose.AUTHENTICATION_KEYS,
+            BatchPurpose.PADS,
+        ):
             raise RemoteProtocolError(f"KEY_BATCH: unknown purpose {purpose}")
         ciphertext = r.fixed(KEM_CIPHERTEXT_SIZE)
         count = r.u16()
@@ -201,6 +208,26 @@ class PoolDemand:
         count = r.u16()
         if count > MAX_DEMAND_ENTRIES:
             raise RemoteProtocolError("POOL_DEMAND: too many entries")
+        return cls(tuple((r.text(), r.text(), r.u32()) for _ in range(count)))
+
+
+@dataclass(frozen=True)
+class PadDemand:
+    """Like POOL_DEMAND, for one-time pads: (sender SAE, recipient SAE, pads wanted)."""
+
+    wanted: tuple[tuple[str, str, int], ...]
+
+    def encode(self) -> bytes:
+        w = Writer().u8(MessageType.PAD_DEMAND).u16(len(self.wanted))
+        for sender, recipient, count in self.wanted:
+            w.text(sender).text(recipient).u32(count)
+        return w.build()
+
+    @classmethod
+    def read(cls, r: Reader) -> PadDemand:
+        count = r.u16()
+        if count > MAX_DEMAND_ENTRIES:
+            raise RemoteProtocolError("PAD_DEMAND: too many entries")
         return cls(tuple((r.text(), r.text(), r.u32()) for _ in range(count)))
 
 
@@ -300,6 +327,7 @@ LinkMessage = (
     | BatchAck
     | BatchDecision
     | PoolDemand
+    | PadDemand
     | Resync
     | StoreId
     | QkdHorizon
@@ -318,6 +346,7 @@ _DECODERS: dict[int, type[LinkMessage]] = {
     MessageType.QKD_HORIZON: QkdHorizon,
     MessageType.PEER_CALL: PeerCall,
     MessageType.CALL_REPLY: CallReply,
+    MessageType.PAD_DEMAND: PadDemand,
 }
 
 
