@@ -110,8 +110,10 @@ def _drain(socket_path: str) -> int:
     return count
 
 
-def _qkd_bits_per_hybrid_key(state: Path) -> float:
-    """QKD bits consumed per hybrid key made at this site, from its store."""
+def _qkd_bits_per_hybrid_key(state: Path, pads_used: int) -> float:
+    """QKD bits consumed per hybrid key made at this site, from its store: QKD keys consumed,
+    less those that went into authentication keys and one-time pads (the pads still held
+    plus ``pads_used``), over hybrid keys made."""
     db = sqlite3.connect(f"file:{state / 'keys.sqlite3'}?mode=ro", uri=True)
     try:
         consumed = db.execute("SELECT count(*) FROM consumed_qkd_keys").fetchone()[0]
@@ -119,13 +121,16 @@ def _qkd_bits_per_hybrid_key(state: Path) -> float:
             int(v) for (v,) in db.execute("SELECT value FROM counters WHERE name LIKE 'made:%'")
         )
         auth = db.execute("SELECT count(*) FROM auth_keys").fetchone()[0]
+        pads_held = db.execute("SELECT count(*) FROM pad_keys").fetchone()[0]
         # Sealed rows are nonce (12) + material + tag (16); any buffered row gives the size.
         row = db.execute("SELECT length(material) FROM qkd_keys LIMIT 1").fetchone()
     finally:
         db.close()
     qkd_bits = ((row[0] - 28) * 8) if row else 256
-    # Authentication keys (one per session) also use QKD keys; they are few.
-    return (consumed - auth) * qkd_bits / max(made, 1)
+    pad_qkd_keys = (pads_held + pads_used) * PAD_BYTES * 8 // qkd_bits
+    # Authentication keys (one per session) use QKD keys too: one 256-bit key each, and
+    # only the newest is kept, so this slightly overstates the hybrid share.
+    return (consumed - auth - pad_qkd_keys) * qkd_bits / max(made, 1)
 
 
 def main() -> None:
@@ -144,7 +149,6 @@ def main() -> None:
                 rate, lat, retries = _send(a_sock, size, args.messages, senders)
                 received = _drain(b_sock)
                 rows.append((size, senders, rate, lat, retries, received))
-        bits = _qkd_bits_per_hybrid_key(Path(tmp) / SITE_A.directory / "state")
         # One-time pads: wait for the stock, then send one message per pad.
         with BlockingKeyClient(a_sock) as client:
             deadline = time.monotonic() + 300
@@ -161,6 +165,7 @@ def main() -> None:
             for line in log.splitlines()
             if "event=message_sent" in line and "protection=otp" in line
         ]
+        bits = _qkd_bits_per_hybrid_key(Path(tmp) / SITE_A.directory / "state", sum(pads))
 
     print(
         f"Messages site A -> site B (real daemons, emulated BB84 link), {args.messages} per "
