@@ -1,7 +1,7 @@
 """Throughput and latency of the ETSI GS QKD 014 API over its Unix socket.
 
-Measures enc_keys (1 and 100 keys per request) and dec_keys (1 key per request) with 1, 8 and
-64 concurrent callers, and beside them a floor measured in the same run: a bare h11 server on
+Measures enc_keys and dec_keys (1 and 100 keys per request) with 1, 8 and 64 concurrent
+callers, and beside them a floor measured in the same run: a bare h11 server on
 the same kind of socket answering every request with a fixed small body. Each server runs in
 its own process (as qkdd does); the callers share one Trio process using `qkdd.client`.
 
@@ -191,44 +191,57 @@ def _enc_call(number: int) -> Call:
     return call
 
 
-def _dec_call(key_ids: list[str]) -> Call:
+def _dec_call(key_ids: list[str], per_request: int) -> Call:
     async def call(client: KeyClient, index: int) -> object:
-        return await client.dec_keys(MASTER, [key_ids[index]])
+        ids = key_ids[index * per_request : (index + 1) * per_request]
+        return await client.dec_keys(MASTER, ids)
 
     return call
+
+
+async def _collectable_ids(api_path: str, count: int, used: int) -> list[str]:
+    """``count`` key IDs a slave may collect, none used before: with the store pool from the
+    list the server wrote; with the memory pool handed out to the master now."""
+    if os.path.exists(api_path + ".ids"):
+        with open(api_path + ".ids") as handle:
+            return handle.read().split()[used : used + count]
+    ids: list[str] = []
+    async with KeyClient(api_path, sae_id=MASTER) as master:
+        while len(ids) < count:
+            ids += [k.key_id for k in await master.enc_keys(SLAVE, number=100)]
+    return ids[:count]
 
 
 def _pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) > 1 else values[0]
 
 
-async def _bench(requests: int) -> list[tuple[str, int, float, list[float], float]]:
+async def _bench(requests: int) -> list[tuple[str, int, float, list[float], float, list[float]]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         api_path, floor_path = os.path.join(tmp, "api.sock"), os.path.join(tmp, "floor.sock")
         # enough keys for every enc_keys request below, plus the IDs dec_keys collects
-        keys = requests * len(CONCURRENCY) * (1 + 100 + 1) + 1000
+        keys = requests * len(CONCURRENCY) * (1 + 100) + 1000
         servers = [_start("api", api_path, keys), _start("floor", floor_path, 0)]
+        used = 0  # IDs handed to dec_keys so far
         try:
             for concurrency in CONCURRENCY:
-                floor_rate, _ = await _run(floor_path, MASTER, concurrency, requests, _floor_call)
+                floor_rate, floor_lat = await _run(
+                    floor_path, MASTER, concurrency, requests, _floor_call
+                )
                 for label, number in (("enc_keys x1", 1), ("enc_keys x100", 100)):
                     rate, lat = await _run(
                         api_path, MASTER, concurrency, requests, _enc_call(number)
                     )
-                    rows.append((label, concurrency, rate, lat, floor_rate))
+                    rows.append((label, concurrency, rate, lat, floor_rate, floor_lat))
                 # Keys for the slave to collect, handed out to the master beforehand.
-                if os.path.exists(api_path + ".ids"):
-                    with open(api_path + ".ids") as handle:
-                        all_ids = handle.read().split()
-                    ids = all_ids[concurrency * requests : (concurrency + 1) * requests]
-                else:
-                    async with KeyClient(api_path, sae_id=MASTER) as master:
-                        ids = []
-                        while len(ids) < requests:
-                            ids += [k.key_id for k in await master.enc_keys(SLAVE, number=100)]
-                rate, lat = await _run(api_path, SLAVE, concurrency, requests, _dec_call(ids))
-                rows.append(("dec_keys x1", concurrency, rate, lat, floor_rate))
+                for label, number in (("dec_keys x1", 1), ("dec_keys x100", 100)):
+                    ids = await _collectable_ids(api_path, requests * number, used)
+                    used += len(ids)
+                    rate, lat = await _run(
+                        api_path, SLAVE, concurrency, requests, _dec_call(ids, number)
+                    )
+                    rows.append((label, concurrency, rate, lat, floor_rate, floor_lat))
         finally:
             for server in servers:
                 server.terminate()
@@ -259,13 +272,15 @@ def main() -> None:
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
     )
     print(
-        f"{'workload':<14} {'callers':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'floor req/s':>11} {'ratio':>6}"
+        f"{'workload':<14} {'callers':>7} {'req/s':>9} {'keys/s':>9} {'p50 ms':>8} "
+        f"{'p99 ms':>8} {'floor req/s':>11} {'floor p99':>9} {'ratio':>6} {'p99/floor':>9}"
     )
-    for label, concurrency, rate, lat, floor_rate in rows:
+    for label, concurrency, rate, lat, floor_rate, floor_lat in rows:
+        keys = rate * (100 if label.endswith("x100") else 1)
         print(
-            f"{label:<14} {concurrency:>7} {rate:>9.0f} {_pct(lat, 50):>8.2f} "
-            f"{_pct(lat, 99):>8.2f} {floor_rate:>11.0f} {rate / floor_rate:>6.2f}"
+            f"{label:<14} {concurrency:>7} {rate:>9.0f} {keys:>9.0f} {_pct(lat, 50):>8.2f} "
+            f"{_pct(lat, 99):>8.2f} {floor_rate:>11.0f} {_pct(floor_lat, 99):>9.2f} "
+            f"{rate / floor_rate:>6.2f} {_pct(lat, 99) / _pct(floor_lat, 99):>9.2f}"
         )
 
 
