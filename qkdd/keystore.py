@@ -170,34 +170,27 @@ def _auth_aad(peer_site: str, key_id: str) -> bytes:
     return lp(labels.AAD_AUTH_KEY_ROW) + lp(peer_site.encode()) + lp(key_id.encode())
 
 
-def _hybrid_aad(key_id: str, master_sae: str, slave_sae: str, size_bits: int) -> bytes:
+def _pair_row_aad(label: bytes, key_id: str, master_sae: str, slave_sae: str, size: int) -> bytes:
+    """Associated data of a sealed row of an SAE pair: its kind, key ID, pair and size."""
     return (
-        lp(labels.AAD_HYBRID_KEY_ROW)
+        lp(label)
         + lp(key_id.encode())
         + lp(master_sae.encode())
         + lp(slave_sae.encode())
-        + lp(str(size_bits).encode())
+        + lp(str(size).encode())
     )
+
+
+def _hybrid_aad(key_id: str, master_sae: str, slave_sae: str, size_bits: int) -> bytes:
+    return _pair_row_aad(labels.AAD_HYBRID_KEY_ROW, key_id, master_sae, slave_sae, size_bits)
 
 
 def _pad_aad(key_id: str, sender_sae: str, recipient_sae: str, size_bits: int) -> bytes:
-    return (
-        lp(labels.AAD_PAD_ROW)
-        + lp(key_id.encode())
-        + lp(sender_sae.encode())
-        + lp(recipient_sae.encode())
-        + lp(str(size_bits).encode())
-    )
+    return _pair_row_aad(labels.AAD_PAD_ROW, key_id, sender_sae, recipient_sae, size_bits)
 
 
 def _assigned_aad(key_id: str, master_sae: str, slave_sae: str, size_bits: int) -> bytes:
-    return (
-        lp(labels.AAD_ASSIGNED_KEY_ROW)
-        + lp(key_id.encode())
-        + lp(master_sae.encode())
-        + lp(slave_sae.encode())
-        + lp(str(size_bits).encode())
-    )
+    return _pair_row_aad(labels.AAD_ASSIGNED_KEY_ROW, key_id, master_sae, slave_sae, size_bits)
 
 
 def compose_key(materials: Sequence[bytes], size_bits: int) -> bytes:

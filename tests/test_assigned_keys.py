@@ -6,9 +6,9 @@ answers, and every slave collects each key once."""
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
 import pytest
+from site_edits import second_sae_at_b
 
 from qkdd.client import BlockingKeyClient, KeyServiceClientError
 from qkdd.demo import running_demo, wait_for_keys
@@ -17,21 +17,8 @@ from qkdd.demo_sites import SITE_A, SITE_B
 SECOND_B = "sae-b2"
 
 
-def _second_slave_at_b(directory: Path) -> None:
-    a = directory / "site-a.toml"
-    a.write_text(
-        a.read_text().replace(
-            f'remote_sae_ids = ["{SITE_B.sae_id}"]',
-            f'remote_sae_ids = ["{SITE_B.sae_id}", "{SECOND_B}"]',
-        )
-    )
-    b = directory / "site-b.toml"
-    text = b.read_text()
-    b.write_text(text.replace("[[peers]]", f'[[consumers]]\nsae_id = "{SECOND_B}"\n\n[[peers]]'))
-
-
 def test_sizes_and_additional_slaves_through_real_daemons(tmp_path):
-    with running_demo(tmp_path, _second_slave_at_b) as (site_a, site_b):
+    with running_demo(tmp_path, second_sae_at_b(SECOND_B)) as (site_a, site_b):
         wait_for_keys(site_a, SITE_B.sae_id, 40, timeout=60)
         with BlockingKeyClient(str(site_a.socket_path)) as app_a:
             status = app_a.status(SITE_B.sae_id)

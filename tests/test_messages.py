@@ -12,32 +12,28 @@ import uuid
 from pathlib import Path
 
 import pytest
+from site_edits import second_sae_at_b
 
 from qkdd import ctl
 from qkdd.client import BlockingKeyClient, KeyServiceClientError
+from qkdd.config import load_config
 from qkdd.crypto import AuthenticationFailed
-from qkdd.demo import running_demo, wait_for_keys
+from qkdd.demo import prepare_directory, running_demo, wait_for_keys
 from qkdd.demo_sites import SITE_A, SITE_B
 from qkdd.inbox import Inbox, InboxError
 from qkdd.keystore import HybridKey, KeyStore, NewHybridKey
-from qkdd.messaging import open_message, otp_open, otp_seal, seal_message
+from qkdd.messaging import (
+    BadMessage,
+    Messenger,
+    NotDelivered,
+    open_message,
+    otp_open,
+    otp_seal,
+    seal_message,
+)
 
 CAP = 1024 * 1024
 OTHER_B = "sae-b2"
-
-
-def _second_sae_at_b(directory: Path) -> None:
-    a = directory / "site-a.toml"
-    a.write_text(
-        a.read_text().replace(
-            f'remote_sae_ids = ["{SITE_B.sae_id}"]',
-            f'remote_sae_ids = ["{SITE_B.sae_id}", "{OTHER_B}"]',
-        )
-    )
-    b = directory / "site-b.toml"
-    b.write_text(
-        b.read_text().replace("[[peers]]", f'[[consumers]]\nsae_id = "{OTHER_B}"\n\n[[peers]]')
-    )
 
 
 def send_retrying(client: BlockingKeyClient, recipient: str, body: bytes, timeout: float = 30):
@@ -54,7 +50,7 @@ def send_retrying(client: BlockingKeyClient, recipient: str, body: bytes, timeou
 
 
 def test_messages_of_every_size_arrive_once_in_order_for_their_recipient_only(tmp_path, capsys):
-    with running_demo(tmp_path, _second_sae_at_b) as (site_a, site_b):
+    with running_demo(tmp_path, second_sae_at_b(OTHER_B)) as (site_a, site_b):
         wait_for_keys(site_a, SITE_B.sae_id, 8, timeout=60)
         bodies = [b"", b"\x00", os.urandom(CAP), b"last"]
         with BlockingKeyClient(str(site_a.socket_path), timeout=30) as app_a:
@@ -302,3 +298,26 @@ def test_one_time_pad_messages_through_real_daemons(tmp_path):
             with pytest.raises(KeyServiceClientError) as info:
                 app_b.send_message(SITE_A.sae_id, b"x", protection="otp")
             assert info.value.status == 503
+
+
+async def test_empty_key_stock_is_503_and_nothing_is_sent(tmp_path):
+    configs = prepare_directory(tmp_path)
+
+    class Live:
+        config = load_config(configs[SITE_A.site_id])
+
+    store = KeyStore(tmp_path / "k.db", KEK)
+    calls: list[int] = []
+
+    async def call_peer(site: str, kind: int, body: bytes, timeout: float) -> bytes:
+        calls.append(kind)
+        return b""
+
+    messenger = Messenger(Live(), store, Inbox(store, 10), lambda site: None, call_peer)
+    for protection, reason in (("hybrid", "key stock empty"), ("otp", "keeps no one-time pads")):
+        with pytest.raises(NotDelivered, match=reason):
+            await messenger.send(SITE_A.sae_id, SITE_B.sae_id, b"x", protection=protection)
+    with pytest.raises(BadMessage, match="protection"):
+        await messenger.send(SITE_A.sae_id, SITE_B.sae_id, b"x", protection="rot13")
+    assert calls == []  # nothing went to the peer
+    store.close()
