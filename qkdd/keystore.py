@@ -493,25 +493,7 @@ class KeyStore:
                 " SET value = max(value, excluded.value)",
                 (f"batch:{peer_site}", batch_id),
             )
-            db.executemany(
-                "INSERT INTO hybrid_keys VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
-                [
-                    (
-                        k.key_id,
-                        peer_site,
-                        batch_id,
-                        k.master_sae_id,
-                        k.slave_sae_id,
-                        k.size_bits,
-                        self._sealer.seal(
-                            _hybrid_aad(k.key_id, k.master_sae_id, k.slave_sae_id, k.size_bits),
-                            k.material,
-                        ),
-                        now,
-                    )
-                    for k in keys
-                ],
-            )
+            self._insert_pending(db, "hybrid_keys", _hybrid_aad, peer_site, batch_id, keys, now)
             db.executemany(
                 "INSERT INTO auth_keys (peer_site, key_id, batch_id, material, state)"
                 " VALUES (?, ?, ?, ?, 'pending')",
@@ -525,26 +507,38 @@ class KeyStore:
                     for k in auth_keys
                 ],
             )
-            db.executemany(
-                "INSERT INTO pad_keys VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
-                [
-                    (
-                        k.key_id,
-                        peer_site,
-                        batch_id,
-                        k.master_sae_id,
-                        k.slave_sae_id,
-                        k.size_bits,
-                        self._sealer.seal(
-                            _pad_aad(k.key_id, k.master_sae_id, k.slave_sae_id, k.size_bits),
-                            k.material,
-                        ),
-                        now,
-                    )
-                    for k in pads
-                ],
-            )
+            self._insert_pending(db, "pad_keys", _pad_aad, peer_site, batch_id, pads, now)
             self._consume_qkd_keys(db, peer_site, consumed_qkd_ids)
+
+    def _insert_pending(
+        self,
+        db: sqlite3.Connection,
+        table: str,
+        aad: Callable[[str, str, str, int], bytes],
+        peer_site: str,
+        batch_id: int,
+        keys: Sequence[NewHybridKey],
+        now: float,
+    ) -> None:
+        """Pending rows of a pair table (hybrid_keys, pad_keys: the same columns)."""
+        db.executemany(
+            f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+            [
+                (
+                    k.key_id,
+                    peer_site,
+                    batch_id,
+                    k.master_sae_id,
+                    k.slave_sae_id,
+                    k.size_bits,
+                    self._sealer.seal(
+                        aad(k.key_id, k.master_sae_id, k.slave_sae_id, k.size_bits), k.material
+                    ),
+                    now,
+                )
+                for k in keys
+            ],
+        )
 
     def commit_batch(self, peer_site: str, batch_id: int) -> bool:
         """Make a batch's keys deliverable; False if the batch is unknown.
