@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from qkdd.peer.errors import RemoteProtocolError
-from qkdd.peer.messages import MAX_CALL_BODY, CallOutcome, CallReply, PeerCall
+from qkdd.peer.messages import CallOutcome, CallReply, PeerCall
 from qkdd.peer.wire import Reader, Writer
 
 MAX_ASSIGNMENTS: Final = 1024
 MAX_CONSTITUENTS: Final = 64
 MAX_SLAVES: Final = 16
-MAX_MESSAGE_CIPHERTEXT: Final = MAX_CALL_BODY - 512
+# A message of at most 1 MiB, plus its tag.
+MAX_MESSAGE_CIPHERTEXT: Final = 1024 * 1024 + 1024
 
 
 class CallKind:

@@ -35,8 +35,9 @@ MAX_RESYNC_BATCHES: Final = 1024
 MAX_REASON_LENGTH: Final = 512
 STORE_ID_SIZE: Final = 16
 MAX_HORIZON_KEYS: Final = 64
-# A call body carries at most one application message (capped at 1 MiB) and its framing.
-MAX_CALL_BODY: Final = 1024 * 1024 + 4096
+# A call body carries at most one application message (capped at 1 MiB) and its framing:
+# up to MAX_KEYS_PER_MESSAGE (2048) key IDs of 16 bytes, SAE IDs and lengths.
+MAX_CALL_BODY: Final = 1024 * 1024 + 64 * 1024
 
 
 class BatchPurpose:

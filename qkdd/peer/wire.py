@@ -22,8 +22,8 @@ FRAME_HEADER_SIZE: Final = FRAME_HEADER.size  # 6
 # (the largest is RESPONSE: 1088-byte ciphertext + 3309-byte signature + ~100 bytes).
 MAX_HANDSHAKE_BODY: Final = 8 * 1024
 # After authentication: the largest message is a peer call carrying one application
-# message (capped at 1 MiB) with its framing, plus the AEAD tag.
-MAX_SESSION_BODY: Final = 1024 * 1024 + 8192
+# message (capped at 1 MiB) with its framing (MAX_CALL_BODY), plus the AEAD tag.
+MAX_SESSION_BODY: Final = 1024 * 1024 + 72 * 1024
 
 NONCE_SIZE: Final = 32
 MAX_ID_LENGTH: Final = 64
