@@ -142,7 +142,17 @@ async def _serve_floor(path: str) -> None:
 
 def _start(kind: str, path: str, keys: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", kind, path, str(keys)],
+        # The child parses its own arguments: it must be told the pool too.
+        [
+            sys.executable,
+            __file__,
+            "--serve",
+            kind,
+            path,
+            str(keys),
+            "--pool",
+            os.environ["BENCH_POOL"],
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

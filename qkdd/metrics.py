@@ -29,7 +29,7 @@ from prometheus_client.metrics_core import (
 
 from qkdd.api_paths import METRICS_PATH, STATUS_PATH
 from qkdd.etsi014.handler import API_PREFIX, ApiRequest, ApiResponse
-from qkdd.etsi014.pool import DeliveredKey, KeyPool, PoolStatus
+from qkdd.etsi014.pool import DeliveredKey, KeyLimits, KeyPool, PoolStatus
 from qkdd.quota import QuotaState
 from qkdd.status import LinkView, StoreView, pool_levels
 
@@ -134,6 +134,9 @@ class _CountingPool:
 
     def status(self, master_sae_id: str, slave_sae_id: str) -> PoolStatus:
         return self._pool.status(master_sae_id, slave_sae_id)
+
+    def limits(self, master_sae_id: str, slave_sae_id: str) -> KeyLimits:
+        return self._pool.limits(master_sae_id, slave_sae_id)
 
     def knows_sae(self, sae_id: str) -> bool:
         return self._pool.knows_sae(sae_id)

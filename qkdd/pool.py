@@ -21,6 +21,7 @@ from qkdd.config import SiteConfig
 from qkdd.etsi014.pool import (
     DeliveredKey,
     InvalidKeyRequest,
+    KeyLimits,
     KeysUnavailable,
     PoolStatus,
     UnknownKeys,
@@ -80,6 +81,15 @@ class StoreKeyPool:
             if site is not None and site != self._live.config.site_id:
                 return site
         return None
+
+    def limits(self, master_sae_id: str, slave_sae_id: str) -> KeyLimits:
+        size = self._live.config.key_size
+        return KeyLimits(
+            key_size=size,
+            max_key_per_request=self._live.config.max_keys_per_request,
+            min_key_size=min(size, MIN_ASSIGNED_KEY_BITS),
+            max_key_size=max(size, MAX_ASSIGNED_KEY_BITS),
+        )
 
     def status(self, master_sae_id: str, slave_sae_id: str) -> PoolStatus:
         peer_site = self._peer_of_pair(master_sae_id, slave_sae_id)

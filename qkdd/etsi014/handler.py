@@ -340,7 +340,7 @@ class RequestHandler:
                 )
             _optional_list(obj, "extension_optional")  # type-checked, then ignored (6.2)
 
-        st = self.pool.status(master, slave)
+        st = self.pool.limits(master, slave)
         number = 1 if number is None else number
         size = st.key_size if size is None else size
         if not 1 <= number <= st.max_key_per_request:
@@ -417,7 +417,7 @@ class RequestHandler:
         key_ids = [_canonical_key_id(value) for value in raw_ids]
         if len(set(key_ids)) != len(key_ids):
             _reject(400, "the same key_ID is requested more than once")
-        st = self.pool.status(master, slave)
+        st = self.pool.limits(master, slave)
         if len(key_ids) > st.max_key_per_request:
             _reject(
                 400,

@@ -38,6 +38,17 @@ class PoolStatus:
     extension: dict[str, object] | None = None
 
 
+@dataclass(frozen=True)
+class KeyLimits:
+    """What a key request may ask for (the request-checking part of the Status object,
+    without the stored key count, which costs a count of the pool)."""
+
+    key_size: int
+    max_key_per_request: int
+    min_key_size: int
+    max_key_size: int
+
+
 class KeyServiceError(Exception):
     """Base of the key-service layer's errors."""
 
@@ -56,6 +67,8 @@ class UnknownKeys(KeyServiceError):
 
 class KeyPool(Protocol):
     def status(self, master_sae_id: str, slave_sae_id: str) -> PoolStatus: ...
+
+    def limits(self, master_sae_id: str, slave_sae_id: str) -> KeyLimits: ...
 
     def take_for_master(
         self, master_sae_id: str, slave_sae_id: str, number: int, size_bits: int
@@ -157,6 +170,11 @@ class MemoryKeyPool:
             max_key_per_request=self._max_key_per_request,
             max_key_size=self._max_key_size,
             min_key_size=self._min_key_size,
+        )
+
+    def limits(self, master_sae_id: str, slave_sae_id: str) -> KeyLimits:
+        return KeyLimits(
+            self._key_size, self._max_key_per_request, self._min_key_size, self._max_key_size
         )
 
     def take_for_master(
