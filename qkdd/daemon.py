@@ -8,9 +8,15 @@ run_daemon(config)
     peer listener: responder handshakes           (serve_peers)
     ETSI GS QKD 014 API on the Unix socket        (serve_unix; bound here, or
                                                    passed by qkdd.socket), with the
-                                                   site status and metrics (qkdd.admin)
+                                                   site status and metrics (qkdd.admin),
+                                                   messages (qkdd.messages_api) and
+                                                   key events (qkdd.events_api)
     key expiry, STATUS= lines, watchdog pings      (_expire_keys, _report_status, _watchdog)
+    key events from links and pools                (_watch_links_and_pools)
+    the first WireGuard PSK of each binding, then its rotation   (PskRotator)
     READY=1 to systemd, then wait for a signal
+  Peer calls (key assignments, messages, WireGuard installs) are answered inside each
+  peer session by the handler registered for their kind.
   SIGHUP: re-read the config, apply what can change live, say what needs a restart.
   SIGTERM/SIGINT: STOPPING=1, cancel everything (in-flight work is transactional),
   close the store.
@@ -116,12 +122,8 @@ async def run_daemon(config: SiteConfig) -> None:
     async def call_peer(site: str, kind: int, body: bytes, timeout: float) -> bytes:
         return await links[site].call(kind, body, timeout=timeout)
 
+    # What the API serves beside the links; each answers the peer calls of its kind.
     store_pool = StoreKeyPool(live, store, lambda site: links[site].why_unavailable(), call_peer)
-    for site, link in links.items():
-        link.call_handlers[CallKind.KEY_ASSIGN] = _sync_call_handler(
-            functools.partial(store_pool.accept_assignment, site)
-        )
-    pool = metrics.counting_pool(store_pool)
     messenger = Messenger(
         live,
         store,
@@ -131,12 +133,19 @@ async def run_daemon(config: SiteConfig) -> None:
         max_size=config.message_max_size,
     )
     for site, link in links.items():
+        link.call_handlers[CallKind.KEY_ASSIGN] = _sync_call_handler(
+            functools.partial(store_pool.accept_assignment, site)
+        )
         link.call_handlers[CallKind.MESSAGE] = _sync_call_handler(
             functools.partial(messenger.accept_call, site)
         )
+    rotators = make_rotators(config, links, store)  # WG_INSTALL where this site is slave
+    pool = metrics.counting_pool(store_pool)
     metrics.watch_quotas(
         lambda: {sae: store_pool.quota_state(sae) for sae in live.config.local_sae_ids}
     )
+    bus = EventBus()
+    store.on_erased = functools.partial(_publish_erased, bus)
 
     def status() -> dict[str, object]:
         return site_status(
@@ -147,10 +156,6 @@ async def run_daemon(config: SiteConfig) -> None:
             recent_errors=recent_errors.events(),
             wireguard=[rotator.status() for rotator in rotators.values()],
         )
-
-    rotators = make_rotators(config, links, store)
-    bus = EventBus()
-    store.on_erased = functools.partial(_publish_erased, bus)
 
     def is_local_sae(sae: str) -> bool:
         return sae in live.config.local_sae_ids
