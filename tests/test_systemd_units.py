@@ -629,3 +629,25 @@ def test_private_users_would_hide_api_clients_uids() -> None:
     assert seen == 65534
     service = read_unit(UNITS / "qkdd.service")["Service"]
     assert service.get("PrivateUsers", ["no"])[-1] in ("no", "false", "0")
+
+
+@needs_analyze
+def test_wireguard_drop_in_adds_only_what_wg_needs(tmp_path: Path) -> None:
+    """systemd/qkdd-wireguard.conf as qkdd.service.d/wireguard.conf: the analyzer reads it,
+    and the only protections it gives up are CAP_NET_ADMIN and netlink sockets."""
+    shutil.copy(UNITS / "qkdd.service", tmp_path / "qkdd.service")
+
+    def failed_checks() -> set[str]:
+        proc = analyze("security", "--offline=yes", "qkdd.service", cwd=tmp_path)
+        return {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("✗")}
+
+    before, level_before = failed_checks(), exposure(tmp_path / "qkdd.service")
+    (tmp_path / "qkdd.service.d").mkdir()
+    shutil.copy(UNITS / "qkdd-wireguard.conf", tmp_path / "qkdd.service.d" / "wireguard.conf")
+    added = failed_checks() - before
+    assert added == {
+        "CapabilityBoundingSet=~CAP_NET_ADMIN",
+        "AmbientCapabilities=",  # it is CAP_NET_ADMIN, as the bounding set says
+        "RestrictAddressFamilies=~AF_NETLINK",
+    }
+    assert level_before < exposure(tmp_path / "qkdd.service") <= EXPOSURE_TARGET + 0.5
