@@ -168,3 +168,23 @@ def test_expired_keys_are_named_and_qkdctl_follows_events(tmp_path, capsys):
             with pytest.raises(KeyServiceClientError) as info:
                 next(app_a.events(["no_such_kind"]))
             assert info.value.status == 400
+
+
+async def test_a_closed_event_stream_unsubscribes():
+    from qkdd.etsi014.handler import ApiRequest, Caller, Streamed
+    from qkdd.events_api import event_routes
+
+    bus = EventBus()
+    (route,) = event_routes(bus, lambda sae: sae == "sae-a").values()
+    answer = route(
+        ApiRequest("GET", "/qkdd/v1/events?kinds=link_up"), Caller(1, 1, frozenset({"sae-a"}))
+    )
+    assert isinstance(answer, Streamed) and bus.subscriber_count == 1
+    chunks = answer.chunks()
+    bus.publish("link_up", peer_site="site-b")
+    bus.publish("link_down", peer_site="site-b")  # not asked for
+    with trio.fail_after(5):
+        first = await chunks.__anext__()
+    assert b'"event":"link_up"' in first and b"link_down" not in first
+    await chunks.aclose()  # what the server does when the client goes away
+    assert bus.subscriber_count == 0
