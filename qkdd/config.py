@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from qkdd.crypto import SIGNATURE_PUBLIC_KEY_SIZE
 from qkdd.crypto.select import BACKEND_CHOICES
-from qkdd.wireguard import WireGuardBinding
+from qkdd.wireguard import BindingValueError, WireGuardBinding
 
 if sys.version_info >= (3, 11):  # noqa: UP036 - tomli stays declared for older Pythons
     import tomllib
@@ -424,10 +424,8 @@ def _wireguard(
         raise reader.error(missing[0], "a value (this key is required)")
     try:
         binding = WireGuardBinding(**fields)
-    except (ValueError, TypeError) as exc:
-        # WireGuardBinding's messages start with "wireguard.<key>: expected ..."
-        key, _, expected = str(exc).partition(": expected ")
-        raise reader.error(key.removeprefix("wireguard."), expected or str(exc)) from None
+    except BindingValueError as exc:
+        raise reader.error(exc.key, exc.expected) from None
     peer = next((p for p in peers if p.site_id == binding.peer_site), None)
     if peer is None:
         raise reader.error("peer_site", "the site_id of one of [[peers]]", binding.peer_site)

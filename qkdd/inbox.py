@@ -166,9 +166,3 @@ class Inbox:
                 (recipient_sae, message_id),
             )
         return cursor.rowcount == 1
-
-    def pending_count(self, recipient_sae: str) -> int:
-        row = self._store.query_one(
-            "SELECT count(*) FROM inbox WHERE recipient_sae=?", (recipient_sae,)
-        )
-        return int(row[0]) if row else 0

@@ -305,13 +305,10 @@ class KeyStore:
         row = self._db.execute(sql, params).fetchone()
         return tuple(row) if row is not None else None
 
-    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        """A write transaction (BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception),
-        for modules that keep their own tables in this database (``qkdd.inbox``)."""
-        return self._transaction()
-
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception);
+        also for modules that keep their own tables in this database (``qkdd.inbox``)."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
@@ -327,7 +324,7 @@ class KeyStore:
         """Store keys from a device; returns how many were new (re-sent ones are ignored)."""
         now = time.time()
         added = 0
-        with self._transaction() as db:
+        with self.transaction() as db:
             for key in keys:
                 consumed = db.execute(
                     "SELECT 1 FROM consumed_qkd_keys WHERE peer_site=? AND key_id=?",
@@ -384,7 +381,7 @@ class KeyStore:
         and that precedes a key it does hold can never be agreed on: it is dropped, and the
         two buffers line up again. Returns how many were dropped (0 if none of ``key_ids``
         is buffered here)."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             seqs = self._buffered_seqs(db, peer_site, key_ids)
             stale = self._buffered_before(db, peer_site, min(seqs)) if seqs else []
             self._consume_qkd_keys(db, peer_site, stale)
@@ -401,7 +398,7 @@ class KeyStore:
           exactly here). Without a state loss "not here yet" may as well mean that the
           peer is behind, so nothing is dropped.
         Returns how many keys were dropped."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             seqs = self._buffered_seqs(db, peer_site, oldest_at_peer)
             if seqs:
                 stale = self._buffered_before(db, peer_site, min(seqs))
@@ -460,7 +457,7 @@ class KeyStore:
 
     def quarantine_qkd_keys(self, peer_site: str, key_ids: Iterable[str]) -> None:
         """Mark QKD key IDs as never to be used (e.g. present on one side only)."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             self._consume_qkd_keys(db, peer_site, key_ids)
 
     # -- batches and hybrid keys ----------------------------------------------------------
@@ -486,7 +483,7 @@ class KeyStore:
         whose master/slave SAE are sender/recipient) as pending and consume its QKD keys,
         atomically."""
         now = time.time()
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute("INSERT INTO batches VALUES (?, ?, 'pending')", (peer_site, batch_id))
             db.execute(
                 "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
@@ -545,7 +542,7 @@ class KeyStore:
 
         A committed authentication key replaces every older one of the peer and marks the
         PSK chain established (which also withdraws an operator's bootstrap allowance)."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             cursor = db.execute(
                 "UPDATE batches SET state='committed' WHERE peer_site=? AND batch_id=?",
                 (peer_site, batch_id),
@@ -586,7 +583,7 @@ class KeyStore:
 
     def abort_batch(self, peer_site: str, batch_id: int) -> None:
         """Erase a batch's keys; its QKD keys stay consumed (one purpose, once)."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute(
                 "DELETE FROM hybrid_keys WHERE peer_site=? AND batch_id=?", (peer_site, batch_id)
             )
@@ -606,7 +603,7 @@ class KeyStore:
         """Record the peer's store identity; if it changed, the peer lost its state, so
         every application key and batch shared with it is dropped. Returns how many keys."""
         name = f"peer-store:{peer_site}"
-        with self._transaction() as db:
+        with self.transaction() as db:
             row = db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
             dropped = 0
             gone: list[ErasedKey] = []
@@ -616,13 +613,12 @@ class KeyStore:
                 gone = [
                     ErasedKey(*r)
                     for r in db.execute(
-                        "SELECT key_id, master_sae, slave_sae FROM hybrid_keys WHERE peer_site=?",
+                        "DELETE FROM hybrid_keys WHERE peer_site=?"
+                        " RETURNING key_id, master_sae, slave_sae",
                         (peer_site,),
-                    )
+                    ).fetchall()
                 ]
-                dropped = db.execute(
-                    "DELETE FROM hybrid_keys WHERE peer_site=?", (peer_site,)
-                ).rowcount
+                dropped = len(gone)
                 db.execute("DELETE FROM pad_keys WHERE peer_site=?", (peer_site,))
                 db.execute(
                     "DELETE FROM batches WHERE peer_site=? AND batch_id NOT IN "
@@ -656,7 +652,7 @@ class KeyStore:
 
     def allow_bootstrap(self, peer_site: str) -> None:
         """The operator's explicit consent to one new signature bootstrap with this peer."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             self._set_flag(db, f"allow-bootstrap:{peer_site}", True)
 
     def newest_ready_auth_key(self, peer_site: str) -> AuthKeyRecord | None:
@@ -713,21 +709,24 @@ class KeyStore:
 
     def erase_expired(self, created_before: float) -> int:
         """Erase keys nobody collected in time; returns how many."""
-        with self._transaction() as db:
+        # RETURNING (SQLite 3.35): one pass deletes and names what went, for key events.
+        with self.transaction() as db:
             gone = [
                 ErasedKey(*row)
                 for row in db.execute(
-                    "SELECT key_id, master_sae, slave_sae FROM hybrid_keys"
-                    " WHERE state='ready' AND created_at < ?"
-                    " UNION ALL SELECT key_id, master_sae, slave_sae FROM assigned_keys"
-                    " WHERE created_at < ?",
-                    (created_before, created_before),
-                )
+                    "DELETE FROM hybrid_keys WHERE state='ready' AND created_at < ?"
+                    " RETURNING key_id, master_sae, slave_sae",
+                    (created_before,),
+                ).fetchall()
             ]
-            db.execute(
-                "DELETE FROM hybrid_keys WHERE state='ready' AND created_at < ?", (created_before,)
-            )
-            db.execute("DELETE FROM assigned_keys WHERE created_at < ?", (created_before,))
+            gone += [
+                ErasedKey(*row)
+                for row in db.execute(
+                    "DELETE FROM assigned_keys WHERE created_at < ?"
+                    " RETURNING key_id, master_sae, slave_sae",
+                    (created_before,),
+                ).fetchall()
+            ]
         self._tell_erased("expired", gone)
         return len(gone)
 
@@ -760,7 +759,7 @@ class KeyStore:
 
     def take_ready(self, master_sae_id: str, slave_sae_id: str, number: int) -> list[HybridKey]:
         """Hand out the ``number`` oldest ready keys of the pair and erase them (all or none)."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             rows = db.execute(
                 "SELECT key_id, material, size_bits FROM hybrid_keys WHERE master_sae=?"
                 " AND slave_sae=? AND state='ready' ORDER BY created_at, rowid LIMIT ?",
@@ -792,10 +791,10 @@ class KeyStore:
         if len(set(key_ids)) != len(key_ids):
             return None
         try:
-            with self._transaction() as db:
+            with self.transaction() as db:
                 found = []
                 for key_id in key_ids:
-                    key = self._take_one(db, key_id, master_sae_id, slave_sae_id)
+                    key = self.take_one_in(db, key_id, master_sae_id, slave_sae_id)
                     if key is None:
                         raise _KeyMissing  # rolls back what was taken so far
                     found.append(key)
@@ -809,12 +808,6 @@ class KeyStore:
         """Inside ``transaction()``: open and erase one key of the pair by ID (agreed or
         assigned; ready or pending); None if it is not held. Erased only if the caller's
         transaction commits."""
-        return self._take_one(db, key_id, master, slave)
-
-    def _take_one(
-        self, db: sqlite3.Connection, key_id: str, master: str, slave: str
-    ) -> HybridKey | None:
-        """Open and erase one key of the pair by ID, agreed or assigned; None if missing."""
         row = db.execute(
             "SELECT material, size_bits FROM hybrid_keys"
             " WHERE key_id=? AND master_sae=? AND slave_sae=?",
@@ -840,11 +833,11 @@ class KeyStore:
         pending keys of the pair master -> first slave, erased here) and hold it for every
         slave SAE. All or nothing: StoreError names the first constituent that is missing."""
         now = time.time()
-        with self._transaction() as db:
+        with self.transaction() as db:
             for a in assignments:
                 materials = []
                 for cid in a.constituent_ids:
-                    key = self._take_one(db, cid, a.master_sae, a.slave_saes[0])
+                    key = self.take_one_in(db, cid, a.master_sae, a.slave_saes[0])
                     if key is None:
                         raise StoreError(
                             f"key {cid} of {a.master_sae} -> {a.slave_saes[0]} is not held here"
@@ -896,7 +889,7 @@ class KeyStore:
         """The oldest ready pads of the pair, enough to cover ``nbytes``, erased (all or
         none: an empty list if the stock is short). What a message leaves of the last pad
         is never used again."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             taken: list[HybridKey] = []
             have = 0
             rows = db.execute(
@@ -941,6 +934,3 @@ class KeyStore:
             )
             db.execute("DELETE FROM pad_keys WHERE key_id=?", (key_id,))
         return found
-
-    def assigned_count(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM assigned_keys").fetchone()[0])

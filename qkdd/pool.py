@@ -27,8 +27,14 @@ from qkdd.etsi014.pool import (
     UnknownKeys,
 )
 from qkdd.keystore import Assignment, KeyStore, StoreError, compose_key
-from qkdd.peer.calls import MAX_ASSIGNMENTS, MAX_CONSTITUENTS, CallKind, KeyAssign, KeyAssignment
-from qkdd.peer.calls import CallRefused as CallRefused
+from qkdd.peer.calls import (
+    MAX_ASSIGNMENTS,
+    MAX_CONSTITUENTS,
+    CallKind,
+    CallRefused,
+    KeyAssign,
+    KeyAssignment,
+)
 from qkdd.quota import QuotaBook, QuotaExceeded, QuotaState
 
 MIN_ASSIGNED_KEY_BITS: Final = 64
@@ -94,16 +100,16 @@ class StoreKeyPool:
     def status(self, master_sae_id: str, slave_sae_id: str) -> PoolStatus:
         peer_site = self._peer_of_pair(master_sae_id, slave_sae_id)
         peer = self._live.config.peer(peer_site) if peer_site else None
-        size = self._live.config.key_size
+        limits = self.limits(master_sae_id, slave_sae_id)
         return PoolStatus(
             source_kme_id=self._live.config.site_id,
             target_kme_id=peer_site or self._live.config.site_id,
-            key_size=size,
+            key_size=limits.key_size,
             stored_key_count=self._store.ready_count(master_sae_id, slave_sae_id),
             max_key_count=peer.pool_size if peer else 0,
-            max_key_per_request=self._live.config.max_keys_per_request,
-            max_key_size=max(size, MAX_ASSIGNED_KEY_BITS),
-            min_key_size=min(size, MIN_ASSIGNED_KEY_BITS),
+            max_key_per_request=limits.max_key_per_request,
+            max_key_size=limits.max_key_size,
+            min_key_size=limits.min_key_size,
             extension=self._quota_extension(master_sae_id),
         )
 

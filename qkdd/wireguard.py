@@ -96,6 +96,16 @@ class KeyMaterialError(WireGuardError, ValueError):
     """A hybrid key too short to derive a PSK from."""
 
 
+class BindingValueError(ValueError):
+    """A bad ``[[wireguard]]`` value: which key, and what was expected (the config loader
+    reports both, naming the file)."""
+
+    def __init__(self, key: str, expected: str) -> None:
+        super().__init__(f"wireguard.{key}: expected {expected}")
+        self.key = key
+        self.expected = expected
+
+
 class NotTheDrivingSiteError(WireGuardError):
     """An announced key reached the site that drives the binding's rotations itself."""
 
@@ -133,36 +143,40 @@ class WireGuardBinding:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError for the first bad value, with what was expected."""
+        """Raise BindingValueError (a ValueError) for the first bad value, with what was
+        expected."""
         for key in ("name", "peer_site", "local_sae", "remote_sae"):
             value = getattr(self, key)
             if not isinstance(value, str) or not _ID_PATTERN.match(value):
-                raise ValueError(
-                    f"wireguard.{key}: expected an identifier (letters, digits, '.', '_', "
-                    f"':', '-'; at most 64 characters), got {value!r}"
+                raise BindingValueError(
+                    key,
+                    "an identifier (letters, digits, '.', '_', ':', '-'; at most 64 "
+                    f"characters), got {value!r}",
                 )
         if not isinstance(self.interface, str) or not _INTERFACE_PATTERN.match(self.interface):
-            raise ValueError(
-                "wireguard.interface: expected a network interface name of at most 15 "
-                f"characters such as 'wg0', got {self.interface!r}"
+            raise BindingValueError(
+                "interface",
+                "a network interface name of at most 15 characters such as 'wg0', "
+                f"got {self.interface!r}",
             )
         if not _is_wireguard_key(self.peer_public_key):
-            raise ValueError(
-                "wireguard.peer_public_key: expected the peer's WireGuard public key, "
-                f"base64 of 32 bytes as `wg pubkey` prints it, got {self.peer_public_key!r}"
+            raise BindingValueError(
+                "peer_public_key",
+                "the peer's WireGuard public key, base64 of 32 bytes as `wg pubkey` prints "
+                f"it, got {self.peer_public_key!r}",
             )
         for key in ("interval", "max_key_age", "startup_timeout"):
             value = getattr(self, key)
             if not _is_number(value) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"wireguard.{key}: expected a positive number of seconds")
+                raise BindingValueError(key, "a positive number of seconds")
         if self.max_key_age <= self.interval:
             # Otherwise every key would be too old before its successor is even due.
-            raise ValueError(
-                "wireguard.max_key_age: expected more than interval "
-                f"({self.interval:g} s), got {self.max_key_age:g}"
+            raise BindingValueError(
+                "max_key_age",
+                f"more than interval ({self.interval:g} s), got {self.max_key_age:g}",
             )
         if not isinstance(self.wg_command, str) or not self.wg_command.strip():
-            raise ValueError("wireguard.wg_command: expected the path or name of `wg`")
+            raise BindingValueError("wg_command", "the path or name of `wg`")
 
 
 def _is_wireguard_key(value: object) -> bool:

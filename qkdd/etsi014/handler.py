@@ -270,7 +270,7 @@ class RequestHandler:
         if len(request.body) > self.max_body:
             _reject(413, f"request body over {self.max_body} bytes")
 
-        own_sae = self._caller_sae(request, caller)
+        own_sae = caller_sae(request, caller, self.pool.knows_sae)
         if not self.pool.knows_sae(other_sae):
             _reject(400, f"SAE {other_sae!r} is not known to this KME", {"SAE_ID": other_sae})
         if other_sae == own_sae:
@@ -289,9 +289,6 @@ class RequestHandler:
             return route
         prefixes = [p for p in self.extensions if p.endswith("/") and path.startswith(p)]
         return self.extensions[max(prefixes, key=len)] if prefixes else None
-
-    def _caller_sae(self, request: ApiRequest, caller: Caller) -> str:
-        return caller_sae(request, caller, self.pool.knows_sae)
 
     def _status(self, master: str, slave: str) -> ApiResponse:
         st = self.pool.status(master, slave)

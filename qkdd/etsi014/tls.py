@@ -184,16 +184,23 @@ async def serve_tls(
     counter = itertools.count(1)
 
     async def on_connection(stream: trio.SocketStream) -> None:
-        await _serve_tls_connection(
-            stream,
-            context,
-            handler,
-            identify_certificate,
-            request_timeout,
-            handshake_timeout,
-            next(counter),
-            observe,
-        )
+        conn_id = next(counter)
+        try:
+            await _serve_tls(
+                stream,
+                context,
+                handler,
+                identify_certificate,
+                request_timeout,
+                handshake_timeout,
+                conn_id,
+                observe,
+            )
+        except Exception:
+            # One connection's failure must never end the server.
+            log.exception("event=api_connection_failed conn=%d", conn_id)
+        # trio.serve_listeners closes the TCP stream; with https_compatible there is no
+        # close_notify to send first.
 
     try:
         async with trio.open_nursery() as nursery:
@@ -207,34 +214,6 @@ async def serve_tls(
         if owned:  # trio.serve_listeners closes them too, but only once it has started
             for listener in ready:
                 await listener.aclose()
-
-
-async def _serve_tls_connection(
-    tcp: trio.SocketStream,
-    context: ssl.SSLContext,
-    handler: RequestHandler,
-    identify_certificate: IdentifyCertificate,
-    request_timeout: float,
-    handshake_timeout: float,
-    conn_id: int,
-    observe: Observe | None,
-) -> None:
-    try:
-        await _serve_tls(
-            tcp,
-            context,
-            handler,
-            identify_certificate,
-            request_timeout,
-            handshake_timeout,
-            conn_id,
-            observe,
-        )
-    except Exception:
-        # One connection's failure must never end the server.
-        log.exception("event=api_connection_failed conn=%d", conn_id)
-    # trio.serve_listeners closes the TCP stream; with https_compatible there is no
-    # close_notify to send first.
 
 
 async def _serve_tls(
