@@ -31,7 +31,7 @@ from qkdd.client import (
     Message,
 )
 
-DEFAULT_SOCKET = "/run/qkdd/etsi014.sock"
+DEFAULT_SOCKET = "/run/qkdd/api.sock"
 SOCKET_ENV = "QKDD_SOCKET"
 
 
