@@ -243,8 +243,9 @@ class _SiteCollector:
             "qkdd_device_qber", "Quantum bit error rate reported by the device (0..1).", labels=peer
         )
         rate = GaugeMetricFamily(
-            "qkdd_device_secret_key_rate_bits_per_second",
-            "Secret key rate reported by the device.",
+            # Prometheus base units are bytes, not bits (promtool checks it).
+            "qkdd_device_secret_key_rate_bytes_per_second",
+            "Secret key rate reported by the device, in bytes of final key per second.",
             labels=peer,
         )
         device_buffer = GaugeMetricFamily(
@@ -280,7 +281,7 @@ class _SiteCollector:
             if status.qber is not None:
                 qber.add_metric([site], status.qber)
             if status.secret_key_rate is not None:
-                rate.add_metric([site], status.secret_key_rate)
+                rate.add_metric([site], status.secret_key_rate / 8)
             if status.keys_buffered is not None:
                 device_buffer.add_metric([site], status.keys_buffered)
             pool_size.add_metric([site], link.params.pool_size)

@@ -119,8 +119,8 @@ def test_live_gauges_follow_the_links_and_the_store(store: KeyStore) -> None:
     assert value(metrics, "qkdd_device_state", peer="site-b", state="connecting") == 0
     assert value(metrics, "qkdd_device_qber", peer="site-b") == pytest.approx(0.0125)
     assert value(
-        metrics, "qkdd_device_secret_key_rate_bits_per_second", peer="site-b"
-    ) == pytest.approx(394_860.0)
+        metrics, "qkdd_device_secret_key_rate_bytes_per_second", peer="site-b"
+    ) == pytest.approx(394_860.0 / 8)
     assert value(metrics, "qkdd_device_keys_buffered", peer="site-b") == 17
     assert value(metrics, "qkdd_device_keys_received_total", peer="site-b") == 1540
     assert value(metrics, "qkdd_peer_psk_chain_established", peer="site-b") == 0
