@@ -31,6 +31,9 @@ from qkdd.identity import public_key_text, write_identity, write_key_encryption_
 
 STARTUP_TIMEOUT = 25.0
 STOP_GRACE = 5.0
+# The daemons and the emulator run from this interpreter's installed packages; -P keeps
+# the working directory off sys.path, so a folder named ``qkdd`` there cannot shadow them.
+PYTHON_MODULE = (sys.executable, "-P", "-m")
 
 
 class DemoError(Exception):
@@ -62,7 +65,7 @@ class RunningSite:
         """Start the daemon; its log is appended to (it survives restarts)."""
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "qkdd", "run", "--config", str(self.config_file)],
+                [*PYTHON_MODULE, "qkdd", "run", "--config", str(self.config_file)],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
@@ -118,8 +121,7 @@ def start_emulator(directory: Path) -> subprocess.Popen[bytes]:
     with open(directory / "emulator.log", "wb") as emulator_log:
         emulator = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
+                *PYTHON_MODULE,
                 "qkdd_drivers.emulator",
                 "pty",
                 "--link-a",
