@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qkdd.config import SecretSource
 from qkdd.crypto import SIGNATURE_SEED_SIZE, PqcBackend, SigningKey, new_signature_seed
-from qkdd.keystore import KEK_SIZE
+from qkdd.sealing import KEK_SIZE
 from qkdd.systemd import credential_path
 
 

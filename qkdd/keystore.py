@@ -23,32 +23,42 @@ Durability rules that the rest of the daemon relies on:
 The database uses WAL with synchronous=FULL and secure_delete, and is created 0600.
 Key material is sealed at rest with AES-256-GCM under a key derived from the site's
 key-encryption key; each sealed row's associated data is its identity (peer, key ID, SAE
-pair, size), so a ciphertext moved to another row does not open.
+pair, size), so a ciphertext moved to another row does not open (``qkdd.sealing``).
+Opening a store checks the key-encryption key against the store's key-check value before
+anything is written. A sealed row that does not open later is quarantined and reported,
+and the store goes on as if it were not held (``_open_row``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
-from qkdd import labels
-from qkdd.crypto import (
-    AEAD_NONCE_SIZE,
-    AT_REST_AEAD_ALGORITHM,
-    Aead,
-    AuthenticationFailed,
-    hkdf,
+from qkdd.sealing import KEK_SIZE as KEK_SIZE
+from qkdd.sealing import (
+    QUARANTINE_SCHEMA,
+    RowDoesNotOpen,
+    Sealer,
+    StoreError,
+    check_key_encryption_key,
+    move_to_quarantine,
+    record_key_check,
 )
-from qkdd.hybrid import lp
+from qkdd.sealing import WrongKeyEncryptionKey as WrongKeyEncryptionKey
+from qkdd.sealing import assigned_row_aad as _assigned_aad
+from qkdd.sealing import auth_row_aad as _auth_aad
+from qkdd.sealing import hybrid_row_aad as _hybrid_aad
+from qkdd.sealing import pad_row_aad as _pad_aad
+from qkdd.sealing import qkd_row_aad as _qkd_aad
 
-KEK_SIZE: Final = 32
-STORE_ID_SIZE: Final = 16
+log = logging.getLogger("qkdd.keystore")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS qkd_keys (
@@ -128,69 +138,8 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 
-class StoreError(Exception):
-    """The key store cannot be opened or used (the message names the file)."""
-
-
 class _KeyMissing(Exception):
     """Internal: abort a hand-out transaction because a requested key is not held."""
-
-
-class Sealer:
-    """Seals key material at rest; ``open`` raises StoreError if a row was tampered with."""
-
-    def __init__(self, key_encryption_key: bytes) -> None:
-        if len(key_encryption_key) != KEK_SIZE:
-            raise StoreError(f"the key-encryption key must be {KEK_SIZE} bytes")
-        seal_key = hkdf(b"", key_encryption_key, labels.LABEL_STORE_SEAL_KEY, 32)
-        self._aead = Aead(seal_key, AT_REST_AEAD_ALGORITHM)
-
-    def seal(self, associated: bytes, material: bytes) -> bytes:
-        nonce = os.urandom(AEAD_NONCE_SIZE)
-        return nonce + self._aead.seal(nonce, material, associated)
-
-    def open(self, associated: bytes, sealed: bytes) -> bytes:
-        try:
-            return self._aead.open(sealed[:AEAD_NONCE_SIZE], sealed[AEAD_NONCE_SIZE:], associated)
-        except AuthenticationFailed:
-            raise StoreError(
-                "a sealed key row does not open: wrong key-encryption key, or the row was "
-                "altered or moved"
-            ) from None
-
-    def __repr__(self) -> str:
-        return "<Sealer (key hidden)>"
-
-
-def _qkd_aad(peer_site: str, key_id: str) -> bytes:
-    return lp(labels.AAD_QKD_KEY_ROW) + lp(peer_site.encode()) + lp(key_id.encode())
-
-
-def _auth_aad(peer_site: str, key_id: str) -> bytes:
-    return lp(labels.AAD_AUTH_KEY_ROW) + lp(peer_site.encode()) + lp(key_id.encode())
-
-
-def _pair_row_aad(label: bytes, key_id: str, master_sae: str, slave_sae: str, size: int) -> bytes:
-    """Associated data of a sealed row of an SAE pair: its kind, key ID, pair and size."""
-    return (
-        lp(label)
-        + lp(key_id.encode())
-        + lp(master_sae.encode())
-        + lp(slave_sae.encode())
-        + lp(str(size).encode())
-    )
-
-
-def _hybrid_aad(key_id: str, master_sae: str, slave_sae: str, size_bits: int) -> bytes:
-    return _pair_row_aad(labels.AAD_HYBRID_KEY_ROW, key_id, master_sae, slave_sae, size_bits)
-
-
-def _pad_aad(key_id: str, sender_sae: str, recipient_sae: str, size_bits: int) -> bytes:
-    return _pair_row_aad(labels.AAD_PAD_ROW, key_id, sender_sae, recipient_sae, size_bits)
-
-
-def _assigned_aad(key_id: str, master_sae: str, slave_sae: str, size_bits: int) -> bytes:
-    return _pair_row_aad(labels.AAD_ASSIGNED_KEY_ROW, key_id, master_sae, slave_sae, size_bits)
 
 
 def compose_key(materials: Sequence[bytes], size_bits: int) -> bytes:
@@ -250,32 +199,46 @@ class HybridKey:
     material: bytes = field(repr=False)
 
 
+@dataclass(frozen=True)
+class _Unopened:
+    """A sealed row that did not open: its table, identity, and the application key it
+    withdraws (if it is one)."""
+
+    table: str
+    key: tuple[str, ...]
+    withdrawn: ErasedKey | None = None
+
+
 class KeyStore:
     def __init__(self, path: Path, key_encryption_key: bytes) -> None:
         self.path = path
         self._sealer = Sealer(key_encryption_key)
         # Told (reason, keys) after keys were erased uncollected: "expired" or "withdrawn".
         self.on_erased: Callable[[str, list[ErasedKey]], None] | None = None
+        self._unopened: list[_Unopened] = []  # quarantined, not yet reported
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not path.exists():
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open key store {path}: {exc}") from None
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA secure_delete=ON")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(SCHEMA)
-            # A random identity of this store: a peer that sees it change knows our state
-            # was lost and drops the keys it shared with us.
-            self._db.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (os.urandom(STORE_ID_SIZE),)
-            )
-            self.store_id = bytes(
-                self._db.execute("SELECT value FROM meta WHERE name='store_id'").fetchone()[0]
-            )
+            # Before any write, schema changes included: a wrong key must not seal a row.
+            check_key_encryption_key(self._db, self._sealer, path)
+            self._db.executescript(SCHEMA + QUARANTINE_SCHEMA)
+            with self.transaction() as db:
+                self.store_id = record_key_check(db, self._sealer, path)
         except (OSError, sqlite3.Error) as exc:
+            self._db.close()
             raise StoreError(f"cannot open key store {path}: {exc}") from None
+        except StoreError:
+            self._db.close()
+            raise
 
     def health_check(self) -> None:
         """Raise StoreError unless the database answers a query."""
@@ -314,9 +277,66 @@ class KeyStore:
             yield self._db
         except BaseException:
             self._db.execute("ROLLBACK")
+            self._settle_unopened(moved=False)
             raise
         else:
             self._db.execute("COMMIT")
+            self._settle_unopened(moved=True)
+
+    # -- sealed rows that do not open ------------------------------------------------------
+
+    def _open_row(
+        self,
+        table: str,
+        key: tuple[str, ...],
+        associated: bytes,
+        sealed: bytes,
+        withdrawn: ErasedKey | None = None,
+    ) -> bytes | None:
+        """A sealed row's material, or None if it does not open (damaged, or sealed under
+        another key-encryption key): the row is then quarantined and reported, and the
+        caller goes on as if it were not held. Inside a transaction the row is moved at
+        once, so the rest of the transaction no longer sees it; if that transaction rolls
+        back, ``transaction()`` moves it again on its own."""
+        try:
+            return self._sealer.open(associated, bytes(sealed))
+        except RowDoesNotOpen:
+            pass
+        row = _Unopened(table, key, withdrawn)
+        self._unopened.append(row)
+        if self._db.in_transaction:
+            self._quarantine(self._db, [row])
+        else:
+            self._settle_unopened(moved=False)
+        return None
+
+    def _quarantine(self, db: sqlite3.Connection, rows: Sequence[_Unopened]) -> None:
+        for row in rows:
+            move_to_quarantine(db, row.table, row.key)
+            if row.table == "qkd_keys":
+                # Used up like any consumed key: a device that re-sends it is ignored.
+                self._consume_qkd_keys(db, row.key[0], [row.key[1]])
+
+    def _settle_unopened(self, *, moved: bool) -> None:
+        """Report the rows that did not open, once their quarantine is committed (moving
+        them first unless the committed transaction already did)."""
+        rows, self._unopened = self._unopened, []
+        if not rows:
+            return
+        if not moved:
+            with self.transaction() as db:
+                self._quarantine(db, rows)
+        for row in rows:
+            log.error(
+                "event=row_quarantined table=%s row=%s reason=does-not-open",
+                row.table,
+                "/".join(row.key),
+            )
+        self._tell_erased("withdrawn", [row.withdrawn for row in rows if row.withdrawn])
+
+    def quarantined_row_count(self) -> int:
+        """Sealed rows that did not open and were set aside (``quarantined_rows``)."""
+        return int(self._db.execute("SELECT count(*) FROM quarantined_rows").fetchone()[0])
 
     # -- QKD keys -------------------------------------------------------------------------
 
@@ -351,12 +371,21 @@ class KeyStore:
 
     def oldest_qkd_keys(self, peer_site: str) -> Iterator[StoredQkdKey]:
         """The buffered QKD keys, oldest first, unsealed one at a time as they are taken.
-        Finish with the iterator before writing to the store."""
+        Finish with the iterator before writing to the store.
+
+        A key that does not open is quarantined (deleting the row being read is safe in
+        SQLite) and skipped: the peer still holds it, and drops it as an orphan once a
+        batch names later keys (``quarantine_qkd_keys_before``) or by our horizon."""
         rows = self._db.execute(
             "SELECT key_id, material FROM qkd_keys WHERE peer_site=? ORDER BY seq", (peer_site,)
         )
         for key_id, sealed in rows:
-            yield StoredQkdKey(key_id, self._sealer.open(_qkd_aad(peer_site, key_id), sealed))
+            material = self._open_qkd(peer_site, key_id, sealed)
+            if material is not None:
+                yield StoredQkdKey(key_id, material)
+
+    def _open_qkd(self, peer_site: str, key_id: str, sealed: bytes) -> bytes | None:
+        return self._open_row("qkd_keys", (peer_site, key_id), _qkd_aad(peer_site, key_id), sealed)
 
     def get_qkd_keys(self, peer_site: str, key_ids: Sequence[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
@@ -364,8 +393,9 @@ class KeyStore:
             row = self._db.execute(
                 "SELECT material FROM qkd_keys WHERE peer_site=? AND key_id=?", (peer_site, key_id)
             ).fetchone()
-            if row:
-                found[key_id] = self._sealer.open(_qkd_aad(peer_site, key_id), bytes(row[0]))
+            # A key that does not open is left out, as if the device had not delivered it.
+            if row and (material := self._open_qkd(peer_site, key_id, row[0])) is not None:
+                found[key_id] = material
         return found
 
     def oldest_qkd_key_ids(self, peer_site: str, limit: int) -> list[str]:
@@ -656,14 +686,23 @@ class KeyStore:
             self._set_flag(db, f"allow-bootstrap:{peer_site}", True)
 
     def newest_ready_auth_key(self, peer_site: str) -> AuthKeyRecord | None:
-        row = self._db.execute(
+        rows = self._db.execute(
             "SELECT key_id, material FROM auth_keys WHERE peer_site=? AND state='ready'"
-            " ORDER BY seq DESC LIMIT 1",
+            " ORDER BY seq DESC",
             (peer_site,),
-        ).fetchone()
-        if row is None:
-            return None
-        return AuthKeyRecord(row[0], self._sealer.open(_auth_aad(peer_site, row[0]), row[1]), True)
+        ).fetchall()
+        for key_id, sealed in rows:
+            material = self._open_auth(peer_site, key_id, sealed)
+            if material is not None:
+                return AuthKeyRecord(key_id, material, True)
+        return None
+
+    def _open_auth(self, peer_site: str, key_id: str, sealed: bytes) -> bytes | None:
+        # A PSK that does not open is as good as lost: the handshake goes on as without
+        # it (a bootstrap only if allowed, see psk_chain_lost), never with other material.
+        return self._open_row(
+            "auth_keys", (peer_site, key_id), _auth_aad(peer_site, key_id), sealed
+        )
 
     def auth_key(self, peer_site: str, key_id: str) -> AuthKeyRecord | None:
         """An authentication key we hold, ready or still pending."""
@@ -673,8 +712,8 @@ class KeyStore:
         ).fetchone()
         if row is None:
             return None
-        material = self._sealer.open(_auth_aad(peer_site, key_id), row[0])
-        return AuthKeyRecord(key_id, material, row[1] == "ready")
+        material = self._open_auth(peer_site, key_id, row[0])
+        return None if material is None else AuthKeyRecord(key_id, material, row[1] == "ready")
 
     def auth_key_proven(self, peer_site: str, key_id: str) -> None:
         """The peer completed a handshake with this key, so it holds it as ready: commit
@@ -758,26 +797,41 @@ class KeyStore:
         return float(row[0]) if row and row[0] is not None else None
 
     def take_ready(self, master_sae_id: str, slave_sae_id: str, number: int) -> list[HybridKey]:
-        """Hand out the ``number`` oldest ready keys of the pair and erase them (all or none)."""
+        """Hand out the ``number`` oldest ready keys of the pair and erase them (all or none).
+        A key that does not open is withdrawn and the next one taken in its place."""
         with self.transaction() as db:
-            rows = db.execute(
-                "SELECT key_id, material, size_bits FROM hybrid_keys WHERE master_sae=?"
-                " AND slave_sae=? AND state='ready' ORDER BY created_at, rowid LIMIT ?",
-                (master_sae_id, slave_sae_id, number),
-            ).fetchall()
-            if len(rows) < number:
-                return []
-            # Opened before the rows are deleted: a row that does not open aborts the whole
-            # hand-out and loses nothing.
-            keys = [
-                HybridKey(k, self._open_hybrid(k, master_sae_id, slave_sae_id, size, m))
-                for k, m, size in rows
-            ]
-            db.executemany("DELETE FROM hybrid_keys WHERE key_id=?", [(r[0],) for r in rows])
+            keys: list[HybridKey] = []
+            while len(keys) < number:
+                # Withdrawn rows are gone from the table, opened ones still there: skip those.
+                rows = db.execute(
+                    "SELECT key_id, material, size_bits FROM hybrid_keys WHERE master_sae=?"
+                    " AND slave_sae=? AND state='ready' ORDER BY created_at, rowid"
+                    " LIMIT ? OFFSET ?",
+                    (master_sae_id, slave_sae_id, number - len(keys), len(keys)),
+                ).fetchall()
+                if not rows:
+                    return []  # short: nothing handed out (withdrawals still commit)
+                for key_id, sealed, size in rows:
+                    material = self._open_hybrid(key_id, master_sae_id, slave_sae_id, size, sealed)
+                    if material is not None:
+                        keys.append(HybridKey(key_id, material))
+            db.executemany("DELETE FROM hybrid_keys WHERE key_id=?", [(k.key_id,) for k in keys])
         return keys
 
-    def _open_hybrid(self, key_id: str, master: str, slave: str, size: int, sealed: bytes) -> bytes:
-        return self._sealer.open(_hybrid_aad(key_id, master, slave, size), bytes(sealed))
+    def _open_hybrid(
+        self, key_id: str, master: str, slave: str, size: int, sealed: bytes
+    ) -> bytes | None:
+        # A hybrid key that does not open is withdrawn (keys_withdrawn): no application
+        # here gets it. Its twin at the peer site may still be handed out there; an
+        # application asking for it here by ID is told it is not held, never given
+        # other material.
+        return self._open_row(
+            "hybrid_keys",
+            (key_id,),
+            _hybrid_aad(key_id, master, slave, size),
+            sealed,
+            ErasedKey(key_id, master, slave),
+        )
 
     def take_by_ids(
         self, master_sae_id: str, slave_sae_id: str, key_ids: Sequence[str]
@@ -815,6 +869,8 @@ class KeyStore:
         ).fetchone()
         if row is not None:
             material = self._open_hybrid(key_id, master, slave, row[1], row[0])
+            if material is None:
+                return None
             db.execute("DELETE FROM hybrid_keys WHERE key_id=?", (key_id,))
             return HybridKey(key_id, material)
         row = db.execute(
@@ -824,7 +880,15 @@ class KeyStore:
         ).fetchone()
         if row is None:
             return None
-        material = self._sealer.open(_assigned_aad(key_id, master, slave, row[1]), bytes(row[0]))
+        material = self._open_row(
+            "assigned_keys",
+            (key_id, slave),
+            _assigned_aad(key_id, master, slave, row[1]),
+            row[0],
+            ErasedKey(key_id, master, slave),
+        )
+        if material is None:
+            return None
         db.execute("DELETE FROM assigned_keys WHERE key_id=? AND slave_sae=?", (key_id, slave))
         return HybridKey(key_id, material)
 
@@ -900,11 +964,11 @@ class KeyStore:
             for key_id, size_bits, sealed in rows:
                 if have >= nbytes:
                     break
-                material = self._sealer.open(
-                    _pad_aad(key_id, sender_sae, recipient_sae, size_bits), bytes(sealed)
-                )
-                taken.append(HybridKey(key_id, material))
-                have += len(material)
+                # A pad that does not open is quarantined and the next one used instead.
+                material = self._open_pad(key_id, sender_sae, recipient_sae, size_bits, sealed)
+                if material is not None:
+                    taken.append(HybridKey(key_id, material))
+                    have += len(material)
             if have < nbytes:
                 return []
             db.executemany("DELETE FROM pad_keys WHERE key_id=?", [(k.key_id,) for k in taken])
@@ -924,13 +988,16 @@ class KeyStore:
             ).fetchone()
             if row is None:
                 return None
-            found.append(
-                HybridKey(
-                    key_id,
-                    self._sealer.open(
-                        _pad_aad(key_id, sender_sae, recipient_sae, row[0]), bytes(row[1])
-                    ),
-                )
-            )
+            material = self._open_pad(key_id, sender_sae, recipient_sae, row[0], row[1])
+            if material is None:
+                return None
+            found.append(HybridKey(key_id, material))
             db.execute("DELETE FROM pad_keys WHERE key_id=?", (key_id,))
         return found
+
+    def _open_pad(
+        self, key_id: str, sender_sae: str, recipient_sae: str, size_bits: int, sealed: bytes
+    ) -> bytes | None:
+        return self._open_row(
+            "pad_keys", (key_id,), _pad_aad(key_id, sender_sae, recipient_sae, size_bits), sealed
+        )

@@ -47,6 +47,10 @@ AAD_AUTH_KEY_ROW: Final = b"qkdd/v1 sealed authentication key row"
 AAD_ASSIGNED_KEY_ROW: Final = b"qkdd/v1 sealed assigned key row"
 AAD_MESSAGE_ROW: Final = b"qkdd/v1 sealed message row"
 AAD_PAD_ROW: Final = b"qkdd/v1 sealed one-time pad row"
+# The store's key-check value: this fixed plaintext, sealed when the store is created with
+# associated data naming the store, tells a wrong key-encryption key before any write.
+KEK_CHECK_PLAINTEXT: Final = b"qkdd/v1 key-encryption key check value"
+AAD_KEK_CHECK_ROW: Final = b"qkdd/v1 sealed key-check row"
 
 # Application messages (qkdd.messaging): the one-time AEAD key from a hybrid key, and the
 # associated data that binds a ciphertext to its message ID, sender and recipient.
@@ -82,6 +86,8 @@ ALL_LABELS: Final = (
     AAD_ASSIGNED_KEY_ROW,
     AAD_MESSAGE_ROW,
     AAD_PAD_ROW,
+    KEK_CHECK_PLAINTEXT,
+    AAD_KEK_CHECK_ROW,
     LABEL_MESSAGE_KEY,
     AAD_MESSAGE,
     LABEL_WIREGUARD_PSK,

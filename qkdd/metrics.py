@@ -266,6 +266,11 @@ class _SiteCollector:
             "Ready hybrid keys held here for the SAE pair.",
             labels=["peer", "master_sae", "slave_sae"],
         )
+        quarantined = GaugeMetricFamily(
+            "qkdd_store_rows_quarantined",
+            "Sealed key store rows that did not open (damaged on disk) and were set aside.",
+        )
+        quarantined.add_metric([], self._store.quarantined_row_count())
         for site, link in self._links.items():
             status = link.device.status
             session_up.add_metric([site], 1.0 if link.session_up else 0.0)
@@ -288,4 +293,4 @@ class _SiteCollector:
             for level in pool_levels(link, self._store):
                 ready.add_metric([site, level.master_sae_id, level.slave_sae_id], level.ready)
         yield from (session_up, sessions, chain, buffered, device_state, received, qber, rate)
-        yield from (device_buffer, pool_size, made, ready)
+        yield from (device_buffer, pool_size, made, ready, quarantined)

@@ -57,6 +57,7 @@ class StoreView(Protocol):
     def chain_established(self, peer_site: str) -> bool: ...
     def hybrid_keys_made(self, peer_site: str) -> int: ...
     def pad_ready_bytes(self, sender_sae: str, recipient_sae: str) -> int: ...
+    def quarantined_row_count(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,8 @@ def site_status(
         "backend": backend,
         "time": time.time() if now is None else now,
         "peers": {peer: _peer(link, store) for peer, link in links.items()},
+        # Sealed rows that did not open (damaged on disk), set aside: see row_quarantined.
+        "store_rows_quarantined": store.quarantined_row_count(),
         "wireguard": [dict(row) for row in wireguard],
         "recent_errors": [dict(event) for event in recent_errors],
     }

@@ -108,14 +108,10 @@ def test_key_material_is_sealed_at_rest(tmp_path):
     store.close()
 
 
-def test_swapped_rows_do_not_open_and_nothing_is_lost(tmp_path):
-    import pytest
-
-    from qkdd.keystore import StoreError
-
+def test_swapped_rows_do_not_open_and_are_withdrawn(tmp_path):
     store = KeyStore(tmp_path / "k.db", KEK)
-    first, second = hybrid(range(2))
-    store.add_batch("peer", 1, [first, second], [])
+    first, second, third = hybrid(range(3))
+    store.add_batch("peer", 1, [first, second, third], [])
     store.commit_batch("peer", 1)
     db = store._db
     sealed = dict(db.execute("SELECT key_id, material FROM hybrid_keys"))
@@ -125,25 +121,30 @@ def test_swapped_rows_do_not_open_and_nothing_is_lost(tmp_path):
     db.execute(
         "UPDATE hybrid_keys SET material=? WHERE key_id=?", (sealed[first.key_id], second.key_id)
     )
-    with pytest.raises(StoreError, match="does not open"):
-        store.take_by_ids("sae-a", "sae-b", [first.key_id])
-    with pytest.raises(StoreError):
-        store.take_ready("sae-a", "sae-b", 2)
-    assert store.ready_count("sae-a", "sae-b") == 2  # the failed hand-outs erased nothing
+    # Neither opens under the other's identity: both are set aside, never handed out.
+    assert store.take_by_ids("sae-a", "sae-b", [first.key_id]) is None
+    assert [k.material for k in store.take_ready("sae-a", "sae-b", 1)] == [third.material]
+    assert store.ready_count("sae-a", "sae-b") == 0
+    assert store.quarantined_row_count() == 2
+    moved = db.execute("SELECT table_name, row_key, sealed FROM quarantined_rows ORDER BY seq")
+    assert [tuple(r) for r in moved] == [
+        ("hybrid_keys", first.key_id, sealed[second.key_id]),
+        ("hybrid_keys", second.key_id, sealed[first.key_id]),
+    ]
 
 
-def test_wrong_key_encryption_key_does_not_open(tmp_path):
+def test_wrong_key_encryption_key_does_not_open_the_store(tmp_path):
     import pytest
 
-    from qkdd.keystore import StoreError
+    from qkdd.keystore import StoreError, WrongKeyEncryptionKey
 
     store = KeyStore(tmp_path / "k.db", KEK)
     store.add_batch("peer", 1, hybrid(range(1)), [])
     store.commit_batch("peer", 1)
     store.close()
-    other = KeyStore(tmp_path / "k.db", bytes(32))
-    with pytest.raises(StoreError, match="wrong key-encryption key"):
-        other.take_ready("sae-a", "sae-b", 1)
+    with pytest.raises(WrongKeyEncryptionKey, match="does not match") as info:
+        KeyStore(tmp_path / "k.db", bytes(32))
+    assert isinstance(info.value, StoreError)  # every caller's StoreError handling applies
 
 
 def test_uncollected_keys_expire(tmp_path):
