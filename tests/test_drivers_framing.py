@@ -15,7 +15,7 @@ from qkdd_drivers.constants import (
     MAX_PAYLOAD_SIZE,
     MIN_FRAME_SIZE,
 )
-from qkdd_drivers.crc32c import CHECK_VALUE, crc32c
+from qkdd_drivers.crc32c import CHECK_VALUE, crc32c, crc32c_native, crc32c_python
 from qkdd_drivers.framing import (
     BAD_CRC,
     COBS,
@@ -33,11 +33,27 @@ from qkdd_drivers.framing import (
 # -- CRC-32C ---------------------------------------------------------------------------
 
 
-def test_crc32c_check_value() -> None:
+IMPLEMENTATIONS = [
+    pytest.param(crc32c_python, id="python"),
+    pytest.param(
+        crc32c_native,
+        id="c",
+        marks=pytest.mark.skipif(crc32c_native is None, reason="google-crc32c's C code missing"),
+    ),
+]
+
+
+def test_the_framing_uses_the_c_implementation_where_installed() -> None:
+    assert crc32c is (crc32c_native or crc32c_python)
+
+
+@pytest.mark.parametrize("crc", IMPLEMENTATIONS)
+def test_crc32c_check_value(crc) -> None:
     assert CHECK_VALUE == 0xE3069283
-    assert crc32c(b"123456789") == CHECK_VALUE
+    assert crc(b"123456789") == CHECK_VALUE
 
 
+@pytest.mark.parametrize("crc", IMPLEMENTATIONS)
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
@@ -49,13 +65,22 @@ def test_crc32c_check_value() -> None:
         (b"", 0),
     ],
 )
-def test_crc32c_rfc3720_vectors(data: bytes, expected: int) -> None:
-    assert crc32c(data) == expected
+def test_crc32c_rfc3720_vectors(crc, data: bytes, expected: int) -> None:
+    assert crc(data) == expected
 
 
-def test_crc32c_continues_over_chunks() -> None:
+@pytest.mark.parametrize("crc", IMPLEMENTATIONS)
+def test_crc32c_continues_over_chunks(crc) -> None:
     data = os.urandom(1000)
-    assert crc32c(data[400:], crc32c(data[:400])) == crc32c(data)
+    assert crc(data[400:], crc(data[:400])) == crc(data)
+    assert crc(memoryview(data)[400:], crc(bytearray(data[:400]))) == crc(data)
+
+
+@pytest.mark.skipif(crc32c_native is None, reason="google-crc32c's C code missing")
+@given(st.binary(max_size=5000), st.integers(0, 0xFFFFFFFF))
+def test_c_and_python_implementations_agree(data: bytes, start: int) -> None:
+    assert crc32c_native is not None
+    assert crc32c_native(data, start) == crc32c_python(data, start)
 
 
 # -- COBS ------------------------------------------------------------------------------
