@@ -18,13 +18,19 @@ Three layers, each testable alone:
 - :class:`PskPolicy` is the decision table, sans-IO: time is an argument. It records fresh
   installs, failed attempts and random installs, and answers when to try next and whether
   the installed key must be replaced by a random one.
-- :class:`WgInstaller` is the only code that runs ``wg``. The PSK goes to ``wg`` on stdin
-  (``preshared-key /dev/stdin``), never on its command line, where ``ps`` would show it.
+- :class:`~qkdd.wg_tool.WgInstaller` (``qkdd/wg_tool.py``) is the only code that runs
+  ``wg``. The PSK goes to ``wg`` on stdin, never on its command line.
 - :class:`PskRotator` is the thin Trio loop that asks the policy what to do and does it.
 
-Fail closed: a WireGuard tunnel whose PSK is set to 32 random bytes that nobody else holds
-completes no handshake, so traffic stops instead of flowing under a key older than the
-operator allowed (``max_key_age``), or under no PSK at all when the service starts.
+Keys: the driving site takes a hybrid key only while the peer can be asked, in the same
+step that sends the call naming it. An attempt that cannot reach the peer consumes nothing;
+a key named in a call that went out is consumed whatever the answer (exactly once).
+Repeated failures of one kind are logged once (then at DEBUG) until a rotation succeeds.
+
+Fail closed: the PSK is set to 32 random bytes that nobody else holds and the peer's
+current WireGuard session is ended with it, so no handshake completes and traffic stops at
+once, instead of flowing under a key older than the operator allowed (``max_key_age``), or
+under no PSK at all when the service starts.
 """
 
 from __future__ import annotations
@@ -39,17 +45,19 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final
 
 import trio
 
 from qkdd import labels
 from qkdd.crypto import hkdf
 from qkdd.hybrid import lp
+from qkdd.wg_tool import PSK_SIZE, KeyMaterialError, PskInstaller, WgInstaller, WireGuardError
+from qkdd.wg_tool import WgCommandError as WgCommandError  # re-exported: the errors of
+from qkdd.wg_tool import WgNotFoundError as WgNotFoundError  # WireGuard PSKs, in one place
 
 log = logging.getLogger("qkdd.wireguard")
 
-PSK_SIZE: Final = 32  # WireGuard's pre-shared key: 32 bytes (the Noise IKpsk2 "psk")
 PUBLIC_KEY_SIZE: Final = 32  # a Curve25519 public key
 # WireGuard itself starts a new handshake every 120 s (REKEY_AFTER_TIME); a new PSK takes
 # effect at the next handshake, so rotating more often buys nothing.
@@ -62,38 +70,14 @@ RETRY_BACKOFF: Final = 5.0
 # Before the first key the service is not ready yet; keys usually arrive within seconds of
 # the first peer session, so waiting a full RETRY_BACKOFF would only delay start-up.
 STARTUP_RETRY_BACKOFF: Final = 1.0
-# Upper bound on one request to the peer and on one run of `wg`: a hung peer or tool must
-# not stall the loop that enforces max_key_age.
+# Upper bound on one request to the peer: a hung peer must not stall the loop that
+# enforces max_key_age.
 ANNOUNCE_TIMEOUT: Final = 10.0
-WG_TIMEOUT: Final = 10.0
-# wg's own error messages are short; a cap keeps a misbehaving tool out of the logs.
-MAX_STDERR_CHARS: Final = 2000
 
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 # Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no '/', ':' or whitespace; a
 # leading '-' is refused too so the name can never be read as an option by `wg`.
 _INTERFACE_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,14}$")
-
-
-class WireGuardError(Exception):
-    """Base class for every error this module raises."""
-
-
-class WgNotFoundError(WireGuardError):
-    """The ``wg`` tool could not be started (not installed, not on PATH, not executable)."""
-
-
-class WgCommandError(WireGuardError):
-    """``wg`` ran and failed, or did not finish in time; carries its exit code and stderr."""
-
-    def __init__(self, message: str, returncode: int | None, stderr: str) -> None:
-        super().__init__(message)
-        self.returncode = returncode
-        self.stderr = stderr
-
-
-class KeyMaterialError(WireGuardError, ValueError):
-    """A hybrid key too short to derive a PSK from."""
 
 
 class BindingValueError(ValueError):
@@ -108,6 +92,18 @@ class BindingValueError(ValueError):
 
 class NotTheDrivingSiteError(WireGuardError):
     """An announced key reached the site that drives the binding's rotations itself."""
+
+
+class PeerUnreachableError(WireGuardError):
+    """The peer site cannot be asked now (no session), or its session ended mid-call."""
+
+
+class NoFreshKeyError(WireGuardError):
+    """No ready hybrid key for the binding's SAE pair."""
+
+
+class PeerTooSlowError(WireGuardError):
+    """The peer site did not confirm the install in time."""
 
 
 # --------------------------------------------------------------------------------------
@@ -213,75 +209,6 @@ def derive_psk(material: bytes, binding_name: str, key_id: str) -> bytes:
         )
     info = lp(labels.LABEL_WIREGUARD_PSK) + lp(binding_name.encode()) + lp(key_id.encode())
     return hkdf(b"", material, info, PSK_SIZE)
-
-
-# --------------------------------------------------------------------------------------
-# Running wg
-
-
-class PskInstaller(Protocol):
-    """Sets one peer's PSK on one interface; raises WireGuardError on failure."""
-
-    async def install(self, interface: str, peer_public_key: str, psk: bytes) -> None: ...
-
-
-class WgInstaller:
-    """Installs PSKs with ``wg set INTERFACE peer KEY preshared-key /dev/stdin``."""
-
-    def __init__(self, command: str = "wg", *, timeout: float = WG_TIMEOUT) -> None:
-        self.command = command
-        self.timeout = timeout
-
-    def __repr__(self) -> str:
-        return f"WgInstaller(command={self.command!r})"
-
-    def command_line(self, interface: str, peer_public_key: str) -> list[str]:
-        # wg reads a PSK from a file by path: "/dev/stdin" lets it read the pipe, so the
-        # key is never an argument.
-        key_file = "/dev/stdin"
-        return [self.command, "set", interface, "peer", peer_public_key, "preshared-key", key_file]
-
-    async def install(self, interface: str, peer_public_key: str, psk: bytes) -> None:
-        if len(psk) != PSK_SIZE:
-            raise KeyMaterialError(f"a WireGuard PSK is {PSK_SIZE} bytes, got {len(psk)}")
-        argv = self.command_line(interface, peer_public_key)
-        encoded = base64.b64encode(psk)
-        try:
-            with trio.fail_after(self.timeout):
-                result = await trio.run_process(
-                    argv,
-                    stdin=encoded + b"\n",
-                    capture_stdout=True,
-                    capture_stderr=True,
-                    check=False,
-                )
-        except FileNotFoundError:
-            raise WgNotFoundError(
-                f"cannot run {self.command!r}: not found. Install wireguard-tools, or set "
-                "wg_command in the [[wireguard]] binding to the path of `wg`"
-            ) from None
-        except PermissionError:
-            raise WgNotFoundError(
-                f"cannot run {self.command!r}: permission denied (is it executable?)"
-            ) from None
-        except trio.TooSlowError:
-            raise WgCommandError(
-                f"`{self.command} set {interface}` did not finish within {self.timeout:g} s",
-                None,
-                "",
-            ) from None
-        if result.returncode != 0:
-            stderr = result.stderr.decode(errors="replace")
-            # wg echoes a key it cannot parse ("Key is not the correct length or format:
-            # `…'"); whatever it says, the PSK must not reach a log through it.
-            stderr = stderr.replace(encoded.decode(), "<psk hidden>").strip()
-            stderr = stderr[:MAX_STDERR_CHARS]
-            raise WgCommandError(
-                f"`{self.command} set {interface} peer {peer_public_key} preshared-key` "
-                f"exited with status {result.returncode}: {stderr or '(no output)'}",
-                result.returncode,
-                stderr,
-            )
 
 
 # --------------------------------------------------------------------------------------
@@ -475,15 +402,40 @@ class PskPolicy:
 
 TakeFreshKey = Callable[[], tuple[str, bytes] | None]
 Announce = Callable[[str], Awaitable[None]]
+# Why the peer site cannot be asked to install a key right now, or None if it can.
+PeerCheck = Callable[[], str | None]
+
+
+def _peer_available() -> str | None:
+    return None
+
+
+class _FailureLog:
+    """The log level for a failure: its own level for the first of a run of failures of
+    one kind, DEBUG for the repeats, so an outage makes one warning in the log and in the
+    status view's recent errors however many attempts it lasts (the status row still
+    counts every attempt). A success ends the run."""
+
+    def __init__(self) -> None:
+        self._kind: type[BaseException] | None = None
+
+    def level(self, exc: BaseException, level: int) -> int:
+        news = type(exc) is not self._kind
+        self._kind = type(exc)
+        return level if news else logging.DEBUG
+
+    def succeeded(self) -> None:
+        self._kind = None
 
 
 class PskRotator:
     """Keeps one binding's PSK fresh at this site.
 
     At the driving (link master) site pass ``take_fresh_key`` (one ready hybrid key as
-    ``(key_id, material)``, or None when the pool is empty) and ``announce`` (asks the peer
-    to install ``key_id``; returns once the peer installed it, raises otherwise). At the
-    other site pass neither, and call :meth:`install_announced` when the peer asks.
+    ``(key_id, material)``, or None when the pool is empty), ``announce`` (asks the peer
+    to install ``key_id``; returns once the peer installed it, raises otherwise) and
+    ``peer_unavailable`` (why the peer cannot be asked now, or None). At the other site
+    pass none of them, and call :meth:`install_announced` when the peer asks.
 
     Call :meth:`first_install` before reporting ready, then run :meth:`run` for as long
     as the binding exists.
@@ -496,15 +448,19 @@ class PskRotator:
         installer: PskInstaller | None = None,
         take_fresh_key: TakeFreshKey | None = None,
         announce: Announce | None = None,
+        peer_unavailable: PeerCheck | None = None,
         announce_timeout: float = ANNOUNCE_TIMEOUT,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if (take_fresh_key is None) != (announce is None):
             raise ValueError("the driving site needs both take_fresh_key and announce")
+        if peer_unavailable is not None and announce is None:
+            raise ValueError("peer_unavailable is for the driving site only")
         self.binding = binding
         self._installer: PskInstaller = installer or WgInstaller(binding.wg_command)
         self._take_fresh_key = take_fresh_key
         self._announce = announce
+        self._peer_unavailable = peer_unavailable or _peer_available
         self._announce_timeout = announce_timeout
         self._wall_clock = wall_clock
         self._policy: PskPolicy | None = None
@@ -513,6 +469,8 @@ class PskRotator:
         self._changed = trio.Event()
         self._last_fresh_wall: float | None = None
         self._last_error: str | None = None
+        self._rotation_failures = _FailureLog()  # rotations, and installs at the other site
+        self._fail_closed_failures = _FailureLog()
 
     @property
     def drives_rotation(self) -> bool:
@@ -572,7 +530,8 @@ class PskRotator:
         except WireGuardError as exc:
             policy.attempt_failed(trio.current_time())
             self._last_error = str(exc)
-            log.warning(
+            log.log(
+                self._rotation_failures.level(exc, logging.WARNING),
                 "event=wireguard_install_failed binding=%s key_id=%s reason=%r",
                 self.binding.name,
                 key_id,
@@ -618,14 +577,23 @@ class PskRotator:
         return True
 
     async def _rotate(self) -> None:
-        """One rotation from the driving site; any failure keeps the installed key."""
+        """One rotation from the driving site; any failure keeps the installed key.
+
+        A key is taken only when the peer can be asked, and nothing awaits between the
+        check, the take and the call going out: an attempt that cannot reach the peer
+        takes no key. A key named in a call that went out is consumed whatever the
+        outcome, since the peer may have installed it (taken it by ID) even if no answer
+        came; it is never handed out again."""
         assert self._take_fresh_key is not None and self._announce is not None
         policy = self.policy
         key_id = "-"
         try:
+            unavailable = self._peer_unavailable()
+            if unavailable is not None:
+                raise PeerUnreachableError(unavailable)
             taken = self._take_fresh_key()
             if taken is None:
-                raise WireGuardError("no ready hybrid key for the binding's SAE pair")
+                raise NoFreshKeyError("no ready hybrid key for the binding's SAE pair")
             key_id, material = taken
             psk = derive_psk(material, self.binding.name, key_id)
             # Never past the moment the current key must go: failing closed must not wait
@@ -638,7 +606,7 @@ class PskRotator:
             with trio.move_on_at(deadline) as scope:
                 await self._announce(key_id)
             if scope.cancelled_caught:
-                raise WireGuardError("the peer site did not confirm the install in time")
+                raise PeerTooSlowError("the peer site did not confirm the install in time")
             # The peer holds the new key now; finish the local half even if we are being
             # cancelled, so the two ends do not stay apart (WgInstaller has its own timeout).
             with trio.CancelScope(shield=True):
@@ -648,7 +616,8 @@ class PskRotator:
         except Exception as exc:  # any failure is a failed rotation: log it, retry later
             policy.attempt_failed(trio.current_time())
             self._last_error = str(exc) or type(exc).__name__
-            log.warning(
+            log.log(
+                self._rotation_failures.level(exc, logging.WARNING),
                 "event=wireguard_rotation_failed binding=%s key_id=%s attempt=%d reason=%r",
                 self.binding.name,
                 key_id,
@@ -673,11 +642,18 @@ class PskRotator:
                     f"since key {replaced}"
                 )
             try:
-                await self._install(secrets.token_bytes(PSK_SIZE))
+                # A new PSK alone would leave WireGuard's current session running (up to
+                # 180 s): end it too, so traffic stops now.
+                await self._installer.install_ending_session(
+                    self.binding.interface,
+                    self.binding.peer_public_key,
+                    secrets.token_bytes(PSK_SIZE),
+                )
             except Exception as exc:  # keep the loop alive: retried after the backoff
                 policy.random_install_failed(trio.current_time())
                 self._last_error = str(exc)
-                log.error(
+                log.log(
+                    self._fail_closed_failures.level(exc, logging.ERROR),
                     "event=wireguard_fail_closed_failed binding=%s interface=%s reason=%r",
                     self.binding.name,
                     self.binding.interface,
@@ -685,6 +661,7 @@ class PskRotator:
                 )
                 return False
             policy.random_installed(trio.current_time())
+            self._fail_closed_failures.succeeded()
         log.error(
             "event=wireguard_fail_closed binding=%s interface=%s key_id=- replaced=%s reason=%r",
             self.binding.name,
@@ -704,6 +681,7 @@ class PskRotator:
         policy.fresh_installed(trio.current_time(), key_id)
         self._last_fresh_wall = self._wall_clock()
         self._last_error = None
+        self._rotation_failures.succeeded()
         log.info(
             "event=wireguard_psk_installed binding=%s interface=%s key_id=%s role=%s",
             self.binding.name,

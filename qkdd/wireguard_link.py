@@ -6,6 +6,10 @@ WG_INSTALL peer call naming it; at the link slave the call's handler takes the s
 ID (pair remote_sae -> local_sae) and installs it, answering only once ``wg`` succeeded, so
 the master installs its copy only after the peer has. Each key is erased from both stores
 when it is taken, like any key handed out.
+
+The master takes a key only while the peer session is up, and the call naming it goes out
+in the same step (``PskRotator`` does not await between the two): a rotation tried while
+the peer is down takes no key. A call that went out consumed its key whatever the answer.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from collections.abc import Mapping
 from qkdd.config import SiteConfig
 from qkdd.keystore import KeyStore
 from qkdd.peer.calls import CallKind, CallRefused, WgInstall
-from qkdd.peering import CallHandler, PeerLink
+from qkdd.peering import CallHandler, PeerLink, PeerUnavailable
 from qkdd.wireguard import (
     ANNOUNCE_TIMEOUT,
     Announce,
+    PeerCheck,
+    PeerUnreachableError,
     PskRotator,
     TakeFreshKey,
     WireGuardBinding,
@@ -40,6 +46,7 @@ def make_rotators(
                 binding,
                 take_fresh_key=_taker(store, binding),
                 announce=_announcer(link, binding),
+                peer_unavailable=_session_check(link),
             )
         else:
             rotators[binding.name] = PskRotator(binding)
@@ -57,10 +64,25 @@ def _taker(store: KeyStore, binding: WireGuardBinding) -> TakeFreshKey:
     return take_fresh_key
 
 
+def _session_check(link: PeerLink) -> PeerCheck:
+    def peer_unavailable() -> str | None:
+        # Only the session matters: keys already in the store serve a rotation even while
+        # the QKD device is down.
+        if link.session_up:
+            return None
+        return f"no session with site {link.peer.site_id}: {link.last_error}"
+
+    return peer_unavailable
+
+
 def _announcer(link: PeerLink, binding: WireGuardBinding) -> Announce:
     async def announce(key_id: str) -> None:
         body = WgInstall(binding.name, key_id).encode()
-        await link.call(CallKind.WG_INSTALL, body, timeout=ANNOUNCE_TIMEOUT)
+        try:
+            await link.call(CallKind.WG_INSTALL, body, timeout=ANNOUNCE_TIMEOUT)
+        except PeerUnavailable as exc:
+            # One kind with "no session" above, so an outage is logged once.
+            raise PeerUnreachableError(str(exc)) from None
 
     return announce
 

@@ -32,12 +32,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from timeouts import timeout
 from wg_standin import StandinWg, install_standin, path_with
 
 from qkdd import labels
 from qkdd.wireguard import (
     KeyMaterialError,
     NotTheDrivingSiteError,
+    PeerUnreachableError,
     PskAction,
     PskPolicy,
     PskRotator,
@@ -406,11 +408,13 @@ class KeyPool:
 
 class FakeWg:
     """The kernels' view for tests that do not run `wg`: each interface's current PSK,
-    every install in order, and failures on request."""
+    every install in order, the installs that ended the session, and failures on
+    request."""
 
     def __init__(self) -> None:
         self.current: dict[str, bytes] = {}
         self.history: list[tuple[str, bytes, float]] = []
+        self.sessions_ended: list[tuple[str, bytes]] = []
         self.failing: dict[str, str] = {}
 
     async def install(self, interface: str, peer_public_key: str, psk: bytes) -> None:
@@ -419,6 +423,12 @@ class FakeWg:
             raise WgCommandError(self.failing[interface], 1, self.failing[interface])
         self.current[interface] = psk
         self.history.append((interface, psk, trio.current_time()))
+
+    async def install_ending_session(
+        self, interface: str, peer_public_key: str, psk: bytes
+    ) -> None:
+        await self.install(interface, peer_public_key, psk)
+        self.sessions_ended.append((interface, psk))
 
     def installs(self, interface: str) -> list[bytes]:
         return [psk for iface, psk, _ in self.history if iface == interface]
@@ -444,13 +454,17 @@ class Link:
             installer=installer,
             take_fresh_key=pool.take_fresh_key,
             announce=self.announce,
+            peer_unavailable=self.peer_unavailable,
         )
+
+    def peer_unavailable(self) -> str | None:
+        return None if self.peer_up else "no session with site site-b"
 
     async def announce(self, key_id: str) -> None:
         if self.announce_hook is not None:
             await self.announce_hook()
         if not self.peer_up:
-            raise ConnectionError("peer site unreachable")
+            raise PeerUnreachableError("the session with site site-b ended")
         await self.slave.install_announced(key_id, self.pool.at_peer.pop(key_id))
 
     async def first_install(self) -> tuple[str, str]:
@@ -529,7 +543,9 @@ async def test_empty_pool_keeps_the_key_and_retries_sooner(autojump_clock, nurse
     assert link.states() == ("fresh", "fresh")
 
 
-async def test_unreachable_peer_is_a_failed_rotation(autojump_clock, nursery, caplog):
+async def test_unreachable_peer_is_a_failed_rotation_that_takes_no_key(
+    autojump_clock, nursery, caplog
+):
     caplog.set_level(logging.INFO, "qkdd.wireguard")
     pool, wg = KeyPool(), FakeWg()
     pool.add(5)
@@ -539,11 +555,77 @@ async def test_unreachable_peer_is_a_failed_rotation(autojump_clock, nursery, ca
     link.peer_up = False
     nursery.start_soon(link.master.run)
     await trio.sleep(11)
-    # The driving site does not switch to a key the peer did not confirm.
+    # The driving site does not switch to a key the peer did not confirm, and takes no
+    # key for an attempt that cannot reach the peer.
     assert wg.current["wg-a"] == first
+    assert len(pool.taken) == 1 and len(pool.ready) == 4
     (failed,) = events(caplog, "wireguard_rotation_failed")
-    assert "peer site unreachable" in failed and f"key_id={pool.taken[-1]}" in failed
-    assert link.master.status()["last_error"] == "peer site unreachable"
+    assert "no session with site site-b" in failed and "key_id=- " in failed
+    assert link.master.status()["last_error"] == "no session with site site-b"
+
+
+async def test_peer_outage_takes_no_key_and_is_logged_once(autojump_clock, nursery, caplog):
+    caplog.set_level(logging.INFO, "qkdd.wireguard")
+    pool, wg = KeyPool(), FakeWg()
+    pool.add(5)
+    link = Link(pool, binding(**FAST), installer=wg)
+    await link.first_install()
+    nursery.start_soon(link.master.run)
+    nursery.start_soon(link.slave.run)
+    link.peer_up = False
+    await trio.sleep(200)  # dozens of attempts, failing closed at 60 s
+    assert len(pool.taken) == 1 and len(pool.ready) == 4
+    assert link.master.status()["consecutive_failures"] >= 30
+    assert link.states() == ("fail-closed", "fail-closed")
+    # One warning for the outage (the repeats go to DEBUG), one fail-closed per site.
+    assert len(events(caplog, "wireguard_rotation_failed")) == 1
+    assert len(events(caplog, "wireguard_fail_closed")) == 2
+    link.peer_up = True
+    await trio.sleep(6)
+    assert link.states() == ("fresh", "fresh") and len(pool.taken) == 2
+    link.peer_up = False  # a second outage is news again
+    await trio.sleep(30)
+    assert len(events(caplog, "wireguard_rotation_failed")) == 2
+    assert len(pool.taken) == 2
+
+
+async def test_a_new_kind_of_failure_is_logged_again(autojump_clock, nursery, caplog):
+    caplog.set_level(logging.INFO, "qkdd.wireguard")
+    pool, wg = KeyPool(), FakeWg()
+    pool.add(1)
+    link = Link(pool, binding(**FAST), installer=wg)
+    await link.first_install()
+    nursery.start_soon(link.master.run)
+    await trio.sleep(30)  # the pool is dry: several attempts, one warning
+    link.peer_up = False
+    await trio.sleep(20)  # now the peer is gone too: one more
+    failed = events(caplog, "wireguard_rotation_failed")
+    assert len(failed) == 2
+    assert "no ready hybrid key" in failed[0] and "no session" in failed[1]
+
+
+async def test_a_key_named_in_a_call_that_went_out_is_never_reused(autojump_clock, nursery, caplog):
+    """The peer may have taken the key by ID even though no answer came: it counts as
+    consumed, and the next rotation names another key."""
+    pool, wg = KeyPool(), FakeWg()
+    pool.add(5)
+    lost: list[str] = []
+
+    async def session_breaks_after_sending() -> None:
+        if link.master.status()["key_id"] is not None and not lost:
+            lost.append(pool.taken[-1])
+            pool.at_peer.pop(lost[0])  # the peer took it; its answer is lost
+            raise PeerUnreachableError("the session with site site-b ended")
+
+    link = Link(pool, binding(**FAST), installer=wg, announce_hook=session_breaks_after_sending)
+    await link.first_install()
+    nursery.start_soon(link.master.run)
+    nursery.start_soon(link.slave.run)
+    await trio.sleep(16)  # the rotation at 10 s is lost; the retry at 15 s succeeds
+    assert lost and pool.taken.count(lost[0]) == 1
+    assert link.master.status()["key_id"] == link.slave.status()["key_id"] == pool.taken[-1]
+    assert pool.taken[-1] != lost[0]
+    assert wg.current["wg-a"] == wg.current["wg-b"]
 
 
 async def test_failed_install_at_the_peer_fails_the_rotation(autojump_clock, nursery, caplog):
@@ -579,8 +661,10 @@ async def test_fail_closed_after_max_key_age_then_recover(autojump_clock, nurser
     random_a, random_b = wg.current["wg-a"], wg.current["wg-b"]
     assert last_fresh not in (random_a, random_b) and random_a != random_b
     assert len(random_a) == len(random_b) == 32
-    # Exactly one random key and one log line per site, however long the outage.
+    # Exactly one random key and one log line per site, however long the outage; each
+    # ended the WireGuard session, which a rotation never does.
     assert wg.installs("wg-a") == [last_fresh, random_a]
+    assert sorted(wg.sessions_ended) == [("wg-a", random_a), ("wg-b", random_b)]
     fail_closed = events(caplog, "wireguard_fail_closed")
     assert len(fail_closed) == 2
     assert all(f"replaced={pool.taken[0]}" in line for line in fail_closed)
@@ -628,8 +712,9 @@ async def test_master_first_install_fails_closed_after_startup_timeout(autojump_
     assert rotator.status()["state"] == "fail-closed"
     (line,) = events(caplog, "wireguard_fail_closed")
     assert "startup_timeout" in line
-    # It kept trying during start-up, once a second.
-    assert len(events(caplog, "wireguard_rotation_failed")) == 15
+    # It kept trying during start-up, once a second, and said so once.
+    assert rotator.status()["consecutive_failures"] == 15
+    assert len(events(caplog, "wireguard_rotation_failed")) == 1
 
 
 async def _never_called(key_id: str) -> None:
@@ -740,6 +825,8 @@ async def test_short_hybrid_key_is_refused_at_both_sites(autojump_clock, caplog)
 def test_rotator_needs_both_driving_callables():
     with pytest.raises(ValueError, match="both"):
         PskRotator(binding(), take_fresh_key=lambda: None)
+    with pytest.raises(ValueError, match="driving site only"):
+        PskRotator(binding(), peer_unavailable=lambda: None)
 
 
 async def test_status_and_logs_never_show_key_material(autojump_clock, nursery, caplog):
@@ -779,7 +866,7 @@ def standin_wg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StandinWg:
 
 async def wait_until(condition: Callable[[], bool]) -> None:
     # The bound only keeps a broken build from hanging the run; nothing asserts on timing.
-    with trio.fail_after(20):
+    with trio.fail_after(timeout(20)):
         while not condition():
             await trio.sleep(0.01)
 
@@ -858,26 +945,22 @@ async def test_standin_fail_closed_then_recover(standin_wg, nursery, caplog):
     caplog.set_level(logging.INFO, "qkdd.wireguard")
     pool = KeyPool()
     pool.add(2)
-    link = Link(pool, binding(interval=0.1, max_key_age=1.0, startup_timeout=5))
+    link = Link(pool, binding(interval=0.1, max_key_age=2.0, startup_timeout=5))
     await link.first_install()
     nursery.start_soon(link.master.run)
     nursery.start_soon(link.slave.run)
-    # Both sites on the last key from the pool, the pool dry, and a rotation failed.
+    # Both sites rotate to the last key from the pool; then the pool is dry, rotations
+    # fail, and once that key is max_key_age old both sites fail closed. (How long they
+    # stay stale before that depends on how fast `wg` runs; the states in between are
+    # checked on a virtual clock above.)
     await wait_until(lambda: not pool.ready)
-    last_id = pool.taken[-1]
-    await wait_until(
-        lambda: (
-            link.master.status()["key_id"] == link.slave.status()["key_id"] == last_id
-            and link.states() == ("stale", "stale")
-        )
-    )
     last_fresh = pool.psk(pool.taken[-1])
-    caplog.clear()
     await wait_until(lambda: link.states() == ("fail-closed", "fail-closed"))
+    assert events(caplog, "wireguard_rotation_failed")
     random_a = standin_wg.installed("wg-a")[-1]
     random_b = standin_wg.installed("wg-b")[-1]
     assert last_fresh not in (random_a, random_b)
-    assert standin_wg.installed("wg-a")[-2] == last_fresh
+    assert standin_wg.installed("wg-a")[-2] == standin_wg.installed("wg-b")[-2] == last_fresh
 
     pool.add(1)
     await wait_until(lambda: link.states() == ("fresh", "fresh"))
