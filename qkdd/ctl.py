@@ -362,6 +362,21 @@ def _device_lines(device: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _binding_line(binding: dict[str, Any]) -> str:
+    """One WireGuard binding: where, its PSK's state and age, and what went wrong last."""
+    line = (
+        f"  {binding['binding']:<14} {binding['interface']} <-> {binding['peer_site']} "
+        f"({binding['role']}): {binding['state']}"
+    )
+    if binding.get("last_fresh_install") is not None:
+        line += f", fresh PSK installed {_when(binding['last_fresh_install'])}"
+    if binding.get("consecutive_failures"):
+        line += f", {binding['consecutive_failures']} failed attempts"
+        if binding.get("last_error"):
+            line += f"; last error: {binding['last_error']}"
+    return line
+
+
 def render_site_status(site: dict[str, Any]) -> str:
     """The site status object (``GET /qkdd/v1/status``) as text for a person."""
     lines = [f"site {site['site_id']}   backend {site['backend']}   at {_when(site['time'])}"]
@@ -386,6 +401,18 @@ def render_site_status(site: dict[str, Any]) -> str:
             lines.append(f"    {pair:<30} {pool['ready']:>6} ready  ({pool['taken_with']} here)")
         reason = peer.get("keys_unavailable_because")
         lines.append(f"  new keys      {'not being made: ' + reason if reason else 'being made'}")
+    bindings = site.get("wireguard") or []
+    if bindings:
+        lines += ["", "WireGuard PSKs"]
+    for binding in bindings:
+        lines.append(_binding_line(binding))
+    quarantined = site.get("store_rows_quarantined")
+    if quarantined:
+        lines += [
+            "",
+            f"key store     {quarantined} sealed rows did not open and were set aside "
+            "(see row_quarantined in the log)",
+        ]
     lines += ["", "recent errors (oldest first)"]
     errors = site["recent_errors"]
     if not errors:

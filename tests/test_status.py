@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from qkdd_drivers.base import DeviceStatus
+from timeouts import timeout
 
 from qkdd.admin import METRICS_PATH, STATUS_PATH, admin_routes
 from qkdd.client import BlockingKeyClient
@@ -202,6 +203,34 @@ def test_human_view_shows_links_devices_pools_and_errors(store: KeyStore) -> Non
         site_status(site_id="site-z", backend="oqs", links={}, store=store, recent_errors=[])
     )
     assert "no peers configured" in quiet and "recent errors (oldest first)\n  none\n" in quiet
+    assert "WireGuard" not in quiet and "set aside" not in quiet
+
+
+def test_human_view_shows_wireguard_bindings_and_quarantined_rows(store: KeyStore) -> None:
+    binding = {
+        "binding": "tunnel-b",
+        "interface": "wg0",
+        "peer_site": "site-b",
+        "role": "master",
+        "state": "failed-closed",
+        "key_id": None,
+        "last_fresh_install": 0.0,
+        "consecutive_failures": 3,
+        "last_error": "no session with site site-b",
+    }
+    site = site_status(
+        site_id="site-a",
+        backend="cryptography",
+        links={},
+        store=store,
+        recent_errors=[],
+        wireguard=[binding],
+    )
+    site["store_rows_quarantined"] = 2
+    text = render_site_status(site)
+    assert "WireGuard PSKs\n  tunnel-b       wg0 <-> site-b (master): failed-closed" in text
+    assert "3 failed attempts; last error: no session with site site-b" in text
+    assert "2 sealed rows did not open" in text
 
 
 def test_site_commands_refuse_the_tls_url(capsys: pytest.CaptureFixture[str]) -> None:
@@ -215,7 +244,7 @@ def qkdctl(socket_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "qkdd.ctl", "--socket", str(socket_path), *args],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=timeout(30),
     )
 
 
@@ -231,7 +260,7 @@ def scrape(socket_path: Path) -> dict[tuple[str, frozenset[tuple[str, str]]], fl
 
 def test_two_real_sites_report_links_pools_and_counters(tmp_path: Path) -> None:
     with running_demo(tmp_path) as (site_a, site_b):
-        wait_for_keys(site_a, SITE_B.sae_id, 4, timeout=30)
+        wait_for_keys(site_a, SITE_B.sae_id, 4, timeout=timeout(30))
         rows = exchange_keys(site_a, site_b, 4)
         assert all(row["match"] for row in rows)
 
