@@ -1,82 +1,92 @@
-"""The physics of the emulated BB84 link: device parameters, the closed-form link model and
-a simulation of the *detected* events of one block, plus the bit-array helpers the rest of
-the post-processing pipeline shares.
+"""The physics of the emulated BB84 link: its parameters, the exact per-gate probabilities
+of every click Bob can see, the expected counts they give (``link_model``) and the
+simulation of the clicks of one block (``simulate_block``).
 
-Bit arrays. A string of ``n`` bits is held as ``bytes`` of length ``n`` whose bytes are 0 or
-1 ("one byte per bit"). That wastes memory but lets every bulk operation run in C:
-selection is ``itertools.compress``, XOR/AND go through one big ``int``, counting is
-``bytes.count(1)``, and packing to a real bit string (for hashing and for the wire) is a
-``translate`` plus ``int(text, 2)``.
+Protocol (Lim, Curty, Walenta, Xu and Zbinden, PRA 89, 022307 (2014), "Lim et al." below):
+Alice picks basis X with probability ``q_x`` (else Z), a random bit, and, with a laser
+source, one of three intensities (signal ``mu``, decoy ``nu``, weak/vacuum decoy
+``omega``) with probabilities ``p_k``; Bob picks X with the same ``q_x``. Key comes from
+X-basis clicks of every intensity; Z-basis clicks are disclosed to bound the phase error.
+Without decoy states a laser sends ``mu`` only (key then rests on the GLLP bound, which
+counts every multi-photon pulse as known to Eve); a single-photon source sends exactly one
+photon per pulse.
 
-Link model (symbols as in Ma, Qi, Zhao and Lo, PRA 72, 012326 (2005), "GLLP" below):
+Source and channel. A laser pulse of intensity ``k`` holds ``n`` photons with probability
+``e^-k k^n / n!`` (phase-randomised weak coherent pulse). Each photon crosses the fibre
+with ``t = 10^(-alpha L / 10)`` and reaches Bob's detectors (``detectors``): with the bases
+equal it goes to the detector of Alice's bit except with the misalignment probability
+``e_mis``, with the bases different to either with probability 1/2.
 
-* transmittance ``eta = eta_d * 10^(-alpha * L / 10)`` (fibre loss alpha dB/km over L km,
-  detector efficiency eta_d);
-* a weak coherent pulse of mean photon number ``mu`` clicks a detector (signal click) with
-  probability ``Y_sig = 1 - exp(-mu * eta)`` (Poisson photon number, each photon detected
-  independently with probability eta);
-* dark counts add ``Y0 = p_dark`` per gate, so the primary yield is
-  ``Y_prim = Y0 + Y_sig`` (GLLP eq. 2, the usual approximation of 1 - (1 - Y0) e^(-mu eta));
-* afterpulsing (probability ``p_ap`` that a click triggers one in a later gate, itself able
-  to trigger another) multiplies the click rate by ``1 / (1 - p_ap)``:
-  ``Y = Y_prim / (1 - p_ap)``; with ``p_ap = 0`` (the default) ``Y = Y0 + Y_sig``;
-* noise clicks (dark counts and afterpulses) give a random bit, error ``e0 = 1/2``; signal
-  clicks have the intrinsic (misalignment) error ``e_mis``::
+Eavesdroppers. Intercept-resend on a fraction ``f`` of pulses: Eve measures in a random
+basis and resends her result with the same photon number (so Bob's click rate does not
+betray her); when her basis is not Alice's, Bob's result in Alice's basis is random, so an
+intercepted click carries error ``1/4 + e_mis/2``. Photon-number splitting (PNS): Eve
+measures the photon number, keeps one photon of every multi-photon pulse (she reads it
+after the bases are announced, so she knows those bits), sends ``n - 1`` photons to Bob
+over a lossless channel, and blocks single photons; she forwards fractions ``s_m`` of
+multi-photon and ``s_1`` of single-photon pulses chosen so that the signal class clicks
+exactly as often as on the real fibre. Only the decoy classes, which she cannot tell
+apart from the signal, show her.
 
-      QBER = (e0 * (Y0 + p_ap * Y) + e_mis * Y_sig) / Y
+Clicks. For every combination of intensity class, Alice's basis and bit, Bob's basis,
+Eve's action and photon number, ``detectors.gate_patterns`` gives the probability of each
+click pattern; the table of those rows (``GateTable``) is exact up to a photon number whose
+Poisson tail is below 1e-15. The simulation draws the click gates from the dead-time and
+afterpulse renewal process (``detectors.renewal_clicks``), then each photon click's row
+from that table (inverting its CDF through a bucket table), so its cost is per click, not
+per pulse. An afterpulse repeats the bit of the click before it on whatever pulse Alice sent in that
+gate. ``link_model`` turns the same table into expected counts per pulse. The numpy
+generator behind the draws is not a cryptographic one, so Alice's bit (the key) is drawn
+apart: the table picks a pair of rows that differ only by her bit, and a uniform from the
+system's secure generator (``os.urandom``) picks the member with the pair's exact odds,
+unless the caller seeded the run for reproducibility.
 
-  which for ``p_ap = 0`` is the textbook ``(e0 Y0 + e_mis (1 - e^(-mu eta))) / Y``.
-* an intercept-resend eavesdropper on a fraction ``f`` of the pulses measures each in a
-  random basis and resends what she saw. When her basis is Alice's (probability 1/2) Bob
-  sees the usual misalignment error; otherwise his result in Alice's basis is a coin flip.
-  So an intercepted signal click carries error ``1/2 * e_mis + 1/2 * 1/2 = 1/4 + e_mis/2``
-  in the sifted key. She is assumed to resend at an intensity that leaves Bob's click
-  rate unchanged (otherwise the click rate itself would betray her), so only errors move::
-
-      QBER = (e0 * noise + (1 - f) * e_mis * Y_sig + f * (1/4 + e_mis/2) * Y_sig) / Y
-
-Event simulation. Only detections are drawn: the number of clicks ``D ~ Binomial(N, Y)``
-for ``N`` pulses, then for each click Alice's bit and basis, Bob's basis, the click's cause
-(noise with probability ``(Y0 + p_ap Y) / Y``, signal otherwise), whether Eve intercepted
-it (probability f) and in which basis, and whether misalignment flipped it (probability
-e_mis). Bob's bit follows from those; when his basis differs from Alice's it is a fresh
-coin flip (the sifting step throws it away anyway). The cost is a few C-level passes over
-``D`` bytes, independent of the (much larger) number of pulses.
-
-Decoy states (vacuum + weak decoy, GLLP section IV). With ``decoy_mu`` set, each pulse is
-a signal (mu), decoy (nu) or vacuum pulse with the given probabilities. Key comes from
-signal pulses only; every sifted decoy and vacuum click is disclosed to measure the
-decoy-class gains and errors, so those classes are simulated at the level of counts
-(clicks, sifted clicks, errors, drawn from the same probabilities), which is
-statistically identical to drawing and then disclosing every bit. From them come a lower
-bound on the single-photon yield ``Y1`` and an upper bound on its error ``e1``
-(``decoy_bounds``). Without decoy states the key length uses the bound of an ideal
-single-photon source (``n (1 - h(e))``, Shor-Preskill), i.e. it ignores photon-number
-splitting on multi-photon pulses: adequate for an emulator, optimistic for real weak
-coherent pulses.
+Bit arrays are one byte per bit (``bitarrays``); those helpers are re-exported here.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .bitarrays import (
+    ALL_ONES,
+    and_bits,
+    bernoulli_bits,
+    binary_entropy,
+    binomial,
+    not_bits,
+    or_bits,
+    pack_bits,
+    pack_to_bytes,
+    random_bits,
+    select_bits,
+    unpack_bits,
+    unpack_from_bytes,
+    xor_bits,
+)
+from .detectors import ClickTiming, click_timing, gate_patterns, renewal_clicks
 
 __all__ = [
     "ALL_ONES",
+    "BlockTruth",
     "DecoyStats",
     "DetectionBlock",
+    "LinkModel",
     "LinkParameters",
     "PartyRecord",
     "and_bits",
-    "asymptotic_secret_key_rate",
     "bernoulli_bits",
     "binary_entropy",
     "binomial",
     "channel_transmittance",
-    "decoy_bounds",
-    "detection_probability",
-    "expected_qber",
+    "gate_table",
+    "link_model",
     "not_bits",
     "or_bits",
     "pack_bits",
@@ -89,193 +99,76 @@ __all__ = [
     "xor_bits",
 ]
 
-# -- bit arrays (one byte per bit, values 0 or 1) -------------------------------------------
-
-_LOW_BIT = bytes(i & 1 for i in range(256))
-_TO_ASCII = bytes(48 + (i & 1) for i in range(256))
-_FROM_ASCII = bytes((i - 48) & 1 for i in range(256))
-ALL_ONES = b"\x01"
-
-
-def pack_bits(bits: bytes) -> int:
-    """Bit array -> int with ``bits[k]`` as bit k."""
-    if not bits:
-        return 0
-    return int(bits.translate(_TO_ASCII)[::-1], 2)
-
-
-def unpack_bits(value: int, n: int) -> bytes:
-    """int -> bit array of length n (bit k of value is element k)."""
-    if n == 0:
-        return b""
-    return format(value, f"0{n}b")[::-1].encode("ascii").translate(_FROM_ASCII)
-
-
-def pack_to_bytes(bits: bytes) -> bytes:
-    """Bit array -> ceil(n/8) bytes, little-endian bit order (for the wire)."""
-    return pack_bits(bits).to_bytes((len(bits) + 7) // 8, "little")
-
-
-def unpack_from_bytes(data: bytes, n: int) -> bytes:
-    if len(data) != (n + 7) // 8:
-        raise ValueError(f"expected {(n + 7) // 8} bytes for {n} bits, got {len(data)}")
-    value = int.from_bytes(data, "little")
-    if value >> n:
-        raise ValueError("padding bits must be zero")
-    return unpack_bits(value, n)
-
-
-def _as_int(bits: bytes) -> int:
-    return int.from_bytes(bits, "little")
-
-
-def _from_int(value: int, n: int) -> bytes:
-    return value.to_bytes(n, "little")
-
-
-def xor_bits(a: bytes, b: bytes) -> bytes:
-    return _from_int(_as_int(a) ^ _as_int(b), len(a))
-
-
-def and_bits(a: bytes, b: bytes) -> bytes:
-    return _from_int(_as_int(a) & _as_int(b), len(a))
-
-
-def or_bits(a: bytes, b: bytes) -> bytes:
-    return _from_int(_as_int(a) | _as_int(b), len(a))
-
-
-def not_bits(a: bytes) -> bytes:
-    return _from_int(_as_int(a) ^ _as_int(ALL_ONES * len(a)), len(a))
-
-
-def select_bits(bits: bytes, mask: bytes) -> bytes:
-    """The elements of ``bits`` where ``mask`` is 1, in order.
-
-    Marks every dropped element by setting its bit 1 (one big-int OR) and deletes the
-    marked bytes with ``bytes.translate``: about 3x faster than ``itertools.compress``.
-    """
-    n = len(bits)
-    marked = _as_int(bits) | ((_as_int(mask) ^ _as_int(ALL_ONES * n)) << 1)
-    return _from_int(marked, n).translate(None, b"\x02\x03")
-
-
-def random_bits(rng: random.Random, n: int) -> bytes:
-    return rng.randbytes(n).translate(_LOW_BIT)
-
-
-#: Dense Bernoulli masks compare 16 random bits with p * 2^16, so p is rounded to 2^-16.
-_DENSE_BITS = 16
-#: Below this probability the set positions are drawn one by one (geometric gaps).
-_SPARSE_BELOW = 1 / 32
-
-
-def bernoulli_bits(rng: random.Random, n: int, p: float) -> bytes:
-    """n independent bits, each 1 with probability p.
-
-    Sparse (p < 1/32): exact, the gaps between ones are geometric,
-    ``gap = floor(ln U / ln(1 - p))``, so the cost is proportional to the number of ones.
-    Dense: two random bytes per element compared with p in 16-bit fixed point through
-    byte translation tables (p rounded to a multiple of 2^-16).
-    """
-    if p <= 0.0 or n == 0:
-        return bytes(n)
-    if p >= 1.0:
-        return ALL_ONES * n
-    if p > 0.5:
-        return not_bits(bernoulli_bits(rng, n, 1.0 - p))
-    if p < _SPARSE_BELOW:
-        out = bytearray(n)
-        log_q = math.log1p(-p)
-        pos = -1
-        # Positions of rare events (errors, noise clicks, sample members) need no
-        # cryptographic generator, and one seeded from ``rng`` keeps runs reproducible;
-        # SystemRandom.random() would cost a system call per event.
-        rand = random.Random(rng.getrandbits(128)).random
-        while True:
-            pos += 1 + int(math.log(1.0 - rand()) / log_q)
-            if pos >= n:
-                return bytes(out)
-            out[pos] = 1
-    threshold = round(p * (1 << _DENSE_BITS))
-    hi, lo = threshold >> 8, threshold & 0xFF
-    below_hi = bytes(int(v < hi) for v in range(256))
-    equal_hi = bytes(int(v == hi) for v in range(256))
-    below_lo = bytes(int(v < lo) for v in range(256))
-    r1, r2 = rng.randbytes(n), rng.randbytes(n)
-    value = _as_int(r1.translate(below_hi)) | (
-        _as_int(r1.translate(equal_hi)) & _as_int(r2.translate(below_lo))
-    )
-    return _from_int(value, n)
-
-
-def binomial(rng: random.Random, n: int, p: float) -> int:
-    """A Binomial(n, p) draw: exact by geometric gaps when n p (or n (1 - p)) is below
-    1000, else the normal approximation with continuity rounding (error O(1/sqrt(n p)))."""
-    if n <= 0 or p <= 0.0:
-        return 0
-    if p >= 1.0:
-        return n
-    if p > 0.5:
-        return n - binomial(rng, n, 1.0 - p)
-    mean = n * p
-    if mean < 1000:
-        log_q = math.log1p(-p)
-        count, pos = 0, -1
-        while True:
-            pos += 1 + int(math.log(1.0 - rng.random()) / log_q)
-            if pos >= n:
-                return count
-            count += 1
-    draw = round(rng.gauss(mean, math.sqrt(mean * (1.0 - p))))
-    return min(n, max(0, draw))
-
-
-def binary_entropy(p: float) -> float:
-    """h(p) = -p log2 p - (1 - p) log2 (1 - p); h(0) = h(1) = 0."""
-    if p <= 0.0 or p >= 1.0:
-        return 0.0
-    return -p * math.log2(p) - (1.0 - p) * math.log2(1.0 - p)
-
-
-# -- device parameters and closed-form model ------------------------------------------------
-
-#: Error of a noise click (dark count, afterpulse): a random bit.
-E0 = 0.5
+X_BASIS, Z_BASIS = 0, 1
+SOURCES = ("laser", "single-photon")
+DOUBLE_CLICKS = ("squash", "discard")
+#: Photon numbers above this carry a Poisson tail below 1e-15 for intensities up to 2.
+_MAX_PHOTONS = 16
 
 
 @dataclass(frozen=True)
 class LinkParameters:
-    """Every physical parameter of the emulated link (defaults: a typical 1 GHz DV link)."""
+    """Every physical parameter of the emulated link. Defaults: a 1 GHz decoy-state link
+    with GHz-gated InGaAs/InP avalanche photodiodes (see docs/emulator.md for sources)."""
 
-    mu: float = 0.5  # mean photon number of signal pulses
-    pulse_rate: float = 1e9  # pulses per second
+    source: str = "laser"  # "laser" (weak coherent pulses) or "single-photon"
+    mu: float = 0.5  # signal intensity (mean photon number)
+    decoy_mu: float | None = 0.2  # decoy intensity nu; None: no decoy states
+    vacuum_mu: float = 0.0  # weakest decoy omega (0: vacuum)
+    decoy_prob: float = 0.5  # p_nu
+    vacuum_prob: float = 0.25  # p_omega (the signal gets the rest)
+    x_basis_prob: float = 0.75  # q_x, for Alice and Bob alike
+    pulse_rate: float = 1e9  # pulses (gates) per second
     alpha_db_per_km: float = 0.2  # fibre attenuation (SMF-28 at 1550 nm)
     length_km: float = 10.0
-    detector_efficiency: float = 0.2  # eta_d
-    dark_count_prob: float = 1e-6  # per gate
-    misalignment: float = 0.01  # e_mis, intrinsic QBER of signal clicks
-    afterpulse_prob: float = 0.0  # p_ap
-    eve_fraction: float = 0.0  # fraction of pulses intercepted and resent
-    decoy_mu: float | None = None  # nu; None: no decoy states
-    decoy_prob: float = 0.15  # probability of a decoy pulse (with decoy_mu)
-    vacuum_prob: float = 0.05  # probability of a vacuum pulse (with decoy_mu)
+    detector_efficiency: float = 0.2  # eta_0, of the bit-0 detector
+    efficiency_mismatch: float = 0.05  # eta_1 = eta_0 (1 - m)
+    dark_count_prob: float = 1e-6  # per gate, per detector
+    dead_time: float = 50e-9  # seconds the receiver is blind after a click
+    afterpulse_prob: float = 0.04  # afterpulses per click
+    afterpulse_time: float = 100e-9  # decay constant of the trap release, seconds
+    double_click: str = "squash"  # "squash" (random bit) or "discard"
+    misalignment: float = 0.01  # e_mis, optical error probability per photon
+    eve_fraction: float = 0.0  # intercept-resend on this fraction of pulses
+    pns_attack: bool = False  # photon-number-splitting eavesdropper
 
     def __post_init__(self) -> None:
         checks = [
-            (self.mu > 0, "mu (mean photon number) must be positive"),
+            (self.source in SOURCES, f"source must be one of {', '.join(SOURCES)}"),
+            (0 < self.mu <= 2, "mu (signal intensity) must be in (0, 2]"),
             (self.pulse_rate > 0, "pulse rate must be positive"),
             (self.alpha_db_per_km >= 0, "fibre attenuation must be >= 0 dB/km"),
             (self.length_km >= 0, "fibre length must be >= 0 km"),
             (0 < self.detector_efficiency <= 1, "detector efficiency must be in (0, 1]"),
-            (0 <= self.dark_count_prob < 1, "dark count probability must be in [0, 1)"),
-            (0 <= self.misalignment <= 0.5, "intrinsic QBER must be in [0, 0.5]"),
+            (0 <= self.efficiency_mismatch < 1, "efficiency mismatch must be in [0, 1)"),
+            (0 <= self.dark_count_prob < 0.5, "dark count probability must be in [0, 0.5)"),
+            (self.dead_time >= 0, "dead time must be >= 0"),
             (0 <= self.afterpulse_prob < 1, "afterpulse probability must be in [0, 1)"),
+            (self.afterpulse_time >= 0, "afterpulse time constant must be >= 0"),
+            (self.double_click in DOUBLE_CLICKS, "double clicks: squash or discard"),
+            (0 <= self.misalignment <= 0.5, "intrinsic QBER must be in [0, 0.5]"),
             (0 <= self.eve_fraction <= 1, "eavesdropped fraction must be in [0, 1]"),
+            (0 < self.x_basis_prob < 1, "X-basis probability must be in (0, 1)"),
+            (
+                not (self.pns_attack and self.eve_fraction > 0),
+                "choose one eavesdropper: intercept-resend or photon-number splitting",
+            ),
+            (
+                not (self.pns_attack and self.source == "single-photon"),
+                "a photon-number-splitting attack needs a laser source",
+            ),
         ]
-        if self.decoy_mu is not None:
+        if self.decoy_states:
+            assert self.decoy_mu is not None
             checks += [
-                (0 < self.decoy_mu < self.mu, "decoy intensity must be in (0, mu)"),
+                (
+                    0 <= self.vacuum_mu < self.decoy_mu,
+                    "vacuum decoy intensity must be in [0, decoy intensity)",
+                ),
+                (
+                    self.decoy_mu + self.vacuum_mu < self.mu,
+                    "decoy intensity (plus the vacuum decoy's) must be below mu",
+                ),
                 (
                     self.decoy_prob > 0
                     and self.vacuum_prob > 0
@@ -288,107 +181,386 @@ class LinkParameters:
                 raise ValueError(message)
 
     @property
-    def signal_prob(self) -> float:
-        return 1.0 if self.decoy_mu is None else 1.0 - self.decoy_prob - self.vacuum_prob
+    def decoy_states(self) -> bool:
+        return self.source == "laser" and self.decoy_mu is not None
+
+    @property
+    def intensities(self) -> tuple[float, ...]:
+        """Intensity of each class (signal first); a single-photon source has one class."""
+        if self.source == "single-photon":
+            return (1.0,)
+        if self.decoy_mu is None:
+            return (self.mu,)
+        return (self.mu, self.decoy_mu, self.vacuum_mu)
+
+    @property
+    def class_probs(self) -> tuple[float, ...]:
+        if not self.decoy_states:
+            return (1.0,)
+        return (1.0 - self.decoy_prob - self.vacuum_prob, self.decoy_prob, self.vacuum_prob)
+
+    @property
+    def mode(self) -> str:
+        """How the key length is bounded: "decoy", "gllp" or "single-photon"."""
+        if self.source == "single-photon":
+            return "single-photon"
+        return "decoy" if self.decoy_states else "gllp"
+
+    def photon_numbers(self, k: int) -> np.ndarray:
+        """P(n photons) for class k, n = 0 .. _MAX_PHOTONS (the tail folded into the last)."""
+        out = np.zeros(_MAX_PHOTONS + 1)
+        if self.source == "single-photon":
+            out[1] = 1.0
+            return out
+        mean = self.intensities[k]
+        if mean == 0:
+            out[0] = 1.0
+            return out
+        terms = [math.exp(-mean) * mean**n / math.factorial(n) for n in range(_MAX_PHOTONS)]
+        out[:_MAX_PHOTONS] = terms
+        out[_MAX_PHOTONS] = max(0.0, 1.0 - sum(terms))
+        return out
 
 
 def channel_transmittance(params: LinkParameters) -> float:
-    """eta = eta_d * 10^(-alpha L / 10)."""
-    return params.detector_efficiency * 10 ** (-params.alpha_db_per_km * params.length_km / 10)
+    """t = 10^(-alpha L / 10): the fibre alone (detector efficiencies are separate)."""
+    return 10 ** (-params.alpha_db_per_km * params.length_km / 10)
+
+
+# -- the exact per-gate table ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _ClickModel:
-    yield_: float  # Y, clicks per pulse
-    signal: float  # Y_sig
-    noise_share: float  # (Y0 + p_ap Y) / Y
-    error_signal: float  # error of a signal click, Eve included
-    qber: float
+class GateTable:
+    """Every way a gate can click, with its probability (classes weighted by p_k)."""
+
+    prob: np.ndarray  # P(row and click) per gate
+    cls: np.ndarray  # intensity class
+    alice_basis: np.ndarray
+    alice_bit: np.ndarray
+    bob_basis: np.ndarray
+    photons: np.ndarray  # photons in the pulse Alice sent
+    pattern: np.ndarray  # 0: D0 only, 1: D1 only, 2: both
+    eve_knows: np.ndarray  # PNS: Eve holds a photon of this pulse (or blocked it)
 
 
-def _click_model(params: LinkParameters, intensity: float) -> _ClickModel:
-    eta = channel_transmittance(params)
-    y_sig = -math.expm1(-intensity * eta)  # 1 - exp(-mu eta), accurate for tiny mu eta
-    y = (params.dark_count_prob + y_sig) / (1.0 - params.afterpulse_prob)
-    noise = params.dark_count_prob + params.afterpulse_prob * y
-    f = params.eve_fraction
-    e_sig = (1 - f) * params.misalignment + f * (0.25 + params.misalignment / 2)
-    if y <= 0:
-        return _ClickModel(0.0, 0.0, 1.0, e_sig, E0)
-    qber = (E0 * noise + e_sig * y_sig) / y
-    return _ClickModel(y, y_sig, noise / y, e_sig, qber)
-
-
-def detection_probability(params: LinkParameters, intensity: float | None = None) -> float:
-    """Y: clicks per pulse of the given intensity (default: signal mu)."""
-    return _click_model(params, params.mu if intensity is None else intensity).yield_
-
-
-def expected_qber(params: LinkParameters, intensity: float | None = None) -> float:
-    """E: error rate of sifted clicks of the given intensity (default: signal mu)."""
-    return _click_model(params, params.mu if intensity is None else intensity).qber
-
-
-def decoy_bounds(
-    mu: float, nu: float, gain_mu: float, gain_nu: float, y0: float, error_nu: float
+def _photon_weights(
+    state_basis: int, state_bit: int, bob_basis: int, e_mis: float
 ) -> tuple[float, float]:
-    """(Y1 lower bound, e1 upper bound) from the vacuum + weak decoy method, GLLP eqs 34-37::
+    if state_basis != bob_basis:
+        return 0.5, 0.5
+    return (1.0 - e_mis, e_mis) if state_bit == 0 else (e_mis, 1.0 - e_mis)
 
-        Y1_L = mu / (mu nu - nu^2) * (Q_nu e^nu - Q_mu e^mu nu^2 / mu^2
-                                      - (mu^2 - nu^2) / mu^2 * Y0)
-        e1_U = (E_nu Q_nu e^nu - e0 Y0) / (Y1_L nu)
 
-    Y1_L is clamped at 0 and e1_U to [0, 1/2] (a bound outside is uninformative).
-    """
-    y1 = (
-        mu
-        / (mu * nu - nu * nu)
-        * (
-            gain_nu * math.exp(nu)
-            - gain_mu * math.exp(mu) * nu * nu / (mu * mu)
-            - (mu * mu - nu * nu) / (mu * mu) * y0
-        )
+def _pns_fractions(params: LinkParameters, t: float) -> tuple[float, float]:
+    """(s_1, s_m): the forwarded fractions that keep the signal class's click rate."""
+    honest = _class_click_prob(params, 0, t, None)
+    low = _class_click_prob(params, 0, t, (0.0, 0.0))
+    multi = _class_click_prob(params, 0, t, (0.0, 1.0))
+    if multi >= honest:
+        return 0.0, (honest - low) / (multi - low) if multi > low else 0.0
+    full = _class_click_prob(params, 0, t, (1.0, 1.0))
+    return min(1.0, (honest - multi) / (full - multi)) if full > multi else 1.0, 1.0
+
+
+def _rows(
+    params: LinkParameters, k: int, t: float, pns: tuple[float, float] | None
+) -> list[tuple[float, int, int, int, int, int, int, bool]]:
+    """(P, alice basis, alice bit, bob basis, photons, pattern, eve knows) rows of class k,
+    without the class probability, for every click pattern."""
+    q = (params.x_basis_prob, 1.0 - params.x_basis_prob)
+    eta0 = params.detector_efficiency
+    eta1 = eta0 * (1.0 - params.efficiency_mismatch)
+    p_dc, e_mis, f = params.dark_count_prob, params.misalignment, params.eve_fraction
+    numbers = params.photon_numbers(k)
+    rows = []
+    for a_basis in (0, 1):
+        for a_bit in (0, 1):
+            # Eve's action: (weight, state basis, state bit) of what reaches Bob.
+            actions = [(1.0 - f, a_basis, a_bit)]
+            if f > 0:
+                actions.append((f / 2, a_basis, a_bit))  # her basis was Alice's
+                actions += [(f / 4, 1 - a_basis, s) for s in (0, 1)]  # it was not
+            for b_basis in (0, 1):
+                base = q[a_basis] * q[b_basis] * 0.5
+                for weight, s_basis, s_bit in actions:
+                    w0, w1 = _photon_weights(s_basis, s_bit, b_basis, e_mis)
+                    for n, p_n in enumerate(numbers):
+                        if p_n <= 0:
+                            continue
+                        ways = [(1.0, n, t, False)]
+                        if pns is not None:
+                            s1, sm = pns
+                            keep = s1 if n == 1 else sm if n >= 2 else 1.0
+                            sent = max(n - 1, 1) if n >= 1 else 0
+                            ways = [(keep, sent, 1.0, n >= 2), (1.0 - keep, 0, 1.0, n >= 1)]
+                        for p_way, photons, trans, knows in ways:
+                            if p_way <= 0:
+                                continue
+                            pats = gate_patterns(photons, trans, w0, w1, eta0, eta1, p_dc)
+                            for pattern, p_pat in enumerate(pats):
+                                p = base * weight * p_n * p_way * p_pat
+                                if p > 0:
+                                    rows.append((p, a_basis, a_bit, b_basis, n, pattern, knows))
+    return rows  # type: ignore[return-value]
+
+
+def _class_click_prob(
+    params: LinkParameters, k: int, t: float, pns: tuple[float, float] | None
+) -> float:
+    return sum(r[0] for r in _rows(params, k, t, pns))
+
+
+@functools.lru_cache(maxsize=64)
+def gate_table(params: LinkParameters) -> GateTable:
+    t = channel_transmittance(params)
+    pns = _pns_fractions(params, t) if params.pns_attack else None
+    columns: list[list[float]] = [[] for _ in range(8)]
+    for k, p_k in enumerate(params.class_probs):
+        for row in _rows(params, k, t, pns):
+            values = (row[0] * p_k, k, *row[1:])
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
+    prob, cls, a_basis, a_bit, b_basis, photons, pattern, knows = columns
+    u8 = np.uint8
+    return GateTable(
+        np.array(prob),
+        np.array(cls, dtype=u8),
+        np.array(a_basis, dtype=u8),
+        np.array(a_bit, dtype=u8),
+        np.array(b_basis, dtype=u8),
+        np.array(photons, dtype=u8),
+        np.array(pattern, dtype=u8),
+        np.array(knows, dtype=bool),
     )
-    if y1 <= 0:
-        return 0.0, 0.5
-    e1 = (error_nu * gain_nu * math.exp(nu) - E0 * y0) / (y1 * nu)
-    return y1, min(0.5, max(0.0, e1))
 
 
-def asymptotic_secret_key_rate(params: LinkParameters, ec_efficiency: float = 1.16) -> float:
-    """Secret bits per second for infinitely long keys, with error correction leaking
-    ``f h(E)`` per sifted bit (f = ``ec_efficiency``; Cascade is about 1.1-1.2).
-
-    Without decoy states: ``R = q Q_mu (1 - h(E) - f h(E))`` (ideal single-photon bound).
-    With decoy states (GLLP eq. 1, exact Y0/Q/E values for the bounds):
-    ``R = q (Q1 (1 - h(e1)) - Q_mu f h(E_mu))`` with ``Q1 = Y1_L mu e^-mu``.
-    ``q = 1/2`` (sifting) times the share of signal pulses.
-    """
-    signal = _click_model(params, params.mu)
-    q = 0.5 * params.signal_prob
-    leak = signal.yield_ * ec_efficiency * binary_entropy(signal.qber)
-    if params.decoy_mu is None:
-        per_pulse = q * (signal.yield_ * (1 - binary_entropy(signal.qber)) - leak)
-    else:
-        decoy = _click_model(params, params.decoy_mu)
-        vacuum = _click_model(params, 0.0)
-        y1, e1 = decoy_bounds(
-            params.mu, params.decoy_mu, signal.yield_, decoy.yield_, vacuum.yield_, decoy.qber
-        )
-        q1 = y1 * params.mu * math.exp(-params.mu)
-        per_pulse = q * (q1 * (1 - binary_entropy(e1)) - leak)
-    return max(0.0, per_pulse) * params.pulse_rate
+# -- expected counts ---------------------------------------------------------------------
 
 
-# -- detected-event simulation --------------------------------------------------------------
+@dataclass(frozen=True)
+class LinkModel:
+    """Expected counts per pulse (gate) of the link, from the exact table."""
+
+    timing: ClickTiming
+    clicks: float  # clicks per pulse, dead time and afterpulses included
+    n_x: tuple[float, ...]  # X-basis sifted clicks per pulse, by class
+    m_x: tuple[float, ...]  # ... of which errors
+    n_z: tuple[float, ...]
+    m_z: tuple[float, ...]
+    single_x: float  # X-basis sifted clicks from single-photon pulses
+    vacuum_x: float  # ... from empty pulses
+    single_phase_error: float  # error rate of single-photon Z-basis clicks
+    pns_fractions: tuple[float, float] | None
+
+    @property
+    def qber_x(self) -> float:
+        return sum(self.m_x) / sum(self.n_x) if sum(self.n_x) else 0.5
+
+    @property
+    def qber_z(self) -> float:
+        return sum(self.m_z) / sum(self.n_z) if sum(self.n_z) else 0.5
+
+
+def _error_weight(table: GateTable, params: LinkParameters) -> np.ndarray:
+    """P(Bob's bit differs from Alice's) of each row: a double click is a coin flip."""
+    wrong = (table.pattern != 2) & (table.pattern != table.alice_bit)
+    return np.where(table.pattern == 2, 0.5, wrong.astype(float))
+
+
+@functools.lru_cache(maxsize=64)
+def link_model(params: LinkParameters) -> LinkModel:
+    table = gate_table(params)
+    y = float(table.prob.sum())
+    if y <= 0:
+        raise ValueError("no clicks at all on this link: check length and losses")
+    timing = click_timing(
+        y, params.dead_time, params.afterpulse_prob, params.afterpulse_time, params.pulse_rate
+    )
+    rate = timing.clicks_per_gate
+    share = timing.afterpulse_share
+    kept = table.prob * (table.pattern != 2) if params.double_click == "discard" else table.prob
+    photon = rate * (1.0 - share) / y  # per pulse, per unit of table probability
+    err = _error_weight(table, params)
+    q = (params.x_basis_prob, 1.0 - params.x_basis_prob)
+    p_k = params.class_probs
+    sums: dict[str, list[float]] = {"nx": [], "mx": [], "nz": [], "mz": []}
+    for basis, n_key, m_key in ((X_BASIS, "nx", "mx"), (Z_BASIS, "nz", "mz")):
+        match = (table.alice_basis == basis) & (table.bob_basis == basis)
+        for k in range(len(p_k)):
+            rows = match & (table.cls == k)
+            ap = rate * share * p_k[k] * q[basis] ** 2  # afterpulses: random bit
+            sums[n_key].append(photon * float(kept[rows].sum()) + ap)
+            sums[m_key].append(photon * float((kept * err)[rows].sum()) + ap / 2)
+    # Photon-number truth, afterpulses included (they land on pulses of any class).
+    ap_photons = np.sum([p * params.photon_numbers(k) for k, p in enumerate(p_k)], axis=0)
+    x_match = (table.alice_basis == X_BASIS) & (table.bob_basis == X_BASIS)
+    z_match = (table.alice_basis == Z_BASIS) & (table.bob_basis == Z_BASIS)
+    ones = table.photons == 1
+    ap_x = rate * share * q[0] ** 2
+    ap_z = rate * share * q[1] ** 2
+    single_x = photon * float(kept[x_match & ones].sum()) + ap_x * ap_photons[1]
+    vacuum_x = photon * float(kept[x_match & (table.photons == 0)].sum()) + ap_x * ap_photons[0]
+    single_z = photon * float(kept[z_match & ones].sum()) + ap_z * ap_photons[1]
+    single_z_err = photon * float((kept * err)[z_match & ones].sum()) + ap_z * ap_photons[1] / 2
+    t = channel_transmittance(params)
+    return LinkModel(
+        timing=timing,
+        clicks=rate,
+        n_x=tuple(sums["nx"]),
+        m_x=tuple(sums["mx"]),
+        n_z=tuple(sums["nz"]),
+        m_z=tuple(sums["mz"]),
+        single_x=single_x,
+        vacuum_x=vacuum_x,
+        single_phase_error=single_z_err / single_z if single_z else 0.5,
+        pns_fractions=_pns_fractions(params, t) if params.pns_attack else None,
+    )
+
+
+# -- the simulation of one block ---------------------------------------------------------
+
+
+class _BucketTable:
+    """Draws row i with probability prob[i] / sum(prob) by inverting the CDF: a uniform
+    falls into one of 2^16 equal buckets, and a bucket inside a single row's CDF interval
+    names that row at once; only the few buckets a row boundary crosses (at most one per
+    row) need a binary search. Exact to the uniform's 53 bits."""
+
+    BUCKETS = 1 << 16
+
+    def __init__(self, prob: np.ndarray) -> None:
+        cdf = np.cumsum(prob / prob.sum())
+        cdf[-1] = 1.0
+        edges = np.arange(self.BUCKETS + 1) / self.BUCKETS
+        first = np.searchsorted(cdf, edges[:-1], side="right")
+        last = np.searchsorted(cdf, np.nextafter(edges[1:], 0), side="right")
+        self.cdf = cdf
+        self.rows = np.where(first == last, first, -1).astype(np.int32)
+
+    def draw(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        u = rng.random(count)
+        row = self.rows[(u * self.BUCKETS).astype(np.int32)]
+        straddle = np.flatnonzero(row < 0)
+        row[straddle] = np.searchsorted(self.cdf, u[straddle], side="right")
+        return row
+
+
+# A row's fields packed in one integer, so a click costs one gather: class (2 bits),
+# Alice's basis, Alice's bit, Bob's basis, pattern (2 bits), Eve knows, then photons.
+_CLS, _A_BASIS, _A_BIT, _B_BASIS, _PATTERN, _KNOWS, _PHOTONS = 0, 2, 3, 4, 5, 7, 8
+
+
+def _pack_rows(
+    cls: np.ndarray,
+    a_basis: np.ndarray,
+    a_bit: np.ndarray,
+    b_basis: np.ndarray,
+    pattern: np.ndarray,
+    knows: np.ndarray,
+    photons: np.ndarray,
+) -> np.ndarray:
+    fields = (
+        (cls, _CLS),
+        (a_basis, _A_BASIS),
+        (a_bit, _A_BIT),
+        (b_basis, _B_BASIS),
+        (pattern, _PATTERN),
+        (knows, _KNOWS),
+        (photons, _PHOTONS),
+    )
+    code = np.zeros(len(cls), dtype=np.uint16)
+    for values, shift in fields:
+        code |= values.astype(np.uint16) << shift
+    return code
+
+
+def _field(code: np.ndarray, shift: int, width: int = 1) -> np.ndarray:
+    return ((code >> shift) & ((1 << width) - 1)).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class _Sampler:
+    """Draws row codes in two steps. The table picks a pair of rows that differ only
+    by Alice's bit (and, with it, which detector her photons favour); a second uniform
+    picks the member, with the pair's exact odds. Only that second draw decides Alice's
+    key bit, so it alone has to come from the system's secure generator."""
+
+    table: _BucketTable
+    codes: np.ndarray  # the pair's member with Alice's bit 0
+    zero_below: np.ndarray  # member 0 when a 16-bit uniform is below this
+
+    def draw(self, gen: np.random.Generator, count: int, secure: bool) -> np.ndarray:
+        pair = self.table.draw(gen, count)
+        if secure:
+            u = np.frombuffer(os.urandom(2 * count), dtype="<u2")
+        else:
+            u = gen.integers(0, 1 << 16, count, dtype=np.uint16)
+        one = (u >= self.zero_below[pair]).astype(np.uint16)
+        code = self.codes[pair]
+        # Alice's bit 1: set it, and swap single-detector patterns (D0 only <-> D1 only).
+        swap = one & (code >> np.uint16(_PATTERN + 1) ^ np.uint16(1))
+        return code ^ (one << np.uint16(_A_BIT)) ^ (swap << np.uint16(_PATTERN))
+
+
+def _paired(prob: np.ndarray, codes: np.ndarray) -> _Sampler:
+    """Group rows by their Alice-bit-0 form (rows that look the same merge): fewer,
+    heavier rows also make the draw cheaper."""
+    a_bit = (codes >> _A_BIT) & 1
+    pattern = (codes >> _PATTERN) & 3
+    single = pattern < 2
+    swapped = (a_bit & single).astype(np.uint16) << _PATTERN
+    canonical = (codes & ~np.uint16(1 << _A_BIT)) ^ swapped
+    pairs, where = np.unique(canonical, return_inverse=True)
+    total = np.bincount(where, weights=prob)
+    zero = np.bincount(where, weights=prob * (a_bit == 0))
+    threshold = np.rint(zero / total * 65536).clip(0, 65536).astype(np.int64)
+    return _Sampler(_BucketTable(total), pairs, threshold)
+
+
+@functools.lru_cache(maxsize=64)
+def _samplers(params: LinkParameters, truth: bool) -> tuple[_Sampler, _Sampler]:
+    """Samplers for photon clicks (the gate table) and for the pulse under an afterpulse
+    (class, bases, bit and photon number as Alice and Bob chose them). Without ``truth``
+    the photon number and Eve's knowledge are left out of the codes."""
+    table = gate_table(params)
+    keep = 1 if truth else 0
+    codes = _pack_rows(
+        table.cls,
+        table.alice_basis,
+        table.alice_bit,
+        table.bob_basis,
+        table.pattern,
+        table.eve_knows * keep,
+        table.photons * keep,
+    )
+    q = (params.x_basis_prob, 1.0 - params.x_basis_prob)
+    rows = []
+    for k, p_k in enumerate(params.class_probs):
+        for n, p_n in enumerate(params.photon_numbers(k)):
+            for a_basis in (0, 1):
+                for b_basis in (0, 1):
+                    for a_bit in (0, 1):
+                        p = p_k * p_n * q[a_basis] * q[b_basis] * 0.5
+                        if p > 0:
+                            rows.append((p, k, a_basis, a_bit, b_basis, n * keep))
+    c = [np.array([r[i] for r in rows]) for i in range(6)]
+    # The pattern of an afterpulse row is a placeholder (D0 only); Bob's bit is the
+    # previous click's.
+    zero = np.zeros(len(rows), dtype=np.uint8)
+    pulse_codes = _pack_rows(c[1], c[2], c[3], c[4], c[3], zero, c[5])
+    return _paired(table.prob, codes), _paired(c[0], pulse_codes)
 
 
 @dataclass(frozen=True)
 class PartyRecord:
-    """What one end knows after the quantum phase: its bit and basis for every click."""
+    """What one end knows after the quantum phase: its bit and basis for every click
+    (and, for Alice, the intensity class of each click's pulse)."""
 
     bits: bytes  # one byte per click, 0/1
-    bases: bytes  # 0 = rectilinear, 1 = diagonal
+    bases: bytes  # 0 = X (key basis), 1 = Z
+    intensities: bytes = field(default=b"", repr=False)  # Alice only: class per click
+    pulses: int = 0  # Alice only: pulses she sent in the block
 
     def __repr__(self) -> str:  # raw key bits never appear in logs
         return f"PartyRecord(<{len(self.bits)} clicks>)"
@@ -396,73 +568,91 @@ class PartyRecord:
 
 @dataclass(frozen=True)
 class DecoyStats:
-    """Per-class counts of the decoy-state method (all disclosed, never key)."""
+    """Per-class counts sent beside a record by earlier versions of the two-host link
+    format; kept for that format. The records now hold every class's clicks."""
 
-    pulses: tuple[int, int, int]  # signal, decoy, vacuum
+    pulses: tuple[int, int, int]
     clicks: tuple[int, int, int]
-    sifted: tuple[int, int]  # decoy, vacuum sifted clicks
-    errors: tuple[int, int]  # decoy, vacuum sifted errors
+    sifted: tuple[int, int]
+    errors: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class BlockTruth:
+    """What only the emulator knows about each click (for tests and reports)."""
+
+    photons: bytes = field(repr=False)  # photons in the pulse of each click
+    eve_knows: bytes = field(repr=False)  # 1 where a PNS eavesdropper knows Alice's bit
+    afterpulses: int = 0
+    double_clicks: int = 0
 
 
 @dataclass(frozen=True)
 class DetectionBlock:
-    """One simulated block: Alice's and Bob's separate records of the signal clicks."""
+    """One simulated block: Alice's and Bob's separate records of its clicks."""
 
     alice: PartyRecord
     bob: PartyRecord
     pulses: int
     simulated_seconds: float
-    decoy: DecoyStats | None
+    decoy: DecoyStats | None = None
+    truth: BlockTruth | None = None
 
 
-def simulate_block(params: LinkParameters, pulses: int, rng: random.Random) -> DetectionBlock:
-    """Simulate ``pulses`` pulses and return the clicks as seen by each end (see module doc)."""
-    signal_pulses = pulses
-    decoy_counts: list[tuple[int, int, int, int]] = []  # pulses, clicks, sifted, errors
-    if params.decoy_mu is not None:
-        signal_pulses = binomial(rng, pulses, params.signal_prob)
-        decoy_pulses = binomial(
-            rng, pulses - signal_pulses, params.decoy_prob / (1.0 - params.signal_prob)
-        )
-        for n_pulses, intensity in (
-            (decoy_pulses, params.decoy_mu),
-            (pulses - signal_pulses - decoy_pulses, 0.0),
-        ):
-            class_model = _click_model(params, intensity)
-            clicks = binomial(rng, n_pulses, class_model.yield_)
-            sifted = binomial(rng, clicks, 0.5)
-            decoy_counts.append((n_pulses, clicks, sifted, binomial(rng, sifted, class_model.qber)))
+def numpy_rng(rng: random.Random | np.random.Generator) -> np.random.Generator:
+    """A numpy generator seeded from ``rng`` (so seeded runs stay reproducible)."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    return np.random.default_rng(rng.getrandbits(128))
 
-    model = _click_model(params, params.mu)
-    d = binomial(rng, signal_pulses, model.yield_)
-    decoy_stats = None
-    if decoy_counts:
-        (dp, dc, ds, de), (vp, vc, vs, ve) = decoy_counts
-        decoy_stats = DecoyStats((signal_pulses, dp, vp), (d, dc, vc), (ds, vs), (de, ve))
-    a_bits, a_bases, b_bases = random_bits(rng, d), random_bits(rng, d), random_bits(rng, d)
-    ones = _as_int(ALL_ONES * d)
-    noise = _as_int(bernoulli_bits(rng, d, model.noise_share))
-    noise_bit = _as_int(random_bits(rng, d))  # a noise click's outcome
-    misaligned = _as_int(bernoulli_bits(rng, d, params.misalignment))
-    intercepted = _as_int(bernoulli_bits(rng, d, params.eve_fraction))
-    eve_bases = _as_int(random_bits(rng, d))
-    resent_bit = _as_int(random_bits(rng, d))  # Bob's outcome of a state in the wrong basis
-    coin = _as_int(random_bits(rng, d))  # Bob's outcome when his basis is not Alice's
-    a_bits_i, a_bases_i = _as_int(a_bits), _as_int(a_bases)
 
-    wrong_eve = intercepted & (eve_bases ^ a_bases_i)
-    signal = noise ^ ones
-    # Bob's outcome in Alice's basis, as an error pattern relative to Alice's bit:
-    # noise click -> random; Eve measured in the other basis -> random; else misalignment.
-    error = (noise & (noise_bit ^ a_bits_i)) | (
-        signal & ((wrong_eve & (resent_bit ^ a_bits_i)) | ((wrong_eve ^ ones) & misaligned))
-    )
-    same_basis = (a_bases_i ^ _as_int(b_bases)) ^ ones
-    b_bits_i = (same_basis & (a_bits_i ^ error)) | ((same_basis ^ ones) & coin)
+def simulate_block(
+    params: LinkParameters,
+    pulses: int,
+    rng: random.Random | np.random.Generator,
+    *,
+    truth: bool = True,
+) -> DetectionBlock:
+    """Simulate ``pulses`` pulses and return the clicks as seen by each end (and, with
+    ``truth``, the photon number and Eve's knowledge of each click)."""
+    gen = numpy_rng(rng)
+    model = link_model(params)
+    photons, pulses_under_afterpulses = _samplers(params, truth)
+    # Alice's bits come from the system's secure generator unless the run is seeded.
+    secure = isinstance(rng, random.SystemRandom)
+    _, after = renewal_clicks(model.timing, pulses, gen)
+    count = len(after)
+    ap_idx = np.flatnonzero(after)
+    code = photons.draw(gen, count, secure)
+    if len(ap_idx):  # an afterpulse lands on whatever pulse was sent in its gate
+        code[ap_idx] = pulses_under_afterpulses.draw(gen, len(ap_idx), secure)
+    b_bit = _field(code, _PATTERN, 2)
+    double = b_bit == 2
+    doubles = int(np.count_nonzero(double))
+    if doubles:  # squashing: a double click becomes a random bit
+        b_bit[double] = gen.integers(0, 2, doubles, dtype=np.uint8)
+    if len(ap_idx):  # ... and repeats the bit of the last photon click before it
+        photon_idx = np.flatnonzero(~after)
+        last = photon_idx[np.searchsorted(photon_idx, ap_idx) - 1]
+        b_bit[ap_idx] = b_bit[last]
+    if params.double_click == "discard" and doubles:
+        code, b_bit = code[~double], b_bit[~double]
     return DetectionBlock(
-        alice=PartyRecord(a_bits, a_bases),
-        bob=PartyRecord(_from_int(b_bits_i, d), b_bases),
+        alice=PartyRecord(
+            _field(code, _A_BIT).tobytes(),
+            _field(code, _A_BASIS).tobytes(),
+            _field(code, _CLS, 2).tobytes(),
+            pulses,
+        ),
+        bob=PartyRecord(b_bit.tobytes(), _field(code, _B_BASIS).tobytes()),
         pulses=pulses,
         simulated_seconds=pulses / params.pulse_rate,
-        decoy=decoy_stats,
+        truth=BlockTruth(
+            _field(code, _PHOTONS, 8).tobytes(),
+            _field(code, _KNOWS).tobytes(),
+            len(ap_idx),
+            doubles,
+        )
+        if truth
+        else None,
     )

@@ -91,7 +91,8 @@ __all__ = [
 ]
 
 #: Version of this wire format, carried in HELLO; halves of different versions refuse.
-FIBRE_LINK_VERSION = 1
+#: 2: decoy-state finite-key post-processing (its Cascade and verification messages).
+FIBRE_LINK_VERSION = 2
 HELLO_MAGIC = b"QKDF"
 _HEADER = struct.Struct(">IB")
 HEADER_SIZE = _HEADER.size

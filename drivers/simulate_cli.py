@@ -21,15 +21,11 @@ import json
 import random
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from .bb84 import (
-    LinkParameters,
-    asymptotic_secret_key_rate,
-    channel_transmittance,
-    detection_probability,
-    expected_qber,
-)
+from .bb84 import LinkParameters, channel_transmittance, link_model
 from .bb84_source import DEFAULT_BLOCK_DETECTIONS, Bb84KeySource
+from .finite_key import asymptotic_secret_key_rate, finite_secret_key_rate
 from .postprocessing import PostProcessingParameters
 
 __all__ = [
@@ -80,49 +76,78 @@ _INF = float("inf")
 
 def add_link_arguments(parser: argparse.ArgumentParser) -> None:
     """Every physical and post-processing parameter of the simulated link, with defaults."""
-    g = parser.add_argument_group("simulated BB84 link (source, channel, detectors)")
+    g = parser.add_argument_group("simulated BB84 link: source")
+    g.add_argument(
+        "--source",
+        choices=["laser", "single-photon"],
+        default=_LINK.source,
+        help="laser: phase-randomised weak coherent pulses (decoy states by default); "
+        "single-photon: an ideal source of exactly one photon per pulse, which no "
+        "deployed link has (default: laser)",
+    )
     g.add_argument(
         "--mu",
-        type=_number(0, _INF, low_open=True),
+        type=_number(0, 2, low_open=True),
         default=_LINK.mu,
         help=f"mean photon number of signal pulses (default: {_LINK.mu:g})",
+    )
+    g.add_argument(
+        "--decoy-mu",
+        type=_number(0, _INF, low_open=True),
+        default=_LINK.decoy_mu,
+        metavar="NU",
+        help=f"decoy intensity, below --mu (default: {_LINK.decoy_mu:g})",
+    )
+    g.add_argument(
+        "--vacuum-mu",
+        type=_number(0, _INF),
+        default=_LINK.vacuum_mu,
+        metavar="OMEGA",
+        help="intensity of the weakest decoy; 0 is vacuum, a real intensity modulator "
+        f"leaves ~1e-4 (default: {_LINK.vacuum_mu:g})",
+    )
+    g.add_argument(
+        "--decoy-prob",
+        type=_number(0, 1, low_open=True, high_open=True),
+        default=_LINK.decoy_prob,
+        help=f"share of decoy pulses (default: {_LINK.decoy_prob:g})",
+    )
+    g.add_argument(
+        "--vacuum-prob",
+        type=_number(0, 1, low_open=True, high_open=True),
+        default=_LINK.vacuum_prob,
+        help=f"share of vacuum-decoy pulses (default: {_LINK.vacuum_prob:g})",
+    )
+    g.add_argument(
+        "--no-decoy",
+        action="store_true",
+        help="a laser without decoy states: the key rests on the GLLP bound, which "
+        "counts every multi-photon pulse as Eve's (no key at the default mu)",
+    )
+    g.add_argument(
+        "--x-basis-prob",
+        type=_number(0, 1, low_open=True, high_open=True),
+        default=_LINK.x_basis_prob,
+        metavar="QX",
+        help="probability of the X (key) basis, for Alice and Bob; Z-basis clicks test "
+        f"the phase error (default: {_LINK.x_basis_prob:g})",
     )
     g.add_argument(
         "--pulse-rate",
         type=_number(0, _INF, low_open=True),
         default=_LINK.pulse_rate,
         metavar="HZ",
-        help=f"pulses per second (default: {_LINK.pulse_rate:g})",
+        help=f"pulses (detector gates) per second (default: {_LINK.pulse_rate:g})",
     )
-    g.add_argument(
-        "--decoy-mu",
-        type=_number(0, _INF, low_open=True),
-        default=None,
-        metavar="NU",
-        help="enable vacuum + weak decoy states with this decoy "
-        "intensity (below --mu; e.g. 0.1); default: no decoy, the key length "
-        "uses the ideal single-photon bound",
-    )
-    g.add_argument(
-        "--decoy-prob",
-        type=_number(0, 1, low_open=True, high_open=True),
-        default=_LINK.decoy_prob,
-        help=f"share of decoy pulses with --decoy-mu (default: {_LINK.decoy_prob:g})",
-    )
-    g.add_argument(
-        "--vacuum-prob",
-        type=_number(0, 1, low_open=True, high_open=True),
-        default=_LINK.vacuum_prob,
-        help=f"share of vacuum pulses with --decoy-mu (default: {_LINK.vacuum_prob:g})",
-    )
-    g.add_argument(
+    c = parser.add_argument_group("simulated BB84 link: channel and eavesdropper")
+    c.add_argument(
         "--fibre-loss",
         type=_number(0, _INF),
         default=_LINK.alpha_db_per_km,
         metavar="DB_PER_KM",
         help=f"fibre attenuation (default: {_LINK.alpha_db_per_km:g} dB/km)",
     )
-    g.add_argument(
+    c.add_argument(
         "--length-km",
         "--length",
         dest="length",
@@ -131,41 +156,79 @@ def add_link_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KM",
         help=f"fibre length (default: {_LINK.length_km:g} km)",
     )
-    g.add_argument(
-        "--detector-efficiency",
-        type=_number(0, 1, low_open=True),
-        default=_LINK.detector_efficiency,
-        help=f"detector efficiency (default: {_LINK.detector_efficiency:g})",
-    )
-    g.add_argument(
-        "--dark-count",
-        type=_number(0, 1, high_open=True),
-        default=_LINK.dark_count_prob,
-        metavar="P",
-        help=f"dark count probability per gate (default: {_LINK.dark_count_prob:g})",
-    )
-    g.add_argument(
+    c.add_argument(
         "--intrinsic-qber",
         type=_number(0, 0.5),
         default=_LINK.misalignment,
         metavar="E",
-        help="error probability of a signal click from misalignment "
+        help="probability that optical misalignment sends a photon to the wrong detector "
         f"(default: {_LINK.misalignment:g})",
     )
-    g.add_argument(
+    c.add_argument(
+        "--eve-fraction",
+        type=_number(0, 1),
+        default=_LINK.eve_fraction,
+        metavar="F",
+        help="fraction of pulses an intercept-resend eavesdropper measures and resends "
+        "(default: 0, no eavesdropper)",
+    )
+    c.add_argument(
+        "--pns-attack",
+        action="store_true",
+        help="a photon-number-splitting eavesdropper who keeps a photon of every "
+        "multi-photon pulse and keeps the signal click rate unchanged",
+    )
+    d = parser.add_argument_group("simulated BB84 link: detectors (GHz-gated InGaAs SPADs)")
+    d.add_argument(
+        "--detector-efficiency",
+        type=_number(0, 1, low_open=True),
+        default=_LINK.detector_efficiency,
+        help=f"efficiency of the bit-0 detector (default: {_LINK.detector_efficiency:g})",
+    )
+    d.add_argument(
+        "--efficiency-mismatch",
+        type=_number(0, 1, high_open=True),
+        default=_LINK.efficiency_mismatch,
+        metavar="M",
+        help="the bit-1 detector's efficiency is (1 - M) times the bit-0 one's "
+        f"(default: {_LINK.efficiency_mismatch:g})",
+    )
+    d.add_argument(
+        "--dark-count",
+        type=_number(0, 0.5, high_open=True),
+        default=_LINK.dark_count_prob,
+        metavar="P",
+        help=f"dark count probability per gate and detector (default: {_LINK.dark_count_prob:g})",
+    )
+    d.add_argument(
+        "--dead-time",
+        type=_number(0, _INF),
+        default=_LINK.dead_time * 1e9,
+        metavar="NS",
+        help="receiver blind time after a click, both detectors (default: "
+        f"{_LINK.dead_time * 1e9:g} ns)",
+    )
+    d.add_argument(
         "--afterpulse",
         type=_number(0, 1, high_open=True),
         default=_LINK.afterpulse_prob,
         metavar="P",
         help=f"afterpulse probability per click (default: {_LINK.afterpulse_prob:g})",
     )
-    g.add_argument(
-        "--eve-fraction",
-        type=_number(0, 1),
-        default=_LINK.eve_fraction,
-        metavar="F",
-        help="fraction of pulses an intercept-resend eavesdropper "
-        "measures and resends (default: 0, no eavesdropper)",
+    d.add_argument(
+        "--afterpulse-time",
+        type=_number(0, _INF),
+        default=_LINK.afterpulse_time * 1e9,
+        metavar="NS",
+        help="time constant of the afterpulse decay after the dead time (default: "
+        f"{_LINK.afterpulse_time * 1e9:g} ns)",
+    )
+    d.add_argument(
+        "--double-click",
+        choices=["squash", "discard"],
+        default=_LINK.double_click,
+        help="both detectors click: squash (a random bit, as the security proof needs) or "
+        "discard (insecure: shown for comparison) (default: squash)",
     )
     p = parser.add_argument_group("post-processing")
     p.add_argument(
@@ -176,17 +239,10 @@ def add_link_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"expected clicks per block (default: {DEFAULT_BLOCK_DETECTIONS})",
     )
     p.add_argument(
-        "--sample-fraction",
-        type=_number(0, 1, low_open=True, high_open=True),
-        default=_POST.sample_fraction,
-        help="share of sifted bits disclosed to estimate the QBER "
-        f"(default: {_POST.sample_fraction:g})",
-    )
-    p.add_argument(
         "--qber-threshold",
         type=_number(0, 0.5, low_open=True),
         default=_POST.qber_threshold,
-        help=f"abort a block above this estimated QBER (default: {_POST.qber_threshold:g})",
+        help=f"abort a block above this Z-basis QBER (default: {_POST.qber_threshold:g})",
     )
     p.add_argument(
         "--cascade-passes",
@@ -195,19 +251,12 @@ def add_link_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"Cascade passes (default: {_POST.cascade_passes})",
     )
     p.add_argument(
-        "--eps-pa",
+        "--eps-sec",
         type=_number(0, 1, low_open=True, high_open=True),
-        default=_POST.eps_pa,
-        help="privacy amplification failure probability; costs 2 log2(1/eps) "
-        f"bits per block (default: {_POST.eps_pa:g})",
-    )
-    p.add_argument(
-        "--pe-epsilon",
-        type=_number(0, 1, low_open=True, high_open=True),
-        default=None,
+        default=_POST.eps_sec,
         metavar="EPS",
-        help="add the finite-sample deviation of the QBER estimate with this "
-        "failure probability (default: use the point estimate)",
+        help="secrecy of each block's key (finite-key analysis of Lim et al. 2014; "
+        f"correctness is 2^-64 from the verification hash) (default: {_POST.eps_sec:g})",
     )
     p.add_argument(
         "--key-rate-limit",
@@ -254,49 +303,88 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
 def link_parameters_from_args(args: argparse.Namespace) -> LinkParameters:
     """LinkParameters from parsed flags; raises ValueError with an operator message."""
     return LinkParameters(
+        source=args.source,
         mu=args.mu,
+        decoy_mu=None if args.no_decoy else args.decoy_mu,
+        vacuum_mu=args.vacuum_mu,
+        decoy_prob=args.decoy_prob,
+        vacuum_prob=args.vacuum_prob,
+        x_basis_prob=args.x_basis_prob,
         pulse_rate=args.pulse_rate,
         alpha_db_per_km=args.fibre_loss,
         length_km=args.length,
         detector_efficiency=args.detector_efficiency,
+        efficiency_mismatch=args.efficiency_mismatch,
         dark_count_prob=args.dark_count,
-        misalignment=args.intrinsic_qber,
+        dead_time=args.dead_time * 1e-9,
         afterpulse_prob=args.afterpulse,
+        afterpulse_time=args.afterpulse_time * 1e-9,
+        double_click=args.double_click,
+        misalignment=args.intrinsic_qber,
         eve_fraction=args.eve_fraction,
-        decoy_mu=args.decoy_mu,
-        decoy_prob=args.decoy_prob,
-        vacuum_prob=args.vacuum_prob,
+        pns_attack=args.pns_attack,
     )
 
 
 def postprocessing_parameters_from_args(args: argparse.Namespace) -> PostProcessingParameters:
     return PostProcessingParameters(
-        sample_fraction=args.sample_fraction,
         qber_threshold=args.qber_threshold,
         cascade_passes=args.cascade_passes,
-        eps_pa=args.eps_pa,
-        pe_epsilon=args.pe_epsilon,
+        eps_sec=args.eps_sec,
         key_bits=getattr(args, "key_bits", _POST.key_bits),
     )
 
 
-def key_source_from_args(args: argparse.Namespace) -> Bb84KeySource:
+def key_source_from_args(args: argparse.Namespace, *, truth: bool = False) -> Bb84KeySource:
     return Bb84KeySource(
         link_parameters_from_args(args),
         postprocessing_parameters_from_args(args),
         block_detections=args.block_detections,
         rate_bits_per_s=args.key_rate_limit,
         rng=random.Random(args.seed) if args.seed is not None else None,
+        truth=truth,
     )
 
 
-def _model(link: LinkParameters) -> dict[str, float]:
+SOURCE_LABELS = {
+    "decoy": "laser (weak coherent pulses) with decoy states: signal, decoy and vacuum "
+    "intensities, finite-key bounds of Lim et al. 2014",
+    "gllp": "laser WITHOUT decoy states: every multi-photon pulse counted as known to "
+    "Eve (GLLP bound)",
+    "single-photon": "IDEAL SINGLE-PHOTON SOURCE (one photon per pulse): not a deployed "
+    "technology; key bounded as if every click were a single photon",
+}
+
+
+def _model(link: LinkParameters, detections: int, eps_sec: float) -> dict[str, object]:
+    model = link_model(link)
     return {
+        "source": SOURCE_LABELS[link.mode],
         "transmittance": channel_transmittance(link),
-        "detection_probability": detection_probability(link),
-        "expected_qber": expected_qber(link),
+        "clicks_per_pulse": model.clicks,
+        "click_rate": model.clicks * link.pulse_rate,
+        "click_rate_without_dead_time": model.timing.photon_click_prob * link.pulse_rate,
+        "afterpulse_share": model.timing.afterpulse_share,
+        "expected_qber": model.qber_x,
+        "expected_qber_z": model.qber_z,
+        "single_photon_phase_error": model.single_phase_error,
+        "pns_forwarded_fractions": model.pns_fractions,
         "asymptotic_secret_key_rate": asymptotic_secret_key_rate(link),
+        "finite_secret_key_rate": finite_secret_key_rate(link, detections, eps_sec=eps_sec),
     }
+
+
+def _budget_line(estimates: dict[str, Any] | None) -> str:
+    if not estimates:
+        return ""
+    eps = estimates["epsilon"]
+    assert isinstance(eps, dict)
+    parts = ", ".join(
+        f"{name.replace('_', ' ')} {value:.2g}"
+        for name, value in eps.items()
+        if name not in ("eps_sec", "eps_cor", "eps")
+    )
+    return f"eps_sec {eps['eps_sec']:.2g} = {parts}; eps_cor {eps['eps_cor']:.2g}"
 
 
 def simulate_main(args: argparse.Namespace) -> int:
@@ -307,11 +395,12 @@ def simulate_main(args: argparse.Namespace) -> int:
         args.blocks = -(-args.detections // args.block_detections)
         args.block_detections = -(-args.detections // args.blocks)
     try:
-        source = key_source_from_args(args)
+        source = key_source_from_args(args, truth=True)
+        model = _model(source.link, args.block_detections, source.post.eps_sec)
     except ValueError as exc:
         print(f"qkd-emulator simulate: {exc}", file=sys.stderr)
         return 2
-    blocks = []
+    blocks: list[dict[str, Any]] = []
     for _ in range(args.blocks):
         result = source.run_block()
         entry = result.report.as_dict()
@@ -319,34 +408,56 @@ def simulate_main(args: argparse.Namespace) -> int:
         entry["keys_match"] = result.keys_match
         entry["timings"] = result.timings
         blocks.append(entry)
+    t = source.totals
+    leaks = [b["ec_efficiency"] for b in blocks if b["ec_efficiency"] is not None]
     out = {
         "link": dict(source.link.__dict__),
         "postprocessing": dict(source.post.__dict__),
         "block_pulses": source.block_pulses,
-        "model": _model(source.link),
+        "model": model,
         "blocks": blocks,
-        "totals": source.totals.as_dict(),
+        "totals": {
+            **t.as_dict(),
+            "ec_efficiency_mean": sum(leaks) / len(leaks) if leaks else None,
+            "epsilon_sec_per_block": source.post.eps_sec,
+        },
     }
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    model = _model(source.link)
+    print(f"source: {model['source']}")
     print(
-        f"model: QBER {model['expected_qber']:.4f}, asymptotic secret key rate "
-        f"{model['asymptotic_secret_key_rate']:.4g} bit/s"
+        f"model: {model['click_rate']:.4g} clicks/s "
+        f"({model['click_rate_without_dead_time']:.4g} without dead time), "
+        f"QBER {model['expected_qber']:.4f}, secret key rate "
+        f"{model['finite_secret_key_rate']:.4g} bit/s for these blocks, "
+        f"{model['asymptotic_secret_key_rate']:.4g} bit/s asymptotic"
     )
     print(
-        f"{'block':>5} {'clicks':>9} {'sifted':>9} {'QBER':>7} {'disclosed':>9} "
-        f"{'final':>9} {'SKR bit/s':>11}  status"
+        f"{'block':>5} {'clicks':>9} {'X bits':>9} {'Z bits':>7} {'QBER':>7} {'phi_X':>7} "
+        f"{'s_X1 >=':>9} {'leak':>8} {'f':>5} {'final':>9} {'SKR bit/s':>11}  status"
     )
     for i, b in enumerate(blocks):
-        q = b["qber_estimate"]
+        q, phi = b["qber_estimate"], b["qber_bound"]
+        est = b["estimates"] or {}
+        s1 = est.get("single_photon_x_lower")
+        f = b["ec_efficiency"]
         print(
-            f"{i:>5} {b['detections']:>9} {b['sifted_bits']:>9} "
-            f"{'-' if q is None else f'{q:.4f}':>7} {b['disclosed_bits']:>9} "
-            f"{b['final_bits']:>9} {b['secret_key_rate']:>11.4g}  {b['aborted'] or 'ok'}"
+            f"{i:>5} {b['detections']:>9} {b['kept_bits']:>9} {b['test_bits']:>7} "
+            f"{'-' if q is None else f'{q:.4f}':>7} {'-' if phi is None else f'{phi:.4f}':>7} "
+            f"{'-' if s1 is None else f'{s1:.0f}':>9} {b['ec_disclosed_bits']:>8} "
+            f"{'-' if f is None else f'{f:.3f}':>5} {b['final_bits']:>9} "
+            f"{b['secret_key_rate']:>11.4g}  {b['aborted'] or 'ok'}"
         )
-    t = source.totals
+        if b["estimates"]:
+            print(f"      {_budget_line(b['estimates'])}")
+        pns = b.get("pns")
+        if pns:
+            print(
+                f"      PNS: Eve holds {pns['eve_known_key_bits']} of {b['kept_bits']} key "
+                f"bits; a single-photon bound would keep {pns['single_photon_bound_bits']} "
+                f"bits, {pns['eve_information_bits']} of them known to Eve"
+            )
     print(
         f"total: {t.final_bits} final bits in {t.simulated_seconds:.4g} simulated s "
         f"({t.secret_key_rate:.4g} bit/s), computed at {t.throughput / 1e6:.3f} Mbit/s"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,9 +12,12 @@ from qkdd_drivers.toeplitz import (
     clmul_decimal,
     clmul_int,
     modified_toeplitz_hash,
+    modified_toeplitz_hash_bits,
     toeplitz_hash,
+    toeplitz_hash_bits,
     toeplitz_hash_parity,
     toeplitz_hash_reference,
+    toeplitz_tag,
 )
 
 
@@ -107,3 +111,61 @@ def test_inputs_of_the_wrong_size_are_refused(seed_bits: int, x_bits: int, n: in
         toeplitz_hash(1 << seed_bits, 1 << x_bits, n, m)
     with pytest.raises(ValueError):
         modified_toeplitz_hash(1, 1, 4, 4)  # needs m < n
+
+
+def as_int(bits: np.ndarray) -> int:
+    return sum(int(b) << i for i, b in enumerate(bits))
+
+
+def as_bits(value: int, n: int) -> np.ndarray:
+    return np.array([(value >> i) & 1 for i in range(n)], dtype=np.uint8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 90), st.integers(1, 60), st.randoms(use_true_random=False))
+def test_fft_route_matches_the_definition(n: int, m: int, rnd: random.Random) -> None:
+    seed, x = rnd.getrandbits(n + m - 1), rnd.getrandbits(n)
+    expected = matrix_hash(seed, x, n, m)
+    got = toeplitz_hash_bits(as_bits(seed, n + m - 1), as_bits(x, n), m)
+    assert as_int(got) == expected
+    if m < n:
+        mseed = seed & ((1 << (n - 1)) - 1)
+        got = modified_toeplitz_hash_bits(as_bits(mseed, n - 1), as_bits(x, n), m)
+        assert as_int(got) == modified_toeplitz_hash(mseed, x, n, m)
+
+
+def packed_int(bits: np.ndarray) -> int:
+    return int.from_bytes(np.packbits(bits, bitorder="little").tobytes(), "little")
+
+
+@pytest.mark.parametrize(("n", "m"), [(5000, 2000), (40_000, 39_000), (100_003, 41_000)])
+def test_fft_route_matches_the_integer_routes_on_long_random_inputs(n: int, m: int) -> None:
+    rng = np.random.default_rng(n)
+    seed, x = rng.integers(0, 2, n + m - 1, dtype=np.uint8), rng.integers(0, 2, n, dtype=np.uint8)
+    got = toeplitz_hash_bits(seed, x, m)
+    assert packed_int(got) == toeplitz_hash(packed_int(seed), packed_int(x), n, m)
+    mseed = seed[: n - 1]
+    got = modified_toeplitz_hash_bits(mseed, x, m)
+    assert packed_int(got) == modified_toeplitz_hash(packed_int(mseed), packed_int(x), n, m)
+
+
+def test_fft_of_all_ones_holds_the_largest_counts_exactly() -> None:
+    """All-ones inputs give the largest convolution values (every term 1): the worst case
+    for rounding; the parity of a count c is c mod 2."""
+    n, m = 300_001, 100_000
+    got = toeplitz_hash_bits(np.ones(n + m - 1, np.uint8), np.ones(n, np.uint8), m)
+    assert got.tolist() == [n % 2] * m
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 300), st.randoms(use_true_random=False))
+def test_verification_tag_matches_the_parity_route(n: int, rnd: random.Random) -> None:
+    seed, x = rnd.getrandbits(n + 63), rnd.getrandbits(n)
+    assert toeplitz_tag(seed, as_bits(x, n), 64) == toeplitz_hash_parity(seed, x, n, 64)
+
+
+def test_bit_routes_refuse_the_wrong_sizes() -> None:
+    with pytest.raises(ValueError):
+        toeplitz_hash_bits(np.zeros(5, np.uint8), np.zeros(3, np.uint8), 4)
+    with pytest.raises(ValueError):
+        modified_toeplitz_hash_bits(np.zeros(3, np.uint8), np.zeros(4, np.uint8), 4)

@@ -54,11 +54,13 @@ from qkdd_drivers.fibre_link import (
     key_ids_digest,
 )
 from qkdd_drivers.serial_driver import SerialDevice
+from timeouts import timeout
 
 EMULATOR = [sys.executable, "-m", "qkdd_drivers.emulator"]
 PARAMS = canonical_params({"--mu": 0.5, "--length-km": 10.0})
-#: Small blocks: ~30 keys of 256 bits each, a few hundredths of a second apiece.
-SMALL = ["--block-detections", "20000", "--status-interval", "0.2"]
+#: Small blocks: ~50 keys of 256 bits each (smaller blocks leave no key once the
+#: finite-key bounds are paid), about a tenth of a second apiece.
+SMALL = ["--block-detections", "200000", "--status-interval", "0.2"]
 
 
 # -- sans-IO: frames and messages --------------------------------------------------------
@@ -262,7 +264,7 @@ async def start_half(
             stderr=stderr,
         )
     assert proc.stdout is not None
-    with trio.fail_after(10):
+    with trio.fail_after(timeout(10)):
         line = await trio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)
     assert line, log.read_text()
     return proc, json.loads(line), log
@@ -271,7 +273,7 @@ async def start_half(
 async def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
     if proc.poll() is None:
         proc.send_signal(sig)
-    with trio.fail_after(15):
+    with trio.fail_after(timeout(15)):
         return await trio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
 
 
@@ -279,18 +281,18 @@ def device(path: Path) -> SerialDevice:
     return SerialDevice(str(path), reconnect_initial_delay=0.05, reconnect_max_delay=0.3)
 
 
-async def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    with trio.move_on_after(timeout) as scope:
+async def wait_for(condition, seconds: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    with trio.move_on_after(timeout(seconds)) as scope:
         while not condition():
             await trio.sleep(0.05)
     assert not scope.cancelled_caught, f"timed out waiting for {what}"
 
 
-async def settle(a: ListSink, b: ListSink, timeout: float = 10) -> None:
+async def settle(a: ListSink, b: ListSink, seconds: float = 10) -> None:
     """Every ID either side has now must reach the other side: a key handed to one pty
     only would never arrive on the other."""
     wanted = a.ids() | b.ids()
-    await wait_for(lambda: wanted <= a.ids() and wanted <= b.ids(), timeout, "lockstep")
+    await wait_for(lambda: wanted <= a.ids() and wanted <= b.ids(), seconds, "lockstep")
 
 
 def assert_same_keys(a: ListSink, b: ListSink) -> None:
@@ -486,7 +488,7 @@ async def test_halves_with_different_physics_refuse_each_other(
     bob, _, bob_log = await start_half(
         tmp_path, "bob", ["--connect", ready_a["listen"], *bob_flags]
     )
-    with trio.fail_after(15):
+    with trio.fail_after(timeout(15)):
         codes = [
             await trio.to_thread.run_sync(bob.wait, abandon_on_cancel=True),
             await trio.to_thread.run_sync(alice.wait, abandon_on_cancel=True),

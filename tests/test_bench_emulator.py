@@ -1,0 +1,36 @@
+"""bench/bench_emulator.py runs in its quick mode and prints its table: a row per
+distance with final key produced, the share of every stage, the privacy amplification
+against its FFT floor, and the Cascade leak."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from timeouts import timeout
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_emulator.py"
+
+
+def test_quick_mode_prints_the_throughput_table() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=timeout(300),
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    header = lines[1].split()
+    assert header[:5] == ["km", "QBER", "final", "Mbit", "wall"]
+    rows = [line.split() for line in lines[2:]]
+    assert [row[0] for row in rows] == ["10", "50", "100"]
+    for row in rows:
+        final_mbit, mbit_s = float(row[2]), float(row[4])
+        shares = [float(v) for v in row[5:10]]  # simulation, sifting, ec, verify, pa
+        assert final_mbit > 0 and mbit_s > 0
+        assert 90 < sum(shares) <= 100.5  # the stages account for the block's time
+        floor, versus_floor, leak = float(row[10]), float(row[11]), float(row[12])
+        assert floor > 0 and versus_floor > 0
+        assert 1.0 < leak < 1.2
