@@ -116,7 +116,9 @@ def _qkd_bits_per_hybrid_key(state: Path, pads_used: int) -> float:
     plus ``pads_used``), over hybrid keys made."""
     db = sqlite3.connect(f"file:{state / 'keys.sqlite3'}?mode=ro", uri=True)
     try:
-        consumed = db.execute("SELECT count(*) FROM consumed_qkd_keys").fetchone()[0]
+        consumed = sum(
+            int(v) for (v,) in db.execute("SELECT value FROM counters WHERE name LIKE 'used:%'")
+        )
         made = sum(
             int(v) for (v,) in db.execute("SELECT value FROM counters WHERE name LIKE 'made:%'")
         )

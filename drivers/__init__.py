@@ -1,5 +1,5 @@
 """qkdd's QKD device layer: the interface the daemon uses (``QkdDevice``, ``KeySink``,
-``QkdKey``, ``DeviceStatus``), serial protocol v1 (PROTOCOL.md) as sans-IO codecs and state
+``QkdKey``, ``DeviceStatus``), the serial protocol (PROTOCOL.md) as sans-IO codecs and state
 machines, the pyserial/Trio driver ``SerialDevice``, and the ``qkd-emulator`` link emulator.
 """
 

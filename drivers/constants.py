@@ -1,4 +1,4 @@
-"""Every size limit and timer of serial protocol v1 in one place, each with its reason.
+"""Every size limit and timer of the serial protocol in one place, each with its reason.
 
 PROTOCOL.md is the normative text; these names are the ones it uses.
 """
@@ -8,8 +8,11 @@ from __future__ import annotations
 # -- versions ------------------------------------------------------------------------------
 
 #: Protocol versions this implementation speaks (inclusive range), offered in HELLO.
+#: Version 2 adds IDENTITY: which end of which link the device is (PROTOCOL.md §4.6).
 PROTOCOL_VERSION_MIN = 1
-PROTOCOL_VERSION_MAX = 1
+PROTOCOL_VERSION_MAX = 2
+#: The first version in which a device says which end of the link it is.
+IDENTITY_VERSION = 2
 #: HELLO always travels in a version-1 frame, whatever the peers support, so that any two
 #: versions can still negotiate.
 HELLO_FRAME_VERSION = 1
@@ -61,6 +64,10 @@ MAX_KEY_MATERIAL_SIZE = 1024
 #: Count fields (KEYS, ACK) are one byte.
 MAX_KEYS_PER_FRAME = 255
 MAX_ACK_IDS_PER_FRAME = 255
+
+#: IDENTITY: two site IDs (this end's site, the other end's), each a length byte and up to
+#: this many bytes of UTF-8: the length of a qkdd site ID.
+MAX_SITE_ID_SIZE = 64
 
 #: ERROR: code u16, detail length u8, detail UTF-8.
 ERROR_FIXED_SIZE = 3

@@ -1,4 +1,4 @@
-"""The two ends of serial protocol v1 as plain state machines, without I/O or clocks.
+"""The two ends of the serial protocol as plain state machines, without I/O or clocks.
 
 ``HostProtocol`` is what the daemon's driver runs; ``DeviceProtocol`` is what a QKD device
 (or the emulator) runs. Both take received bytes and return events; whatever they want to
@@ -13,6 +13,9 @@ Theory of operation:
   its session may announce itself with a HELLO whose selected version is 0; the host then
   says HELLO again. Every HELLO is preceded by an extra 0x00 so that the receiver drops any
   half frame left over from before.
+- From version 2 the device follows its HELLO answer with IDENTITY (which end of which
+  link it is); the host then waits for it before it accepts any key, so a host attached
+  to the wrong end never stores a key from it (the driver checks the identity).
 - The device keeps every key until the host ACKs its ID. At most ``window`` keys are in
   flight; one unacknowledged for ``retransmit_timeout`` is sent again, and on a new HELLO
   all in-flight keys are sent again. The host therefore sees duplicates and must drop them
@@ -24,12 +27,12 @@ from __future__ import annotations
 import collections
 import enum
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 from .constants import (
     DEFAULT_RETRANSMIT_TIMEOUT,
     DEFAULT_WINDOW,
     HELLO_FRAME_VERSION,
+    IDENTITY_VERSION,
     KEY_ENTRY_HEADER_SIZE,
     KEY_ID_SIZE,
     MAX_ACK_IDS_PER_FRAME,
@@ -41,6 +44,21 @@ from .constants import (
     PROTOCOL_VERSION_MIN,
     SEQ_MODULUS,
 )
+from .device_events import (
+    DeviceEvent,
+    ErrorReceived,
+    FrameDropped,
+    HandshakeComplete,
+    HostConnected,
+    HostEvent,
+    KeysAcked,
+    KeysReceived,
+    MessageIgnored,
+    PeerIncompatible,
+    RehandshakeStarted,
+    SequenceGap,
+    StatusReceived,
+)
 from .errors import FrameError, MessageError
 from .framing import Frame, FrameDecoder, encode_frame
 from .messages import (
@@ -48,6 +66,7 @@ from .messages import (
     ErrorCode,
     ErrorMessage,
     Hello,
+    Identity,
     KeyEntry,
     Keys,
     LinkState,
@@ -76,110 +95,6 @@ __all__ = [
     "SequenceGap",
     "StatusReceived",
 ]
-
-
-# -- events --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HandshakeComplete:
-    """Host side: the device answered HELLO; keys may flow."""
-
-    version: int
-    device_name: str
-    window: int
-
-
-@dataclass(frozen=True)
-class RehandshakeStarted:
-    """Host side: the device lost its session (restart); HELLO has been sent again."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class StatusReceived:
-    status: Status
-
-
-@dataclass(frozen=True)
-class KeysReceived:
-    keys: tuple[KeyEntry, ...]
-
-
-@dataclass(frozen=True)
-class HostConnected:
-    """Device side: a host said HELLO; all unacknowledged keys will be sent again."""
-
-    version: int
-    host_name: str
-    window: int
-
-
-@dataclass(frozen=True)
-class KeysAcked:
-    """Device side: these key IDs were acknowledged and deleted."""
-
-    key_ids: tuple[bytes, ...]
-    unknown: int  # IDs acknowledged that the device did not hold (already deleted)
-
-
-@dataclass(frozen=True)
-class ErrorReceived:
-    code: int
-    detail: str
-
-
-@dataclass(frozen=True)
-class PeerIncompatible:
-    """No common protocol version, or the peer has the wrong role. Terminal for a host."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class FrameDropped:
-    """A frame was discarded: framing, CRC, version nibble or payload error."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class SequenceGap:
-    """Frames were lost (or repeated) between two that arrived."""
-
-    expected: int
-    received: int
-
-
-@dataclass(frozen=True)
-class MessageIgnored:
-    """A valid message that this state does not accept (e.g. stale KEYS before HELLO)."""
-
-    msg_type: MessageType
-    state: str
-
-
-HostEvent = (
-    HandshakeComplete
-    | RehandshakeStarted
-    | StatusReceived
-    | KeysReceived
-    | ErrorReceived
-    | PeerIncompatible
-    | FrameDropped
-    | SequenceGap
-    | MessageIgnored
-)
-DeviceEvent = (
-    HostConnected
-    | KeysAcked
-    | ErrorReceived
-    | PeerIncompatible
-    | FrameDropped
-    | SequenceGap
-    | MessageIgnored
-)
 
 
 def _choose_version(lo: int, hi: int, our_lo: int, our_hi: int) -> int:
@@ -237,13 +152,20 @@ class _Endpoint:
             if isinstance(item, FrameError):
                 yield FrameDropped(str(item))
                 continue
-            expected_version = (
-                HELLO_FRAME_VERSION
-                if item.msg_type == MessageType.HELLO or not self._version
-                else self._version
-            )
-            if item.version != expected_version:
-                yield FrameDropped(f"frame version {item.version}, expected {expected_version}")
+            if item.msg_type == MessageType.HELLO:
+                expected_ok = item.version == HELLO_FRAME_VERSION
+                expected = str(HELLO_FRAME_VERSION)
+            elif self._version and item.msg_type != MessageType.ERROR:
+                expected_ok = item.version == self._version
+                expected = str(self._version)
+            else:
+                # Outside a session: a frame of an earlier session, in any version we
+                # speak (the state machine tells the sender it is not in session); and an
+                # ERROR from a peer that lost the session cannot know the version.
+                expected_ok = self._min_version <= item.version <= self._max_version
+                expected = f"{self._min_version}..{self._max_version}"
+            if not expected_ok:
+                yield FrameDropped(f"frame version {item.version}, expected {expected}")
                 continue
             try:
                 msg = decode_message(item.msg_type, item.payload)
@@ -277,52 +199,74 @@ def _type_name(msg_type: int) -> str:
 class HostState(enum.Enum):
     IDLE = "idle"  # start() not yet called
     AWAIT_HELLO = "await-hello"  # HELLO sent, no answer yet
+    AWAIT_IDENTITY = "await-identity"  # version 2 on: answered, IDENTITY not yet here
     READY = "ready"  # in session: keys flow
     FAILED = "failed"  # the device is incompatible; a new HostProtocol is needed
 
 
 _HostAction = Callable[["HostProtocol", Frame, Message], list[HostEvent]]
 
-# Inputs: hello-reply (device HELLO choosing a version we support), hello-announce
-# (device HELLO with version 0), hello-bad (no common version / wrong role), status,
-# keys, ack, error-version (ERROR UNSUPPORTED_VERSION), error-lost (ERROR
-# UNEXPECTED_MESSAGE: the device is not in session with us), error (any other ERROR).
+# Inputs: hello-reply (device HELLO choosing a version 1 we support), hello-reply-v2 (one
+# choosing version 2 or later: IDENTITY follows), hello-announce (device HELLO with version
+# 0), hello-bad (no common version / wrong role), status, keys, ack, identity,
+# error-version (ERROR UNSUPPORTED_VERSION), error-lost (ERROR UNEXPECTED_MESSAGE: the
+# device is not in session with us), error (any other ERROR).
 _H = HostState
 HOST_TRANSITIONS: dict[tuple[HostState, str], tuple[str, HostState]] = {
     (_H.IDLE, "hello-reply"): ("ignore", _H.IDLE),
+    (_H.IDLE, "hello-reply-v2"): ("ignore", _H.IDLE),
     (_H.IDLE, "hello-announce"): ("ignore", _H.IDLE),
     (_H.IDLE, "hello-bad"): ("ignore", _H.IDLE),
     (_H.IDLE, "status"): ("ignore", _H.IDLE),
     (_H.IDLE, "keys"): ("ignore", _H.IDLE),
     (_H.IDLE, "ack"): ("ignore", _H.IDLE),
+    (_H.IDLE, "identity"): ("ignore", _H.IDLE),
     (_H.IDLE, "error-version"): ("ignore", _H.IDLE),
     (_H.IDLE, "error-lost"): ("ignore", _H.IDLE),
     (_H.IDLE, "error"): ("ignore", _H.IDLE),
     (_H.AWAIT_HELLO, "hello-reply"): ("open_session", _H.READY),
+    (_H.AWAIT_HELLO, "hello-reply-v2"): ("await_identity", _H.AWAIT_IDENTITY),
     (_H.AWAIT_HELLO, "hello-announce"): ("say_hello", _H.AWAIT_HELLO),
     (_H.AWAIT_HELLO, "hello-bad"): ("fail_version", _H.FAILED),
     # Stale frames of an earlier session, still in the port's buffer.
     (_H.AWAIT_HELLO, "status"): ("ignore", _H.AWAIT_HELLO),
     (_H.AWAIT_HELLO, "keys"): ("ignore", _H.AWAIT_HELLO),
     (_H.AWAIT_HELLO, "ack"): ("ignore", _H.AWAIT_HELLO),
+    (_H.AWAIT_HELLO, "identity"): ("ignore", _H.AWAIT_HELLO),
     (_H.AWAIT_HELLO, "error-version"): ("fail_error", _H.FAILED),
     (_H.AWAIT_HELLO, "error-lost"): ("ignore", _H.AWAIT_HELLO),
     (_H.AWAIT_HELLO, "error"): ("report_error", _H.AWAIT_HELLO),
+    # No key is taken before the device has said which end of the link it is.
+    (_H.AWAIT_IDENTITY, "hello-reply"): ("open_session", _H.READY),
+    (_H.AWAIT_IDENTITY, "hello-reply-v2"): ("await_identity", _H.AWAIT_IDENTITY),
+    (_H.AWAIT_IDENTITY, "hello-announce"): ("say_hello", _H.AWAIT_HELLO),
+    (_H.AWAIT_IDENTITY, "hello-bad"): ("fail_version", _H.FAILED),
+    (_H.AWAIT_IDENTITY, "status"): ("ignore", _H.AWAIT_IDENTITY),
+    (_H.AWAIT_IDENTITY, "keys"): ("ignore", _H.AWAIT_IDENTITY),
+    (_H.AWAIT_IDENTITY, "ack"): ("ignore", _H.AWAIT_IDENTITY),
+    (_H.AWAIT_IDENTITY, "identity"): ("open_identified", _H.READY),
+    (_H.AWAIT_IDENTITY, "error-version"): ("fail_error", _H.FAILED),
+    (_H.AWAIT_IDENTITY, "error-lost"): ("ignore", _H.AWAIT_IDENTITY),
+    (_H.AWAIT_IDENTITY, "error"): ("report_error", _H.AWAIT_IDENTITY),
     (_H.READY, "hello-reply"): ("open_session", _H.READY),
+    (_H.READY, "hello-reply-v2"): ("await_identity", _H.AWAIT_IDENTITY),
     (_H.READY, "hello-announce"): ("rehandshake", _H.AWAIT_HELLO),
     (_H.READY, "hello-bad"): ("fail_version", _H.FAILED),
     (_H.READY, "status"): ("report_status", _H.READY),
     (_H.READY, "keys"): ("deliver_keys", _H.READY),
     (_H.READY, "ack"): ("reject_unexpected", _H.READY),
+    (_H.READY, "identity"): ("ignore", _H.READY),
     (_H.READY, "error-version"): ("fail_error", _H.FAILED),
     (_H.READY, "error-lost"): ("rehandshake", _H.AWAIT_HELLO),
     (_H.READY, "error"): ("report_error", _H.READY),
     (_H.FAILED, "hello-reply"): ("ignore", _H.FAILED),
+    (_H.FAILED, "hello-reply-v2"): ("ignore", _H.FAILED),
     (_H.FAILED, "hello-announce"): ("ignore", _H.FAILED),
     (_H.FAILED, "hello-bad"): ("ignore", _H.FAILED),
     (_H.FAILED, "status"): ("ignore", _H.FAILED),
     (_H.FAILED, "keys"): ("ignore", _H.FAILED),
     (_H.FAILED, "ack"): ("ignore", _H.FAILED),
+    (_H.FAILED, "identity"): ("ignore", _H.FAILED),
     (_H.FAILED, "error-version"): ("ignore", _H.FAILED),
     (_H.FAILED, "error-lost"): ("ignore", _H.FAILED),
     (_H.FAILED, "error"): ("ignore", _H.FAILED),
@@ -346,6 +290,8 @@ class HostProtocol(_Endpoint):
         self._name = name
         self._window = window
         self.device_name = ""
+        self._window_announced = 0
+        self.identity: Identity | None = None  # what the device says it is (version 2 on)
         self.failure: str | None = None
 
     def start(self) -> None:
@@ -396,14 +342,14 @@ class HostProtocol(_Endpoint):
                 return "hello-announce"
             if not self._min_version <= msg.selected_version <= self._max_version:
                 return "hello-bad"
-            return "hello-reply"
+            return "hello-reply-v2" if msg.selected_version >= IDENTITY_VERSION else "hello-reply"
         if isinstance(msg, ErrorMessage):
             if msg.code == ErrorCode.UNSUPPORTED_VERSION:
                 return "error-version"
             if msg.code == ErrorCode.UNEXPECTED_MESSAGE:
                 return "error-lost"
             return "error"
-        return {Status: "status", Keys: "keys", Ack: "ack"}[type(msg)]
+        return {Status: "status", Keys: "keys", Ack: "ack", Identity: "identity"}[type(msg)]
 
     def _say_hello(self) -> None:
         self._rx_seq = None
@@ -431,7 +377,22 @@ class HostProtocol(_Endpoint):
         self._version = msg.selected_version
         self._peer_max_frame = msg.max_frame
         self.device_name = msg.name
+        self._window_announced = msg.window
         return [HandshakeComplete(msg.selected_version, msg.name, msg.window)]
+
+    def _act_await_identity(self, frame: Frame, msg: Message) -> list[HostEvent]:
+        self._act_open_session(frame, msg)
+        return []
+
+    def _act_open_identified(self, frame: Frame, msg: Message) -> list[HostEvent]:
+        assert isinstance(msg, Identity)
+        self._check_seq(frame)
+        self.identity = msg if msg.known else None
+        return [
+            HandshakeComplete(
+                self._version, self.device_name, self._window_announced, self.identity
+            )
+        ]
 
     def _act_say_hello(self, frame: Frame, msg: Message) -> list[HostEvent]:
         self._say_hello()
@@ -490,19 +451,21 @@ class DeviceState(enum.Enum):
 
 _D = DeviceState
 # Inputs: hello (host HELLO we share a version with), hello-bad, ack, keys, status,
-# error (any ERROR).
+# identity (only devices send it), error (any ERROR).
 DEVICE_TRANSITIONS: dict[tuple[DeviceState, str], tuple[str, DeviceState]] = {
     (_D.AWAIT_HELLO, "hello"): ("open_session", _D.READY),
     (_D.AWAIT_HELLO, "hello-bad"): ("reject_version", _D.AWAIT_HELLO),
     (_D.AWAIT_HELLO, "ack"): ("reject_unexpected", _D.AWAIT_HELLO),
     (_D.AWAIT_HELLO, "keys"): ("reject_unexpected", _D.AWAIT_HELLO),
     (_D.AWAIT_HELLO, "status"): ("reject_unexpected", _D.AWAIT_HELLO),
+    (_D.AWAIT_HELLO, "identity"): ("reject_unexpected", _D.AWAIT_HELLO),
     (_D.AWAIT_HELLO, "error"): ("report_error", _D.AWAIT_HELLO),
     (_D.READY, "hello"): ("open_session", _D.READY),
     (_D.READY, "hello-bad"): ("reject_version", _D.AWAIT_HELLO),
     (_D.READY, "ack"): ("release_keys", _D.READY),
     (_D.READY, "keys"): ("reject_unexpected", _D.READY),
     (_D.READY, "status"): ("reject_unexpected", _D.READY),
+    (_D.READY, "identity"): ("reject_unexpected", _D.READY),
     (_D.READY, "error"): ("report_error", _D.READY),
 }
 
@@ -521,6 +484,7 @@ class DeviceProtocol(_Endpoint):
         min_version: int = PROTOCOL_VERSION_MIN,
         max_version: int = PROTOCOL_VERSION_MAX,
         max_frame: int = MAX_FRAME_SIZE,
+        identity: Identity | None = None,
     ) -> None:
         if not 1 <= window <= 0xFFFF or capacity < 1:
             raise ValueError("window must be 1..65535 and capacity at least 1")
@@ -532,6 +496,8 @@ class DeviceProtocol(_Endpoint):
         self.capacity = capacity
         self.retransmit_timeout = retransmit_timeout
         self.host_name = ""
+        # Which end of which link this device is (sent from version 2 on; None: unknown).
+        self.identity = identity
         self._keys: dict[bytes, bytes] = {}  # every key held, oldest first
         self._pending: collections.deque[bytes] = collections.deque()  # to send (again)
         self._in_flight: dict[bytes, float] = {}  # key ID -> last sent; oldest first
@@ -669,7 +635,7 @@ class DeviceProtocol(_Endpoint):
             return "hello"
         if isinstance(msg, ErrorMessage):
             return "error"
-        return {Status: "status", Keys: "keys", Ack: "ack"}[type(msg)]
+        return {Status: "status", Keys: "keys", Ack: "ack", Identity: "identity"}[type(msg)]
 
     # -- actions (named in DEVICE_TRANSITIONS) --
 
@@ -689,6 +655,8 @@ class DeviceProtocol(_Endpoint):
             self._in_flight = {}
         self._send(self._hello(version))
         self._version = version
+        if version >= IDENTITY_VERSION:
+            self._send(self.identity or Identity("", ""))
         self._check_seq(frame)
         return [HostConnected(version, msg.name, self._window)]
 

@@ -6,7 +6,8 @@ protocol queues (HELLO answers, STATUS heartbeats, KEYS within the window, retra
 and sleeps until the next deadline or until woken. ``EmulatedLink`` pairs two halves with
 one ``KeySource``: each block of keys goes into both halves' buffers or into neither, so
 both hosts receive the same keys with the same IDs. Generation pauses while either buffer
-is full; a key leaves a buffer only when that half's host has acknowledged it.
+is full; a key leaves a buffer only when that half's host has acknowledged it. Given the
+two sites' IDs, each half tells its host which end of the link it is (IDENTITY).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .device_protocol import (
     PeerIncompatible,
 )
 from .key_source import KeySource
-from .messages import LinkState
+from .messages import Identity, LinkState
 
 __all__ = ["DeviceHalf", "EmulatedLink"]
 
@@ -60,10 +61,15 @@ class DeviceHalf:
         status_interval: float = DEFAULT_STATUS_INTERVAL,
         stats: LinkStats | None = None,
         on_room: Callable[[], None] | None = None,
+        identity: Identity | None = None,
     ) -> None:
         self.name = name
         self.proto = DeviceProtocol(
-            name=name, window=window, capacity=capacity, retransmit_timeout=retransmit_timeout
+            name=name,
+            window=window,
+            capacity=capacity,
+            retransmit_timeout=retransmit_timeout,
+            identity=identity,
         )
         self.status_interval = status_interval
         self._stats = stats or (lambda: (LinkState.UP, None, None))
@@ -186,7 +192,9 @@ class EmulatedLink:
         retransmit_timeout: float = DEFAULT_RETRANSMIT_TIMEOUT,
         status_interval: float = DEFAULT_STATUS_INTERVAL,
         names: tuple[str, str] = ("qkd-emulator-a", "qkd-emulator-b"),
+        sites: tuple[str, str] | None = None,
     ) -> None:
+        """``sites``: the site IDs at end A and end B; each half then says which it is."""
         if rate is not None and rate <= 0:
             raise ValueError("rate must be positive (omit it for unpaced generation)")
         self.source = source
@@ -204,8 +212,9 @@ class EmulatedLink:
                 status_interval=status_interval,
                 stats=self.stats,
                 on_room=self._notify_room,
+                identity=identity,
             )
-            for name in names
+            for name, identity in zip(names, _identities(sites), strict=True)
         )
 
     def _notify_room(self) -> None:
@@ -254,3 +263,10 @@ class EmulatedLink:
             self.keys_generated += len(block)
             self._recent.append((trio.current_time(), sum(len(m) * 8 for _, m in block)))
             await trio.lowlevel.checkpoint()
+
+
+def _identities(sites: tuple[str, str] | None) -> tuple[Identity | None, Identity | None]:
+    if sites is None:
+        return None, None
+    a, b = sites
+    return Identity(a, b), Identity(b, a)

@@ -4,7 +4,7 @@
 
 ``qkd-emulator pty --link-a PATH --link-b PATH`` opens two ptys, makes each slave raw (so
 the line discipline neither echoes nor rewrites frame bytes), links PATH -> /dev/pts/N, and
-speaks the device side of serial protocol v1 on each master. Both sides get the same keys
+speaks the device side of the serial protocol on each master. Both sides get the same keys
 with the same IDs (see ``emulated_device.EmulatedLink``), made by the simulated BB84 link
 (``bb84_source``) or, with ``--physics random``, drawn at random. The emulator keeps each slave open
 itself so that the master never sees EIO while no daemon is attached. It prints ``ready``
@@ -28,7 +28,12 @@ from collections.abc import Sequence
 
 import trio
 
-from .constants import DEFAULT_RETRANSMIT_TIMEOUT, DEFAULT_STATUS_INTERVAL, DEFAULT_WINDOW
+from .constants import (
+    DEFAULT_RETRANSMIT_TIMEOUT,
+    DEFAULT_STATUS_INTERVAL,
+    DEFAULT_WINDOW,
+    MAX_SITE_ID_SIZE,
+)
 from .emulated_device import EmulatedLink
 from .emulator_half import (
     DEFAULT_DRAIN_TIMEOUT,
@@ -70,6 +75,7 @@ async def run_pty(args: argparse.Namespace) -> None:
                 window=args.window,
                 retransmit_timeout=args.retransmit_timeout,
                 status_interval=args.status_interval,
+                sites=(args.site_a, args.site_b) if args.site_a else None,
             )
             if args.json:
                 print(json.dumps({"link_a": args.link_a, "link_b": args.link_b}), flush=True)
@@ -107,6 +113,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _site_id(text: str) -> str:
+    if not text or len(text.encode()) > MAX_SITE_ID_SIZE:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_SITE_ID_SIZE} bytes")
+    return text
+
+
 def _key_bits(text: str) -> int:
     value = int(text)
     if value % 8 or not 8 <= value <= 8192:
@@ -117,7 +129,7 @@ def _key_bits(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qkd-emulator",
-        description="Emulated QKD link speaking qkdd serial protocol v1.",
+        description="Emulated QKD link speaking the qkdd serial protocol.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     pty_cmd = sub.add_parser(
@@ -139,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pty_cmd.add_argument(
         "--link-b", required=True, metavar="PATH", help="symlink to create for side B (likewise)"
+    )
+    pty_cmd.add_argument(
+        "--site-a",
+        type=_site_id,
+        metavar="SITE",
+        help="site ID of the qkdd at side A; with --site-b, each side tells its qkdd which "
+        "end of the link it is, and a qkdd attached to the wrong end refuses it",
+    )
+    pty_cmd.add_argument(
+        "--site-b", type=_site_id, metavar="SITE", help="site ID of the qkdd at side B"
     )
     pty_cmd.add_argument(
         "--key-bits",
@@ -265,6 +287,16 @@ def add_half_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "connection is lost",
     )
     half.add_argument(
+        "--site",
+        type=_site_id,
+        metavar="SITE",
+        help="site ID of the qkdd this half serves; with --peer-site, the half tells its "
+        "qkdd which end of the link it is, and a qkdd of another site refuses it",
+    )
+    half.add_argument(
+        "--peer-site", type=_site_id, metavar="SITE", help="site ID at the other half's end"
+    )
+    half.add_argument(
         "--key-bits",
         type=_key_bits,
         default=256,
@@ -355,6 +387,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return half_main(args)
     if os.path.abspath(args.link_a) == os.path.abspath(args.link_b):
         print("qkd-emulator: --link-a and --link-b must be different paths", file=sys.stderr)
+        return 2
+    if bool(args.site_a) != bool(args.site_b) or (args.site_a and args.site_a == args.site_b):
+        print(
+            "qkd-emulator: give both --site-a and --site-b, and two different sites",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(
         stream=sys.stderr,

@@ -65,7 +65,7 @@ from .fibre_link import (
     canonical_params,
     key_ids_digest,
 )
-from .messages import LinkState
+from .messages import Identity, LinkState
 from .postprocessing import AliceSession, Msg, PostProcessingError, bob_postprocess
 from .pty_link import EmulatorError, close_pty_link, open_pty_link
 from .simulate_cli import add_link_arguments, key_source_from_args
@@ -253,6 +253,7 @@ class Half:
         window: int = 128,
         retransmit_timeout: float = 2.0,
         status_interval: float = 1.0,
+        identity: Identity | None = None,
     ) -> None:
         self.role = role
         self.source = source
@@ -266,6 +267,7 @@ class Half:
             status_interval=status_interval,
             stats=self.stats,
             on_room=self._on_room,
+            identity=identity,
         )
         self.feed = KeyFeed(self.device, buffer)
         self.seq = 0  # Alice: last block simulated by this process
@@ -561,6 +563,7 @@ async def run_half(args: argparse.Namespace) -> None:
         window=args.window,
         retransmit_timeout=args.retransmit_timeout,
         status_interval=args.status_interval,
+        identity=Identity(args.site, args.peer_site) if args.site else None,
     )
     fatal: list[FibreLinkError] = []
     ready: dict[str, object] = {"role": args.role, "link": args.link}
@@ -619,6 +622,8 @@ async def run_half(args: argparse.Namespace) -> None:
 
 def check_half_args(args: argparse.Namespace) -> str | None:
     """An operator message if the flags cannot work together, else None."""
+    if bool(args.site) != bool(args.peer_site):
+        return "give both --site and --peer-site, or neither"
     if args.block_detections > MAX_RECORD_CLICKS // 2:
         return (
             f"--block-detections {args.block_detections} is too large for the link between "

@@ -15,7 +15,7 @@ class DeviceError(Exception):
 
 
 class ProtocolError(DeviceError):
-    """Bytes received from the peer do not follow serial protocol v1."""
+    """Bytes received from the peer do not follow the serial protocol."""
 
 
 class FrameError(ProtocolError):
@@ -75,6 +75,11 @@ class DeviceTimeoutError(LinkError):
 
 class IncompatibleDeviceError(LinkError):
     """The device speaks no protocol version this driver supports."""
+
+
+class WrongDeviceError(LinkError):
+    """The device says it is the end of another link, or another site's end of ours (a
+    device path left pointing at the wrong device): no key is taken from it."""
 
 
 class KeySinkError(LinkError):

@@ -1,4 +1,4 @@
-"""Serial protocol v1 messages: one frozen dataclass per message and its payload codec.
+"""Serial protocol messages: one frozen dataclass per message and its payload codec.
 
 ``encode_message`` gives (type, payload); ``decode_message`` parses a payload and raises
 ``MessageError`` (a ``ProtocolError``) on anything that is not exactly a valid message.
@@ -24,6 +24,7 @@ from .constants import (
     MAX_KEYS_PER_FRAME,
     MAX_PAYLOAD_SIZE,
     MAX_PEER_NAME_SIZE,
+    MAX_SITE_ID_SIZE,
     MIN_PEER_MAX_FRAME,
     QBER_SCALE,
     STATUS_SIZE,
@@ -37,6 +38,7 @@ __all__ = [
     "ErrorCode",
     "ErrorMessage",
     "Hello",
+    "Identity",
     "KeyEntry",
     "Keys",
     "LinkState",
@@ -55,6 +57,7 @@ class MessageType(enum.IntEnum):
     KEYS = 0x3
     ACK = 0x4
     ERROR = 0x5
+    IDENTITY = 0x6  # version 2 on
 
 
 class Role(enum.IntEnum):
@@ -116,12 +119,25 @@ class Ack:
 
 
 @dataclass(frozen=True)
+class Identity:
+    """Which end of which QKD link a device is: the site its keys are for, and the site at
+    the other end (both empty: the device was not told, and says nothing)."""
+
+    site: str
+    peer_site: str
+
+    @property
+    def known(self) -> bool:
+        return bool(self.site)
+
+
+@dataclass(frozen=True)
 class ErrorMessage:
     code: int  # an ErrorCode value; unknown codes are kept as numbers
     detail: str = ""
 
 
-Message = Hello | Status | Keys | Ack | ErrorMessage
+Message = Hello | Status | Keys | Ack | ErrorMessage | Identity
 
 _HELLO = struct.Struct(">BBBBHHB")
 _STATUS = struct.Struct(">BHII")
@@ -191,6 +207,13 @@ def encode_message(msg: Message) -> tuple[MessageType, bytes]:
         if any(len(k) != KEY_ID_SIZE for k in msg.key_ids):
             raise ValueError("key ID must be 16 bytes")
         return MessageType.ACK, bytes([len(msg.key_ids)]) + b"".join(msg.key_ids)
+    if isinstance(msg, Identity):
+        site, peer = msg.site.encode("utf-8"), msg.peer_site.encode("utf-8")
+        if len(site) > MAX_SITE_ID_SIZE or len(peer) > MAX_SITE_ID_SIZE:
+            raise ValueError("a site ID is at most 64 bytes")
+        if bool(site) != bool(peer):
+            raise ValueError("an identity names both sites or neither")
+        return MessageType.IDENTITY, bytes([len(site)]) + site + bytes([len(peer)]) + peer
     if isinstance(msg, ErrorMessage):
         detail = msg.detail.encode("utf-8")[:MAX_ERROR_DETAIL_SIZE]
         # Cutting may split a UTF-8 sequence; drop the broken tail.
@@ -324,10 +347,32 @@ def _decode_error(p: bytes) -> ErrorMessage:
     return ErrorMessage(code, detail)
 
 
+def _decode_identity(p: bytes) -> Identity:
+    texts = []
+    pos = 0
+    for _ in range(2):
+        if pos >= len(p):
+            raise MessageError("IDENTITY is shorter than its two lengths")
+        length = p[pos]
+        if length > MAX_SITE_ID_SIZE or pos + 1 + length > len(p):
+            raise MessageError("IDENTITY site ID length does not match the payload")
+        try:
+            texts.append(p[pos + 1 : pos + 1 + length].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise MessageError("IDENTITY site ID is not UTF-8") from None
+        pos += 1 + length
+    if pos != len(p):
+        raise MessageError("IDENTITY has bytes after its second site ID")
+    if bool(texts[0]) != bool(texts[1]):
+        raise MessageError("IDENTITY names one site but not the other")
+    return Identity(texts[0], texts[1])
+
+
 _DECODERS: dict[int, Callable[[bytes], Message]] = {
     MessageType.HELLO: _decode_hello,
     MessageType.STATUS: _decode_status,
     MessageType.KEYS: _decode_keys,
     MessageType.ACK: _decode_ack,
     MessageType.ERROR: _decode_error,
+    MessageType.IDENTITY: _decode_identity,
 }

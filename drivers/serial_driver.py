@@ -1,4 +1,4 @@
-"""``SerialDevice``: the host end of serial protocol v1 over a tty, with pyserial and Trio.
+"""``SerialDevice``: the host end of the serial protocol over a tty, with pyserial and Trio.
 
 Theory of operation: ``run`` loops forever over *sessions*. A session opens the port
 (pyserial only configures it: 8N1, exclusive lock, non-blocking), sends HELLO, and then
@@ -11,6 +11,12 @@ capped exponential backoff. Deadlines, all enforced with one ``move_on_at``:
   ``idle_timeout``;
 - a frame that has started must be complete within ``stall_timeout``.
 Time spent in the sink does not count towards them.
+
+A device of protocol version 2 or later says which end of which link it is (IDENTITY)
+before any key: given ``expected_identity`` (this site and the peer's), the driver refuses
+a device that names other sites (``WrongDeviceError``, retried with backoff so a fixed
+device path is picked up) and stores none of its keys. A device that says nothing (version
+1, or not told) is accepted with a warning once per device session.
 
 Logs go to the ``qkdd.device`` logger, one event per line as ``event key=value``; key
 material is never logged (key IDs are not secret and are logged at debug level only).
@@ -64,8 +70,9 @@ from .errors import (
     IncompatibleDeviceError,
     KeySinkError,
     NotATtyError,
+    WrongDeviceError,
 )
-from .messages import ErrorCode, KeyEntry, LinkState
+from .messages import ErrorCode, Identity, KeyEntry, LinkState
 
 __all__ = ["SerialDevice", "open_serial_port"]
 
@@ -168,9 +175,12 @@ class SerialDevice(QkdDevice):
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         recent_ids: int = DEFAULT_RECENT_IDS,
         name: str = "qkdd",
+        expected_identity: Identity | None = None,
     ) -> None:
         super().__init__()
         self.path = path
+        # This site and the peer's: the end of the link this daemon must be attached to.
+        self.expected_identity = expected_identity
         self.baudrate = baudrate
         self.reconnect_max_delay = reconnect_max_delay
         self.reconnect_initial_delay = min(reconnect_initial_delay, reconnect_max_delay)
@@ -231,7 +241,9 @@ class SerialDevice(QkdDevice):
             if not started:
                 task_status.started()
                 started = True
-            log.warning(
+            # The wrong device needs an operator; other faults usually pass by themselves.
+            report = log.error if isinstance(error, WrongDeviceError) else log.warning
+            report(
                 "device.down path=%s error=%s reason=%r retry_in=%g",
                 self.path,
                 type(error).__name__,
@@ -264,7 +276,7 @@ class SerialDevice(QkdDevice):
         frame_started: float | None = None
         bytes_received = 0
         while True:
-            if proto.state is HostState.AWAIT_HELLO:
+            if proto.state in (HostState.AWAIT_HELLO, HostState.AWAIT_IDENTITY):
                 deadline = hello_deadline
                 # Bytes but no valid frame is what a line at the wrong speed looks like.
                 hint = (
@@ -337,10 +349,16 @@ class SerialDevice(QkdDevice):
                 if st.link_state is not LinkState.UP:
                     log.debug("device.link path=%s state=%s", self.path, st.link_state.name)
             elif isinstance(ev, HandshakeComplete):
+                self._check_identity(ev.identity)
                 self._session_was_up = True
+                end = (
+                    f", {ev.identity.site}'s end of the link to {ev.identity.peer_site}"
+                    if ev.identity
+                    else ""
+                )
                 self._device_words = (
                     f"connected to {ev.device_name or 'device'!r} on {self.path} "
-                    f"(protocol v{ev.version}, window {ev.window})"
+                    f"(protocol v{ev.version}, window {ev.window}{end})"
                 )
                 log.info(
                     "device.up path=%s device=%r version=%d window=%d",
@@ -384,6 +402,30 @@ class SerialDevice(QkdDevice):
                     "device.ignored path=%s type=%s state=%s", self.path, ev.msg_type.name, ev.state
                 )
         return entries, hello_again
+
+    def _check_identity(self, identity: Identity | None) -> None:
+        """Refuse a device that says it is another site's end, or another link's."""
+        expected = self.expected_identity
+        if expected is None:
+            return
+        if identity is None:
+            log.warning(
+                "device.identity-unknown path=%s expected_site=%s expected_peer=%s "
+                "reason='the device does not say which end of which link it is (protocol "
+                "v1, or not configured), so it cannot be checked to be this site's end'",
+                self.path,
+                expected.site,
+                expected.peer_site,
+            )
+            return
+        if identity != expected:
+            raise WrongDeviceError(
+                f"{self.path} is {identity.site!r}'s end of the QKD link to "
+                f"{identity.peer_site!r}, but this daemon is site {expected.site!r} linking "
+                f"to {expected.peer_site!r}: the device path leads to the wrong device (a "
+                "stale link left behind?); no key is taken from it. Point [peers.device] "
+                "path at this site's end of the link"
+            )
 
     def _note_dropped(self, reason: str) -> None:
         # A noisy line can damage many frames a second: one warning per interval, counted.

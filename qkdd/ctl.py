@@ -377,6 +377,14 @@ def _binding_line(binding: dict[str, Any]) -> str:
     return line
 
 
+def _psk_chain(peer: dict[str, Any]) -> str:
+    if not peer["psk_chain_established"]:
+        return "not yet (bootstrap allowed)"
+    if peer.get("bootstrap_allowed"):
+        return "established; a new bootstrap is allowed by the operator"
+    return "established"
+
+
 def render_site_status(site: dict[str, Any]) -> str:
     """The site status object (``GET /qkdd/v1/status``) as text for a person."""
     lines = [f"site {site['site_id']}   backend {site['backend']}   at {_when(site['time'])}"]
@@ -390,8 +398,7 @@ def render_site_status(site: dict[str, Any]) -> str:
             "",
             f"peer {peer_id} (this site is the link {peer['role']})",
             f"  session       {session}",
-            "  PSK chain     "
-            + ("established" if peer["psk_chain_established"] else "not yet (bootstrap allowed)"),
+            f"  PSK chain     {_psk_chain(peer)}",
             *_device_lines(peer["device"]),
             f"  QKD keys      {peer['qkd_keys_buffered']} buffered here",
             f"  key pools     (kept at {peer['pool_size']} keys per pair)",

@@ -128,6 +128,8 @@ def start_emulator(directory: Path) -> subprocess.Popen[bytes]:
                 str(directory / SITE_A.device_link),
                 "--link-b",
                 str(directory / SITE_B.device_link),
+                # Each end tells its daemon whose it is: a daemon at the wrong end refuses it.
+                *("--site-a", SITE_A.site_id, "--site-b", SITE_B.site_id),
                 # A simulated 10 km BB84 link (the defaults), computed in smaller blocks for
                 # a quick first key.
                 *("--block-detections", "200000"),

@@ -12,12 +12,13 @@ import base64
 import hashlib
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 from qkdd.config import SecretSource
 from qkdd.crypto import SIGNATURE_SEED_SIZE, PqcBackend, SigningKey, new_signature_seed
 from qkdd.sealing import KEK_SIZE
-from qkdd.systemd import credential_path
+from qkdd.systemd import credential_path, find_credential
 
 
 class IdentityError(Exception):
@@ -64,21 +65,40 @@ def write_identity(path: Path, backend: PqcBackend, *, overwrite: bool = False) 
     return key
 
 
-def _resolve(source: SecretSource) -> Path:
-    if source.credential is not None:
-        found = credential_path(source.credential)
+def _resolve(source: SecretSource, credential_directories: Sequence[str] | None) -> Path:
+    """The file behind ``source``. A credential is looked up in $CREDENTIALS_DIRECTORY
+    (the daemon, as systemd hands it over) or, for a command an operator runs outside the
+    service, in ``credential_directories`` (``systemd.operator_credential_directories``)."""
+    name = source.credential
+    if name is None:
+        assert source.path is not None
+        return source.path
+    if credential_directories is None:
+        found = credential_path(name)
         if found is None:
             raise IdentityError(
-                f"systemd credential {source.credential!r} is not available "
+                f"systemd credential {name!r} is not available "
                 "(add LoadCredential= to the unit, or give a file path)"
             )
         return Path(found)
-    assert source.path is not None
-    return source.path
+    found = find_credential(name, credential_directories)
+    if found is None:
+        looked = ", ".join(credential_directories) or "no directory"
+        raise IdentityError(
+            f"systemd credential {name!r} was not found: looked for a file named {name!r} in "
+            f"{looked} (where the unit's LoadCredential={name} loads it from); put it there "
+            "(root, mode 0600), or give a file path in the config"
+        )
+    return Path(found)
 
 
-def load_identity(source: SecretSource, backend: PqcBackend) -> SigningKey:
-    path = _resolve(source)
+def load_identity(
+    source: SecretSource,
+    backend: PqcBackend,
+    *,
+    credential_directories: Sequence[str] | None = None,
+) -> SigningKey:
+    path = _resolve(source, credential_directories)
     seed = _read_private(path, "identity key", "qkdd keygen --out FILE")
     if len(seed) != SIGNATURE_SEED_SIZE:
         raise IdentityError(
@@ -92,8 +112,11 @@ def write_key_encryption_key(path: Path, *, overwrite: bool = False) -> None:
     _write_secret(path, os.urandom(KEK_SIZE), overwrite=overwrite)
 
 
-def read_key_encryption_key(source: SecretSource) -> bytes:
-    path = _resolve(source)
+def read_key_encryption_key(
+    source: SecretSource, *, credential_directories: Sequence[str] | None = None
+) -> bytes:
+    """The 32-byte key-encryption key. ``credential_directories``: see ``_resolve``."""
+    path = _resolve(source, credential_directories)
     data = _read_private(path, "key-encryption key", "qkdd keygen --kek FILE")
     if len(data) != KEK_SIZE:
         raise IdentityError(

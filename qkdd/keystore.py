@@ -3,8 +3,10 @@ already consumed, hybrid keys and the batches they were agreed in.
 
 Durability rules that the rest of the daemon relies on:
 - A QKD key is stored before the device is told so (``store_qkd_keys`` commits first).
-- A QKD key serves once: consuming it records its ID in ``consumed_qkd_keys`` and erases
-  its material in the same transaction; a device that re-sends it later is ignored.
+- A QKD key serves once: consuming it records its ID in ``qkd_consumed`` and erases its
+  material in the same transaction; a device that re-sends it later is ignored. The QKD
+  buffer and that memory, and how two buffers that fell out of step line up again, are
+  ``qkdd.qkd_buffer``.
 - A hybrid key is ``pending`` until both sites are known to hold it, then ``ready``; only
   ready keys are handed out from the pool, each exactly once, and erased in the
   transaction that hands it out (a key asked for by ID may be pending: see take_by_ids).
@@ -18,7 +20,8 @@ Durability rules that the rest of the daemon relies on:
   their own table and never reach an application. When a newer one becomes ready the
   older ones are erased: the previous PSK is kept until the peer has proved it holds the
   next. Once one is ready the PSK chain with that peer is *established*, and a signature
-  bootstrap is refused until an operator allows one (``allow_bootstrap``).
+  bootstrap is refused until an operator allows one (``allow_bootstrap``); the allowance
+  ends when the next one is committed, or when withdrawn (``revoke_bootstrap``).
 
 The database uses WAL with synchronous=FULL and secure_delete, and is created 0600.
 Key material is sealed at rest with AES-256-GCM under a key derived from the site's
@@ -41,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qkdd.qkd_buffer import QKD_BUFFER_SCHEMA, QkdBuffer
+from qkdd.qkd_buffer import StoredQkdKey as StoredQkdKey
 from qkdd.sealing import KEK_SIZE as KEK_SIZE
 from qkdd.sealing import (
     QUARANTINE_SCHEMA,
@@ -56,24 +61,12 @@ from qkdd.sealing import assigned_row_aad as _assigned_aad
 from qkdd.sealing import auth_row_aad as _auth_aad
 from qkdd.sealing import hybrid_row_aad as _hybrid_aad
 from qkdd.sealing import pad_row_aad as _pad_aad
-from qkdd.sealing import qkd_row_aad as _qkd_aad
 
 log = logging.getLogger("qkdd.keystore")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS qkd_keys (
-    seq         INTEGER PRIMARY KEY,
-    peer_site   TEXT NOT NULL,
-    key_id      TEXT NOT NULL,
-    material    BLOB NOT NULL,
-    received_at REAL NOT NULL,
-    UNIQUE (peer_site, key_id)
-);
-CREATE TABLE IF NOT EXISTS consumed_qkd_keys (
-    peer_site TEXT NOT NULL,
-    key_id    TEXT NOT NULL,
-    PRIMARY KEY (peer_site, key_id)
-) WITHOUT ROWID;
+SCHEMA = (
+    QKD_BUFFER_SCHEMA
+    + """
 CREATE TABLE IF NOT EXISTS batches (
     peer_site TEXT NOT NULL,
     batch_id  INTEGER NOT NULL,
@@ -136,6 +129,7 @@ CREATE TABLE IF NOT EXISTS counters (
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
+)
 
 
 class _KeyMissing(Exception):
@@ -172,12 +166,6 @@ class ErasedKey:
 
 
 @dataclass(frozen=True)
-class StoredQkdKey:
-    key_id: str
-    material: bytes = field(repr=False)
-
-
-@dataclass(frozen=True)
 class NewHybridKey:
     key_id: str
     master_sae_id: str
@@ -209,7 +197,7 @@ class _Unopened:
     withdrawn: ErasedKey | None = None
 
 
-class KeyStore:
+class KeyStore(QkdBuffer):
     def __init__(self, path: Path, key_encryption_key: bytes) -> None:
         self.path = path
         self._sealer = Sealer(key_encryption_key)
@@ -231,6 +219,7 @@ class KeyStore:
             # Before any write, schema changes included: a wrong key must not seal a row.
             check_key_encryption_key(self._db, self._sealer, path)
             self._db.executescript(SCHEMA + QUARANTINE_SCHEMA)
+            self._upgrade_qkd_buffer()
             with self.transaction() as db:
                 self.store_id = record_key_check(db, self._sealer, path)
         except (OSError, sqlite3.Error) as exc:
@@ -337,158 +326,6 @@ class KeyStore:
     def quarantined_row_count(self) -> int:
         """Sealed rows that did not open and were set aside (``quarantined_rows``)."""
         return int(self._db.execute("SELECT count(*) FROM quarantined_rows").fetchone()[0])
-
-    # -- QKD keys -------------------------------------------------------------------------
-
-    def store_qkd_keys(self, peer_site: str, keys: Iterable[StoredQkdKey]) -> int:
-        """Store keys from a device; returns how many were new (re-sent ones are ignored)."""
-        now = time.time()
-        added = 0
-        with self.transaction() as db:
-            for key in keys:
-                consumed = db.execute(
-                    "SELECT 1 FROM consumed_qkd_keys WHERE peer_site=? AND key_id=?",
-                    (peer_site, key.key_id),
-                ).fetchone()
-                if consumed:
-                    continue
-                cursor = db.execute(
-                    "INSERT OR IGNORE INTO qkd_keys (peer_site, key_id, material, received_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (
-                        peer_site,
-                        key.key_id,
-                        self._sealer.seal(_qkd_aad(peer_site, key.key_id), key.material),
-                        now,
-                    ),
-                )
-                added += cursor.rowcount
-        return added
-
-    def qkd_key_count(self, peer_site: str) -> int:
-        row = self._db.execute("SELECT count(*) FROM qkd_keys WHERE peer_site=?", (peer_site,))
-        return int(row.fetchone()[0])
-
-    def oldest_qkd_keys(self, peer_site: str) -> Iterator[StoredQkdKey]:
-        """The buffered QKD keys, oldest first, unsealed one at a time as they are taken.
-        Finish with the iterator before writing to the store.
-
-        A key that does not open is quarantined (deleting the row being read is safe in
-        SQLite) and skipped: the peer still holds it, and drops it as an orphan once a
-        batch names later keys (``quarantine_qkd_keys_before``) or by our horizon."""
-        rows = self._db.execute(
-            "SELECT key_id, material FROM qkd_keys WHERE peer_site=? ORDER BY seq", (peer_site,)
-        )
-        for key_id, sealed in rows:
-            material = self._open_qkd(peer_site, key_id, sealed)
-            if material is not None:
-                yield StoredQkdKey(key_id, material)
-
-    def _open_qkd(self, peer_site: str, key_id: str, sealed: bytes) -> bytes | None:
-        return self._open_row("qkd_keys", (peer_site, key_id), _qkd_aad(peer_site, key_id), sealed)
-
-    def get_qkd_keys(self, peer_site: str, key_ids: Sequence[str]) -> dict[str, bytes]:
-        found: dict[str, bytes] = {}
-        for key_id in key_ids:
-            row = self._db.execute(
-                "SELECT material FROM qkd_keys WHERE peer_site=? AND key_id=?", (peer_site, key_id)
-            ).fetchone()
-            # A key that does not open is left out, as if the device had not delivered it.
-            if row and (material := self._open_qkd(peer_site, key_id, row[0])) is not None:
-                found[key_id] = material
-        return found
-
-    def oldest_qkd_key_ids(self, peer_site: str, limit: int) -> list[str]:
-        rows = self._db.execute(
-            "SELECT key_id FROM qkd_keys WHERE peer_site=? ORDER BY seq LIMIT ?", (peer_site, limit)
-        )
-        return [str(r[0]) for r in rows]
-
-    def quarantine_qkd_keys_before(self, peer_site: str, key_ids: Iterable[str]) -> int:
-        """Quarantine every buffered QKD key received before the earliest of ``key_ids``.
-
-        Both devices deliver one stream in one order, so a key the peer no longer holds
-        and that precedes a key it does hold can never be agreed on: it is dropped, and the
-        two buffers line up again. Returns how many were dropped (0 if none of ``key_ids``
-        is buffered here)."""
-        with self.transaction() as db:
-            seqs = self._buffered_seqs(db, peer_site, key_ids)
-            stale = self._buffered_before(db, peer_site, min(seqs)) if seqs else []
-            self._consume_qkd_keys(db, peer_site, stale)
-        return len(stale)
-
-    def align_to_peer_horizon(self, peer_site: str, oldest_at_peer: Sequence[str]) -> int:
-        """Drop the buffered QKD keys the peer can never have, given its oldest ones.
-
-        - One of them is buffered here: ours before it are orphans.
-        - One of them was already used here: the peer is behind; it drops its own.
-        - None has reached us yet, and the peer lost its state since we last agreed a batch:
-          its device delivers only keys after the ones its lost store acknowledged, so all
-          we hold is orphaned (a peer that lost its state while our buffer was full ends up
-          exactly here). Without a state loss "not here yet" may as well mean that the
-          peer is behind, so nothing is dropped.
-        Returns how many keys were dropped."""
-        with self.transaction() as db:
-            seqs = self._buffered_seqs(db, peer_site, oldest_at_peer)
-            if seqs:
-                stale = self._buffered_before(db, peer_site, min(seqs))
-            elif any(
-                db.execute(
-                    "SELECT 1 FROM consumed_qkd_keys WHERE peer_site=? AND key_id=?",
-                    (peer_site, key_id),
-                ).fetchone()
-                for key_id in oldest_at_peer
-            ):
-                stale = []
-            elif self._flag(f"peer-reset:{peer_site}"):
-                stale = self._buffered_before(db, peer_site, None)
-            else:
-                stale = []
-            self._consume_qkd_keys(db, peer_site, stale)
-        return len(stale)
-
-    @staticmethod
-    def _buffered_seqs(db: sqlite3.Connection, peer_site: str, key_ids: Iterable[str]) -> list[int]:
-        return [
-            int(row[0])
-            for key_id in key_ids
-            if (
-                row := db.execute(
-                    "SELECT seq FROM qkd_keys WHERE peer_site=? AND key_id=?",
-                    (peer_site, key_id),
-                ).fetchone()
-            )
-        ]
-
-    @staticmethod
-    def _buffered_before(db: sqlite3.Connection, peer_site: str, seq: int | None) -> list[str]:
-        """Buffered key IDs received before ``seq`` (all of them for None)."""
-        rows = db.execute(
-            "SELECT key_id FROM qkd_keys WHERE peer_site=? AND seq < ?",
-            (peer_site, seq if seq is not None else 2**62),
-        )
-        return [str(r[0]) for r in rows]
-
-    def is_qkd_key_consumed(self, peer_site: str, key_id: str) -> bool:
-        return (
-            self._db.execute(
-                "SELECT 1 FROM consumed_qkd_keys WHERE peer_site=? AND key_id=?",
-                (peer_site, key_id),
-            ).fetchone()
-            is not None
-        )
-
-    def _consume_qkd_keys(
-        self, db: sqlite3.Connection, peer_site: str, key_ids: Iterable[str]
-    ) -> None:
-        rows = [(peer_site, key_id) for key_id in key_ids]
-        db.executemany("DELETE FROM qkd_keys WHERE peer_site=? AND key_id=?", rows)
-        db.executemany("INSERT OR IGNORE INTO consumed_qkd_keys VALUES (?, ?)", rows)
-
-    def quarantine_qkd_keys(self, peer_site: str, key_ids: Iterable[str]) -> None:
-        """Mark QKD key IDs as never to be used (e.g. present on one side only)."""
-        with self.transaction() as db:
-            self._consume_qkd_keys(db, peer_site, key_ids)
 
     # -- batches and hybrid keys ----------------------------------------------------------
 
@@ -674,16 +511,29 @@ class KeyStore:
 
     def bootstrap_allowed(self, peer_site: str) -> bool:
         """A signature bootstrap is allowed before the first PSK, or when an operator says so."""
-        return not self.chain_established(peer_site) or self._flag(f"allow-bootstrap:{peer_site}")
+        return not self.chain_established(peer_site) or self.operator_allowed_bootstrap(peer_site)
 
-    def bootstrap_requested(self, peer_site: str) -> bool:
-        """An operator allowed a new bootstrap that has not happened yet."""
+    def operator_allowed_bootstrap(self, peer_site: str) -> bool:
+        """An operator's allowance of a new bootstrap stands (it permits one, it does not
+        ask for one: a PSK that still works is used; ``qkdd.peer.bootstrap``)."""
         return self._flag(f"allow-bootstrap:{peer_site}")
 
-    def allow_bootstrap(self, peer_site: str) -> None:
-        """The operator's explicit consent to one new signature bootstrap with this peer."""
+    def allow_bootstrap(self, peer_site: str) -> bool:
+        """The operator's explicit consent to one new signature bootstrap with this peer,
+        until the next authentication key is committed. False if it was already given."""
+        return self._set_allowance(peer_site, True)
+
+    def revoke_bootstrap(self, peer_site: str) -> bool:
+        """Withdraw the operator's allowance; False if there was none."""
+        return self._set_allowance(peer_site, False)
+
+    def _set_allowance(self, peer_site: str, allowed: bool) -> bool:
+        name = f"allow-bootstrap:{peer_site}"
         with self.transaction() as db:
-            self._set_flag(db, f"allow-bootstrap:{peer_site}", True)
+            row = db.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
+            changed = bool(row and row[0]) != allowed
+            self._set_flag(db, name, allowed)
+        return changed
 
     def newest_ready_auth_key(self, peer_site: str) -> AuthKeyRecord | None:
         rows = self._db.execute(
@@ -737,6 +587,28 @@ class KeyStore:
             (peer_site,),
         )
         return [int(r[0]) for r in rows]
+
+    def forget_decided_batches(
+        self, peer_site: str, *, before: int | None = None, keep: Iterable[int] = ()
+    ) -> int:
+        """At the link master: drop the records of committed batches the slave is known to
+        have decided too, so a later RESYNC can never list them: those below ``before``
+        (the slave acknowledged a later batch, sent after their decisions), or, with
+        ``before`` None, all but ``keep`` (a RESYNC did not list them). Returns how many."""
+        keep = list(keep)
+        limit = before if before is not None else 2**63 - 1
+        marks = ",".join("?" * len(keep))
+        cursor = self._db.execute(
+            "DELETE FROM batches WHERE peer_site=? AND state='committed' AND batch_id < ?"
+            + (f" AND batch_id NOT IN ({marks})" if keep else ""),
+            (peer_site, limit, *keep),
+        )
+        return cursor.rowcount
+
+    def batch_count(self, peer_site: str) -> int:
+        """Batch records held for the peer (pending, or committed and not yet forgotten)."""
+        row = self._db.execute("SELECT count(*) FROM batches WHERE peer_site=?", (peer_site,))
+        return int(row.fetchone()[0])
 
     def forget_committed_batches(self, peer_site: str) -> None:
         """Drop batch records whose keys are all handed out (bounded table size)."""

@@ -19,6 +19,14 @@ that from the ACK, the slave from the decision. If the session breaks anywhere i
 between, the slave starts the next session with RESYNC (its pending batches) and the
 master decides each one from its own records; the master's pending batches the slave does
 not list were never stored there and are aborted. Nothing is ever ready on one side only.
+
+Both sides also keep their QKD buffers in step: each sends its horizon (oldest keys and
+newest key) when its oldest key changes, when its newest changed and a second has passed,
+and at least every HEARTBEAT_INTERVAL; the receiver drops its orphans and answers with the
+listed keys that can never be agreed (QKD_SKIP, rules in ``qkdd.qkd_buffer``). The horizon
+doubles as a heartbeat: a peer silent for PEER_SILENCE_TIMEOUT, a RESYNC, BATCH_ACK or
+BATCH_DECISION overdue, ends the session (``SessionDead`` from ``poll``); ``next_deadline``
+says when ``poll`` must run next at the latest.
 """
 
 from __future__ import annotations
@@ -26,14 +34,17 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Final
 
 from qkdd import labels
 from qkdd.crypto import CryptoError, KemPrivateKey, PqcBackend
 from qkdd.hybrid import HybridDeriver, KemExchange, KeyContext
 from qkdd.keystore import KeyStore, NewHybridKey, StoredQkdKey
+from qkdd.link_params import LinkError as LinkError
+from qkdd.link_params import LinkParameters as LinkParameters
+from qkdd.link_params import SessionDead as SessionDead
 from qkdd.peer.messages import (
+    HORIZON_KEYS_FIRST,
     MAX_HORIZON_KEYS,
     MAX_KEYS_PER_BATCH,
     MAX_QKD_KEYS_PER_KEY,
@@ -47,6 +58,7 @@ from qkdd.peer.messages import (
     PadDemand,
     PoolDemand,
     QkdHorizon,
+    QkdSkip,
     Resync,
     StoreId,
 )
@@ -59,6 +71,13 @@ QKD_KEY_WAIT_SECONDS: Final = 5.0
 # How long a side waits for the reply to a batch message before it gives up on the
 # session: 3x the time the slave may legitimately wait for its device's QKD keys.
 BATCH_REPLY_TIMEOUT: Final = 3 * QKD_KEY_WAIT_SECONDS
+# Each side sends its horizon at least this often: it is also the session's heartbeat.
+HEARTBEAT_INTERVAL: Final = 5.0
+# A peer heard from for this long is gone (three heartbeats lost): the session ends.
+PEER_SILENCE_TIMEOUT: Final = 3 * HEARTBEAT_INTERVAL
+# A horizon goes out again this soon when only our newest key changed: the peer may be
+# waiting for a later key of ours to prove that keys it lacks never come.
+HORIZON_REFRESH: Final = 1.0
 # Sizes an authentication key (a PSK for the next handshakes) may have; the link master's
 # config chooses (``auth_key_bits``, 256 by default).
 AUTH_KEY_BITS_RANGE: Final = (128, 4096)
@@ -67,44 +86,6 @@ AUTH_KEY_BITS_RANGE: Final = (128, 4096)
 PAD_BITS_MAX: Final = 8192
 # The most pads a peer's PAD_DEMAND may ask for per pair.
 MAX_PAD_DEMAND: Final = 65536
-
-
-class LinkError(Exception):
-    """The peer broke the key-agreement rules; the session must be dropped."""
-
-
-@dataclass(frozen=True)
-class LinkParameters:
-    local_site_id: str
-    peer_site_id: str
-    local_sae_ids: frozenset[str]
-    remote_sae_ids: frozenset[str]
-    key_size_bits: int
-    pool_size: int
-    auth_key_bits: int = 256
-    # One-time pads kept ready per local sender -> remote recipient pair (0: none).
-    pad_keys: int = 0
-
-    @property
-    def is_master(self) -> bool:
-        return self.local_site_id < self.peer_site_id
-
-    @property
-    def master_site_id(self) -> str:
-        return self.local_site_id if self.is_master else self.peer_site_id
-
-    @property
-    def slave_site_id(self) -> str:
-        return self.peer_site_id if self.is_master else self.local_site_id
-
-    def pair_allowed(self, master_sae: str, slave_sae: str) -> bool:
-        return (master_sae in self.local_sae_ids and slave_sae in self.remote_sae_ids) or (
-            master_sae in self.remote_sae_ids and slave_sae in self.local_sae_ids
-        )
-
-    def local_master_pairs(self) -> list[tuple[str, str]]:
-        """SAE pairs whose enc_keys caller is at this site (their pool is here)."""
-        return sorted((m, s) for m in self.local_sae_ids for s in self.remote_sae_ids)
 
 
 class LinkAgreement:
@@ -133,26 +114,55 @@ class LinkAgreement:
         self._offer_counter = 0
         self._kem_key: KemPrivateKey | None = None
         self._waiting: tuple[KeyBatch, float] | None = None
+        # A horizon sent after the open batch shows our device got past the master's keys
+        # we still lack: they never come, so the batch is rejected without waiting.
+        self._horizon_since_batch = False
+        self._waiting_doomed = False
         self._last_demand: PoolDemand | None = None
         self._last_pad_demand: PadDemand | None = None
-        self._last_horizon: str | None = None
-        # Both: the peer's oldest QKD keys as it last told us, and our oldest key when we
-        # last lined our buffer up with them (new keys from our device may need it again).
-        self._peer_horizon: tuple[str, ...] = ()
-        self._aligned_with: str | None = None
+        # Both: the peer's last horizon, whether it left something to decide once our
+        # buffer changes, and our newest key when we last applied it.
+        self._peer_horizon = QkdHorizon(())
+        self._recheck = False
+        self._checked_newest: str | None = None
+        # Both: the peer's listed keys we skipped already (bounded, oldest forgotten first).
+        self._skipped: dict[str, None] = {}
+        # Both: our last horizon (its listed keys, newest, when sent) and the next size.
+        self._sent = QkdHorizon(())
+        self._sent_at: float | None = None
+        self._horizon_keys = HORIZON_KEYS_FIRST
+        # Both: the clock, from the first poll or message; when we last heard the peer.
+        self._started_at: float | None = None
+        self._heard_at = 0.0
         # Both: when the reply to our last batch message is overdue.
         self._reply_deadline: float | None = None
 
     # -- entry points ---------------------------------------------------------------------
 
-    def start(self) -> list[LinkMessage]:
-        hello: list[LinkMessage] = [StoreId(self._store.store_id), *self._horizon()]
+    def start(self, now: float | None = None) -> list[LinkMessage]:
+        """The session's first messages. The clock starts now (or at the first poll or
+        message, if ``now`` is not given)."""
+        if now is not None:
+            self._clock(now)
+        hello: list[LinkMessage] = [StoreId(self._store.store_id), self._horizon(now)]
         if self.params.is_master:
             return hello
         pending = self._store.pending_batches(self.params.peer_site_id)
         return [*hello, Resync(tuple(pending)), self._new_offer()]
 
+    def heard(self, now: float) -> None:
+        """The peer sent something (any message of the session counts as a heartbeat)."""
+        self._clock(now)
+        self._heard_at = now
+
+    def _clock(self, now: float) -> None:
+        if self._started_at is None:
+            self._started_at = self._heard_at = now
+            if self._sent_at is None:
+                self._sent_at = now
+
     def on_message(self, message: LinkMessage, now: float) -> list[LinkMessage]:
+        self.heard(now)
         if isinstance(message, StoreId):
             dropped = self._store.check_peer_store(self.params.peer_site_id, message.store_id)
             if dropped:
@@ -164,11 +174,18 @@ class LinkAgreement:
                 )
             return []
         if isinstance(message, QkdHorizon):
-            self._peer_horizon = message.oldest_key_ids
-            self._align()
+            self._peer_horizon = message
+            # The master sent it after the open batch: every key it lists, and its newest,
+            # came after the batch's keys from its device.
+            self._horizon_since_batch = self._waiting is not None
+            return self._apply_peer_horizon()
+        if isinstance(message, QkdSkip):
+            self._on_skip(message)
             return []
         if self.params.is_master:
             if isinstance(message, Resync):
+                if self._resynced:
+                    raise LinkError("a second RESYNC in one session")
                 return self._on_resync(message)
             if not self._resynced:
                 raise LinkError("peer sent key-agreement messages before RESYNC")
@@ -186,6 +203,7 @@ class LinkAgreement:
                 if self._waiting is not None:
                     raise LinkError("KEY_BATCH while another batch is open")
                 self._waiting = (message, now + QKD_KEY_WAIT_SECONDS)
+                self._horizon_since_batch = self._waiting_doomed = False
                 return self._try_batch(now)
             if isinstance(message, BatchDecision):
                 return self._on_decision(message)
@@ -195,36 +213,67 @@ class LinkAgreement:
         )
 
     def poll(self, now: float) -> list[LinkMessage]:
-        """What to send now; raises LinkError if the peer stopped answering mid-batch."""
-        if self._peer_horizon:
-            oldest = self._store.oldest_qkd_key_ids(self.params.peer_site_id, 1)
-            if oldest and oldest[0] != self._aligned_with:
-                self._align()
-        if self._reply_deadline is not None and now > self._reply_deadline:
-            # A dropped frame is only noticed when a later one arrives; when nothing else
-            # flows, this deadline ends the session, and RESYNC settles the batch.
-            waiting_for = "BATCH_ACK" if self.params.is_master else "BATCH_DECISION"
-            raise LinkError(f"no {waiting_for} within {BATCH_REPLY_TIMEOUT:g} s")
+        """What to send now. Raises SessionDead when a reply or a heartbeat from the peer
+        is overdue: the caller ends the session, and the next one settles what was open."""
+        self._clock(now)
+        self._check_deadlines(now)
+        out: list[LinkMessage] = []
+        if self._recheck:
+            newest = self._store.newest_qkd_key_id(self.params.peer_site_id)
+            if newest != self._checked_newest:
+                out += self._apply_peer_horizon()
         if self.params.is_master:
-            # The master's horizon goes out once per session (in start): its oldest keys
-            # change with every batch it makes, which the slave learns from the batch.
             batch = self._make_batch()
-            if batch is None:
-                return []
-            self._reply_deadline = now + BATCH_REPLY_TIMEOUT
-            return [batch]
-        out = self._try_batch(now) if self._waiting else []
-        demand = self._demand()
-        if demand != self._last_demand:
-            self._last_demand = demand
-            out.append(demand)
-        if self.params.pad_keys:
-            pad_demand = self._pad_demand()
-            if pad_demand != self._last_pad_demand:
-                self._last_pad_demand = pad_demand
-                out.append(pad_demand)
-        out += self._horizon()
+            if batch is not None:
+                self._reply_deadline = now + BATCH_REPLY_TIMEOUT
+                out.append(batch)
+        else:
+            if self._waiting:
+                out += self._try_batch(now)
+            demand = self._demand()
+            if demand != self._last_demand:
+                self._last_demand = demand
+                out.append(demand)
+            if self.params.pad_keys:
+                pad_demand = self._pad_demand()
+                if pad_demand != self._last_pad_demand:
+                    self._last_pad_demand = pad_demand
+                    out.append(pad_demand)
+        if self._horizon_due(now):
+            out.append(self._horizon(now))
         return out
+
+    def next_deadline(self) -> float | None:
+        """The latest time ``poll`` must run again: a reply or heartbeat falls due, the
+        slave's wait for QKD keys ends, or our next heartbeat is to be sent. None before
+        the clock started. (New QKD keys from the device are not events here: the caller
+        also polls every so often while keys flow.)"""
+        if self._started_at is None or self._sent_at is None:
+            return None
+        times = [self._heard_at + PEER_SILENCE_TIMEOUT, self._sent_at + HEARTBEAT_INTERVAL]
+        if self._reply_deadline is not None:
+            times.append(self._reply_deadline)
+        if self.params.is_master and not self._resynced:
+            times.append(self._started_at + BATCH_REPLY_TIMEOUT)
+        if self._waiting is not None:
+            times.append(self._waiting[1])
+        return min(times)
+
+    def _check_deadlines(self, now: float) -> None:
+        # A dropped or black-holed frame is only noticed when a later one arrives; when
+        # nothing else flows, these deadlines end the session, and RESYNC settles it.
+        if self._reply_deadline is not None and now > self._reply_deadline:
+            waiting_for = "BATCH_ACK" if self.params.is_master else "BATCH_DECISION"
+            raise SessionDead(f"no {waiting_for} within {BATCH_REPLY_TIMEOUT:g} s")
+        assert self._started_at is not None
+        if (
+            self.params.is_master
+            and not self._resynced
+            and now > self._started_at + BATCH_REPLY_TIMEOUT
+        ):
+            raise SessionDead(f"no RESYNC within {BATCH_REPLY_TIMEOUT:g} s of the session start")
+        if now > self._heard_at + PEER_SILENCE_TIMEOUT:
+            raise SessionDead(f"nothing from the peer for {PEER_SILENCE_TIMEOUT:g} s")
 
     def awaited_qkd_keys(self) -> list[str]:
         """QKD key IDs an open batch names that our device has not delivered yet (a device
@@ -235,22 +284,84 @@ class LinkAgreement:
         held = self._store.get_qkd_keys(self.params.peer_site_id, qkd_ids)
         return [qid for qid in qkd_ids if qid not in held]
 
-    def _horizon(self) -> list[LinkMessage]:
-        """Our oldest QKD keys, when they changed: lets the peer drop keys we never had."""
-        oldest = self._store.oldest_qkd_key_ids(self.params.peer_site_id, MAX_HORIZON_KEYS)
-        if not oldest or oldest[0] == self._last_horizon:
-            return []
-        self._last_horizon = oldest[0]
-        return [QkdHorizon(tuple(oldest))]
+    # -- both: keeping the QKD buffers in step -------------------------------------------
 
-    def _align(self) -> None:
-        """Drop the buffered QKD keys the peer can never have, by its last horizon."""
+    def _horizon_due(self, now: float) -> bool:
         peer = self.params.peer_site_id
-        self._log_orphans(
-            self._store.align_to_peer_horizon(peer, self._peer_horizon), "peer-horizon"
-        )
+        if self._sent_at is None or now >= self._sent_at + HEARTBEAT_INTERVAL:
+            return True
         oldest = self._store.oldest_qkd_key_ids(peer, 1)
-        self._aligned_with = oldest[0] if oldest else None
+        if oldest != list(self._sent.oldest_key_ids[:1]):
+            return True
+        newest = self._store.newest_qkd_key_id(peer)
+        return newest != self._sent.newest_key_id and now >= self._sent_at + HORIZON_REFRESH
+
+    def _horizon(self, now: float | None) -> QkdHorizon:
+        """Our oldest QKD keys and our newest: lets the peer drop keys we never had, and
+        tell us which of ours it never will."""
+        peer = self.params.peer_site_id
+        oldest = self._store.oldest_qkd_key_ids(peer, self._horizon_keys)
+        newest = self._store.newest_qkd_key_id(peer) if oldest else None
+        self._sent = QkdHorizon(tuple(oldest), newest)
+        self._sent_at = now
+        return self._sent
+
+    def _open_batch_keys(self) -> set[str]:
+        """QKD keys of our open batch: the slave's (it holds them while it waits for the
+        rest) or the master's in flight (the peer is about to use them)."""
+        batch = self._waiting[0] if self._waiting else self._in_flight
+        if batch is None:
+            return set()
+        return {qid for e in batch.entries for qid in e.qkd_key_ids}
+
+    def _apply_peer_horizon(self) -> list[LinkMessage]:
+        """Line our buffer up with the peer's last horizon; QKD_SKIP what it holds that can
+        never be agreed."""
+        peer = self.params.peer_site_id
+        horizon = self._peer_horizon
+        open_keys = self._open_batch_keys()
+        full = self._store.qkd_key_count(peer) >= self.params.qkd_buffer_keys
+        outcome = self._store.apply_peer_horizon(
+            peer,
+            horizon.oldest_key_ids,
+            horizon.newest_key_id,
+            keep=open_keys,
+            exclude=open_keys,
+            buffer_full=full,
+        )
+        self._log_orphans(outcome.dropped, "peer-horizon")
+        if self._waiting is not None and self._horizon_since_batch and outcome.anchored:
+            self._waiting_doomed = True
+        self._recheck = outcome.unresolved or (
+            self._waiting is not None and not self._waiting_doomed
+        )
+        self._checked_newest = self._store.newest_qkd_key_id(peer)
+        skip = [k for k in outcome.skip if k not in self._skipped]
+        for key_id in skip:
+            self._skipped[key_id] = None
+        while len(self._skipped) > 4 * MAX_HORIZON_KEYS:
+            del self._skipped[next(iter(self._skipped))]
+        if not skip:
+            return []
+        log.info("event=qkd_keys_skipped peer=%s count=%d reason=never-here", peer, len(skip))
+        return [
+            QkdSkip(tuple(skip[i : i + MAX_HORIZON_KEYS]))
+            for i in range(0, len(skip), MAX_HORIZON_KEYS)
+        ]
+
+    def _on_skip(self, message: QkdSkip) -> None:
+        """The peer will never agree these keys of ours: use them up here too."""
+        peer = self.params.peer_site_id
+        before = self._store.qkd_key_count(peer)
+        self._store.quarantine_qkd_keys(peer, message.key_ids, keep=self._open_batch_keys())
+        self._log_orphans(before - self._store.qkd_key_count(peer), "peer-skipped")
+        listed = set(self._sent.oldest_key_ids)
+        if listed and listed <= set(message.key_ids):
+            # Everything we listed was skipped: the run the peer never got goes on; list
+            # more of it next time.
+            self._horizon_keys = min(2 * self._horizon_keys, MAX_HORIZON_KEYS)
+        else:
+            self._horizon_keys = HORIZON_KEYS_FIRST
 
     def _drop_orphans(self, key_ids: Sequence[str], why: str) -> None:
         self._log_orphans(
@@ -285,6 +396,9 @@ class LinkAgreement:
                     "event=batch_aborted peer=%s batch=%d reason=not-stored-by-peer", peer, batch_id
                 )
                 self._store.abort_batch(peer, batch_id)
+        # The slave decided every committed batch it did not list: nothing can ask about
+        # those again (the listed ones wait until the slave acknowledges a later batch).
+        self._store.forget_decided_batches(peer, keep=listed)
         self._resynced = True
         return decisions
 
@@ -312,8 +426,17 @@ class LinkAgreement:
             raise LinkError(f"BATCH_ACK for batch {message.batch_id}, which is not in flight")
         self._in_flight = None
         peer = self.params.peer_site_id
+        # The slave read this batch, so every decision sent before it: those batches'
+        # records are no longer needed for a RESYNC.
+        self._store.forget_decided_batches(peer, before=batch.batch_id)
+        if message.accepted and not self._store.commit_batch(peer, batch.batch_id):
+            # Our record of the batch is gone (the peer's store changed under it): the
+            # slave must not keep keys we no longer hold.
+            log.warning(
+                "event=batch_aborted peer=%s batch=%d reason=unknown-here", peer, batch.batch_id
+            )
+            return [BatchDecision(batch.batch_id, False)]
         if message.accepted:
-            self._store.commit_batch(peer, batch.batch_id)
             if batch.purpose == BatchPurpose.AUTHENTICATION_KEYS:
                 self._auth_key_wanted = False
                 log.info("event=auth_key_rotated peer=%s key=%s", peer, batch.entries[0].key_id)
@@ -492,12 +615,14 @@ class LinkAgreement:
             return self._reject(batch, qkd_ids, reason)
         materials = self._store.get_qkd_keys(peer, qkd_ids)
         if len(materials) < len(qkd_ids):
-            if now < deadline:
+            if now < deadline and not self._waiting_doomed:
                 return []  # our device has not delivered them yet: wait
             missing = len(qkd_ids) - len(materials)
-            return self._reject(
-                batch, qkd_ids, f"{missing} QKD keys never arrived here (device desync)"
-            )
+            if self._waiting_doomed:
+                why = f"{missing} QKD keys never come here: our device is past them"
+            else:
+                why = f"{missing} QKD keys never arrived here"
+            return self._reject(batch, qkd_ids, f"{why} (device desync)")
         self._waiting = None
         # The master skipped any older keys we hold: its device never delivered them.
         self._drop_orphans(qkd_ids, "not-in-peer-stream")

@@ -12,6 +12,7 @@ kind in ``PeerLink.call_handlers``, in arrival order, before the next message is
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -19,6 +20,7 @@ from typing import Final
 import trio
 from qkdd_drivers.base import DeviceError, FetchByIdDevice, QkdDevice, QkdKey
 from qkdd_drivers.etsi014_device import Etsi014Device
+from qkdd_drivers.messages import Identity
 from qkdd_drivers.serial_driver import SerialDevice
 
 from qkdd.config import Etsi014DeviceConfig, PeerConfig, SiteConfig
@@ -31,6 +33,8 @@ from qkdd.link import (
     LinkError,
     LinkParameters,
 )
+from qkdd.peer.admission import HandshakeLimiter, HandshakeSlot, normalise_address
+from qkdd.peer.bootstrap import DialAuth, InitiatorAuthChoice
 from qkdd.peer.calls import CallRefused, CallTable, done, refusal, reply_body
 from qkdd.peer.connection import (
     MODE_PSK,
@@ -45,7 +49,12 @@ from qkdd.peer.messages import CallReply, LinkMessage, PeerCall, decode_message
 
 log = logging.getLogger("qkdd.peer")
 
+# Both roles give up a handshake this long after it started (the initiator counts from
+# the start of its connect, the responder from accepting the connection).
 HANDSHAKE_TIMEOUT: Final = 10.0
+# A responder closes a connection that has not delivered an acceptable HELLO this long
+# after it was accepted: the master sends HELLO at once, so only a stranger is slower.
+HELLO_TIMEOUT: Final = 3.0
 POLL_INTERVAL: Final = 0.02
 # Pause before asking a fetch-by-ID device again for keys it did not have yet.
 FETCH_RETRY_DELAY: Final = 0.2
@@ -59,40 +68,16 @@ DIAL_BACKOFF_MAX: Final = 10.0
 # peer can make us use. The default of `qkd_buffer_keys` in config; 4096 keys of 256 bits
 # is 1 Mbit.
 QKD_BUFFER_MAX: Final = 4096
-# Pre-authentication limits: an unauthenticated client holds at most one handshake slot
-# for HANDSHAKE_TIMEOUT, and at most this many at once in all and per source address.
-MAX_PENDING_HANDSHAKES: Final = 32
-MAX_PENDING_HANDSHAKES_PER_ADDRESS: Final = 4
-
-
-class HandshakeLimiter:
-    """Counts handshakes in progress, in all and per source address."""
-
-    def __init__(
-        self,
-        total: int = MAX_PENDING_HANDSHAKES,
-        per_address: int = MAX_PENDING_HANDSHAKES_PER_ADDRESS,
-    ) -> None:
-        self._total, self._per_address = total, per_address
-        self._by_address: dict[str, int] = {}
-
-    def try_acquire(self, address: str) -> bool:
-        in_progress = sum(self._by_address.values())
-        if in_progress >= self._total or self._by_address.get(address, 0) >= self._per_address:
-            return False
-        self._by_address[address] = self._by_address.get(address, 0) + 1
-        return True
-
-    def release(self, address: str) -> None:
-        left = self._by_address[address] - 1
-        if left:
-            self._by_address[address] = left
-        else:
-            del self._by_address[address]
+# The pre-authentication limits (how many handshakes strangers and peers may hold) live
+# with the limiter in qkdd.peer.admission.
 
 
 class PeerClosed(Exception):
     pass
+
+
+class HandshakeEvicted(PeerClosed):
+    """A connection still waiting for its HELLO lost its slot to a newcomer."""
 
 
 class PeerUnavailable(Exception):
@@ -158,6 +143,8 @@ def handshake_outcome(exc: BaseException) -> str:
         return "authentication_failed"
     if isinstance(exc, trio.TooSlowError):
         return "timeout"
+    if isinstance(exc, HandshakeEvicted):
+        return "evicted"
     if isinstance(exc, PeerClosed):
         return "closed"
     if isinstance(exc, PeerProtocolError):
@@ -194,7 +181,7 @@ class StoreSink:
         self._store.store_qkd_keys(self._peer, [StoredQkdKey(k.key_id, k.material) for k in keys])
 
 
-def make_device(peer: PeerConfig, is_master: bool) -> QkdDevice:
+def make_device(peer: PeerConfig, is_master: bool, local_site_id: str = "") -> QkdDevice:
     device = peer.device
     if isinstance(device, Etsi014DeviceConfig):
         # The link master pulls keys from its KME; the slave fetches the IDs the master
@@ -209,7 +196,9 @@ def make_device(peer: PeerConfig, is_master: bool) -> QkdDevice:
             role="master" if is_master else "slave",
             key_size_bits=device.key_size,
         )
-    return SerialDevice(str(device.path), device.baudrate)
+    # A serial device that says which end of which link it is must be ours to the peer.
+    expected = Identity(local_site_id, peer.site_id) if local_site_id else None
+    return SerialDevice(str(device.path), device.baudrate, expected_identity=expected)
 
 
 class PeerLink:
@@ -222,6 +211,7 @@ class PeerLink:
         backend: PqcBackend,
         signing_key: SigningKey,
         on_handshake: HandshakeObserver = _no_observer,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         self.config = config
         self.peer = peer
@@ -234,13 +224,16 @@ class PeerLink:
             pool_size=peer.pool_size,
             auth_key_bits=peer.auth_key_bits,
             pad_keys=-(-peer.otp_pad_bytes // (PAD_BITS_MAX // 8)),
+            qkd_buffer_keys=peer.qkd_buffer_keys,
         )
-        self.device = make_device(peer, self.params.is_master)
+        self.device = make_device(peer, self.params.is_master, config.site_id)
         self.sink = StoreSink(store, peer.site_id, peer.qkd_buffer_keys)
         self._store = store
         self._backend = backend
         self._signing_key = signing_key
         self._on_handshake = on_handshake
+        self._dial_auth = InitiatorAuthChoice()
+        self.handshake_timeout = handshake_timeout
         self._session_scope: trio.CancelScope | None = None
         self._calls: _OpenCalls | None = None
         self.call_handlers: dict[int, CallHandler] = {}
@@ -264,17 +257,23 @@ class PeerLink:
 
     def _initiator_auth_key(self) -> AuthKey | None:
         """The PSK to dial with, or None for a bootstrap; PskChainLost when neither may be
-        used."""
+        used. An operator's allowance only permits a bootstrap (qkdd.peer.bootstrap)."""
         peer = self.peer.site_id
-        if self._store.bootstrap_requested(peer):
-            log.warning("event=bootstrap peer=%s reason=allowed-by-operator", peer)
-            return None
         record = self._store.newest_ready_auth_key(peer)
-        if record is not None:
+        chain = self._store.chain_established(peer)
+        choice = self._dial_auth.choose(
+            holds_psk=record is not None,
+            chain_established=chain,
+            operator_allowed=self._store.operator_allowed_bootstrap(peer),
+        )
+        if choice is DialAuth.NONE:
+            raise PskChainLost
+        if choice is DialAuth.PSK:
+            assert record is not None
             return AuthKey(record.key_id, record.material)
-        if self._store.bootstrap_allowed(peer):
-            return None  # first contact: no PSK chain yet
-        raise PskChainLost
+        if chain:  # else first contact: no PSK chain yet
+            log.warning("event=bootstrap peer=%s reason=allowed-by-operator", peer)
+        return None
 
     def why_unavailable(self) -> str | None:
         if self.device.status.state != "up":
@@ -342,10 +341,18 @@ class PeerLink:
                 log.error("event=psk_chain_lost peer=%s", self.peer.site_id)
                 await trio.sleep(DIAL_BACKOFF_MAX)
                 continue
+            # One deadline for connect, HELLO and the handshake: a responder that goes
+            # silent at any point (even before accepting) is given up at the same time.
+            deadline = trio.current_time() + self.handshake_timeout
             try:
-                stream = await trio.open_tcp_stream(host, port)
-            except OSError as exc:
-                self.last_error = f"cannot reach {host}:{port} ({exc.strerror or exc})"
+                with trio.fail_at(deadline):
+                    stream = await trio.open_tcp_stream(host, port)
+            except (OSError, trio.TooSlowError) as exc:
+                if isinstance(exc, OSError):
+                    reason = exc.strerror or str(exc)
+                else:
+                    reason = f"connect timed out after {self.handshake_timeout:g} s"
+                self.last_error = f"cannot reach {host}:{port} ({reason})"
                 log.debug(
                     "event=dial_failed peer=%s address=%s:%d retry_in=%.2f",
                     self.peer.site_id,
@@ -368,27 +375,31 @@ class PeerLink:
             async with stream:
                 handshake_done = False
                 try:
-                    conn.initiate()
-                    await stream.send_all(conn.data_to_send())
-                    with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    with trio.fail_at(deadline):
+                        conn.initiate()
+                        await stream.send_all(conn.data_to_send())
                         done, leftover = await complete_handshake(stream, conn)
                     handshake_done = True
+                    self._dial_auth.handshake_completed()
                     delay = DIAL_BACKOFF_FIRST
                     await self.run_session(stream, conn, done, leftover)
                 except* SESSION_ERRORS as group:
                     failure = _first(group)
                     if not handshake_done:
-                        self._on_handshake(
-                            self.peer.site_id, mode_name(conn), handshake_outcome(failure)
-                        )
+                        outcome = handshake_outcome(failure)
+                        self._on_handshake(self.peer.site_id, mode_name(conn), outcome)
+                        used = DialAuth.BOOTSTRAP if auth_key is None else DialAuth.PSK
+                        self._dial_auth.handshake_failed(used, outcome)
                     self.session_failed(failure)
             await trio.sleep(delay)
             delay = min(delay * 2, DIAL_BACKOFF_MAX)
 
     def session_failed(self, exc: BaseException) -> None:
-        self.session_up = False
+        """Our own dial, or an authenticated session, ended with ``exc``. If a newer session
+        is already up (it replaced the one that failed), only the log says so."""
+        replaced = self._session_scope is not None
         if isinstance(exc, PeerAuthenticationError):
-            self.last_error = f"authentication failed: {exc}"
+            reason = f"authentication failed: {exc}"
             log.error(
                 "event=peer_authentication_failed peer=%s reason=%r", self.peer.site_id, str(exc)
             )
@@ -396,8 +407,39 @@ class PeerLink:
             reason = str(exc) or type(exc).__name__
             if isinstance(exc, trio.TooSlowError):
                 reason = "handshake timed out"
+            log.warning(
+                "event=session_ended peer=%s reason=%r%s",
+                self.peer.site_id,
+                reason,
+                " replaced=yes" if replaced else "",
+            )
+        if not replaced:
+            self.session_up = False
             self.last_error = reason
-            log.warning("event=session_ended peer=%s reason=%r", self.peer.site_id, reason)
+
+    def handshake_failed(self, exc: BaseException, address: str) -> None:
+        """A connection from ``address`` that claimed to be this peer failed before
+        authenticating. Whoever it was proved nothing, so a live session is not touched;
+        with no session, the reason is kept for the status (with the address, since it may
+        be anybody's)."""
+        if isinstance(exc, PeerAuthenticationError):
+            reason = f"authentication failed: {exc}"
+            log.error(
+                "event=peer_authentication_failed peer=%s address=%s reason=%r",
+                self.peer.site_id,
+                address,
+                str(exc),
+            )
+        else:
+            reason = str(exc) or type(exc).__name__
+            log.warning(
+                "event=handshake_failed peer=%s address=%s reason=%r",
+                self.peer.site_id,
+                address,
+                reason,
+            )
+        if not self.session_up:
+            self.last_error = f"{reason} (a connection from {address})"
 
     # -- a session (both roles) -------------------------------------------------------------
 
@@ -437,6 +479,7 @@ class PeerLink:
         async def handle(events: Sequence[object]) -> None:
             for event in events:
                 if isinstance(event, MessageReceived):
+                    agreement.heard(trio.current_time())  # any message keeps it alive
                     message = decode_message(event.payload)
                     if isinstance(message, PeerCall):
                         await send([await self._answer(message)])
@@ -477,8 +520,12 @@ class PeerLink:
                     if awaited:
                         fetching = True
                         nursery.start_soon(fetch, awaited)
+                # Raises SessionDead when the peer's reply or heartbeat is overdue.
                 await send(agreement.poll(now))
-                await trio.sleep(POLL_INTERVAL)
+                # Keys from the device are no events here: look again soon, and never
+                # later than the agreement's next deadline.
+                wake = min(now + POLL_INTERVAL, agreement.next_deadline() or math.inf)
+                await trio.sleep_until(max(wake, trio.current_time()))
 
         with trio.CancelScope() as scope:
             self._session_scope = scope
@@ -492,7 +539,7 @@ class PeerLink:
                 f"psk:{done.auth_key_id}" if done.auth_key_id else "ml-dsa-bootstrap",
             )
             try:
-                await send(agreement.start())
+                await send(agreement.start(trio.current_time()))
                 await handle(leftover)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(poll_loop, nursery)
@@ -512,15 +559,21 @@ class PeerLink:
 
 
 async def complete_handshake(
-    stream: trio.abc.Stream, conn: PeerConnection
+    stream: trio.abc.Stream,
+    conn: PeerConnection,
+    on_hello: Callable[[], None] | None = None,
 ) -> tuple[HandshakeComplete, list[MessageReceived]]:
     """Pump bytes until the handshake completes; return it and the session messages that
-    came with it."""
+    came with it. A responder's ``on_hello`` is called once its HELLO has been accepted,
+    before RESPONSE is sent."""
     while True:
         data = await stream.receive_some(RECEIVE_SIZE)
         if not data:
             raise PeerClosed("peer closed the connection during the handshake")
         events = conn.receive_data(data)
+        if on_hello is not None and not conn.awaiting_hello:
+            on_hello()
+            on_hello = None
         out = conn.data_to_send()
         if out:
             await stream.send_all(out)
@@ -531,13 +584,15 @@ async def complete_handshake(
 
 def _source_address(stream: trio.SocketStream) -> str:
     try:
-        return str(stream.socket.getpeername()[0])
+        return normalise_address(str(stream.socket.getpeername()[0]))
     except OSError:
         return "unknown"
 
 
 class _LinkRouter:
-    """PeerTrust for the listener: asks the link of whichever site the peer claims to be."""
+    """PeerTrust for the listener: asks the link of whichever site the peer claims to be.
+    Only links whose peer dials us (we are the slave) are here: a HELLO naming a site we
+    dial ourselves is refused like one from an unknown site, before any crypto."""
 
     def __init__(self, links: dict[str, PeerLink]) -> None:
         self._links = links
@@ -555,6 +610,58 @@ class _LinkRouter:
         return link.auth_key(site_id, key_id) if link else None
 
 
+async def _dialling_addresses(links: dict[str, PeerLink]) -> set[str]:
+    """The IP addresses of the peers that dial us, from their configured ``address`` (host
+    names resolved once, now): connections from them use the reserved handshake slots."""
+    addresses: set[str] = set()
+    for link in links.values():
+        host = link.peer.address[0]
+        try:
+            found = await trio.socket.getaddrinfo(host, None, type=trio.socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning(
+                "event=peer_address_unresolved peer=%s host=%s reason=%r: its connections "
+                "compete with strangers for handshake slots",
+                link.peer.site_id,
+                host,
+                str(exc),
+            )
+            continue
+        addresses |= {normalise_address(str(info[4][0])) for info in found}
+    return addresses
+
+
+async def _respond(
+    stream: trio.SocketStream,
+    conn: PeerConnection,
+    limiter: HandshakeLimiter,
+    slot: HandshakeSlot,
+    waiting: trio.CancelScope,
+    *,
+    hello_timeout: float,
+    handshake_timeout: float,
+) -> tuple[HandshakeComplete, list[MessageReceived]]:
+    """Run the responder's handshake under the pre-authentication rules: a HELLO within
+    ``hello_timeout``, the whole handshake within ``handshake_timeout``; until the HELLO is
+    accepted, ``waiting`` may be cancelled to evict the connection."""
+    accepted = trio.current_time()
+
+    def hello_arrived() -> None:
+        limiter.hello_accepted(slot)
+        waiting.deadline = math.inf  # only the handshake timeout is left
+
+    result = None
+    with trio.fail_at(accepted + handshake_timeout):
+        waiting.deadline = accepted + hello_timeout
+        with waiting:
+            result = await complete_handshake(stream, conn, on_hello=hello_arrived)
+    if result is None:
+        if slot.evicted:
+            raise HandshakeEvicted("evicted before sending HELLO: a newcomer needed the slot")
+        raise trio.TooSlowError(f"no HELLO within {hello_timeout:g} s of connecting")
+    return result
+
+
 async def serve_peers(
     config: SiteConfig,
     links: dict[str, PeerLink],
@@ -562,17 +669,42 @@ async def serve_peers(
     signing_key: SigningKey,
     *,
     on_handshake: HandshakeObserver = _no_observer,
+    hello_timeout: float = HELLO_TIMEOUT,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept peer connections on the site's listen address and route them to their link.
 
-    ``on_handshake`` is told of the handshakes that fail or are refused here; a link tells
-    its own of those that succeed."""
+    Before a connection has authenticated, nothing it sends touches a link's session or
+    state: a failure is logged, counted, and (with no session up) shown as the link's last
+    error. ``on_handshake`` is told of the handshakes that fail or are refused here; a link
+    tells its own of those that succeed."""
     host, port = config.listen
     listeners = await trio.open_tcp_listeners(port, host=host)
 
-    trust = _LinkRouter(links)
-    limiter = HandshakeLimiter()
+    dialling = {site: link for site, link in links.items() if not link.params.is_master}
+    trust = _LinkRouter(dialling)
+    limiter = HandshakeLimiter(peer_addresses=await _dialling_addresses(dialling))
+
+    def preauth_failed(conn: PeerConnection, address: str, exc: BaseException) -> None:
+        """Log and count a handshake that failed; the claimed link keeps its session."""
+        on_handshake(conn.peer_site_id or "unknown", mode_name(conn), handshake_outcome(exc))
+        claimed = dialling.get(conn.peer_site_id or "")
+        if claimed is not None:
+            claimed.handshake_failed(exc, address)
+        elif isinstance(exc, PeerAuthenticationError):
+            log.error(
+                "event=peer_authentication_failed peer=%s address=%s reason=%r",
+                conn.peer_site_id or "unknown",
+                address,
+                str(exc),
+            )
+        else:
+            log.info(
+                "event=peer_connection_dropped address=%s reason=%r",
+                address,
+                str(exc) or type(exc).__name__,
+            )
 
     async def on_connection(stream: trio.SocketStream) -> None:
         conn = PeerConnection(
@@ -583,7 +715,9 @@ async def serve_peers(
             trust=trust,
         )
         address = _source_address(stream)
-        if not limiter.try_acquire(address):
+        waiting = trio.CancelScope()
+        slot = limiter.admit(address, evict=waiting.cancel)
+        if slot is None:
             log.warning(
                 "event=handshake_refused address=%s reason='too many pending handshakes'", address
             )
@@ -591,41 +725,30 @@ async def serve_peers(
             await stream.aclose()
             return
         async with stream:
-            link = None
-            session_started = False
+            handshake: tuple[HandshakeComplete, list[MessageReceived]] | None = None
             try:
                 try:
-                    with trio.fail_after(HANDSHAKE_TIMEOUT):
-                        done, leftover = await complete_handshake(stream, conn)
-                finally:
-                    limiter.release(address)
-                assert conn.peer_site_id is not None
-                link = links[conn.peer_site_id]
-                if link.params.is_master:
-                    raise PeerAuthenticationError(
-                        f"site {conn.peer_site_id!r} dialled us, but we are the link master"
+                    handshake = await _respond(
+                        stream,
+                        conn,
+                        limiter,
+                        slot,
+                        waiting,
+                        hello_timeout=hello_timeout,
+                        handshake_timeout=handshake_timeout,
                     )
-                session_started = True
+                finally:
+                    limiter.release(slot)
+            except* SESSION_ERRORS as group:
+                preauth_failed(conn, address, _first(group))
+            if handshake is None:
+                return
+            done, leftover = handshake
+            link = dialling[done.peer_site_id]
+            try:
                 await link.run_session(stream, conn, done, leftover)
             except* SESSION_ERRORS as group:
-                exc = _first(group)
-                if not session_started:
-                    on_handshake(
-                        conn.peer_site_id or "unknown", mode_name(conn), handshake_outcome(exc)
-                    )
-                link = link or links.get(conn.peer_site_id or "")
-                if link is not None:
-                    link.session_failed(exc)
-                elif isinstance(exc, PeerAuthenticationError):
-                    log.error(
-                        "event=peer_authentication_failed peer=%s reason=%r",
-                        conn.peer_site_id or "unknown",
-                        str(exc),
-                    )
-                else:
-                    log.info(
-                        "event=peer_connection_dropped reason=%r", str(exc) or type(exc).__name__
-                    )
+                link.session_failed(_first(group))
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, on_connection, listeners)

@@ -4,6 +4,8 @@ This module owns everything qkdd reads from or sends to the service manager, in 
 standard library only and without libsystemd. Outside systemd (no ``NOTIFY_SOCKET``,
 ``LISTEN_FDS``, ``WATCHDOG_USEC`` or ``CREDENTIALS_DIRECTORY`` in the environment) every
 call is a no-op or returns "nothing", so the daemon runs unchanged in a shell or a test.
+The one exception is for commands an operator runs on the host (``qkdd allow-bootstrap``):
+they find a credential in the credential stores the unit's ``LoadCredential=`` reads.
 
 The wire format is the one documented in sd_notify(3), sd_listen_fds(3) and
 sd_watchdog_enabled(3): newline-separated ``KEY=VALUE`` assignments in one datagram on
@@ -16,16 +18,20 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Final
 
 __all__ = [
+    "CREDENTIAL_STORES",
     "SD_LISTEN_FDS_START",
     "ListenFdsError",
     "Notifier",
     "SystemdError",
     "credential_path",
+    "find_credential",
     "listen_fds",
     "listen_fds_with_names",
+    "operator_credential_directories",
     "watchdog_interval",
 ]
 
@@ -255,11 +261,52 @@ def _take_listen_fds(
 
 def credential_path(name: str, environ: Mapping[str, str] | None = None) -> str | None:
     """Path of credential *name* (``LoadCredential=name...``) if systemd provided it."""
-    if not name or "/" in name or name in (".", ".."):
-        raise ValueError(f"not a credential name: {name!r}")
+    _check_credential_name(name)
     env = os.environ if environ is None else environ
     directory = env.get("CREDENTIALS_DIRECTORY")
     if not directory:
         return None
     path = os.path.join(directory, name)
     return path if os.path.exists(path) else None
+
+
+def _check_credential_name(name: str) -> None:
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"not a credential name: {name!r}")
+
+
+#: Where ``LoadCredential=NAME`` (a name, no path: the shipped qkdd.service) loads NAME
+#: from, first match wins: the credentials the service manager itself received, then the
+#: credential stores. This is the search path compiled into systemd 252 (Debian 12);
+#: systemd.exec(5) names /etc, /run and /usr/lib, and the binary also searches /usr/local/lib.
+CREDENTIAL_STORES: Final = (
+    "/run/credentials/@system",
+    "/etc/credstore",
+    "/run/credstore",
+    "/usr/local/lib/credstore",
+    "/usr/lib/credstore",
+)
+
+
+def operator_credential_directories(
+    environ: Mapping[str, str] | None = None, stores: Sequence[str] | None = None
+) -> list[str]:
+    """Where a command run by an operator, outside the service, reads a credential: the
+    directory systemd handed over if it runs under a unit (``$CREDENTIALS_DIRECTORY``),
+    else where the unit's ``LoadCredential=`` finds it (``stores``, by default
+    ``CREDENTIAL_STORES``). The daemon itself uses ``credential_path`` only."""
+    env = os.environ if environ is None else environ
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        return [directory]
+    return list(CREDENTIAL_STORES if stores is None else stores)
+
+
+def find_credential(name: str, directories: Sequence[str]) -> str | None:
+    """The first ``directory/name`` that exists, or None."""
+    _check_credential_name(name)
+    for directory in directories:
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            return path
+    return None

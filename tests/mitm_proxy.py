@@ -30,6 +30,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from timeouts import timeout
+
 from qkdd.crypto.select import select_backend
 from qkdd.peer.connection import MODE_SIGNATURE_BOOTSTRAP, Hello
 from qkdd.peer.wire import FRAME_HEADER, FRAME_HEADER_SIZE, FrameType, make_frame
@@ -181,7 +183,7 @@ class MitmProxy:
 
     def close(self) -> None:
         self._call(self._shutdown)
-        self._thread.join(5)
+        self._thread.join(timeout(5))
         self._listener.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -220,7 +222,7 @@ class MitmProxy:
         done = threading.Event()
         self._commands.put((command, done))
         self._wake_w.send(b"x")
-        if not done.wait(5):
+        if not done.wait(timeout(5)):
             raise RuntimeError("the proxy thread does not answer")
 
     # -- the proxy thread -------------------------------------------------------------------
@@ -270,7 +272,7 @@ class MitmProxy:
         self.records.append(record)
         try:
             assert self.upstream is not None
-            b = socket.create_connection(self.upstream, timeout=5)
+            b = socket.create_connection(self.upstream, timeout=timeout(5))
             b.settimeout(None)
         except OSError as exc:
             record.detail = f"upstream unreachable: {exc}"

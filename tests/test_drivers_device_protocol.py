@@ -11,6 +11,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from qkdd_drivers.constants import PROTOCOL_VERSION_MAX
 from qkdd_drivers.device_protocol import (
     DEVICE_TRANSITIONS,
     HOST_TRANSITIONS,
@@ -83,7 +84,7 @@ def test_handshake_both_ends_agree() -> None:
     host = HostProtocol(name="site-a")
     dev = DeviceProtocol(name="dev-1", window=16)
     events = connect(host, dev)
-    assert events == [HandshakeComplete(1, "dev-1", 16)]
+    assert events == [HandshakeComplete(PROTOCOL_VERSION_MAX, "dev-1", 16)]
     assert host.state is HostState.READY and dev.state is DeviceState.READY
     assert dev.host_name == "site-a" and host.device_name == "dev-1"
 
@@ -332,7 +333,8 @@ def test_lost_frame_is_reported_as_sequence_gap_and_corruption_as_dropped() -> N
     damaged[8] = damaged[8] ^ 0x01 or 0x02
     events = host.receive_data(bytes(damaged) + frames[2])
     assert isinstance(events[0], FrameDropped)
-    assert SequenceGap(expected=2, received=3) in events
+    # The device's frames so far: HELLO 0, IDENTITY 1 (version 2 on), then keys.
+    assert SequenceGap(expected=3, received=4) in events
     assert len(received(events)) == 1
 
 
@@ -340,15 +342,16 @@ def test_frame_with_wrong_version_nibble_is_dropped() -> None:
     host, dev = HostProtocol(), DeviceProtocol()
     connect(host, dev)
     msg_type, payload = encode_message(Keys((KeyEntry(os.urandom(16), b"x"),)))
-    events = host.receive_data(encode_frame(2, msg_type, 1, payload))
-    assert events == [FrameDropped("frame version 2, expected 1")]
+    wrong = host.version + 1
+    events = host.receive_data(encode_frame(wrong, msg_type, 2, payload))
+    assert events == [FrameDropped(f"frame version {wrong}, expected {host.version}")]
 
 
 def test_host_rejects_ack_from_device_side() -> None:
     host, dev = HostProtocol(), DeviceProtocol()
     connect(host, dev)
     msg_type, payload = encode_message(Ack((os.urandom(16),)))
-    events = host.receive_data(encode_frame(1, msg_type, 1, payload))
+    events = host.receive_data(encode_frame(host.version, msg_type, 2, payload))
     assert isinstance(events[0], MessageIgnored)
     (frame,) = frames_of(host.data_to_send())
     assert decode_message(frame.msg_type, frame.payload).code == ErrorCode.UNEXPECTED_MESSAGE
@@ -411,7 +414,7 @@ def test_valid_frames_with_arbitrary_payloads_never_crash(items: list[tuple[int,
     host, dev = HostProtocol(), DeviceProtocol()
     connect(host, dev)
     for seq, (msg_type, payload) in enumerate(items, start=1):
-        wire = encode_frame(1, msg_type, seq, payload)
+        wire = encode_frame(host.version, msg_type, seq, payload)
         host.receive_data(wire)
         dev.receive_data(wire)
         host.data_to_send()

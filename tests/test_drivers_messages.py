@@ -17,6 +17,7 @@ from qkdd_drivers.messages import (
     ErrorCode,
     ErrorMessage,
     Hello,
+    Identity,
     KeyEntry,
     Keys,
     LinkState,
@@ -104,7 +105,7 @@ def _keys_payload(*entries: tuple[bytes, int, bytes], count: int | None = None) 
 @pytest.mark.parametrize(
     ("msg_type", "payload", "words"),
     [
-        (0x6, b"", "unknown message type"),
+        (0x7, b"", "unknown message type"),
         (0x0, b"", "unknown message type"),
         (MessageType.HELLO, bytes.fromhex("0101010000001000"), "shorter"),
         (MessageType.HELLO, bytes.fromhex("010101000000100003") + b"ab", "name length"),
@@ -202,6 +203,7 @@ def test_mutated_valid_payloads_raise_only_message_error(
         MessageType.KEYS: Keys((KeyEntry(KID, b"k" * 32), KeyEntry(os.urandom(16), b"j" * 8))),
         MessageType.ACK: Ack((KID, os.urandom(16))),
         MessageType.ERROR: ErrorMessage(2, "detail"),
+        MessageType.IDENTITY: Identity("site-a", "site-b"),
     }
     _, payload = encode_message(seeds[msg_type])
     mutated = bytearray(payload)

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import trio
 from qkdd_drivers.base import QkdKey
+from qkdd_drivers.constants import PROTOCOL_VERSION_MAX as VERSION
 from qkdd_drivers.emulated_device import DeviceHalf
 from qkdd_drivers.errors import DeviceBusyError, DeviceNotFoundError, NotATtyError
 from qkdd_drivers.framing import encode_frame
 from qkdd_drivers.messages import KeyEntry, Keys, encode_message
 from qkdd_drivers.serial_driver import SerialDevice, open_serial_port
+from timeouts import timeout
 
 FAST = dict(
     reconnect_initial_delay=0.05,
@@ -93,8 +95,8 @@ class RecordingSink:
         self.batches.append(list(keys))
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
+async def wait_for(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
+    with trio.fail_after(timeout(seconds)):
         while not predicate():
             await trio.sleep(0.01)
 
@@ -155,9 +157,9 @@ async def test_garbage_truncated_and_corrupt_frames_are_skipped(
             # A KEYS frame whose material is damaged in transit: its CRC fails.
             forged_id, forged_material = os.urandom(16), b"\x11" * 32
             msg_type, payload = encode_message(Keys((KeyEntry(forged_id, forged_material),)))
-            corrupt = bytearray(encode_frame(1, msg_type, 999, payload))
+            corrupt = bytearray(encode_frame(VERSION, msg_type, 999, payload))
             corrupt[30] = corrupt[30] ^ 0x04 or 0x01
-            truncated = encode_frame(1, msg_type, 1000, payload)[:25]
+            truncated = encode_frame(VERSION, msg_type, 1000, payload)[:25]
             await half.send_raw(b"line noise \x00\xff\x13\x37" + os.urandom(300), pty.stream)
             await half.send_raw(bytes(corrupt), pty.stream)
             await half.send_raw(truncated, pty.stream)
@@ -318,7 +320,7 @@ async def test_device_stalling_mid_frame_recovers(tmp_path: Path) -> None:
             await wait_for(lambda: len(sink.keys) == 2)
             half.silenced = True  # the device hangs half-way through a frame
             msg_type, payload = encode_message(Keys((KeyEntry(os.urandom(16), b"k" * 32),)))
-            await half.send_raw(encode_frame(1, msg_type, 77, payload)[:20], pty.stream)
+            await half.send_raw(encode_frame(VERSION, msg_type, 77, payload)[:20], pty.stream)
             await wait_for(lambda: "stalled in the middle of a frame" in device.status.detail)
             assert device.status.state in ("down", "connecting")
             half.silenced = False
@@ -433,7 +435,7 @@ async def test_logs_and_reprs_never_show_key_material(
             # A device bug: the same ID again, with other material. The first copy stays.
             key_id, material = keys[0]
             msg_type, payload = encode_message(Keys((KeyEntry(key_id, b"\x42" * 32),)))
-            await half.send_raw(b"\x00" + encode_frame(1, msg_type, 500, payload), pty.stream)
+            await half.send_raw(b"\x00" + encode_frame(VERSION, msg_type, 500, payload), pty.stream)
             await wait_for(lambda: "device.key-id-conflict" in caplog.text)
         dev_nursery.cancel_scope.cancel()
     await pty.close()
@@ -462,7 +464,7 @@ async def test_slow_sink_is_not_mistaken_for_a_stalled_or_silent_device(
     frames = []
     for seq, key_id in ((1, x_id), (2, y_id)):
         msg_type, payload = encode_message(Keys((KeyEntry(key_id, b"k" * 32),)))
-        frames.append(encode_frame(1, msg_type, seq, payload))
+        frames.append(encode_frame(VERSION, msg_type, seq, payload))
     async with trio.open_nursery() as dev_nursery:
         dev_nursery.start_soon(half.serve, pty.stream)
         async with running(device, sink):

@@ -24,6 +24,7 @@ from qkdd.peer.wire import (
     FRAME_HEADER,
     MAX_HANDSHAKE_BODY,
     MAX_SESSION_BODY,
+    PROTOCOL_VERSION,
     FrameBuffer,
     FrameType,
     make_frame,
@@ -225,7 +226,7 @@ def test_data_before_handshake_is_refused(backend, identities):
 
 def test_oversized_frame_is_refused_from_its_header(backend, identities):
     _, responder = make_pair(backend, identities)
-    header = FRAME_HEADER.pack(1, FrameType.HELLO, MAX_HANDSHAKE_BODY + 1)
+    header = FRAME_HEADER.pack(PROTOCOL_VERSION, FrameType.HELLO, MAX_HANDSHAKE_BODY + 1)
     with pytest.raises(RemoteProtocolError, match="exceeds the cap"):
         responder.receive_data(header)
 

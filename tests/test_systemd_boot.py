@@ -299,17 +299,12 @@ def follow_the_readme(box: Container, failures: list[str]) -> None:
     )
     check = "qkdd check-config /etc/qkdd/qkdd.toml"
     assert f"`{check}`" in prose
-    # The example config pins the peer's key, which arrives in step 6 only.
-    readme_step(box, check, failures=failures)
 
     # 6. Pair the two sites: the peer's operator made its identity with the same keygen and
     # sent the public key file; this site pins it where the example config points.
     box.run("qkdd keygen --out /root/peer-identity >/dev/null")
     box.run(f"cp /root/peer-identity.pub /etc/qkdd/{PEER_SITE}.pub")
-    # `qkdd allow-bootstrap --config /etc/qkdd/qkdd.toml PEER_SITE` is not run: from a root
-    # shell it cannot read the key-encryption key of a `credential:` config (the credential
-    # exists only inside the running service), so it fails as written. Run it here again
-    # once it works from the operator's shell.
+    # Its `qkdd allow-bootstrap` needs the daemon's key store: run below, once it runs.
     readme_step(box, check)  # the pinned key is readable
 
     # 7. Start and watch.
@@ -337,6 +332,16 @@ def follow_the_readme(box: Container, failures: list[str]) -> None:
     # `qkdctl status` from the operator's root shell, with no arguments.
     as_root = box.run("qkdctl status")
     assert "site site-a" in as_root.stdout and "QKD device    up" in as_root.stdout, as_root
+
+    # Step 6's `qkdd allow-bootstrap` from the root shell: it reads the key-encryption key
+    # where the unit's LoadCredential= does (/etc/credstore), `--revoke` withdraws the
+    # allowance, and nothing in the daemon's state directory becomes root's.
+    allow = f"qkdd allow-bootstrap --config /etc/qkdd/qkdd.toml {PEER_SITE}"
+    assert "`qkdd allow-bootstrap --config /etc/qkdd/qkdd.toml PEER_SITE`" in prose
+    assert "is now allowed" in readme_step(box, allow).stdout
+    assert "Withdrew" in readme_step(box, f"{allow} --revoke").stdout
+    owned_by_root = box.run("find /var/lib/qkdd -user root").stdout.split()
+    assert owned_by_root == [], owned_by_root
 
     # `systemctl reload qkdd` re-reads the config: key_lifetime applies live.
     assert "`systemctl reload qkdd` re-reads the config" in prose

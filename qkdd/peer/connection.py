@@ -131,7 +131,8 @@ class PeerTrust(Protocol):
     """What a responder asks the link layer about a peer that says who it is."""
 
     def pinned_key(self, site_id: str) -> bytes | None:
-        """The pinned ML-DSA-65 public key of a configured peer, None for unknown sites."""
+        """The pinned ML-DSA-65 public key of a configured peer, None for unknown sites (a
+        responder's trust also says None for a peer that never dials it)."""
 
     def bootstrap_allowed(self, site_id: str) -> bool:
         """Whether a signature bootstrap with this peer may happen now."""
@@ -373,6 +374,12 @@ class PeerConnection:
         self._outgoing += self._send.seal(FrameType.KEY_UPDATE, b"")
         self._send.ratchet()
 
+    @property
+    def awaiting_hello(self) -> bool:
+        """A responder that has not yet accepted a HELLO (the I/O layer gives such a
+        connection less time and may drop it for a newcomer: docs/protocol.md §3.1)."""
+        return self.state is State.WAIT_HELLO
+
     def data_to_send(self) -> bytes:
         out = bytes(self._outgoing)
         self._outgoing.clear()
@@ -427,9 +434,12 @@ class PeerConnection:
                 f"peer {hello.initiator_id!r} wants site {hello.responder_id!r}, "
                 f"we are {self._local_id!r}"
             )
-        # Unknown sites are refused before any signature or KEM work is done for them.
+        # Unknown sites, and sites that never dial us (we are their link master), are
+        # refused before any signature or KEM work is done for them.
         if self._trust.pinned_key(hello.initiator_id) is None:
-            raise PeerAuthenticationError(f"site {hello.initiator_id!r} is not a configured peer")
+            raise PeerAuthenticationError(
+                f"site {hello.initiator_id!r} is not a configured peer that dials this site"
+            )
         self.peer_site_id = hello.initiator_id
         self.mode = hello.mode
         if hello.mode == MODE_PSK:

@@ -8,7 +8,9 @@ the link slave:
     slave  -> master  KEM_OFFER   a fresh ML-KEM-768 encapsulation key (used once)
     slave  -> master  POOL_DEMAND how many keys the slave's local master SAEs want
     slave  -> master  PAD_DEMAND  how many one-time pads the slave's local senders want
-    slave  -> master  QKD_HORIZON the oldest QKD key the slave holds (buffers line up)
+    both              QKD_HORIZON the sender's oldest QKD keys and its newest (buffers line up;
+                                  also the heartbeat of a quiet session)
+    both              QKD_SKIP    QKD keys of the receiver's horizon that can never be agreed
     master -> slave   KEY_BATCH   purpose, ML-KEM ciphertext + per key: key ID, SAE pair,
                                   QKD key IDs
     slave  -> master  BATCH_ACK   stored (or rejected, with the reason)
@@ -34,7 +36,11 @@ MAX_DEMAND_ENTRIES: Final = 256
 MAX_RESYNC_BATCHES: Final = 1024
 MAX_REASON_LENGTH: Final = 512
 STORE_ID_SIZE: Final = 16
-MAX_HORIZON_KEYS: Final = 64
+# A horizon lists at most this many of the sender's oldest QKD keys (64 KiB of IDs): the
+# default QKD buffer fits in one. The sender starts at HORIZON_KEYS_FIRST and doubles while
+# the peer keeps skipping everything it listed (a long run the peer never got).
+MAX_HORIZON_KEYS: Final = 4096
+HORIZON_KEYS_FIRST: Final = 64
 # A call body carries at most one application message (capped at 1 MiB) and its framing:
 # up to MAX_KEYS_PER_MESSAGE (2048) key IDs of 16 bytes, SAE IDs and lengths.
 MAX_CALL_BODY: Final = 1024 * 1024 + 64 * 1024
@@ -58,6 +64,7 @@ class MessageType:
     PEER_CALL: Final = 0x09
     CALL_REPLY: Final = 0x0A
     PAD_DEMAND: Final = 0x0B
+    QKD_SKIP: Final = 0x0C
 
 
 class CallOutcome:
@@ -266,22 +273,59 @@ class StoreId:
 
 @dataclass(frozen=True)
 class QkdHorizon:
-    """The oldest QKD keys the slave still holds, oldest first: keys the master holds that
-    come before the first of these it also holds are orphans (the slave never had them)."""
+    """The sender's oldest buffered QKD keys, oldest first, and its newest one.
+
+    Keys the receiver holds that come before the first of these it also holds are orphans
+    (the sender never had them, or moved past them). The newest key lets the receiver
+    prove that listed keys it lacks will never come: its own device already delivered a
+    key that the sender's device delivered after them. An empty list (the sender's buffer
+    is empty) carries no newest key; it still tells the peer the session is alive."""
 
     oldest_key_ids: tuple[str, ...]
+    newest_key_id: str | None = None
 
     def encode(self) -> bytes:
-        w = Writer().u8(MessageType.QKD_HORIZON).u8(len(self.oldest_key_ids))
+        w = Writer().u8(MessageType.QKD_HORIZON).u16(len(self.oldest_key_ids))
         for key_id in self.oldest_key_ids:
             w.fixed(uuid.UUID(key_id).bytes, 16)
+        if self.newest_key_id is None:
+            w.u8(0)
+        else:
+            w.u8(1).fixed(uuid.UUID(self.newest_key_id).bytes, 16)
         return w.build()
 
     @classmethod
     def read(cls, r: Reader) -> QkdHorizon:
-        count = r.u8()
+        count = r.u16()
+        if count > MAX_HORIZON_KEYS:
+            raise RemoteProtocolError(f"QKD_HORIZON: {count} keys, allowed 0-{MAX_HORIZON_KEYS}")
+        oldest = tuple(str(uuid.UUID(bytes=r.fixed(16))) for _ in range(count))
+        has_newest = r.u8()
+        if has_newest not in (0, 1) or (has_newest and not count):
+            raise RemoteProtocolError("QKD_HORIZON: bad newest-key flag")
+        newest = str(uuid.UUID(bytes=r.fixed(16))) if has_newest else None
+        return cls(oldest, newest)
+
+
+@dataclass(frozen=True)
+class QkdSkip:
+    """QKD key IDs from the receiver's last horizon that can never be agreed: the sender
+    never got them although its device delivered a later key, or it used them already.
+    The sender has marked them used; the receiver does the same (never unmarks)."""
+
+    key_ids: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        w = Writer().u8(MessageType.QKD_SKIP).u16(len(self.key_ids))
+        for key_id in self.key_ids:
+            w.fixed(uuid.UUID(key_id).bytes, 16)
+        return w.build()
+
+    @classmethod
+    def read(cls, r: Reader) -> QkdSkip:
+        count = r.u16()
         if not 1 <= count <= MAX_HORIZON_KEYS:
-            raise RemoteProtocolError(f"QKD_HORIZON: {count} keys, allowed 1-{MAX_HORIZON_KEYS}")
+            raise RemoteProtocolError(f"QKD_SKIP: {count} keys, allowed 1-{MAX_HORIZON_KEYS}")
         return cls(tuple(str(uuid.UUID(bytes=r.fixed(16))) for _ in range(count)))
 
 
@@ -332,6 +376,7 @@ LinkMessage = (
     | Resync
     | StoreId
     | QkdHorizon
+    | QkdSkip
     | PeerCall
     | CallReply
 )
@@ -348,6 +393,7 @@ _DECODERS: dict[int, type[LinkMessage]] = {
     MessageType.PEER_CALL: PeerCall,
     MessageType.CALL_REPLY: CallReply,
     MessageType.PAD_DEMAND: PadDemand,
+    MessageType.QKD_SKIP: QkdSkip,
 }
 
 

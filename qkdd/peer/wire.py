@@ -13,8 +13,10 @@ from typing import Final
 
 from qkdd.peer.errors import RemoteProtocolError
 
-PROTOCOL_VERSION: Final = 1
-SUPPORTED_VERSIONS: Final = (1,)
+# Version 2: QKD_HORIZON carries up to 4096 keys and the sender's newest, QKD_SKIP is new
+# (docs/protocol.md §5); a version-1 peer would reject both, so the versions do not mix.
+PROTOCOL_VERSION: Final = 2
+SUPPORTED_VERSIONS: Final = (2,)
 FRAME_HEADER = struct.Struct(">BBI")
 FRAME_HEADER_SIZE: Final = FRAME_HEADER.size  # 6
 

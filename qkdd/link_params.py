@@ -1,0 +1,53 @@
+"""What a link's key agreement is configured with (``LinkParameters``: sites, SAEs, sizes,
+derived roles) and how it fails (``LinkError``, ``SessionDead``). ``qkdd.link`` re-exports
+all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class LinkError(Exception):
+    """The peer broke the key-agreement rules; the session must be dropped."""
+
+
+class SessionDead(LinkError):
+    """A reply or a heartbeat from the peer is overdue: the session must be dropped (a new
+    one settles whatever was in flight)."""
+
+
+@dataclass(frozen=True)
+class LinkParameters:
+    local_site_id: str
+    peer_site_id: str
+    local_sae_ids: frozenset[str]
+    remote_sae_ids: frozenset[str]
+    key_size_bits: int
+    pool_size: int
+    auth_key_bits: int = 256
+    # One-time pads kept ready per local sender -> remote recipient pair (0: none).
+    pad_keys: int = 0
+    # QKD keys buffered at most before the device is held back (``qkd_buffer_keys``).
+    qkd_buffer_keys: int = 4096
+
+    @property
+    def is_master(self) -> bool:
+        return self.local_site_id < self.peer_site_id
+
+    @property
+    def master_site_id(self) -> str:
+        return self.local_site_id if self.is_master else self.peer_site_id
+
+    @property
+    def slave_site_id(self) -> str:
+        return self.peer_site_id if self.is_master else self.local_site_id
+
+    def pair_allowed(self, master_sae: str, slave_sae: str) -> bool:
+        return (master_sae in self.local_sae_ids and slave_sae in self.remote_sae_ids) or (
+            master_sae in self.remote_sae_ids and slave_sae in self.local_sae_ids
+        )
+
+    def local_master_pairs(self) -> list[tuple[str, str]]:
+        """SAE pairs whose enc_keys caller is at this site (their pool is here)."""
+        return sorted((m, s) for m in self.local_sae_ids for s in self.remote_sae_ids)

@@ -1,0 +1,72 @@
+"""How the link master authenticates its next handshake: with its newest PSK, with an
+ML-DSA signature bootstrap, or not at all (sans-IO: the I/O layer says what the store holds
+and how each handshake ended; docs/protocol.md §6).
+
+Theory of operation. An operator's ``qkdd allow-bootstrap`` only *permits* a bootstrap; it
+never replaces a PSK that still works. So the master dials with its newest PSK while it
+holds one, and turns to a bootstrap only when
+
+- it holds no PSK (first contact, or its chain is lost), or
+- the responder refused its PSK handshake: the responder closed the connection before
+  answering (that is how it refuses a key it does not hold) or its answer failed the PSK
+  check,
+
+and a bootstrap is permitted: no PSK chain exists yet, or the operator allowed one. Without
+that consent the master never falls back to signatures (fail closed): it keeps offering its
+PSK, in case the peer's state comes back. A bootstrap attempt that fails for any reason
+sends the master back to its PSK for the next handshake, so a one-sided allowance costs a
+healthy link at most one refused attempt after a stray close, never the link.
+
+The responder's side is one rule, kept by the key store: it accepts a bootstrap only while
+one is permitted. Each side's allowance ends when a new authentication key is committed.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+# Handshake outcomes (``qkdd.peering.handshake_outcome``) that mean the responder refused
+# the PSK: a responder that does not hold the named key closes without a word.
+PSK_REFUSED_OUTCOMES: Final = frozenset({"authentication_failed", "closed"})
+
+
+class DialAuth(enum.Enum):
+    """What the next handshake is authenticated with."""
+
+    PSK = "psk"
+    BOOTSTRAP = "bootstrap"
+    # Neither may be used: no PSK, and a bootstrap is not permitted (fail closed).
+    NONE = "none"
+
+
+class InitiatorAuthChoice:
+    """The master's choice between its PSK and a bootstrap, one handshake at a time.
+
+    Holds one bit of memory: whether the responder refused the last PSK handshake. It is
+    not persisted: after a restart the master offers its PSK first again."""
+
+    def __init__(self) -> None:
+        self.psk_refused = False
+
+    def choose(
+        self, *, holds_psk: bool, chain_established: bool, operator_allowed: bool
+    ) -> DialAuth:
+        """The mode for the next handshake, from what the store says now."""
+        permitted = not chain_established or operator_allowed
+        if holds_psk and not (self.psk_refused and permitted):
+            return DialAuth.PSK
+        if permitted:
+            return DialAuth.BOOTSTRAP
+        return DialAuth.NONE
+
+    def handshake_failed(self, used: DialAuth, outcome: str) -> None:
+        """A handshake made with ``used`` failed with ``outcome`` (before it completed)."""
+        if used is DialAuth.PSK:
+            if outcome in PSK_REFUSED_OUTCOMES:
+                self.psk_refused = True
+        elif used is DialAuth.BOOTSTRAP:
+            self.psk_refused = False  # back to the PSK: the peer may well hold it
+
+    def handshake_completed(self) -> None:
+        self.psk_refused = False

@@ -1,0 +1,440 @@
+"""The QKD half of the key store: keys a device delivered that wait to be agreed with the
+peer (``qkd_keys``), and the memory of QKD key IDs already used (``qkd_consumed``).
+
+``KeyStore`` inherits these methods; they share its database and transactions.
+
+Theory of operation. Both devices of a link deliver one stream in one order, so the two
+buffers should hold the same keys. They fall out of step when one side's buffer holds keys
+the other will never get: the device restarted while one daemon was down, a daemon lost its
+store, a device discarded keys, a batch was cut off mid-session. Every buffered key gets a
+*receive number* (``seq``, increasing for the life of the store), and each side tells the
+other its oldest keys and its newest one (QKD_HORIZON). From the peer's horizon a side
+learns, in one store transaction (``apply_peer_horizon``):
+
+- (a) its own keys older than the first listed key it holds are orphans (the peer's
+  device delivered them before that key, and the peer no longer holds them);
+- (b) listed keys it lacks although it holds a later one (a later listed key, or the
+  peer's newest) never reach it: its device is past them. Those, and listed keys it has
+  already used, are *skipped*: marked used here and sent back (QKD_SKIP) for the peer to
+  mark used too;
+- (c) if it holds none of the listed keys, has used not even the first, lacks the peer's
+  newest key, and its buffer is full (so its device is held back and can never catch up)
+  or the peer lost its store, everything it holds came before the peer's stream or from a
+  run of the device the peer never saw: all of it is dropped.
+
+A key is only ever *added* to the used set, so a mistake (e.g. a key that arrives late
+after a lost frame) can cost a key, never use one twice.
+
+Used key IDs are kept as 16 bytes each with the receive number they had (or the newest
+receive number when they were used without being held). A row is forgotten once both
+buffers have moved past it (our oldest buffered key, and the peer's oldest as its horizon
+says, were received after it) and at least ``consumed_memory`` newer used IDs are
+remembered: a device only ever re-sends keys it has not seen acknowledged, at most its
+window of keys in flight (the serial protocol allows up to 65,535), so a re-sent key is
+always among the remembered ones and is ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+import uuid
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from qkdd.sealing import Sealer, StoreError
+from qkdd.sealing import qkd_row_aad as _qkd_aad
+
+# Used QKD key IDs remembered per peer at least, newest first: more than the largest
+# window of keys in flight a serial device may announce (65,535), so any key a device may
+# still re-send is recognised as used.
+CONSUMED_MEMORY: Final = 65_536
+# Key IDs per SQL statement when looking up many at once (SQLite's variable limit is higher).
+_LOOKUP_CHUNK: Final = 500
+# Forgetting used IDs walks the memory's index: done once per this many newly used keys
+# (at most an eighth of the memory more is kept).
+_FORGET_EVERY: Final = 1024
+
+QKD_BUFFER_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS qkd_keys (
+    seq         INTEGER PRIMARY KEY,
+    peer_site   TEXT NOT NULL,
+    key_id      TEXT NOT NULL,
+    material    BLOB NOT NULL,
+    received_at REAL NOT NULL,
+    UNIQUE (peer_site, key_id)
+);
+CREATE TABLE IF NOT EXISTS qkd_consumed (
+    peer_site TEXT NOT NULL,
+    key_id    BLOB NOT NULL,
+    mark      INTEGER NOT NULL,
+    PRIMARY KEY (peer_site, key_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS qkd_consumed_by_mark ON qkd_consumed (peer_site, mark);
+"""
+
+
+@dataclass(frozen=True)
+class StoredQkdKey:
+    key_id: str
+    material: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class HorizonOutcome:
+    """What a peer's horizon did here (``QkdBuffer.apply_peer_horizon``)."""
+
+    dropped: int  # our buffered keys dropped as orphans
+    skip: tuple[str, ...]  # the peer's listed keys to skip, marked used here already
+    # Listed keys we lack without proof that they never come, or none of them held here:
+    # look again when our buffer changes (a later key may arrive, or the buffer fill up).
+    unresolved: bool
+    # We hold one of the listed keys or the newest: our device got that far in the peer's
+    # stream (keys of the peer's older than that which we lack never come).
+    anchored: bool = False
+
+
+def key_id_bytes(key_id: str) -> bytes:
+    """The 16 bytes of a QKD key ID (a UUID, as devices and the peer protocol carry it)."""
+    try:
+        return uuid.UUID(key_id).bytes
+    except ValueError:
+        raise StoreError(f"QKD key ID {key_id!r} is not a UUID") from None
+
+
+def _id_text(raw: bytes) -> str:
+    return str(uuid.UUID(bytes=bytes(raw)))
+
+
+class QkdBuffer:
+    """QKD keys and used QKD key IDs; mixed into ``KeyStore``."""
+
+    # Used IDs kept per peer at least (see the module docstring); tests and benches lower it.
+    consumed_memory: int = CONSUMED_MEMORY
+
+    if TYPE_CHECKING:
+        _db: sqlite3.Connection
+        _sealer: Sealer
+
+        def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]: ...
+
+        def _open_row(
+            self, table: str, key: tuple[str, ...], associated: bytes, sealed: bytes
+        ) -> bytes | None: ...
+
+        def _flag(self, name: str) -> bool: ...
+
+    def _upgrade_qkd_buffer(self) -> None:
+        """Move used IDs from the text table of older stores into ``qkd_consumed``."""
+        old = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='consumed_qkd_keys'"
+        ).fetchone()
+        if old is None:
+            return
+        with self.transaction() as db:
+            mark = self._last_seq(db)
+            rows = db.execute("SELECT peer_site, key_id FROM consumed_qkd_keys").fetchall()
+            db.executemany(
+                "INSERT OR IGNORE INTO qkd_consumed VALUES (?, ?, ?)",
+                [(peer, key_id_bytes(key_id), mark) for peer, key_id in rows],
+            )
+            db.execute(
+                "INSERT OR IGNORE INTO counters SELECT 'used:' || peer_site, count(*)"
+                " FROM consumed_qkd_keys GROUP BY peer_site"
+            )
+            db.execute("DROP TABLE consumed_qkd_keys")
+
+    # -- receive numbers --------------------------------------------------------------------
+
+    @staticmethod
+    def _last_seq(db: sqlite3.Connection) -> int:
+        """The newest receive number handed out (buffered keys are numbered in order of
+        arrival, for the life of the store, across all peers)."""
+        row = db.execute("SELECT value FROM counters WHERE name='qkd-seq'").fetchone()
+        if row is not None:
+            return int(row[0])
+        # A store from before the counter: continue above every number in use.
+        held = db.execute("SELECT max(seq) FROM qkd_keys").fetchone()[0] or 0
+        used = db.execute("SELECT max(mark) FROM qkd_consumed").fetchone()[0] or 0
+        return max(int(held), int(used))
+
+    # -- storing and reading ----------------------------------------------------------------
+
+    def store_qkd_keys(self, peer_site: str, keys: Iterable[StoredQkdKey]) -> int:
+        """Store keys from a device; returns how many were new (re-sent and used ones are
+        ignored)."""
+        now = time.time()
+        added = 0
+        with self.transaction() as db:
+            seq = self._last_seq(db)
+            for key in keys:
+                if self._is_consumed(db, peer_site, key.key_id):
+                    continue
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO qkd_keys (seq, peer_site, key_id, material,"
+                    " received_at) VALUES (?, ?, ?, ?, ?)",
+                    (
+                        seq + 1,
+                        peer_site,
+                        key.key_id,
+                        self._sealer.seal(_qkd_aad(peer_site, key.key_id), key.material),
+                        now,
+                    ),
+                )
+                if cursor.rowcount:
+                    seq += 1
+                    added += 1
+            if added:
+                db.execute("INSERT OR REPLACE INTO counters VALUES ('qkd-seq', ?)", (seq,))
+        return added
+
+    def qkd_key_count(self, peer_site: str) -> int:
+        row = self._db.execute("SELECT count(*) FROM qkd_keys WHERE peer_site=?", (peer_site,))
+        return int(row.fetchone()[0])
+
+    def oldest_qkd_keys(self, peer_site: str) -> Iterator[StoredQkdKey]:
+        """The buffered QKD keys, oldest first, unsealed one at a time as they are taken.
+        Finish with the iterator before writing to the store.
+
+        A key that does not open is quarantined (deleting the row being read is safe in
+        SQLite) and skipped: the peer still holds it, and drops it as an orphan once a
+        batch names later keys (``quarantine_qkd_keys_before``) or by our horizon."""
+        rows = self._db.execute(
+            "SELECT key_id, material FROM qkd_keys WHERE peer_site=? ORDER BY seq", (peer_site,)
+        )
+        for key_id, sealed in rows:
+            material = self._open_qkd(peer_site, key_id, sealed)
+            if material is not None:
+                yield StoredQkdKey(key_id, material)
+
+    def _open_qkd(self, peer_site: str, key_id: str, sealed: bytes) -> bytes | None:
+        return self._open_row("qkd_keys", (peer_site, key_id), _qkd_aad(peer_site, key_id), sealed)
+
+    def get_qkd_keys(self, peer_site: str, key_ids: Sequence[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        for key_id in key_ids:
+            row = self._db.execute(
+                "SELECT material FROM qkd_keys WHERE peer_site=? AND key_id=?", (peer_site, key_id)
+            ).fetchone()
+            # A key that does not open is left out, as if the device had not delivered it.
+            if row and (material := self._open_qkd(peer_site, key_id, row[0])) is not None:
+                found[key_id] = material
+        return found
+
+    def oldest_qkd_key_ids(self, peer_site: str, limit: int) -> list[str]:
+        rows = self._db.execute(
+            "SELECT key_id FROM qkd_keys WHERE peer_site=? ORDER BY seq LIMIT ?", (peer_site, limit)
+        )
+        return [str(r[0]) for r in rows]
+
+    def newest_qkd_key_id(self, peer_site: str) -> str | None:
+        row = self._db.execute(
+            "SELECT key_id FROM qkd_keys WHERE peer_site=? ORDER BY seq DESC LIMIT 1", (peer_site,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    # -- lining the buffers up ----------------------------------------------------------------
+
+    def quarantine_qkd_keys_before(
+        self, peer_site: str, key_ids: Iterable[str], keep: Collection[str] = ()
+    ) -> int:
+        """Quarantine every buffered QKD key received before the earliest of ``key_ids``
+        (except those in ``keep``).
+
+        Both devices deliver one stream in one order, so a key the peer no longer holds
+        and that precedes a key it does hold can never be agreed on: it is dropped, and the
+        two buffers line up again. Returns how many were dropped (0 if none of ``key_ids``
+        is buffered here)."""
+        with self.transaction() as db:
+            seqs = self._held_seqs(db, peer_site, key_ids)
+            stale = self._buffered_before(db, peer_site, min(seqs.values())) if seqs else []
+            stale = [k for k in stale if k not in keep]
+            self._consume_qkd_keys(db, peer_site, stale)
+        return len(stale)
+
+    def align_to_peer_horizon(
+        self, peer_site: str, oldest_at_peer: Sequence[str], keep: Collection[str] = ()
+    ) -> int:
+        """Rule (a) alone, and the peer-reset case of rule (c): returns how many keys were
+        dropped (see ``apply_peer_horizon``)."""
+        return self.apply_peer_horizon(peer_site, oldest_at_peer, None, keep=keep).dropped
+
+    def apply_peer_horizon(
+        self,
+        peer_site: str,
+        listed: Sequence[str],
+        newest: str | None,
+        *,
+        keep: Collection[str] = (),
+        exclude: Collection[str] = (),
+        buffer_full: bool = False,
+    ) -> HorizonOutcome:
+        """Line our buffer up with the peer's horizon: its oldest keys ``listed`` (oldest
+        first) and its ``newest``. Rules (a)-(c) of the module docstring. ``keep``: our
+        keys an open batch names (never dropped here); ``exclude``: keys of our batch in
+        flight (never skipped, the peer is about to use them). One transaction."""
+        with self.transaction() as db:
+            held = self._held_seqs(db, peer_site, [*listed, *([newest] if newest else [])])
+            used = self._consumed_among(db, peer_site, listed)
+            listed_held = [held[k] for k in listed if k in held]
+            newest_held = newest is not None and newest in held
+            if listed_held:
+                stale = self._buffered_before(db, peer_site, min(listed_held))  # rule (a)
+            elif (
+                listed
+                and listed[0] not in used
+                and not newest_held
+                and (buffer_full or self._flag(f"peer-reset:{peer_site}"))
+            ):
+                stale = self._buffered_before(db, peer_site, None)  # rule (c)
+            else:
+                stale = []
+            stale = [k for k in stale if k not in keep]
+            self._consume_qkd_keys(db, peer_site, stale)
+            # Rule (b): past the anchor, what we lack never comes.
+            if newest_held:
+                anchor = len(listed)
+            else:
+                anchor = max((i + 1 for i, k in enumerate(listed) if k in held), default=0)
+            lacked = [k for k in listed[:anchor] if k not in held and k not in used]
+            skip = [k for k in listed if k not in exclude and (k in used or k in lacked)]
+            self._consume_qkd_keys(db, peer_site, [k for k in lacked if k not in exclude])
+            unresolved = bool(listed) and not listed_held
+            unresolved |= any(k not in held and k not in used for k in listed[anchor:])
+            if listed_held or not listed:  # else we cannot tell where the peer is
+                self._forget_consumed(db, peer_site, min(listed_held, default=None))
+        return HorizonOutcome(
+            len(stale), tuple(dict.fromkeys(skip)), unresolved, bool(listed_held) or newest_held
+        )
+
+    def _held_seqs(
+        self, db: sqlite3.Connection, peer_site: str, key_ids: Iterable[str]
+    ) -> dict[str, int]:
+        """Receive numbers of those of ``key_ids`` that are buffered here."""
+        ids = list(dict.fromkeys(key_ids))
+        found: dict[str, int] = {}
+        for start in range(0, len(ids), _LOOKUP_CHUNK):
+            chunk = ids[start : start + _LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for key_id, seq in db.execute(
+                f"SELECT key_id, seq FROM qkd_keys WHERE peer_site=? AND key_id IN ({marks})",
+                (peer_site, *chunk),
+            ):
+                found[str(key_id)] = int(seq)
+        return found
+
+    def _consumed_among(
+        self, db: sqlite3.Connection, peer_site: str, key_ids: Iterable[str]
+    ) -> set[str]:
+        raw = list(dict.fromkeys(key_id_bytes(k) for k in key_ids))
+        found: set[str] = set()
+        for start in range(0, len(raw), _LOOKUP_CHUNK):
+            chunk = raw[start : start + _LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for (key_id,) in db.execute(
+                f"SELECT key_id FROM qkd_consumed WHERE peer_site=? AND key_id IN ({marks})",
+                (peer_site, *chunk),
+            ):
+                found.add(_id_text(key_id))
+        return found
+
+    @staticmethod
+    def _buffered_before(db: sqlite3.Connection, peer_site: str, seq: int | None) -> list[str]:
+        """Buffered key IDs received before ``seq`` (all of them for None)."""
+        rows = db.execute(
+            "SELECT key_id FROM qkd_keys WHERE peer_site=? AND seq < ? ORDER BY seq",
+            (peer_site, seq if seq is not None else 2**62),
+        )
+        return [str(r[0]) for r in rows]
+
+    # -- used keys --------------------------------------------------------------------------
+
+    def is_qkd_key_consumed(self, peer_site: str, key_id: str) -> bool:
+        return self._is_consumed(self._db, peer_site, key_id)
+
+    @staticmethod
+    def _is_consumed(db: sqlite3.Connection, peer_site: str, key_id: str) -> bool:
+        row = db.execute(
+            "SELECT 1 FROM qkd_consumed WHERE peer_site=? AND key_id=?",
+            (peer_site, key_id_bytes(key_id)),
+        ).fetchone()
+        return row is not None
+
+    def _consume_qkd_keys(
+        self, db: sqlite3.Connection, peer_site: str, key_ids: Iterable[str]
+    ) -> None:
+        """Inside a transaction: erase these keys' material and remember them as used,
+        each with its receive number (or the newest one, for a key never held here)."""
+        ids = list(dict.fromkeys(key_ids))
+        if not ids:
+            return
+        seqs = self._held_seqs(db, peer_site, ids)
+        last = self._last_seq(db) if len(seqs) < len(ids) else 0
+        db.executemany(
+            "DELETE FROM qkd_keys WHERE peer_site=? AND key_id=?",
+            [(peer_site, key_id) for key_id in ids if key_id in seqs],
+        )
+        added = db.executemany(
+            "INSERT OR IGNORE INTO qkd_consumed VALUES (?, ?, ?)",
+            [(peer_site, key_id_bytes(k), seqs.get(k, last)) for k in ids],
+        ).rowcount
+        if added:
+            # How many were ever used survives the forgetting (benches and operators).
+            db.execute(
+                "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
+                " SET value = value + excluded.value",
+                (f"used:{peer_site}", added),
+            )
+
+    def quarantine_qkd_keys(
+        self, peer_site: str, key_ids: Iterable[str], keep: Collection[str] = ()
+    ) -> None:
+        """Mark QKD key IDs as never to be used (e.g. present on one side only), except
+        those in ``keep``."""
+        with self.transaction() as db:
+            self._consume_qkd_keys(db, peer_site, [k for k in key_ids if k not in keep])
+
+    def consumed_count(self, peer_site: str) -> int:
+        """Used QKD key IDs remembered for the peer (the newest; older ones are forgotten)."""
+        row = self._db.execute("SELECT count(*) FROM qkd_consumed WHERE peer_site=?", (peer_site,))
+        return int(row.fetchone()[0])
+
+    def qkd_keys_used(self, peer_site: str) -> int:
+        """QKD keys of the peer's link ever used here (agreed, skipped or quarantined)."""
+        row = self._db.execute(
+            "SELECT value FROM counters WHERE name=?", (f"used:{peer_site}",)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def _forget_consumed(
+        self, db: sqlite3.Connection, peer_site: str, peer_oldest_seq: int | None
+    ) -> int:
+        """Forget used IDs that both buffers have moved past, keeping the newest
+        ``consumed_memory`` (``peer_oldest_seq``: our receive number of the peer's oldest
+        key that we hold, None if its horizon names none we hold)."""
+        used = db.execute("SELECT value FROM counters WHERE name=?", (f"used:{peer_site}",))
+        used_now = int((used.fetchone() or (0,))[0])
+        done = self.__dict__.setdefault("_forgotten_at", {})
+        every = max(1, min(_FORGET_EVERY, self.consumed_memory // 8))
+        if used_now - done.get(peer_site, -every) < every:
+            return 0
+        done[peer_site] = used_now
+        row = db.execute(
+            "SELECT mark FROM qkd_consumed WHERE peer_site=? ORDER BY mark DESC LIMIT 1 OFFSET ?",
+            (peer_site, self.consumed_memory),
+        ).fetchone()
+        if row is None:
+            return 0  # fewer remembered than the memory holds
+        limit = int(row[0])
+        ours = db.execute("SELECT min(seq) FROM qkd_keys WHERE peer_site=?", (peer_site,))
+        oldest = ours.fetchone()[0]
+        if oldest is not None:
+            limit = min(limit, int(oldest))
+        if peer_oldest_seq is not None:
+            limit = min(limit, peer_oldest_seq)
+        cursor = db.execute(
+            "DELETE FROM qkd_consumed WHERE peer_site=? AND mark < ?", (peer_site, limit)
+        )
+        return cursor.rowcount
