@@ -8,9 +8,11 @@ process the API socket admits, whether or not it may act as an SAE; the socket's
 group are the gate. They are not offered on the TLS listener, whose callers are remote SAEs.
 Neither route returns key material.
 
-Prometheus does not scrape Unix sockets itself: run ``qkdctl metrics`` for a textfile
-collector, or put a local proxy in front of the socket. The metrics route honours the
-Accept header (OpenMetrics when asked for, the Prometheus text format otherwise).
+Prometheus does not scrape Unix sockets itself: give it the metrics listener of its own
+(``[metrics]``, ``qkdd.metrics_listener``), which serves the same exposition and nothing
+else, or run ``qkdctl metrics`` for a textfile collector. A proxy in front of this socket
+would expose the key API too. The metrics route honours the Accept header (OpenMetrics when
+asked for, the Prometheus text format otherwise).
 """
 
 from __future__ import annotations

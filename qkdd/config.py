@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
 import re
 import sys
@@ -28,7 +29,9 @@ else:  # pragma: no cover
 
 T = TypeVar("T")
 
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+# A site config is a few KiB; anything this large is the wrong file.
+MAX_CONFIG_BYTES = 1024 * 1024
 DEVICE_KINDS = ("serial", "etsi014")
 
 
@@ -69,6 +72,22 @@ class TlsConfig:
     @property
     def sae_by_name(self) -> dict[str, str]:
         return dict(self.clients)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The optional Prometheus listener of its own ([metrics]): GET /metrics only, on a TCP
+    address or a Unix socket (exactly one of the two)."""
+
+    listen: tuple[str, int] | None
+    socket: Path | None
+    socket_mode: int = 0o660
+
+    def describe(self) -> str:
+        if self.listen is not None:
+            host, port = self.listen
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return str(self.socket)
 
 
 @dataclass(frozen=True)
@@ -150,6 +169,8 @@ class SiteConfig:
     message_max_pending: int = 100_000
     # [[wireguard]]: WireGuard peers whose pre-shared key is kept fresh from hybrid keys.
     wireguard: tuple[WireGuardBinding, ...] = ()
+    # [metrics]: Prometheus metrics on a listener of their own (None: only on the API socket).
+    metrics: MetricsConfig | None = None
 
     @property
     def local_sae_ids(self) -> frozenset[str]:
@@ -194,7 +215,7 @@ class _Reader:
 
     def identifier(self, name: str) -> str:
         value = self.get(name, str, "an identifier of 1-64 letters, digits, '.', '_', ':', '-'")
-        if not _ID_PATTERN.match(value):
+        if not _ID_PATTERN.fullmatch(value):
             raise self.error(
                 name, "an identifier of 1-64 letters, digits, '.', '_', ':', '-'", value
             )
@@ -207,20 +228,30 @@ class _Reader:
             raise self.error(name, expected, value)
         return value
 
-    def path(self, name: str, default: Any = ...) -> Path:
+    def path(self, name: str, default: Any = ..., *, resolve: bool = True) -> Path:
         value = self.get(
             name, str, "a file system path (relative paths start at the config file)", default
         )
-        if not value:
-            raise self.error(name, "a non-empty path", value)
-        return (self.file.parent / value).resolve() if not os.path.isabs(value) else Path(value)
+        if not value or "\x00" in value:
+            raise self.error(name, "a non-empty path without NUL characters", value)
+        if os.path.isabs(value):
+            return Path(value)
+        joined = self.file.parent / value
+        # A device path is often a link that is re-pointed when the device comes back
+        # (the emulator's ptys): it must be followed at each open, not once here.
+        return joined.resolve() if resolve else Path(os.path.abspath(joined))
 
     def address(self, name: str) -> tuple[str, int]:
         expected = '"host:port" with a port from 1 to 65535'
         value = self.get(name, str, expected)
         host, sep, port = value.rpartition(":")
         host = host.strip("[]")
-        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        if (
+            not sep
+            or not host
+            or not (port.isascii() and port.isdigit())
+            or not 1 <= int(port) <= 65535
+        ):
             raise self.error(name, expected, value)
         return host, int(port)
 
@@ -255,17 +286,21 @@ def _public_key(reader: _Reader) -> bytes:
         name = "public_key_file"
         path = reader.path(name)
         try:
-            text = path.read_text().strip()
+            text = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise reader.error(
                 name, f"a readable file holding {expected}", f"{path} ({exc.strerror})"
+            ) from None
+        except UnicodeDecodeError:
+            raise reader.error(
+                name, f"a text file holding {expected}", f"{path} (not UTF-8)"
             ) from None
     else:
         name = "public_key"
         text = reader.get(name, str, expected)
     try:
         raw = base64.b64decode(text, validate=True)
-    except binascii.Error:
+    except (binascii.Error, ValueError):  # ValueError: a character outside ASCII
         raise reader.error(name, expected, text[:32] + "...") from None
     if len(raw) != SIGNATURE_PUBLIC_KEY_SIZE:
         raise reader.error(name, expected, f"{len(raw)} bytes")
@@ -303,12 +338,32 @@ def _tls(reader: _Reader, local_saes: set[str]) -> TlsConfig:
     )
 
 
+def _metrics(reader: _Reader, api_socket: Path) -> MetricsConfig:
+    reader.reject_unknown({"listen", "socket", "socket_mode"})
+    if ("listen" in reader.table) == ("socket" in reader.table):
+        raise reader.error(
+            "listen",
+            'exactly one of listen (a TCP "host:port", e.g. "127.0.0.1:9447") or socket '
+            "(a Unix socket path)",
+        )
+    if "listen" in reader.table:
+        if "socket_mode" in reader.table:
+            raise reader.error("socket_mode", "no socket_mode without socket (a Unix socket)")
+        return MetricsConfig(listen=reader.address("listen"), socket=None)
+    socket = reader.path("socket")
+    if socket == api_socket:
+        raise reader.error("socket", "a path other than api.socket", str(socket))
+    return MetricsConfig(
+        listen=None, socket=socket, socket_mode=reader.integer("socket_mode", 0, 0o777, 0o660)
+    )
+
+
 def _device(reader: _Reader) -> DeviceConfig:
     kind = reader.get("kind", str, f"one of {', '.join(DEVICE_KINDS)}")
     if kind == "serial":
         reader.reject_unknown({"kind", "path", "baudrate"})
         return SerialDeviceConfig(
-            path=reader.path("path"),
+            path=reader.path("path", resolve=False),
             baudrate=reader.integer("baudrate", 50, 4_000_000, 115200),
         )
     if kind == "etsi014":
@@ -359,7 +414,7 @@ def _peer(reader: _Reader) -> PeerConfig:
     )
     remote = reader.get("remote_sae_ids", list, "a list of the SAE IDs at that site")
     for index, sae in enumerate(remote):
-        if not isinstance(sae, str) or not _ID_PATTERN.match(sae):
+        if not isinstance(sae, str) or not _ID_PATTERN.fullmatch(sae):
             raise ConfigError(
                 reader.file, f"{reader.key('remote_sae_ids')}[{index}]", "an SAE ID", sae
             )
@@ -463,6 +518,7 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
             "peers",
             "messages",
             "wireguard",
+            "metrics",
         }
     )
     messages = (
@@ -490,6 +546,8 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
     _unique(file, "peers[].site_id", [p.site_id for p in peers])
     if any(p.site_id == site_id for p in peers):
         raise ConfigError(file, "peers[].site_id", "a site other than this one", site_id)
+    _one_site_per_sae(file, consumers, peers)
+    api_socket = api.path("socket")
     return SiteConfig(
         file=file,
         site_id=site_id,
@@ -498,7 +556,7 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
         key_encryption_key=_secret_source(store, "key_encryption_key"),
         key_lifetime=store.integer("key_lifetime", 1, 10 * 365 * 86400, 3600),
         identity_key=_secret_source(identity, "private_key"),
-        api_socket=api.path("socket"),
+        api_socket=api_socket,
         api_socket_mode=api.integer("socket_mode", 0, 0o777, 0o600),
         api_tls=_tls(api.subtable("tls"), {c.sae_id for c in consumers})
         if "tls" in api.table
@@ -511,20 +569,85 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
         message_max_size=messages.integer("max_size", 0, 1024 * 1024, 1024 * 1024),
         message_max_pending=messages.integer("max_pending", 1, 10**9, 100_000),
         wireguard=wireguard,
+        metrics=_metrics(root.subtable("metrics"), api_socket) if "metrics" in root.table else None,
     )
 
 
+def _one_site_per_sae(
+    file: Path, consumers: tuple[ConsumerConfig, ...], peers: tuple[PeerConfig, ...]
+) -> None:
+    """Every SAE is at one site. Keys are made only for an SAE here and an SAE at a peer
+    site, over the QKD link with that site: a pair of SAEs at one site has no link to agree
+    keys over, and an SAE at two peer sites would have two."""
+    local = {c.sae_id for c in consumers}
+    site_of: dict[str, str] = {}
+    for i, peer in enumerate(peers):
+        for j, sae in enumerate(peer.remote_sae_ids):
+            key = f"peers[{i}].remote_sae_ids[{j}]"
+            if sae in local:
+                raise ConfigError(
+                    file,
+                    key,
+                    "an SAE at that peer site, not one of this site's [[consumers]] (keys "
+                    "are made only between an SAE here and an SAE at a peer site)",
+                    sae,
+                )
+            if sae in site_of:
+                raise ConfigError(
+                    file,
+                    key,
+                    f"an SAE listed once, under one peer (it is already at site {site_of[sae]})",
+                    sae,
+                )
+            site_of[sae] = peer.site_id
+
+
 def load_config(path: str | os.PathLike[str]) -> SiteConfig:
+    """Read and check the site config file; every problem raises ConfigError."""
     file = Path(path).resolve()
+    return config_from_bytes(file, _read_config_file(file))
+
+
+def _read_config_file(file: Path) -> bytes:
     try:
         with open(file, "rb") as handle:
-            data = tomllib.load(handle)
+            # One byte more than allowed, to tell a file at the limit from a longer one.
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(file, "(file)", "an existing TOML config file") from None
     except PermissionError:
         raise ConfigError(file, "(file)", "a file readable by this user") from None
+    except IsADirectoryError:
+        raise ConfigError(file, "(file)", "a TOML config file, not a directory") from None
+    except OSError as exc:
+        raise ConfigError(
+            file, "(file)", f"a readable TOML config file ({exc.strerror or exc})"
+        ) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(file, "(file)", f"a config file of at most {MAX_CONFIG_BYTES} bytes")
+    return raw
+
+
+def config_from_bytes(file: Path, raw: bytes) -> SiteConfig:
+    """The site config held in `raw`, the content of `file` (named in every error)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            file,
+            "(encoding)",
+            "a UTF-8 text file (TOML)",
+            f"byte 0x{raw[exc.start]:02x} at offset {exc.start} (line {line})",
+        ) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(file, "(syntax)", f"valid TOML ({exc})") from None
+    except RecursionError:
+        raise ConfigError(
+            file, "(syntax)", "TOML without arrays or tables nested this deep"
+        ) from None
     return parse_config(file, data)
 
 
@@ -562,13 +685,55 @@ def check_files(config: SiteConfig) -> list[ConfigError]:
                 config.file, "api.socket", "a path in an existing directory", str(config.api_socket)
             )
         )
-    if len(os.fsencode(config.api_socket)) > 107:
-        problems.append(
-            ConfigError(
-                config.file,
-                "api.socket",
-                "a path of at most 107 bytes (a Unix socket limit)",
-                str(config.api_socket),
+    sockets = [("api.socket", config.api_socket)]
+    if config.metrics is not None and config.metrics.socket is not None:
+        sockets.append(("metrics.socket", config.metrics.socket))
+    for key, socket in sockets:
+        if key != "api.socket" and not socket.parent.is_dir():
+            problems.append(
+                ConfigError(config.file, key, "a path in an existing directory", str(socket))
             )
-        )
+        if len(os.fsencode(socket)) > 107:
+            problems.append(
+                ConfigError(
+                    config.file,
+                    key,
+                    "a path of at most 107 bytes (a Unix socket limit)",
+                    str(socket),
+                )
+            )
     return problems
+
+
+def config_warnings(config: SiteConfig) -> list[str]:
+    """Settings that work but probably not as meant; `qkdd check-config` prints them and
+    the daemon logs them at start."""
+    warnings = []
+    for index, peer in enumerate(config.peers):
+        if peer.pool_size < config.max_keys_per_request:
+            warnings.append(
+                f"{config.file}: peers[{index}].pool_size ({peer.pool_size}) is below "
+                f"api.max_keys_per_request ({config.max_keys_per_request}): an SAE here can "
+                f"take at most {peer.pool_size} keys per enc_keys request for an SAE at site "
+                f"{peer.site_id} (the pool never holds more; the ETSI Status object says so "
+                "and a request for more is refused with 400); raise pool_size or lower "
+                "max_keys_per_request"
+            )
+    if config.metrics is not None and config.metrics.listen is not None:
+        host = config.metrics.listen[0]
+        if not _is_loopback(host):
+            warnings.append(
+                f"{config.file}: metrics.listen {config.metrics.describe()} is not a loopback "
+                "address: anyone who can reach it reads the metrics (site and SAE IDs, pool "
+                "levels; never keys) without authentication; prefer 127.0.0.1 or a socket"
+            )
+    return warnings
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False

@@ -56,7 +56,8 @@ key_lifetime = 3600
 socket = "{directory}/api.sock"
 socket_mode = 0o600
 key_size = 256
-max_keys_per_request = 128
+# Keys per enc_keys request; at most the peers' pool_size (more could never be served).
+max_keys_per_request = 64
 
 # Local applications (SAEs). Without `uid`, any process that can open the socket may act
 # as this SAE; set `uid` to restrict it to one user.

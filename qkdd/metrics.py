@@ -44,7 +44,10 @@ _OWN_ROUTES: Final = {STATUS_PATH: "site_status", METRICS_PATH: "metrics"}
 
 def request_kind(target: str) -> str:
     """The API call a request target names, from a fixed set (a metric label)."""
-    path = urlsplit(target).path
+    try:
+        path = urlsplit(target).path
+    except ValueError:  # a malformed target (e.g. "http://["), answered 400
+        return "other"
     if path.startswith(API_PREFIX):
         call = path.rsplit("/", 1)[-1]
         return call if call in _ETSI_CALLS else "other"

@@ -81,32 +81,68 @@ class StoreKeyPool:
     def knows_sae(self, sae_id: str) -> bool:
         return sae_id in self._site_of_sae
 
-    def _peer_of_pair(self, master_sae_id: str, slave_sae_id: str) -> str | None:
-        for sae in (master_sae_id, slave_sae_id):
-            site = self._site_of_sae.get(sae)
-            if site is not None and site != self._live.config.site_id:
-                return site
-        return None
+    def _peer_site(self, master_sae_id: str, slave_sae_id: str) -> str:
+        """The peer site whose link makes the pair's keys: the other SAE's site. A pair of
+        SAEs both at this site is refused (InvalidKeyRequest): no link agrees keys for it."""
+        here = self._live.config.site_id
+        master_site = self._site_of_sae.get(master_sae_id)
+        slave_site = self._site_of_sae.get(slave_sae_id)
+        if master_site == here and slave_site == here:
+            raise InvalidKeyRequest(
+                f"SAEs {master_sae_id} and {slave_sae_id} are both at site {here}: keys are "
+                "made only for an SAE here and an SAE at a peer site, over the QKD link with "
+                "that site"
+            )
+        other = slave_site if master_site == here else master_site if slave_site == here else None
+        if other is None:
+            raise InvalidKeyRequest(
+                f"keys for {master_sae_id} -> {slave_sae_id} are not made by this KME"
+            )
+        return other
 
     def limits(self, master_sae_id: str, slave_sae_id: str) -> KeyLimits:
-        size = self._live.config.key_size
+        """What a request may ask for. For enc_keys (the master SAE is here) never more keys
+        per request than the pair's pool holds or the master's quota allows: such a request
+        could never be met. dec_keys collects keys by ID, however many wait uncollected."""
+        config = self._live.config
+        peer_site = self._peer_site(master_sae_id, slave_sae_id)
+        size = config.key_size
+        per_request, reason = config.max_keys_per_request, ""
+        if master_sae_id in config.local_sae_ids:
+            pool_size = self._pool_size(peer_site)
+            if pool_size < per_request:
+                per_request = pool_size
+                reason = (
+                    f"site {config.site_id} keeps at most {pool_size} keys ready for "
+                    f"{master_sae_id} -> {slave_sae_id}: the pool_size of peer {peer_site}"
+                )
+            quota = config.quota_of(master_sae_id)
+            if quota is not None and quota < per_request:
+                per_request = quota
+                reason = (
+                    f"SAE {master_sae_id} may take at most {quota} keys per hour: its keys_per_hour"
+                )
         return KeyLimits(
             key_size=size,
-            max_key_per_request=self._live.config.max_keys_per_request,
+            max_key_per_request=per_request,
             min_key_size=min(size, MIN_ASSIGNED_KEY_BITS),
             max_key_size=max(size, MAX_ASSIGNED_KEY_BITS),
+            max_key_per_request_reason=reason,
         )
 
+    def _pool_size(self, peer_site: str) -> int:
+        peer = self._live.config.peer(peer_site)
+        return peer.pool_size if peer is not None else 0
+
     def status(self, master_sae_id: str, slave_sae_id: str) -> PoolStatus:
-        peer_site = self._peer_of_pair(master_sae_id, slave_sae_id)
-        peer = self._live.config.peer(peer_site) if peer_site else None
+        peer_site = self._peer_site(master_sae_id, slave_sae_id)
         limits = self.limits(master_sae_id, slave_sae_id)
         return PoolStatus(
             source_kme_id=self._live.config.site_id,
-            target_kme_id=peer_site or self._live.config.site_id,
+            target_kme_id=peer_site,
             key_size=limits.key_size,
             stored_key_count=self._store.ready_count(master_sae_id, slave_sae_id),
-            max_key_count=peer.pool_size if peer else 0,
+            max_key_count=self._pool_size(peer_site),
             max_key_per_request=limits.max_key_per_request,
             max_key_size=limits.max_key_size,
             min_key_size=limits.min_key_size,
@@ -129,20 +165,38 @@ class StoreKeyPool:
         }
 
     def _check_quota(self, sae_id: str, number: int) -> None:
+        limit = self._live.config.quota_of(sae_id)
+        if limit is not None and number > limit:
+            # Never possible, however long the caller waits: not a 503 to retry.
+            raise InvalidKeyRequest(f"SAE {sae_id} may take at most {limit} keys per hour")
         try:
-            self._quotas.check(sae_id, self._live.config.quota_of(sae_id), number, self._clock())
+            self._quotas.check(sae_id, limit, number, self._clock())
         except QuotaExceeded as exc:
             raise KeysUnavailable(str(exc)) from None
+
+    def _check_pool_holds(
+        self, master_sae_id: str, slave_sae_id: str, peer_site: str, ready_keys: int, what: str
+    ) -> None:
+        """InvalidKeyRequest when a request needs more ready keys than the pair's pool ever
+        holds: it could never be met."""
+        pool_size = self._pool_size(peer_site)
+        if ready_keys > pool_size:
+            raise InvalidKeyRequest(
+                f"{what} need {ready_keys} ready keys of {self._live.config.key_size} bits, and "
+                f"site {self._live.config.site_id} keeps at most {pool_size} ready for "
+                f"{master_sae_id} -> {slave_sae_id} (the pool_size of peer {peer_site})"
+            )
 
     def take_for_master(
         self, master_sae_id: str, slave_sae_id: str, number: int, size_bits: int
     ) -> list[DeliveredKey]:
+        peer_site = self._peer_site(master_sae_id, slave_sae_id)
+        self._check_pool_holds(master_sae_id, slave_sae_id, peer_site, number, f"{number} keys")
         self._check_quota(master_sae_id, number)
         keys = self._store.take_ready(master_sae_id, slave_sae_id, number)
         if not keys:
-            peer_site = self._peer_of_pair(master_sae_id, slave_sae_id)
             ready = self._store.ready_count(master_sae_id, slave_sae_id)
-            reason = self._why_unavailable(peer_site) if peer_site else None
+            reason = self._why_unavailable(peer_site)
             raise KeysUnavailable(
                 f"{ready} keys ready for {master_sae_id} -> {slave_sae_id}, {number} requested"
                 + (f"; {reason}" if reason else "; the pool is refilling, retry shortly")
@@ -153,6 +207,7 @@ class StoreKeyPool:
     def take_for_slave(
         self, master_sae_id: str, slave_sae_id: str, key_ids: Sequence[str]
     ) -> list[DeliveredKey]:
+        self._peer_site(master_sae_id, slave_sae_id)
         keys = self._store.take_by_ids(master_sae_id, slave_sae_id, key_ids)
         if keys is None:
             raise UnknownKeys(
@@ -173,8 +228,8 @@ class StoreKeyPool:
     ) -> list[DeliveredKey]:
         config = self._live.config
         slaves = (slave_sae_id, *additional_slave_sae_ids)
-        peer_site = self._site_of_sae.get(slave_sae_id)
-        if master_sae_id not in config.local_sae_ids or peer_site in (None, config.site_id):
+        peer_site = self._peer_site(master_sae_id, slave_sae_id)
+        if master_sae_id not in config.local_sae_ids:
             raise InvalidKeyRequest(
                 f"keys for {master_sae_id} -> {slave_sae_id} are not made by this KME"
             )
@@ -187,6 +242,13 @@ class StoreKeyPool:
         per_key = math.ceil(size_bits / config.key_size)
         if per_key > MAX_CONSTITUENTS or number > MAX_ASSIGNMENTS:
             raise InvalidKeyRequest(f"{number} keys of {size_bits} bits is too much at once")
+        self._check_pool_holds(
+            master_sae_id,
+            slave_sae_id,
+            peer_site,
+            number * per_key,
+            f"{number} keys of {size_bits} bits",
+        )
         self._check_quota(master_sae_id, number)
         reason = self._why_unavailable(peer_site)
         if reason is not None:

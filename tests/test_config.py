@@ -7,8 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+from timeouts import timeout
 
-from qkdd.config import ConfigError, check_files, load_config
+from qkdd.cli import main
+from qkdd.config import ConfigError, check_files, config_warnings, load_config
 from qkdd.demo_sites import SITE_A, SITE_B, render
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,7 +87,7 @@ BAD_VALUES = [
     ("key_size = 256", "key_size = 255", "api.key_size", "multiple of 8"),
     ("key_size = 256", "key_size = true", "api.key_size", "integer"),
     (
-        "max_keys_per_request = 128",
+        "max_keys_per_request = 64",
         "max_keys_per_request = 0",
         "api.max_keys_per_request",
         "from 1",
@@ -249,7 +251,7 @@ def test_check_config_command_reports_problems(site_dir):
         [sys.executable, "-m", "qkdd", "check-config", str(bad)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout(60),
     )
     assert result.returncode == 2
     assert "peers[0].pool_size" in result.stderr and str(bad) in result.stderr
@@ -312,3 +314,112 @@ def test_etsi014_device_errors(site_dir, changes, key, expected):
     with pytest.raises(ConfigError) as info:
         load_config(etsi014_device(site_dir, **changes))
     assert info.value.key == key and expected in info.value.expected
+
+
+# -- SAEs, pool sizes and the metrics listener ---------------------------------------------
+
+
+def test_an_sae_is_at_one_site_only(site_dir):
+    # A consumer here also listed at the peer would make a pair of SAEs at one site, which
+    # no QKD link serves.
+    path = edit(site_dir, 'remote_sae_ids = ["sae-b"]', 'remote_sae_ids = ["sae-b", "sae-a"]')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "peers[0].remote_sae_ids[1]"
+    assert "not one of this site's [[consumers]]" in info.value.expected
+
+
+def test_an_sae_is_listed_under_one_peer_only(site_dir):
+    text = (site_dir / "site-a.toml").read_text()
+    peer = text[text.index("[[peers]]") :]
+    second = peer.replace('site_id = "site-b"', 'site_id = "site-c"')
+    (site_dir / "site-a.toml").write_text(text + "\n" + second)
+    with pytest.raises(ConfigError) as info:
+        load_config(site_dir / "site-a.toml")
+    assert info.value.key == "peers[1].remote_sae_ids[0]" and "site-b" in info.value.expected
+
+
+def test_pool_smaller_than_a_request_is_warned_about(site_dir):
+    path = edit(site_dir, "pool_size = 64", "pool_size = 32")
+    (warning,) = config_warnings(load_config(path))
+    assert "peers[0].pool_size" in warning and "api.max_keys_per_request" in warning
+    assert "32" in warning and str(path) in warning
+    assert config_warnings(load_config(edit(site_dir, "pool_size = 32", "pool_size = 4096"))) == []
+
+
+def test_check_config_prints_warnings_and_still_succeeds(site_dir, capsys):
+    path = edit(site_dir, "pool_size = 64", "pool_size = 32")
+    for site in ("site-a",):
+        (site_dir / site / "identity.key").write_bytes(os.urandom(32))
+        (site_dir / site / "kek.bin").write_bytes(os.urandom(32))
+    assert main(["check-config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "OK" in out
+    assert "qkdd: config warning:" in err and "peers[0].pool_size" in err
+
+
+def test_metrics_listener_on_tcp_or_a_unix_socket(site_dir):
+    path = site_dir / "site-a.toml"
+    text = path.read_text()
+    assert load_config(path).metrics is None  # off by default
+    path.write_text(text + '\n[metrics]\nlisten = "127.0.0.1:9447"\n')
+    config = load_config(path)
+    assert config.metrics is not None and config.metrics.listen == ("127.0.0.1", 9447)
+    assert config.metrics.socket is None and config_warnings(config) == []
+    path.write_text(text + '\n[metrics]\nsocket = "site-a/metrics.sock"\nsocket_mode = 0o660\n')
+    config = load_config(path)
+    assert config.metrics is not None and config.metrics.listen is None
+    assert config.metrics.socket == site_dir / "site-a" / "metrics.sock"
+    assert config.metrics.socket_mode == 0o660
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "expected"),
+    [
+        ("", "metrics.listen", "exactly one of"),
+        ('listen = "127.0.0.1:9447"\nsocket = "m.sock"', "metrics.listen", "exactly one of"),
+        ('listen = "9447"', "metrics.listen", '"host:port"'),
+        ('listen = "127.0.0.1:9447"\nsocket_mode = 0o600', "metrics.socket_mode", "socket"),
+        ('socket = "site-a/api.sock"', "metrics.socket", "api.socket"),
+        ('socket = "m.sock"\nsocket_mode = 0o1777', "metrics.socket_mode", "0 to 511"),
+        ('listen = "127.0.0.1:9447"\npath = "/metrics"', "metrics.path", "no such key"),
+    ],
+)
+def test_bad_metrics_tables_name_the_key(site_dir, table, key, expected):
+    path = site_dir / "site-a.toml"
+    path.write_text(path.read_text() + f"\n[metrics]\n{table}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == key, info.value
+    assert expected in info.value.expected, info.value
+
+
+def test_metrics_on_a_non_loopback_address_is_warned_about(site_dir):
+    path = site_dir / "site-a.toml"
+    path.write_text(path.read_text() + '\n[metrics]\nlisten = "0.0.0.0:9447"\n')
+    (warning,) = config_warnings(load_config(path))
+    assert "metrics.listen" in warning and "loopback" in warning
+
+
+def test_metrics_socket_directory_is_checked(site_dir):
+    path = site_dir / "site-a.toml"
+    path.write_text(path.read_text() + '\n[metrics]\nsocket = "nowhere/metrics.sock"\n')
+    problems = check_files(load_config(path))
+    assert "metrics.socket" in [p.key for p in problems]
+
+
+def test_site_host_example_metrics_table_parses_once_uncommented(tmp_path, any_backend):
+    pub = tmp_path / "site-b.pub"
+    pub.write_text(
+        base64.b64encode(any_backend.signing_key_from_seed(os.urandom(32)).public_bytes).decode()
+    )
+    text = (REPO / "config" / "site-host.example.toml").read_text()
+    text = text.replace("/etc/qkdd/site-b.pub", str(pub))
+    for line in ("[metrics]", 'listen = "127.0.0.1:9447"'):
+        assert f"# {line}\n" in text
+        text = text.replace(f"# {line}\n", f"{line}\n")
+    path = tmp_path / "qkdd.toml"
+    path.write_text(text)
+    config = load_config(path)
+    assert config.metrics is not None and config.metrics.listen == ("127.0.0.1", 9447)
+    assert config_warnings(config) == []

@@ -361,8 +361,37 @@ def test_routing_errors(handler: RequestHandler, method: str, target: str, statu
         assert dict(response.headers)["allow"].startswith("GET")
 
 
-def test_body_over_limit_is_413(handler: RequestHandler) -> None:
-    error(call(handler, "POST", f"/api/v1/keys/{B}/enc_keys", b" " * 4097), 413)
+def test_body_over_limit_is_400_on_etsi_routes(handler: RequestHandler) -> None:
+    # ETSI GS QKD 014 answers 200, 400, 401 or 503: an oversized body is a bad request.
+    obj = error(call(handler, "POST", f"/api/v1/keys/{B}/enc_keys", b" " * 4097), 400)
+    assert "4096 bytes" in obj["message"]
+
+
+def test_oversized_body_answer_depends_on_the_route(handler: RequestHandler) -> None:
+    etsi = handler.body_too_large(f"/api/v1/keys/{B}/enc_keys", 4096)
+    assert etsi.status == 400 and b"4096 bytes" in etsi.body
+    # The daemon's own routes are plain HTTP: 413.
+    assert handler.body_too_large("/qkdd/v1/messages/x", 4096).status == 413
+
+
+def test_status_never_advertises_more_than_the_pool_can_hold() -> None:
+    small = MemoryKeyPool([A, B], max_key_per_request=128, max_key_count=64)
+    small.fill(A, B, 64)
+    handler = RequestHandler(small)
+    obj = ok(call(handler, "GET", f"/api/v1/keys/{B}/status"))
+    assert (obj["max_key_count"], obj["max_key_per_request"]) == (64, 64)
+    obj = error(call(handler, "GET", f"/api/v1/keys/{B}/enc_keys?number=65"), 400)
+    assert "holds at most 64 keys" in obj["message"]
+    assert len(ok(call(handler, "GET", f"/api/v1/keys/{B}/enc_keys?number=64"))["keys"]) == 64
+
+
+def test_401_names_the_caller_as_its_transport_knows_it(handler: RequestHandler) -> None:
+    certificate = Caller(None, None, frozenset(), description="client certificate 'CN=app-x'")
+    obj = error(call(handler, "GET", f"/api/v1/keys/{B}/status", caller=certificate), 401)
+    assert "client certificate 'CN=app-x'" in obj["message"] and "None" not in obj["message"]
+    local = Caller(4242, 4243, frozenset())
+    obj = error(call(handler, "GET", f"/api/v1/keys/{B}/status", caller=local), 401)
+    assert "uid 4242, gid 4243" in obj["message"]
 
 
 def test_log_note_names_ids_but_never_material(handler: RequestHandler) -> None:

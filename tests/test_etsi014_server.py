@@ -18,9 +18,11 @@ import h11
 import pytest
 import trio
 import trio.testing
+from timeouts import timeout
 
 from qkdd.client import KeyClient, KeyServiceClientError
 from qkdd.etsi014.handler import RequestHandler
+from qkdd.etsi014.limits import ConnectionLimits, raise_open_file_limit
 from qkdd.etsi014.pool import MemoryKeyPool
 from qkdd.etsi014.server import SocketPathError, serve_unix
 
@@ -78,9 +80,9 @@ async def server(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Server]
     srv.cancel.cancel()
 
 
-async def raw(path: str, data: bytes, *, timeout: float = 5.0) -> bytes:
+async def raw(path: str, data: bytes, *, seconds: float = 5.0) -> bytes:
     """Send `data`, then read until the server closes the connection."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(timeout(seconds)):
         stream = await trio.open_unix_socket(path)
         async with stream:
             await stream.send_all(data)
@@ -190,7 +192,7 @@ async def test_malformed_http_gets_400_and_server_carries_on(server: Server) -> 
 
 async def test_expect_100_continue_is_honoured(server: Server) -> None:
     body = json.dumps({"number": 2}).encode()
-    with trio.fail_after(5):
+    with trio.fail_after(timeout(5)):
         async with await trio.open_unix_socket(server.path) as stream:
             await stream.send_all(
                 request_bytes(
@@ -212,23 +214,95 @@ async def test_huge_headers_are_refused(server: Server) -> None:
     assert [r[0] for r in parse_responses(await raw(server.path, data))] == [431]
 
 
-async def test_huge_declared_body_is_413_without_reading_it(server: Server) -> None:
+async def test_huge_declared_body_is_400_without_reading_it(server: Server) -> None:
+    # ETSI GS QKD 014 lists 200, 400, 401 and 503: an oversized body is a bad request.
     head = request_bytes("POST", f"/api/v1/keys/{B}/enc_keys").replace(
         b"Content-Length: 0", b"Content-Length: 100000000"
     )
-    responses = parse_responses(await raw(server.path, head))
-    assert [r[0] for r in responses] == [413]
+    data = await raw(server.path, head)
+    assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    responses = parse_responses(data)
+    assert [r[0] for r in responses] == [400]
     assert responses[0][1]["connection"] == "close"
+    assert "65536 bytes" in json.loads(responses[0][2])["message"]
 
 
-async def test_huge_chunked_body_is_413(server: Server) -> None:
+async def test_huge_chunked_body_is_400(server: Server) -> None:
     chunk = b"a" * 32768
     head = (
         f"POST /api/v1/keys/{B}/enc_keys HTTP/1.1\r\nHost: x\r\nX-SAE-ID: {A}\r\n"
         "Transfer-Encoding: chunked\r\n\r\n"
     ).encode()
     body = (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 3  # 96 KiB > 64 KiB, never ends
-    assert [r[0] for r in parse_responses(await raw(server.path, head + body))] == [413]
+    assert [r[0] for r in parse_responses(await raw(server.path, head + body))] == [400]
+
+
+async def test_huge_body_on_the_daemons_own_routes_is_413(server: Server) -> None:
+    head = request_bytes("POST", "/qkdd/v1/messages/x").replace(
+        b"Content-Length: 0", b"Content-Length: 100000000"
+    )
+    assert (await raw(server.path, head)).startswith(b"HTTP/1.1 413 ")
+
+
+@pytest.mark.parametrize(
+    ("target", "status_line"),
+    [
+        (f"/api/v1/keys/{B}/status", b"HTTP/1.1 200 OK\r\n"),
+        ("/nowhere", b"HTTP/1.1 404 Not Found\r\n"),
+        (f"/api/v1/keys/{B}/enc_keys?number=0", b"HTTP/1.1 400 Bad Request\r\n"),
+    ],
+)
+async def test_status_lines_carry_the_standard_reason_phrase(
+    server: Server, target: str, status_line: bytes
+) -> None:
+    data = request_bytes("GET", target, extra="Connection: close\r\n")
+    assert (await raw(server.path, data)).startswith(status_line)
+
+
+BURST = 500
+
+
+def burst_fits_this_machine() -> str | None:
+    """Why a burst of BURST connections cannot be queued and served here, if it cannot."""
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    if somaxconn < BURST:
+        return f"net.core.somaxconn is {somaxconn}, below {BURST}"
+    caps = ConnectionLimits.for_fd_limit(raise_open_file_limit())
+    if caps.max_per_owner < BURST:
+        return f"the open-file limit allows {caps.max_per_owner} API connections per uid"
+    return None
+
+
+async def test_a_burst_of_500_connections_is_queued_not_refused(server: Server) -> None:
+    """500 clients connecting at once, before the server accepts any (this task does not
+    yield meanwhile), all find room in the listen queue instead of EAGAIN."""
+    unfit = burst_fits_this_machine()
+    if unfit is not None:
+        pytest.skip(unfit)
+    burst: list[socket.socket] = []
+    refused = 0
+    try:
+        for _ in range(BURST):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            burst.append(sock)
+            try:
+                sock.connect(server.path)
+            except BlockingIOError:
+                refused += 1
+        assert refused == 0
+        # Once the server runs again, every queued connection is served.
+        last = burst[-1]
+        last.setblocking(True)
+        last.settimeout(timeout(30))
+        await trio.to_thread.run_sync(
+            last.sendall,
+            request_bytes("GET", f"/api/v1/keys/{B}/status", extra="Connection: close\r\n"),
+        )
+        assert (await trio.to_thread.run_sync(last.recv, 64)).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        for sock in burst:
+            sock.close()
 
 
 async def test_slow_client_times_out_without_holding_others(
@@ -242,7 +316,7 @@ async def test_slow_client_times_out_without_holding_others(
     async with KeyClient(srv.path, sae_id=A) as client:
         for _ in range(3):
             assert (await client.status(B))["slave_SAE_ID"] == B
-    with trio.fail_after(3):
+    with trio.fail_after(timeout(3)):
         received = bytearray()
         while chunk := await slow.receive_some(4096):
             received += chunk

@@ -1,19 +1,29 @@
 """Prometheus's own linter accepts the daemon's exposition: every family the daemon can
 emit is filled in (device figures, quotas, request latencies), then ``promtool check
-metrics`` reads it. Debian's ``prometheus`` package ships promtool; `.ci/run` installs it."""
+metrics`` reads it; and what a real daemon serves on its metrics listener ([metrics]), as
+Prometheus would scrape it. Debian's ``prometheus`` package ships promtool; `.ci/run`
+installs it."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
+import socket
 import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
+from daemon_process import stop_daemon
 from qkdd_drivers.base import DeviceStatus
 from test_metrics import commit_keys, make_link
+from timeouts import timeout
 
+from qkdd.demo import prepare_directory
+from qkdd.demo_sites import SITE_B
 from qkdd.etsi014.handler import ApiRequest, ApiResponse
 from qkdd.keystore import KeyStore, StoredQkdKey
 from qkdd.metrics import SiteMetrics
@@ -54,3 +64,56 @@ def test_promtool_accepts_every_metric_family(tmp_path: Path) -> None:
         [PROMTOOL, "check", "metrics"], input=body, capture_output=True, timeout=60
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool missing (Debian package prometheus)")
+def test_promtool_accepts_what_a_real_daemon_serves_on_its_metrics_listener(
+    tmp_path: Path,
+) -> None:
+    assert PROMTOOL is not None
+    configs = prepare_directory(tmp_path)
+    port = free_port()
+    config = configs["site-a"]
+    config.write_text(config.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    log = tmp_path / "site-a.log"
+    with open(log, "wb") as stderr:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "qkdd", "run", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        deadline = time.monotonic() + timeout(60)
+        while "event=ready" not in log.read_text():
+            assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        status, content_type, body = http_get(port, "/metrics")
+        assert status == 200 and content_type.startswith("text/plain; version=0.0.4"), body
+        # The key API is not reachable through this listener.
+        assert http_get(port, f"/api/v1/keys/{SITE_B.sae_id}/enc_keys")[0] == 404
+    finally:
+        stop_daemon(daemon)
+    text = log.read_text()
+    assert daemon.returncode == 0 and "Traceback" not in text, text[-3000:]
+    assert f"event=metrics_listening address=127.0.0.1:{port}" in text
+    assert b'qkdd_site_info{backend="' in body and b"qkdd_pool_ready_keys{" in body
+    proc = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=body, capture_output=True, timeout=timeout(60)
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(port: int, path: str) -> tuple[int, str, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout(30))
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.getheader("content-type", ""), response.read()
+    finally:
+        connection.close()

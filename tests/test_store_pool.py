@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import uuid
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 from qkdd.config import ConsumerConfig, SiteConfig, load_config
 from qkdd.demo import prepare_directory
 from qkdd.demo_sites import SITE_A, SITE_B
+from qkdd.etsi014.handler import ApiRequest, ApiResponse, Caller, RequestHandler
 from qkdd.etsi014.pool import InvalidKeyRequest, KeysUnavailable, UnknownKeys
 from qkdd.keystore import KeyStore, NewHybridKey
 from qkdd.peer.calls import CallKind, CallRefused, KeyAssign
@@ -168,3 +171,74 @@ def test_quota_book_window_and_oversized_requests():
     with pytest.raises(QuotaExceeded, match="at most 8 keys per hour"):
         book.check("s", 8, 9, 100.0)
     assert ConsumerConfig("x", None).keys_per_hour is None
+
+
+# -- what the Status object advertises can be served ------------------------------------
+
+
+def handler_of(pool: StoreKeyPool) -> RequestHandler:
+    return RequestHandler(pool)
+
+
+def call(pool: StoreKeyPool, sae: str, target: str) -> tuple[int, dict]:
+    answer = handler_of(pool).handle(ApiRequest("GET", target), Caller(1, 1, frozenset({sae})))
+    assert isinstance(answer, ApiResponse)
+    return answer.status, json.loads(answer.body)
+
+
+def allow_128_per_request(pool: StoreKeyPool) -> None:
+    """The site keeps 64 ready keys per pair (the demo's pool_size) and allows 128 keys per
+    request: a request for 65 to 128 keys can never be met."""
+    live = pool._live
+    assert live.config.peers[0].pool_size == 64
+    live.config = dataclasses.replace(live.config, max_keys_per_request=128)  # type: ignore[attr-defined]
+
+
+def test_status_never_advertises_more_keys_per_request_than_the_pool_holds(sites):
+    _pool_a, pool_b, *_ = sites
+    allow_128_per_request(pool_b)
+    status, obj = call(pool_b, B_SAE, f"/api/v1/keys/{A_SAE}/status")
+    assert status == 200 and obj["max_key_count"] == 64
+    assert obj["max_key_per_request"] == 64
+    # dec_keys collects keys by ID; uncollected keys are not bounded by the pool size.
+    assert pool_b.limits(A_SAE, B_SAE).max_key_per_request == 128
+
+
+def test_request_for_more_keys_than_the_pool_ever_holds_is_400_with_the_reason(sites):
+    _pool_a, pool_b, *_ = sites
+    allow_128_per_request(pool_b)
+    status, obj = call(pool_b, B_SAE, f"/api/v1/keys/{A_SAE}/enc_keys?number=65")
+    assert status == 400
+    assert "64" in obj["message"] and "pool_size" in obj["message"]
+    status, _ = call(pool_b, B_SAE, f"/api/v1/keys/{A_SAE}/enc_keys?number=64")
+    assert status == 503  # possible once the pool has refilled: retry later
+
+
+async def test_assigned_keys_needing_more_than_the_pool_holds_are_invalid(sites):
+    pool_a, *_rest, calls, _clock = sites
+    # 3 keys of 8192 bits need 96 ready keys of 256 bits; the pool holds at most 64.
+    with pytest.raises(InvalidKeyRequest, match="pool_size"):
+        await pool_a.take_assigned(A_SAE, B_SAE, 3, 8192, ())
+    assert calls == []
+
+
+def test_quota_caps_what_status_advertises_and_a_request_beyond_it_is_400(sites):
+    pool_a, *_ = sites  # A's SAE may take 10 keys per hour
+    status, obj = call(pool_a, A_SAE, f"/api/v1/keys/{B_SAE}/status")
+    assert status == 200 and obj["max_key_per_request"] == 10
+    status, obj = call(pool_a, A_SAE, f"/api/v1/keys/{B_SAE}/enc_keys?number=11")
+    assert status == 400 and "keys_per_hour" in obj["message"]
+    with pytest.raises(InvalidKeyRequest, match="at most 10 keys per hour"):
+        pool_a.take_for_master(A_SAE, B_SAE, 11, 256)
+
+
+@pytest.mark.parametrize(
+    "operation", ["status", "enc_keys", "dec_keys?key_ID=" + str(uuid.UUID(int=1))]
+)
+def test_a_pair_of_saes_at_the_same_site_is_refused_with_400(sites, operation):
+    _pool_a, pool_b, *_ = sites  # sae-b and sae-b2 are both consumers at site B
+    status, obj = call(pool_b, B_SAE, f"/api/v1/keys/{B2_SAE}/{operation}")
+    assert status == 400
+    assert "both at site site-b" in obj["message"] and "peer site" in obj["message"]
+    with pytest.raises(InvalidKeyRequest):
+        pool_b.status(B_SAE, B2_SAE)

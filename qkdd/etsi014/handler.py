@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,10 @@ MAX_SAE_ID_COUNT = 8
 
 JSON_HEADERS: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
 
+# What a request target's path and query may hold (RFC 3986 pchar, "/" and "?"): anything
+# else, e.g. a bare "[" or a space, makes the target malformed.
+_TARGET_CHARS = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
+
 _ROUTES: dict[str, tuple[str, ...]] = {
     "status": ("GET",),
     "enc_keys": ("GET", "POST"),
@@ -55,11 +60,23 @@ _ROUTES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is on the other end of the socket: credentials and the SAE IDs it may act as."""
+    """Who is on the other end of the socket: credentials and the SAE IDs it may act as.
+
+    ``description`` names the caller in answers when it is not a local user known by uid
+    (e.g. "client certificate with subject 'CN=app'"), and ``mapping_hint`` says how the
+    operator grants it an SAE."""
 
     uid: int | None
     gid: int | None
     sae_ids: frozenset[str]
+    description: str = ""
+    mapping_hint: str = ""
+
+    def describe(self) -> str:
+        return self.description or f"local user (uid {self.uid}, gid {self.gid})"
+
+    def how_to_map(self) -> str:
+        return self.mapping_hint or "map it to an SAE in the daemon's configuration"
 
 
 @dataclass(frozen=True)
@@ -191,6 +208,24 @@ def _query_int(query: dict[str, list[str]], name: str) -> int | None:
     return int(text)
 
 
+def split_target(target: str) -> tuple[str, str]:
+    """The path and query of an HTTP request target: origin-form ("/path?query") or
+    absolute-form ("http://host/path?query"); 400 when it is neither."""
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+    else:
+        try:
+            url = urlsplit(target)
+        except ValueError:  # e.g. "http://[" ("Invalid IPv6 URL")
+            _reject(400, "malformed request target")
+        if url.scheme not in ("http", "https") or not url.path.startswith("/") or url.fragment:
+            _reject(400, "malformed request target; send a path such as /api/v1/keys/...")
+        path, query = url.path, url.query
+    if not _TARGET_CHARS.fullmatch(path) or not _TARGET_CHARS.fullmatch(query):
+        _reject(400, "malformed request target; percent-encode characters outside RFC 3986")
+    return path, query
+
+
 def _canonical_key_id(value: object) -> str:
     if not isinstance(value, str):
         _reject(400, "key_ID must be a string", {"key_ID": value})
@@ -234,12 +269,27 @@ class RequestHandler:
         self.body_limits = dict(body_limits)
 
     def body_limit(self, target: str) -> int:
-        """The largest request body accepted for this request target."""
-        path = urlsplit(target).path
+        """The largest request body accepted for this request target (for a malformed one,
+        the default: handling it answers 400)."""
+        try:
+            path, _query = split_target(target)
+        except _Reject:
+            return self.max_body
         return max(
             [self.max_body]
             + [limit for prefix, limit in self.body_limits.items() if path.startswith(prefix)]
         )
+
+    def body_too_large(self, target: str, limit: int) -> ApiResponse:
+        """The answer to a request whose body is over ``limit`` bytes (read no further).
+        ETSI GS QKD 014 answers only 200, 400, 401 and 503, so its routes say 400; the
+        daemon's own routes say 413, as plain HTTP does."""
+        try:
+            path, _query = split_target(target)
+        except _Reject:
+            path = ""
+        status = 413 if path.startswith(EXTENSION_PREFIX) else 400
+        return error_response(status, _body_over(limit))
 
     def handle(self, request: ApiRequest, caller: Caller) -> Answer:
         try:
@@ -251,8 +301,7 @@ class RequestHandler:
         return answer
 
     def _dispatch(self, request: ApiRequest, caller: Caller) -> Answer:
-        url = urlsplit(request.target)
-        path = url.path
+        path, raw_query = split_target(request.target)
         if path.startswith(EXTENSION_PREFIX):
             route = self._extension(path)
             if route is None:
@@ -268,14 +317,14 @@ class RequestHandler:
         if request.method not in allowed:
             raise _MethodNotAllowed(allowed)
         if len(request.body) > self.max_body:
-            _reject(413, f"request body over {self.max_body} bytes")
+            _reject(400, _body_over(self.max_body))
 
         own_sae = caller_sae(request, caller, self.pool.knows_sae)
         if not self.pool.knows_sae(other_sae):
             _reject(400, f"SAE {other_sae!r} is not known to this KME", {"SAE_ID": other_sae})
         if other_sae == own_sae:
             _reject(400, f"SAE {own_sae!r} cannot exchange keys with itself")
-        query = parse_qs(url.query, keep_blank_values=True)
+        query = parse_qs(raw_query, keep_blank_values=True)
 
         if operation == "status":
             return self._status(own_sae, other_sae)
@@ -342,7 +391,10 @@ class RequestHandler:
         size = st.key_size if size is None else size
         if not 1 <= number <= st.max_key_per_request:
             _reject(
-                400, f"number must be between 1 and {st.max_key_per_request}", {"number": number}
+                400,
+                f"number must be between 1 and {st.max_key_per_request}"
+                + _because(st.max_key_per_request_reason),
+                {"number": number},
             )
         if size % 8 or not st.min_key_size <= size <= st.max_key_size:
             _reject(
@@ -418,7 +470,8 @@ class RequestHandler:
         if len(key_ids) > st.max_key_per_request:
             _reject(
                 400,
-                f"at most {st.max_key_per_request} key_IDs per request",
+                f"at most {st.max_key_per_request} key_IDs per request"
+                + _because(st.max_key_per_request_reason),
                 {"count": len(key_ids)},
             )
         keys = self.pool.take_for_slave(master, slave, key_ids)
@@ -430,16 +483,20 @@ class RequestHandler:
         )
 
 
+def _body_over(limit: int) -> str:
+    return f"request body over {limit} bytes; no request to this route needs that much"
+
+
+def _because(reason: str) -> str:
+    return f" ({reason})" if reason else ""
+
+
 def caller_sae(request: ApiRequest, caller: Caller, knows_sae: Callable[[str], bool]) -> str:
     """The SAE the caller acts as (its only one, or the one its X-SAE-ID header picks);
     401 when it may act as none, or not as the one it names, or that SAE is not served."""
-    who = f"uid {caller.uid}, gid {caller.gid}"
+    who = caller.describe()
     if not caller.sae_ids:
-        _reject(
-            401,
-            f"this local user ({who}) may not act as any SAE; map it to an SAE "
-            "in the daemon's configuration",
-        )
+        _reject(401, f"this {who} may not act as any SAE; {caller.how_to_map()}")
     wanted = request.header_values(SAE_HEADER)
     if len(wanted) > 1:
         _reject(400, "X-SAE-ID header given more than once")
@@ -447,7 +504,7 @@ def caller_sae(request: ApiRequest, caller: Caller, knows_sae: Callable[[str], b
         if len(caller.sae_ids) > 1:
             _reject(
                 401,
-                f"this local user ({who}) may act as several SAEs "
+                f"this {who} may act as several SAEs "
                 f"({', '.join(sorted(caller.sae_ids))}); pick one with the "
                 "X-SAE-ID header",
             )
@@ -455,7 +512,7 @@ def caller_sae(request: ApiRequest, caller: Caller, knows_sae: Callable[[str], b
     else:
         sae = wanted[0]
         if sae not in caller.sae_ids:
-            _reject(401, f"this local user ({who}) may not act as SAE {sae!r}")
+            _reject(401, f"this {who} may not act as SAE {sae!r}")
     if not knows_sae(sae):
         _reject(401, f"SAE {sae!r} is not served by this KME")
     return sae

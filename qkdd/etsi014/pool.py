@@ -47,6 +47,9 @@ class KeyLimits:
     max_key_per_request: int
     min_key_size: int
     max_key_size: int
+    # Why max_key_per_request is below the configured cap (e.g. the pool never holds more),
+    # told to a caller who asks for more; "" when it is the cap itself.
+    max_key_per_request_reason: str = ""
 
 
 class KeyServiceError(Exception):
@@ -167,15 +170,24 @@ class MemoryKeyPool:
             key_size=self._key_size,
             stored_key_count=len(ready) // (self._key_size // 8),
             max_key_count=self._max_key_count,
-            max_key_per_request=self._max_key_per_request,
+            max_key_per_request=self._per_request(),
             max_key_size=self._max_key_size,
             min_key_size=self._min_key_size,
         )
 
     def limits(self, master_sae_id: str, slave_sae_id: str) -> KeyLimits:
-        return KeyLimits(
-            self._key_size, self._max_key_per_request, self._min_key_size, self._max_key_size
+        reason = (
+            f"the pool holds at most {self._max_key_count} keys"
+            if self._per_request() < self._max_key_per_request
+            else ""
         )
+        return KeyLimits(
+            self._key_size, self._per_request(), self._min_key_size, self._max_key_size, reason
+        )
+
+    def _per_request(self) -> int:
+        # A request for more keys than the pool can ever hold could never be met.
+        return min(self._max_key_per_request, self._max_key_count)
 
     def take_for_master(
         self, master_sae_id: str, slave_sae_id: str, number: int, size_bits: int

@@ -6,8 +6,15 @@ systemd socket activation) and runs one task per connection. A connection's call
 the kernel (SO_PEERCRED) when it connects, so it is identified once; then the task loops
 "read one request, answer it" while h11 says the connection can be kept alive. Every read of a
 request and every write of a response runs under a deadline, so a client that stalls costs one
-task for at most `request_timeout` seconds; any failure of one connection ends only that
-connection. The handler is sans-IO (`qkdd.etsi014.handler`); this module only moves bytes.
+task for at most `request_timeout` seconds, and a connection with no request in progress is
+closed after `idle_timeout`; any failure of one connection ends only that connection. The
+handler is sans-IO (`qkdd.etsi014.handler`); this module only moves bytes.
+
+Connections are capped below the file-descriptor limit, per uid and in all
+(`qkdd.etsi014.limits`, `qkdd.etsi014.accept`): a connection over a cap has the oldest idle
+connection closed to make room, or is refused (answered 503 and closed at once) when none is
+idle. When accept(2) fails for want of descriptors anyway, the listener logs one warning,
+backs off briefly and carries on.
 
 Logging goes to "qkdd.api", one event per line: caller, SAE IDs, key IDs and status; never
 request or response bodies, since those carry key material.
@@ -15,6 +22,7 @@ request or response bodies, since those carry key material.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -22,11 +30,21 @@ import socket
 import stat
 import struct
 from collections.abc import Callable, Sequence
+from http import HTTPStatus
+from typing import Protocol
 
 import h11
 import trio
 
+from qkdd.etsi014.accept import (
+    ConnectionGate,
+    ConnectionSlot,
+    accept_forever,
+    api_connection_table,
+    refuse_now,
+)
 from qkdd.etsi014.handler import (
+    Answer,
     ApiRequest,
     ApiResponse,
     Caller,
@@ -35,6 +53,7 @@ from qkdd.etsi014.handler import (
     Streamed,
     error_response,
 )
+from qkdd.etsi014.limits import ConnectionTable
 from qkdd.etsi014.pool import KeyServiceError
 
 log = logging.getLogger("qkdd.api")
@@ -42,10 +61,13 @@ log = logging.getLogger("qkdd.api")
 # Request line plus headers; a legitimate ETSI request needs well under 1 KiB.
 MAX_HEADER_BYTES = 8 * 1024
 RECEIVE_SIZE = 16 * 1024
-# Time allowed to receive one whole request, or to send one response, and the longest a
-# kept-alive connection may sit idle.
+# Time allowed to receive one whole request, or to send one response; by default also the
+# longest a connection may sit idle (no request in progress) before it is closed.
 DEFAULT_REQUEST_TIMEOUT = 10.0
-LISTEN_BACKLOG = 128
+# Connections the kernel queues before they are accepted (it caps this at
+# net.core.somaxconn, 4096 by default since Linux 5.4). Applications that connect in a
+# burst, e.g. at boot, while the daemon is busy, are queued rather than told EAGAIN.
+LISTEN_BACKLOG = 4096
 # Before closing a connection whose client may still be sending, read and discard its input
 # for this long (or this much): closing a socket with unread input makes the kernel report a
 # reset to the client, which may then lose the error response it was about to read.
@@ -54,6 +76,19 @@ LINGER_MAX_BYTES = 1024 * 1024
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 Identify = Callable[[int, int], frozenset[str]]
+
+
+class Handler(Protocol):
+    """What `serve_stream` serves: a sans-IO request handler (`RequestHandler`, or one of
+    its own such as the metrics listener's)."""
+
+    def handle(self, request: ApiRequest, caller: Caller) -> Answer: ...
+
+    def body_limit(self, target: str) -> int: ...
+
+    def body_too_large(self, target: str, limit: int) -> ApiResponse: ...
+
+
 # Told of every answered request: the request, its response, and the seconds the handler took
 # (e.g. to feed metrics). It must not block; an exception it raises is logged and ignored.
 Observe = Callable[[ApiRequest, ApiResponse, float], None]
@@ -70,6 +105,8 @@ async def serve_unix(
     *,
     mode: int = 0o660,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    idle_timeout: float | None = None,
+    connections: ConnectionTable | None = None,
     task_status: trio.TaskStatus[trio.SocketListener] = trio.TASK_STATUS_IGNORED,
     listener: trio.SocketListener | None = None,
     observe: Observe | None = None,
@@ -78,8 +115,12 @@ async def serve_unix(
 
     With `listener` given (an already listening Unix socket), `path` is only used in logs and
     nothing is bound, chmod-ed or removed. `task_status.started(listener)` is called once
-    connections are accepted. `observe` is told of each answered request.
+    connections are accepted. `observe` is told of each answered request. `idle_timeout`
+    (default: `request_timeout`) closes a connection with no request in progress;
+    `connections` caps the connections (default: `api_connection_table()`), by uid.
     """
+    gate = ConnectionGate(connections or api_connection_table(), "unix")
+    idle = request_timeout if idle_timeout is None else idle_timeout
     bound_inode: int | None = None
     if listener is None:
         listener, bound_inode = await _bind_unix(path, mode)
@@ -87,26 +128,46 @@ async def serve_unix(
         async with trio.open_nursery() as nursery:
             counter = itertools.count(1)
 
-            async def on_connection(stream: trio.SocketStream) -> None:
-                await _serve_connection(
-                    stream, handler, identify, request_timeout, next(counter), observe
+            def on_accept(stream: trio.SocketStream) -> None:
+                caller = peer_caller(stream.socket, identify)
+                slot = gate.admit(caller.uid, f"uid={caller.uid}")
+                if slot is None:
+                    refuse_now(stream)
+                    return
+                nursery.start_soon(
+                    _serve_connection,
+                    stream,
+                    caller,
+                    slot,
+                    handler,
+                    (request_timeout, idle),
+                    next(counter),
+                    observe,
                 )
 
-            await nursery.start(trio.serve_listeners, on_connection, [listener])
+            await nursery.start(
+                functools.partial(accept_forever, listener, on_accept, transport="unix")
+            )
+            limits = gate.table.limits
             log.info(
-                "event=api_listening path=%s mode=%s",
+                "event=api_listening path=%s mode=%s max_connections=%d per_uid=%d fd_limit=%d",
                 path,
                 oct(mode) if bound_inode is not None else "inherited",
+                limits.max_total,
+                limits.max_per_owner,
+                limits.fd_limit,
             )
             task_status.started(listener)
     finally:
+        gate.log_totals()
         if bound_inode is not None:
             _remove_if_ours(path, bound_inode)
             await listener.aclose()
 
 
-async def _bind_unix(path: str, mode: int) -> tuple[trio.SocketListener, int]:
-    """A listening socket at `path` and the inode of its name."""
+async def _bind_unix(path: str, mode: int, what: str = "API") -> tuple[trio.SocketListener, int]:
+    """A listening socket at `path` and the inode of its name; `what` names the socket in
+    errors."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -114,7 +175,7 @@ async def _bind_unix(path: str, mode: int) -> tuple[trio.SocketListener, int]:
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise SocketPathError(
-                f"{path} exists and is not a socket; remove it or configure another API socket"
+                f"{path} exists and is not a socket; remove it or configure another {what} socket"
             )
         if _is_live(path):
             raise SocketPathError(f"another process is serving {path}; stop it first")
@@ -134,7 +195,7 @@ async def _bind_unix(path: str, mode: int) -> tuple[trio.SocketListener, int]:
         sock.close()
         if os.path.lexists(temp):
             os.unlink(temp)
-        raise SocketPathError(f"cannot create API socket {path}: {exc.strerror or exc}") from exc
+        raise SocketPathError(f"cannot create {what} socket {path}: {exc.strerror or exc}") from exc
     return trio.SocketListener(sock), inode
 
 
@@ -166,7 +227,7 @@ def peer_caller(sock: trio.socket.SocketType, identify: Identify) -> Caller:
         _pid, uid, gid = _PEERCRED.unpack(raw)
     except (OSError, AttributeError, struct.error) as exc:
         log.warning("event=api_no_peercred reason=%r; treating the caller as unknown", str(exc))
-        return Caller(None, None, frozenset())
+        return Caller(None, None, frozenset(), description="local process of unknown uid")
     try:
         sae_ids = frozenset(identify(uid, gid))
     except Exception:
@@ -178,57 +239,76 @@ def peer_caller(sock: trio.socket.SocketType, identify: Identify) -> Caller:
 
 
 class _BodyTooLarge(Exception):
-    pass
+    def __init__(self, target: str, limit: int) -> None:
+        super().__init__(target, limit)
+        self.target = target
+        self.limit = limit
 
 
 async def _serve_connection(
     stream: trio.SocketStream,
+    caller: Caller,
+    slot: ConnectionSlot,
     handler: RequestHandler,
-    identify: Identify,
-    request_timeout: float,
+    timeouts: tuple[float, float],
     conn_id: int,
     observe: Observe | None,
 ) -> None:
-    caller = peer_caller(stream.socket, identify)
-    log.debug(
-        "event=api_open conn=%d uid=%s gid=%s sae_ids=%s",
-        conn_id,
-        caller.uid,
-        caller.gid,
-        ",".join(sorted(caller.sae_ids)),
-    )
-    await serve_stream(
-        stream,
-        handler,
-        caller,
-        who=f"uid={caller.uid}",
-        request_timeout=request_timeout,
-        conn_id=conn_id,
-        observe=observe,
-    )
+    try:
+        log.debug(
+            "event=api_open conn=%d uid=%s gid=%s sae_ids=%s",
+            conn_id,
+            caller.uid,
+            caller.gid,
+            ",".join(sorted(caller.sae_ids)),
+        )
+        await serve_stream(
+            stream,
+            handler,
+            caller,
+            who=f"uid={caller.uid}",
+            request_timeout=timeouts[0],
+            idle_timeout=timeouts[1],
+            slot=slot,
+            conn_id=conn_id,
+            observe=observe,
+        )
+    finally:
+        await trio.aclose_forcefully(stream)
+        slot.release()
 
 
 async def serve_stream(
     stream: trio.abc.Stream,
-    handler: RequestHandler,
+    handler: Handler,
     caller: Caller,
     *,
     who: str,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    idle_timeout: float | None = None,
+    slot: ConnectionSlot | None = None,
     conn_id: int = 0,
     observe: Observe | None = None,
+    request_log_level: int = logging.INFO,
 ) -> None:
     """Answer HTTP/1.1 requests from `caller` on one established connection until it ends.
 
     Shared by every transport (Unix socket, TLS). `who` names the caller in log events, as
     "key=value" fields. A failure of the connection is logged, never raised. The stream is left
-    open for the transport to close, after an EOF and a drain of the client's unread input.
-    `observe` is told of each request the handler answered.
+    open for the transport to close, after an EOF and a drain of the client's unread input
+    (not after an idle connection was let go: nothing is owed to it). `observe` is told of
+    each request the handler answered. While no request is in progress the connection waits
+    at most `idle_timeout` (default: `request_timeout`), and its `slot` may evict it.
+    Each answered request is logged at `request_log_level`.
     """
-    connection = _Connection(stream, handler, caller, who, request_timeout, conn_id, observe)
+    idle = request_timeout if idle_timeout is None else idle_timeout
+    connection = _Connection(
+        stream, handler, caller, who, (request_timeout, idle), slot, conn_id, observe
+    )
+    connection.request_log_level = request_log_level
     try:
         await connection.run()
-        if not connection.peer_closed:
+        if not connection.peer_closed and not connection.let_go_idle:
             await _drain_and_close(_half_closeable(stream))
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         log.debug("event=api_dropped conn=%d reason=%r", conn_id, str(exc))
@@ -265,10 +345,11 @@ class _Connection:
     def __init__(
         self,
         stream: trio.abc.Stream,
-        handler: RequestHandler,
+        handler: Handler,
         caller: Caller,
         who: str,
-        timeout: float,
+        timeouts: tuple[float, float],
+        slot: ConnectionSlot | None,
         conn_id: int,
         observe: Observe | None = None,
     ) -> None:
@@ -276,10 +357,14 @@ class _Connection:
         self._handler = handler
         self._caller = caller
         self._who = who
-        self._timeout = timeout
+        self._timeout, self._idle_timeout = timeouts
+        self._slot = slot
         self._id = conn_id
         self._observe = observe
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        # Closed while idle (timed out, or evicted to make room): no request was cut short.
+        self.let_go_idle = False
+        self.request_log_level = logging.INFO
 
     @property
     def peer_closed(self) -> bool:
@@ -337,40 +422,70 @@ class _Connection:
     async def _read_request(self) -> ApiRequest | None:
         """The next complete request, or None when the connection should end (after any
         error response has been sent)."""
-        problem: tuple[int, str] | None = None
+        if self._h11.their_state is h11.IDLE and not self._h11.trailing_data[0]:
+            first = await self._wait_idle()
+            if first is None:
+                self.let_go_idle = True
+                return None
+            self._h11.receive_data(first)  # b"" is EOF
+        problem: ApiResponse | None = None
         with trio.move_on_after(self._timeout):
             try:
                 return await self._receive_request()
             except h11.RemoteProtocolError as exc:
-                problem = (exc.error_status_hint, f"malformed HTTP request: {exc}")
+                problem = error_response(exc.error_status_hint, f"malformed HTTP request: {exc}")
             except _BodyTooLarge as exc:
-                problem = (413, f"request body over {exc.args[0]} bytes")
+                problem = self._handler.body_too_large(exc.target, exc.limit)
         if problem is None:  # timed out
-            if self._h11.their_state is h11.IDLE and not self._h11.trailing_data[0]:
-                return None  # an idle kept-alive connection: just close it
-            problem = (408, f"request not received within {self._timeout:g} s")
+            problem = error_response(408, f"request not received within {self._timeout:g} s")
         log.info(
-            "event=api_rejected conn=%d %s status=%d message=%r",
+            "event=api_rejected conn=%d %s status=%d %s",
             self._id,
             self._who,
-            problem[0],
-            _printable(problem[1]),
+            problem.status,
+            _printable(problem.note),
         )
         if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            await self._send(error_response(*problem))
+            await self._send(problem)
         return None
+
+    async def _wait_idle(self) -> bytes | None:
+        """The first bytes of the next request (b"" at EOF), or None if none came within the
+        idle timeout or the connection was evicted meanwhile. (Bytes that did come are
+        served even if the connection was evicted as they arrived; it then closes after.)"""
+        if self._slot is not None and self._slot.evicted:
+            return None
+        waiting = (
+            self._slot.idle(self._idle_timeout)
+            if self._slot is not None
+            else trio.move_on_after(self._idle_timeout)
+        )
+        data = None
+        with waiting:
+            data = bytes(await self._stream.receive_some(RECEIVE_SIZE))
+        if data is None:
+            log.debug(
+                "event=api_idle_closed conn=%d evicted=%s",
+                self._id,
+                self._slot is not None and self._slot.evicted,
+            )
+            return None
+        return data
 
     async def _receive_request(self) -> ApiRequest | None:
         event = await self._next_event()
         if isinstance(event, h11.ConnectionClosed):
             return None
         assert isinstance(event, h11.Request), event
-        limit = self._handler.body_limit(event.target.decode("ascii", "replace"))
+        target = event.target.decode("ascii", "replace")
+        limit = self._handler.body_limit(target)
         length = _content_length(event.headers)
         if length is not None and length > limit:
-            raise _BodyTooLarge(limit)
+            raise _BodyTooLarge(target, limit)
         if self._h11.they_are_waiting_for_100_continue:
-            go_on = self._h11.send(h11.InformationalResponse(status_code=100, headers=[]))
+            go_on = self._h11.send(
+                h11.InformationalResponse(status_code=100, headers=[], reason=_reason(100))
+            )
             if not go_on or not await self._send_bytes(go_on):
                 return None
         body = bytearray()
@@ -379,7 +494,7 @@ class _Connection:
             if isinstance(part, h11.Data):
                 body += part.data
                 if len(body) > limit:
-                    raise _BodyTooLarge(limit)
+                    raise _BodyTooLarge(target, limit)
             elif isinstance(part, h11.EndOfMessage):
                 break
             else:  # ConnectionClosed mid-request
@@ -410,7 +525,11 @@ class _Connection:
         if not keep:  # the request was not read to its end; h11 will close after this
             headers.append(("connection", "close"))
         try:
-            data = self._h11.send(h11.Response(status_code=response.status, headers=headers))
+            data = self._h11.send(
+                h11.Response(
+                    status_code=response.status, headers=headers, reason=_reason(response.status)
+                )
+            )
             if response.body and not head:
                 data += self._h11.send(h11.Data(data=response.body))
             data += self._h11.send(h11.EndOfMessage())
@@ -432,7 +551,11 @@ class _Connection:
         headers = [*answer.headers, ("transfer-encoding", "chunked"), ("connection", "close")]
         sent = 0
         try:
-            data = self._h11.send(h11.Response(status_code=answer.status, headers=headers))
+            data = self._h11.send(
+                h11.Response(
+                    status_code=answer.status, headers=headers, reason=_reason(answer.status)
+                )
+            )
             if not await self._send_bytes(data):
                 return
             async with trio.open_nursery() as nursery:
@@ -474,7 +597,8 @@ class _Connection:
         return True
 
     def _log(self, request: ApiRequest, response: ApiResponse, elapsed: float) -> None:
-        log.info(
+        log.log(
+            self.request_log_level,
             "event=api_request conn=%d %s method=%s target=%s status=%d %s ms=%.2f",
             self._id,
             self._who,
@@ -484,6 +608,15 @@ class _Connection:
             _printable(response.note),
             elapsed * 1000,
         )
+
+
+def _reason(status: int) -> bytes:
+    """The standard reason phrase of an HTTP status code ("OK", "Not Found"), which h11
+    would otherwise leave empty."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
 
 
 def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:

@@ -8,7 +8,8 @@ can share one `RequestHandler` and one key pool.
 
 Every handshake runs under a deadline. A failed one (no client certificate, a certificate from
 another CA, a client without TLS 1.3, plain HTTP) is logged with the peer's address and ends
-only that connection.
+only that connection. Connections are capped as on the Unix socket (`qkdd.etsi014.accept`),
+by remote address instead of uid; a refused one is closed before its handshake.
 
 Which certificate is which SAE (`sae_ids_from_certificate`): the configuration maps certificate
 names to SAE IDs. The names of a certificate are its subject Common Names and its DNS
@@ -21,6 +22,7 @@ is still let in (it was issued by the client CA) but every request is answered 4
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -31,7 +33,14 @@ import trio
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from qkdd.etsi014.accept import (
+    ConnectionGate,
+    ConnectionSlot,
+    accept_forever,
+    api_connection_table,
+)
 from qkdd.etsi014.handler import Caller, RequestHandler
+from qkdd.etsi014.limits import ConnectionTable
 from qkdd.etsi014.pool import KeyServiceError
 from qkdd.etsi014.server import (
     DEFAULT_REQUEST_TIMEOUT,
@@ -156,6 +165,8 @@ async def serve_tls(
     client_ca_file: str,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    idle_timeout: float | None = None,
+    connections: ConnectionTable | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     listeners: Sequence[trio.SocketListener] | None = None,
     observe: Observe | None = None,
@@ -167,9 +178,13 @@ async def serve_tls(
     `trio.serve_listeners`, the listeners are closed when this returns.
     `task_status.started(listeners)` is called once connections are accepted. Raises
     `TlsConfigError` when the certificate, key or client CA cannot be loaded or the address
-    cannot be bound.
+    cannot be bound. `idle_timeout` (default: `request_timeout`) closes a connection with no
+    request in progress; `connections` caps the connections (default:
+    `api_connection_table()`; pass the Unix socket's table to share one budget), by address.
     """
     context = server_ssl_context(cert_file, key_file, client_ca_file)
+    gate = ConnectionGate(connections or api_connection_table(), "tls")
+    idle = request_timeout if idle_timeout is None else idle_timeout
     owned = listeners is None
     if listeners is None:
         try:
@@ -183,53 +198,72 @@ async def serve_tls(
     ready = list(listeners)
     counter = itertools.count(1)
 
-    async def on_connection(stream: trio.SocketStream) -> None:
+    async def serve_one(stream: trio.SocketStream, peer: str, slot: ConnectionSlot) -> None:
         conn_id = next(counter)
         try:
             await _serve_tls(
                 stream,
+                peer,
+                slot,
                 context,
                 handler,
                 identify_certificate,
-                request_timeout,
-                handshake_timeout,
+                (request_timeout, handshake_timeout, idle),
                 conn_id,
                 observe,
             )
         except Exception:
             # One connection's failure must never end the server.
             log.exception("event=api_connection_failed conn=%d", conn_id)
-        # trio.serve_listeners closes the TCP stream; with https_compatible there is no
-        # close_notify to send first.
+        finally:
+            # With https_compatible there is no close_notify to send first.
+            await trio.aclose_forcefully(stream)
+            slot.release()
 
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, on_connection, ready)
+
+            def on_accept(stream: trio.SocketStream) -> None:
+                try:
+                    peer_address = stream.socket.getpeername()
+                except OSError:
+                    peer_address = None
+                peer = _address(peer_address) if peer_address is not None else "unknown"
+                host = peer_address[0] if isinstance(peer_address, tuple) else peer
+                slot = gate.admit(host, f"peer={peer}")
+                if slot is None:
+                    stream.socket.close()  # no TLS yet: nothing to tell it
+                    return
+                nursery.start_soon(serve_one, stream, peer, slot)
+
+            for listener in ready:
+                await nursery.start(
+                    functools.partial(accept_forever, listener, on_accept, transport="tls")
+                )
             log.info(
                 "event=api_tls_listening address=%s",
                 ",".join(_address(listener.socket.getsockname()) for listener in ready),
             )
             task_status.started(ready)
     finally:
-        if owned:  # trio.serve_listeners closes them too, but only once it has started
+        gate.log_totals()
+        if owned:  # accept_forever closes them too, but only once it has started
             for listener in ready:
                 await listener.aclose()
 
 
 async def _serve_tls(
     tcp: trio.SocketStream,
+    peer: str,
+    slot: ConnectionSlot,
     context: ssl.SSLContext,
     handler: RequestHandler,
     identify_certificate: IdentifyCertificate,
-    request_timeout: float,
-    handshake_timeout: float,
+    timeouts: tuple[float, float, float],
     conn_id: int,
     observe: Observe | None,
 ) -> None:
-    try:
-        peer = _address(tcp.socket.getpeername())
-    except OSError:
-        peer = "unknown"
+    request_timeout, handshake_timeout, idle_timeout = timeouts
     # https_compatible: HTTP clients commonly close without close_notify; the HTTP framing
     # already tells a complete response from a cut one.
     stream = trio.SSLStream(tcp, context, server_side=True, https_compatible=True)
@@ -256,6 +290,8 @@ async def _serve_tls(
         caller,
         who=who,
         request_timeout=request_timeout,
+        idle_timeout=idle_timeout,
+        slot=slot,
         conn_id=conn_id,
         observe=observe,
     )
@@ -308,7 +344,7 @@ def _certificate_caller(
     der: bytes | None, identify_certificate: IdentifyCertificate, peer: str, conn_id: int
 ) -> tuple[Caller, str]:
     """The caller behind a verified client certificate, and how log events name it."""
-    unknown = Caller(None, None, frozenset())
+    unknown = Caller(None, None, frozenset(), description=f"TLS client at {peer}")
     if not der:  # cannot happen with CERT_REQUIRED; refuse rather than trust
         return unknown, f"peer={peer} subject=none"
     try:
@@ -327,13 +363,23 @@ def _certificate_caller(
             "event=api_identify_failed conn=%d %s; treating the caller as unknown", conn_id, who
         )
         sae_ids = frozenset()
+    common_names, dns_names = certificate_names(cert)
+    names = [_printable(name) for name in common_names + dns_names]
+    caller = Caller(
+        None,
+        None,
+        sae_ids,
+        description=f"client certificate with subject {subject!r}",
+        mapping_hint=(
+            f"map one of its names ({', '.join(names) or 'it has none'}) to an SAE ID "
+            "in [api.tls.clients] of the daemon's configuration"
+        ),
+    )
     if sae_ids:
         log.debug(
             "event=api_tls_open conn=%d %s sae_ids=%s", conn_id, who, ",".join(sorted(sae_ids))
         )
     else:
-        common_names, dns_names = certificate_names(cert)
-        names = [_printable(name) for name in common_names + dns_names]
         log.warning(
             "event=api_tls_unmapped conn=%d %s names=%s hint=%r",
             conn_id,
@@ -342,7 +388,7 @@ def _certificate_caller(
             "map one of these names to an SAE ID in the "
             "API's TLS client mapping, or every request is answered 401",
         )
-    return Caller(None, None, sae_ids), who
+    return caller, who
 
 
 def _address(sockaddr: object) -> str:
