@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
-from qkdd.config import ConfigError, check_files, load_config
+from qkdd.config import ConfigError, check_files, config_warnings, load_config
+
+if TYPE_CHECKING:
+    from qkdd.config import SiteConfig
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -23,7 +30,58 @@ def _configure_logging(verbose: bool) -> None:
     )
 
 
+class StopSignals:
+    """SIGTERM and SIGINT whenever the daemon's own signal receiver is not listening:
+    while it starts (imports, self-test, opening the store) and once its receiver has
+    closed during shutdown. A signal then is noted, never fatal, so a stop asked for while
+    starting is honoured as soon as the daemon listens, and more signals while stopping
+    cannot cut the clean stop short (exit status 0 after ``event=stopped``)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.first: signal.Signals | None = None
+
+    def install(self) -> None:
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._note)
+
+    def requested(self) -> signal.Signals | None:
+        """The first stop signal noted, if any."""
+        return self.first
+
+    def ignore_from_now_on(self) -> None:
+        # The interpreter resets Python-level handlers to the default (fatal) action while
+        # it exits; ignored signals stay ignored through that last stretch.
+        for signum in self.SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        if self.first is None:
+            self.first = signal.Signals(signum)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    stop_signals = StopSignals()
+    stop_signals.install()  # before the slow imports below: a stop is never fatal
+    try:
+        return _run_daemon(args, stop_signals)
+    finally:
+        stop_signals.ignore_from_now_on()
+
+
+async def _until_stopped(
+    run_daemon: Callable[..., Awaitable[None]], config: SiteConfig, stop_signals: StopSignals
+) -> None:
+    try:
+        await run_daemon(config, stop_requested=stop_signals.requested)
+    finally:
+        # Ignored from here on, still inside trio.run: while Trio closes down, a signal
+        # handled in Python would be written to Trio's already closed wake-up socket.
+        stop_signals.ignore_from_now_on()
+
+
+def _run_daemon(args: argparse.Namespace, stop_signals: StopSignals) -> int:
     import trio
 
     from qkdd.crypto import CryptoError
@@ -37,7 +95,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     expected = (IdentityError, StoreError, CryptoError, KeyServiceError, WireGuardError, OSError)
     try:
-        trio.run(run_daemon, config)
+        trio.run(_until_stopped, run_daemon, config, stop_signals)
     except BaseException as exc:  # noqa: BLE001 - unwrapped below, re-raised if unknown
         known = _first_known(exc, expected)
         if known is None:
@@ -95,32 +153,65 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_allow_bootstrap(args: argparse.Namespace) -> int:
+    import sqlite3
+
     from qkdd.daemon import STORE_FILE
     from qkdd.identity import IdentityError, read_key_encryption_key
     from qkdd.keystore import KeyStore, StoreError
+    from qkdd.systemd import operator_credential_directories
 
     config = load_config(args.config)
-    if config.peer(args.peer) is None:
+    peer = args.peer
+    if config.peer(peer) is None:
         known = ", ".join(p.site_id for p in config.peers) or "none"
-        print(
-            f"qkdd: {args.peer!r} is not a peer in {config.file} (peers: {known})", file=sys.stderr
-        )
+        print(f"qkdd: {peer!r} is not a peer in {config.file} (peers: {known})", file=sys.stderr)
         return 2
+    store_path = config.state_directory / STORE_FILE
+    if not store_path.exists():
+        # Never create one here: it would not be the daemon's (and, from root, not its user's).
+        print(
+            f"qkdd: there is no key store at {store_path}: the daemon creates it when it first "
+            f"starts (check state_directory in {config.file})",
+            file=sys.stderr,
+        )
+        return 1
     try:
-        kek = read_key_encryption_key(config.key_encryption_key)
-        store = KeyStore(config.state_directory / STORE_FILE, kek)
+        # Outside the service: read the credential where the unit's LoadCredential= does.
+        kek = read_key_encryption_key(
+            config.key_encryption_key, credential_directories=operator_credential_directories()
+        )
+        store = KeyStore(store_path, kek)
     except (IdentityError, StoreError) as exc:
         print(f"qkdd: {exc}", file=sys.stderr)
         return 1
     try:
-        store.allow_bootstrap(args.peer)
+        changed = store.revoke_bootstrap(peer) if args.revoke else store.allow_bootstrap(peer)
+        chain = store.chain_established(peer)
+    except sqlite3.Error as exc:  # e.g. the daemon held the store busy for too long
+        print(f"qkdd: cannot update key store {store_path}: {exc}", file=sys.stderr)
+        return 1
     finally:
         store.close()
-    print(
-        f"A new ML-DSA bootstrap with {args.peer} is allowed: the next handshake uses signatures "
-        "instead of the PSK chain, and the allowance ends once a new PSK is agreed. Do the same "
-        "on the peer site."
-    )
+    if args.revoke:
+        print(
+            f"Withdrew the allowance of a new ML-DSA bootstrap with {peer}."
+            if changed
+            else f"No new ML-DSA bootstrap with {peer} was allowed; nothing changed."
+        )
+    else:
+        print(
+            (
+                f"A new ML-DSA bootstrap with {peer} is now allowed at this site."
+                if changed
+                else f"A new ML-DSA bootstrap with {peer} was already allowed; nothing changed."
+            )
+            + " It only permits one: a PSK that still works stays in use, and the allowance"
+            " ends when the next PSK is agreed. Unless the peer site lost its state, its"
+            " operator must allow it too. Withdraw it with"
+            f" `qkdd allow-bootstrap --config {args.config} {peer} --revoke`."
+        )
+    if not chain:
+        print(f"(There is no PSK chain with {peer} yet: a first bootstrap needs no allowance.)")
     return 0
 
 
@@ -131,6 +222,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         print(f"qkdd: config error: {problem}", file=sys.stderr)
     if problems:
         return 2
+    for warning in config_warnings(config):
+        print(f"qkdd: config warning: {warning}", file=sys.stderr)
     print(
         f"{config.file}: OK (site {config.site_id}, {len(config.peers)} peer(s), "
         f"{len(config.consumers)} consumer SAE(s))"
@@ -178,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     allow.add_argument("--config", required=True, help="site config file (TOML)")
     allow.add_argument("peer", help="the peer's site ID")
+    allow.add_argument(
+        "--revoke", action="store_true", help="withdraw an allowance not used up yet"
+    )
     allow.set_defaults(func=_cmd_allow_bootstrap)
 
     check = sub.add_parser("check-config", help="validate a config file without starting anything")

@@ -11,6 +11,9 @@ run_daemon(config)
                                                    site status and metrics (qkdd.admin),
                                                    messages (qkdd.messages_api) and
                                                    key events (qkdd.events_api)
+    the ETSI API over TLS, if configured           (serve_tls)
+    Prometheus metrics on their own listener,     (serve_metrics: GET /metrics only)
+      if configured ([metrics])
     key expiry, STATUS= lines, watchdog pings      (_expire_keys, _report_status, _watchdog)
     key events from links and pools                (_watch_links_and_pools)
     the first WireGuard PSK of each binding, then its rotation   (PskRotator)
@@ -36,9 +39,11 @@ from typing import Final
 import trio
 
 from qkdd.admin import admin_routes
-from qkdd.config import ConfigError, SiteConfig, TlsConfig, load_config
+from qkdd.config import ConfigError, SiteConfig, TlsConfig, config_warnings, load_config
 from qkdd.crypto.select import select_backend
+from qkdd.etsi014.accept import api_connection_table
 from qkdd.etsi014.handler import RequestHandler
+from qkdd.etsi014.limits import ConnectionTable
 from qkdd.etsi014.server import Observe, serve_unix
 from qkdd.etsi014.tls import sae_ids_from_certificate, serve_tls
 from qkdd.events import EventBus, PoolWatch, chunks
@@ -49,6 +54,7 @@ from qkdd.keystore import ErasedKey, KeyStore, StoreError
 from qkdd.messages_api import SEND_PREFIX, message_routes, send_body_limit
 from qkdd.messaging import Messenger
 from qkdd.metrics import SiteMetrics
+from qkdd.metrics_listener import serve_metrics
 from qkdd.peer.calls import CallKind
 from qkdd.peering import CallHandler, PeerLink, serve_peers
 from qkdd.pool import StoreKeyPool
@@ -94,7 +100,11 @@ class LiveConfig:
         return applied, [name for name in changed if name not in reloadable]
 
 
-async def run_daemon(config: SiteConfig) -> None:
+async def run_daemon(
+    config: SiteConfig, *, stop_requested: Callable[[], signal.Signals | None] = lambda: None
+) -> None:
+    """Run the site until SIGTERM or SIGINT. ``stop_requested`` names a stop signal that
+    arrived before the daemon listened for signals itself (while it was starting)."""
     os.umask(0o077)  # every file the daemon creates (store, WAL, socket) is private
     notifier = Notifier()
     backend = select_backend(config.pqc_backend)
@@ -169,11 +179,15 @@ async def run_daemon(config: SiteConfig) -> None:
     )
     # The TLS listener's callers are remote SAEs: the ETSI API only, no site status.
     etsi_only = RequestHandler(pool)
+    # Both API listeners draw on one budget of file descriptors.
+    api_connections = api_connection_table()
 
     def identify(uid: int, gid: int) -> frozenset[str]:
         return live.config.sae_ids_for_uid(uid)
 
     api_listener = _activated_api_listener()
+    for warning in config_warnings(config):
+        log.warning("event=config_warning reason=%r", warning)
     log.info(
         "event=starting site=%s backend=%s peers=%s api_socket=%s",
         config.site_id,
@@ -186,6 +200,11 @@ async def run_daemon(config: SiteConfig) -> None:
             recent_errors.installed("qkdd"),
             trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
         ):
+            asked_while_starting = stop_requested()
+            if asked_while_starting is not None:
+                log.info("event=stopping signal=%s", asked_while_starting.name)
+                notifier.stopping()
+                return
             async with trio.open_nursery() as nursery:
                 for link in links.values():
                     await nursery.start(link.device.run, link.sink)
@@ -210,12 +229,17 @@ async def run_daemon(config: SiteConfig) -> None:
                         mode=config.api_socket_mode,
                         listener=api_listener,
                         observe=metrics.observe_request,
+                        connections=api_connections,
                     )
                 )
                 if config.api_tls is not None:
                     await nursery.start(
-                        _tls_listener(config.api_tls, etsi_only, metrics.observe_request)
+                        _tls_listener(
+                            config.api_tls, etsi_only, metrics.observe_request, api_connections
+                        )
                     )
+                if config.metrics is not None:  # Prometheus: /metrics only, no key API
+                    await nursery.start(serve_metrics, config.metrics, metrics.exposition)
                 nursery.start_soon(_report_status, notifier, config, links, store)
                 nursery.start_soon(_expire_keys, live, store)
                 nursery.start_soon(_watch_links_and_pools, bus, links, store)
@@ -250,7 +274,7 @@ def _sync_call_handler(answer: Callable[[bytes], bytes]) -> CallHandler:
 
 
 def _tls_listener(
-    tls: TlsConfig, handler: RequestHandler, observe: Observe
+    tls: TlsConfig, handler: RequestHandler, observe: Observe, connections: ConnectionTable
 ) -> Callable[..., Awaitable[None]]:
     """The ETSI 014 API over TLS 1.3, callers identified by client certificate."""
     host, port = tls.listen
@@ -264,6 +288,7 @@ def _tls_listener(
         key_file=str(tls.private_key),
         client_ca_file=str(tls.client_ca),
         observe=observe,
+        connections=connections,
     )
 
 
@@ -277,11 +302,18 @@ def _activated_api_listener() -> trio.SocketListener | None:
 
 
 def _reload(live: LiveConfig, notifier: Notifier) -> None:
+    """Apply what SIGHUP can; a reload that fails for any reason leaves the running config
+    in force and the daemon serving."""
     notifier.reloading()
     try:
         applied, restart = live.reload()
-    except ConfigError as exc:
+    except (ConfigError, OSError) as exc:
         log.error("event=reload_failed reason=%r kept='the running config'", str(exc))
+    except Exception as exc:  # a bug in reloading must not stop the key service
+        log.exception(
+            "event=reload_failed reason=%r kept='the running config'",
+            f"{type(exc).__name__}: {exc}",
+        )
     else:
         log.info(
             "event=reloaded applied=%s needs_restart=%s",

@@ -9,6 +9,7 @@ import signal
 
 import pytest
 from site_edits import second_sae_at_b
+from timeouts import timeout
 
 from qkdd.client import BlockingKeyClient, KeyServiceClientError
 from qkdd.demo import running_demo, wait_for_keys
@@ -19,7 +20,7 @@ SECOND_B = "sae-b2"
 
 def test_sizes_and_additional_slaves_through_real_daemons(tmp_path):
     with running_demo(tmp_path, second_sae_at_b(SECOND_B)) as (site_a, site_b):
-        wait_for_keys(site_a, SITE_B.sae_id, 40, timeout=60)
+        wait_for_keys(site_a, SITE_B.sae_id, 40, timeout=timeout(60))
         with BlockingKeyClient(str(site_a.socket_path)) as app_a:
             status = app_a.status(SITE_B.sae_id)
             assert status["min_key_size"] <= 64 and status["max_key_size"] >= 1024
@@ -44,7 +45,7 @@ def test_sizes_and_additional_slaves_through_real_daemons(tmp_path):
         # With the peer's daemon stopped, default-size keys still come from stock, but keys
         # that need the peer's confirmation are refused with the reason, and nothing leaks.
         site_b.process.send_signal(signal.SIGTERM)
-        site_b.process.wait(15)
+        site_b.process.wait(timeout(15))
         with BlockingKeyClient(str(site_a.socket_path)) as app_a:
             before = app_a.status(SITE_B.sae_id)["stored_key_count"]
             with pytest.raises(KeyServiceClientError) as info:

@@ -17,6 +17,7 @@ import pytest
 from backends import HAVE_LIBOQS, needs_liboqs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from timeouts import timeout
 
 from qkdd.crypto import (
     KEM_CIPHERTEXT_SIZE,
@@ -348,7 +349,7 @@ def _choose_in_subprocess(install_path: str, home: Path) -> dict[str, object]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout(60),
         check=True,
     )
     return json.loads(completed.stdout.strip().splitlines()[-1])

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from timeouts import timeout
 
 from qkdd.client import BlockingKeyClient
 from qkdd.demo import prepare_directory, start_emulator
@@ -26,7 +27,7 @@ def site_a(tmp_path):
     emulator = start_emulator(tmp_path)
     yield configs["site-a"]
     emulator.terminate()
-    emulator.wait(timeout=10)
+    emulator.wait(timeout=timeout(10))
 
 
 @pytest.fixture
@@ -34,14 +35,14 @@ def notify_socket(tmp_path):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     path = tmp_path / "notify.sock"
     sock.bind(str(path))
-    sock.settimeout(20)
+    sock.settimeout(timeout(20))
     yield sock, path
     sock.close()
 
 
-def receive_until(sock, predicate, timeout=20.0):
+def receive_until(sock, predicate, seconds=20.0):
     seen = []
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout(seconds)
     while time.monotonic() < deadline:
         try:
             seen.append(sock.recv(4096).decode())
@@ -80,19 +81,19 @@ def test_ready_status_watchdog_and_stopping(site_a, notify_socket, tmp_path):
     finally:
         daemon.send_signal(signal.SIGTERM)
     seen = receive_until(sock, lambda s: any("STOPPING=1" in m for m in s))
-    assert daemon.wait(timeout=20) == 0
+    assert daemon.wait(timeout=timeout(20)) == 0
 
 
 def test_no_notifications_without_systemd(site_a, tmp_path):
     daemon = start(site_a, {}, tmp_path / "a.log")
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + timeout(20)
         while "event=ready" not in (tmp_path / "a.log").read_text():
             assert time.monotonic() < deadline
             time.sleep(0.1)
     finally:
         daemon.send_signal(signal.SIGTERM)
-    assert daemon.wait(timeout=20) == 0
+    assert daemon.wait(timeout=timeout(20)) == 0
 
 
 def test_sighup_applies_what_it_can_and_names_the_rest(site_a, notify_socket, tmp_path):
@@ -109,7 +110,7 @@ def test_sighup_applies_what_it_can_and_names_the_rest(site_a, notify_socket, tm
         daemon.send_signal(signal.SIGHUP)
         seen = receive_until(sock, lambda s: any(m.startswith("READY=1") for m in s[1:]))
         assert any("RELOADING=1" in m for m in seen)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + timeout(20)
         while "event=reloaded" not in log.read_text():
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
@@ -126,14 +127,14 @@ def test_sighup_applies_what_it_can_and_names_the_rest(site_a, notify_socket, tm
         # A broken file is refused and the running config kept.
         site_a.write_text("site_id = ")
         daemon.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + timeout(20)
         while "event=reload_failed" not in log.read_text():
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
         assert daemon.poll() is None
     finally:
         daemon.send_signal(signal.SIGTERM)
-    assert daemon.wait(timeout=20) == 0
+    assert daemon.wait(timeout=timeout(20)) == 0
 
 
 @pytest.mark.skipif(
@@ -147,18 +148,18 @@ def test_api_socket_from_socket_activation(site_a, tmp_path):
         site_a, {}, log, prefix=("systemd-socket-activate", "-l", str(activated), "--fdname=api")
     )
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + timeout(20)
         while not activated.exists():
             assert time.monotonic() < deadline
             time.sleep(0.05)
         # An application may connect before the daemon is up; its request is answered.
-        with BlockingKeyClient(str(activated), timeout=30) as client:
+        with BlockingKeyClient(str(activated), timeout=timeout(30)) as client:
             assert client.status(SITE_B.sae_id)["master_SAE_ID"] == "sae-a"
         assert "api_socket=from systemd" in log.read_text()
         assert not (tmp_path / "site-a" / "api.sock").exists()  # nothing bound by the daemon
     finally:
         daemon.send_signal(signal.SIGTERM)
-    assert daemon.wait(timeout=20) == 0
+    assert daemon.wait(timeout=timeout(20)) == 0
 
 
 def test_api_over_tls_with_client_certificates(site_a, tmp_path):
@@ -186,7 +187,7 @@ client_ca = "{pki.ca}"
     log = tmp_path / "a.log"
     daemon = start(site_a, {}, log)
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + timeout(20)
         while "event=ready" not in log.read_text():
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
@@ -202,7 +203,7 @@ client_ca = "{pki.ca}"
         assert info.value.status == 401
     finally:
         daemon.send_signal(signal.SIGTERM)
-    assert daemon.wait(timeout=20) == 0
+    assert daemon.wait(timeout=timeout(20)) == 0
 
 
 BROKEN_BACKEND = """
@@ -227,7 +228,7 @@ def test_failed_self_test_means_no_ready_and_a_clear_exit(site_a, notify_socket,
         env={**os.environ, "NOTIFY_SOCKET": str(path)},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout(60),
     )
     assert result.returncode == 1
     assert "ML-KEM-768 self-test failed" in result.stderr

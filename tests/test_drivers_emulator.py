@@ -16,6 +16,7 @@ import pytest
 import trio
 from qkdd_drivers.base import QkdKey
 from qkdd_drivers.serial_driver import SerialDevice
+from timeouts import timeout
 
 EMULATOR = [sys.executable, "-m", "qkdd_drivers.emulator"]
 FLAGS = [
@@ -46,14 +47,14 @@ async def start_emulator(*args: str) -> tuple[subprocess.Popen[bytes], str]:
     with log.open("wb") as stderr:
         proc = subprocess.Popen([*EMULATOR, "pty", *args], stdout=subprocess.PIPE, stderr=stderr)
     assert proc.stdout is not None
-    with trio.fail_after(10):
+    with trio.fail_after(timeout(10)):
         line = await trio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)
     return proc, line.decode()
 
 
 async def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
     proc.send_signal(sig)
-    with trio.fail_after(10):
+    with trio.fail_after(timeout(10)):
         return await trio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
 
 
@@ -83,7 +84,7 @@ async def test_both_links_receive_identical_keys(tmp_path: Path) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(dev_a.run, sink_a)
             await nursery.start(dev_b.run, sink_b)
-            with trio.fail_after(15):
+            with trio.fail_after(timeout(15)):
                 while min(len(sink_a.keys), len(sink_b.keys)) < 1500 or not (
                     dev_a.status.secret_key_rate
                 ):
@@ -177,13 +178,13 @@ async def test_daemon_restart_on_one_side_keeps_both_sides_identical(tmp_path: P
             await nursery.start(SerialDevice(str(link_b)).run, sink_b)
             async with trio.open_nursery() as first:
                 await first.start(SerialDevice(str(link_a)).run, sink_a1)
-                with trio.fail_after(10):
+                with trio.fail_after(timeout(10)):
                     while len(sink_a1.keys) < 200:
                         await trio.sleep(0.02)
                 first.cancel_scope.cancel()
             await trio.sleep(1.5)  # unacknowledged keys pile up on side A's device
             await nursery.start(SerialDevice(str(link_a)).run, sink_a2)
-            with trio.fail_after(15):
+            with trio.fail_after(timeout(15)):
                 while len(sink_a2.keys) < 800 or len(sink_b.keys) < 1200:
                     await trio.sleep(0.02)
             nursery.cancel_scope.cancel()

@@ -35,6 +35,7 @@ from qkdd_drivers.etsi014_device import (
     parse_kme_url,
     parse_status,
 )
+from timeouts import timeout
 
 from qkdd.etsi014.handler import RequestHandler
 from qkdd.etsi014.pool import DeliveredKey, MemoryKeyPool
@@ -159,8 +160,8 @@ def make_device(url: str, pki: Pki, who: Credentials, role: str, **options: Any)
     return Etsi014Device(url, **settings)
 
 
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    with trio.move_on_after(timeout):
+async def until(predicate: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
+    with trio.move_on_after(timeout(seconds)):
         while not predicate():
             await trio.sleep(0.01)
         return

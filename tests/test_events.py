@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import trio
+from timeouts import timeout
 
 from qkdd import ctl
 from qkdd.client import BlockingKeyClient, KeyServiceClientError
@@ -68,7 +69,7 @@ async def test_next_waits_for_an_event():
             bus.publish("link_up", peer_site="p")
 
         nursery.start_soon(publish_later)
-        with trio.fail_after(5):
+        with trio.fail_after(timeout(5)):
             (event,) = await sub.next()
     assert event.kind == "link_up"
 
@@ -105,8 +106,8 @@ class Collector:
         except Exception:  # the daemon went away: the stream ends
             pass
 
-    def wait_for(self, test: Callable[[dict[str, Any]], bool], timeout: float = 30) -> dict:
-        deadline = time.monotonic() + timeout
+    def wait_for(self, test: Callable[[dict[str, Any]], bool], seconds: float = 30) -> dict:
+        deadline = time.monotonic() + timeout(seconds)
         while time.monotonic() < deadline:
             for event in list(self.events):
                 if test(event):
@@ -115,13 +116,26 @@ class Collector:
         raise AssertionError(f"no such event in {[e['event'] for e in self.events]}")
 
 
+def wait_for_log(path: Path, text: str) -> None:
+    deadline = time.monotonic() + timeout(30)
+    while text not in path.read_text():
+        assert time.monotonic() < deadline, f"{text!r} not in {path}"
+        time.sleep(0.05)
+
+
 def test_link_and_pool_events_through_real_daemons(tmp_path):
     with running_demo(tmp_path) as (site_a, site_b):
-        wait_for_keys(site_a, SITE_B.sae_id, 64, timeout=60)
+        wait_for_keys(site_a, SITE_B.sae_id, 64, timeout=timeout(60))
         events = Collector(site_a.socket_path)
-        time.sleep(0.5)  # let the subscription start before the first change
+        wait_for_log(site_a.log_file, "event=api_stream_opened")  # subscribed from here on
+        # The daemon notices links going up and down by polling: a session that came and
+        # went between two looks is not reported. So restart B, and take the link down only
+        # once the new session has been reported.
+        site_b.restart(kill=True)
+        events.wait_for(lambda e: e["event"] == "link_up")
+        wait_for_keys(site_a, SITE_B.sae_id, 64, timeout=timeout(60))
         site_b.process.kill()
-        site_b.process.wait(10)
+        site_b.process.wait(timeout(10))
         down = events.wait_for(lambda e: e["event"] == "link_down")
         assert down["peer_site_ID"] == SITE_B.site_id and down["reason"]
         # With B down nothing refills A's pool: taking most of it makes it low.
@@ -138,7 +152,7 @@ def test_link_and_pool_events_through_real_daemons(tmp_path):
             + [SITE_B.site_id],
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=timeout(30),
         )
         assert allowed.returncode == 0, allowed.stderr
         events.wait_for(lambda e: e["event"] == "link_up" and e["seq"] > down["seq"])
@@ -147,7 +161,7 @@ def test_link_and_pool_events_through_real_daemons(tmp_path):
         refill = events.wait_for(
             lambda e: e["event"] == "keys_available" and e["seq"] > withdrawn["seq"]
         )
-        assert refill["added"] > 0 and refill["newest_at"] > time.time() - 60
+        assert refill["added"] > 0 and refill["newest_at"] > time.time() - timeout(60)
         assert all(e["seq"] > 0 and e["at"] > 0 for e in events.events)
         assert [e["seq"] for e in events.events] == sorted(e["seq"] for e in events.events)
 
@@ -159,7 +173,7 @@ def _short_lifetime(directory: Path) -> None:
 
 def test_expired_keys_are_named_and_qkdctl_follows_events(tmp_path, capsys):
     with running_demo(tmp_path, _short_lifetime) as (site_a, _site_b):
-        wait_for_keys(site_a, SITE_B.sae_id, 1, timeout=60)
+        wait_for_keys(site_a, SITE_B.sae_id, 1, timeout=timeout(60))
         argv = ["--socket", str(site_a.socket_path), "events", "--kind", "keys_expired"]
         assert ctl.main([*argv, "--count", "1"]) == 0
         line = capsys.readouterr().out.strip()
@@ -183,7 +197,7 @@ async def test_a_closed_event_stream_unsubscribes():
     chunks = answer.chunks()
     bus.publish("link_up", peer_site="site-b")
     bus.publish("link_down", peer_site="site-b")  # not asked for
-    with trio.fail_after(5):
+    with trio.fail_after(timeout(5)):
         first = await chunks.__anext__()
     assert b'"event":"link_up"' in first and b"link_down" not in first
     await chunks.aclose()  # what the server does when the client goes away

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from pki import make_pki
+from timeouts import timeout
 
 from qkdd.demo import exchange_keys, running_demo, wait_for_keys
 from qkdd.demo_sites import SITE_B
@@ -74,10 +75,10 @@ def test_sites_on_etsi014_kmes_agree_on_hybrid_keys(tmp_path):
                 )
 
         with running_demo(tmp_path, tamper=use_kmes) as (site_a, site_b):
-            wait_for_keys(site_a, SITE_B.sae_id, 8, timeout=30)
+            wait_for_keys(site_a, SITE_B.sae_id, 8, timeout=timeout(30))
             rows = exchange_keys(site_a, site_b, 8)
             assert len(rows) == 8 and all(row["match"] for row in rows)
             assert "event=session_established" in site_b.log_file.read_text()
     finally:
         kme.terminate()
-        kme.wait(timeout=20)
+        kme.wait(timeout=timeout(20))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from site_edits import second_sae_at_b
+from timeouts import timeout
 
 from qkdd import ctl
 from qkdd.client import BlockingKeyClient, KeyServiceClientError
@@ -36,10 +37,10 @@ CAP = 1024 * 1024
 OTHER_B = "sae-b2"
 
 
-def send_retrying(client: BlockingKeyClient, recipient: str, body: bytes, timeout: float = 30):
+def send_retrying(client: BlockingKeyClient, recipient: str, body: bytes, seconds: float = 30):
     """Send, retrying with the same message ID while the key stock refills."""
     message_id = str(uuid.uuid4())
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout(seconds)
     while True:
         try:
             return client.send_message(recipient, body, message_id=message_id)
@@ -51,9 +52,9 @@ def send_retrying(client: BlockingKeyClient, recipient: str, body: bytes, timeou
 
 def test_messages_of_every_size_arrive_once_in_order_for_their_recipient_only(tmp_path, capsys):
     with running_demo(tmp_path, second_sae_at_b(OTHER_B)) as (site_a, site_b):
-        wait_for_keys(site_a, SITE_B.sae_id, 8, timeout=60)
+        wait_for_keys(site_a, SITE_B.sae_id, 8, timeout=timeout(60))
         bodies = [b"", b"\x00", os.urandom(CAP), b"last"]
-        with BlockingKeyClient(str(site_a.socket_path), timeout=30) as app_a:
+        with BlockingKeyClient(str(site_a.socket_path), timeout=timeout(30)) as app_a:
             ids = [send_retrying(app_a, SITE_B.sae_id, body) for body in bodies]
             with pytest.raises(KeyServiceClientError) as info:
                 app_a.send_message(SITE_B.sae_id, bytes(CAP + 1))
@@ -62,12 +63,12 @@ def test_messages_of_every_size_arrive_once_in_order_for_their_recipient_only(tm
                 app_a.send_message("sae-nowhere", b"x")
             assert info.value.status == 400 and "sae-nowhere" in info.value.message
         sock_b = str(site_b.socket_path)
-        with BlockingKeyClient(sock_b, sae_id=OTHER_B, timeout=30) as other:
+        with BlockingKeyClient(sock_b, sae_id=OTHER_B, timeout=timeout(30)) as other:
             assert other.receive_message(wait=0.2) is None  # not addressed to it
             with pytest.raises(KeyServiceClientError) as info:
                 other.acknowledge_message(ids[0])
             assert info.value.status == 400
-        with BlockingKeyClient(sock_b, sae_id=SITE_B.sae_id, timeout=30) as app_b:
+        with BlockingKeyClient(sock_b, sae_id=SITE_B.sae_id, timeout=timeout(30)) as app_b:
             got = []
             while (message := app_b.receive_message(wait=1)) is not None:
                 got.append(message)
@@ -104,9 +105,9 @@ def test_messages_of_every_size_arrive_once_in_order_for_their_recipient_only(tm
 
 def test_recipient_site_down_is_503_and_nothing_is_half_sent(tmp_path):
     with running_demo(tmp_path) as (site_a, site_b):
-        wait_for_keys(site_a, SITE_B.sae_id, 4, timeout=60)
+        wait_for_keys(site_a, SITE_B.sae_id, 4, timeout=timeout(60))
         site_b.process.send_signal(signal.SIGTERM)
-        site_b.process.wait(15)
+        site_b.process.wait(timeout(15))
         with BlockingKeyClient(str(site_a.socket_path)) as app_a:
             before = app_a.status(SITE_B.sae_id)["stored_key_count"]
             message_id = str(uuid.uuid4())
@@ -115,8 +116,8 @@ def test_recipient_site_down_is_503_and_nothing_is_half_sent(tmp_path):
             assert info.value.status == 503 and SITE_B.site_id in info.value.message
             assert app_a.status(SITE_B.sae_id)["stored_key_count"] == before  # no key used
         site_b.spawn()
-        with BlockingKeyClient(str(site_a.socket_path), timeout=30) as app_a:
-            deadline = time.monotonic() + 30
+        with BlockingKeyClient(str(site_a.socket_path), timeout=timeout(30)) as app_a:
+            deadline = time.monotonic() + timeout(30)
             while True:
                 try:
                     assert app_a.send_message(SITE_B.sae_id, b"hello", message_id=message_id)
@@ -271,9 +272,9 @@ def _pads_for_a(directory: Path) -> None:
 
 def test_one_time_pad_messages_through_real_daemons(tmp_path):
     with running_demo(tmp_path, _pads_for_a) as (site_a, site_b):
-        wait_for_keys(site_a, SITE_B.sae_id, 1, timeout=60)
-        with BlockingKeyClient(str(site_a.socket_path), timeout=30) as app_a:
-            deadline = time.monotonic() + 60
+        wait_for_keys(site_a, SITE_B.sae_id, 1, timeout=timeout(60))
+        with BlockingKeyClient(str(site_a.socket_path), timeout=timeout(30)) as app_a:
+            deadline = time.monotonic() + timeout(60)
             while app_a.site_status()["peers"][SITE_B.site_id]["otp_pad_bytes_ready"] < 4096:
                 assert time.monotonic() < deadline, "no pads made"
                 time.sleep(0.2)

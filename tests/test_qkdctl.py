@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from timeouts import timeout
 
 from qkdd.ctl import main
 
@@ -47,12 +48,15 @@ def socket_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield path
     finally:
         server.terminate()
-        server.wait(timeout=10)
+        server.wait(timeout=timeout(10))
 
 
 def qkdctl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "qkdd.ctl", *args], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "qkdd.ctl", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout(30),
     )
 
 
@@ -148,7 +152,7 @@ def test_socket_from_environment(socket_path: str) -> None:
         [sys.executable, "-m", "qkdd.ctl", "--sae-id", "SAE-A", "status", "SAE-B"],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=timeout(30),
         env={**os.environ, "QKDD_SOCKET": socket_path},
     )
     assert done.returncode == 0, done.stderr

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from timeouts import timeout
 
 from qkdd.systemd import (
     ListenFdsError,
@@ -30,7 +31,7 @@ from qkdd.systemd import (
 
 REPO = Path(__file__).resolve().parent.parent
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate") or "/usr/bin/systemd-socket-activate"
-TIMEOUT_S = 10.0
+TIMEOUT_S = timeout(10.0)
 
 
 @pytest.fixture

@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from timeouts import timeout
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def run(*command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout(300))
 
 
 def test_ruff_is_clean():

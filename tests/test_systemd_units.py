@@ -36,12 +36,14 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+from timeouts import timeout
+
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
 ANALYZE = shutil.which("systemd-analyze")
 SYSUSERS = shutil.which("systemd-sysusers")
 TMPFILES = shutil.which("systemd-tmpfiles")
-TIMEOUT_S = 60.0
+TIMEOUT_S = timeout(60.0)
 EXPOSURE_TARGET = 1.2
 
 # Where the unit files expect the entry points, and where this install has them.

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from timeouts import timeout
 
 from qkdd.client import BlockingKeyClient, KeyServiceClientError
 from qkdd.crypto.select import select_backend
@@ -98,13 +99,13 @@ def three_sites(tmp_path):
         for process in [r.process for r in running] + emulators:
             process.send_signal(signal.SIGTERM)
         for process in [r.process for r in running] + emulators:
-            process.wait(timeout=20)
+            process.wait(timeout=timeout(20))
 
 
 def test_a_hub_with_two_peers_keeps_each_link_apart(three_sites):
     hub, site_b, site_c = three_sites
     for spoke, sae in ((site_b, "sae-b"), (site_c, "sae-c")):
-        wait_for_keys(hub, sae, 4, timeout=30)
+        wait_for_keys(hub, sae, 4, timeout=timeout(30))
         with BlockingKeyClient(str(hub.socket_path)) as app:
             sent = app.enc_keys(sae, number=4)
         with BlockingKeyClient(str(spoke.socket_path)) as app:
