@@ -7,7 +7,9 @@ Every known failure ends in one plain line on stderr and a non-zero exit status:
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -21,11 +23,47 @@ if TYPE_CHECKING:
     from qkdd.config import SiteConfig
 
 
+def package_version() -> str:
+    """The installed qkdd version, as `--version` prints it."""
+    try:
+        return importlib.metadata.version("qkdd")
+    except importlib.metadata.PackageNotFoundError:  # a source tree never installed
+        return "unknown (not installed)"
+
+
+class _VersionAction(argparse.Action):
+    """`--version`, looking the version up only when asked (not on every run)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        print(f"qkdd {package_version()}")
+        parser.exit()
+
+
+def stderr_is_journal(environ: dict[str, str] | None = None) -> bool:
+    """True when stderr is the journal: systemd sets JOURNAL_STREAM to the "dev:inode" of
+    the stream it connected, which a redirected stderr no longer matches."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    device, sep, inode = value.partition(":")
+    if not sep or not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):  # no stderr, or one without a file descriptor
+        return False
+    return (st.st_dev, st.st_ino) == (int(device), int(inode))
+
+
 def _configure_logging(verbose: bool) -> None:
-    # journald stamps time and unit itself: one event per line, level and logger name.
+    # One event per line, level and logger name; journald stamps time and unit itself,
+    # anywhere else the line carries its own ISO 8601 time (UTC offset included).
+    stamp = "" if stderr_is_journal() else "%(asctime)s "
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(name)s %(message)s",
+        format=stamp + "%(levelname)s %(name)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S%z",
         stream=sys.stderr,
     )
 
@@ -83,17 +121,28 @@ async def _until_stopped(
 
 def _run_daemon(args: argparse.Namespace, stop_signals: StopSignals) -> int:
     import trio
+    from qkdd_drivers.etsi014_device import KmeError
 
     from qkdd.crypto import CryptoError
     from qkdd.daemon import run_daemon
     from qkdd.etsi014.pool import KeyServiceError
     from qkdd.identity import IdentityError
     from qkdd.keystore import StoreError
+    from qkdd.systemd import SystemdError
     from qkdd.wireguard import WireGuardError
 
     _configure_logging(args.verbose)
     config = load_config(args.config)
-    expected = (IdentityError, StoreError, CryptoError, KeyServiceError, WireGuardError, OSError)
+    expected = (
+        IdentityError,
+        StoreError,
+        CryptoError,
+        KeyServiceError,
+        WireGuardError,
+        SystemdError,
+        KmeError,
+        OSError,
+    )
     try:
         trio.run(_until_stopped, run_daemon, config, stop_signals)
     except BaseException as exc:  # noqa: BLE001 - unwrapped below, re-raised if unknown
@@ -241,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qkdd", description="Hybrid QKD + post-quantum key daemon."
     )
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the site daemon (the systemd service entry point)")
@@ -295,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ConfigError as exc:
-        print(f"qkdd: config error: {exc}", file=sys.stderr)
+        for problem in getattr(exc, "problems", (exc,)):
+            print(f"qkdd: config error: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +45,17 @@ class ConfigError(Exception):
         if got is not None:
             detail += f", got {got!r}"
         super().__init__(detail)
+
+
+class ConfigErrors(ConfigError):
+    """Several independent problems in one config file: ``problems`` holds each, the first
+    gives ``file``, ``key`` and ``expected``, and the message has one line per problem."""
+
+    def __init__(self, problems: list[ConfigError]) -> None:
+        first = problems[0]
+        self.file, self.key, self.expected = first.file, first.key, first.expected
+        self.problems = tuple(problems)
+        Exception.__init__(self, "\n".join(str(problem) for problem in problems))
 
 
 @dataclass(frozen=True)
@@ -144,6 +154,9 @@ class ConsumerConfig:
     uid: int | None
     # At most this many keys per rolling hour through enc_keys (None: no quota).
     keys_per_hour: int | None = None
+    # The remote SAEs it gets keys for (None: every SAE of every peer); key pools are
+    # filled only for pairs some consumer talks to.
+    talks_to: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +188,16 @@ class SiteConfig:
     @property
     def local_sae_ids(self) -> frozenset[str]:
         return frozenset(c.sae_id for c in self.consumers)
+
+    def talking_pairs(self) -> frozenset[tuple[str, str]]:
+        """(local SAE, remote SAE) pairs some consumer gets keys for: its talks_to, or every
+        SAE of every peer when it has none. Only these pools are filled here."""
+        remote = [sae for peer in self.peers for sae in peer.remote_sae_ids]
+        return frozenset(
+            (c.sae_id, sae)
+            for c in self.consumers
+            for sae in (remote if c.talks_to is None else c.talks_to)
+        )
 
     def sae_ids_for_uid(self, uid: int) -> frozenset[str]:
         """The SAE IDs a local caller with this uid may act as (uid unset = any caller)."""
@@ -442,14 +465,27 @@ def _auth_key_bits(reader: _Reader) -> int:
 
 
 def _consumer(reader: _Reader) -> ConsumerConfig:
-    reader.reject_unknown({"sae_id", "uid", "keys_per_hour"})
+    reader.reject_unknown({"sae_id", "uid", "keys_per_hour", "talks_to"})
     uid = reader.integer("uid", 0, 2**32 - 2, None) if "uid" in reader.table else None
     quota = (
         reader.integer("keys_per_hour", 1, 10**12, None)
         if "keys_per_hour" in reader.table
         else None
     )
-    return ConsumerConfig(sae_id=reader.identifier("sae_id"), uid=uid, keys_per_hour=quota)
+    talks_to = None
+    if "talks_to" in reader.table:
+        talks_to = reader.get("talks_to", list, "a list of remote SAE IDs")
+        for index, sae in enumerate(talks_to):
+            if not isinstance(sae, str) or not _ID_PATTERN.fullmatch(sae):
+                raise ConfigError(
+                    reader.file, f"{reader.key('talks_to')}[{index}]", "an SAE ID", sae
+                )
+    return ConsumerConfig(
+        sae_id=reader.identifier("sae_id"),
+        uid=uid,
+        keys_per_hour=quota,
+        talks_to=tuple(talks_to) if talks_to is not None else None,
+    )
 
 
 _WIREGUARD_KEYS = {
@@ -495,111 +531,141 @@ def _wireguard(
     return binding
 
 
-def _unique(file: Path, key: str, values: list[str]) -> None:
-    seen: set[str] = set()
-    for value in values:
-        if value in seen:
-            raise ConfigError(file, key, "unique values", value)
-        seen.add(value)
+class _Problems:
+    """Collects the ConfigError of each independent part of a file, so one run reports them
+    all; a part that depends on a failed one is skipped rather than reported twice."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    def take(self, build: Callable[[], T], fallback: T) -> T:
+        try:
+            return build()
+        except ConfigError as exc:
+            self.errors.append(exc)
+            return fallback
+
+    def items(self, readers: Callable[[], list[_Reader]], parse: Callable[[_Reader], T]) -> list[T]:
+        """Each table of an array parsed on its own (a bad one does not hide the next)."""
+        no_tables: list[_Reader] = []
+        parsed: list[T] = []
+        for reader in self.take(readers, no_tables):
+            try:
+                parsed.append(parse(reader))
+            except ConfigError as exc:
+                self.errors.append(exc)
+        return parsed
+
+    def check(self) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            raise ConfigErrors(self.errors)
 
 
 def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
+    """The site config in ``data``; raises ConfigError, or ConfigErrors for several."""
+    from qkdd.config_checks import cross_checks  # it builds on this module
+
     root = _Reader(file, data)
-    root.reject_unknown(
-        {
-            "site_id",
-            "listen",
-            "state_directory",
-            "pqc_backend",
-            "identity",
-            "store",
-            "api",
-            "consumers",
-            "peers",
-            "messages",
-            "wireguard",
-            "metrics",
-        }
-    )
-    messages = (
-        root.subtable("messages") if "messages" in root.table else _Reader(file, {}, "messages.")
-    )
-    messages.reject_unknown({"max_size", "max_pending"})
-    identity = root.subtable("identity")
-    identity.reject_unknown({"private_key"})
-    store = root.subtable("store")
-    store.reject_unknown({"key_encryption_key", "key_lifetime"})
-    api = root.subtable("api")
-    api.reject_unknown({"socket", "socket_mode", "key_size", "max_keys_per_request", "tls"})
-    backend = root.get("pqc_backend", str, f"one of {', '.join(BACKEND_CHOICES)}", "auto")
-    if backend not in BACKEND_CHOICES:
-        raise root.error("pqc_backend", f"one of {', '.join(BACKEND_CHOICES)}", backend)
-    key_size = api.integer("key_size", 8, 8192, 256)
-    if key_size % 8:
-        raise api.error("key_size", "a multiple of 8 bits", key_size)
-    consumers = tuple(_consumer(r) for r in root.table_list("consumers"))
-    peers = tuple(_peer(r) for r in root.table_list("peers"))
-    site_id = root.identifier("site_id")
-    wireguard = tuple(_wireguard(r, consumers, peers) for r in root.table_list("wireguard"))
-    _unique(file, "wireguard[].name", [w.name for w in wireguard])
-    _unique(file, "consumers[].sae_id", [c.sae_id for c in consumers])
-    _unique(file, "peers[].site_id", [p.site_id for p in peers])
-    if any(p.site_id == site_id for p in peers):
-        raise ConfigError(file, "peers[].site_id", "a site other than this one", site_id)
-    _one_site_per_sae(file, consumers, peers)
-    api_socket = api.path("socket")
-    return SiteConfig(
+    problems = _Problems()
+    problems.take(lambda: root.reject_unknown(_TOP_LEVEL_KEYS), None)
+
+    def section(name: str, known: set[str], optional: bool = False) -> _Reader:
+        if optional and name not in root.table:
+            return _Reader(file, {}, f"{name}.")
+        reader = problems.take(lambda: root.subtable(name), _Reader(file, {}, f"{name}."))
+        problems.take(lambda: reader.reject_unknown(known), None)
+        return reader
+
+    messages = section("messages", {"max_size", "max_pending"}, optional=True)
+    identity = section("identity", {"private_key"})
+    store = section("store", {"key_encryption_key", "key_lifetime"})
+    api = section("api", {"socket", "socket_mode", "key_size", "max_keys_per_request", "tls"})
+
+    def backend() -> str:
+        value = root.get("pqc_backend", str, f"one of {', '.join(BACKEND_CHOICES)}", "auto")
+        if value not in BACKEND_CHOICES:
+            raise root.error("pqc_backend", f"one of {', '.join(BACKEND_CHOICES)}", value)
+        return value
+
+    def key_size() -> int:
+        value = api.integer("key_size", 8, 8192, 256)
+        if value % 8:
+            raise api.error("key_size", "a multiple of 8 bits", value)
+        return value
+
+    before = len(problems.errors)
+    consumers = tuple(problems.items(lambda: root.table_list("consumers"), _consumer))
+    peers = tuple(problems.items(lambda: root.table_list("peers"), _peer))
+    site_id = problems.take(lambda: root.identifier("site_id"), "")
+    sae_lists_ok = len(problems.errors) == before
+    wireguard: tuple[WireGuardBinding, ...] = ()
+    if sae_lists_ok:
+        wireguard = tuple(
+            problems.items(
+                lambda: root.table_list("wireguard"), lambda r: _wireguard(r, consumers, peers)
+            )
+        )
+        problems.take(lambda: cross_checks(file, site_id, consumers, peers, wireguard), None)
+    api_socket = problems.take(lambda: api.path("socket"), Path("/"))
+    config = SiteConfig(
         file=file,
         site_id=site_id,
-        listen=root.address("listen"),
-        state_directory=root.path("state_directory"),
-        key_encryption_key=_secret_source(store, "key_encryption_key"),
-        key_lifetime=store.integer("key_lifetime", 1, 10 * 365 * 86400, 3600),
-        identity_key=_secret_source(identity, "private_key"),
+        listen=problems.take(lambda: root.address("listen"), ("", 0)),
+        state_directory=problems.take(lambda: root.path("state_directory"), Path("/")),
+        key_encryption_key=problems.take(
+            lambda: _secret_source(store, "key_encryption_key"), SecretSource(None, "")
+        ),
+        key_lifetime=problems.take(
+            lambda: store.integer("key_lifetime", 1, 10 * 365 * 86400, 3600), 0
+        ),
+        identity_key=problems.take(
+            lambda: _secret_source(identity, "private_key"), SecretSource(None, "")
+        ),
         api_socket=api_socket,
-        api_socket_mode=api.integer("socket_mode", 0, 0o777, 0o600),
-        api_tls=_tls(api.subtable("tls"), {c.sae_id for c in consumers})
-        if "tls" in api.table
+        api_socket_mode=problems.take(lambda: api.integer("socket_mode", 0, 0o777, 0o600), 0),
+        api_tls=problems.take(
+            lambda: _tls(api.subtable("tls"), {c.sae_id for c in consumers}), None
+        )
+        if "tls" in api.table and sae_lists_ok
         else None,
-        key_size=key_size,
-        max_keys_per_request=api.integer("max_keys_per_request", 1, 10_000, 128),
-        pqc_backend=backend,
+        key_size=problems.take(key_size, 0),
+        max_keys_per_request=problems.take(
+            lambda: api.integer("max_keys_per_request", 1, 10_000, 128), 0
+        ),
+        pqc_backend=problems.take(backend, ""),
         consumers=consumers,
         peers=peers,
-        message_max_size=messages.integer("max_size", 0, 1024 * 1024, 1024 * 1024),
-        message_max_pending=messages.integer("max_pending", 1, 10**9, 100_000),
+        message_max_size=problems.take(
+            lambda: messages.integer("max_size", 0, 1024 * 1024, 1024 * 1024), 0
+        ),
+        message_max_pending=problems.take(
+            lambda: messages.integer("max_pending", 1, 10**9, 100_000), 0
+        ),
         wireguard=wireguard,
-        metrics=_metrics(root.subtable("metrics"), api_socket) if "metrics" in root.table else None,
+        metrics=problems.take(lambda: _metrics(root.subtable("metrics"), api_socket), None)
+        if "metrics" in root.table
+        else None,
     )
+    problems.check()
+    return config
 
 
-def _one_site_per_sae(
-    file: Path, consumers: tuple[ConsumerConfig, ...], peers: tuple[PeerConfig, ...]
-) -> None:
-    """Every SAE is at one site. Keys are made only for an SAE here and an SAE at a peer
-    site, over the QKD link with that site: a pair of SAEs at one site has no link to agree
-    keys over, and an SAE at two peer sites would have two."""
-    local = {c.sae_id for c in consumers}
-    site_of: dict[str, str] = {}
-    for i, peer in enumerate(peers):
-        for j, sae in enumerate(peer.remote_sae_ids):
-            key = f"peers[{i}].remote_sae_ids[{j}]"
-            if sae in local:
-                raise ConfigError(
-                    file,
-                    key,
-                    "an SAE at that peer site, not one of this site's [[consumers]] (keys "
-                    "are made only between an SAE here and an SAE at a peer site)",
-                    sae,
-                )
-            if sae in site_of:
-                raise ConfigError(
-                    file,
-                    key,
-                    f"an SAE listed once, under one peer (it is already at site {site_of[sae]})",
-                    sae,
-                )
-            site_of[sae] = peer.site_id
+_TOP_LEVEL_KEYS = {
+    "site_id",
+    "listen",
+    "state_directory",
+    "pqc_backend",
+    "identity",
+    "store",
+    "api",
+    "consumers",
+    "peers",
+    "messages",
+    "wireguard",
+    "metrics",
+}
 
 
 def load_config(path: str | os.PathLike[str]) -> SiteConfig:
@@ -652,88 +718,16 @@ def config_from_bytes(file: Path, raw: bytes) -> SiteConfig:
 
 
 def check_files(config: SiteConfig) -> list[ConfigError]:
-    """Problems a daemon would hit at start that parsing alone cannot see."""
-    problems: list[ConfigError] = []
-    secret_files = (
-        (
-            "identity.private_key",
-            config.identity_key,
-            "an existing ML-DSA-65 seed file",
-            "qkdd keygen --out FILE",
-        ),
-        (
-            "store.key_encryption_key",
-            config.key_encryption_key,
-            "an existing 32-byte key file",
-            "qkdd keygen --kek FILE",
-        ),
-    )
-    for key, source, expected, create_with in secret_files:
-        # A systemd credential only exists while the service runs: nothing to check here.
-        if source.path is not None and not source.path.is_file():
-            problems.append(
-                ConfigError(
-                    config.file,
-                    key,
-                    f"{expected} (create it with `{create_with}`)",
-                    str(source.path),
-                )
-            )
-    if not config.api_socket.parent.is_dir():
-        problems.append(
-            ConfigError(
-                config.file, "api.socket", "a path in an existing directory", str(config.api_socket)
-            )
-        )
-    sockets = [("api.socket", config.api_socket)]
-    if config.metrics is not None and config.metrics.socket is not None:
-        sockets.append(("metrics.socket", config.metrics.socket))
-    for key, socket in sockets:
-        if key != "api.socket" and not socket.parent.is_dir():
-            problems.append(
-                ConfigError(config.file, key, "a path in an existing directory", str(socket))
-            )
-        if len(os.fsencode(socket)) > 107:
-            problems.append(
-                ConfigError(
-                    config.file,
-                    key,
-                    "a path of at most 107 bytes (a Unix socket limit)",
-                    str(socket),
-                )
-            )
-    return problems
+    """Problems a daemon would hit at start that parsing alone cannot see (missing secret
+    files, socket directories, [api.tls] files that do not load)."""
+    from qkdd.config_checks import file_problems
+
+    return file_problems(config)
 
 
 def config_warnings(config: SiteConfig) -> list[str]:
     """Settings that work but probably not as meant; `qkdd check-config` prints them and
     the daemon logs them at start."""
-    warnings = []
-    for index, peer in enumerate(config.peers):
-        if peer.pool_size < config.max_keys_per_request:
-            warnings.append(
-                f"{config.file}: peers[{index}].pool_size ({peer.pool_size}) is below "
-                f"api.max_keys_per_request ({config.max_keys_per_request}): an SAE here can "
-                f"take at most {peer.pool_size} keys per enc_keys request for an SAE at site "
-                f"{peer.site_id} (the pool never holds more; the ETSI Status object says so "
-                "and a request for more is refused with 400); raise pool_size or lower "
-                "max_keys_per_request"
-            )
-    if config.metrics is not None and config.metrics.listen is not None:
-        host = config.metrics.listen[0]
-        if not _is_loopback(host):
-            warnings.append(
-                f"{config.file}: metrics.listen {config.metrics.describe()} is not a loopback "
-                "address: anyone who can reach it reads the metrics (site and SAE IDs, pool "
-                "levels; never keys) without authentication; prefer 127.0.0.1 or a socket"
-            )
-    return warnings
+    from qkdd.config_checks import warnings_for
 
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
+    return warnings_for(config)

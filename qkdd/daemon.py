@@ -85,8 +85,12 @@ class LiveConfig:
         """Re-read the file; return (keys applied, keys that need a restart)."""
         new = load_config(self.config.file)
         reloadable = set(self.RELOADABLE)
-        if new.local_sae_ids != self.config.local_sae_ids:
-            # Who may act as an SAE can change live; which SAEs exist shapes the links.
+        if (new.local_sae_ids, new.talking_pairs()) != (
+            self.config.local_sae_ids,
+            self.config.talking_pairs(),
+        ):
+            # Who may act as an SAE can change live; which SAEs exist and which pairs are
+            # filled shape the links.
             reloadable.discard("consumers")
         changed = [
             f.name

@@ -30,6 +30,10 @@ class LinkParameters:
     pad_keys: int = 0
     # QKD keys buffered at most before the device is held back (``qkd_buffer_keys``).
     qkd_buffer_keys: int = 4096
+    # Local -> remote SAE pairs whose pool this site fills (None: every pair). A batch the
+    # peer sends for another allowed pair is still accepted (pair_allowed): each site's own
+    # config decides which of its pools are filled.
+    pool_pairs: frozenset[tuple[str, str]] | None = None
 
     @property
     def is_master(self) -> bool:
@@ -49,5 +53,11 @@ class LinkParameters:
         )
 
     def local_master_pairs(self) -> list[tuple[str, str]]:
-        """SAE pairs whose enc_keys caller is at this site (their pool is here)."""
-        return sorted((m, s) for m in self.local_sae_ids for s in self.remote_sae_ids)
+        """SAE pairs whose enc_keys caller is at this site and whose pool is kept filled
+        (some consumer talks to the remote SAE)."""
+        return sorted(
+            (m, s)
+            for m in self.local_sae_ids
+            for s in self.remote_sae_ids
+            if self.pool_pairs is None or (m, s) in self.pool_pairs
+        )

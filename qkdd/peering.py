@@ -225,6 +225,7 @@ class PeerLink:
             auth_key_bits=peer.auth_key_bits,
             pad_keys=-(-peer.otp_pad_bytes // (PAD_BITS_MAX // 8)),
             qkd_buffer_keys=peer.qkd_buffer_keys,
+            pool_pairs=config.talking_pairs(),
         )
         self.device = make_device(peer, self.params.is_master, config.site_id)
         self.sink = StoreSink(store, peer.site_id, peer.qkd_buffer_keys)

@@ -178,7 +178,14 @@ class StoreKeyPool:
         self, master_sae_id: str, slave_sae_id: str, peer_site: str, ready_keys: int, what: str
     ) -> None:
         """InvalidKeyRequest when a request needs more ready keys than the pair's pool ever
-        holds: it could never be met."""
+        holds, or the pair's pool is not filled at all (no consumer talks to the slave SAE):
+        it could never be met."""
+        if (master_sae_id, slave_sae_id) not in self._live.config.talking_pairs():
+            raise InvalidKeyRequest(
+                f"site {self._live.config.site_id} keeps no keys for {master_sae_id} -> "
+                f"{slave_sae_id}: {slave_sae_id} is not in the talks_to of consumer "
+                f"{master_sae_id}"
+            )
         pool_size = self._pool_size(peer_site)
         if ready_keys > pool_size:
             raise InvalidKeyRequest(

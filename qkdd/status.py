@@ -74,13 +74,15 @@ class PoolLevel:
 
 
 def pool_levels(link: LinkView, store: StoreView) -> list[PoolLevel]:
-    """Every SAE pair of the link, local masters first, with its ready key count."""
+    """Every SAE pair of the link a local consumer talks to, local masters first, with its
+    ready key count."""
     params = link.params
     pairs = [(m, s, "enc_keys") for m, s in params.local_master_pairs()]
     pairs += [
         (m, s, "dec_keys")
         for m in sorted(params.remote_sae_ids)
         for s in sorted(params.local_sae_ids)
+        if params.pool_pairs is None or (s, m) in params.pool_pairs
     ]
     return [PoolLevel(m, s, store.ready_count(m, s), how) for m, s, how in pairs]
 

@@ -150,7 +150,12 @@ def emulator_env(port: int, *, strip_comments: bool) -> str:
     ``# ...`` as part of the value: ``strip_comments`` drops the notes the head puts there."""
     unit = (REPO / "systemd" / "qkd-emulator@.service").read_text()
     lines = []
-    for name in ("QKD_EMULATOR_ROLE", "QKD_EMULATOR_PEER", "QKD_EMULATOR_FLAGS"):
+    for name in (
+        "QKD_EMULATOR_ROLE",
+        "QKD_EMULATOR_PEER",
+        "QKD_EMULATOR_FLAGS",
+        "QKD_EMULATOR_SITES",
+    ):
         match = re.search(rf"^#\s+({name}=.*?)(\s+#.*)?$", unit, re.M)
         assert match, f"the head of qkd-emulator@.service no longer shows {name}="
         lines.append(match.group(1) if strip_comments else match.group(0).lstrip("#").strip())
@@ -332,6 +337,9 @@ def follow_the_readme(box: Container, failures: list[str]) -> None:
     # `qkdctl status` from the operator's root shell, with no arguments.
     as_root = box.run("qkdctl status")
     assert "site site-a" in as_root.stdout and "QKD device    up" in as_root.stdout, as_root
+    # The emulator half named the sites (QKD_EMULATOR_SITES), so the daemon checked that it
+    # is attached to its own end of the link instead of warning that it cannot tell.
+    assert "device.identity-unknown" not in journal(box)
 
     # Step 6's `qkdd allow-bootstrap` from the root shell: it reads the key-encryption key
     # where the unit's LoadCredential= does (/etc/credstore), `--revoke` withdraws the

@@ -1,0 +1,254 @@
+"""Checks of a loaded site config beyond its syntax: files the daemon will open at start
+(secret files, socket directories, the [api.tls] certificate, key and client CA) and
+settings that work but probably not as meant. ``qkdd.config.check_files`` and
+``config_warnings`` are the entry points.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+from qkdd.config import ConfigError, ConsumerConfig, PeerConfig, SiteConfig
+from qkdd.wireguard import WireGuardBinding
+
+
+def _unique(file: Path, key: str, values: list[str]) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ConfigError(file, key, "unique values", value)
+        seen.add(value)
+
+
+def cross_checks(
+    file: Path,
+    site_id: str,
+    consumers: tuple[ConsumerConfig, ...],
+    peers: tuple[PeerConfig, ...],
+    wireguard: tuple[WireGuardBinding, ...],
+) -> None:
+    """Rules across sections (unique IDs, each SAE at one site, talks_to naming remote SAEs),
+    checked once every section parsed."""
+    _unique(file, "wireguard[].name", [w.name for w in wireguard])
+    _unique(file, "consumers[].sae_id", [c.sae_id for c in consumers])
+    _unique(file, "peers[].site_id", [p.site_id for p in peers])
+    if any(p.site_id == site_id for p in peers):
+        raise ConfigError(file, "peers[].site_id", "a site other than this one", site_id)
+    one_site_per_sae(file, consumers, peers)
+    remote = {sae for peer in peers for sae in peer.remote_sae_ids}
+    for i, consumer in enumerate(consumers):
+        for j, sae in enumerate(consumer.talks_to or ()):
+            if sae not in remote:
+                raise ConfigError(
+                    file,
+                    f"consumers[{i}].talks_to[{j}]",
+                    "an SAE ID listed in remote_sae_ids of a peer "
+                    f"({', '.join(sorted(remote)) or 'none'})",
+                    sae,
+                )
+
+
+def one_site_per_sae(
+    file: Path, consumers: tuple[ConsumerConfig, ...], peers: tuple[PeerConfig, ...]
+) -> None:
+    """Every SAE is at one site. Keys are made only for an SAE here and an SAE at a peer
+    site, over the QKD link with that site: a pair of SAEs at one site has no link to agree
+    keys over, and an SAE at two peer sites would have two."""
+    local = {c.sae_id for c in consumers}
+    site_of: dict[str, str] = {}
+    for i, peer in enumerate(peers):
+        for j, sae in enumerate(peer.remote_sae_ids):
+            key = f"peers[{i}].remote_sae_ids[{j}]"
+            if sae in local:
+                raise ConfigError(
+                    file,
+                    key,
+                    "an SAE at that peer site, not one of this site's [[consumers]] (keys "
+                    "are made only between an SAE here and an SAE at a peer site)",
+                    sae,
+                )
+            if sae in site_of:
+                raise ConfigError(
+                    file,
+                    key,
+                    f"an SAE listed once, under one peer (it is already at site {site_of[sae]})",
+                    sae,
+                )
+            site_of[sae] = peer.site_id
+
+
+def file_problems(config: SiteConfig) -> list[ConfigError]:
+    """Problems a daemon would hit at start that parsing alone cannot see."""
+    problems: list[ConfigError] = []
+    secret_files = (
+        (
+            "identity.private_key",
+            config.identity_key,
+            "an existing ML-DSA-65 seed file",
+            "qkdd keygen --out FILE",
+        ),
+        (
+            "store.key_encryption_key",
+            config.key_encryption_key,
+            "an existing 32-byte key file",
+            "qkdd keygen --kek FILE",
+        ),
+    )
+    for key, source, expected, create_with in secret_files:
+        # A systemd credential only exists while the service runs: nothing to check here.
+        if source.path is not None and not source.path.is_file():
+            problems.append(
+                ConfigError(
+                    config.file,
+                    key,
+                    f"{expected} (create it with `{create_with}`)",
+                    str(source.path),
+                )
+            )
+    if not config.api_socket.parent.is_dir():
+        problems.append(
+            ConfigError(
+                config.file, "api.socket", "a path in an existing directory", str(config.api_socket)
+            )
+        )
+    sockets = [("api.socket", config.api_socket)]
+    if config.metrics is not None and config.metrics.socket is not None:
+        sockets.append(("metrics.socket", config.metrics.socket))
+    for key, socket in sockets:
+        if key != "api.socket" and not socket.parent.is_dir():
+            problems.append(
+                ConfigError(config.file, key, "a path in an existing directory", str(socket))
+            )
+        if len(os.fsencode(socket)) > 107:
+            problems.append(
+                ConfigError(
+                    config.file,
+                    key,
+                    "a path of at most 107 bytes (a Unix socket limit)",
+                    str(socket),
+                )
+            )
+    if config.api_tls is not None:
+        problems.extend(tls_file_problems(config))
+    return problems
+
+
+def tls_file_problems(config: SiteConfig) -> list[ConfigError]:
+    """The [api.tls] files loaded as the listener will load them: a missing file, a
+    certificate file without a certificate, a key that is not the certificate's, a client CA
+    file without a CA certificate."""
+    tls = config.api_tls
+    assert tls is not None
+    files = {
+        "api.tls.certificate": tls.certificate,
+        "api.tls.private_key": tls.private_key,
+        "api.tls.client_ca": tls.client_ca,
+    }
+    problems = []
+    readable = set()
+    for key, path in files.items():
+        try:
+            with open(path, "rb"):
+                readable.add(key)
+        except OSError as exc:
+            problems.append(
+                ConfigError(
+                    config.file,
+                    key,
+                    "an existing, readable PEM file",
+                    f"{path} ({exc.strerror or exc})",
+                )
+            )
+    if "api.tls.certificate" in readable:
+        problem = _load_problem(lambda ctx: ctx.load_verify_locations(cafile=str(tls.certificate)))
+        if problem is not None:
+            problems.append(
+                ConfigError(
+                    config.file,
+                    "api.tls.certificate",
+                    "a PEM file holding the listener's certificate",
+                    f"{tls.certificate} ({problem})",
+                )
+            )
+        elif "api.tls.private_key" in readable:
+            problem = _load_problem(
+                lambda ctx: ctx.load_cert_chain(
+                    str(tls.certificate), str(tls.private_key), password=_no_password
+                )
+            )
+            if problem is not None:
+                problems.append(
+                    ConfigError(
+                        config.file,
+                        "api.tls.private_key",
+                        "an unencrypted PEM private key matching api.tls.certificate",
+                        f"{tls.private_key} ({problem})",
+                    )
+                )
+    if "api.tls.client_ca" in readable:
+        problem = _load_problem(lambda ctx: ctx.load_verify_locations(cafile=str(tls.client_ca)))
+        if problem is not None:
+            problems.append(
+                ConfigError(
+                    config.file,
+                    "api.tls.client_ca",
+                    "a PEM file of the CA certificates that issue client certificates",
+                    f"{tls.client_ca} ({problem})",
+                )
+            )
+    return problems
+
+
+def _no_password() -> bytes:
+    # An encrypted key would make OpenSSL ask on the terminal; the listener cannot either.
+    return b""
+
+
+def _load_problem(load: Callable[[ssl.SSLContext], None]) -> str | None:
+    """Why OpenSSL refuses what ``load`` feeds a fresh server context, or None."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        load(context)
+    except ssl.SSLError as exc:
+        return exc.reason or str(exc)
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def warnings_for(config: SiteConfig) -> list[str]:
+    """Settings that work but probably not as meant; `qkdd check-config` prints them and
+    the daemon logs them at start."""
+    warnings = []
+    for index, peer in enumerate(config.peers):
+        if peer.pool_size < config.max_keys_per_request:
+            warnings.append(
+                f"{config.file}: peers[{index}].pool_size ({peer.pool_size}) is below "
+                f"api.max_keys_per_request ({config.max_keys_per_request}): an SAE here can "
+                f"take at most {peer.pool_size} keys per enc_keys request for an SAE at site "
+                f"{peer.site_id} (the pool never holds more; the ETSI Status object says so "
+                "and a request for more is refused with 400); raise pool_size or lower "
+                "max_keys_per_request"
+            )
+    if config.metrics is not None and config.metrics.listen is not None:
+        host = config.metrics.listen[0]
+        if not _is_loopback(host):
+            warnings.append(
+                f"{config.file}: metrics.listen {config.metrics.describe()} is not a loopback "
+                "address: anyone who can reach it reads the metrics (site and SAE IDs, pool "
+                "levels; never keys) without authentication; prefer 127.0.0.1 or a socket"
+            )
+    return warnings
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
