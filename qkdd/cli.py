@@ -31,14 +31,15 @@ def package_version() -> str:
         return "unknown (not installed)"
 
 
-class _VersionAction(argparse.Action):
-    """`--version`, looking the version up only when asked (not on every run)."""
+class VersionAction(argparse.Action):
+    """`--version` of `qkdd` and `qkdctl`, looking the version up only when asked (not on
+    every run)."""
 
     def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
         super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
 
     def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
-        print(f"qkdd {package_version()}")
+        print(f"{parser.prog} {package_version()}")
         parser.exit()
 
 
@@ -290,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qkdd", description="Hybrid QKD + post-quantum key daemon."
     )
-    parser.add_argument("--version", action=_VersionAction)
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the site daemon (the systemd service entry point)")

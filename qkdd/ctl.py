@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import importlib.metadata
 import json
 import os
 import sys
@@ -24,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from qkdd.cli import VersionAction
 from qkdd.client import (
     BlockingKeyClient,
     ClientError,
@@ -34,25 +34,6 @@ from qkdd.client import (
 
 DEFAULT_SOCKET = "/run/qkdd/api.sock"
 SOCKET_ENV = "QKDD_SOCKET"
-
-
-def _package_version() -> str:
-    """The installed qkdd version, as `--version` prints it."""
-    try:
-        return importlib.metadata.version("qkdd")
-    except importlib.metadata.PackageNotFoundError:  # a source tree never installed
-        return "unknown (not installed)"
-
-
-class _VersionAction(argparse.Action):
-    """`--version`, looking the version up only when asked (not on every run)."""
-
-    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
-        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
-
-    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
-        print(f"qkdctl {_package_version()}")
-        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sae-id", help="act as this SAE when the user may act as several")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
     parser.add_argument("--compact", action="store_true", help="one-line JSON output")
-    parser.add_argument("--version", action=_VersionAction)
+    parser.add_argument("--version", action=VersionAction)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     status = commands.add_parser(

@@ -22,6 +22,7 @@ import contextlib
 import enum
 import os
 import queue
+import re
 import select
 import socket
 import threading
@@ -29,10 +30,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from timeouts import timeout
 
 from qkdd.crypto.select import select_backend
+from qkdd.demo_sites import SITE_A, SITE_B
 from qkdd.peer.connection import MODE_SIGNATURE_BOOTSTRAP, Hello
 from qkdd.peer.wire import FRAME_HEADER, FRAME_HEADER_SIZE, FrameType, make_frame
 
@@ -416,3 +419,24 @@ class MitmProxy:
         if self._observer is not None:
             self._observer("close", conn.record)
         conn.record.done.set()
+
+
+def point_a_at(proxy: MitmProxy) -> Callable[[Path], None]:
+    def rewrite(directory: Path) -> None:
+        config_b = (directory / f"{SITE_B.site_id}.toml").read_text()
+        listen = re.search(r'^listen = "127\.0\.0\.1:(\d+)"', config_b, re.M)
+        assert listen is not None
+        proxy.start(("127.0.0.1", int(listen.group(1))))
+        config_a = directory / f"{SITE_A.site_id}.toml"
+        host, port = proxy.address
+        config_a.write_text(
+            re.sub(
+                r'^address = ".*"$',
+                f'address = "{host}:{port}"',
+                config_a.read_text(),
+                count=1,
+                flags=re.M,
+            )
+        )
+
+    return rewrite

@@ -6,18 +6,16 @@ daemons as processes behind a proxy that goes silent."""
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from link_pair import LinkPair, qkd_keys
-from mitm_proxy import MitmProxy
+from mitm_proxy import MitmProxy, point_a_at
 from timeouts import timeout
 
 from qkdd.demo import exchange_keys, running_demo, wait_for_keys
-from qkdd.demo_sites import SITE_A, SITE_B
+from qkdd.demo_sites import SITE_B
 from qkdd.keystore import KeyStore
 from qkdd.link import BATCH_REPLY_TIMEOUT, LinkError
 
@@ -113,29 +111,6 @@ def test_next_deadline_tells_the_caller_when_to_poll(stores, backend):
             deadlines.append(deadline)
             pair.master.poll(deadline + 0.01)  # just late: dead only past a reply deadline
     assert deadlines[-1] <= pair.now + BATCH_REPLY_TIMEOUT
-
-
-def point_a_at(proxy: MitmProxy) -> Callable[[Path], None]:
-    """A tamper for running_demo: site A dials site B through the proxy."""
-
-    def rewrite(directory: Path) -> None:
-        config_b = (directory / f"{SITE_B.site_id}.toml").read_text()
-        listen = re.search(r'^listen = "127\.0\.0\.1:(\d+)"', config_b, re.M)
-        assert listen is not None
-        proxy.start(("127.0.0.1", int(listen.group(1))))
-        config_a = directory / f"{SITE_A.site_id}.toml"
-        host, port = proxy.address
-        config_a.write_text(
-            re.sub(
-                r'^address = ".*"$',
-                f'address = "{host}:{port}"',
-                config_a.read_text(),
-                count=1,
-                flags=re.M,
-            )
-        )
-
-    return rewrite
 
 
 def wait_for_text(path: Path, start: int, text: str, what: str) -> int:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from mitm_proxy import A_TO_B, B_TO_A, Action, MitmProxy, Record, Tamper, Target
+from mitm_proxy import A_TO_B, B_TO_A, Action, MitmProxy, Record, Tamper, Target, point_a_at
 from timeouts import timeout
 
 from qkdd.client import BlockingKeyClient
@@ -169,27 +169,6 @@ def wait_until(condition: Callable[[], object], what: str) -> None:
 
 def wait_done(record: Record, what: str) -> None:
     assert record.done.wait(WAIT), f"{what}: connection {record} did not end"
-
-
-def point_a_at(proxy: MitmProxy) -> Callable[[Path], None]:
-    def rewrite(directory: Path) -> None:
-        config_b = (directory / f"{SITE_B.site_id}.toml").read_text()
-        listen = re.search(r'^listen = "127\.0\.0\.1:(\d+)"', config_b, re.M)
-        assert listen is not None
-        proxy.start(("127.0.0.1", int(listen.group(1))))
-        config_a = directory / f"{SITE_A.site_id}.toml"
-        host, port = proxy.address
-        config_a.write_text(
-            re.sub(
-                r'^address = ".*"$',
-                f'address = "{host}:{port}"',
-                config_a.read_text(),
-                count=1,
-                flags=re.M,
-            )
-        )
-
-    return rewrite
 
 
 def cut_at_first_session_frame() -> Tamper:
