@@ -9,7 +9,7 @@ Both measurements use a fresh pty pair with the device end in a child process (a
 - driver: the child runs the emulator's device side (DeviceHalf, random keys, unpaced);
   this process runs ``SerialDevice`` with a sink that only counts.
 
-Usage: python bench/bench_driver.py [--seconds 5] [--key-bits 256] [--window 128]
+Usage: python bench/bench_driver.py [--seconds 5] [--key-bits 256] [--window 128] [--quick]
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ async def main_async(args: argparse.Namespace) -> None:
             Path(tmp) / "qkd", args.seconds, args.key_bits, args.window
         )
     floor_kps = floor_bps / per_key
-    device_cpu, host_cpu = measure_cpu_only(args.key_bits)
+    device_cpu, host_cpu = measure_cpu_only(args.key_bits, args.cpu_keys)
     rows = [
         ("floor: raw pty bytes", f"{floor_bps / 1e6:.2f} MB/s", f"{floor_kps:,.0f}", "1.00"),
         (
@@ -228,7 +228,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
     parser.add_argument("--key-bits", type=int, default=256, help="key size (default 256)")
     parser.add_argument("--window", type=int, default=128, help="device window (default 128)")
-    trio.run(main_async, parser.parse_args())
+    parser.add_argument(
+        "--quick", action="store_true", help="half-second measurements (a smoke test)"
+    )
+    args = parser.parse_args()
+    args.cpu_keys = 20_000
+    if args.quick:
+        args.seconds, args.cpu_keys = 0.5, 2_000
+    trio.run(main_async, args)
 
 
 if __name__ == "__main__":

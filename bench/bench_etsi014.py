@@ -5,7 +5,7 @@ callers, and beside them a floor measured in the same run: a bare h11 server on
 the same kind of socket answering every request with a fixed small body. Each server runs in
 its own process (as qkdd does); the callers share one Trio process using `qkdd.client`.
 
-    python bench/bench_etsi014.py [--requests N] [--pool memory|store]
+    python bench/bench_etsi014.py [--requests N] [--pool memory|store] [--quick]
 
 ``--pool store`` serves from the daemon's real pool (``StoreKeyPool`` over an SQLite
 ``KeyStore`` with keys sealed at rest), filled beforehand with ready keys; ``memory`` (the
@@ -93,13 +93,15 @@ def _store_pool(directory: str, keys: int) -> tuple[object, list[str]]:
 
 
 async def _serve_api(path: str, keys: int) -> None:
+    """Serve ``keys`` keys for enc_keys and as many more for dec_keys to collect."""
     if os.environ.get("BENCH_POOL") == "store":
         pool, dec_ids = _store_pool(os.path.dirname(path), keys)
         with open(path + ".ids", "w") as handle:
             handle.write("\n".join(dec_ids))
     else:
-        pool = MemoryKeyPool([MASTER, SLAVE], max_key_per_request=100, max_key_count=keys)
-        pool.fill(MASTER, SLAVE, keys)
+        # The keys dec_keys collects are handed out to the master from this pool first.
+        pool = MemoryKeyPool([MASTER, SLAVE], max_key_per_request=100, max_key_count=2 * keys)
+        pool.fill(MASTER, SLAVE, 2 * keys)
     both = frozenset({MASTER, SLAVE})
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_unix, path, RequestHandler(pool), lambda uid, gid: both)
@@ -230,7 +232,8 @@ async def _bench(requests: int) -> list[tuple[str, int, float, list[float], floa
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         api_path, floor_path = os.path.join(tmp, "api.sock"), os.path.join(tmp, "floor.sock")
-        # enough keys for every enc_keys request below, plus the IDs dec_keys collects
+        # Enough keys for every enc_keys request below, and as many again for dec_keys
+        # (the margin covers collectable IDs fetched in whole requests of 100).
         keys = requests * len(CONCURRENCY) * (1 + 100) + 1000
         servers = [_start("api", api_path, keys), _start("floor", floor_path, 0)]
         used = 0  # IDs handed to dec_keys so far
@@ -269,7 +272,12 @@ def main() -> None:
         default="memory",
         help="the pool behind the API (default: memory)",
     )
+    parser.add_argument(
+        "--quick", action="store_true", help="the fewest requests per cell (a smoke test)"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.requests = max(CONCURRENCY) * 4  # the fewest that give every caller a few
     os.environ["BENCH_POOL"] = args.pool  # the server child reads it
     if args.serve:
         kind, path, keys = args.serve

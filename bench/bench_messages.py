@@ -14,7 +14,7 @@ their cost is read from the sending daemon's log (pads per message, times the pa
 Messages can be sent only as fast as the link makes hybrid keys: when the stock is empty a
 send gets 503 and is retried with the same message ID (counted in "retries").
 
-    python bench/bench_messages.py [--messages N]
+    python bench/bench_messages.py [--messages N] [--quick]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from qkdd.client import BlockingKeyClient, KeyServiceClientError
@@ -40,15 +41,21 @@ SENDERS = (1, 8)
 
 OTP_MESSAGES = 100
 PAD_BYTES = 1024  # qkdd.link.PAD_BITS_MAX / 8
+FULL_POOL = 1000  # keys ready before the floor is measured
 
 
-def _bigger_pools(directory: Path) -> None:
-    for name in ("site-a.toml", "site-b.toml"):
-        path = directory / name
-        stock = "pool_size = 1024"
-        if name == "site-a.toml":
-            stock += f"\notp_pad_bytes = {OTP_MESSAGES * PAD_BYTES}"
-        path.write_text(path.read_text().replace("pool_size = 64", stock))
+def _bigger_pools(otp_messages: int) -> Callable[[Path], None]:
+    """Edits the demo's configs: a key pool of 1024 and a pad stock for the OTP messages."""
+
+    def edit(directory: Path) -> None:
+        for name in ("site-a.toml", "site-b.toml"):
+            path = directory / name
+            stock = "pool_size = 1024"
+            if name == "site-a.toml":
+                stock += f"\notp_pad_bytes = {otp_messages * PAD_BYTES}"
+            path.write_text(path.read_text().replace("pool_size = 64", stock))
+
+    return edit
 
 
 def _pct(values: list[float], q: int) -> float:
@@ -138,14 +145,25 @@ def _qkd_bits_per_hybrid_key(state: Path, pads_used: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=800, help="per cell (default 800)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few messages per cell, no full pool first (a smoke test)",
+    )
     args = parser.parse_args()
+    otp_messages, full_pool, floor_requests = OTP_MESSAGES, FULL_POOL, 500
+    if args.quick:
+        args.messages, otp_messages, full_pool, floor_requests = 16, 4, 16, 100
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, running_demo(Path(tmp), _bigger_pools) as sites:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_demo(Path(tmp), _bigger_pools(otp_messages)) as sites,
+    ):
         site_a, site_b = sites
         # A full pool first: the floor is measured while the daemon is otherwise idle.
-        wait_for_keys(site_a, SITE_B.sae_id, 1000, timeout=180)
+        wait_for_keys(site_a, SITE_B.sae_id, full_pool, timeout=180)
         a_sock, b_sock = str(site_a.socket_path), str(site_b.socket_path)
-        floor_rate, floor_lat = _floor(a_sock, 500)
+        floor_rate, floor_lat = _floor(a_sock, floor_requests)
         for size in SIZES:
             for senders in SENDERS:
                 rate, lat, retries = _send(a_sock, size, args.messages, senders)
@@ -155,11 +173,11 @@ def main() -> None:
         with BlockingKeyClient(a_sock) as client:
             deadline = time.monotonic() + 300
             while client.site_status()["peers"][SITE_B.site_id]["otp_pad_bytes_ready"] < (
-                OTP_MESSAGES * PAD_BYTES
+                otp_messages * PAD_BYTES
             ):
                 assert time.monotonic() < deadline, "the pad stock did not fill"
-                time.sleep(0.5)
-        otp_rate, otp_lat, otp_retries = _send(a_sock, 64, OTP_MESSAGES, 1, "otp")
+                time.sleep(0.1)
+        otp_rate, otp_lat, otp_retries = _send(a_sock, 64, otp_messages, 1, "otp")
         otp_received = _drain(b_sock)
         log = site_a.log_file.read_text()
         pads = [

@@ -17,7 +17,7 @@ the same run.
    measured alone. Target: 430k 256-bit keys/s (110 Mbit/s). cProfile names where the
    time goes.
 
-    python bench/bench_peer.py [--runs N] [--qkd-keys N]
+    python bench/bench_peer.py [--runs N] [--qkd-keys N] [--profile-keys N] [--quick]
     OQS_INSTALL_PATH=/opt/liboqs python bench/bench_peer.py   # include liboqs
 """
 
@@ -319,9 +319,15 @@ def carry(
 
 
 def run_agreement(
-    master: LinkAgreement, slave: LinkAgreement, m_conn: PeerConnection, s_conn: PeerConnection
+    master: LinkAgreement,
+    slave: LinkAgreement,
+    m_conn: PeerConnection,
+    s_conn: PeerConnection,
+    master_store: KeyStore,
 ) -> int:
-    """Run batches until the QKD keys run out; return the application keys agreed."""
+    """Run batches until the QKD keys run out; return the application keys agreed (made
+    ready at the master, as its store counts them)."""
+    made_before = master_store.hybrid_keys_made(SLAVE)
     now = 0.0
     for message in carry(master.start(), m_conn, s_conn):
         slave.on_message(message, now)
@@ -330,7 +336,7 @@ def run_agreement(
     while True:
         batch = master.poll(now)
         if not batch:
-            return master.keys_agreed
+            return master_store.hybrid_keys_made(SLAVE) - made_before
         replies: list[LinkMessage] = []
         for message in carry(batch, m_conn, s_conn):
             replies += slave.on_message(message, now)
@@ -395,9 +401,9 @@ def agreement_table(backend: PqcBackend, qkd_keys: int, profile_keys: int) -> No
     with tempfile.TemporaryDirectory(prefix="qkdd-bench-") as tmp:
         directory = Path(tmp)
         floor = floors(backend, directory)
-        with agreement_pair(directory / "run", backend, qkd_keys) as (m, s, mc, sc, *_):
+        with agreement_pair(directory / "run", backend, qkd_keys) as (m, s, mc, sc, ms, _):
             start = time.perf_counter()
-            agreed = run_agreement(m, s, mc, sc)
+            agreed = run_agreement(m, s, mc, sc, ms)
             elapsed = time.perf_counter() - start
         # Per key, each side derives, seals the key, opens the QKD key, and writes three rows
         # (the key, the consumed QKD ID, the deletion of the QKD key).
@@ -425,10 +431,11 @@ def agreement_table(backend: PqcBackend, qkd_keys: int, profile_keys: int) -> No
         )
 
         print(f"\ncProfile of {profile_keys} keys, top functions by own time:")
-        with agreement_pair(directory / "profile", backend, profile_keys) as (m, s, mc, sc, *_):
+        with agreement_pair(directory / "profile", backend, profile_keys) as pair:
+            m, s, mc, sc, ms, _ = pair
             profiler = cProfile.Profile()
             profiler.enable()
-            run_agreement(m, s, mc, sc)
+            run_agreement(m, s, mc, sc, ms)
             profiler.disable()
         stats = pstats.Stats(profiler)
         rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)  # type: ignore[attr-defined]
@@ -483,7 +490,7 @@ def sql_table(backend: PqcBackend, directory: Path, qkd_keys: int) -> None:
         for store in (ms, ss):
             store._db = TimedConnection(store._db, totals)  # type: ignore[assignment]
         start = time.perf_counter()
-        agreed = run_agreement(m, s, mc, sc)
+        agreed = run_agreement(m, s, mc, sc, ms)
         elapsed = time.perf_counter() - start
     print(f"\nSQL statements, both stores, {agreed} keys in {elapsed:.2f} s (top 8 by time):")
     print(f"{'total s':>8}{'share':>7}{'calls':>9}{'µs/key':>8}  statement")
@@ -496,7 +503,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=400, help="PSK handshakes per row")
     parser.add_argument("--qkd-keys", type=int, default=200_000, help="QKD keys pre-filled")
     parser.add_argument("--profile-keys", type=int, default=20_000, help="QKD keys profiled")
+    parser.add_argument(
+        "--quick", action="store_true", help="few runs and keys, same tables (a smoke test)"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.runs, args.qkd_keys, args.profile_keys = 20, 2000, 500
     handshake_table(available_backends(), args.runs)
     agreement_table(select_backend("auto"), args.qkd_keys, args.profile_keys)
 

@@ -5,7 +5,7 @@ dwarf the timer's resolution). The last columns compare liboqs with pyca/cryptog
 and every row with a floor measured in the same run (SHA-256 of 32 bytes), so figures
 from different machines can be compared.
 
-    python bench/bench_primitives.py [--samples N]
+    python bench/bench_primitives.py [--samples N] [--quick]
     OQS_INSTALL_PATH=/opt/liboqs python bench/bench_primitives.py   # include liboqs
 """
 
@@ -94,7 +94,12 @@ def classical_operations() -> dict[str, Callable[[], object]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=201, help="batches per figure")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few batches per figure (a smoke test)"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.samples = 5
 
     data = os.urandom(32)
     floor = microseconds_per_op(lambda: hashlib.sha256(data).digest(), args.samples)
