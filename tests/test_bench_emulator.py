@@ -29,7 +29,12 @@ def test_quick_mode_prints_the_throughput_table() -> None:
     for row in rows:
         final_mbit, mbit_s = float(row[2]), float(row[4])
         shares = [float(v) for v in row[5:10]]  # simulation, sifting, ec, verify, pa
-        assert final_mbit > 0 and mbit_s > 0
+        if row[0] == "10":
+            assert final_mbit > 0 and mbit_s > 0
+        else:
+            # A quick block (300k clicks) is small for the finite-key bounds: at 50 and
+            # 100 km it may rightly leave no key. The full bench uses 2M-click blocks.
+            assert final_mbit >= 0 and mbit_s >= 0
         assert 90 < sum(shares) <= 100.5  # the stages account for the block's time
         floor, versus_floor, leak = float(row[10]), float(row[11]), float(row[12])
         assert floor > 0 and versus_floor > 0
