@@ -55,6 +55,8 @@ RECIPE = 1
 HOST_TOOLS = {"systemd-nspawn": "systemd-container", "debootstrap": "debootstrap"}
 HOST_CA_DIRECTORY = Path("/usr/local/share/ca-certificates")
 OWNER_FILE = "owner.pid"  # "TEST_PID NSPAWN_PID" of the run that made a copy
+# Where the container finds pip's download cache (see Container.run).
+CONTAINER_PIP_CACHE = "/var/cache/qkdd-test-pip"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -321,6 +323,8 @@ class Container:
             f"PATH={PATH}",
             "HOME=/root" if user is None else f"HOME=/home/{user}",
             "LANG=C.UTF-8",
+            # pip's download cache inside the container (bound from the host's cache).
+            f"PIP_CACHE_DIR={CONTAINER_PIP_CACHE}",
             *inner,
         ]
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout(limit))

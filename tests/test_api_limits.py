@@ -22,7 +22,7 @@ import trio
 from daemon_process import stop_daemon
 from hypothesis import given
 from hypothesis import strategies as st
-from timeouts import timeout
+from timeouts import timeout, wait_until
 
 from qkdd.client import BlockingKeyClient, KeyClient
 from qkdd.demo import prepare_directory, start_emulator
@@ -361,10 +361,12 @@ def test_accept_without_descriptors_warns_once_backs_off_and_recovers(tmp_path: 
         for _ in range(3):
             waiting.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
             waiting[-1].connect(path)
-        deadline = time.monotonic() + timeout(20)
-        while "event=api_accept_failed" not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_until(
+            lambda: "event=api_accept_failed" in log.read_text(),
+            "event=api_accept_failed",
+            20,
+            log.read_text,
+        )
         server.stdin.write(b"free\n")
         server.stdin.flush()
         assert server.stdout.readline() == b"freed\n"
@@ -455,10 +457,12 @@ def test_idle_flood_beyond_the_fd_limit_does_not_stop_the_key_service(tmp_path: 
         )
     flood: list[socket.socket] = []
     try:
-        deadline = time.monotonic() + timeout(60)
-        while "event=ready" not in log.read_text():
-            assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+
+        def ready() -> bool:
+            assert daemon.poll() is None, log.read_text()
+            return "event=ready" in log.read_text()
+
+        wait_until(ready, "event=ready", 60, log.read_text)
         path = str(tmp_path / "site-a" / "api.sock")
         flood = open_idle_connections(path, FLOOD)
         # While the flood holds every connection it could get, a valid request is answered.

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 from qkdd_drivers.base import DeviceStatus
-from timeouts import timeout
+from timeouts import timeout, wait_until
 
 from qkdd import ctl
 from qkdd.client import BlockingKeyClient
@@ -245,12 +245,12 @@ def test_allow_bootstrap_reads_the_kek_from_the_credential_store(tmp_path: Path)
 
 
 def _wait_for_log(site: RunningSite, text: str, count: int) -> None:
-    deadline = time.monotonic() + timeout(60)
-    while site.log_file.read_text().count(text) < count:
-        assert time.monotonic() < deadline, (
-            f"{text!r} x{count} not in {site.log_file}:\n{site.log_file.read_text()[-4000:]}"
-        )
-        time.sleep(0.1)
+    wait_until(
+        lambda: site.log_file.read_text().count(text) >= count,
+        f"{text!r} x{count} in {site.log_file}",
+        60,
+        lambda: site.log_file.read_text()[-4000:],
+    )
 
 
 def _allow(site: RunningSite, peer: str, *extra: str) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from timeouts import timeout
+from timeouts import timeout, wait_until
 
 from qkdd.client import BlockingKeyClient
 from qkdd.crypto.select import select_backend
@@ -47,13 +47,6 @@ def listen_address(site: RunningSite) -> tuple[str, int]:
 
 def sessions_established(site: RunningSite) -> int:
     return site.log_file.read_text().count("event=session_established")
-
-
-def wait_until(condition: Callable[[], object], what: str, seconds: float) -> None:
-    deadline = time.monotonic() + timeout(seconds)
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def peer_status(site: RunningSite, peer: str) -> dict[str, object]:

@@ -43,7 +43,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from systemd_boot_container import CACHE, Container, Result, Unavailable, cached_rootfs
+from systemd_boot_container import (
+    CACHE,
+    CONTAINER_PIP_CACHE,
+    Container,
+    Result,
+    Unavailable,
+    cached_rootfs,
+)
 from systemd_boot_container import ensure_tools as ensure_host_tools
 from timeouts import timeout
 
@@ -52,7 +59,8 @@ from timeouts import timeout
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
-CLONE = "/root/qkdd-clone"
+# Where, inside the container, the operator keeps the clone the README installs from.
+CLONE = "/usr/local/src/qkdd-clone"
 EMULATOR = "lab"
 APP_USER = "app"  # an application allowed to call the API (group qkdd-users)
 OTHER_USER = "other"  # a user who is not
@@ -69,7 +77,7 @@ def container() -> Iterator[Container]:
         pytest.skip(str(exc))
     PIP_CACHE.mkdir(parents=True, exist_ok=True)
     # pip's cache survives between runs (downloads only; every run installs afresh).
-    box = Container(rootfs, binds=[(PIP_CACHE, "/root/.cache/pip")])
+    box = Container(rootfs, binds=[(PIP_CACHE, CONTAINER_PIP_CACHE)])
     try:
         box.prepare()
         box.copy_in(REPO, _repository_files(), CLONE)
@@ -307,8 +315,8 @@ def follow_the_readme(box: Container, failures: list[str]) -> None:
 
     # 6. Pair the two sites: the peer's operator made its identity with the same keygen and
     # sent the public key file; this site pins it where the example config points.
-    box.run("qkdd keygen --out /root/peer-identity >/dev/null")
-    box.run(f"cp /root/peer-identity.pub /etc/qkdd/{PEER_SITE}.pub")
+    box.run("qkdd keygen --out /var/tmp/peer-identity >/dev/null")
+    box.run(f"cp /var/tmp/peer-identity.pub /etc/qkdd/{PEER_SITE}.pub")
     # Its `qkdd allow-bootstrap` needs the daemon's key store: run below, once it runs.
     readme_step(box, check)  # the pinned key is readable
 
@@ -395,9 +403,9 @@ def follow_the_readme(box: Container, failures: list[str]) -> None:
         assert box.run(f"stat -c '%U %a' {copy}").stdout.strip() == "qkdd 400"
         box.run(f"cmp {copy} /etc/credstore/{name}")
     # Without the file, LoadCredential= skips the credential and the daemon says which.
-    box.run("mv /etc/credstore/qkdd-kek /root/qkdd-kek.moved")
+    box.run("mv /etc/credstore/qkdd-kek /var/tmp/qkdd-kek.moved")
     failed = box.run("systemctl restart qkdd.service", check=False)
-    box.run("mv /root/qkdd-kek.moved /etc/credstore/qkdd-kek")
+    box.run("mv /var/tmp/qkdd-kek.moved /etc/credstore/qkdd-kek")
     assert failed.returncode != 0, failed.describe()
     wait_for_journal(box, "systemd credential 'qkdd-kek' is not available")
     box.run("systemctl reset-failed qkdd.service; systemctl restart qkdd.service")

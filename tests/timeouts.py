@@ -9,6 +9,8 @@ machine can stretch every limit at once with QKDD_TEST_TIMEOUT_SCALE (e.g. 3).
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 
 
 def timeout(seconds: float) -> float:
@@ -19,3 +21,19 @@ def timeout(seconds: float) -> float:
     machine needs); the scale is for machines slower than that.
     """
     return seconds * float(os.environ.get("QKDD_TEST_TIMEOUT_SCALE", "1"))
+
+
+def wait_until(
+    condition: Callable[[], object],
+    what: str,
+    seconds: float,
+    detail: Callable[[], str] = lambda: "",
+    interval: float = 0.05,
+) -> None:
+    """Poll ``condition`` until it holds; fail (saying ``what`` and ``detail()``) only if it
+    still does not after ``timeout(seconds)``, i.e. when something hangs."""
+    deadline = time.monotonic() + timeout(seconds)
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out waiting for {what}\n{detail()}")
+        time.sleep(interval)
