@@ -101,3 +101,30 @@ class LinkPair:
     def ready(self) -> tuple[int, int]:
         """Keys ready in each site's own pool (A's app sends to B, B's app to A)."""
         return self.a.ready_count("sae-a", "sae-b"), self.b.ready_count("sae-b", "sae-a")
+
+
+def pump_until_quiet(
+    master: LinkAgreement,
+    slave: LinkAgreement,
+    *,
+    to_master: list[LinkMessage],
+    to_slave: list[LinkMessage],
+    rounds: int,
+    now: float = 0.0,
+    drop: Callable[[LinkMessage], bool] | None = None,
+) -> None:
+    """Poll both sides and deliver messages both ways (through their encodings) until
+    nothing moves, at most ``rounds`` times; ``drop`` filters messages off the wire."""
+    for _ in range(rounds):
+        to_slave += master.poll(now)
+        to_master += slave.poll(now)
+        if not to_master and not to_slave:
+            break
+        for message in to_master:
+            if not (drop and drop(message)):
+                to_slave += master.on_message(decode_message(message.encode()), now)
+        to_master = []
+        for message in to_slave:
+            if not (drop and drop(message)):
+                to_master += slave.on_message(decode_message(message.encode()), now)
+        to_slave = []

@@ -10,12 +10,12 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
+from link_pair import pump_until_quiet
 
 from qkdd.config import ConfigError, config_from_bytes
 from qkdd.etsi014.pool import InvalidKeyRequest
 from qkdd.keystore import KeyStore, StoredQkdKey
 from qkdd.link import LinkAgreement, LinkParameters
-from qkdd.peer.messages import decode_message
 from qkdd.pool import StoreKeyPool
 from qkdd.status import pool_levels
 
@@ -108,18 +108,9 @@ def agree(
     )
     master = LinkAgreement(params_a, store=a, backend=backend, session_id=SESSION)
     slave = LinkAgreement(params_b, store=b, backend=backend, session_id=SESSION)
-    to_slave, to_master = list(master.start()), list(slave.start())
-    for _ in range(50):
-        to_slave += master.poll(0.0)
-        to_master += slave.poll(0.0)
-        if not to_slave and not to_master:
-            break
-        for message in to_master:
-            to_slave += master.on_message(decode_message(message.encode()), 0.0)
-        to_master = []
-        for message in to_slave:
-            to_master += slave.on_message(decode_message(message.encode()), 0.0)
-        to_slave = []
+    pump_until_quiet(
+        master, slave, to_master=list(slave.start()), to_slave=list(master.start()), rounds=50
+    )
     return params_a, params_b
 
 

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from link_pair import pump_until_quiet
 from timeouts import timeout
 
 from qkdd import sealing
@@ -281,7 +282,6 @@ def test_assigned_pad_and_auth_rows_that_do_not_open(tmp_path):
 def test_link_goes_on_past_a_qkd_key_that_does_not_open_at_the_master(tmp_path, backend):
     """The master skips the key; the slave drops its copy as an orphan; both agree."""
     from qkdd.link import LinkAgreement, LinkParameters
-    from qkdd.peer.messages import decode_message
 
     a, b = KeyStore(tmp_path / "a.db", KEK), KeyStore(tmp_path / "b.db", KEK)
     keys = qkd(16)
@@ -298,18 +298,7 @@ def test_link_goes_on_past_a_qkd_key_that_does_not_open_at_the_master(tmp_path, 
             LinkAgreement(link_params, store=store, backend=backend, session_id=b"s" * 32)
         )
     master, slave = sessions
-    to_master, to_slave = list(slave.start()), []
-    for _ in range(30):
-        to_slave += master.poll(0.0)
-        to_master += slave.poll(0.0)
-        if not to_master and not to_slave:
-            break
-        for message in to_master:
-            to_slave += master.on_message(decode_message(message.encode()), 0.0)
-        to_master = []
-        for message in to_slave:
-            to_master += slave.on_message(decode_message(message.encode()), 0.0)
-        to_slave = []
+    pump_until_quiet(master, slave, to_master=list(slave.start()), to_slave=[], rounds=30)
     assert a.quarantined_row_count() == 1
     assert a.ready_count("sae-a", "sae-b") == 4 and b.ready_count("sae-b", "sae-a") == 4
     sent = a.take_ready("sae-a", "sae-b", 4)

@@ -7,6 +7,7 @@ import os
 import uuid
 
 import pytest
+from link_pair import pump_until_quiet
 
 from qkdd.keystore import KeyStore, StoredQkdKey
 from qkdd.link import QKD_KEY_WAIT_SECONDS, LinkAgreement, LinkError, LinkParameters
@@ -18,7 +19,6 @@ from qkdd.peer.messages import (
     KeyBatch,
     PoolDemand,
     Resync,
-    decode_message,
 )
 
 SESSION = b"s" * 32
@@ -66,22 +66,9 @@ def pump(master, slave, now=0.0, rounds=20, drop=None):
     """Deliver messages both ways (through their encodings) until quiet; drop= filters."""
     to_master = [m for m in slave.start()] if not getattr(slave, "_started", False) else []
     slave._started = True
-    to_slave = []
-    for _ in range(rounds):
-        to_slave += master.poll(now)
-        to_master += slave.poll(now)
-        if not to_master and not to_slave:
-            break
-        for m in to_master:
-            if drop and drop(m):
-                continue
-            to_slave += master.on_message(decode_message(m.encode()), now)
-        to_master = []
-        for m in to_slave:
-            if drop and drop(m):
-                continue
-            to_master += slave.on_message(decode_message(m.encode()), now)
-        to_slave = []
+    pump_until_quiet(
+        master, slave, to_master=to_master, to_slave=[], rounds=rounds, now=now, drop=drop
+    )
 
 
 def test_master_fills_both_directions_and_both_sides_hold_the_same_keys(stores, backend):
