@@ -40,7 +40,7 @@ SENDERS = (1, 8)
 
 
 OTP_MESSAGES = 100
-PAD_BYTES = 1024  # qkdd.link.PAD_BITS_MAX / 8
+PAD_BYTES = 1024  # qkdd.peer.agreement.PAD_BITS_MAX / 8
 FULL_POOL = 1000  # keys ready before the floor is measured
 
 

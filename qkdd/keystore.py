@@ -1,5 +1,10 @@
 """The site's durable key state in SQLite: QKD keys received from devices, QKD key IDs
-already consumed, hybrid keys and the batches they were agreed in.
+already consumed, hybrid keys and the batches they were agreed in. ``KeyStore`` joins
+the parts that each own some of it over one database and its transactions: QKD keys
+(``qkdd.qkd_buffer``), application keys (``qkdd.store.key_blocks``), assigned keys
+(``qkdd.store.assigned_keys``) and one-time pads (``qkdd.store.pads``) are mixed in;
+this module holds the batches, authentication keys, the PSK-chain flags and the
+quarantine of rows that do not open.
 
 Durability rules that the rest of the daemon relies on:
 - A QKD key is stored before the device is told so (``store_qkd_keys`` commits first).
@@ -10,6 +15,8 @@ Durability rules that the rest of the daemon relies on:
 - A hybrid key is ``pending`` until both sites are known to hold it, then ``ready``; only
   ready keys are handed out from the pool, each exactly once, and erased in the
   transaction that hands it out (a key asked for by ID may be pending: see take_by_ids).
+  Keys are held as chunks of the blocks agreement makes, never a row per key
+  (``qkdd.store.key_blocks``).
 - A key of another size, or for several slave SAEs, is *assigned* by the master's site
   from ready keys of the pair (``assign_keys`` at the slave's site): the slave's site
   erases those keys and holds the assigned key once per slave SAE, until each collects it.
@@ -27,9 +34,10 @@ The database uses WAL with synchronous=FULL and secure_delete, and is created 06
 Key material is sealed at rest with AES-256-GCM under a key derived from the site's
 key-encryption key; each sealed row's associated data is its identity (peer, key ID, SAE
 pair, size), so a ciphertext moved to another row does not open (``qkdd.sealing``).
-Opening a store checks the key-encryption key against the store's key-check value before
-anything is written. A sealed row that does not open later is quarantined and reported,
-and the store goes on as if it were not held (``_open_row``).
+Opening a store refuses one written by a newer qkdd, checks the key-encryption key against
+the store's key-check value before anything is written, and upgrades an older store
+(``qkdd.store.schema``). A sealed row that does not open later is quarantined and
+reported, and the store goes on as if it were not held (``_open_row``, ``_set_aside``).
 """
 
 from __future__ import annotations
@@ -57,10 +65,22 @@ from qkdd.sealing import (
     record_key_check,
 )
 from qkdd.sealing import WrongKeyEncryptionKey as WrongKeyEncryptionKey
-from qkdd.sealing import assigned_row_aad as _assigned_aad
 from qkdd.sealing import auth_row_aad as _auth_aad
-from qkdd.sealing import hybrid_row_aad as _hybrid_aad
-from qkdd.sealing import pad_row_aad as _pad_aad
+from qkdd.store.assigned_keys import ASSIGNED_KEYS_SCHEMA, AssignedKeys
+from qkdd.store.assigned_keys import Assignment as Assignment
+from qkdd.store.assigned_keys import compose_key as compose_key
+from qkdd.store.key_blocks import KEY_BLOCKS_SCHEMA, KeyBlocks
+from qkdd.store.key_blocks import NewKeyBlock as NewKeyBlock
+from qkdd.store.pads import PADS_SCHEMA, OneTimePads
+from qkdd.store.records import ErasedKey as ErasedKey
+from qkdd.store.records import HybridKey as HybridKey
+from qkdd.store.records import NewHybridKey as NewHybridKey
+from qkdd.store.records import Unopened
+from qkdd.store.schema import (
+    check_schema_version,
+    record_schema_version,
+    upgrade_hybrid_rows,
+)
 
 log = logging.getLogger("qkdd.keystore")
 
@@ -73,44 +93,6 @@ CREATE TABLE IF NOT EXISTS batches (
     state     TEXT NOT NULL CHECK (state IN ('pending', 'committed')),
     PRIMARY KEY (peer_site, batch_id)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS hybrid_keys (
-    key_id     TEXT PRIMARY KEY,
-    peer_site  TEXT NOT NULL,
-    batch_id   INTEGER NOT NULL,
-    master_sae TEXT NOT NULL,
-    slave_sae  TEXT NOT NULL,
-    size_bits  INTEGER NOT NULL,
-    material   BLOB NOT NULL,
-    state      TEXT NOT NULL CHECK (state IN ('pending', 'ready')),
-    created_at REAL NOT NULL
-);
--- Oldest ready keys of a pair come straight off this index (no sort of the whole pool).
-DROP INDEX IF EXISTS hybrid_by_pair;
-CREATE INDEX IF NOT EXISTS hybrid_by_pair_age
-    ON hybrid_keys (master_sae, slave_sae, state, created_at);
-CREATE INDEX IF NOT EXISTS hybrid_by_batch ON hybrid_keys (peer_site, batch_id);
-CREATE TABLE IF NOT EXISTS assigned_keys (
-    key_id     TEXT NOT NULL,
-    slave_sae  TEXT NOT NULL,
-    master_sae TEXT NOT NULL,
-    size_bits  INTEGER NOT NULL,
-    material   BLOB NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (key_id, slave_sae)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS pad_keys (
-    key_id        TEXT PRIMARY KEY,
-    peer_site     TEXT NOT NULL,
-    batch_id      INTEGER NOT NULL,
-    sender_sae    TEXT NOT NULL,
-    recipient_sae TEXT NOT NULL,
-    size_bits     INTEGER NOT NULL,
-    material      BLOB NOT NULL,
-    state         TEXT NOT NULL CHECK (state IN ('pending', 'ready')),
-    created_at    REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS pads_by_pair ON pad_keys (sender_sae, recipient_sae, state, created_at);
-CREATE INDEX IF NOT EXISTS pads_by_batch ON pad_keys (peer_site, batch_id);
 CREATE TABLE IF NOT EXISTS auth_keys (
     seq       INTEGER PRIMARY KEY,
     peer_site TEXT NOT NULL,
@@ -129,49 +111,14 @@ CREATE TABLE IF NOT EXISTS counters (
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
+    + KEY_BLOCKS_SCHEMA
+    + ASSIGNED_KEYS_SCHEMA
+    + PADS_SCHEMA
 )
 
 
 class _KeyMissing(Exception):
     """Internal: abort a hand-out transaction because a requested key is not held."""
-
-
-def compose_key(materials: Sequence[bytes], size_bits: int) -> bytes:
-    """An assigned key: the first ``size_bits`` of its constituents' material, in order.
-    Each constituent is a full hybrid key, so no QKD or ML-KEM input is stretched."""
-    joined = b"".join(materials)
-    if size_bits % 8 or size_bits // 8 > len(joined):
-        raise ValueError(f"{len(materials)} keys cannot make a key of {size_bits} bits")
-    return joined[: size_bits // 8]
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """How the master's site made one key (see ``KeyStore.assign_keys``)."""
-
-    key_id: str
-    size_bits: int
-    master_sae: str
-    slave_saes: tuple[str, ...]
-    constituent_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ErasedKey:
-    """A key erased before any application collected it (no material: only its identity)."""
-
-    key_id: str
-    master_sae: str
-    slave_sae: str
-
-
-@dataclass(frozen=True)
-class NewHybridKey:
-    key_id: str
-    master_sae_id: str
-    slave_sae_id: str
-    size_bits: int
-    material: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -181,29 +128,15 @@ class AuthKeyRecord:
     ready: bool
 
 
-@dataclass(frozen=True)
-class HybridKey:
-    key_id: str
-    material: bytes = field(repr=False)
-
-
-@dataclass(frozen=True)
-class _Unopened:
-    """A sealed row that did not open: its table, identity, and the application key it
-    withdraws (if it is one)."""
-
-    table: str
-    key: tuple[str, ...]
-    withdrawn: ErasedKey | None = None
-
-
-class KeyStore(QkdBuffer):
+class KeyStore(KeyBlocks, AssignedKeys, OneTimePads, QkdBuffer):
     def __init__(self, path: Path, key_encryption_key: bytes) -> None:
         self.path = path
         self._sealer = Sealer(key_encryption_key)
         # Told (reason, keys) after keys were erased uncollected: "expired" or "withdrawn".
         self.on_erased: Callable[[str, list[ErasedKey]], None] | None = None
-        self._unopened: list[_Unopened] = []  # quarantined, not yet reported
+        self._unopened: list[Unopened] = []  # quarantined, not yet reported
+        self._ready: dict[tuple[str, str], int] = {}  # counted once the store is open
+        self._ready_changes: dict[tuple[str, str], int | None] = {}
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not path.exists():
@@ -216,12 +149,17 @@ class KeyStore(QkdBuffer):
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA secure_delete=ON")
             self._db.execute("PRAGMA foreign_keys=ON")
-            # Before any write, schema changes included: a wrong key must not seal a row.
+            # Before any write, schema changes included: a store of a newer qkdd is left
+            # alone, and a wrong key must not seal a row.
+            check_schema_version(self._db, path)
             check_key_encryption_key(self._db, self._sealer, path)
             self._db.executescript(SCHEMA + QUARANTINE_SCHEMA)
             self._upgrade_qkd_buffer()
             with self.transaction() as db:
+                upgrade_hybrid_rows(db, self._sealer)
                 self.store_id = record_key_check(db, self._sealer, path)
+                record_schema_version(db)
+            self._count_ready_keys()
         except (OSError, sqlite3.Error) as exc:
             self._db.close()
             raise StoreError(f"cannot open key store {path}: {exc}") from None
@@ -266,10 +204,16 @@ class KeyStore(QkdBuffer):
             yield self._db
         except BaseException:
             self._db.execute("ROLLBACK")
+            self._settle_ready_changes(committed=False)
             self._settle_unopened(moved=False)
             raise
         else:
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._settle_ready_changes(committed=False)
+                raise
+            self._settle_ready_changes(committed=True)
             self._settle_unopened(moved=True)
 
     # -- sealed rows that do not open ------------------------------------------------------
@@ -291,20 +235,25 @@ class KeyStore(QkdBuffer):
             return self._sealer.open(associated, bytes(sealed))
         except RowDoesNotOpen:
             pass
-        row = _Unopened(table, key, withdrawn)
+        self._set_aside(Unopened(table, key, "/".join(key), (withdrawn,) if withdrawn else ()))
+        return None
+
+    def _set_aside(self, row: Unopened) -> None:
+        """Quarantine a sealed row that does not open, and report it once that commits."""
         self._unopened.append(row)
         if self._db.in_transaction:
             self._quarantine(self._db, [row])
         else:
             self._settle_unopened(moved=False)
-        return None
 
-    def _quarantine(self, db: sqlite3.Connection, rows: Sequence[_Unopened]) -> None:
+    def _quarantine(self, db: sqlite3.Connection, rows: Sequence[Unopened]) -> None:
         for row in rows:
-            move_to_quarantine(db, row.table, row.key)
+            if row.table == "key_chunks":
+                self._quarantine_chunk(db, row)  # the pool's count loses its keys
+            move_to_quarantine(db, row.table, row.key, row.name)
             if row.table == "qkd_keys":
                 # Used up like any consumed key: a device that re-sends it is ignored.
-                self._consume_qkd_keys(db, row.key[0], [row.key[1]])
+                self._consume_qkd_keys(db, str(row.key[0]), [str(row.key[1])])
 
     def _settle_unopened(self, *, moved: bool) -> None:
         """Report the rows that did not open, once their quarantine is committed (moving
@@ -317,11 +266,9 @@ class KeyStore(QkdBuffer):
                 self._quarantine(db, rows)
         for row in rows:
             log.error(
-                "event=row_quarantined table=%s row=%s reason=does-not-open",
-                row.table,
-                "/".join(row.key),
+                "event=row_quarantined table=%s row=%s reason=does-not-open", row.table, row.name
             )
-        self._tell_erased("withdrawn", [row.withdrawn for row in rows if row.withdrawn])
+        self._tell_erased("withdrawn", [key for row in rows for key in row.withdrawn])
 
     def quarantined_row_count(self) -> int:
         """Sealed rows that did not open and were set aside (``quarantined_rows``)."""
@@ -341,14 +288,14 @@ class KeyStore(QkdBuffer):
         self,
         peer_site: str,
         batch_id: int,
-        keys: Sequence[NewHybridKey],
+        keys: Sequence[NewKeyBlock],
         consumed_qkd_ids: Iterable[str],
         auth_keys: Sequence[StoredQkdKey] = (),
         pads: Sequence[NewHybridKey] = (),
     ) -> None:
-        """Store a batch's keys (application keys, authentication keys or one-time pads,
-        whose master/slave SAE are sender/recipient) as pending and consume its QKD keys,
-        atomically."""
+        """Store a batch's keys (blocks of application keys, authentication keys or
+        one-time pads, whose master/slave SAE are sender/recipient) as pending and consume
+        its QKD keys, atomically. StoreError if a block's key IDs overlap keys held."""
         now = time.time()
         with self.transaction() as db:
             db.execute("INSERT INTO batches VALUES (?, ?, 'pending')", (peer_site, batch_id))
@@ -357,7 +304,7 @@ class KeyStore(QkdBuffer):
                 " SET value = max(value, excluded.value)",
                 (f"batch:{peer_site}", batch_id),
             )
-            self._insert_pending(db, "hybrid_keys", _hybrid_aad, peer_site, batch_id, keys, now)
+            self._insert_blocks(db, peer_site, batch_id, keys, now)
             db.executemany(
                 "INSERT INTO auth_keys (peer_site, key_id, batch_id, material, state)"
                 " VALUES (?, ?, ?, ?, 'pending')",
@@ -371,38 +318,8 @@ class KeyStore(QkdBuffer):
                     for k in auth_keys
                 ],
             )
-            self._insert_pending(db, "pad_keys", _pad_aad, peer_site, batch_id, pads, now)
+            self._insert_pads(db, peer_site, batch_id, pads, now)
             self._consume_qkd_keys(db, peer_site, consumed_qkd_ids)
-
-    def _insert_pending(
-        self,
-        db: sqlite3.Connection,
-        table: str,
-        aad: Callable[[str, str, str, int], bytes],
-        peer_site: str,
-        batch_id: int,
-        keys: Sequence[NewHybridKey],
-        now: float,
-    ) -> None:
-        """Pending rows of a pair table (hybrid_keys, pad_keys: the same columns)."""
-        db.executemany(
-            f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
-            [
-                (
-                    k.key_id,
-                    peer_site,
-                    batch_id,
-                    k.master_sae_id,
-                    k.slave_sae_id,
-                    k.size_bits,
-                    self._sealer.seal(
-                        aad(k.key_id, k.master_sae_id, k.slave_sae_id, k.size_bits), k.material
-                    ),
-                    now,
-                )
-                for k in keys
-            ],
-        )
 
     def commit_batch(self, peer_site: str, batch_id: int) -> bool:
         """Make a batch's keys deliverable; False if the batch is unknown.
@@ -416,11 +333,7 @@ class KeyStore(QkdBuffer):
             )
             if cursor.rowcount:
                 self._set_flag(db, f"peer-reset:{peer_site}", False)  # the buffers line up
-            made = db.execute(
-                "UPDATE hybrid_keys SET state='ready'"
-                " WHERE peer_site=? AND batch_id=? AND state='pending'",
-                (peer_site, batch_id),
-            ).rowcount
+            made = self._commit_chunks(db, peer_site, batch_id)
             if made:
                 db.execute(
                     "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
@@ -451,9 +364,7 @@ class KeyStore(QkdBuffer):
     def abort_batch(self, peer_site: str, batch_id: int) -> None:
         """Erase a batch's keys; its QKD keys stay consumed (one purpose, once)."""
         with self.transaction() as db:
-            db.execute(
-                "DELETE FROM hybrid_keys WHERE peer_site=? AND batch_id=?", (peer_site, batch_id)
-            )
+            self._abort_chunks(db, peer_site, batch_id)
             db.execute(
                 "DELETE FROM auth_keys WHERE peer_site=? AND batch_id=?", (peer_site, batch_id)
             )
@@ -477,14 +388,7 @@ class KeyStore(QkdBuffer):
             if row is not None and bytes(row[0]) != peer_store_id:
                 # Until a batch commits again, the peer's buffer may lag all of ours.
                 self._set_flag(db, f"peer-reset:{peer_site}", True)
-                gone = [
-                    ErasedKey(*r)
-                    for r in db.execute(
-                        "DELETE FROM hybrid_keys WHERE peer_site=?"
-                        " RETURNING key_id, master_sae, slave_sae",
-                        (peer_site,),
-                    ).fetchall()
-                ]
+                gone = self._drop_peer_chunks(db, peer_site)
                 dropped = len(gone)
                 db.execute("DELETE FROM pad_keys WHERE peer_site=?", (peer_site,))
                 db.execute(
@@ -613,23 +517,17 @@ class KeyStore(QkdBuffer):
     def forget_committed_batches(self, peer_site: str) -> None:
         """Drop batch records whose keys are all handed out (bounded table size)."""
         self._db.execute(
-            "DELETE FROM batches WHERE peer_site=? AND state='committed' AND batch_id NOT IN "
-            "(SELECT batch_id FROM hybrid_keys WHERE peer_site=?)",
-            (peer_site, peer_site),
+            "DELETE FROM batches WHERE peer_site=? AND state='committed' AND NOT EXISTS"
+            " (SELECT 1 FROM key_chunks WHERE key_chunks.peer_site=batches.peer_site"
+            " AND key_chunks.batch_id=batches.batch_id)",
+            (peer_site,),
         )
 
     def erase_expired(self, created_before: float) -> int:
         """Erase keys nobody collected in time; returns how many."""
         # RETURNING (SQLite 3.35): one pass deletes and names what went, for key events.
         with self.transaction() as db:
-            gone = [
-                ErasedKey(*row)
-                for row in db.execute(
-                    "DELETE FROM hybrid_keys WHERE state='ready' AND created_at < ?"
-                    " RETURNING key_id, master_sae, slave_sae",
-                    (created_before,),
-                ).fetchall()
-            ]
+            gone = self._expire_chunks(db, created_before)
             gone += [
                 ErasedKey(*row)
                 for row in db.execute(
@@ -652,81 +550,26 @@ class KeyStore(QkdBuffer):
         ).fetchone()
         return int(row[0]) if row else 0
 
-    def ready_count(self, master_sae_id: str, slave_sae_id: str) -> int:
-        row = self._db.execute(
-            "SELECT count(*) FROM hybrid_keys WHERE master_sae=? AND slave_sae=? AND state='ready'",
-            (master_sae_id, slave_sae_id),
-        ).fetchone()
-        return int(row[0])
-
-    def newest_ready_at(self, master_sae_id: str, slave_sae_id: str) -> float | None:
-        """When the pair's newest ready key was made (Unix time), or None if none is ready."""
-        row = self._db.execute(
-            "SELECT max(created_at) FROM hybrid_keys WHERE master_sae=? AND slave_sae=?"
-            " AND state='ready'",
-            (master_sae_id, slave_sae_id),
-        ).fetchone()
-        return float(row[0]) if row and row[0] is not None else None
-
-    def take_ready(self, master_sae_id: str, slave_sae_id: str, number: int) -> list[HybridKey]:
-        """Hand out the ``number`` oldest ready keys of the pair and erase them (all or none).
-        A key that does not open is withdrawn and the next one taken in its place."""
-        with self.transaction() as db:
-            keys: list[HybridKey] = []
-            while len(keys) < number:
-                # Withdrawn rows are gone from the table, opened ones still there: skip those.
-                rows = db.execute(
-                    "SELECT key_id, material, size_bits FROM hybrid_keys WHERE master_sae=?"
-                    " AND slave_sae=? AND state='ready' ORDER BY created_at, rowid"
-                    " LIMIT ? OFFSET ?",
-                    (master_sae_id, slave_sae_id, number - len(keys), len(keys)),
-                ).fetchall()
-                if not rows:
-                    return []  # short: nothing handed out (withdrawals still commit)
-                for key_id, sealed, size in rows:
-                    material = self._open_hybrid(key_id, master_sae_id, slave_sae_id, size, sealed)
-                    if material is not None:
-                        keys.append(HybridKey(key_id, material))
-            db.executemany("DELETE FROM hybrid_keys WHERE key_id=?", [(k.key_id,) for k in keys])
-        return keys
-
-    def _open_hybrid(
-        self, key_id: str, master: str, slave: str, size: int, sealed: bytes
-    ) -> bytes | None:
-        # A hybrid key that does not open is withdrawn (keys_withdrawn): no application
-        # here gets it. Its twin at the peer site may still be handed out there; an
-        # application asking for it here by ID is told it is not held, never given
-        # other material.
-        return self._open_row(
-            "hybrid_keys",
-            (key_id,),
-            _hybrid_aad(key_id, master, slave, size),
-            sealed,
-            ErasedKey(key_id, master, slave),
-        )
-
     def take_by_ids(
         self, master_sae_id: str, slave_sae_id: str, key_ids: Sequence[str]
     ) -> list[HybridKey] | None:
         """Hand out exactly these keys of the pair and erase them; None if any is missing.
 
-        A key asked for by ID may still be pending here: its ID is random and reaches an
-        application only through the other site, which hands a key out only once it has
-        committed the batch, so the decision on its way here can only be "commit". Serving
-        it now means a lost or late BATCH_DECISION never makes an application wait."""
+        A key asked for by ID may still be pending here: its ID reaches an application
+        only through the other site, which hands a key out only once it has committed the
+        batch, so the decision on its way here can only be "commit". Serving it now means
+        a lost or late BATCH_DECISION never makes an application wait."""
         if len(set(key_ids)) != len(key_ids):
             return None
         try:
             with self.transaction() as db:
-                found = []
-                for key_id in key_ids:
-                    key = self.take_one_in(db, key_id, master_sae_id, slave_sae_id)
-                    if key is None:
-                        raise _KeyMissing  # rolls back what was taken so far
-                    found.append(key)
+                found = self._take_keys_in(db, key_ids, master_sae_id, slave_sae_id)
+                keys = [key for key in found if key is not None]
+                if len(keys) < len(key_ids):
+                    raise _KeyMissing  # rolls back what was taken
         except _KeyMissing:
             return None
-        return found
+        return keys
 
     def take_one_in(
         self, db: sqlite3.Connection, key_id: str, master: str, slave: str
@@ -734,142 +577,15 @@ class KeyStore(QkdBuffer):
         """Inside ``transaction()``: open and erase one key of the pair by ID (agreed or
         assigned; ready or pending); None if it is not held. Erased only if the caller's
         transaction commits."""
-        row = db.execute(
-            "SELECT material, size_bits FROM hybrid_keys"
-            " WHERE key_id=? AND master_sae=? AND slave_sae=?",
-            (key_id, master, slave),
-        ).fetchone()
-        if row is not None:
-            material = self._open_hybrid(key_id, master, slave, row[1], row[0])
-            if material is None:
-                return None
-            db.execute("DELETE FROM hybrid_keys WHERE key_id=?", (key_id,))
-            return HybridKey(key_id, material)
-        row = db.execute(
-            "SELECT material, size_bits FROM assigned_keys"
-            " WHERE key_id=? AND master_sae=? AND slave_sae=?",
-            (key_id, master, slave),
-        ).fetchone()
-        if row is None:
-            return None
-        material = self._open_row(
-            "assigned_keys",
-            (key_id, slave),
-            _assigned_aad(key_id, master, slave, row[1]),
-            row[0],
-            ErasedKey(key_id, master, slave),
-        )
-        if material is None:
-            return None
-        db.execute("DELETE FROM assigned_keys WHERE key_id=? AND slave_sae=?", (key_id, slave))
-        return HybridKey(key_id, material)
+        return self._take_keys_in(db, [key_id], master, slave)[0]
 
-    def assign_keys(self, assignments: Sequence[Assignment]) -> None:
-        """At the slave's site: make each assigned key from its constituents (ready or
-        pending keys of the pair master -> first slave, erased here) and hold it for every
-        slave SAE. All or nothing: StoreError names the first constituent that is missing."""
-        now = time.time()
-        with self.transaction() as db:
-            for a in assignments:
-                materials = []
-                for cid in a.constituent_ids:
-                    key = self.take_one_in(db, cid, a.master_sae, a.slave_saes[0])
-                    if key is None:
-                        raise StoreError(
-                            f"key {cid} of {a.master_sae} -> {a.slave_saes[0]} is not held here"
-                        )
-                    materials.append(key.material)
-                try:
-                    material = compose_key(materials, a.size_bits)
-                except ValueError as exc:
-                    raise StoreError(f"key {a.key_id}: {exc}") from None
-                for slave in a.slave_saes:
-                    if db.execute(
-                        "SELECT 1 FROM assigned_keys WHERE key_id=? AND slave_sae=?",
-                        (a.key_id, slave),
-                    ).fetchone():
-                        raise StoreError(f"key {a.key_id} is already assigned")
-                    db.execute(
-                        "INSERT INTO assigned_keys VALUES (?, ?, ?, ?, ?, ?)",
-                        (
-                            a.key_id,
-                            slave,
-                            a.master_sae,
-                            a.size_bits,
-                            self._sealer.seal(
-                                _assigned_aad(a.key_id, a.master_sae, slave, a.size_bits), material
-                            ),
-                            now,
-                        ),
-                    )
-
-    # -- one-time pads ----------------------------------------------------------------------
-
-    def pad_ready_bytes(self, sender_sae: str, recipient_sae: str) -> int:
-        row = self._db.execute(
-            "SELECT coalesce(sum(size_bits), 0) FROM pad_keys WHERE sender_sae=?"
-            " AND recipient_sae=? AND state='ready'",
-            (sender_sae, recipient_sae),
-        ).fetchone()
-        return int(row[0]) // 8
-
-    def pad_ready_count(self, sender_sae: str, recipient_sae: str) -> int:
-        row = self._db.execute(
-            "SELECT count(*) FROM pad_keys WHERE sender_sae=? AND recipient_sae=?"
-            " AND state='ready'",
-            (sender_sae, recipient_sae),
-        ).fetchone()
-        return int(row[0])
-
-    def take_pads(self, sender_sae: str, recipient_sae: str, nbytes: int) -> list[HybridKey]:
-        """The oldest ready pads of the pair, enough to cover ``nbytes``, erased (all or
-        none: an empty list if the stock is short). What a message leaves of the last pad
-        is never used again."""
-        with self.transaction() as db:
-            taken: list[HybridKey] = []
-            have = 0
-            rows = db.execute(
-                "SELECT key_id, size_bits, material FROM pad_keys WHERE sender_sae=?"
-                " AND recipient_sae=? AND state='ready' ORDER BY created_at, rowid",
-                (sender_sae, recipient_sae),
-            )
-            for key_id, size_bits, sealed in rows:
-                if have >= nbytes:
-                    break
-                # A pad that does not open is quarantined and the next one used instead.
-                material = self._open_pad(key_id, sender_sae, recipient_sae, size_bits, sealed)
-                if material is not None:
-                    taken.append(HybridKey(key_id, material))
-                    have += len(material)
-            if have < nbytes:
-                return []
-            db.executemany("DELETE FROM pad_keys WHERE key_id=?", [(k.key_id,) for k in taken])
-        return taken
-
-    def take_pads_in(
-        self, db: sqlite3.Connection, key_ids: Sequence[str], sender_sae: str, recipient_sae: str
-    ) -> list[HybridKey] | None:
-        """Inside ``transaction()``: these pads of the pair (ready or pending), erased if
-        the caller's transaction commits; None if any is not held."""
-        found = []
-        for key_id in key_ids:
-            row = db.execute(
-                "SELECT size_bits, material FROM pad_keys"
-                " WHERE key_id=? AND sender_sae=? AND recipient_sae=?",
-                (key_id, sender_sae, recipient_sae),
-            ).fetchone()
-            if row is None:
-                return None
-            material = self._open_pad(key_id, sender_sae, recipient_sae, row[0], row[1])
-            if material is None:
-                return None
-            found.append(HybridKey(key_id, material))
-            db.execute("DELETE FROM pad_keys WHERE key_id=?", (key_id,))
+    def _take_keys_in(
+        self, db: sqlite3.Connection, key_ids: Sequence[str], master: str, slave: str
+    ) -> list[HybridKey | None]:
+        """Inside a transaction: these keys of the pair, agreed or assigned, each erased if
+        the transaction commits; None in the place of each one not held."""
+        found = self._take_agreed_in(db, key_ids, master, slave)
+        for place, key in enumerate(found):
+            if key is None:
+                found[place] = self._take_assigned_in(db, key_ids[place], master, slave)
         return found
-
-    def _open_pad(
-        self, key_id: str, sender_sae: str, recipient_sae: str, size_bits: int, sealed: bytes
-    ) -> bytes | None:
-        return self._open_row(
-            "pad_keys", (key_id,), _pad_aad(key_id, sender_sae, recipient_sae, size_bits), sealed
-        )

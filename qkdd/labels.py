@@ -29,14 +29,18 @@ LABEL_INITIATOR_CONFIRM: Final = b"qkdd/v1 initiator key confirmation"
 LABEL_SESSION_ID: Final = b"qkdd/v1 session id"
 LABEL_KEY_UPDATE: Final = b"qkdd/v1 session key update"
 
-# Hybrid key derivation (qkdd.hybrid).
+# Hybrid key derivation (qkdd.hybrid): the batch secret from the ML-KEM secret, then
+# from it, per batch, the key-ID prefix and the keystream, each under its own label.
 LABEL_HYBRID_SALT: Final = b"qkdd/v1 hybrid salt"
-LABEL_HYBRID_QKD_INPUT: Final = b"qkdd/v1 hybrid input qkd"
 LABEL_HYBRID_KEM_INPUT: Final = b"qkdd/v1 hybrid input ml-kem"
+LABEL_BATCH_KEY_IDS: Final = b"qkdd/v2 batch key ids"
+LABEL_BATCH_KEYSTREAM: Final = b"qkdd/v2 batch keystream"
+# Purpose labels of a batch: application keys, authentication keys (the PSKs of later
+# handshakes) and one-time pads. Each is bound into the batch's key IDs and keystream, so
+# no key can serve two purposes.
 LABEL_HYBRID_KEY: Final = b"qkdd/v1 hybrid output key"
-# Authentication keys for later handshakes, derived like hybrid keys but with their own
-# label, so no key can serve both as an application key and as a PSK.
 LABEL_AUTH_KEY: Final = b"qkdd/v1 authentication key"
+LABEL_PAD: Final = b"qkdd/v2 one-time pad"
 
 # Keys at rest (qkdd.keystore): the store's AEAD key from the key-encryption key, and the
 # associated data that binds each sealed row to its identity.
@@ -47,6 +51,8 @@ AAD_AUTH_KEY_ROW: Final = b"qkdd/v1 sealed authentication key row"
 AAD_ASSIGNED_KEY_ROW: Final = b"qkdd/v1 sealed assigned key row"
 AAD_MESSAGE_ROW: Final = b"qkdd/v1 sealed message row"
 AAD_PAD_ROW: Final = b"qkdd/v1 sealed one-time pad row"
+# A chunk of a key block (qkdd.store.key_blocks): many keys of one batch sealed together.
+AAD_KEY_CHUNK_ROW: Final = b"qkdd/v1 sealed key chunk row"
 # The store's key-check value: this fixed plaintext, sealed when the store is created with
 # associated data naming the store, tells a wrong key-encryption key before any write.
 KEK_CHECK_PLAINTEXT: Final = b"qkdd/v1 key-encryption key check value"
@@ -75,10 +81,12 @@ ALL_LABELS: Final = (
     LABEL_SESSION_ID,
     LABEL_KEY_UPDATE,
     LABEL_HYBRID_SALT,
-    LABEL_HYBRID_QKD_INPUT,
     LABEL_HYBRID_KEM_INPUT,
+    LABEL_BATCH_KEY_IDS,
+    LABEL_BATCH_KEYSTREAM,
     LABEL_HYBRID_KEY,
     LABEL_AUTH_KEY,
+    LABEL_PAD,
     LABEL_STORE_SEAL_KEY,
     AAD_QKD_KEY_ROW,
     AAD_HYBRID_KEY_ROW,
@@ -86,6 +94,7 @@ ALL_LABELS: Final = (
     AAD_ASSIGNED_KEY_ROW,
     AAD_MESSAGE_ROW,
     AAD_PAD_ROW,
+    AAD_KEY_CHUNK_ROW,
     KEK_CHECK_PLAINTEXT,
     AAD_KEK_CHECK_ROW,
     LABEL_MESSAGE_KEY,

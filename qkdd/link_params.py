@@ -1,6 +1,5 @@
 """What a link's key agreement is configured with (``LinkParameters``: sites, SAEs, sizes,
-derived roles) and how it fails (``LinkError``, ``SessionDead``). ``qkdd.link`` re-exports
-all three.
+derived roles) and how it fails (``LinkError``, ``SessionDead``).
 """
 
 from __future__ import annotations

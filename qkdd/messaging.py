@@ -7,7 +7,7 @@ two ways:
   recipient (both sites hold it: it came out of the same key agreement), derives a one-time
   AEAD key from it bound to the message ID and both SAEs, and seals the message.
 - ``otp``: the daemon takes one-time pads of the pair (raw QKD material both sites hold,
-  ``qkdd.link``), enough for a 32-byte one-time MAC key and the message; the ciphertext is
+  ``qkdd.peer.agreement``), enough for a 32-byte one-time MAC key and the message; the ciphertext is
   the message XOR the pad, authenticated with Poly1305 under the MAC key. Nothing in this
   depends on a computational assumption: it is as secure as the QKD material.
 

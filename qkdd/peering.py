@@ -26,14 +26,9 @@ from qkdd_drivers.serial_driver import SerialDevice
 from qkdd.config import Etsi014DeviceConfig, PeerConfig, SiteConfig
 from qkdd.crypto import PqcBackend, SigningKey
 from qkdd.keystore import KeyStore, StoredQkdKey
-from qkdd.link import (
-    PAD_BITS_MAX,
-    QKD_KEY_WAIT_SECONDS,
-    LinkAgreement,
-    LinkError,
-    LinkParameters,
-)
+from qkdd.link_params import LinkError, LinkParameters
 from qkdd.peer.admission import HandshakeLimiter, HandshakeSlot, normalise_address
+from qkdd.peer.agreement import BATCH_KEYS, PAD_BITS_MAX, QKD_KEY_WAIT_SECONDS, LinkAgreement
 from qkdd.peer.bootstrap import DialAuth, InitiatorAuthChoice
 from qkdd.peer.calls import CallRefused, CallTable, done, refusal, reply_body
 from qkdd.peer.connection import (
@@ -44,8 +39,9 @@ from qkdd.peer.connection import (
     PeerConnection,
     Role,
 )
-from qkdd.peer.errors import PeerAuthenticationError, PeerProtocolError
+from qkdd.peer.errors import PeerAuthenticationError, PeerProtocolError, VersionMismatch
 from qkdd.peer.messages import CallReply, LinkMessage, PeerCall, decode_message
+from qkdd.wakeup import Wakeup
 
 log = logging.getLogger("qkdd.peer")
 
@@ -55,7 +51,6 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 # A responder closes a connection that has not delivered an acceptable HELLO this long
 # after it was accepted: the master sends HELLO at once, so only a stranger is slower.
 HELLO_TIMEOUT: Final = 3.0
-POLL_INTERVAL: Final = 0.02
 # Pause before asking a fetch-by-ID device again for keys it did not have yet.
 FETCH_RETRY_DELAY: Final = 0.2
 # Each direction of a session moves to a new key at least this often.
@@ -162,23 +157,36 @@ def _first(group: BaseExceptionGroup[Exception]) -> Exception:
 
 
 class StoreSink:
-    """Where a device's keys go: the key store, with back-pressure when the buffer is full."""
+    """Where a device's keys go: the key store, with back-pressure when the buffer is full.
+
+    ``arrived`` is set when keys were stored (the link's agreement may make a batch);
+    the link sets ``space`` when it used buffered keys (a full buffer may take more)."""
 
     def __init__(
-        self, store: KeyStore, peer_site_id: str, buffer_max: int = QKD_BUFFER_MAX
+        self,
+        store: KeyStore,
+        peer_site_id: str,
+        buffer_max: int = QKD_BUFFER_MAX,
+        arrived: Wakeup | None = None,
     ) -> None:
         self._store = store
         self._peer = peer_site_id
         self._buffer_max = buffer_max
+        self.arrived = arrived or Wakeup()
+        self.space = Wakeup()
 
     def qkd_keys_buffered(self) -> int:
         """How many of the peer's QKD keys wait here (a pulling device fills up to a target)."""
         return self._store.qkd_key_count(self._peer)
 
     async def store_qkd_keys(self, keys: Sequence[QkdKey]) -> None:
-        while self._store.qkd_key_count(self._peer) >= self._buffer_max:
-            await trio.sleep(0.05)
+        while True:
+            self.space.arm()
+            if self._store.qkd_key_count(self._peer) < self._buffer_max:
+                break
+            await self.space.wait()
         self._store.store_qkd_keys(self._peer, [StoredQkdKey(k.key_id, k.material) for k in keys])
+        self.arrived.set()
 
 
 def make_device(peer: PeerConfig, is_master: bool, local_site_id: str = "") -> QkdDevice:
@@ -228,7 +236,11 @@ class PeerLink:
             pool_pairs=config.talking_pairs(),
         )
         self.device = make_device(peer, self.params.is_master, config.site_id)
-        self.sink = StoreSink(store, peer.site_id, peer.qkd_buffer_keys)
+        # Set when the device delivered keys or keys of this site were handed out (the
+        # pools may want refilling): the session's agreement runs then.
+        self.store_changed = Wakeup()
+        self.sink = StoreSink(store, peer.site_id, peer.qkd_buffer_keys, self.store_changed)
+        self.batch_keys = BATCH_KEYS
         self._store = store
         self._backend = backend
         self._signing_key = signing_key
@@ -461,11 +473,22 @@ class PeerLink:
         if done.auth_key_id is not None:
             self._store.auth_key_proven(self.peer.site_id, done.auth_key_id)
         agreement = LinkAgreement(
-            self.params, store=self._store, backend=self._backend, session_id=conn.session_id
+            self.params,
+            store=self._store,
+            backend=self._backend,
+            session_id=conn.session_id,
+            batch_keys=self.batch_keys,
+            # A slave whose device hands keys out by ID must be told the IDs of each run.
+            list_qkd_ids=isinstance(self.device, FetchByIdDevice),
         )
         send_lock = trio.Lock()
 
         async def send(messages: list[LinkMessage]) -> None:
+            if not messages:
+                return
+            # Whatever the agreement did may have used buffered QKD keys: a device held
+            # back by a full buffer may go on.
+            self.sink.space.set()
             for message in messages:
                 conn.send_message(message.encode())
             # Take the bytes under the lock: frames carry implicit counters, so they must
@@ -508,10 +531,12 @@ class PeerLink:
             finally:
                 fetching = False
 
-        async def poll_loop(nursery: trio.Nursery) -> None:
+        async def wake_loop(nursery: trio.Nursery) -> None:
+            """Run the agreement when it asked to be woken, or when the store changed."""
             nonlocal fetching
             rekey_at = trio.current_time() + REKEY_SECONDS
             while True:
+                self.store_changed.arm()
                 now = trio.current_time()
                 if now >= rekey_at:
                     conn.update_send_key()  # rekey by time; by volume happens in send
@@ -523,10 +548,9 @@ class PeerLink:
                         nursery.start_soon(fetch, awaited)
                 # Raises SessionDead when the peer's reply or heartbeat is overdue.
                 await send(agreement.poll(now))
-                # Keys from the device are no events here: look again soon, and never
-                # later than the agreement's next deadline.
-                wake = min(now + POLL_INTERVAL, agreement.next_deadline() or math.inf)
-                await trio.sleep_until(max(wake, trio.current_time()))
+                # The first of: a deadline, keys from the device, keys handed out.
+                deadline = min(rekey_at, agreement.next_deadline() or math.inf)
+                await self.store_changed.wait_until(deadline)
 
         with trio.CancelScope() as scope:
             self._session_scope = scope
@@ -543,7 +567,7 @@ class PeerLink:
                 await send(agreement.start(trio.current_time()))
                 await handle(leftover)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(poll_loop, nursery)
+                    nursery.start_soon(wake_loop, nursery)
                     while True:
                         data = await stream.receive_some(RECEIVE_SIZE)
                         if not data:
@@ -570,7 +594,10 @@ async def complete_handshake(
     while True:
         data = await stream.receive_some(RECEIVE_SIZE)
         if not data:
-            raise PeerClosed("peer closed the connection during the handshake")
+            raise PeerClosed(
+                "peer closed the connection during the handshake (it refused us: see its "
+                "log; a different qkdd release there is one reason)"
+            )
         events = conn.receive_data(data)
         if on_hello is not None and not conn.awaiting_hello:
             on_hello()
@@ -700,6 +727,8 @@ async def serve_peers(
                 address,
                 str(exc),
             )
+        elif isinstance(exc, VersionMismatch):
+            log.error("event=peer_version_mismatch address=%s reason=%r", address, str(exc))
         else:
             log.info(
                 "event=peer_connection_dropped address=%s reason=%r",

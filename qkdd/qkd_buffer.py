@@ -32,6 +32,24 @@ says, were received after it) and at least ``consumed_memory`` newer used IDs ar
 remembered: a device only ever re-sends keys it has not seen acknowledged, at most its
 window of keys in flight (the serial protocol allows up to 65,535), so a re-sent key is
 always among the remembered ones and is ignored.
+
+Runs. A batch names QKD keys as a *run*: keys consecutive in receive order, by the first
+key's ID, their number and SHA-256 over their 16-byte IDs (``QkdRun``). The master takes
+the oldest keys it holds (``oldest_qkd_run``); the slave finds the key with that ID and the
+keys received after it (``qkd_run``). A key whose row does not open is quarantined
+(``KeyStore._open_row``): the peer still holds it, so no run may span the gap it leaves.
+The master therefore never builds a run across one: keys it read before the gap are used
+up with it (quarantined), and the run starts after it; the peer drops its copies of them
+as orphans when the batch names the next key. The slave's run simply leaves the key out,
+so its digest differs from the master's and the batch is refused at once.
+
+At device rate, nothing on a hot path sorts, counts or scans the whole buffer: a peer's
+oldest keys, its newest and a run from a given key are ranges of the index on
+(peer_site, seq), and a key by ID is a probe of the (peer_site, key_id) index. Key IDs
+are held as canonical lowercase UUID text (devices deliver them so), so a 16-byte ID
+names exactly one row. How many keys each peer has buffered is counted once when the
+store opens and then kept in memory (``qkd_key_count``); a transaction's changes to it
+join the count when it commits, never when it rolls back (``qkd_held_changes``).
 """
 
 from __future__ import annotations
@@ -44,6 +62,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
+from qkdd.crypto import hash_bytes
 from qkdd.sealing import Sealer, StoreError
 from qkdd.sealing import qkd_row_aad as _qkd_aad
 
@@ -56,6 +75,11 @@ _LOOKUP_CHUNK: Final = 500
 # Forgetting used IDs walks the memory's index: done once per this many newly used keys
 # (at most an eighth of the memory more is kept).
 _FORGET_EVERY: Final = 1024
+# Rows read per statement while building a run, doubling up to the most: a run of a few
+# keys reads few rows, a long one few statements.
+_RUN_READ_FIRST: Final = 64
+_RUN_READ_MOST: Final = 4096
+QKD_KEY_ID_SIZE: Final = 16
 
 QKD_BUFFER_SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS qkd_keys (
@@ -66,6 +90,8 @@ CREATE TABLE IF NOT EXISTS qkd_keys (
     received_at REAL NOT NULL,
     UNIQUE (peer_site, key_id)
 );
+-- A peer's oldest keys, its newest and a run from a given key, in receive order.
+CREATE INDEX IF NOT EXISTS qkd_keys_by_peer ON qkd_keys (peer_site, seq);
 CREATE TABLE IF NOT EXISTS qkd_consumed (
     peer_site TEXT NOT NULL,
     key_id    BLOB NOT NULL,
@@ -75,11 +101,45 @@ CREATE TABLE IF NOT EXISTS qkd_consumed (
 CREATE INDEX IF NOT EXISTS qkd_consumed_by_mark ON qkd_consumed (peer_site, mark);
 """
 
+# Changes of the buffered-key counts made inside a transaction. A temporary table is part
+# of the connection's transactions, so a rollback takes its rows back with the rest: the
+# count in memory only ever takes changes that were committed.
+_HELD_CHANGES_SCHEMA: Final = """
+CREATE TEMP TABLE IF NOT EXISTS qkd_held_changes (
+    peer_site TEXT NOT NULL,
+    delta     INTEGER NOT NULL
+)
+"""
+
 
 @dataclass(frozen=True)
 class StoredQkdKey:
     key_id: str
     material: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class QkdRun:
+    """QKD keys consecutive in a buffer's receive order, as a batch names them."""
+
+    key_ids: tuple[bytes, ...]  # 16-byte IDs in receive order
+    material: bytes = field(repr=False, compare=False)  # their material concatenated
+
+    def __post_init__(self) -> None:
+        if not self.key_ids or any(len(k) != QKD_KEY_ID_SIZE for k in self.key_ids):
+            raise ValueError(f"a run is one or more QKD key IDs of {QKD_KEY_ID_SIZE} bytes")
+
+    @property
+    def first_key_id(self) -> bytes:
+        return self.key_ids[0]
+
+    @property
+    def count(self) -> int:
+        return len(self.key_ids)
+
+    def digest(self) -> bytes:
+        """SHA-256 over the 16-byte key IDs, in order."""
+        return hash_bytes(b"".join(self.key_ids))
 
 
 @dataclass(frozen=True)
@@ -105,7 +165,37 @@ def key_id_bytes(key_id: str) -> bytes:
 
 
 def _id_text(raw: bytes) -> str:
-    return str(uuid.UUID(bytes=bytes(raw)))
+    """Canonical UUID text of 16 bytes (as ``str(uuid.UUID(bytes=raw))``, faster)."""
+    if len(raw) != QKD_KEY_ID_SIZE:
+        raise StoreError(f"a QKD key ID is {QKD_KEY_ID_SIZE} bytes, not {len(raw)}")
+    h = bytes(raw).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _canonical_id(key_id: str | bytes) -> tuple[str, bytes]:
+    """(canonical text, 16 bytes) of a QKD key ID given as text or as its 16 bytes;
+    StoreError if it is not a UUID."""
+    if isinstance(key_id, bytes):
+        return _id_text(key_id), key_id
+    # Fast path for the usual form; anything else (braces, urn:uuid:) through uuid.
+    if len(key_id) == 36 and key_id[8] == key_id[13] == key_id[18] == key_id[23] == "-":
+        try:
+            raw = bytes.fromhex(key_id.replace("-", ""))
+        except ValueError:
+            raw = b""
+        if len(raw) == QKD_KEY_ID_SIZE:
+            return key_id.lower(), raw
+    raw = key_id_bytes(key_id)
+    return _id_text(raw), raw
+
+
+def _stored_raw(text: str) -> bytes:
+    """The 16 bytes of a buffered key's ID (held canonical: only the hyphens go)."""
+    try:
+        raw = bytes.fromhex(text.replace("-", ""))
+    except ValueError:
+        raw = b""
+    return raw if len(raw) == QKD_KEY_ID_SIZE else key_id_bytes(text)
 
 
 class QkdBuffer:
@@ -113,6 +203,10 @@ class QkdBuffer:
 
     # Used IDs kept per peer at least (see the module docstring); tests and benches lower it.
     consumed_memory: int = CONSUMED_MEMORY
+    # Buffered keys per peer as last committed (set up at open, ``_upgrade_qkd_buffer``),
+    # and whether ``qkd_held_changes`` holds changes not yet taken into it.
+    _held: dict[str, int]
+    _held_changed: bool
 
     if TYPE_CHECKING:
         _db: sqlite3.Connection
@@ -127,24 +221,32 @@ class QkdBuffer:
         def _flag(self, name: str) -> bool: ...
 
     def _upgrade_qkd_buffer(self) -> None:
-        """Move used IDs from the text table of older stores into ``qkd_consumed``."""
+        """At open: move used IDs from the text table of older stores into
+        ``qkd_consumed``, and count the buffered keys of each peer (once)."""
         old = self._db.execute(
             "SELECT 1 FROM sqlite_master WHERE type='table' AND name='consumed_qkd_keys'"
         ).fetchone()
-        if old is None:
-            return
-        with self.transaction() as db:
-            mark = self._last_seq(db)
-            rows = db.execute("SELECT peer_site, key_id FROM consumed_qkd_keys").fetchall()
-            db.executemany(
-                "INSERT OR IGNORE INTO qkd_consumed VALUES (?, ?, ?)",
-                [(peer, key_id_bytes(key_id), mark) for peer, key_id in rows],
+        if old is not None:
+            with self.transaction() as db:
+                mark = self._last_seq(db)
+                rows = db.execute("SELECT peer_site, key_id FROM consumed_qkd_keys").fetchall()
+                db.executemany(
+                    "INSERT OR IGNORE INTO qkd_consumed VALUES (?, ?, ?)",
+                    [(peer, key_id_bytes(key_id), mark) for peer, key_id in rows],
+                )
+                db.execute(
+                    "INSERT OR IGNORE INTO counters SELECT 'used:' || peer_site, count(*)"
+                    " FROM consumed_qkd_keys GROUP BY peer_site"
+                )
+                db.execute("DROP TABLE consumed_qkd_keys")
+        self._db.execute(_HELD_CHANGES_SCHEMA)
+        self._held = {
+            str(peer): int(n)
+            for peer, n in self._db.execute(
+                "SELECT peer_site, count(*) FROM qkd_keys GROUP BY peer_site"
             )
-            db.execute(
-                "INSERT OR IGNORE INTO counters SELECT 'used:' || peer_site, count(*)"
-                " FROM consumed_qkd_keys GROUP BY peer_site"
-            )
-            db.execute("DROP TABLE consumed_qkd_keys")
+        }
+        self._held_changed = False
 
     # -- receive numbers --------------------------------------------------------------------
 
@@ -160,39 +262,76 @@ class QkdBuffer:
         used = db.execute("SELECT max(mark) FROM qkd_consumed").fetchone()[0] or 0
         return max(int(held), int(used))
 
+    # -- how many keys are buffered ---------------------------------------------------------
+
+    def qkd_key_count(self, peer_site: str) -> int:
+        """Keys of the peer's link buffered here (from memory; inside a transaction, with
+        what it changed so far)."""
+        count = self._held_counts().get(peer_site, 0)
+        if self._held_changed:  # still inside the transaction that made the changes
+            row = self._db.execute(
+                "SELECT coalesce(sum(delta), 0) FROM temp.qkd_held_changes WHERE peer_site=?",
+                (peer_site,),
+            ).fetchone()
+            count += int(row[0])
+        return count
+
+    def _held_counts(self) -> dict[str, int]:
+        """The committed counts: changes whose transaction is over were committed (a
+        rollback took the others back), so they are taken into memory now."""
+        if self._held_changed and not self._db.in_transaction:
+            changes = self._db.execute(
+                "SELECT peer_site, sum(delta) FROM temp.qkd_held_changes GROUP BY peer_site"
+            ).fetchall()
+            for peer, delta in changes:
+                self._held[str(peer)] = self._held.get(str(peer), 0) + int(delta)
+            self._db.execute("DELETE FROM temp.qkd_held_changes")
+            self._held_changed = False
+        return self._held
+
+    def _count_change(self, db: sqlite3.Connection, peer_site: str, delta: int) -> None:
+        """Inside the transaction that adds or removes buffered keys: count them."""
+        if delta:
+            db.execute("INSERT INTO temp.qkd_held_changes VALUES (?, ?)", (peer_site, delta))
+            self._held_changed = True
+
     # -- storing and reading ----------------------------------------------------------------
 
     def store_qkd_keys(self, peer_site: str, keys: Iterable[StoredQkdKey]) -> int:
         """Store keys from a device; returns how many were new (re-sent and used ones are
-        ignored)."""
+        ignored). One transaction and one insert statement per delivery."""
+        fresh: dict[str, tuple[bytes, bytes]] = {}  # canonical ID -> (16 bytes, material)
+        for key in keys:
+            text, raw = _canonical_id(key.key_id)
+            fresh.setdefault(text, (raw, key.material))
+        if not fresh:
+            return 0
+        sealed = {
+            text: self._sealer.seal(_qkd_aad(peer_site, text), material)
+            for text, (_, material) in fresh.items()
+        }
         now = time.time()
-        added = 0
         with self.transaction() as db:
+            used = self._consumed_raw(db, peer_site, [raw for raw, _ in fresh.values()])
             seq = self._last_seq(db)
-            for key in keys:
-                if self._is_consumed(db, peer_site, key.key_id):
-                    continue
-                cursor = db.execute(
-                    "INSERT OR IGNORE INTO qkd_keys (seq, peer_site, key_id, material,"
-                    " received_at) VALUES (?, ?, ?, ?, ?)",
-                    (
-                        seq + 1,
-                        peer_site,
-                        key.key_id,
-                        self._sealer.seal(_qkd_aad(peer_site, key.key_id), key.material),
-                        now,
-                    ),
+            rows = [
+                (seq + n, peer_site, text, blob, now)
+                for n, (text, blob) in enumerate(
+                    ((t, b) for t, b in sealed.items() if fresh[t][0] not in used), start=1
                 )
-                if cursor.rowcount:
-                    seq += 1
-                    added += 1
-            if added:
-                db.execute("INSERT OR REPLACE INTO counters VALUES ('qkd-seq', ?)", (seq,))
+            ]
+            if not rows:
+                return 0
+            # A key held already is ignored here; its receive number stays unused.
+            added = db.executemany(
+                "INSERT OR IGNORE INTO qkd_keys (seq, peer_site, key_id, material,"
+                " received_at) VALUES (?, ?, ?, ?, ?)",
+                rows,
+            ).rowcount
+            db.execute("INSERT OR REPLACE INTO counters VALUES ('qkd-seq', ?)", (seq + len(rows),))
+            self._count_change(db, peer_site, added)
+        self._held_counts()
         return added
-
-    def qkd_key_count(self, peer_site: str) -> int:
-        row = self._db.execute("SELECT count(*) FROM qkd_keys WHERE peer_site=?", (peer_site,))
-        return int(row.fetchone()[0])
 
     def oldest_qkd_keys(self, peer_site: str) -> Iterator[StoredQkdKey]:
         """The buffered QKD keys, oldest first, unsealed one at a time as they are taken.
@@ -209,8 +348,98 @@ class QkdBuffer:
             if material is not None:
                 yield StoredQkdKey(key_id, material)
 
+    def oldest_qkd_run(self, peer_site: str, min_bytes: int, max_keys: int) -> QkdRun | None:
+        """At the master: the oldest buffered keys, as few as make ``min_bytes`` of
+        material, or all there are up to ``max_keys`` if they make less; None if none is
+        buffered. A key that does not open ends nothing: it and the keys read before it
+        are used up (quarantined, see the module docstring) and the run starts after it."""
+        if max_keys < 1:
+            raise ValueError("a run has at least one key")
+        texts: list[str] = []
+        parts: list[bytes] = []
+        have = 0
+        after = -1
+        limit = min(max_keys, _RUN_READ_FIRST)
+        while True:
+            rows = self._rows_after(peer_site, after, limit)
+            for seq, text, sealed in rows:
+                after = seq
+                material = self._open_qkd(peer_site, text, sealed)
+                if material is None:
+                    if texts:
+                        with self._writing() as db:
+                            self._consume_qkd_keys(db, peer_site, texts)
+                        texts, parts, have = [], [], 0
+                    continue
+                texts.append(text)
+                parts.append(material)
+                have += len(material)
+                if have >= min_bytes or len(texts) == max_keys:
+                    return self._run(texts, parts)
+            if len(rows) < limit:  # the buffer holds no more
+                return self._run(texts, parts) if texts else None
+            limit = min(2 * limit, _RUN_READ_MOST, max_keys - len(texts))
+
+    def qkd_run(self, peer_site: str, first_key_id: bytes, count: int) -> QkdRun | None:
+        """At the slave: the buffered key ``first_key_id`` and up to ``count - 1`` keys
+        received after it, in order (fewer if the device has not delivered the rest yet);
+        None if that key is not buffered here (or does not open). A later key that does
+        not open is quarantined and left out: the run's digest then tells it apart."""
+        if count < 1:
+            raise ValueError("a run has at least one key")
+        first = self._db.execute(
+            "SELECT seq FROM qkd_keys WHERE peer_site=? AND key_id=?",
+            (peer_site, _id_text(first_key_id)),
+        ).fetchone()
+        if first is None:
+            return None
+        texts: list[str] = []
+        parts: list[bytes] = []
+        after = int(first[0]) - 1
+        while len(texts) < count:
+            limit = min(count - len(texts), _RUN_READ_MOST)
+            rows = self._rows_after(peer_site, after, limit)
+            for seq, text, sealed in rows:
+                material = self._open_qkd(peer_site, text, sealed)
+                if material is not None:
+                    texts.append(text)
+                    parts.append(material)
+                elif after < int(first[0]):  # the first key itself
+                    return None
+                after = seq
+            if len(rows) < limit:
+                break
+        return self._run(texts, parts) if texts else None
+
+    def _rows_after(self, peer_site: str, seq: int, limit: int) -> list[tuple[int, str, bytes]]:
+        """Up to ``limit`` buffered rows received after ``seq``, oldest first (read at
+        once: no statement stays open while a row that does not open is quarantined)."""
+        rows: list[tuple[int, str, bytes]] = self._db.execute(
+            "SELECT seq, key_id, material FROM qkd_keys WHERE peer_site=? AND seq>?"
+            " ORDER BY seq LIMIT ?",
+            (peer_site, seq, limit),
+        ).fetchall()
+        return rows
+
+    @staticmethod
+    def _run(texts: Sequence[str], parts: Sequence[bytes]) -> QkdRun:
+        return QkdRun(tuple(_stored_raw(t) for t in texts), b"".join(parts))
+
+    def _writing(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """The transaction open now, or a new one."""
+        if self._db.in_transaction:
+            return contextlib.nullcontext(self._db)
+        return self.transaction()
+
     def _open_qkd(self, peer_site: str, key_id: str, sealed: bytes) -> bytes | None:
-        return self._open_row("qkd_keys", (peer_site, key_id), _qkd_aad(peer_site, key_id), sealed)
+        material = self._open_row(
+            "qkd_keys", (peer_site, key_id), _qkd_aad(peer_site, key_id), sealed
+        )
+        if material is None:
+            # The row is quarantined now, and stays so even if the transaction around
+            # rolls back (``KeyStore.transaction`` moves it again): not counted any more.
+            self._held[peer_site] = self._held.get(peer_site, 0) - 1
+        return material
 
     def get_qkd_keys(self, peer_site: str, key_ids: Sequence[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
@@ -252,6 +481,7 @@ class QkdBuffer:
             stale = self._buffered_before(db, peer_site, min(seqs.values())) if seqs else []
             stale = [k for k in stale if k not in keep]
             self._consume_qkd_keys(db, peer_site, stale)
+        self._held_counts()
         return len(stale)
 
     def align_to_peer_horizon(
@@ -305,6 +535,7 @@ class QkdBuffer:
             unresolved |= any(k not in held and k not in used for k in listed[anchor:])
             if listed_held or not listed:  # else we cannot tell where the peer is
                 self._forget_consumed(db, peer_site, min(listed_held, default=None))
+        self._held_counts()
         return HorizonOutcome(
             len(stale), tuple(dict.fromkeys(skip)), unresolved, bool(listed_held) or newest_held
         )
@@ -325,20 +556,47 @@ class QkdBuffer:
                 found[str(key_id)] = int(seq)
         return found
 
-    def _consumed_among(
-        self, db: sqlite3.Connection, peer_site: str, key_ids: Iterable[str]
-    ) -> set[str]:
-        raw = list(dict.fromkeys(key_id_bytes(k) for k in key_ids))
-        found: set[str] = set()
-        for start in range(0, len(raw), _LOOKUP_CHUNK):
-            chunk = raw[start : start + _LOOKUP_CHUNK]
+    @staticmethod
+    def _held_run(
+        db: sqlite3.Connection, peer_site: str, key_ids: Sequence[str]
+    ) -> list[int] | None:
+        """Receive numbers of ``key_ids`` if they are buffered here as a run (in this
+        order, nothing else of the peer's between them); else None."""
+        first = db.execute(
+            "SELECT seq FROM qkd_keys WHERE peer_site=? AND key_id=?", (peer_site, key_ids[0])
+        ).fetchone()
+        if first is None:
+            return None
+        rows = db.execute(
+            "SELECT seq, key_id FROM qkd_keys WHERE peer_site=? AND seq>=? ORDER BY seq LIMIT ?",
+            (peer_site, first[0], len(key_ids)),
+        ).fetchall()
+        if len(rows) != len(key_ids) or any(
+            row[1] != key_id for row, key_id in zip(rows, key_ids, strict=True)
+        ):
+            return None
+        return [int(row[0]) for row in rows]
+
+    def _consumed_raw(
+        self, db: sqlite3.Connection, peer_site: str, raw_ids: Sequence[bytes]
+    ) -> set[bytes]:
+        """Those of the 16-byte ``raw_ids`` remembered as used."""
+        found: set[bytes] = set()
+        for start in range(0, len(raw_ids), _LOOKUP_CHUNK):
+            chunk = raw_ids[start : start + _LOOKUP_CHUNK]
             marks = ",".join("?" * len(chunk))
             for (key_id,) in db.execute(
                 f"SELECT key_id FROM qkd_consumed WHERE peer_site=? AND key_id IN ({marks})",
                 (peer_site, *chunk),
             ):
-                found.add(_id_text(key_id))
+                found.add(bytes(key_id))
         return found
+
+    def _consumed_among(
+        self, db: sqlite3.Connection, peer_site: str, key_ids: Iterable[str]
+    ) -> set[str]:
+        raw = list(dict.fromkeys(key_id_bytes(k) for k in key_ids))
+        return {_id_text(k) for k in self._consumed_raw(db, peer_site, raw)}
 
     @staticmethod
     def _buffered_before(db: sqlite3.Connection, peer_site: str, seq: int | None) -> list[str]:
@@ -363,22 +621,32 @@ class QkdBuffer:
         return row is not None
 
     def _consume_qkd_keys(
-        self, db: sqlite3.Connection, peer_site: str, key_ids: Iterable[str]
+        self, db: sqlite3.Connection, peer_site: str, key_ids: Iterable[str | bytes]
     ) -> None:
         """Inside a transaction: erase these keys' material and remember them as used,
-        each with its receive number (or the newest one, for a key never held here)."""
-        ids = list(dict.fromkeys(key_ids))
+        each with its receive number (or the newest one, for a key never held here).
+        IDs as text or as 16 bytes. A run (a batch's keys) goes in one range delete."""
+        ids = dict(_canonical_id(k) for k in key_ids)  # canonical text -> 16 bytes
         if not ids:
             return
-        seqs = self._held_seqs(db, peer_site, ids)
+        texts = list(ids)
+        run = self._held_run(db, peer_site, texts)
+        if run is not None:
+            seqs = dict(zip(texts, run, strict=True))
+            gone = db.execute(
+                "DELETE FROM qkd_keys WHERE peer_site=? AND seq BETWEEN ? AND ?",
+                (peer_site, run[0], run[-1]),
+            ).rowcount
+        else:
+            seqs = self._held_seqs(db, peer_site, texts)
+            gone = db.executemany(
+                "DELETE FROM qkd_keys WHERE seq=?", [(seq,) for seq in seqs.values()]
+            ).rowcount
+        self._count_change(db, peer_site, -gone)
         last = self._last_seq(db) if len(seqs) < len(ids) else 0
-        db.executemany(
-            "DELETE FROM qkd_keys WHERE peer_site=? AND key_id=?",
-            [(peer_site, key_id) for key_id in ids if key_id in seqs],
-        )
         added = db.executemany(
             "INSERT OR IGNORE INTO qkd_consumed VALUES (?, ?, ?)",
-            [(peer_site, key_id_bytes(k), seqs.get(k, last)) for k in ids],
+            [(peer_site, raw, seqs.get(text, last)) for text, raw in ids.items()],
         ).rowcount
         if added:
             # How many were ever used survives the forgetting (benches and operators).
@@ -395,6 +663,7 @@ class QkdBuffer:
         those in ``keep``."""
         with self.transaction() as db:
             self._consume_qkd_keys(db, peer_site, [k for k in key_ids if k not in keep])
+        self._held_counts()
 
     def consumed_count(self, peer_site: str) -> int:
         """Used QKD key IDs remembered for the peer (the newest; older ones are forgotten)."""

@@ -3,7 +3,11 @@ key-encryption key.
 
 Every sealed row is AES-256-GCM under a key derived from the site's key-encryption key
 (KEK), with associated data naming the row (its kind, peer, key ID, SAE pair, size), so a
-ciphertext moved to another row does not open.
+ciphertext moved to another row does not open. A chunk of a key block (many keys sealed
+together, ``qkdd.store.key_blocks``) is named by its peer, ID prefix, first index, key
+count, SAE pair and size, and also by its taken-bitmap: the bytes of a handed-out key are
+zero in the sealed material, so a bitmap altered on disk must not open rather than hand
+out zeros.
 
 A store remembers which KEK it belongs to: when it is created, a fixed plaintext
 (``labels.KEK_CHECK_PLAINTEXT``) is sealed into its meta table with associated data naming
@@ -116,6 +120,8 @@ def _pair_row_aad(label: bytes, key_id: str, master_sae: str, slave_sae: str, si
 
 
 def hybrid_row_aad(key_id: str, master_sae: str, slave_sae: str, size_bits: int) -> bytes:
+    """A hybrid key row of a store from before key blocks (schema 2): read only to check a
+    KEK and to move the rows into chunks (``qkdd.store.schema``)."""
     return _pair_row_aad(labels.AAD_HYBRID_KEY_ROW, key_id, master_sae, slave_sae, size_bits)
 
 
@@ -125,6 +131,47 @@ def pad_row_aad(key_id: str, sender_sae: str, recipient_sae: str, size_bits: int
 
 def assigned_row_aad(key_id: str, master_sae: str, slave_sae: str, size_bits: int) -> bytes:
     return _pair_row_aad(labels.AAD_ASSIGNED_KEY_ROW, key_id, master_sae, slave_sae, size_bits)
+
+
+def key_chunk_name_aad(
+    peer_site: str,
+    id_prefix: bytes,
+    first_index: int,
+    count: int,
+    master_sae: str,
+    slave_sae: str,
+    size_bits: int,
+) -> bytes:
+    """The part of a chunk's associated data that never changes: which keys it holds
+    (peer, ID prefix, first index, count), their pair and size."""
+    return (
+        lp(labels.AAD_KEY_CHUNK_ROW)
+        + lp(peer_site.encode())
+        + lp(bytes(id_prefix))
+        + lp(first_index.to_bytes(4, "big"))
+        + lp(count.to_bytes(4, "big"))
+        + lp(master_sae.encode())
+        + lp(slave_sae.encode())
+        + lp(str(size_bits).encode())
+    )
+
+
+def key_chunk_aad(
+    peer_site: str,
+    id_prefix: bytes,
+    first_index: int,
+    count: int,
+    master_sae: str,
+    slave_sae: str,
+    size_bits: int,
+    taken: bytes,
+) -> bytes:
+    """Associated data of a sealed chunk of keys: its name, and which of its keys were
+    handed out (the taken-bitmap, last)."""
+    name = key_chunk_name_aad(
+        peer_site, id_prefix, first_index, count, master_sae, slave_sae, size_bits
+    )
+    return name + lp(bytes(taken))
 
 
 @dataclass(frozen=True)
@@ -144,6 +191,23 @@ SEALED_TABLES: Final = {
         SealedTable(
             "qkd_keys", ("peer_site", "key_id"), ("peer_site", "key_id"), qkd_row_aad, "seq"
         ),
+        SealedTable(
+            "key_chunks",
+            ("seq",),
+            (
+                "peer_site",
+                "id_prefix",
+                "first_index",
+                "count",
+                "master_sae",
+                "slave_sae",
+                "size_bits",
+                "taken",
+            ),
+            key_chunk_aad,
+            "created_at, seq",
+        ),
+        # Only in stores from before key blocks, until they are upgraded on open.
         SealedTable(
             "hybrid_keys",
             ("key_id",),
@@ -262,14 +326,22 @@ def record_key_check(db: sqlite3.Connection, sealer: Sealer, path: Path) -> byte
     return store_id
 
 
-def move_to_quarantine(db: sqlite3.Connection, table_name: str, key: tuple[str, ...]) -> None:
+def move_to_quarantine(
+    db: sqlite3.Connection,
+    table_name: str,
+    key: tuple[object, ...],
+    row_key: str | None = None,
+) -> None:
     """Inside a write transaction: move one sealed row to ``quarantined_rows`` (its identity
-    and ciphertext, kept for examination; it is never opened again)."""
+    and ciphertext, kept for examination; it is never opened again). ``key`` holds the
+    values of the table's key columns; ``row_key`` names the row there (by default those
+    values joined by "/")."""
     table = SEALED_TABLES[table_name]
     where = " AND ".join(f"{column}=?" for column in table.key_columns)
+    name = row_key if row_key is not None else "/".join(str(part) for part in key)
     db.execute(
         "INSERT INTO quarantined_rows (table_name, row_key, sealed, quarantined_at)"
         f" SELECT ?, ?, material, ? FROM {table.name} WHERE {where}",
-        (table.name, "/".join(key), time.time(), *key),
+        (table.name, name, time.time(), *key),
     )
     db.execute(f"DELETE FROM {table.name} WHERE {where}", key)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 if TYPE_CHECKING:
     from qkdd_drivers.base import DeviceStatus
 
-    from qkdd.link import LinkParameters
+    from qkdd.link_params import LinkParameters
 
 RECENT_ERRORS: Final = 20
 # A log message longer than this is cut in the ring: bounds memory and the status size.

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from qkdd.crypto import PqcBackend
 from qkdd.keystore import KeyStore, StoredQkdKey
-from qkdd.link import LinkAgreement, LinkParameters
+from qkdd.link_params import LinkParameters
+from qkdd.peer.agreement import LinkAgreement
 from qkdd.peer.messages import LinkMessage, decode_message
 
 SAES = {"site-a": "sae-a", "site-b": "sae-b"}

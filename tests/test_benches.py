@@ -20,8 +20,14 @@ EXPECTED_ROWS: dict[str, tuple[str, ...]] = {
     "bench_peer.py": (
         r"^cryptography\s+bootstrap\s+tcp\s+(?P<figure>[\d.]+)\s",  # p50 ms
         r"^cryptography\s+psk\s+sans-io\s+(?P<figure>[\d.]+)\s",  # p50 ms
-        r"^measured: keys agreed\s+(?P<figure>[\d,]+)\s",  # keys/s
-        r"^(?P<figure>\d+) keys in [\d.]+ s",  # keys agreed in the timed run
+        # Markdown rows: | part | backend | batch | runs | keys | seconds | keys/s | ...
+        r"^\| sans-IO \| cryptography \| 1024 \| \d+ \| [\d,]+ \| [\d.]+ \| (?P<figure>[\d,]+) \|",
+        r"^\| sans-IO \| cryptography \| 4096 \| \d+ \| [\d,]+ \| [\d.]+ \| (?P<figure>[\d,]+) \|",
+        r"^\| sans-IO \| cryptography \| 4096 \| \d+ \| (?P<figure>[\d,]+) \|",  # keys agreed
+        r"^\| daemons over TCP \| cryptography \| 4096 \| \d+ \| (?P<figure>[\d,]+) \|",
+        r"^\| daemons over TCP \| cryptography \| 4096 \| \d+ \| [\d,]+ \| [\d.]+ \| "
+        r"(?P<figure>[\d,]+) \|",
+        r"^\| (?P<figure>[\d.]+) \| [\d.]+% \| \d+ \| `",  # the profile's own seconds
     ),
     "bench_etsi014.py": (
         r"^enc_keys x1\s+1\s+(?P<figure>\d+)\s",  # req/s
@@ -50,7 +56,11 @@ EXPECTED_ROWS: dict[str, tuple[str, ...]] = {
 
 def test_every_bench_is_covered() -> None:
     benches = {path.name for path in BENCH_DIR.glob("bench_*.py")}
-    own_tests = {"bench_emulator.py", "bench_store_size.py"}  # tests/test_bench_*.py
+    own_tests = {
+        "bench_qkd_buffer.py",
+        "bench_emulator.py",
+        "bench_store_size.py",
+    }  # tests/test_bench_*.py
     assert benches - own_tests == set(EXPECTED_ROWS)
 
 

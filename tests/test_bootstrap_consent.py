@@ -27,7 +27,7 @@ from qkdd.demo import RunningSite, exchange_keys, prepare_directory, running_dem
 from qkdd.demo_sites import SITE_A, SITE_B
 from qkdd.identity import IdentityError, read_key_encryption_key
 from qkdd.keystore import KeyStore, StoredQkdKey
-from qkdd.link import LinkParameters
+from qkdd.link_params import LinkParameters
 from qkdd.peer.bootstrap import DialAuth, InitiatorAuthChoice
 from qkdd.status import site_status
 from qkdd.systemd import CREDENTIAL_STORES, find_credential, operator_credential_directories

@@ -15,7 +15,8 @@ from link_pair import pump_until_quiet
 from qkdd.config import ConfigError, config_from_bytes
 from qkdd.etsi014.pool import InvalidKeyRequest
 from qkdd.keystore import KeyStore, StoredQkdKey
-from qkdd.link import LinkAgreement, LinkParameters
+from qkdd.link_params import LinkParameters
+from qkdd.peer.agreement import LinkAgreement
 from qkdd.pool import StoreKeyPool
 from qkdd.status import pool_levels
 

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from key_blocks import corrupt_chunk_of, held_key_ids, ids_of, materials_of, random_block
 from link_pair import pump_until_quiet
 from timeouts import timeout
 
@@ -32,6 +33,7 @@ from qkdd.keystore import (
     Assignment,
     KeyStore,
     NewHybridKey,
+    NewKeyBlock,
     Sealer,
     StoredQkdKey,
     StoreError,
@@ -39,15 +41,11 @@ from qkdd.keystore import (
 
 KEK = bytes(range(32))
 OTHER_KEK = bytes(range(1, 33))
-SEALED_TABLES = ("qkd_keys", "hybrid_keys", "assigned_keys", "pad_keys", "auth_keys")
+SEALED_TABLES = ("qkd_keys", "key_chunks", "assigned_keys", "pad_keys", "auth_keys")
 
 
 def qkd(n: int) -> list[StoredQkdKey]:
     return [StoredQkdKey(str(uuid.uuid4()), os.urandom(32)) for _ in range(n)]
-
-
-def hybrid(n: int, master: str = "sae-a", slave: str = "sae-b") -> list[NewHybridKey]:
-    return [NewHybridKey(str(uuid.uuid4()), master, slave, 256, os.urandom(32)) for _ in range(n)]
 
 
 def snapshot(path: Path) -> tuple[str, dict[str, int], list[str]]:
@@ -62,16 +60,21 @@ def snapshot(path: Path) -> tuple[str, dict[str, int], list[str]]:
     return digest, counts, sidecars
 
 
-def filled_store(path: Path, kek: bytes = KEK) -> tuple[list[StoredQkdKey], list[NewHybridKey]]:
+def filled_store(path: Path, kek: bytes = KEK) -> tuple[list[StoredQkdKey], NewKeyBlock]:
     """A store holding buffered QKD keys and ready hybrid keys, closed."""
     store = KeyStore(path, kek)
     qkd_keys = qkd(6)
     store.store_qkd_keys("site-b", qkd_keys)
-    keys = hybrid(4)
-    store.add_batch("site-b", 1, keys, [])
+    block = random_block(4)
+    store.add_batch("site-b", 1, [block], [])
     store.commit_batch("site-b", 1)
     store.close()
-    return qkd_keys, keys
+    return qkd_keys, block
+
+
+def committed(store: KeyStore, *blocks: NewKeyBlock) -> None:
+    store.add_batch("site-b", 1, list(blocks), [])
+    store.commit_batch("site-b", 1)
 
 
 def make_legacy(path: Path) -> None:
@@ -214,59 +217,66 @@ def test_get_qkd_keys_leaves_out_a_row_that_does_not_open(tmp_path):
     store.close()
 
 
-def test_a_corrupted_hybrid_key_is_withdrawn_and_the_pool_still_serves(tmp_path, caplog):
+def test_a_corrupted_chunk_is_withdrawn_and_the_pool_still_serves(tmp_path, caplog):
     store = KeyStore(tmp_path / "keys.sqlite3", KEK)
     erased: list[tuple[str, list[str]]] = []
     store.on_erased = lambda reason, keys: erased.append((reason, [k.key_id for k in keys]))
-    keys = hybrid(5)
-    store.add_batch("site-b", 1, keys, [])
-    store.commit_batch("site-b", 1)
-    corrupt(store, "hybrid_keys", "key_id=?", (keys[1].key_id,))
-    corrupt(store, "hybrid_keys", "key_id=?", (keys[3].key_id,))
+    first, bad, last = random_block(2), random_block(3), random_block(2)
+    committed(store, first, bad, last)
+    assert store.take_by_ids("sae-a", "sae-b", ids_of(bad)[1:2])  # collected before
+    corrupt_chunk_of(store, ids_of(bad)[0])
     with caplog.at_level(logging.INFO, logger="qkdd"):
-        taken = store.take_ready("sae-a", "sae-b", 3)
-    assert [k.material for k in taken] == [keys[i].material for i in (0, 2, 4)]
-    assert erased == [("withdrawn", [keys[1].key_id, keys[3].key_id])]
-    assert caplog.text.count("event=row_quarantined table=hybrid_keys") == 2
-    assert store.quarantined_row_count() == 2
+        taken = store.take_ready("sae-a", "sae-b", 4)
+    assert [k.material for k in taken] == materials_of(first) + materials_of(last)
+    # Its keys not yet collected are withdrawn, and reported once.
+    assert erased == [("withdrawn", [ids_of(bad)[0], ids_of(bad)[2]])]
+    assert caplog.text.count("event=row_quarantined table=key_chunks") == 1
+    assert f"row={ids_of(bad)[0]}..{ids_of(bad)[2]}" in caplog.text
+    assert store.quarantined_row_count() == 1
     assert store.ready_count("sae-a", "sae-b") == 0
+    assert store.take_by_ids("sae-a", "sae-b", ids_of(bad)[2:]) is None
     store.close()
 
 
 def test_short_pool_after_quarantine_hands_out_nothing_but_keeps_the_quarantine(tmp_path):
     store = KeyStore(tmp_path / "keys.sqlite3", KEK)
-    keys = hybrid(2)
-    store.add_batch("site-b", 1, keys, [])
-    store.commit_batch("site-b", 1)
-    corrupt(store, "hybrid_keys", "key_id=?", (keys[0].key_id,))
+    erased: list[tuple[str, list[str]]] = []
+    store.on_erased = lambda reason, keys: erased.append((reason, [k.key_id for k in keys]))
+    bad, good = random_block(2), random_block(1)
+    committed(store, bad, good)
+    corrupt_chunk_of(store, ids_of(bad)[0])
     assert store.take_ready("sae-a", "sae-b", 2) == []  # all or nothing
+    assert erased == [("withdrawn", ids_of(bad))]
     assert store.ready_count("sae-a", "sae-b") == 1
     assert store.quarantined_row_count() == 1
-    assert [k.material for k in store.take_ready("sae-a", "sae-b", 1)] == [keys[1].material]
+    assert [k.material for k in store.take_ready("sae-a", "sae-b", 1)] == [good.material]
     store.close()
 
 
 def test_a_key_asked_for_by_id_that_does_not_open_is_not_held(tmp_path):
     store = KeyStore(tmp_path / "keys.sqlite3", KEK)
-    keys = hybrid(2)
-    store.add_batch("site-b", 1, keys, [])
-    corrupt(store, "hybrid_keys", "key_id=?", (keys[0].key_id,))
-    assert store.take_by_ids("sae-a", "sae-b", [keys[0].key_id, keys[1].key_id]) is None
-    # The failed hand-out rolled back, the quarantine did not.
+    erased: list[tuple[str, list[str]]] = []
+    store.on_erased = lambda reason, keys: erased.append((reason, [k.key_id for k in keys]))
+    bad, good = random_block(2), random_block(1)
+    store.add_batch("site-b", 1, [bad, good], [])
+    corrupt_chunk_of(store, ids_of(bad)[0])
+    assert store.take_by_ids("sae-a", "sae-b", [ids_of(bad)[0], ids_of(good)[0]]) is None
+    # The failed hand-out rolled back, the quarantine and its withdrawal did not.
     assert store.quarantined_row_count() == 1
-    (key,) = store.take_by_ids("sae-a", "sae-b", [keys[1].key_id])
-    assert key.material == keys[1].material
+    assert erased == [("withdrawn", ids_of(bad))]
+    (key,) = store.take_by_ids("sae-a", "sae-b", ids_of(good))
+    assert key.material == good.material
     store.close()
 
 
 def test_assigned_pad_and_auth_rows_that_do_not_open(tmp_path):
     store = KeyStore(tmp_path / "keys.sqlite3", KEK)
-    parts = hybrid(2)
+    parts = random_block(2)
     pads = [NewHybridKey(str(uuid.uuid4()), "sae-a", "sae-b", 8 * 64, os.urandom(64)) for _ in "ab"]
     auth = [StoredQkdKey(str(uuid.uuid4()), os.urandom(32))]
-    store.add_batch("site-b", 1, parts, [], auth_keys=auth, pads=pads)
+    store.add_batch("site-b", 1, [parts], [], auth_keys=auth, pads=pads)
     store.commit_batch("site-b", 1)
-    assigned = Assignment(str(uuid.uuid4()), 256, "sae-a", ("sae-b",), (parts[0].key_id,))
+    assigned = Assignment(str(uuid.uuid4()), 256, "sae-a", ("sae-b",), (ids_of(parts)[0],))
     store.assign_keys([assigned])
     corrupt(store, "assigned_keys", "key_id=?", (assigned.key_id,))
     corrupt(store, "pad_keys", "key_id=?", (pads[0].key_id,))
@@ -281,7 +291,8 @@ def test_assigned_pad_and_auth_rows_that_do_not_open(tmp_path):
 
 def test_link_goes_on_past_a_qkd_key_that_does_not_open_at_the_master(tmp_path, backend):
     """The master skips the key; the slave drops its copy as an orphan; both agree."""
-    from qkdd.link import LinkAgreement, LinkParameters
+    from qkdd.link_params import LinkParameters
+    from qkdd.peer.agreement import LinkAgreement
 
     a, b = KeyStore(tmp_path / "a.db", KEK), KeyStore(tmp_path / "b.db", KEK)
     keys = qkd(16)
@@ -386,13 +397,7 @@ def test_daemon_with_a_wrong_key_refuses_before_ready_and_the_right_key_runs_on(
         store_path = tmp_path / "site-a" / "state" / "keys.sqlite3"
         before = snapshot(store_path)
         with sqlite3.connect(f"file:{store_path}?immutable=1", uri=True) as db:
-            existing = {
-                r[0]
-                for r in db.execute(
-                    "SELECT key_id FROM hybrid_keys WHERE master_sae=? AND state='ready'",
-                    (SITE_A.sae_id,),
-                )
-            }
+            existing = held_key_ids(db, SITE_A.sae_id)
         assert existing
 
         kek_file = tmp_path / "site-a" / "kek.bin"

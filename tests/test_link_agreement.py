@@ -10,11 +10,11 @@ import pytest
 from link_pair import pump_until_quiet
 
 from qkdd.keystore import KeyStore, StoredQkdKey
-from qkdd.link import QKD_KEY_WAIT_SECONDS, LinkAgreement, LinkError, LinkParameters
+from qkdd.link_params import LinkError, LinkParameters
+from qkdd.peer.agreement import QKD_KEY_WAIT_SECONDS, LinkAgreement
 from qkdd.peer.messages import (
     BatchAck,
     BatchDecision,
-    BatchEntry,
     BatchPurpose,
     KeyBatch,
     PoolDemand,
@@ -166,19 +166,11 @@ def test_slave_rejects_a_batch_for_an_unconfigured_sae_pair(stores, backend):
     a, b = stores
     feed_qkd(stores, 8)
     master, slave = agreements(stores, backend)
-    for m in slave.start():
-        master.on_message(m, 0.0)
-    (batch,) = [m for m in master.poll(0.0) if isinstance(m, KeyBatch)]
-    forged = KeyBatch(
-        batch.batch_id,
-        batch.offer_id,
-        BatchPurpose.APPLICATION_KEYS,
-        batch.kem_ciphertext,
-        tuple(
-            e.__class__(e.key_id, e.size_bits, "sae-x", e.slave_sae_id, e.qkd_key_ids)
-            for e in batch.entries
-        ),
+    sent = [out for m in slave.start() for out in master.on_message(m, 0.0)]
+    batch = next(
+        m for m in sent if isinstance(m, KeyBatch) and m.purpose == BatchPurpose.APPLICATION_KEYS
     )
+    forged = dataclasses.replace(batch, master_sae_id="sae-x")
     reply = slave.on_message(forged, 0.0)
     assert isinstance(reply[0], BatchAck) and not reply[0].accepted
     assert "not configured" in reply[0].reason
@@ -255,15 +247,15 @@ def test_orphaned_qkd_keys_on_either_side_are_dropped_and_buffers_line_up(stores
 
 
 def test_slave_gives_up_when_the_decision_never_comes(stores, backend):
-    from qkdd.link import BATCH_REPLY_TIMEOUT, LinkError
+    from qkdd.link_params import LinkError
+    from qkdd.peer.agreement import BATCH_REPLY_TIMEOUT
 
     feed_qkd(stores, 8)
     master, slave = agreements(stores, backend)
     for message in master.start():
         slave.on_message(message, 0.0)
-    for message in slave.start():
-        master.on_message(message, 0.0)
-    (batch,) = [m for m in master.poll(0.0) if isinstance(m, KeyBatch)]
+    sent = [out for m in slave.start() for out in master.on_message(m, 0.0)]
+    batch = next(m for m in sent if isinstance(m, KeyBatch))
     replies = slave.on_message(batch, 0.0)
     assert isinstance(replies[0], BatchAck) and replies[0].accepted  # ... the decision is lost
     slave.poll(BATCH_REPLY_TIMEOUT - 1)  # still within the deadline
@@ -345,7 +337,18 @@ def test_slave_rejects_oversized_pads(stores, backend):
     feed_qkd(stores, 40)
     master, slave = agreements(stores, backend, pool_size=0)
     pump(master, slave)
-    entry = BatchEntry(str(uuid.uuid4()), 8192 + 256, "sae-a", "sae-b", ())
-    batch = KeyBatch(999, slave._offer_counter, BatchPurpose.PADS, bytes(1088), (entry,))
+    batch = KeyBatch(
+        999,
+        slave._offer_counter,
+        BatchPurpose.PADS,
+        bytes(1088),
+        "sae-a",
+        "sae-b",
+        8192 + 256,
+        1,
+        uuid.uuid4().bytes,
+        1,
+        bytes(32),
+    )
     (ack, _offer) = slave.on_message(batch, 0.0)
-    assert not ack.accepted and "over 8192" in ack.reason
+    assert not ack.accepted and "has 8192 bits, not 8448" in ack.reason

@@ -17,7 +17,8 @@ from timeouts import timeout
 from qkdd.demo import exchange_keys, running_demo, wait_for_keys
 from qkdd.demo_sites import SITE_B
 from qkdd.keystore import KeyStore
-from qkdd.link import BATCH_REPLY_TIMEOUT, LinkError
+from qkdd.link_params import LinkError
+from qkdd.peer.agreement import BATCH_REPLY_TIMEOUT
 
 KEK = bytes(range(32))
 STEP = 0.25  # simulated seconds between polls

@@ -12,7 +12,7 @@ from link_pair import LinkPair, qkd_keys
 from timeouts import timeout
 
 from qkdd.keystore import KeyStore
-from qkdd.link import QKD_KEY_WAIT_SECONDS
+from qkdd.peer.agreement import QKD_KEY_WAIT_SECONDS
 from qkdd.peer.messages import BatchAck, LinkMessage
 
 KEK = bytes(range(32))

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from key_blocks import ids_of, materials_of, random_block
 from site_edits import second_sae_at_b
 from timeouts import timeout
 
@@ -22,7 +23,7 @@ from qkdd.crypto import AuthenticationFailed
 from qkdd.demo import prepare_directory, running_demo, wait_for_keys
 from qkdd.demo_sites import SITE_A, SITE_B
 from qkdd.inbox import Inbox, InboxError
-from qkdd.keystore import HybridKey, KeyStore, NewHybridKey
+from qkdd.keystore import HybridKey, KeyStore
 from qkdd.messaging import (
     BadMessage,
     Messenger,
@@ -153,20 +154,20 @@ def test_sealed_message_is_bound_to_its_id_sae_pair_and_key():
         open_message(HybridKey(str(uuid.uuid4()), key.material), mid, "a", "b", sealed)
 
 
-def _store_with_key(tmp_path: Path) -> tuple[KeyStore, NewHybridKey]:
+def _store_with_key(tmp_path: Path) -> tuple[KeyStore, HybridKey]:
+    """A store holding one ready key of the pair a -> b, and that key."""
     store = KeyStore(tmp_path / "k.db", KEK)
-    key = NewHybridKey(str(uuid.uuid4()), "a", "b", 256, os.urandom(32))
-    store.add_batch("peer", 1, [key], [])
+    block = random_block(1, "a", "b")
+    store.add_batch("peer", 1, [block], [])
     store.commit_batch("peer", 1)
-    return store, key
+    return store, HybridKey(ids_of(block)[0], materials_of(block)[0])
 
 
 def test_inbox_stores_once_erases_the_key_and_keeps_order(tmp_path):
     store, key = _store_with_key(tmp_path)
     inbox = Inbox(store, max_pending=10)
-    hk = HybridKey(key.key_id, key.material)
     mid = str(uuid.uuid4())
-    sealed = seal_message(hk, mid, "a", "b", b"one")
+    sealed = seal_message(key, mid, "a", "b", b"one")
 
     def accept(message_id: str, key_id: str, body: bytes) -> bool:
         def open_body(db) -> bytes:  # type: ignore[no-untyped-def]

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import trio
+from key_blocks import random_block
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
@@ -25,8 +26,8 @@ from qkdd.client import KeyClient
 from qkdd.etsi014.handler import ApiRequest, ApiResponse, Caller, RequestHandler
 from qkdd.etsi014.pool import MemoryKeyPool
 from qkdd.etsi014.server import serve_unix
-from qkdd.keystore import KeyStore, NewHybridKey, StoredQkdKey
-from qkdd.link import LinkParameters
+from qkdd.keystore import KeyStore, StoredQkdKey
+from qkdd.link_params import LinkParameters
 from qkdd.metrics import SiteMetrics, request_kind
 
 A, B = "sae-a", "sae-b"
@@ -75,8 +76,7 @@ def store(tmp_path: Path) -> KeyStore:
 
 
 def commit_keys(store: KeyStore, batch_id: int, count: int, pair: tuple[str, str] = (A, B)) -> None:
-    keys = [NewHybridKey(str(uuid.uuid4()), *pair, 256, os.urandom(32)) for _ in range(count)]
-    store.add_batch("site-b", batch_id, keys, [])
+    store.add_batch("site-b", batch_id, [random_block(count, *pair)], [])
     store.commit_batch("site-b", batch_id)
 
 

@@ -34,21 +34,20 @@ from mitm_proxy import A_TO_B, B_TO_A, Action, MitmProxy, Record, Tamper, Target
 from timeouts import timeout
 
 from qkdd.client import BlockingKeyClient
-from qkdd.crypto import AEAD_TAG_SIZE
 from qkdd.demo import RunningSite, exchange_keys, running_demo, wait_for_keys
 from qkdd.demo_sites import SITE_A, SITE_B
 from qkdd.keystore import KeyStore, StoredQkdKey
-from qkdd.link import LinkAgreement, LinkError, LinkParameters
-from qkdd.peer.messages import BatchDecision, KeyBatch
+from qkdd.link_params import LinkError, LinkParameters
+from qkdd.peer.agreement import LinkAgreement
+from qkdd.peer.messages import KeyBatch
 from qkdd.peer.wire import FrameType
 
 POOL_SIZE = 64  # pool_size in the demo configs
 WAIT = timeout(20.0)  # seconds any one step may take before the test fails
 
 # Sealed link messages are told apart by size: a KEY_BATCH holds an ML-KEM ciphertext
-# (1088 bytes), and a BATCH_DECISION has a fixed size.
+# (1088 bytes).
 KEY_BATCH_MIN_BODY = 1088
-DECISION_BODY = len(BatchDecision(0, True).encode()) + AEAD_TAG_SIZE
 
 HELLO = Target(A_TO_B, FrameType.HELLO)
 RESPONSE = Target(B_TO_A, FrameType.RESPONSE)
@@ -57,8 +56,6 @@ DATA_A0 = Target(A_TO_B, FrameType.DATA)  # A's first session frame: STORE_ID
 DATA_B0 = Target(B_TO_A, FrameType.DATA)  # B's first: STORE_ID (then RESYNC, KEM_OFFER)
 AUTH_BATCH = Target(A_TO_B, FrameType.DATA, min_body=KEY_BATCH_MIN_BODY)  # the PSK batch
 APP_BATCH = Target(A_TO_B, FrameType.DATA, min_body=KEY_BATCH_MIN_BODY, nth=1)
-# The decision on the PSK batch; the master sends the application KEY_BATCH right after it.
-FIRST_DECISION = Target(A_TO_B, FrameType.DATA, min_body=DECISION_BODY, max_body=DECISION_BODY)
 TARGET_NAMES = {
     HELLO: "HELLO",
     RESPONSE: "RESPONSE",
@@ -67,7 +64,6 @@ TARGET_NAMES = {
     DATA_B0: "DATA-b0",
     AUTH_BATCH: "KEY_BATCH-psk",
     APP_BATCH: "KEY_BATCH-app",
-    FIRST_DECISION: "DECISION-psk",
 }
 
 FAILURE = re.compile(r"event=(peer_authentication_failed|session_ended|peer_connection_dropped) .*")
@@ -85,8 +81,8 @@ def case_id(tamper: Tamper) -> str:
 
 A = Action
 FLIPS = (A.FLIP_TYPE, A.FLIP_LENGTH, A.FLIP_BODY)
-# Every action that applies to each frame. Not here: reordering HELLO, RESPONSE or a
-# KEY_BATCH with its successor, which only comes after the reply to it; dropping HELLO or
+# Every action that applies to each frame. Not here: reordering HELLO or RESPONSE with its
+# successor, which only comes after the reply to it; dropping HELLO or
 # RESPONSE, which stalls the handshake until a timeout (test_dropped_handshake_frame,
 # slow); dropping a KEY_BATCH, which stalls the link until the 15 s batch reply deadline
 # (test_dropped_key_batch, slow).
@@ -98,8 +94,8 @@ HANDSHAKE_ACTIONS = {
 SESSION_ACTIONS = {
     DATA_A0: (*FLIPS, A.REPLAY, A.REORDER, A.DROP, A.TRUNCATE, A.INJECT, A.INJECT_HELLO, A.REFLECT),
     DATA_B0: (*FLIPS, A.REPLAY, A.REORDER, A.DROP, A.TRUNCATE, A.INJECT, A.REFLECT),
-    AUTH_BATCH: (*FLIPS, A.REPLAY, A.TRUNCATE, A.INJECT, A.REFLECT),
-    FIRST_DECISION: (A.REORDER,),  # the application KEY_BATCH overtakes the decision
+    # REORDER: the application KEY_BATCH, in flight right behind it, overtakes it.
+    AUTH_BATCH: (*FLIPS, A.REPLAY, A.REORDER, A.TRUNCATE, A.INJECT, A.REFLECT),
     APP_BATCH: (*FLIPS, A.REPLAY, A.TRUNCATE, A.INJECT, A.REFLECT),
 }
 BOOTSTRAP_CASES = [
@@ -287,7 +283,7 @@ def test_tampered_psk_session_fails_and_the_link_recovers(link: Link, tamper: Ta
     assert tampered.fired, f"the tamper never applied: {tampered}"
     if tamper.action is Action.REORDER:
         assert tampered.swapped_with is not None, f"no frame overtook the target: {tampered}"
-    if tamper.target is FIRST_DECISION:
+    if tamper.target is AUTH_BATCH and tamper.action is Action.REORDER:
         assert tampered.swapped_with[1] >= KEY_BATCH_MIN_BODY, "no KEY_BATCH overtook it"
 
     # Recovery: a PSK session, a new authentication key, a full pool again.
@@ -370,11 +366,10 @@ def test_master_gives_up_on_a_batch_whose_ack_never_comes(tmp_path: Path, backen
         sides.append(LinkAgreement(params, store=store, backend=backend, session_id=bytes(32)))
     master, slave = sides
     for message in master.start():
-        assert slave.on_message(message, 0.0) == []
-    for message in slave.start():
-        master.on_message(message, 0.0)
-    (batch,) = [m for m in master.poll(0.0) if isinstance(m, KeyBatch)]
-    assert isinstance(batch, KeyBatch)  # ... and a man in the middle drops it
+        slave.on_message(message, 0.0)  # STORE_ID, QKD_HORIZON
+    sent = [out for m in slave.start() for out in master.on_message(m, 0.0)]
+    # The master's KEY_BATCHes ... and a man in the middle drops them all.
+    assert any(isinstance(m, KeyBatch) for m in sent)
     try:
         with pytest.raises(LinkError):
             for later in (1.0, 10.0, 60.0, 600.0, 3600.0):

@@ -236,8 +236,21 @@ def test_version_downgrade_is_refused(backend, identities):
     initiator.initiate()
     hello = bytearray(initiator.data_to_send())
     hello[7] = 0  # the single offered version becomes 0
-    with pytest.raises(RemoteProtocolError, match="versions"):
+    with pytest.raises(RemoteProtocolError, match="speaks qkdd peer protocol version 0"):
         responder.receive_data(bytes(hello))
+
+
+def test_a_peer_of_the_previous_version_is_told_both_versions(backend, identities):
+    initiator, responder = make_pair(backend, identities)
+    initiator.initiate()
+    hello = bytearray(initiator.data_to_send())
+    hello[0] = PROTOCOL_VERSION - 1  # the frame header of a daemon one version older
+    with pytest.raises(RemoteProtocolError) as raised:
+        responder.receive_data(bytes(hello))
+    message = str(raised.value)
+    assert f"version {PROTOCOL_VERSION - 1}" in message
+    assert f"speaks version {PROTOCOL_VERSION}" in message
+    assert "same qkdd release" in message
 
 
 def test_local_misuse_raises_local_errors(backend, identities):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import uuid
 from functools import partial
@@ -14,9 +15,9 @@ from hypothesis import strategies as st
 from qkdd.peer.connection import Hello, Response
 from qkdd.peer.errors import RemoteProtocolError
 from qkdd.peer.messages import (
+    MAX_KEYS_PER_BATCH,
     BatchAck,
     BatchDecision,
-    BatchEntry,
     BatchPurpose,
     KemOffer,
     KeyBatch,
@@ -28,6 +29,7 @@ from qkdd.peer.messages import (
 )
 from qkdd.peer.wire import MAX_HANDSHAKE_BODY, FrameBuffer
 
+FIRST = uuid.uuid4().bytes
 EXAMPLES = [
     KemOffer(7, os.urandom(1184)),
     KeyBatch(
@@ -35,12 +37,27 @@ EXAMPLES = [
         7,
         BatchPurpose.APPLICATION_KEYS,
         os.urandom(1088),
-        (
-            BatchEntry(str(uuid.uuid4()), 256, "sae-a", "sae-b", (str(uuid.uuid4()),)),
-            BatchEntry(
-                str(uuid.uuid4()), 512, "sae-b", "sae-a", (str(uuid.uuid4()), str(uuid.uuid4()))
-            ),
-        ),
+        "sae-a",
+        "sae-b",
+        256,
+        4096,
+        uuid.uuid4().bytes,
+        4096,
+        os.urandom(32),
+    ),
+    KeyBatch(
+        2,
+        8,
+        BatchPurpose.PADS,
+        os.urandom(1088),
+        "sae-b",
+        "sae-a",
+        8192,
+        3,
+        FIRST,
+        4,
+        os.urandom(32),
+        (FIRST, *(uuid.uuid4().bytes for _ in range(3))),
     ),
     BatchAck(1, True),
     BatchAck(2, False, "device desync"),
@@ -106,3 +123,21 @@ def test_frame_buffer_never_holds_more_than_the_cap(chunks):
             assert buffer.pending <= 6 + MAX_HANDSHAKE_BODY + 512
     except RemoteProtocolError:
         pass
+
+
+@pytest.mark.parametrize(
+    "change, complaint",
+    [
+        ({"count": 0}, "0 keys"),
+        ({"count": MAX_KEYS_PER_BATCH + 1}, "keys, allowed"),
+        ({"size_bits": 12}, "not a multiple of 8"),
+        ({"size_bits": 8192 + 8}, "not a multiple of 8"),
+        ({"qkd_key_count": 0}, "0 QKD keys"),
+        ({"qkd_key_ids": (FIRST,)}, "does not match its count"),
+        ({"qkd_key_count": 2, "qkd_key_ids": (uuid.uuid4().bytes, FIRST)}, "does not start"),
+    ],
+)
+def test_a_key_batch_out_of_bounds_is_refused(change, complaint):
+    batch = dataclasses.replace(EXAMPLES[1], **change)
+    with pytest.raises(RemoteProtocolError, match=complaint):
+        decode_message(batch.encode())

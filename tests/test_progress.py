@@ -7,9 +7,10 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
+from key_blocks import random_block
 
-from qkdd.keystore import KeyStore, NewHybridKey, StoredQkdKey, StoreError
-from qkdd.link import LinkParameters
+from qkdd.keystore import KeyStore, StoredQkdKey, StoreError
+from qkdd.link_params import LinkParameters
 from qkdd.progress import ProgressWatch
 
 GRACE = 60.0
@@ -36,10 +37,7 @@ def buffer_qkd(store, n=4):
 
 
 def make_keys(store, batch_id, n=1):
-    keys = [
-        NewHybridKey(str(uuid.uuid4()), "sae-a", "sae-b", 256, os.urandom(32)) for _ in range(n)
-    ]
-    store.add_batch("site-b", batch_id, keys, [])
+    store.add_batch("site-b", batch_id, [random_block(n, "sae-a", "sae-b")], [])
     store.commit_batch("site-b", batch_id)
 
 

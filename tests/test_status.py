@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from key_blocks import random_block
 from prometheus_client.parser import text_string_to_metric_families
 from qkdd_drivers.base import DeviceStatus
 from timeouts import timeout
@@ -25,8 +26,8 @@ from qkdd.demo import exchange_keys, running_demo, wait_for_keys
 from qkdd.demo_sites import SITE_A, SITE_B
 from qkdd.etsi014.handler import ApiRequest, Caller, RequestHandler
 from qkdd.etsi014.pool import MemoryKeyPool
-from qkdd.keystore import KeyStore, NewHybridKey, StoredQkdKey
-from qkdd.link import LinkParameters
+from qkdd.keystore import KeyStore, StoredQkdKey
+from qkdd.link_params import LinkParameters
 from qkdd.status import MAX_MESSAGE_CHARS, RecentErrors, site_status
 
 A, B = "sae-a", "sae-b"
@@ -72,7 +73,7 @@ def test_site_status_reads_links_and_store(store: KeyStore) -> None:
         "site-b": make_link(local="site-a", peer="site-b", up=True),
         "site-0": make_link(local="site-a", peer="site-0", up=False),
     }
-    keys = [NewHybridKey(str(uuid.uuid4()), A, B, 256, os.urandom(32)) for _ in range(3)]
+    keys = [random_block(3, A, B)]
     store.add_batch("site-b", 1, keys, [], [StoredQkdKey(str(uuid.uuid4()), os.urandom(32))])
     store.commit_batch("site-b", 1)
     store.store_qkd_keys("site-0", [StoredQkdKey(str(uuid.uuid4()), os.urandom(32))])

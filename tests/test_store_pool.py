@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import uuid
 from pathlib import Path
 
 import pytest
+from key_blocks import ids_of, materials_of, random_block
 
 from qkdd.config import ConsumerConfig, SiteConfig, load_config
 from qkdd.demo import prepare_directory
 from qkdd.demo_sites import SITE_A, SITE_B
 from qkdd.etsi014.handler import ApiRequest, ApiResponse, Caller, RequestHandler
 from qkdd.etsi014.pool import InvalidKeyRequest, KeysUnavailable, UnknownKeys
-from qkdd.keystore import KeyStore, NewHybridKey
+from qkdd.keystore import HybridKey, KeyStore
 from qkdd.peer.calls import CallKind, CallRefused, KeyAssign
 from qkdd.pool import StoreKeyPool
 from qkdd.quota import QuotaBook, QuotaExceeded
@@ -44,13 +44,14 @@ def site_config(configs: dict[str, Path], site: object, quota: int | None = None
     return load_config(path)
 
 
-def shared_keys(stores: list[KeyStore], n: int, peer_sites: list[str]) -> list[NewHybridKey]:
-    keys = [NewHybridKey(str(uuid.uuid4()), A_SAE, B_SAE, 256, os.urandom(32)) for _ in range(n)]
+def shared_keys(stores: list[KeyStore], n: int, peer_sites: list[str]) -> list[HybridKey]:
+    """One block of ``n`` keys agreed at both sites; the keys, in order."""
+    block = random_block(n, A_SAE, B_SAE)
     for store, peer in zip(stores, peer_sites, strict=True):
         batch = store.next_batch_id(peer)
-        store.add_batch(peer, batch, keys, [])
+        store.add_batch(peer, batch, [block], [])
         store.commit_batch(peer, batch)
-    return keys
+    return [HybridKey(*key) for key in zip(ids_of(block), materials_of(block), strict=True)]
 
 
 @pytest.fixture

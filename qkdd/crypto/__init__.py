@@ -188,6 +188,15 @@ def hash_bytes(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def xof(data: bytes, length: int) -> bytes:
+    """SHAKE-256 (FIPS 202) as an extendable-output function: ``length`` bytes in one call.
+    A shorter output is a prefix of a longer one for the same input, so callers put every
+    length that matters into ``data``."""
+    import hashlib
+
+    return hashlib.shake_256(data).digest(length)
+
+
 def constant_time_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 

@@ -63,6 +63,7 @@ from qkdd.peer.errors import (
     LocalProtocolError,
     PeerAuthenticationError,
     RemoteProtocolError,
+    VersionMismatch,
 )
 from qkdd.peer.wire import (
     FRAME_HEADER,
@@ -76,6 +77,7 @@ from qkdd.peer.wire import (
     Reader,
     Writer,
     make_frame,
+    version_mismatch,
 )
 
 MODE_SIGNATURE_BOOTSTRAP = 1
@@ -426,9 +428,7 @@ class PeerConnection:
     def _on_hello(self, frame: Frame) -> None:
         hello = Hello.decode(frame.body)
         if PROTOCOL_VERSION not in hello.versions:
-            raise RemoteProtocolError(
-                f"peer offers versions {hello.versions}, we need {PROTOCOL_VERSION}"
-            )
+            raise VersionMismatch(version_mismatch("/".join(map(str, hello.versions))))
         if hello.responder_id != self._local_id:
             raise PeerAuthenticationError(
                 f"peer {hello.initiator_id!r} wants site {hello.responder_id!r}, "

@@ -23,3 +23,8 @@ class RemoteProtocolError(PeerProtocolError):
 
 class PeerAuthenticationError(RemoteProtocolError):
     pass
+
+
+class VersionMismatch(RemoteProtocolError):
+    """The peer speaks another version of the peer protocol (both sites must run the same
+    qkdd release)."""

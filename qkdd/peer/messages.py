@@ -11,8 +11,8 @@ the link slave:
     both              QKD_HORIZON the sender's oldest QKD keys and its newest (buffers line up;
                                   also the heartbeat of a quiet session)
     both              QKD_SKIP    QKD keys of the receiver's horizon that can never be agreed
-    master -> slave   KEY_BATCH   purpose, ML-KEM ciphertext + per key: key ID, SAE pair,
-                                  QKD key IDs
+    master -> slave   KEY_BATCH   purpose, ML-KEM ciphertext, SAE pair, key size and count,
+                                  the run of QKD keys it uses (first ID, count, digest)
     slave  -> master  BATCH_ACK   stored (or rejected, with the reason)
     master -> slave   BATCH_DECISION  commit (keys become deliverable) or abort
     either -> other   PEER_CALL   a request the other site's daemon must act on and answer
@@ -30,8 +30,12 @@ from qkdd.crypto import KEM_CIPHERTEXT_SIZE, KEM_PUBLIC_KEY_SIZE
 from qkdd.peer.errors import RemoteProtocolError
 from qkdd.peer.wire import Reader, Writer
 
-MAX_KEYS_PER_BATCH: Final = 256
-MAX_QKD_KEYS_PER_KEY: Final = 32
+# A batch holds at most this many keys and consumes at most this many QKD keys (16 MiB
+# of QKD material at most at 256 bits each; the frame cap below bounds a listed run).
+MAX_KEYS_PER_BATCH: Final = 65536
+MAX_QKD_KEYS_PER_BATCH: Final = 65536
+# The largest key (an authentication key or a one-time pad) in bits.
+MAX_KEY_BITS: Final = 8192
 MAX_DEMAND_ENTRIES: Final = 256
 MAX_RESYNC_BATCHES: Final = 1024
 MAX_REASON_LENGTH: Final = 512
@@ -92,21 +96,27 @@ class KemOffer:
 
 
 @dataclass(frozen=True)
-class BatchEntry:
-    key_id: str
-    size_bits: int
-    master_sae_id: str
-    slave_sae_id: str
-    qkd_key_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class KeyBatch:
+    """``count`` keys of one SAE pair and one size, made from a run of QKD keys.
+
+    The run is named by its first QKD key ID, its length and SHA-256 over its 16-byte key
+    IDs in order (``qkdd.hybrid.qkd_ids_digest``): both buffers hold the device's stream in
+    the same order, so the slave finds the same run without a list of IDs. On a link whose
+    slave must ask its device for keys by ID (an ETSI 014 KME), the IDs are listed too
+    (``qkd_key_ids``). Key IDs are not carried: both sides derive them (``qkdd.hybrid``)."""
+
     batch_id: int
     offer_id: int
     purpose: int
     kem_ciphertext: bytes
-    entries: tuple[BatchEntry, ...]
+    master_sae_id: str
+    slave_sae_id: str
+    size_bits: int
+    count: int
+    qkd_first_key_id: bytes
+    qkd_key_count: int
+    qkd_ids_digest: bytes
+    qkd_key_ids: tuple[bytes, ...] = ()
 
     def encode(self) -> bytes:
         w = (
@@ -116,14 +126,16 @@ class KeyBatch:
             .u32(self.offer_id)
             .u8(self.purpose)
             .fixed(self.kem_ciphertext, KEM_CIPHERTEXT_SIZE)
-            .u16(len(self.entries))
+            .text(self.master_sae_id)
+            .text(self.slave_sae_id)
+            .u32(self.size_bits)
+            .u32(self.count)
+            .fixed(self.qkd_first_key_id, 16)
+            .u32(self.qkd_key_count)
+            .fixed(self.qkd_ids_digest, 32)
+            .u32(len(self.qkd_key_ids))
         )
-        for e in self.entries:
-            w.fixed(uuid.UUID(e.key_id).bytes, 16).u16(e.size_bits)
-            w.text(e.master_sae_id).text(e.slave_sae_id).u8(len(e.qkd_key_ids))
-            for qid in e.qkd_key_ids:
-                w.fixed(uuid.UUID(qid).bytes, 16)
-        return w.build()
+        return w.build() + b"".join(self.qkd_key_ids)
 
     @classmethod
     def read(cls, r: Reader) -> KeyBatch:
@@ -135,22 +147,39 @@ class KeyBatch:
         ):
             raise RemoteProtocolError(f"KEY_BATCH: unknown purpose {purpose}")
         ciphertext = r.fixed(KEM_CIPHERTEXT_SIZE)
-        count = r.u16()
+        master, slave = r.text(), r.text()
+        size_bits, count = r.u32(), r.u32()
+        if not 8 <= size_bits <= MAX_KEY_BITS or size_bits % 8:
+            raise RemoteProtocolError(
+                f"KEY_BATCH: key size {size_bits} is not a multiple of 8 in 8-{MAX_KEY_BITS}"
+            )
         if not 1 <= count <= MAX_KEYS_PER_BATCH:
             raise RemoteProtocolError(f"KEY_BATCH: {count} keys, allowed 1-{MAX_KEYS_PER_BATCH}")
-        entries = []
-        for _ in range(count):
-            key_id = str(uuid.UUID(bytes=r.fixed(16)))
-            size_bits = r.u16()
-            if size_bits == 0 or size_bits % 8:
-                raise RemoteProtocolError("KEY_BATCH: key size is not a positive multiple of 8")
-            master, slave = r.text(), r.text()
-            n = r.u8()
-            if not 1 <= n <= MAX_QKD_KEYS_PER_KEY:
-                raise RemoteProtocolError("KEY_BATCH: bad QKD key count")
-            qkd_ids = tuple(str(uuid.UUID(bytes=r.fixed(16))) for _ in range(n))
-            entries.append(BatchEntry(key_id, size_bits, master, slave, qkd_ids))
-        return cls(batch_id, offer_id, purpose, ciphertext, tuple(entries))
+        first, qkd_count, digest = r.fixed(16), r.u32(), r.fixed(32)
+        if not 1 <= qkd_count <= MAX_QKD_KEYS_PER_BATCH:
+            raise RemoteProtocolError(
+                f"KEY_BATCH: {qkd_count} QKD keys, allowed 1-{MAX_QKD_KEYS_PER_BATCH}"
+            )
+        listed = r.u32()
+        if listed not in (0, qkd_count):
+            raise RemoteProtocolError("KEY_BATCH: the QKD key list does not match its count")
+        ids = tuple(r.fixed(16) for _ in range(listed))
+        if ids and ids[0] != first:
+            raise RemoteProtocolError("KEY_BATCH: the QKD key list does not start at its first key")
+        return cls(
+            batch_id,
+            offer_id,
+            purpose,
+            ciphertext,
+            master,
+            slave,
+            size_bits,
+            count,
+            first,
+            qkd_count,
+            digest,
+            ids,
+        )
 
 
 @dataclass(frozen=True)

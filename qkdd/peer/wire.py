@@ -11,12 +11,24 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from qkdd.peer.errors import RemoteProtocolError
+from qkdd.peer.errors import RemoteProtocolError, VersionMismatch
 
-# Version 2: QKD_HORIZON carries up to 4096 keys and the sender's newest, QKD_SKIP is new
-# (docs/protocol.md §5); a version-1 peer would reject both, so the versions do not mix.
-PROTOCOL_VERSION: Final = 2
-SUPPORTED_VERSIONS: Final = (2,)
+# Version 3: a KEY_BATCH is thousands of keys of one SAE pair named by a run of QKD keys,
+# with derived key IDs, and several batches fly at once (docs/protocol.md §5). Version 2
+# (QKD_HORIZON with the sender's newest key, QKD_SKIP) named every key; the versions do not
+# mix, and a peer of another version is refused with both numbers in the log.
+PROTOCOL_VERSION: Final = 3
+SUPPORTED_VERSIONS: Final = (3,)
+
+
+def version_mismatch(theirs: object) -> str:
+    """The reason given when a peer speaks another version of the peer protocol."""
+    return (
+        f"the peer speaks qkdd peer protocol version {theirs}, this daemon speaks version "
+        f"{PROTOCOL_VERSION}: run the same qkdd release at both sites"
+    )
+
+
 FRAME_HEADER = struct.Struct(">BBI")
 FRAME_HEADER_SIZE: Final = FRAME_HEADER.size  # 6
 
@@ -70,7 +82,7 @@ class FrameBuffer:
     def _check_header(self, header: bytes) -> int:
         version, _frame_type, length = FRAME_HEADER.unpack(header)
         if version != PROTOCOL_VERSION:
-            raise RemoteProtocolError(f"unsupported frame version {version}")
+            raise VersionMismatch(version_mismatch(version))
         if length > self.max_body:
             raise RemoteProtocolError(
                 f"frame body of {length} bytes exceeds the cap {self.max_body}"
