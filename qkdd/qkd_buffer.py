@@ -62,7 +62,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-from qkdd.crypto import hash_bytes
+from qkdd.crypto import AEAD_NONCE_SIZE, AEAD_TAG_SIZE, hash_bytes
 from qkdd.sealing import Sealer, StoreError
 from qkdd.sealing import qkd_row_aad as _qkd_aad
 
@@ -78,6 +78,8 @@ _FORGET_EVERY: Final = 1024
 # Rows read per statement while building a run, doubling up to the most: a run of a few
 # keys reads few rows, a long one few statements.
 _RUN_READ_FIRST: Final = 64
+# A sealed row's bytes beyond its material: the nonce and the tag.
+_SEAL_OVERHEAD: Final = AEAD_NONCE_SIZE + AEAD_TAG_SIZE
 _RUN_READ_MOST: Final = 4096
 QKD_KEY_ID_SIZE: Final = 16
 
@@ -124,9 +126,11 @@ class QkdRun:
 
     key_ids: tuple[bytes, ...]  # 16-byte IDs in receive order
     material: bytes = field(repr=False, compare=False)  # their material concatenated
+    # The same IDs as the store names them (canonical UUID text), when read from it.
+    texts: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.key_ids or any(len(k) != QKD_KEY_ID_SIZE for k in self.key_ids):
+        if not self.key_ids or set(map(len, self.key_ids)) != {QKD_KEY_ID_SIZE}:
             raise ValueError(f"a run is one or more QKD key IDs of {QKD_KEY_ID_SIZE} bytes")
 
     @property
@@ -187,6 +191,50 @@ def _canonical_id(key_id: str | bytes) -> tuple[str, bytes]:
             return key_id.lower(), raw
     raw = key_id_bytes(key_id)
     return _id_text(raw), raw
+
+
+def _rows_for(rows: Sequence[tuple[int, str, bytes]], need: int, most: int) -> int:
+    """How many of ``rows`` (oldest first) make ``need`` bytes of material, at most
+    ``most``; a sealed row is its material and a fixed overhead."""
+    have = 0
+    for count, (_, _, sealed) in enumerate(rows[:most], start=1):
+        have += len(sealed) - _SEAL_OVERHEAD
+        if have >= need:
+            return count
+    return min(len(rows), most)
+
+
+def _stored_raws(texts: Sequence[str]) -> list[bytes]:
+    """The 16 bytes of many buffered keys' IDs, converted at once."""
+    joined = "".join(texts).replace("-", "")
+    try:
+        raw = bytes.fromhex(joined)
+    except ValueError:
+        raw = b""
+    size = QKD_KEY_ID_SIZE
+    if len(raw) != size * len(texts):
+        return [_stored_raw(text) for text in texts]
+    return [raw[i : i + size] for i in range(0, len(raw), size)]
+
+
+def _canonical_ids(key_ids: Iterable[str | bytes]) -> dict[str, bytes]:
+    """Canonical text -> 16 bytes for many IDs; canonical texts (the store's own, the
+    peer protocol's) are converted at once, anything else one by one."""
+    listed = list(key_ids)
+    if listed and all(isinstance(k, str) for k in listed):
+        texts: list[str] = listed  # type: ignore[assignment]
+        joined = "".join(texts)
+        n = len(texts)
+        if (
+            len(joined) == 36 * n
+            and joined.count("-") == 4 * n
+            and joined == joined.lower()
+            and joined[8::36] == joined[13::36] == joined[18::36] == joined[23::36] == "-" * n
+        ):
+            raws = _stored_raws(texts)
+            if len(raws) == len(texts):
+                return dict(zip(texts, raws, strict=True))
+    return dict(_canonical_id(k) for k in listed)
 
 
 def _stored_raw(text: str) -> bytes:
@@ -362,9 +410,15 @@ class QkdBuffer:
         limit = min(max_keys, _RUN_READ_FIRST)
         while True:
             rows = self._rows_after(peer_site, after, limit)
-            for seq, text, sealed in rows:
+            # Open at once the rows the run needs (their sizes show before opening); the
+            # rest, if one of those does not open, one by one.
+            wanted = _rows_for(rows, min_bytes - have, max_keys - len(texts))
+            opened = self._open_qkd_rows(peer_site, rows[:wanted])
+            for index, (seq, text, sealed) in enumerate(rows):
                 after = seq
-                material = self._open_qkd(peer_site, text, sealed)
+                material = opened[index] if index < wanted else None
+                if material is None:
+                    material = self._open_qkd(peer_site, text, sealed)
                 if material is None:
                     if texts:
                         with self._writing() as db:
@@ -399,8 +453,10 @@ class QkdBuffer:
         while len(texts) < count:
             limit = min(count - len(texts), _RUN_READ_MOST)
             rows = self._rows_after(peer_site, after, limit)
-            for seq, text, sealed in rows:
-                material = self._open_qkd(peer_site, text, sealed)
+            for (seq, text, sealed), opened in zip(
+                rows, self._open_qkd_rows(peer_site, rows), strict=True
+            ):
+                material = opened if opened is not None else self._open_qkd(peer_site, text, sealed)
                 if material is not None:
                     texts.append(text)
                     parts.append(material)
@@ -423,13 +479,22 @@ class QkdBuffer:
 
     @staticmethod
     def _run(texts: Sequence[str], parts: Sequence[bytes]) -> QkdRun:
-        return QkdRun(tuple(_stored_raw(t) for t in texts), b"".join(parts))
+        return QkdRun(tuple(_stored_raws(texts)), b"".join(parts), tuple(texts))
 
     def _writing(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """The transaction open now, or a new one."""
         if self._db.in_transaction:
             return contextlib.nullcontext(self._db)
         return self.transaction()
+
+    def _open_qkd_rows(
+        self, peer_site: str, rows: Sequence[tuple[int, str, bytes]]
+    ) -> list[bytes | None]:
+        """The material of many rows in one call; None where a row does not open (the
+        caller then takes it through ``_open_qkd``, which sets it aside)."""
+        return self._sealer.open_many(
+            [(_qkd_aad(peer_site, text), bytes(sealed)) for _, text, sealed in rows]
+        )
 
     def _open_qkd(self, peer_site: str, key_id: str, sealed: bytes) -> bytes | None:
         material = self._open_row(
@@ -571,9 +636,7 @@ class QkdBuffer:
             "SELECT seq, key_id FROM qkd_keys WHERE peer_site=? AND seq>=? ORDER BY seq LIMIT ?",
             (peer_site, first[0], len(key_ids)),
         ).fetchall()
-        if len(rows) != len(key_ids) or any(
-            row[1] != key_id for row, key_id in zip(rows, key_ids, strict=True)
-        ):
+        if len(rows) != len(key_ids) or [row[1] for row in rows] != list(key_ids):
             return None
         return [int(row[0]) for row in rows]
 
@@ -626,7 +689,7 @@ class QkdBuffer:
         """Inside a transaction: erase these keys' material and remember them as used,
         each with its receive number (or the newest one, for a key never held here).
         IDs as text or as 16 bytes. A run (a batch's keys) goes in one range delete."""
-        ids = dict(_canonical_id(k) for k in key_ids)  # canonical text -> 16 bytes
+        ids = _canonical_ids(key_ids)  # canonical text -> 16 bytes
         if not ids:
             return
         texts = list(ids)

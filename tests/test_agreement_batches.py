@@ -174,3 +174,25 @@ def test_listed_qkd_ids_let_the_slave_ask_its_device_for_them(stores, backend):
     b.store_qkd_keys("site-a", keys)  # the KME hands them over
     replies = slave.poll(0.1)
     assert [m.accepted for m in replies if isinstance(m, BatchAck)] == [True, True]
+
+
+def test_while_short_of_a_whole_batch_the_master_does_not_read_the_run_again(
+    stores, backend, monkeypatch
+):
+    a, b = stores
+    feed(stores, 12)  # the auth key, one batch of 8, and 3 keys: not a whole batch
+    master, slave = pair(stores, backend, pool_size=1000, batch_keys=8)
+    open_session(master, slave)
+    reads = []
+    real = a.oldest_qkd_run
+    monkeypatch.setattr(a, "oldest_qkd_run", lambda *args: reads.append(args) or real(*args))
+    for step in range(20):
+        assert not [m for m in master.poll(0.01 * step) if isinstance(m, KeyBatch)]
+    assert reads == []
+    feed(stores, 4, only="a")  # 7 keys: still short
+    assert not [m for m in master.poll(0.3) if isinstance(m, KeyBatch)]
+    assert reads == []
+    feed(stores, 1, only="a")  # 8: a whole batch
+    (batch,) = [m for m in master.poll(0.4) if isinstance(m, KeyBatch)]
+    # One read makes it; the next finds the buffer empty (cheap) for the next batch.
+    assert batch.count == 8 and len(reads) == 2 and reads[1][1] == 8 * 32

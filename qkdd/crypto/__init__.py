@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import hmac
 import os
+from collections.abc import Iterable
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
@@ -241,6 +242,18 @@ class Aead:
             return self._cipher.decrypt(nonce, ciphertext, associated_data)
         except InvalidTag:
             raise AuthenticationFailed(f"{self.algorithm} tag did not verify") from None
+
+    def open_many(self, items: Iterable[tuple[bytes, bytes, bytes]]) -> list[bytes | None]:
+        """``open`` for many (nonce, ciphertext, associated data): None for each whose tag
+        does not verify (one call for a batch of sealed rows)."""
+        decrypt = self._cipher.decrypt
+        opened: list[bytes | None] = []
+        for nonce, ciphertext, associated_data in items:
+            try:
+                opened.append(decrypt(nonce, ciphertext, associated_data))
+            except InvalidTag:
+                opened.append(None)
+        return opened
 
     def __repr__(self) -> str:
         return f"<Aead {self.algorithm} (key hidden)>"

@@ -143,6 +143,8 @@ class LinkAgreement:
         self._in_flight: deque[_InFlight] = deque()
         self._in_flight_keys: dict[tuple[int, str, str], int] = {}
         self._last_decision_sent = 0
+        # While batches fly, the buffer size at which a whole batch may be made.
+        self._whole_batch_at = 0
         self._remote_demand: dict[tuple[str, str], int] = {}
         self._remote_pad_demand: dict[tuple[str, str], int] = {}
         self._resynced = False
@@ -158,6 +160,7 @@ class LinkAgreement:
         # sent before the decision arrives does not ask for them twice).
         self._undecided: dict[int, KeyBatch | None] = {}
         self._coming: dict[tuple[int, str, str], int] = {}
+        self._resync_open: set[int] = set()
         self._last_demand: PoolDemand | None = None
         self._last_pad_demand: PadDemand | None = None
         # Both: the QKD_HORIZON conversation (the slave defers applying the master's
@@ -200,6 +203,8 @@ class LinkAgreement:
         if self.params.is_master:
             return hello
         pending = self._store.pending_batches(self._peer)
+        # Their keys may yet become ready: no demand until the master decided them all.
+        self._resync_open = set(pending)
         return [*hello, Resync(tuple(pending)), *(self._new_offer() for _ in range(WINDOW))]
 
     def heard(self, now: float) -> None:
@@ -246,6 +251,8 @@ class LinkAgreement:
         if self.params.is_master:
             return self._fill_window(now)
         out = self._work_waiting(now)
+        if self._resync_open:
+            return out
         demand = self._demand()
         if demand != self._last_demand:
             self._last_demand = demand
@@ -359,12 +366,11 @@ class LinkAgreement:
         )
 
     def _store_batch(
-        self, batch: KeyBatch, deriver: BatchDeriver, run_ids: Sequence[bytes], material: bytes
+        self, batch: KeyBatch, deriver: BatchDeriver, consumed: Sequence[str], material: bytes
     ) -> bytes:
         """Derive the batch's keys and store them pending, consuming its QKD run; both
         sides run exactly this. Returns the batch's key-ID prefix."""
         binding = self._binding(batch)
-        consumed = [id_text(raw) for raw in run_ids]
         used = material[: batch.count * batch.size_bits // 8]
         if batch.purpose == BatchPurpose.PADS:
             # Raw QKD material, not derived: a one-time pad must be information-theoretic.
@@ -549,14 +555,22 @@ class LinkAgreement:
         purpose, pair, size_bits, wanted = wants
         wanted = min(wanted, self._batch_keys)
         key_bytes = size_bits // 8
+        buffered = self._store.qkd_key_count(self._peer)
+        if self._in_flight and buffered < self._whole_batch_at:
+            return None  # still short of a whole batch: do not read the run again
         run = self._store.oldest_qkd_run(self._peer, wanted * key_bytes, MAX_QKD_KEYS_PER_BATCH)
         if run is None:
             return None
         count = min(wanted, len(run.material) // key_bytes)
         if count == 0 or (self._in_flight and count < wanted):
             # A short batch only when none is in flight: while batches fly, wait for the
-            # device to fill a whole one (fewer, larger batches at high rates).
+            # device to fill a whole one (fewer, larger batches at high rates). Until the
+            # buffer holds about enough keys for it, the run is not read again.
+            missing = wanted * key_bytes - len(run.material)
+            per_key = max(1, len(run.material) // max(1, run.count))
+            self._whole_batch_at = buffered + -(-missing // per_key)
             return None
+        self._whole_batch_at = 0
         if len(run.material) >= (count + 1) * key_bytes or count < wanted:
             # The run reaches past the keys we make: take only the QKD keys they need.
             shorter = self._store.oldest_qkd_run(
@@ -585,7 +599,8 @@ class LinkAgreement:
             qkd_ids_digest=run.digest(),
             qkd_key_ids=tuple(run.key_ids) if self._list_qkd_ids else (),
         )
-        prefix = self._store_batch(batch, deriver, run.key_ids, run.material)
+        texts = run.texts or tuple(id_text(raw) for raw in run.key_ids)
+        prefix = self._store_batch(batch, deriver, texts, run.material)
         if purpose == BatchPurpose.AUTHENTICATION_KEYS:
             self._auth_key_wanted = False
         else:
@@ -639,22 +654,24 @@ class LinkAgreement:
             out += self._apply_peer_horizon()
         return out
 
-    def _find_run(self, batch: KeyBatch) -> tuple[list[bytes], bytes]:
-        """The batch's QKD key IDs and material as held here, as far as held."""
+    def _find_run(self, batch: KeyBatch) -> tuple[list[bytes], list[str], bytes]:
+        """The batch's QKD key IDs (16 bytes, and as text) and material as held here, as
+        far as held."""
         if batch.qkd_key_ids:
             texts = [id_text(raw) for raw in batch.qkd_key_ids]
             found = self._store.get_qkd_keys(self._peer, texts)
-            ids, parts = [], []
+            ids, held, parts = [], [], []
             for raw, text in zip(batch.qkd_key_ids, texts, strict=True):
                 if text not in found:
                     break
                 ids.append(raw)
+                held.append(text)
                 parts.append(found[text])
-            return ids, b"".join(parts)
+            return ids, held, b"".join(parts)
         run = self._store.qkd_run(self._peer, batch.qkd_first_key_id, batch.qkd_key_count)
         if run is None:
-            return [], b""
-        return list(run.key_ids), run.material
+            return [], [], b""
+        return list(run.key_ids), list(run.texts), run.material
 
     def _try_batch(self, waiting: _Waiting, now: float) -> list[LinkMessage] | None:
         batch = waiting.batch
@@ -667,7 +684,7 @@ class LinkAgreement:
         reason = self._check_batch(batch)
         if reason:
             return self._reject(batch, [], reason)
-        ids, material = self._find_run(batch)
+        ids, texts, material = self._find_run(batch)
         if len(ids) < batch.qkd_key_count:
             first = id_text(batch.qkd_first_key_id)
             if not ids and self._store.is_qkd_key_consumed(self._peer, first):
@@ -695,7 +712,7 @@ class LinkAgreement:
         deriver = BatchDeriver(
             self._context, KemExchange(kem_key.public_bytes, batch.kem_ciphertext, shared)
         )
-        self._store_batch(batch, deriver, ids, material)
+        self._store_batch(batch, deriver, texts, material)
         self._undecided[batch.batch_id] = batch
         pool = (batch.purpose, batch.master_sae_id, batch.slave_sae_id)
         self._coming[pool] = self._coming.get(pool, 0) + batch.count
@@ -743,6 +760,7 @@ class LinkAgreement:
         return [BatchAck(batch.batch_id, False, reason), self._new_offer()]
 
     def _on_decision(self, message: BatchDecision, now: float) -> list[LinkMessage]:
+        self._resync_open.discard(message.batch_id)
         decided = self._undecided.pop(message.batch_id, None)
         if decided is not None:
             pool = (decided.purpose, decided.master_sae_id, decided.slave_sae_id)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Final
@@ -308,6 +308,9 @@ class KeyBlocks:
     # count the pair again once it commits).
     _ready: dict[tuple[str, str], int]
     _ready_changes: dict[tuple[str, str], int | None]
+    # Told after a commit that left fewer ready keys of some pair (handed out, expired,
+    # withdrawn): the link that refills the pools wakes up instead of looking every so often.
+    on_keys_taken: Callable[[], None] | None = None
 
     if TYPE_CHECKING:
         _db: sqlite3.Connection
@@ -341,6 +344,8 @@ class KeyBlocks:
         changes, self._ready_changes = self._ready_changes, {}
         if not committed:
             return
+        if self.on_keys_taken is not None and any(d is None or d < 0 for d in changes.values()):
+            self.on_keys_taken()
         for pair, delta in changes.items():
             if delta is None:
                 (held,) = self._db.execute(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from qkdd.sealing import Sealer
@@ -39,6 +39,8 @@ class OneTimePads:
     """One-time pads; mixed into ``KeyStore``."""
 
     if TYPE_CHECKING:
+        on_keys_taken: Callable[[], None] | None
+
         _db: sqlite3.Connection
         _sealer: Sealer
 
@@ -121,6 +123,8 @@ class OneTimePads:
             if have < nbytes:
                 return []
             db.executemany("DELETE FROM pad_keys WHERE key_id=?", [(k.key_id,) for k in taken])
+        if self.on_keys_taken is not None:
+            self.on_keys_taken()  # the link may make more pads
         return taken
 
     def take_pads_in(
