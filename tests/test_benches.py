@@ -60,6 +60,7 @@ def test_every_bench_is_covered() -> None:
         "bench_qkd_buffer.py",
         "bench_emulator.py",
         "bench_store_size.py",
+        "bench_footprint.py",
     }  # tests/test_bench_*.py
     assert benches - own_tests == set(EXPECTED_ROWS)
 
