@@ -1,20 +1,26 @@
 """Throughput and latency of the ETSI GS QKD 014 API over its Unix socket.
 
-Measures enc_keys and dec_keys (1 and 100 keys per request) with 1, 8 and 64 concurrent
-callers, and beside them a floor measured in the same run: a bare h11 server on
-the same kind of socket answering every request with a fixed small body. Each server runs in
-its own process (as qkdd does); the callers share one Trio process using `qkdd.client`.
+Measures enc_keys and dec_keys (1 and 100 keys per request, or ``--large N``) with 1, 8
+and 64 concurrent callers, and beside them a floor measured in the same run: a bare h11
+server on the same kind of socket answering every request with a fixed small body. Each
+server runs in its own process (as qkdd does); the callers share one Trio process using
+`qkdd.client`.
 
-    python bench/bench_etsi014.py [--requests N] [--pool memory|store] [--quick]
+    python bench/bench_etsi014.py [--requests N] [--pool memory|store] [--group-commit]
+                                  [--large N] [--quick]
 
 ``--pool store`` serves from the daemon's real pool (``StoreKeyPool`` over an SQLite
 ``KeyStore`` with keys sealed at rest), filled beforehand with ready keys; ``memory`` (the
-default) from ``MemoryKeyPool``, which measures the API layer alone.
+default) from ``MemoryKeyPool``, which measures the API layer alone. The store commits
+with an fsync each (as the CLI opens it), or with ``--group-commit`` as the daemon does: no
+fsync per commit, and one fdatasync before each answer shared by all the answers waiting
+(``qkdd.durability``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import subprocess
@@ -27,28 +33,35 @@ import h11
 import trio
 
 from qkdd.client import KeyClient
+from qkdd.durability import GroupCommit
 from qkdd.etsi014.handler import RequestHandler
-from qkdd.etsi014.pool import MemoryKeyPool
+from qkdd.etsi014.pool import KeyPool, MemoryKeyPool
 from qkdd.etsi014.server import serve_unix
 
 MASTER, SLAVE = "SAE-master", "SAE-slave"
+_barrier: GroupCommit | None = None  # the store pool's, with --group-commit
 CONCURRENCY = (1, 8, 64)
 FLOOR_BODY = b'{"keys":[]}'
+
+
+def _large() -> int:
+    """Keys per request in the large rows (``--large``; the server child reads it too)."""
+    return int(os.environ.get("BENCH_LARGE", "100"))
 
 
 # -- servers (run in child processes) --
 
 
-def _store_pool(directory: str, keys: int) -> tuple[object, list[str]]:
+def _store_pool(directory: str, keys: int) -> tuple[KeyPool, list[str]]:
     """A StoreKeyPool with ``keys`` ready keys for MASTER -> SLAVE, and the IDs of as many
     more that a slave may collect (in a real pair of sites they sit in the peer's store)."""
     import base64
-    import uuid
     from pathlib import Path
 
     from qkdd.config import parse_config
     from qkdd.crypto import SIGNATURE_PUBLIC_KEY_SIZE
-    from qkdd.keystore import KeyStore, NewHybridKey
+    from qkdd.key_ids import key_ids, uuid_prefix
+    from qkdd.keystore import KeyStore, NewKeyBlock
     from qkdd.pool import StoreKeyPool
 
     config = parse_config(
@@ -59,7 +72,7 @@ def _store_pool(directory: str, keys: int) -> tuple[object, list[str]]:
             "state_directory": directory,
             "identity": {"private_key": "unused"},
             "store": {"key_encryption_key": "unused"},
-            "api": {"socket": "unused", "max_keys_per_request": 100},
+            "api": {"socket": "unused", "max_keys_per_request": _large()},
             "consumers": [{"sae_id": MASTER}],
             "peers": [
                 {
@@ -72,39 +85,52 @@ def _store_pool(directory: str, keys: int) -> tuple[object, list[str]]:
             ],
         },
     )
-    store = KeyStore(Path(directory) / "keys.sqlite3", os.urandom(32))
+    group_commit = os.environ.get("BENCH_GROUP_COMMIT") == "1"
+    store = KeyStore(Path(directory) / "keys.sqlite3", os.urandom(32), group_commit=group_commit)
     dec_ids: list[str] = []
+    # Batches of 256 keys, each one block under its own ID prefix (as agreement makes them).
     for batch_id, start in enumerate(range(0, 2 * keys, 256), start=1):
-        batch = [
-            NewHybridKey(str(uuid.uuid4()), MASTER, SLAVE, 256, os.urandom(32))
-            for _ in range(min(256, 2 * keys - start))
-        ]
-        store.add_batch("site-b", batch_id, batch, [])
+        count = min(256, 2 * keys - start)
+        block = NewKeyBlock(
+            uuid_prefix(os.urandom(12)), MASTER, SLAVE, 256, count, os.urandom(32 * count)
+        )
+        store.add_batch("site-b", batch_id, [block], [])
         store.commit_batch("site-b", batch_id)
         if start >= keys:
-            dec_ids += [k.key_id for k in batch]
+            dec_ids += key_ids(block.id_prefix, block.first_index, block.count)
 
     class Live:
         pass
 
     live = Live()
     live.config = config  # type: ignore[attr-defined]
+    global _barrier
+    _barrier = GroupCommit(store) if group_commit else None
     return StoreKeyPool(live, store, lambda site: None), dec_ids  # type: ignore[arg-type]
 
 
 async def _serve_api(path: str, keys: int) -> None:
     """Serve ``keys`` keys for enc_keys and as many more for dec_keys to collect."""
+    pool: KeyPool
     if os.environ.get("BENCH_POOL") == "store":
         pool, dec_ids = _store_pool(os.path.dirname(path), keys)
         with open(path + ".ids", "w") as handle:
             handle.write("\n".join(dec_ids))
     else:
         # The keys dec_keys collects are handed out to the master from this pool first.
-        pool = MemoryKeyPool([MASTER, SLAVE], max_key_per_request=100, max_key_count=2 * keys)
+        pool = MemoryKeyPool([MASTER, SLAVE], max_key_per_request=_large(), max_key_count=2 * keys)
         pool.fill(MASTER, SLAVE, 2 * keys)
     both = frozenset({MASTER, SLAVE})
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve_unix, path, RequestHandler(pool), lambda uid, gid: both)
+        await nursery.start(
+            functools.partial(
+                serve_unix,
+                path,
+                RequestHandler(pool),
+                lambda uid, gid: both,
+                before_send=_barrier.durable if _barrier is not None else None,
+            )
+        )
         print("ready", flush=True)
 
 
@@ -144,7 +170,7 @@ async def _serve_floor(path: str) -> None:
 
 def _start(kind: str, path: str, keys: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        # The child parses its own arguments: it must be told the pool too.
+        # The child parses its own arguments: it must be told the pool and options too.
         [
             sys.executable,
             __file__,
@@ -154,6 +180,9 @@ def _start(kind: str, path: str, keys: int) -> subprocess.Popen[str]:
             str(keys),
             "--pool",
             os.environ["BENCH_POOL"],
+            "--large",
+            os.environ["BENCH_LARGE"],
+            *(["--group-commit"] if os.environ["BENCH_GROUP_COMMIT"] == "1" else []),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -220,7 +249,7 @@ async def _collectable_ids(api_path: str, count: int, used: int) -> list[str]:
     ids: list[str] = []
     async with KeyClient(api_path, sae_id=MASTER) as master:
         while len(ids) < count:
-            ids += [k.key_id for k in await master.enc_keys(SLAVE, number=100)]
+            ids += [k.key_id for k in await master.enc_keys(SLAVE, number=_large())]
     return ids[:count]
 
 
@@ -233,8 +262,9 @@ async def _bench(requests: int) -> list[tuple[str, int, float, list[float], floa
     with tempfile.TemporaryDirectory() as tmp:
         api_path, floor_path = os.path.join(tmp, "api.sock"), os.path.join(tmp, "floor.sock")
         # Enough keys for every enc_keys request below, and as many again for dec_keys
-        # (the margin covers collectable IDs fetched in whole requests of 100).
-        keys = requests * len(CONCURRENCY) * (1 + 100) + 1000
+        # (the margin covers collectable IDs fetched in whole large requests).
+        large = _large()
+        keys = requests * len(CONCURRENCY) * (1 + large) + 10 * large
         servers = [_start("api", api_path, keys), _start("floor", floor_path, 0)]
         used = 0  # IDs handed to dec_keys so far
         try:
@@ -242,13 +272,13 @@ async def _bench(requests: int) -> list[tuple[str, int, float, list[float], floa
                 floor_rate, floor_lat = await _run(
                     floor_path, MASTER, concurrency, requests, _floor_call
                 )
-                for label, number in (("enc_keys x1", 1), ("enc_keys x100", 100)):
+                for label, number in (("enc_keys x1", 1), (f"enc_keys x{large}", large)):
                     rate, lat = await _run(
                         api_path, MASTER, concurrency, requests, _enc_call(number)
                     )
                     rows.append((label, concurrency, rate, lat, floor_rate, floor_lat))
                 # Keys for the slave to collect, handed out to the master beforehand.
-                for label, number in (("dec_keys x1", 1), ("dec_keys x100", 100)):
+                for label, number in (("dec_keys x1", 1), (f"dec_keys x{large}", large)):
                     ids = await _collectable_ids(api_path, requests * number, used)
                     used += len(ids)
                     rate, lat = await _run(
@@ -273,12 +303,20 @@ def main() -> None:
         help="the pool behind the API (default: memory)",
     )
     parser.add_argument(
+        "--group-commit",
+        action="store_true",
+        help="with --pool store: commit as the daemon does (one shared fdatasync per answer)",
+    )
+    parser.add_argument("--large", type=int, default=100, help="keys per large request")
+    parser.add_argument(
         "--quick", action="store_true", help="the fewest requests per cell (a smoke test)"
     )
     args = parser.parse_args()
     if args.quick:
         args.requests = max(CONCURRENCY) * 4  # the fewest that give every caller a few
-    os.environ["BENCH_POOL"] = args.pool  # the server child reads it
+    os.environ["BENCH_POOL"] = args.pool  # the server child reads these
+    os.environ["BENCH_LARGE"] = str(args.large)
+    os.environ["BENCH_GROUP_COMMIT"] = "1" if args.group_commit else "0"
     if args.serve:
         kind, path, keys = args.serve
         trio.run(_serve_api, path, int(keys)) if kind == "api" else trio.run(_serve_floor, path)
@@ -286,7 +324,9 @@ def main() -> None:
     requests = max(args.requests, max(CONCURRENCY) * 4)
     rows = trio.run(_bench, requests)
     print(
-        f"ETSI 014 over a Unix socket ({args.pool} pool), {requests} requests per cell, "
+        f"ETSI 014 over a Unix socket ({args.pool} pool"
+        f"{', group commit' if args.group_commit and args.pool == 'store' else ''}), "
+        f"{requests} requests per cell, "
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
     )
     print(
@@ -294,7 +334,7 @@ def main() -> None:
         f"{'p99 ms':>8} {'floor req/s':>11} {'floor p99':>9} {'ratio':>6} {'p99/floor':>9}"
     )
     for label, concurrency, rate, lat, floor_rate, floor_lat in rows:
-        keys = rate * (100 if label.endswith("x100") else 1)
+        keys = rate * int(label.rsplit("x", 1)[1])
         print(
             f"{label:<14} {concurrency:>7} {rate:>9.0f} {keys:>9.0f} {_pct(lat, 50):>8.2f} "
             f"{_pct(lat, 99):>8.2f} {floor_rate:>11.0f} {_pct(floor_lat, 99):>9.2f} "

@@ -1,7 +1,9 @@
 """The daemon's Trio wiring, top to bottom, in one place.
 
 run_daemon(config)
-  self-test the crypto backend, load the identity, open the key store
+  self-test the crypto backend, load the identity, open the key store with group commit:
+    every answer, peer send, device acknowledgement and PSK install first awaits the
+    store's durability barrier (GroupCommit.durable, qkdd.durability)
   nursery
     per peer: QKD device -> key store            (PeerLink.device.run)
     per peer we are master of: dial the peer      (PeerLink.dial_forever)
@@ -16,6 +18,7 @@ run_daemon(config)
       if configured ([metrics])
     key expiry, STATUS= lines, watchdog pings      (_expire_keys, _report_status, _watchdog)
     key events from links and pools                (_watch_links_and_pools)
+    a failed sync of the store ends the daemon     (GroupCommit.watch)
     the first WireGuard PSK of each binding, then its rotation   (PskRotator)
     READY=1 to systemd, then wait for a signal
   Peer calls (key assignments, messages, WireGuard installs) are answered inside each
@@ -41,10 +44,11 @@ import trio
 from qkdd.admin import admin_routes
 from qkdd.config import ConfigError, SiteConfig, TlsConfig, config_warnings, load_config
 from qkdd.crypto.select import select_backend
+from qkdd.durability import GroupCommit
 from qkdd.etsi014.accept import api_connection_table
 from qkdd.etsi014.handler import RequestHandler
 from qkdd.etsi014.limits import ConnectionTable
-from qkdd.etsi014.server import Observe, serve_unix
+from qkdd.etsi014.server import BeforeSend, Observe, serve_unix
 from qkdd.etsi014.tls import sae_ids_from_certificate, serve_tls
 from qkdd.events import EventBus, PoolWatch, chunks
 from qkdd.events_api import event_routes
@@ -56,7 +60,8 @@ from qkdd.messaging import Messenger
 from qkdd.metrics import SiteMetrics
 from qkdd.metrics_listener import serve_metrics
 from qkdd.peer.calls import CallKind
-from qkdd.peering import CallHandler, PeerLink, serve_peers
+from qkdd.peer_listener import serve_peers
+from qkdd.peering import CallHandler, PeerLink
 from qkdd.pool import StoreKeyPool
 from qkdd.progress import ProgressWatch
 from qkdd.status import RecentErrors, site_status
@@ -115,8 +120,11 @@ async def run_daemon(
     _self_test(backend)
     signing_key = load_identity(config.identity_key, backend)
     store = KeyStore(
-        config.state_directory / STORE_FILE, read_key_encryption_key(config.key_encryption_key)
+        config.state_directory / STORE_FILE,
+        read_key_encryption_key(config.key_encryption_key),
+        group_commit=True,
     )
+    barrier = GroupCommit(store)
     live = LiveConfig(config)
     metrics = SiteMetrics(config.site_id, backend.name, (peer.site_id for peer in config.peers))
     links = {
@@ -127,11 +135,18 @@ async def run_daemon(
             backend=backend,
             signing_key=signing_key,
             on_handshake=metrics.record_handshake,
+            durable=barrier.durable,
         )
         for peer in config.peers
     }
     metrics.watch(links, store)
     recent_errors = RecentErrors()
+
+    def keys_taken() -> None:
+        for link in links.values():
+            link.store_changed.set()  # its agreement refills the pools it serves
+
+    store.on_keys_taken = keys_taken
 
     async def call_peer(site: str, kind: int, body: bytes, timeout: float) -> bytes:
         return await links[site].call(kind, body, timeout=timeout)
@@ -153,7 +168,8 @@ async def run_daemon(
         link.call_handlers[CallKind.MESSAGE] = _sync_call_handler(
             functools.partial(messenger.accept_call, site)
         )
-    rotators = make_rotators(config, links, store)  # WG_INSTALL where this site is slave
+    # WG_INSTALL where this site is slave.
+    rotators = make_rotators(config, links, store, barrier.durable)
     pool = metrics.counting_pool(store_pool)
     metrics.watch_quotas(
         lambda: {sae: store_pool.quota_state(sae) for sae in live.config.local_sae_ids}
@@ -222,6 +238,7 @@ async def run_daemon(
                         backend,
                         signing_key,
                         on_handshake=metrics.record_handshake,
+                        durable=barrier.durable,
                     )
                 )
                 await nursery.start(
@@ -234,12 +251,17 @@ async def run_daemon(
                         listener=api_listener,
                         observe=metrics.observe_request,
                         connections=api_connections,
+                        before_send=barrier.durable,
                     )
                 )
                 if config.api_tls is not None:
                     await nursery.start(
                         _tls_listener(
-                            config.api_tls, etsi_only, metrics.observe_request, api_connections
+                            config.api_tls,
+                            etsi_only,
+                            metrics.observe_request,
+                            api_connections,
+                            barrier.durable,
                         )
                     )
                 if config.metrics is not None:  # Prometheus: /metrics only, no key API
@@ -247,6 +269,7 @@ async def run_daemon(
                 nursery.start_soon(_report_status, notifier, config, links, store)
                 nursery.start_soon(_expire_keys, live, store)
                 nursery.start_soon(_watch_links_and_pools, bus, links, store)
+                nursery.start_soon(barrier.watch)
                 period = watchdog_interval()
                 if period is not None:
                     nursery.start_soon(_watchdog, notifier, ProgressWatch(links, store), period)
@@ -266,6 +289,7 @@ async def run_daemon(
                     nursery.cancel_scope.cancel()
                     break
     finally:
+        barrier.close()
         store.close()
         log.info("event=stopped site=%s", config.site_id)
 
@@ -278,7 +302,11 @@ def _sync_call_handler(answer: Callable[[bytes], bytes]) -> CallHandler:
 
 
 def _tls_listener(
-    tls: TlsConfig, handler: RequestHandler, observe: Observe, connections: ConnectionTable
+    tls: TlsConfig,
+    handler: RequestHandler,
+    observe: Observe,
+    connections: ConnectionTable,
+    before_send: BeforeSend,
 ) -> Callable[..., Awaitable[None]]:
     """The ETSI 014 API over TLS 1.3, callers identified by client certificate."""
     host, port = tls.listen
@@ -293,6 +321,7 @@ def _tls_listener(
         client_ca_file=str(tls.client_ca),
         observe=observe,
         connections=connections,
+        before_send=before_send,
     )
 
 

@@ -7,7 +7,8 @@ this module holds the batches, authentication keys, the PSK-chain flags and the
 quarantine of rows that do not open.
 
 Durability rules that the rest of the daemon relies on:
-- A QKD key is stored before the device is told so (``store_qkd_keys`` commits first).
+- A QKD key is stored before the device is told so (``store_qkd_keys`` commits first; with
+  group commit the daemon's sink also waits until the commit is durable).
 - A QKD key serves once: consuming it records its ID in ``qkd_consumed`` and erases its
   material in the same transaction; a device that re-sends it later is ignored. The QKD
   buffer and that memory, and how two buffers that fell out of step line up again, are
@@ -30,7 +31,24 @@ Durability rules that the rest of the daemon relies on:
   bootstrap is refused until an operator allows one (``allow_bootstrap``); the allowance
   ends when the next one is committed, or when withdrawn (``revoke_bootstrap``).
 
-The database uses WAL with synchronous=FULL and secure_delete, and is created 0600.
+The database uses WAL and secure_delete, and is created 0600. By default a COMMIT is
+durable when it returns (synchronous=FULL: SQLite fsyncs the WAL on every commit). The
+daemon opens its store with ``group_commit=True`` (synchronous=NORMAL): a COMMIT then
+writes its frames to the WAL without an fsync, and ``qkdd.durability.GroupCommit`` makes
+them durable, one fdatasync of the WAL for every commit made so far, before anything
+outside the process may depend on them (an API response, bytes to the peer, a device's
+acknowledgement, a WireGuard PSK). Why that is as safe as FULL: a process killed at any
+point (kill -9, a crash) loses nothing committed, since the frames are in the kernel's
+page cache, which outlives the process and reaches the disk on its own; only a power loss
+or an OS crash can lose a commit whose WAL was not yet synced, and no effect of such a
+commit has left the process, so the site simply acts as if it never happened (keys not
+handed out, keys not acknowledged to the device, which re-sends them). WAL frames are
+appended in order, so syncing the WAL once makes every earlier commit durable; SQLite
+still syncs the WAL before each checkpoint copies it into the database, so the database
+file never holds what the WAL on disk does not. ``commits`` counts the commits (and any
+write outside ``transaction()``: every such write calls ``_wrote``), so the barrier knows
+when there is nothing to sync.
+
 Key material is sealed at rest with AES-256-GCM under a key derived from the site's
 key-encryption key; each sealed row's associated data is its identity (peer, key ID, SAE
 pair, size), so a ciphertext moved to another row does not open (``qkdd.sealing``).
@@ -129,8 +147,13 @@ class AuthKeyRecord:
 
 
 class KeyStore(KeyBlocks, AssignedKeys, OneTimePads, QkdBuffer):
-    def __init__(self, path: Path, key_encryption_key: bytes) -> None:
+    def __init__(self, path: Path, key_encryption_key: bytes, group_commit: bool = False) -> None:
+        """Open (or create) the store. ``group_commit``: commits are made durable by a
+        ``qkdd.durability.GroupCommit`` barrier instead of one fsync each (the daemon)."""
         self.path = path
+        # Grows with every commit and every write outside a transaction (``_wrote``).
+        self.commits = 0
+        self.group_commit = False  # set once WAL mode is known to be on
         self._sealer = Sealer(key_encryption_key)
         # Told (reason, keys) after keys were erased uncollected: "expired" or "withdrawn".
         self.on_erased: Callable[[str, list[ErasedKey]], None] | None = None
@@ -145,8 +168,12 @@ class KeyStore(KeyBlocks, AssignedKeys, OneTimePads, QkdBuffer):
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open key store {path}: {exc}") from None
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            # Group commit relies on WAL frames being appended in order; a file system
+            # that cannot hold a WAL keeps SQLite in rollback mode, with a sync per commit.
+            self.group_commit = group_commit and str(mode).lower() == "wal"
+            synchronous = "NORMAL" if self.group_commit else "FULL"
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.execute("PRAGMA secure_delete=ON")
             self._db.execute("PRAGMA foreign_keys=ON")
             # Before any write, schema changes included: a store of a newer qkdd is left
@@ -154,6 +181,7 @@ class KeyStore(KeyBlocks, AssignedKeys, OneTimePads, QkdBuffer):
             check_schema_version(self._db, path)
             check_key_encryption_key(self._db, self._sealer, path)
             self._db.executescript(SCHEMA + QUARANTINE_SCHEMA)
+            self._wrote()
             self._upgrade_qkd_buffer()
             with self.transaction() as db:
                 upgrade_hybrid_rows(db, self._sealer)
@@ -189,6 +217,12 @@ class KeyStore(KeyBlocks, AssignedKeys, OneTimePads, QkdBuffer):
             self._db.executescript(script)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot set up tables in key store {self.path}: {exc}") from None
+        finally:
+            self._wrote()
+
+    def _wrote(self) -> None:
+        """A write was made outside ``transaction()`` (autocommit): count it as a commit."""
+        self.commits += 1
 
     def query_one(self, sql: str, params: tuple[object, ...]) -> tuple[Any, ...] | None:
         """One row of a read-only query (for modules with their own tables)."""
@@ -213,6 +247,9 @@ class KeyStore(KeyBlocks, AssignedKeys, OneTimePads, QkdBuffer):
             except BaseException:
                 self._settle_ready_changes(committed=False)
                 raise
+            finally:
+                # Counted even if COMMIT failed: it may have written frames before failing.
+                self.commits += 1
             self._settle_ready_changes(committed=True)
             self._settle_unopened(moved=True)
 
@@ -507,6 +544,7 @@ class KeyStore(KeyBlocks, AssignedKeys, OneTimePads, QkdBuffer):
             + (f" AND batch_id NOT IN ({marks})" if keep else ""),
             (peer_site, limit, *keep),
         )
+        self._wrote()
         return cursor.rowcount
 
     def batch_count(self, peer_site: str) -> int:
@@ -522,6 +560,7 @@ class KeyStore(KeyBlocks, AssignedKeys, OneTimePads, QkdBuffer):
             " AND key_chunks.batch_id=batches.batch_id)",
             (peer_site,),
         )
+        self._wrote()
 
     def erase_expired(self, created_before: float) -> int:
         """Erase keys nobody collected in time; returns how many."""

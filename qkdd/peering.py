@@ -7,6 +7,10 @@ Each handshake's outcome is told to an optional ``HandshakeObserver`` (the daemo
 Peer calls (``qkdd.peer.calls``) ride the same session: ``PeerLink.call`` sends one and
 waits for its reply; a call from the peer is answered by the handler registered for its
 kind in ``PeerLink.call_handlers``, in arrival order, before the next message is read.
+
+Each send to the peer (handshake included) and each return to the device driver (which
+then acknowledges the keys) first awaits the store's durability barrier (``durable``,
+``qkdd.durability``).
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from qkdd_drivers.serial_driver import SerialDevice
 
 from qkdd.config import Etsi014DeviceConfig, PeerConfig, SiteConfig
 from qkdd.crypto import PqcBackend, SigningKey
+from qkdd.durability import Durable, already_durable
 from qkdd.keystore import KeyStore, StoredQkdKey
 from qkdd.link_params import LinkError, LinkParameters
-from qkdd.peer.admission import HandshakeLimiter, HandshakeSlot, normalise_address
 from qkdd.peer.agreement import BATCH_KEYS, PAD_BITS_MAX, QKD_KEY_WAIT_SECONDS, LinkAgreement
 from qkdd.peer.bootstrap import DialAuth, InitiatorAuthChoice
 from qkdd.peer.calls import CallRefused, CallTable, done, refusal, reply_body
@@ -39,7 +43,7 @@ from qkdd.peer.connection import (
     PeerConnection,
     Role,
 )
-from qkdd.peer.errors import PeerAuthenticationError, PeerProtocolError, VersionMismatch
+from qkdd.peer.errors import PeerAuthenticationError, PeerProtocolError
 from qkdd.peer.messages import CallReply, LinkMessage, PeerCall, decode_message
 from qkdd.wakeup import Wakeup
 
@@ -122,7 +126,7 @@ SESSION_ERRORS = (
 HandshakeObserver = Callable[[str, str, str], None]
 
 
-def _no_observer(peer: str, mode: str, outcome: str) -> None:
+def no_observer(peer: str, mode: str, outcome: str) -> None:
     pass
 
 
@@ -147,7 +151,7 @@ def handshake_outcome(exc: BaseException) -> str:
     return "connection_error"
 
 
-def _first(group: BaseExceptionGroup[Exception]) -> Exception:
+def first_error(group: BaseExceptionGroup[Exception]) -> Exception:
     """The first real error in a group, for the log line."""
     exc: BaseException = group
     while isinstance(exc, BaseExceptionGroup):
@@ -168,10 +172,12 @@ class StoreSink:
         peer_site_id: str,
         buffer_max: int = QKD_BUFFER_MAX,
         arrived: Wakeup | None = None,
+        durable: Durable = already_durable,
     ) -> None:
         self._store = store
         self._peer = peer_site_id
         self._buffer_max = buffer_max
+        self._durable = durable
         self.arrived = arrived or Wakeup()
         self.space = Wakeup()
 
@@ -187,6 +193,8 @@ class StoreSink:
             await self.space.wait()
         self._store.store_qkd_keys(self._peer, [StoredQkdKey(k.key_id, k.material) for k in keys])
         self.arrived.set()
+        # The driver acknowledges the keys to the device once this returns.
+        await self._durable()
 
 
 def make_device(peer: PeerConfig, is_master: bool, local_site_id: str = "") -> QkdDevice:
@@ -218,8 +226,9 @@ class PeerLink:
         store: KeyStore,
         backend: PqcBackend,
         signing_key: SigningKey,
-        on_handshake: HandshakeObserver = _no_observer,
+        on_handshake: HandshakeObserver = no_observer,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        durable: Durable = already_durable,
     ) -> None:
         self.config = config
         self.peer = peer
@@ -239,7 +248,11 @@ class PeerLink:
         # Set when the device delivered keys or keys of this site were handed out (the
         # pools may want refilling): the session's agreement runs then.
         self.store_changed = Wakeup()
-        self.sink = StoreSink(store, peer.site_id, peer.qkd_buffer_keys, self.store_changed)
+        # Awaited before bytes go to the peer or keys are acknowledged to the device.
+        self._durable = durable
+        self.sink = StoreSink(
+            store, peer.site_id, peer.qkd_buffer_keys, self.store_changed, durable=durable
+        )
         self.batch_keys = BATCH_KEYS
         self._store = store
         self._backend = backend
@@ -390,14 +403,17 @@ class PeerLink:
                 try:
                     with trio.fail_at(deadline):
                         conn.initiate()
+                        await self._durable()  # the PSK it proves must outlive a power cut
                         await stream.send_all(conn.data_to_send())
-                        done, leftover = await complete_handshake(stream, conn)
+                        done, leftover = await complete_handshake(
+                            stream, conn, durable=self._durable
+                        )
                     handshake_done = True
                     self._dial_auth.handshake_completed()
                     delay = DIAL_BACKOFF_FIRST
                     await self.run_session(stream, conn, done, leftover)
                 except* SESSION_ERRORS as group:
-                    failure = _first(group)
+                    failure = first_error(group)
                     if not handshake_done:
                         outcome = handshake_outcome(failure)
                         self._on_handshake(self.peer.site_id, mode_name(conn), outcome)
@@ -496,6 +512,9 @@ class PeerLink:
             async with send_lock:
                 data = conn.data_to_send()
                 if data:
+                    # What the messages say (batches stored, keys taken) must be durable
+                    # before the peer hears it.
+                    await self._durable()
                     await stream.send_all(data)
 
         calls = _OpenCalls(send=send)
@@ -587,10 +606,11 @@ async def complete_handshake(
     stream: trio.abc.Stream,
     conn: PeerConnection,
     on_hello: Callable[[], None] | None = None,
+    durable: Durable = already_durable,
 ) -> tuple[HandshakeComplete, list[MessageReceived]]:
     """Pump bytes until the handshake completes; return it and the session messages that
     came with it. A responder's ``on_hello`` is called once its HELLO has been accepted,
-    before RESPONSE is sent."""
+    before RESPONSE is sent. ``durable`` is awaited before each send."""
     while True:
         data = await stream.receive_some(RECEIVE_SIZE)
         if not data:
@@ -604,183 +624,8 @@ async def complete_handshake(
             on_hello = None
         out = conn.data_to_send()
         if out:
+            await durable()
             await stream.send_all(out)
         for index, event in enumerate(events):
             if isinstance(event, HandshakeComplete):
                 return event, [e for e in events[index + 1 :] if isinstance(e, MessageReceived)]
-
-
-def _source_address(stream: trio.SocketStream) -> str:
-    try:
-        return normalise_address(str(stream.socket.getpeername()[0]))
-    except OSError:
-        return "unknown"
-
-
-class _LinkRouter:
-    """PeerTrust for the listener: asks the link of whichever site the peer claims to be.
-    Only links whose peer dials us (we are the slave) are here: a HELLO naming a site we
-    dial ourselves is refused like one from an unknown site, before any crypto."""
-
-    def __init__(self, links: dict[str, PeerLink]) -> None:
-        self._links = links
-
-    def pinned_key(self, site_id: str) -> bytes | None:
-        link = self._links.get(site_id)
-        return link.pinned_key(site_id) if link else None
-
-    def bootstrap_allowed(self, site_id: str) -> bool:
-        link = self._links.get(site_id)
-        return link.bootstrap_allowed(site_id) if link else False
-
-    def auth_key(self, site_id: str, key_id: str) -> bytes | None:
-        link = self._links.get(site_id)
-        return link.auth_key(site_id, key_id) if link else None
-
-
-async def _dialling_addresses(links: dict[str, PeerLink]) -> set[str]:
-    """The IP addresses of the peers that dial us, from their configured ``address`` (host
-    names resolved once, now): connections from them use the reserved handshake slots."""
-    addresses: set[str] = set()
-    for link in links.values():
-        host = link.peer.address[0]
-        try:
-            found = await trio.socket.getaddrinfo(host, None, type=trio.socket.SOCK_STREAM)
-        except OSError as exc:
-            log.warning(
-                "event=peer_address_unresolved peer=%s host=%s reason=%r: its connections "
-                "compete with strangers for handshake slots",
-                link.peer.site_id,
-                host,
-                str(exc),
-            )
-            continue
-        addresses |= {normalise_address(str(info[4][0])) for info in found}
-    return addresses
-
-
-async def _respond(
-    stream: trio.SocketStream,
-    conn: PeerConnection,
-    limiter: HandshakeLimiter,
-    slot: HandshakeSlot,
-    waiting: trio.CancelScope,
-    *,
-    hello_timeout: float,
-    handshake_timeout: float,
-) -> tuple[HandshakeComplete, list[MessageReceived]]:
-    """Run the responder's handshake under the pre-authentication rules: a HELLO within
-    ``hello_timeout``, the whole handshake within ``handshake_timeout``; until the HELLO is
-    accepted, ``waiting`` may be cancelled to evict the connection."""
-    accepted = trio.current_time()
-
-    def hello_arrived() -> None:
-        limiter.hello_accepted(slot)
-        waiting.deadline = math.inf  # only the handshake timeout is left
-
-    result = None
-    with trio.fail_at(accepted + handshake_timeout):
-        waiting.deadline = accepted + hello_timeout
-        with waiting:
-            result = await complete_handshake(stream, conn, on_hello=hello_arrived)
-    if result is None:
-        if slot.evicted:
-            raise HandshakeEvicted("evicted before sending HELLO: a newcomer needed the slot")
-        raise trio.TooSlowError(f"no HELLO within {hello_timeout:g} s of connecting")
-    return result
-
-
-async def serve_peers(
-    config: SiteConfig,
-    links: dict[str, PeerLink],
-    backend: PqcBackend,
-    signing_key: SigningKey,
-    *,
-    on_handshake: HandshakeObserver = _no_observer,
-    hello_timeout: float = HELLO_TIMEOUT,
-    handshake_timeout: float = HANDSHAKE_TIMEOUT,
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Accept peer connections on the site's listen address and route them to their link.
-
-    Before a connection has authenticated, nothing it sends touches a link's session or
-    state: a failure is logged, counted, and (with no session up) shown as the link's last
-    error. ``on_handshake`` is told of the handshakes that fail or are refused here; a link
-    tells its own of those that succeed."""
-    host, port = config.listen
-    listeners = await trio.open_tcp_listeners(port, host=host)
-
-    dialling = {site: link for site, link in links.items() if not link.params.is_master}
-    trust = _LinkRouter(dialling)
-    limiter = HandshakeLimiter(peer_addresses=await _dialling_addresses(dialling))
-
-    def preauth_failed(conn: PeerConnection, address: str, exc: BaseException) -> None:
-        """Log and count a handshake that failed; the claimed link keeps its session."""
-        on_handshake(conn.peer_site_id or "unknown", mode_name(conn), handshake_outcome(exc))
-        claimed = dialling.get(conn.peer_site_id or "")
-        if claimed is not None:
-            claimed.handshake_failed(exc, address)
-        elif isinstance(exc, PeerAuthenticationError):
-            log.error(
-                "event=peer_authentication_failed peer=%s address=%s reason=%r",
-                conn.peer_site_id or "unknown",
-                address,
-                str(exc),
-            )
-        elif isinstance(exc, VersionMismatch):
-            log.error("event=peer_version_mismatch address=%s reason=%r", address, str(exc))
-        else:
-            log.info(
-                "event=peer_connection_dropped address=%s reason=%r",
-                address,
-                str(exc) or type(exc).__name__,
-            )
-
-    async def on_connection(stream: trio.SocketStream) -> None:
-        conn = PeerConnection(
-            Role.RESPONDER,
-            backend=backend,
-            local_site_id=config.site_id,
-            signing_key=signing_key,
-            trust=trust,
-        )
-        address = _source_address(stream)
-        waiting = trio.CancelScope()
-        slot = limiter.admit(address, evict=waiting.cancel)
-        if slot is None:
-            log.warning(
-                "event=handshake_refused address=%s reason='too many pending handshakes'", address
-            )
-            on_handshake("unknown", "unknown", "refused")
-            await stream.aclose()
-            return
-        async with stream:
-            handshake: tuple[HandshakeComplete, list[MessageReceived]] | None = None
-            try:
-                try:
-                    handshake = await _respond(
-                        stream,
-                        conn,
-                        limiter,
-                        slot,
-                        waiting,
-                        hello_timeout=hello_timeout,
-                        handshake_timeout=handshake_timeout,
-                    )
-                finally:
-                    limiter.release(slot)
-            except* SESSION_ERRORS as group:
-                preauth_failed(conn, address, _first(group))
-            if handshake is None:
-                return
-            done, leftover = handshake
-            link = dialling[done.peer_site_id]
-            try:
-                await link.run_session(stream, conn, done, leftover)
-            except* SESSION_ERRORS as group:
-                link.session_failed(_first(group))
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, on_connection, listeners)
-        log.info("event=peer_listener_ready address=%s:%d", host, port)
-        task_status.started(listeners)

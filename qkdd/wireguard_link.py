@@ -7,6 +7,10 @@ ID (pair remote_sae -> local_sae) and installs it, answering only once ``wg`` su
 the master installs its copy only after the peer has. Each key is erased from both stores
 when it is taken, like any key handed out.
 
+A key is installed only once its taking is durable (``durable``, the store's barrier): at
+the slave the handler awaits it before ``wg``; at the master the WG_INSTALL call awaited it
+before it went out (every send to the peer does), and the install follows the answer.
+
 The master takes a key only while the peer session is up, and the call naming it goes out
 in the same step (``PskRotator`` does not await between the two): a rotation tried while
 the peer is down takes no key. A call that went out consumed its key whatever the answer.
@@ -17,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from qkdd.config import SiteConfig
+from qkdd.durability import Durable, already_durable
 from qkdd.keystore import KeyStore
 from qkdd.peer.calls import CallKind, CallRefused, WgInstall
 from qkdd.peering import CallHandler, PeerLink, PeerUnavailable
@@ -33,10 +38,13 @@ from qkdd.wireguard import (
 
 
 def make_rotators(
-    config: SiteConfig, links: Mapping[str, PeerLink], store: KeyStore
+    config: SiteConfig,
+    links: Mapping[str, PeerLink],
+    store: KeyStore,
+    durable: Durable = already_durable,
 ) -> dict[str, PskRotator]:
     """A rotator per binding (by name); registers the WG_INSTALL handler on links where
-    this site is the slave."""
+    this site is the slave. ``durable`` is the store's durability barrier."""
     rotators: dict[str, PskRotator] = {}
     served: dict[str, dict[str, PskRotator]] = {}
     for binding in config.wireguard:
@@ -52,7 +60,9 @@ def make_rotators(
             rotators[binding.name] = PskRotator(binding)
             served.setdefault(binding.peer_site, {})[binding.name] = rotators[binding.name]
     for site, by_name in served.items():
-        links[site].call_handlers[CallKind.WG_INSTALL] = _install_handler(site, store, by_name)
+        links[site].call_handlers[CallKind.WG_INSTALL] = _install_handler(
+            site, store, by_name, durable
+        )
     return rotators
 
 
@@ -87,7 +97,9 @@ def _announcer(link: PeerLink, binding: WireGuardBinding) -> Announce:
     return announce
 
 
-def _install_handler(site: str, store: KeyStore, rotators: Mapping[str, PskRotator]) -> CallHandler:
+def _install_handler(
+    site: str, store: KeyStore, rotators: Mapping[str, PskRotator], durable: Durable
+) -> CallHandler:
     async def handle(body: bytes) -> bytes:
         request = WgInstall.decode(body)
         rotator = rotators.get(request.binding)
@@ -100,6 +112,7 @@ def _install_handler(site: str, store: KeyStore, rotators: Mapping[str, PskRotat
                 f"key {request.key_id} of {binding.remote_sae} -> {binding.local_sae} is not "
                 "held here"
             )
+        await durable()  # the key's erasure outlives a power cut before it is in use
         try:
             await rotator.install_announced(request.key_id, keys[0].material)
         except WireGuardError as exc:

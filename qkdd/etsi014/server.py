@@ -8,7 +8,10 @@ the kernel (SO_PEERCRED) when it connects, so it is identified once; then the ta
 request and every write of a response runs under a deadline, so a client that stalls costs one
 task for at most `request_timeout` seconds, and a connection with no request in progress is
 closed after `idle_timeout`; any failure of one connection ends only that connection. The
-handler is sans-IO (`qkdd.etsi014.handler`); this module only moves bytes.
+handler is sans-IO (`qkdd.etsi014.handler`); this module only moves bytes. Before it sends
+any bytes of an answer it awaits `before_send`, if given: the daemon's durability barrier
+(`qkdd.durability`), so nothing a caller is told (keys handed out, a message stored) can be
+lost to a power cut after the caller heard it.
 
 Connections are capped below the file-descriptor limit, per uid and in all
 (`qkdd.etsi014.limits`, `qkdd.etsi014.accept`): a connection over a cap has the oldest idle
@@ -29,7 +32,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Protocol
 
@@ -93,6 +96,10 @@ class Handler(Protocol):
 # (e.g. to feed metrics). It must not block; an exception it raises is logged and ignored.
 Observe = Callable[[ApiRequest, ApiResponse, float], None]
 
+# Awaited before the bytes of an answer are sent (the store's durability barrier). What it
+# raises ends the connection without the answer.
+BeforeSend = Callable[[], Awaitable[None]]
+
 
 class SocketPathError(KeyServiceError):
     """The API socket cannot be created at the configured path."""
@@ -110,6 +117,7 @@ async def serve_unix(
     task_status: trio.TaskStatus[trio.SocketListener] = trio.TASK_STATUS_IGNORED,
     listener: trio.SocketListener | None = None,
     observe: Observe | None = None,
+    before_send: BeforeSend | None = None,
 ) -> None:
     """Serve `handler` on the Unix socket `path` until cancelled.
 
@@ -118,6 +126,7 @@ async def serve_unix(
     connections are accepted. `observe` is told of each answered request. `idle_timeout`
     (default: `request_timeout`) closes a connection with no request in progress;
     `connections` caps the connections (default: `api_connection_table()`), by uid.
+    `before_send` is awaited before each answer's bytes are sent.
     """
     gate = ConnectionGate(connections or api_connection_table(), "unix")
     idle = request_timeout if idle_timeout is None else idle_timeout
@@ -143,6 +152,7 @@ async def serve_unix(
                     (request_timeout, idle),
                     next(counter),
                     observe,
+                    before_send,
                 )
 
             await nursery.start(
@@ -253,6 +263,7 @@ async def _serve_connection(
     timeouts: tuple[float, float],
     conn_id: int,
     observe: Observe | None,
+    before_send: BeforeSend | None,
 ) -> None:
     try:
         log.debug(
@@ -272,6 +283,7 @@ async def _serve_connection(
             slot=slot,
             conn_id=conn_id,
             observe=observe,
+            before_send=before_send,
         )
     finally:
         await trio.aclose_forcefully(stream)
@@ -290,6 +302,7 @@ async def serve_stream(
     conn_id: int = 0,
     observe: Observe | None = None,
     request_log_level: int = logging.INFO,
+    before_send: BeforeSend | None = None,
 ) -> None:
     """Answer HTTP/1.1 requests from `caller` on one established connection until it ends.
 
@@ -299,13 +312,15 @@ async def serve_stream(
     (not after an idle connection was let go: nothing is owed to it). `observe` is told of
     each request the handler answered. While no request is in progress the connection waits
     at most `idle_timeout` (default: `request_timeout`), and its `slot` may evict it.
-    Each answered request is logged at `request_log_level`.
+    Each answered request is logged at `request_log_level`. `before_send` is awaited before
+    each answer's bytes (and each chunk of a streamed one) are sent.
     """
     idle = request_timeout if idle_timeout is None else idle_timeout
     connection = _Connection(
         stream, handler, caller, who, (request_timeout, idle), slot, conn_id, observe
     )
     connection.request_log_level = request_log_level
+    connection.before_send = before_send
     try:
         await connection.run()
         if not connection.peer_closed and not connection.let_go_idle:
@@ -365,6 +380,7 @@ class _Connection:
         # Closed while idle (timed out, or evicted to make room): no request was cut short.
         self.let_go_idle = False
         self.request_log_level = logging.INFO
+        self.before_send: BeforeSend | None = None
 
     @property
     def peer_closed(self) -> bool:
@@ -585,6 +601,10 @@ class _Connection:
         scope.cancel()
 
     async def _send_bytes(self, data: bytes) -> bool:
+        # The one way out of a connection: whatever the handler committed (keys erased as
+        # handed out, a message stored) is made durable before the caller hears of it.
+        if self.before_send is not None:
+            await self.before_send()
         with trio.move_on_after(self._timeout) as scope:
             try:
                 await self._stream.send_all(data)

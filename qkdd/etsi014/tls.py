@@ -45,6 +45,7 @@ from qkdd.etsi014.pool import KeyServiceError
 from qkdd.etsi014.server import (
     DEFAULT_REQUEST_TIMEOUT,
     LINGER_SECONDS,
+    BeforeSend,
     Observe,
     _drain_and_close,
     _printable,
@@ -170,6 +171,7 @@ async def serve_tls(
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     listeners: Sequence[trio.SocketListener] | None = None,
     observe: Observe | None = None,
+    before_send: BeforeSend | None = None,
 ) -> None:
     """Serve `handler` over HTTPS with mutual TLS on `host`:`port` until cancelled.
 
@@ -181,6 +183,7 @@ async def serve_tls(
     cannot be bound. `idle_timeout` (default: `request_timeout`) closes a connection with no
     request in progress; `connections` caps the connections (default:
     `api_connection_table()`; pass the Unix socket's table to share one budget), by address.
+    `before_send` is awaited before each answer's bytes are sent (`serve_stream`).
     """
     context = server_ssl_context(cert_file, key_file, client_ca_file)
     gate = ConnectionGate(connections or api_connection_table(), "tls")
@@ -211,6 +214,7 @@ async def serve_tls(
                 (request_timeout, handshake_timeout, idle),
                 conn_id,
                 observe,
+                before_send,
             )
         except Exception:
             # One connection's failure must never end the server.
@@ -262,6 +266,7 @@ async def _serve_tls(
     timeouts: tuple[float, float, float],
     conn_id: int,
     observe: Observe | None,
+    before_send: BeforeSend | None = None,
 ) -> None:
     request_timeout, handshake_timeout, idle_timeout = timeouts
     # https_compatible: HTTP clients commonly close without close_notify; the HTTP framing
@@ -294,6 +299,7 @@ async def _serve_tls(
         slot=slot,
         conn_id=conn_id,
         observe=observe,
+        before_send=before_send,
     )
 
 
