@@ -43,13 +43,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from peer_daemons import cpu_seconds, load_average, md_header, md_row
+from peer_daemons import cpu_seconds, fill_qkd_keys, load_average, md_header, md_row
 
 from qkdd.config import load_config
 from qkdd.daemon import STORE_FILE
@@ -57,14 +56,13 @@ from qkdd.demo import PYTHON_MODULE, prepare_directory
 from qkdd.demo_sites import SITE_A, SITE_B
 from qkdd.identity import read_key_encryption_key
 from qkdd.key_ids import uuid_prefix
-from qkdd.keystore import KeyStore, NewKeyBlock, StoredQkdKey
+from qkdd.keystore import KeyStore, NewKeyBlock
 from qkdd.peer.agreement import BATCH_KEYS
 
 FULL_KEYS = 1_000_000
 QUICK_KEYS = 50_000
 SMALL_KEYS = 1_000
 KEY_BITS = 256
-FILL_CHUNK = 20_000  # QKD keys per store_qkd_keys call while filling
 READY_TIMEOUT = 300.0  # only catches a daemon that never becomes ready
 STOP_TIMEOUT = 30.0
 TARGET_RSS_MB = 100.0
@@ -142,12 +140,7 @@ def fill_ready(store: KeyStore, count: int) -> None:
 
 
 def fill_qkd(store: KeyStore, count: int) -> None:
-    for start in range(0, count, FILL_CHUNK):
-        keys = [
-            StoredQkdKey(str(uuid.uuid4()), os.urandom(KEY_BITS // 8))
-            for _ in range(min(FILL_CHUNK, count - start))
-        ]
-        store.store_qkd_keys(SITE_B.site_id, keys)
+    fill_qkd_keys([(store, SITE_B.site_id)], count)
 
 
 class Site:

@@ -70,16 +70,21 @@ def prefill_qkd_keys(stores: Sequence[tuple[Path, bytes, str]], count: int) -> N
     """Store the same ``count`` fresh QKD keys in each (path, KEK, peer site) store."""
     opened = [(KeyStore(path, kek), peer) for path, kek, peer in stores]
     try:
-        for start in range(0, count, FILL_CHUNK):
-            keys = [
-                StoredQkdKey(str(uuid.uuid4()), os.urandom(KEY_BITS // 8))
-                for _ in range(min(FILL_CHUNK, count - start))
-            ]
-            for store, peer in opened:
-                store.store_qkd_keys(peer, keys)
+        fill_qkd_keys(opened, count)
     finally:
         for store, _ in opened:
             store.close()
+
+
+def fill_qkd_keys(stores: Sequence[tuple[KeyStore, str]], count: int) -> None:
+    """Store the same ``count`` fresh QKD keys in each open (store, peer site)."""
+    for start in range(0, count, FILL_CHUNK):
+        keys = [
+            StoredQkdKey(str(uuid.uuid4()), os.urandom(KEY_BITS // 8))
+            for _ in range(min(FILL_CHUNK, count - start))
+        ]
+        for store, peer in stores:
+            store.store_qkd_keys(peer, keys)
 
 
 def md_row(*cells: object) -> str:

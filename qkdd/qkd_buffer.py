@@ -168,7 +168,7 @@ def key_id_bytes(key_id: str) -> bytes:
         raise StoreError(f"QKD key ID {key_id!r} is not a UUID") from None
 
 
-def _id_text(raw: bytes) -> str:
+def id_text(raw: bytes) -> str:
     """Canonical UUID text of 16 bytes (as ``str(uuid.UUID(bytes=raw))``, faster)."""
     if len(raw) != QKD_KEY_ID_SIZE:
         raise StoreError(f"a QKD key ID is {QKD_KEY_ID_SIZE} bytes, not {len(raw)}")
@@ -180,7 +180,7 @@ def _canonical_id(key_id: str | bytes) -> tuple[str, bytes]:
     """(canonical text, 16 bytes) of a QKD key ID given as text or as its 16 bytes;
     StoreError if it is not a UUID."""
     if isinstance(key_id, bytes):
-        return _id_text(key_id), key_id
+        return id_text(key_id), key_id
     # Fast path for the usual form; anything else (braces, urn:uuid:) through uuid.
     if len(key_id) == 36 and key_id[8] == key_id[13] == key_id[18] == key_id[23] == "-":
         try:
@@ -190,7 +190,7 @@ def _canonical_id(key_id: str | bytes) -> tuple[str, bytes]:
         if len(raw) == QKD_KEY_ID_SIZE:
             return key_id.lower(), raw
     raw = key_id_bytes(key_id)
-    return _id_text(raw), raw
+    return id_text(raw), raw
 
 
 def _rows_for(rows: Sequence[tuple[int, str, bytes]], need: int, most: int) -> int:
@@ -443,7 +443,7 @@ class QkdBuffer:
             raise ValueError("a run has at least one key")
         first = self._db.execute(
             "SELECT seq FROM qkd_keys WHERE peer_site=? AND key_id=?",
-            (peer_site, _id_text(first_key_id)),
+            (peer_site, id_text(first_key_id)),
         ).fetchone()
         if first is None:
             return None
@@ -659,7 +659,7 @@ class QkdBuffer:
         self, db: sqlite3.Connection, peer_site: str, key_ids: Iterable[str]
     ) -> set[str]:
         raw = list(dict.fromkeys(key_id_bytes(k) for k in key_ids))
-        return {_id_text(k) for k in self._consumed_raw(db, peer_site, raw)}
+        return {id_text(k) for k in self._consumed_raw(db, peer_site, raw)}
 
     @staticmethod
     def _buffered_before(db: sqlite3.Connection, peer_site: str, seq: int | None) -> list[str]:

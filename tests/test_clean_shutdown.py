@@ -8,11 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from timeouts import timeout
+from timeouts import timeout, wait_until
 
 from qkdd.demo import prepare_directory, start_emulator
 
@@ -28,23 +27,27 @@ def site_a(tmp_path):
 
 
 def wait_for_log(log: Path, text: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + timeout(60)
-    while text not in log.read_text():
+    def logged() -> bool:
         assert process.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
+        return text in log.read_text()
+
+    wait_until(logged, repr(text), 60, log.read_text)
 
 
 def stop_impatiently(process: subprocess.Popen[bytes], signals: list[signal.Signals]) -> int:
     """Send the signals in turn, over and over, until the process has exited: the first
     starts the stop, the rest land in every later stage of it."""
-    deadline = time.monotonic() + timeout(60)
     index = 0
-    while process.poll() is None:
-        assert time.monotonic() < deadline, "the daemon did not stop"
+
+    def stopped() -> bool:
+        nonlocal index
+        if process.poll() is not None:
+            return True
         process.send_signal(signals[index % len(signals)])
         index += 1
-        time.sleep(0.001)
+        return False
+
+    wait_until(stopped, "the daemon to stop", 60, interval=0.001)
     assert index > 1  # more than one signal reached the daemon
     return process.returncode
 

@@ -1,5 +1,6 @@
 """What key agreement uses of the key store (``AgreementStore``), and the two spellings of a
-QKD key ID it moves between: 16 bytes on the wire, canonical UUID text in the store."""
+QKD key ID it moves between: 16 bytes on the wire, canonical UUID text in the store
+(``id_text``, the buffer's own, and ``id_bytes``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Protocol
 from qkdd.keystore import NewHybridKey, NewKeyBlock, StoredQkdKey
 from qkdd.peer.horizon import HorizonStore
 from qkdd.qkd_buffer import QkdRun
+from qkdd.qkd_buffer import id_text as id_text
 
 
 class AgreementStore(HorizonStore, Protocol):
@@ -44,12 +46,6 @@ class AgreementStore(HorizonStore, Protocol):
     def quarantine_qkd_keys_before(
         self, peer_site: str, key_ids: Iterable[str], keep: Collection[str] = ()
     ) -> int: ...
-
-
-def id_text(raw: bytes) -> str:
-    """A 16-byte QKD key ID as the store names it (canonical UUID text)."""
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def id_bytes(text: str) -> bytes:
