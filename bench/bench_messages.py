@@ -131,11 +131,11 @@ def _qkd_bits_per_hybrid_key(state: Path, pads_used: int) -> float:
         )
         auth = db.execute("SELECT count(*) FROM auth_keys").fetchone()[0]
         pads_held = db.execute("SELECT count(*) FROM pad_keys").fetchone()[0]
-        # Sealed rows are nonce (12) + material + tag (16); any buffered row gives the size.
-        row = db.execute("SELECT length(material) FROM qkd_keys LIMIT 1").fetchone()
+        # Any frame of the QKD buffer gives the key size.
+        row = db.execute("SELECT key_size FROM qkd_frames LIMIT 1").fetchone()
     finally:
         db.close()
-    qkd_bits = ((row[0] - 28) * 8) if row else 256
+    qkd_bits = row[0] * 8 if row else 256
     pad_qkd_keys = (pads_held + pads_used) * PAD_BYTES * 8 // qkd_bits
     # Authentication keys (one per session) use QKD keys too: one 256-bit key each, and
     # only the newest is kept, so this slightly overstates the hybrid share.

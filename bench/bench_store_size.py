@@ -45,7 +45,7 @@ from qkdd.keystore import KeyStore, NewKeyBlock, StoredQkdKey
 from qkdd.link_params import LinkParameters
 from qkdd.peer.agreement import LinkAgreement
 from qkdd.peer.messages import LinkMessage, decode_message
-from qkdd.qkd_buffer import CONSUMED_MEMORY
+from qkdd.store.qkd_lookup import CONSUMED_MEMORY
 
 QUICK_KEYS = 20_000
 FULL_KEYS = 10_000_000
@@ -53,7 +53,7 @@ POOL = 256  # one full batch per refill
 KEYS_PER_FEED = 512  # QKD keys the devices deliver between two rounds
 KEK = bytes(range(32))
 TABLES = (
-    "qkd_keys",
+    "qkd_frames",
     "qkd_consumed",
     "batches",
     "key_chunks",
@@ -180,7 +180,7 @@ def run(keys: int, memory: int, checkpoints: int) -> list[tuple[int, float, dict
 
 def print_table(results: list[tuple[int, float, dict[str, object]]]) -> None:
     short = {
-        "qkd_keys": "qkd",
+        "qkd_frames": "frames",
         "qkd_consumed": "used",
         "batches": "batch",
         "key_chunks": "chunks",

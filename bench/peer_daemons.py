@@ -112,14 +112,14 @@ def verdict(rate: float) -> str:
 # (file name, function name). Steps nest (storing a batch consumes its QKD keys), so the
 # shares do not add up.
 _STEPS = {
-    "open the sealed QKD key rows (one per key)": ("qkd_buffer.py", "_open_qkd"),
+    "open the sealed QKD frames": ("qkd_buffer.py", "_open_frame"),
     "read a QKD run (master)": ("qkd_buffer.py", "oldest_qkd_run"),
     "read a QKD run (slave)": ("qkd_buffer.py", "qkd_run"),
-    "store a batch (one transaction)": ("keystore.py", "add_batch"),
+    "store a batch (one transaction)": ("batches.py", "add_batch"),
     "  of which: consume its QKD keys": ("qkd_buffer.py", "_consume_qkd_keys"),
     "  of which: seal and insert key chunks": ("key_blocks.py", "_insert_blocks"),
     "derive a batch (SHAKE-256, XOR)": ("hybrid.py", "derive"),
-    "commit a batch (one transaction)": ("keystore.py", "commit_batch"),
+    "commit a batch (one transaction)": ("batches.py", "commit_batch"),
     "seal messages for the wire": ("connection.py", "send_message"),
     "open messages from the wire": ("connection.py", "receive_data"),
 }

@@ -499,7 +499,25 @@ class SerialDevice(QkdDevice):
                 raise DeviceHangupError(f"reading {self.path} failed: {exc.strerror}") from None
             if not data:
                 raise DeviceHangupError(f"{self.path} reported end of file: the device hung up")
-            return data
+            return data + self._drain(fd, READ_SIZE - len(data))
+
+    @staticmethod
+    def _drain(fd: int, most: int) -> bytes:
+        """What else is waiting to be read now, up to ``most`` bytes: a pty hands out at
+        most 4 KiB a read, and every read's keys cost a store and a durable commit, so the
+        frames that queued up while the sink was busy are taken in one go. An error is left
+        for the next read to report."""
+        parts: list[bytes] = []
+        while most > 0:
+            try:
+                more = os.read(fd, most)
+            except OSError:  # nothing more now (BlockingIOError), or a hang-up: next read
+                break
+            if not more:
+                break
+            parts.append(more)
+            most -= len(more)
+        return b"".join(parts)
 
     async def _write(self, fd: int, data: bytes) -> None:
         view = memoryview(data)

@@ -195,6 +195,22 @@ def key_chunk_aad(
     return name + lp(bytes(taken))
 
 
+def qkd_frame_aad(
+    peer_site: str, first_seq: int, key_size: int, key_ids: bytes, used: bytes
+) -> bytes:
+    """Associated data of a QKD buffer frame's sealed material (``qkdd.store.qkd_frames``):
+    the peer, the first key's receive number, the key size, every ID and which keys are
+    used (the bitmap, last)."""
+    return (
+        lp(labels.AAD_QKD_FRAME_ROW)
+        + lp(peer_site.encode())
+        + lp(first_seq.to_bytes(8, "big"))
+        + lp(key_size.to_bytes(4, "big"))
+        + lp(bytes(key_ids))
+        + lp(bytes(used))
+    )
+
+
 @dataclass(frozen=True)
 class SealedTable:
     """A key store table with a sealed ``material`` column."""
@@ -211,6 +227,13 @@ SEALED_TABLES: Final = {
     for table in (
         SealedTable(
             "qkd_keys", ("peer_site", "key_id"), ("peer_site", "key_id"), qkd_row_aad, "seq"
+        ),
+        SealedTable(
+            "qkd_frames",
+            ("first_seq",),
+            ("peer_site", "first_seq", "key_size", "key_ids", "used"),
+            qkd_frame_aad,
+            "first_seq",
         ),
         SealedTable(
             "key_chunks",
@@ -312,7 +335,7 @@ def check_key_encryption_key(db: sqlite3.Connection, sealer: Sealer, path: Path)
             continue
         rows = db.execute(
             f"SELECT {', '.join(table.aad_columns)}, material FROM {table.name}"
-            f" ORDER BY {table.oldest_first} LIMIT ?",
+            f" WHERE material IS NOT NULL ORDER BY {table.oldest_first} LIMIT ?",
             (LEGACY_SAMPLE_ROWS,),
         )
         for *fields, sealed in rows:

@@ -13,7 +13,7 @@ from timeouts import timeout
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_qkd_buffer.py"
 ROWS = (
     "ingest, 1024-key delivery",
-    "  of which AES-GCM sealing",
+    "  of which sealing its frame",
     "qkd_key_count",
     "oldest_qkd_run, 4096 keys",
     "master: run + consume",

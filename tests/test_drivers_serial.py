@@ -514,3 +514,22 @@ def test_no_permission_on_the_device_is_named(tmp_path: Path) -> None:
     os.close(slave)
     assert message.startswith("refused: permission denied opening"), message
     assert "group" in message
+
+
+async def test_one_read_takes_every_frame_waiting_in_the_pty(tmp_path: Path) -> None:
+    """A pty hands out at most 4 KiB a read; frames that queued up while the sink was busy
+    are taken in one read (one store and one durable commit for all of them)."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    os.set_blocking(slave, False)
+    try:
+        waiting = os.urandom(12_000)
+        os.write(master, waiting)
+        device = SerialDevice(str(tmp_path / "qkd.tty"))
+        with trio.fail_after(timeout(10)):
+            got = await device._read(slave)
+        assert len(got) == len(waiting)  # (a plain bytes comparison fails with a huge diff)
+        assert got == waiting
+    finally:
+        os.close(master)
+        os.close(slave)

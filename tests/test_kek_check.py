@@ -41,7 +41,7 @@ from qkdd.keystore import (
 
 KEK = bytes(range(32))
 OTHER_KEK = bytes(range(1, 33))
-SEALED_TABLES = ("qkd_keys", "key_chunks", "assigned_keys", "pad_keys", "auth_keys")
+SEALED_TABLES = ("qkd_frames", "key_chunks", "assigned_keys", "pad_keys", "auth_keys")
 
 
 def qkd(n: int) -> list[StoredQkdKey]:
@@ -64,7 +64,8 @@ def filled_store(path: Path, kek: bytes = KEK) -> tuple[list[StoredQkdKey], NewK
     """A store holding buffered QKD keys and ready hybrid keys, closed."""
     store = KeyStore(path, kek)
     qkd_keys = qkd(6)
-    store.store_qkd_keys("site-b", qkd_keys)
+    for key in qkd_keys:  # six deliveries: six sealed frames
+        store.store_qkd_keys("site-b", [key])
     block = random_block(4)
     store.add_batch("site-b", 1, [block], [])
     store.commit_batch("site-b", 1)
@@ -149,6 +150,12 @@ def test_legacy_store_poisoned_by_a_wrong_key_runs_again_with_the_right_one(tmp_
     poisoned = qkd(5)
     wrong = Sealer(OTHER_KEK)
     with sqlite3.connect(path) as db:
+        # The buffer of a store from before frames: one sealed row per key.
+        db.execute(
+            "CREATE TABLE qkd_keys (seq INTEGER PRIMARY KEY, peer_site TEXT NOT NULL,"
+            " key_id TEXT NOT NULL, material BLOB NOT NULL, received_at REAL NOT NULL,"
+            " UNIQUE (peer_site, key_id))"
+        )
         for key in poisoned:
             db.execute(
                 "INSERT INTO qkd_keys (peer_site, key_id, material, received_at)"
@@ -175,6 +182,18 @@ def test_legacy_store_poisoned_by_a_wrong_key_runs_again_with_the_right_one(tmp_
 # -- rows that do not open ---------------------------------------------------------------
 
 
+def corrupt_qkd(store: KeyStore, key: StoredQkdKey, peer: str = "site-b") -> None:
+    """Flip one bit of the sealed frame that holds a buffered QKD key."""
+    raw = uuid.UUID(key.key_id).bytes
+    for (first,) in store._db.execute(
+        "SELECT first_seq FROM qkd_frames WHERE peer_site=? AND instr(key_ids, ?) > 0",
+        (peer, raw),
+    ).fetchall():
+        corrupt(store, "qkd_frames", "first_seq=?", (first,))
+        return
+    raise AssertionError("the key is in no frame")
+
+
 def corrupt(store: KeyStore, table: str, where: str, params: tuple) -> None:
     """Flip one bit of a sealed row's ciphertext."""
     (sealed,) = store._db.execute(f"SELECT material FROM {table} WHERE {where}", params).fetchone()
@@ -186,15 +205,16 @@ def corrupt(store: KeyStore, table: str, where: str, params: tuple) -> None:
 def test_a_corrupted_qkd_key_is_quarantined_and_the_rest_served(tmp_path, caplog):
     store = KeyStore(tmp_path / "keys.sqlite3", KEK)
     keys = qkd(5)
-    store.store_qkd_keys("site-b", keys)
+    for key in keys:  # a frame each: one that does not open takes no other key with it
+        store.store_qkd_keys("site-b", [key])
     bad = keys[2]
-    corrupt(store, "qkd_keys", "key_id=?", (bad.key_id,))
+    corrupt_qkd(store, bad)
     with caplog.at_level(logging.INFO, logger="qkdd"):
         taken = list(store.oldest_qkd_keys("site-b"))
     assert [k.key_id for k in taken] == [k.key_id for k in keys if k is not bad]
     lines = [r.getMessage() for r in caplog.records if "row_quarantined" in r.getMessage()]
     assert len(lines) == 1
-    assert "table=qkd_keys" in lines[0] and bad.key_id in lines[0]
+    assert "table=qkd_frames" in lines[0] and bad.key_id in lines[0]
     assert bad.material.hex() not in caplog.text
     assert store.quarantined_row_count() == 1
     assert store.qkd_key_count("site-b") == 4
@@ -209,8 +229,9 @@ def test_a_corrupted_qkd_key_is_quarantined_and_the_rest_served(tmp_path, caplog
 def test_get_qkd_keys_leaves_out_a_row_that_does_not_open(tmp_path):
     store = KeyStore(tmp_path / "keys.sqlite3", KEK)
     keys = qkd(3)
-    store.store_qkd_keys("site-b", keys)
-    corrupt(store, "qkd_keys", "key_id=?", (keys[0].key_id,))
+    for key in keys:
+        store.store_qkd_keys("site-b", [key])
+    corrupt_qkd(store, keys[0])
     found = store.get_qkd_keys("site-b", [k.key_id for k in keys])
     assert found == {k.key_id: k.material for k in keys[1:]}
     assert store.quarantined_row_count() == 1
@@ -296,9 +317,10 @@ def test_link_goes_on_past_a_qkd_key_that_does_not_open_at_the_master(tmp_path, 
 
     a, b = KeyStore(tmp_path / "a.db", KEK), KeyStore(tmp_path / "b.db", KEK)
     keys = qkd(16)
-    a.store_qkd_keys("site-b", keys)
+    for key in keys:
+        a.store_qkd_keys("site-b", [key])
     b.store_qkd_keys("site-a", keys)
-    corrupt(a, "qkd_keys", "key_id=?", (keys[1].key_id,))
+    corrupt_qkd(a, keys[1])
     sessions = []
     for store, local, peer, mine, theirs in (
         (a, "site-a", "site-b", "sae-a", "sae-b"),
@@ -328,7 +350,7 @@ def test_status_and_metrics_count_quarantined_rows(tmp_path):
     store = KeyStore(tmp_path / "keys.sqlite3", KEK)
     keys = qkd(2)
     store.store_qkd_keys("site-b", keys)
-    corrupt(store, "qkd_keys", "key_id=?", (keys[0].key_id,))
+    corrupt_qkd(store, keys[0])
     list(store.oldest_qkd_keys("site-b"))
     status = site_status(site_id="site-a", backend="cryptography", links={}, store=store)
     assert status["store_rows_quarantined"] == 1

@@ -408,7 +408,7 @@ def test_a_store_of_schema_2_is_upgraded_on_open(tmp_path):
     store = KeyStore(path, KEK)
     tables = {r[0] for r in store._db.execute("SELECT name FROM sqlite_master")}
     assert "hybrid_keys" not in tables and "hybrid_by_batch" not in tables
-    assert store._db.execute("SELECT value FROM meta WHERE name='schema'").fetchone() == (3,)
+    assert store._db.execute("SELECT value FROM meta WHERE name='schema'").fetchone() == (4,)
     assert store.quarantined_row_count() == 1  # the one that did not open
     # One chunk per key: its prefix and index from the key's ID, same state and age.
     assert chunk_rows(store) == 4
@@ -424,7 +424,7 @@ def test_a_store_of_schema_2_is_upgraded_on_open(tmp_path):
     assert other.material == keys[2][1]
     assert chunk_rows(store) == 0
     store.close()
-    KeyStore(path, KEK).close()  # opens again as a schema-3 store
+    KeyStore(path, KEK).close()  # opens again as a schema-4 store
 
 
 def test_a_store_of_a_newer_schema_is_refused_untouched(tmp_path):
@@ -433,12 +433,12 @@ def test_a_store_of_a_newer_schema_is_refused_untouched(tmp_path):
     committed(store, 1, random_block(2))
     store.close()
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE meta SET value=4 WHERE name='schema'")
+        db.execute("UPDATE meta SET value=5 WHERE name='schema'")
     db.close()
     before = path.read_bytes()
     with pytest.raises(StoreError) as info:
         KeyStore(path, KEK)
     message = str(info.value)
-    assert str(path) in message and "schema version 4" in message
-    assert "knows versions up to 3" in message and "newer qkdd" in message
+    assert str(path) in message and "schema version 5" in message
+    assert "knows versions up to 4" in message and "newer qkdd" in message
     assert path.read_bytes() == before

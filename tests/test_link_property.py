@@ -28,6 +28,7 @@ from qkdd.keystore import KeyStore, NewHybridKey, NewKeyBlock, StoredQkdKey
 from qkdd.link_params import LinkError
 from qkdd.peer.agreement import LinkAgreement
 from qkdd.peer.messages import LinkMessage
+from qkdd.store.qkd_ids import QkdRun
 
 KEK = bytes(range(32))
 POOL = 10
@@ -48,12 +49,16 @@ class RecordingStore(KeyStore):
         peer_site: str,
         batch_id: int,
         keys: Sequence[NewKeyBlock],
-        consumed_qkd_ids: Iterable[str],
+        consumed_qkd_ids: QkdRun | Iterable[str],
         auth_keys: Sequence[StoredQkdKey] = (),
         pads: Sequence[NewHybridKey] = (),
     ) -> None:
-        consumed = tuple(consumed_qkd_ids)
-        super().add_batch(peer_site, batch_id, keys, consumed, auth_keys, pads)
+        if isinstance(consumed_qkd_ids, QkdRun):
+            run: QkdRun | tuple[str, ...] = consumed_qkd_ids
+            consumed = consumed_qkd_ids.texts
+        else:
+            run = consumed = tuple(consumed_qkd_ids)
+        super().add_batch(peer_site, batch_id, keys, run, auth_keys, pads)
         self.stored.append((batch_id, consumed))  # only once it is stored
 
 

@@ -1,4 +1,4 @@
-"""The QKD buffer at device rate (``qkdd.qkd_buffer``): runs of the oldest keys and runs
+"""The QKD buffer at device rate (``qkdd.store.qkd_buffer``): runs of the oldest keys and runs
 from a given key, consumption of a run, ingest of a delivery, and the query plans that keep
 all of it off a sort or a scan of the whole buffer."""
 
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 
 from qkdd.keystore import KeyStore, StoredQkdKey, StoreError
-from qkdd.qkd_buffer import QkdRun
+from qkdd.store.qkd_ids import QkdRun
 
 KEK = bytes(range(32))
 PEER = "site-b"
@@ -28,20 +28,49 @@ def raw(key: StoredQkdKey) -> bytes:
     return uuid.UUID(key.key_id).bytes
 
 
+def frames(store: KeyStore, peer: str = PEER) -> list[tuple[int, int, bytes, bytes, bytes | None]]:
+    """The peer's frames straight from the table: (first_seq, count, used, IDs, sealed)."""
+    rows = store._db.execute(
+        "SELECT first_seq, key_count, used, key_ids, material FROM qkd_frames"
+        " WHERE peer_site=? ORDER BY first_seq",
+        (peer,),
+    )
+    return [(f, n, bytes(u), bytes(i), None if m is None else bytes(m)) for f, n, u, i, m in rows]
+
+
 def held_ids(store: KeyStore, peer: str = PEER) -> list[str]:
-    """The peer's buffered IDs in receive order, straight from the table."""
-    rows = store._db.execute("SELECT key_id FROM qkd_keys WHERE peer_site=? ORDER BY seq", (peer,))
-    return [r[0] for r in rows]
+    """The peer's buffered IDs in receive order, straight from the table: the keys of
+    frames that still have material, whose used bit is clear."""
+    out = []
+    for _, count, used, ids, sealed in frames(store, peer):
+        bits = int.from_bytes(used, "little")
+        if sealed is not None:
+            out += [
+                str(uuid.UUID(bytes=ids[16 * i : 16 * i + 16]))
+                for i in range(count)
+                if not bits >> i & 1
+            ]
+    return out
 
 
 def corrupt(store: KeyStore, key: StoredQkdKey) -> None:
-    """Flip one bit of a buffered key's sealed row."""
-    (sealed,) = store._db.execute(
-        "SELECT material FROM qkd_keys WHERE key_id=?", (key.key_id,)
-    ).fetchone()
-    broken = bytearray(sealed)
-    broken[-1] ^= 1
-    store._db.execute("UPDATE qkd_keys SET material=? WHERE key_id=?", (bytes(broken), key.key_id))
+    """Flip one bit of the sealed frame that holds a buffered key."""
+    for first, _, _, ids, sealed in frames(store):
+        if raw(key) in [ids[i : i + 16] for i in range(0, len(ids), 16)]:
+            assert sealed is not None, "the key's frame holds no material"
+            broken = bytearray(sealed)
+            broken[-1] ^= 1
+            store._db.execute(
+                "UPDATE qkd_frames SET material=? WHERE first_seq=?", (bytes(broken), first)
+            )
+            return
+    raise AssertionError("key not in any frame")
+
+
+def store_each(store: KeyStore, keys: list[StoredQkdKey], peer: str = PEER) -> None:
+    """One delivery, so one frame, per key."""
+    for key in keys:
+        assert store.store_qkd_keys(peer, [key]) == 1
 
 
 @contextmanager
@@ -67,14 +96,17 @@ def store(tmp_path) -> Iterator[KeyStore]:
 
 def test_a_run_names_its_keys_by_first_id_count_and_sha256_of_the_ids():
     ids = tuple(os.urandom(16) for _ in range(3))
-    run = QkdRun(ids, b"secret material")
-    assert run.first_key_id == ids[0] and run.count == 3
+    run = QkdRun.of(ids, b"secret material")
+    assert run.first_key_id == ids[0] and run.count == 3 and run.key_ids == ids
+    assert run.texts == tuple(str(uuid.UUID(bytes=k)) for k in ids)
     assert run.digest() == hashlib.sha256(b"".join(ids)).digest()
     assert "secret" not in repr(run) and "material=" not in repr(run)
     with pytest.raises(ValueError):
-        QkdRun((), b"")
+        QkdRun(b"", b"")
     with pytest.raises(ValueError):
-        QkdRun((b"short",), b"x")
+        QkdRun(b"short", b"x")
+    with pytest.raises(ValueError):
+        QkdRun.of([b"short"], b"x")
 
 
 # -- the master's run: the oldest keys ------------------------------------------------------
@@ -129,7 +161,7 @@ def test_runs_of_one_peer_skip_keys_of_another_received_between(store):
 
 def test_a_key_that_does_not_open_first_is_quarantined_and_the_run_starts_after(store):
     keys = qkd(6)
-    store.store_qkd_keys(PEER, keys)
+    store_each(store, keys)
     corrupt(store, keys[0])
     run = store.oldest_qkd_run(PEER, 2 * 32, 100)
     assert run is not None and run.key_ids == (raw(keys[1]), raw(keys[2]))
@@ -142,7 +174,7 @@ def test_no_run_spans_a_key_that_does_not_open(store):
     """The peer still holds the key: a run across the gap would differ from its run. The
     keys before it are used up with it, and the run starts after it."""
     keys = qkd(8)
-    store.store_qkd_keys(PEER, keys)
+    store_each(store, keys)
     corrupt(store, keys[2])
     run = store.oldest_qkd_run(PEER, 4 * 32, 100)
     assert run is not None and run.key_ids == tuple(raw(k) for k in keys[3:7])
@@ -156,7 +188,7 @@ def test_no_run_spans_a_key_that_does_not_open(store):
 
 def test_an_oldest_run_inside_a_transaction_uses_it(store):
     keys = qkd(4)
-    store.store_qkd_keys(PEER, keys)
+    store_each(store, keys)
     corrupt(store, keys[1])
     with store.transaction():
         run = store.oldest_qkd_run(PEER, 2 * 32, 100)
@@ -200,7 +232,7 @@ def test_run_from_a_key_matches_the_masters_digest(tmp_path):
 
 def test_a_key_that_does_not_open_in_a_slave_run_is_left_out(store):
     keys = qkd(6)
-    store.store_qkd_keys(PEER, keys)
+    store_each(store, keys)
     corrupt(store, keys[2])
     run = store.qkd_run(PEER, raw(keys[0]), 4)
     assert run is not None
@@ -216,22 +248,30 @@ def test_a_key_that_does_not_open_in_a_slave_run_is_left_out(store):
 # -- consuming a run ------------------------------------------------------------------------
 
 
-def test_a_run_is_consumed_with_one_range_delete(store):
+def test_a_run_is_consumed_as_a_range_sealing_again_only_a_frame_it_covers_in_part(store):
     keys = qkd(50)
-    store.store_qkd_keys(PEER, keys)
-    run = store.oldest_qkd_run(PEER, 40 * 32, 100)
-    assert run is not None
-    ids = [str(uuid.UUID(bytes=k)) for k in run.key_ids]
+    for start in range(0, 50, 10):  # five deliveries, five frames
+        store.store_qkd_keys(PEER, keys[start : start + 10])
+    run = store.oldest_qkd_run(PEER, 35 * 32, 100)
+    assert run is not None and run.count == 35
     with statements(store) as seen, store.transaction() as db:
-        store._consume_qkd_keys(db, PEER, ids)
-    deletes = [s for s in seen if s.startswith("DELETE FROM qkd_keys")]
-    assert len(deletes) == 1 and "BETWEEN" in deletes[0]
-    assert held_ids(store) == [k.key_id for k in keys[40:]]
-    assert all(store.is_qkd_key_consumed(PEER, k) for k in ids)
-    assert store.qkd_keys_used(PEER) == 40
-    # Used IDs are remembered with the receive numbers they had.
-    marks = store._db.execute("SELECT mark FROM qkd_consumed ORDER BY mark").fetchall()
-    assert len({m for (m,) in marks}) == 40
+        store._consume_qkd_keys(db, PEER, run)
+    writes = [s for s in seen if s.startswith("UPDATE qkd_frames")]
+    # Three frames used up whole (no material read or written), one sealed again.
+    assert len([s for s in writes if "material=NULL" in s]) == 3
+    assert len([s for s in writes if "SET held=" in s and "material=NULL" not in s]) == 1
+    assert not [s for s in seen if "qkd_consumed" in s]
+    assert held_ids(store) == [k.key_id for k in keys[35:]]
+    assert all(store.is_qkd_key_consumed(PEER, k.key_id) for k in keys[:35])
+    assert store.qkd_keys_used(PEER) == 35 and store.qkd_key_count(PEER) == 15
+    # The used keys of the frame used in part are zeros in its sealed material now.
+    first, count, used, ids, sealed = frames(store)[3]
+    assert sealed is not None and count == 10
+    from qkdd.sealing import qkd_frame_aad
+
+    opened = store.sealer.open(qkd_frame_aad(PEER, first, 32, ids, used), sealed)
+    assert opened[: 5 * 32] == bytes(5 * 32)
+    assert opened[5 * 32 :] == b"".join(k.material for k in keys[35:40])
 
 
 def test_consumed_ids_as_bytes_and_keys_not_in_a_run(store):
@@ -278,7 +318,7 @@ def test_key_ids_are_held_in_canonical_form(store):
 # -- nothing on a hot path sorts or scans the buffer -------------------------------------------
 
 
-_SCAN = re.compile(r"\bSCAN (qkd_keys|qkd_consumed)\b")
+_SCAN = re.compile(r"\bSCAN (qkd_frames|qkd_consumed)\b")
 
 
 def hot_path(store: KeyStore) -> None:
@@ -315,7 +355,7 @@ def test_no_hot_path_query_sorts_or_scans_the_buffer(store):
         hot_path(store)
     checked = 0
     for sql in dict.fromkeys(seen):
-        if not re.search(r"\b(qkd_keys|qkd_consumed)\b", sql) or sql.startswith("INSERT"):
+        if not re.search(r"\b(qkd_frames|qkd_consumed)\b", sql) or sql.startswith("INSERT"):
             continue
         plan = " / ".join(row[3] for row in store._db.execute("EXPLAIN QUERY PLAN " + sql))
         assert "TEMP B-TREE" not in plan, f"{sql}\n  sorts: {plan}"
@@ -329,15 +369,14 @@ def test_counting_the_buffer_reads_no_table(store):
     with statements(store) as seen:
         assert store.qkd_key_count(PEER) == 5
         assert store.qkd_key_count("site-c") == 0
-    assert not [s for s in seen if "qkd_keys" in s]
+    assert not [s for s in seen if "qkd_frames" in s]
 
 
 # -- how many keys are buffered: always the table's count ---------------------------------------
 
 
 def brute_force(store: KeyStore, peer: str = PEER) -> int:
-    row = store._db.execute("SELECT count(*) FROM qkd_keys WHERE peer_site=?", (peer,))
-    return int(row.fetchone()[0])
+    return len(held_ids(store, peer))
 
 
 def counts_agree(store: KeyStore) -> None:
@@ -350,7 +389,7 @@ def test_the_count_follows_every_way_keys_come_and_go(tmp_path):
     keys = qkd(120)
     ids = [k.key_id for k in keys]
     steps: list[tuple[str, Callable[[], object]]] = [
-        ("store", lambda: store.store_qkd_keys(PEER, keys[:100])),
+        ("store", lambda: store_each(store, keys[:100])),
         ("store, other peer", lambda: store.store_qkd_keys("site-c", qkd(7))),
         ("store again", lambda: store.store_qkd_keys(PEER, keys[90:110])),
         ("consume a run", lambda: consume(store, keys[:10])),
@@ -425,7 +464,7 @@ def test_a_row_quarantined_in_a_rolled_back_transaction_is_counted_out_once(stor
     """The quarantine of a row that does not open stands even if the transaction that
     found it rolls back (the store moves the row again)."""
     keys = qkd(6)
-    store.store_qkd_keys(PEER, keys)
+    store_each(store, keys)
     corrupt(store, keys[0])
     with pytest.raises(RuntimeError), store.transaction() as db:
         store._consume_qkd_keys(db, PEER, [keys[5].key_id])
@@ -433,3 +472,43 @@ def test_a_row_quarantined_in_a_rolled_back_transaction_is_counted_out_once(stor
         raise RuntimeError("abandoned")
     assert store.quarantined_row_count() == 1
     assert store.qkd_key_count(PEER) == 5 == brute_force(store)
+
+
+def test_finding_the_oldest_held_key_reads_no_used_frame(store):
+    """The slave looks up the first key of the master's run, its own oldest when the
+    buffers are in step: frames used up before it (kept as a memory of their IDs) are not
+    read, however many there are."""
+    store.consumed_memory = 8  # the oldest keys are not in memory any more
+    keys = qkd(400)
+    for start in range(0, 400, 4):
+        store.store_qkd_keys(PEER, keys[start : start + 4])
+    with store.transaction() as db:
+        store._consume_qkd_keys(db, PEER, [k.key_id for k in keys[:360]])
+    with statements(store) as seen:
+        run = store.qkd_run(PEER, raw(keys[360]), 8)
+    assert run is not None and run.key_ids == tuple(raw(k) for k in keys[360:368])
+    scans = [s for s in seen if "key_ids, NULL FROM" in s and "first_seq >" in s]
+    assert scans and all("held > 0" in s for s in scans), scans
+    assert len(scans) == 1
+    # A key used a moment ago is found among the newest used frames first.
+    with statements(store) as seen:
+        assert store.is_qkd_key_consumed(PEER, keys[359].key_id)
+    used_reads = [s for s in seen if "held = 0" in s]
+    assert len(used_reads) == 1 and "DESC" in used_reads[0]
+
+
+def test_an_id_that_never_arrived_reads_no_frame_the_memory_covers(store):
+    """The peer's newest key, when its device is ahead, has not arrived here: looking it
+    up must not read the buffer's frames (the newest ones are all in memory)."""
+    keys = qkd(400)
+    for start in range(0, 400, 4):
+        store.store_qkd_keys(PEER, keys[start : start + 4])
+    with store.transaction() as db:
+        store._consume_qkd_keys(db, PEER, [k.key_id for k in keys[:200]])
+    with statements(store) as seen:
+        outcome = store.apply_peer_horizon(PEER, [keys[200].key_id], str(uuid.uuid4()))
+    assert outcome.anchored and not outcome.unresolved
+    scans = [s for s in seen if "key_ids, NULL FROM" in s and ("held = 0" in s or " ASC " in s)]
+    # Every frame (from receive number 1 on) is in memory: any read is of an empty range.
+    assert all("AND first_seq < 1 " in s for s in scans), scans
+    assert not store.is_qkd_key_consumed(PEER, str(uuid.uuid4()))

@@ -27,7 +27,7 @@ each one from its own records; the master's pending batches the slave does not l
 never stored there and are aborted. Nothing is ever ready on one side only.
 
 Both sides keep their QKD buffers in step with QKD_HORIZON and QKD_SKIP
-(``qkdd.qkd_buffer`` has the rules); the horizon doubles as the heartbeat. A peer silent
+(``qkdd.store.qkd_buffer`` has the rules); the horizon doubles as the heartbeat. A peer silent
 for PEER_SILENCE_TIMEOUT, or a RESYNC, BATCH_ACK or BATCH_DECISION overdue, ends the
 session (``SessionDead`` from ``poll``).
 """
@@ -42,7 +42,7 @@ from typing import Final
 
 from qkdd import labels
 from qkdd.crypto import CryptoError, KemPrivateKey, PqcBackend
-from qkdd.hybrid import BatchBinding, BatchDeriver, KemExchange, KeyContext, qkd_ids_digest
+from qkdd.hybrid import BatchBinding, BatchDeriver, KemExchange, KeyContext
 from qkdd.key_ids import key_id
 from qkdd.keystore import NewHybridKey, NewKeyBlock, StoredQkdKey
 from qkdd.link_params import LinkError, LinkParameters, SessionDead
@@ -64,6 +64,7 @@ from qkdd.peer.messages import (
     Resync,
     StoreId,
 )
+from qkdd.store.qkd_ids import QkdRun, id_index
 
 log = logging.getLogger("qkdd.link")
 
@@ -101,7 +102,7 @@ class _InFlight:
     """A master's batch the slave has not acknowledged yet."""
 
     batch: KeyBatch
-    qkd_ids: frozenset[bytes]
+    qkd_ids: bytes  # its run's 16-byte QKD key IDs, concatenated
     # The newest batch whose decision had been sent when this batch went out: the slave's
     # ACK of this batch proves it read that decision (and every earlier one).
     decided_before: int
@@ -339,8 +340,11 @@ class LinkAgreement:
         them already; the slave is about to)."""
         if not self._in_flight:
             return []
-        flying = frozenset().union(*(f.qkd_ids for f in self._in_flight))
-        return [k for k in listed if id_bytes(k) in flying]
+        return [
+            k
+            for k in listed
+            if any(id_index(f.qkd_ids, id_bytes(k)) is not None for f in self._in_flight)
+        ]
 
     def _apply_peer_horizon(self) -> list[LinkMessage]:
         listed = self._horizons.peer_horizon.oldest_key_ids
@@ -366,7 +370,11 @@ class LinkAgreement:
         )
 
     def _store_batch(
-        self, batch: KeyBatch, deriver: BatchDeriver, consumed: Sequence[str], material: bytes
+        self,
+        batch: KeyBatch,
+        deriver: BatchDeriver,
+        consumed: QkdRun | Sequence[str],
+        material: bytes,
     ) -> bytes:
         """Derive the batch's keys and store them pending, consuming its QKD run; both
         sides run exactly this. Returns the batch's key-ID prefix."""
@@ -599,8 +607,7 @@ class LinkAgreement:
             qkd_ids_digest=run.digest(),
             qkd_key_ids=tuple(run.key_ids) if self._list_qkd_ids else (),
         )
-        texts = run.texts or tuple(id_text(raw) for raw in run.key_ids)
-        prefix = self._store_batch(batch, deriver, texts, run.material)
+        prefix = self._store_batch(batch, deriver, run, run.material)
         if purpose == BatchPurpose.AUTHENTICATION_KEYS:
             self._auth_key_wanted = False
         else:
@@ -615,7 +622,7 @@ class LinkAgreement:
         self._in_flight.append(
             _InFlight(
                 batch,
-                frozenset(run.key_ids),
+                run.id_blob,
                 decided_before=self._last_decision_sent,
                 first_key_id=key_id(prefix, 0),
             )
@@ -654,24 +661,20 @@ class LinkAgreement:
             out += self._apply_peer_horizon()
         return out
 
-    def _find_run(self, batch: KeyBatch) -> tuple[list[bytes], list[str], bytes]:
-        """The batch's QKD key IDs (16 bytes, and as text) and material as held here, as
-        far as held."""
-        if batch.qkd_key_ids:
-            texts = [id_text(raw) for raw in batch.qkd_key_ids]
-            found = self._store.get_qkd_keys(self._peer, texts)
-            ids, held, parts = [], [], []
-            for raw, text in zip(batch.qkd_key_ids, texts, strict=True):
-                if text not in found:
-                    break
-                ids.append(raw)
-                held.append(text)
-                parts.append(found[text])
-            return ids, held, b"".join(parts)
-        run = self._store.qkd_run(self._peer, batch.qkd_first_key_id, batch.qkd_key_count)
-        if run is None:
-            return [], [], b""
-        return list(run.key_ids), list(run.texts), run.material
+    def _find_run(self, batch: KeyBatch) -> QkdRun | None:
+        """The batch's QKD keys as held here, as far as held (None if not even the first
+        is): read as a run, or by ID where the batch lists them."""
+        if not batch.qkd_key_ids:
+            return self._store.qkd_run(self._peer, batch.qkd_first_key_id, batch.qkd_key_count)
+        texts = [id_text(raw) for raw in batch.qkd_key_ids]
+        found = self._store.get_qkd_keys(self._peer, texts)
+        ids, parts = [], []
+        for raw, text in zip(batch.qkd_key_ids, texts, strict=True):
+            if text not in found:
+                break
+            ids.append(raw)
+            parts.append(found[text])
+        return QkdRun.of(ids, b"".join(parts)) if ids else None
 
     def _try_batch(self, waiting: _Waiting, now: float) -> list[LinkMessage] | None:
         batch = waiting.batch
@@ -683,36 +686,37 @@ class LinkAgreement:
             )
         reason = self._check_batch(batch)
         if reason:
-            return self._reject(batch, [], reason)
-        ids, texts, material = self._find_run(batch)
-        if len(ids) < batch.qkd_key_count:
+            return self._reject(batch, None, reason)
+        run = self._find_run(batch)
+        held = run.count if run is not None else 0
+        if run is None or held < batch.qkd_key_count:
             first = id_text(batch.qkd_first_key_id)
-            if not ids and self._store.is_qkd_key_consumed(self._peer, first):
-                return self._reject(batch, ids, f"QKD key {first} was already used")
+            if not held and self._store.is_qkd_key_consumed(self._peer, first):
+                return self._reject(batch, run, f"QKD key {first} was already used")
             if now < waiting.deadline and not waiting.doomed:
                 self._kem_keys[batch.offer_id] = kem_key
                 return None  # our device has not delivered them yet: wait
-            missing = batch.qkd_key_count - len(ids)
+            missing = batch.qkd_key_count - held
             if waiting.doomed:
                 why = f"{missing} QKD keys never come here: our device is past them"
             else:
                 why = f"{missing} QKD keys never arrived here"
-            return self._reject(batch, ids, f"{why} (device desync)")
-        if qkd_ids_digest(ids) != batch.qkd_ids_digest:
-            return self._reject(batch, ids, "the QKD keys here differ from the batch's (digest)")
-        if len(material) < batch.count * batch.size_bits // 8:
-            return self._reject(batch, ids, "the QKD run here is shorter than the batch needs")
+            return self._reject(batch, run, f"{why} (device desync)")
+        if run.digest() != batch.qkd_ids_digest:
+            return self._reject(batch, run, "the QKD keys here differ from the batch's (digest)")
+        if len(run.material) < batch.count * batch.size_bits // 8:
+            return self._reject(batch, run, "the QKD run here is shorter than the batch needs")
         # The master skipped any older keys we hold: its device never delivered them.
         log_orphans(
             self._peer,
-            self._store.quarantine_qkd_keys_before(self._peer, [id_text(ids[0])]),
+            self._store.quarantine_qkd_keys_before(self._peer, [id_text(run.first_key_id)]),
             "not-in-peer-stream",
         )
         shared = kem_key.decapsulate(batch.kem_ciphertext)
         deriver = BatchDeriver(
             self._context, KemExchange(kem_key.public_bytes, batch.kem_ciphertext, shared)
         )
-        self._store_batch(batch, deriver, texts, material)
+        self._store_batch(batch, deriver, run, run.material)
         self._undecided[batch.batch_id] = batch
         pool = (batch.purpose, batch.master_sae_id, batch.slave_sae_id)
         self._coming[pool] = self._coming.get(pool, 0) + batch.count
@@ -744,14 +748,15 @@ class LinkAgreement:
             return f"batch {batch.batch_id} was already used"
         return ""
 
-    def _reject(self, batch: KeyBatch, held: Sequence[bytes], reason: str) -> list[LinkMessage]:
+    def _reject(self, batch: KeyBatch, held: QkdRun | None, reason: str) -> list[LinkMessage]:
         log.warning(
             "event=batch_rejected peer=%s batch=%d reason=%r", self._peer, batch.batch_id, reason
         )
         # Quarantine: the QKD keys a failed batch named are never used.
         named = batch.qkd_key_ids or (batch.qkd_first_key_id,)
+        ours = held.key_ids if held is not None else ()
         self._store.quarantine_qkd_keys(
-            self._peer, [id_text(raw) for raw in dict.fromkeys([*named, *held])]
+            self._peer, [id_text(raw) for raw in dict.fromkeys([*named, *ours])]
         )
         self._kem_keys.pop(batch.offer_id, None)
         self._undecided[batch.batch_id] = None  # the master answers a rejection with an abort

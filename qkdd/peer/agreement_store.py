@@ -9,8 +9,8 @@ from typing import Protocol
 
 from qkdd.keystore import NewHybridKey, NewKeyBlock, StoredQkdKey
 from qkdd.peer.horizon import HorizonStore
-from qkdd.qkd_buffer import QkdRun
-from qkdd.qkd_buffer import id_text as id_text
+from qkdd.store.qkd_ids import QkdRun
+from qkdd.store.qkd_ids import id_text as id_text
 
 
 class AgreementStore(HorizonStore, Protocol):
@@ -26,7 +26,7 @@ class AgreementStore(HorizonStore, Protocol):
         peer_site: str,
         batch_id: int,
         keys: Sequence[NewKeyBlock],
-        consumed_qkd_ids: Iterable[str],
+        consumed_qkd_ids: QkdRun | Iterable[str],
         auth_keys: Sequence[StoredQkdKey] = (),
         pads: Sequence[NewHybridKey] = (),
     ) -> None: ...

@@ -1,7 +1,7 @@
 """Keeping the two QKD buffers of a link in step during a session (sans-IO): when to send
 our QKD_HORIZON (it is also the heartbeat), applying the peer's, and answering with
 QKD_SKIP. The rules that decide what is dropped or skipped live with the buffer
-(``qkdd.qkd_buffer``); this is the conversation around them.
+(``qkdd.store.qkd_buffer``); this is the conversation around them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Collection, Iterable, Sequence
 from typing import Final, Protocol
 
 from qkdd.peer.messages import HORIZON_KEYS_FIRST, MAX_HORIZON_KEYS, QkdHorizon, QkdSkip
-from qkdd.qkd_buffer import HorizonOutcome
+from qkdd.store.qkd_alignment import HorizonOutcome
 
 log = logging.getLogger("qkdd.link")
 

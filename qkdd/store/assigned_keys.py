@@ -9,15 +9,15 @@ collects it by ID.
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from qkdd.sealing import Sealer, StoreError
+from qkdd.sealing import StoreError
 from qkdd.sealing import assigned_row_aad as _assigned_aad
+from qkdd.store.database import Database
 from qkdd.store.records import ErasedKey, HybridKey
 
 ASSIGNED_KEYS_SCHEMA: Final = """
@@ -53,23 +53,10 @@ class Assignment:
     constituent_ids: tuple[str, ...]
 
 
-class AssignedKeys:
+class AssignedKeys(Database):
     """Assigned keys; mixed into ``KeyStore``."""
 
     if TYPE_CHECKING:
-        _db: sqlite3.Connection
-        _sealer: Sealer
-
-        def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]: ...
-
-        def _open_row(
-            self,
-            table: str,
-            key: tuple[str, ...],
-            associated: bytes,
-            sealed: bytes,
-            withdrawn: ErasedKey | None = None,
-        ) -> bytes | None: ...
 
         def _take_keys_in(
             self, db: sqlite3.Connection, key_ids: Sequence[str], master: str, slave: str

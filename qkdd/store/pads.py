@@ -9,14 +9,13 @@ aborted batch), are never handed to an application as keys, and each byte is use
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
-from qkdd.sealing import Sealer
 from qkdd.sealing import pad_row_aad as _pad_aad
-from qkdd.store.records import ErasedKey, HybridKey, NewHybridKey
+from qkdd.store.database import Database
+from qkdd.store.records import HybridKey, NewHybridKey
 
 PADS_SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS pad_keys (
@@ -35,25 +34,11 @@ CREATE INDEX IF NOT EXISTS pads_by_batch ON pad_keys (peer_site, batch_id);
 """
 
 
-class OneTimePads:
+class OneTimePads(Database):
     """One-time pads; mixed into ``KeyStore``."""
 
     if TYPE_CHECKING:
         on_keys_taken: Callable[[], None] | None
-
-        _db: sqlite3.Connection
-        _sealer: Sealer
-
-        def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]: ...
-
-        def _open_row(
-            self,
-            table: str,
-            key: tuple[str, ...],
-            associated: bytes,
-            sealed: bytes,
-            withdrawn: ErasedKey | None = None,
-        ) -> bytes | None: ...
 
     def _insert_pads(
         self,

@@ -2,12 +2,14 @@
 
 The version is the ``schema`` row of ``meta``; a store without one is of version 2 or
 older (or new). Version 2 held each application key as a row of ``hybrid_keys``; version 3
-holds keys as chunks of key blocks (``qkdd.store.key_blocks``). Opening a version-2 store
-moves every row into a chunk of one key (prefix and index from its key ID, which any UUID
-gives), in the same state, made at the same time, its material sealed again under the
-chunk's associated data, and drops the old table: all in one transaction, so a failure
-leaves the old table as it was. A store written by a newer qkdd is refused before
-anything is written: this code cannot know what its tables mean.
+holds keys as chunks of key blocks (``qkdd.store.key_blocks``); version 4 holds the QKD
+buffer as frames (``qkdd.store.qkd_frames``) where older ones held a row per QKD key
+(``qkd_keys``): opening such a store moves them (``qkdd.store.qkd_buffer``).
+Opening a version-2 store moves every row into a chunk of one key (prefix and index from
+its key ID, which any UUID gives), in the same state, made at the same time, its material
+sealed again under the chunk's associated data, and drops the old table: all in one
+transaction, so a failure leaves the old table as it was. A store written by a newer qkdd
+is refused before anything is written: this code cannot know what its tables mean.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from qkdd.store.key_blocks import NewKeyBlock, insert_chunk_rows, seal_chunk_row
 
 log = logging.getLogger("qkdd.keystore")
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 SCHEMA_NAME: Final = "schema"
 
 
