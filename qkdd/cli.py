@@ -128,6 +128,7 @@ def _run_daemon(args: argparse.Namespace, stop_signals: StopSignals) -> int:
     from qkdd.daemon import run_daemon
     from qkdd.etsi014.pool import KeyServiceError
     from qkdd.identity import IdentityError
+    from qkdd.ipsec.binding import IpsecError
     from qkdd.keystore import StoreError
     from qkdd.systemd import SystemdError
     from qkdd.wireguard import WireGuardError
@@ -140,6 +141,7 @@ def _run_daemon(args: argparse.Namespace, stop_signals: StopSignals) -> int:
         CryptoError,
         KeyServiceError,
         WireGuardError,
+        IpsecError,
         SystemdError,
         KmeError,
         OSError,

@@ -10,52 +10,33 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from qkdd.config_reader import ID_PATTERN, ConfigProblems, ConfigReader
+from qkdd.config_reader import ConfigError as ConfigError
+from qkdd.config_reader import ConfigErrors as ConfigErrors
 from qkdd.crypto import SIGNATURE_PUBLIC_KEY_SIZE
 from qkdd.crypto.select import BACKEND_CHOICES
-from qkdd.wireguard import BindingValueError, WireGuardBinding
+from qkdd.ipsec.binding import IpsecBinding
+from qkdd.wireguard import WireGuardBinding, parse_wireguard
 
 if sys.version_info >= (3, 11):  # noqa: UP036 - tomli stays declared for older Pythons
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
+if TYPE_CHECKING:
+    from qkdd.skip.config import SkipConfig
+
 T = TypeVar("T")
 
-_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 # A site config is a few KiB; anything this large is the wrong file.
 MAX_CONFIG_BYTES = 1024 * 1024
 DEVICE_KINDS = ("serial", "etsi014")
-
-
-class ConfigError(Exception):
-    """A config file is missing, unreadable or holds a bad value."""
-
-    def __init__(self, file: str | os.PathLike[str], key: str, expected: str, got: object = None):
-        self.file = str(file)
-        self.key = key
-        self.expected = expected
-        detail = f"{self.file}: {key}: expected {expected}"
-        if got is not None:
-            detail += f", got {got!r}"
-        super().__init__(detail)
-
-
-class ConfigErrors(ConfigError):
-    """Several independent problems in one config file: ``problems`` holds each, the first
-    gives ``file``, ``key`` and ``expected``, and the message has one line per problem."""
-
-    def __init__(self, problems: list[ConfigError]) -> None:
-        first = problems[0]
-        self.file, self.key, self.expected = first.file, first.key, first.expected
-        self.problems = tuple(problems)
-        Exception.__init__(self, "\n".join(str(problem) for problem in problems))
 
 
 @dataclass(frozen=True)
@@ -184,6 +165,10 @@ class SiteConfig:
     wireguard: tuple[WireGuardBinding, ...] = ()
     # [metrics]: Prometheus metrics on a listener of their own (None: only on the API socket).
     metrics: MetricsConfig | None = None
+    # [skip]: the SKIP key provider for routers (qkdd.skip.config; None: off).
+    skip: SkipConfig | None = None
+    # [[ipsec]]: IKEv2 connections of charon whose PPK is kept fresh from hybrid keys.
+    ipsec: tuple[IpsecBinding, ...] = ()
 
     @property
     def local_sae_ids(self) -> frozenset[str]:
@@ -211,93 +196,7 @@ class SiteConfig:
         return next((c.keys_per_hour for c in self.consumers if c.sae_id == sae_id), None)
 
 
-class _Reader:
-    """Typed access to one TOML table, raising ConfigError with the full key path."""
-
-    def __init__(self, file: Path, table: Mapping[str, Any], prefix: str = "") -> None:
-        self.file = file
-        self.table = table
-        self.prefix = prefix
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}{name}"
-
-    def error(self, name: str, expected: str, got: object = None) -> ConfigError:
-        return ConfigError(self.file, self.key(name), expected, got)
-
-    def get(self, name: str, kind: type[T], expected: str, default: Any = ...) -> T:
-        if name not in self.table:
-            if default is ...:
-                raise self.error(name, f"{expected} (the key is missing)")
-            return default  # type: ignore[no-any-return]
-        value = self.table[name]
-        # bool is an int subclass; refuse it where a number is meant
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.error(name, expected, value)
-        return value
-
-    def identifier(self, name: str) -> str:
-        value = self.get(name, str, "an identifier of 1-64 letters, digits, '.', '_', ':', '-'")
-        if not _ID_PATTERN.fullmatch(value):
-            raise self.error(
-                name, "an identifier of 1-64 letters, digits, '.', '_', ':', '-'", value
-            )
-        return value
-
-    def integer(self, name: str, low: int, high: int, default: Any = ...) -> int:
-        expected = f"an integer from {low} to {high}"
-        value = self.get(name, int, expected, default)
-        if not low <= value <= high:
-            raise self.error(name, expected, value)
-        return value
-
-    def path(self, name: str, default: Any = ..., *, resolve: bool = True) -> Path:
-        value = self.get(
-            name, str, "a file system path (relative paths start at the config file)", default
-        )
-        if not value or "\x00" in value:
-            raise self.error(name, "a non-empty path without NUL characters", value)
-        if os.path.isabs(value):
-            return Path(value)
-        joined = self.file.parent / value
-        # A device path is often a link that is re-pointed when the device comes back
-        # (the emulator's ptys): it must be followed at each open, not once here.
-        return joined.resolve() if resolve else Path(os.path.abspath(joined))
-
-    def address(self, name: str) -> tuple[str, int]:
-        expected = '"host:port" with a port from 1 to 65535'
-        value = self.get(name, str, expected)
-        host, sep, port = value.rpartition(":")
-        host = host.strip("[]")
-        if (
-            not sep
-            or not host
-            or not (port.isascii() and port.isdigit())
-            or not 1 <= int(port) <= 65535
-        ):
-            raise self.error(name, expected, value)
-        return host, int(port)
-
-    def table_list(self, name: str) -> list[_Reader]:
-        items = self.get(name, list, "an array of tables", [])
-        readers = []
-        for index, item in enumerate(items):
-            if not isinstance(item, dict):
-                raise ConfigError(self.file, f"{self.key(name)}[{index}]", "a table", item)
-            readers.append(_Reader(self.file, item, f"{self.key(name)}[{index}]."))
-        return readers
-
-    def subtable(self, name: str) -> _Reader:
-        value = self.get(name, dict, "a table")
-        return _Reader(self.file, value, f"{self.key(name)}.")
-
-    def reject_unknown(self, known: set[str]) -> None:
-        for name in self.table:
-            if name not in known:
-                raise self.error(name, f"no such key here (known keys: {', '.join(sorted(known))})")
-
-
-def _public_key(reader: _Reader) -> bytes:
+def _public_key(reader: ConfigReader) -> bytes:
     """The pinned key, inline (``public_key``) or in a file (``public_key_file``)."""
     expected = (
         f"the peer's ML-DSA-65 public key in base64 ({SIGNATURE_PUBLIC_KEY_SIZE} bytes), "
@@ -330,7 +229,7 @@ def _public_key(reader: _Reader) -> bytes:
     return raw
 
 
-def _secret_source(reader: _Reader, name: str) -> SecretSource:
+def _secret_source(reader: ConfigReader, name: str) -> SecretSource:
     expected = 'a file path, or "credential:NAME" for a systemd credential'
     value = reader.get(name, str, expected)
     if value.startswith("credential:"):
@@ -341,7 +240,7 @@ def _secret_source(reader: _Reader, name: str) -> SecretSource:
     return SecretSource(reader.path(name), None)
 
 
-def _tls(reader: _Reader, local_saes: set[str]) -> TlsConfig:
+def _tls(reader: ConfigReader, local_saes: set[str]) -> TlsConfig:
     reader.reject_unknown({"listen", "certificate", "private_key", "client_ca", "clients"})
     clients = reader.get("clients", dict, "a table of certificate name = SAE ID")
     for name, sae in clients.items():
@@ -361,7 +260,7 @@ def _tls(reader: _Reader, local_saes: set[str]) -> TlsConfig:
     )
 
 
-def _metrics(reader: _Reader, api_socket: Path) -> MetricsConfig:
+def _metrics(reader: ConfigReader, api_socket: Path) -> MetricsConfig:
     reader.reject_unknown({"listen", "socket", "socket_mode"})
     if ("listen" in reader.table) == ("socket" in reader.table):
         raise reader.error(
@@ -381,7 +280,7 @@ def _metrics(reader: _Reader, api_socket: Path) -> MetricsConfig:
     )
 
 
-def _device(reader: _Reader) -> DeviceConfig:
+def _device(reader: ConfigReader) -> DeviceConfig:
     kind = reader.get("kind", str, f"one of {', '.join(DEVICE_KINDS)}")
     if kind == "serial":
         reader.reject_unknown({"kind", "path", "baudrate"})
@@ -420,7 +319,7 @@ def _device(reader: _Reader) -> DeviceConfig:
     raise reader.error("kind", f"one of {', '.join(DEVICE_KINDS)}", kind)
 
 
-def _peer(reader: _Reader) -> PeerConfig:
+def _peer(reader: ConfigReader) -> PeerConfig:
     reader.reject_unknown(
         {
             "site_id",
@@ -437,7 +336,7 @@ def _peer(reader: _Reader) -> PeerConfig:
     )
     remote = reader.get("remote_sae_ids", list, "a list of the SAE IDs at that site")
     for index, sae in enumerate(remote):
-        if not isinstance(sae, str) or not _ID_PATTERN.fullmatch(sae):
+        if not isinstance(sae, str) or not ID_PATTERN.fullmatch(sae):
             raise ConfigError(
                 reader.file, f"{reader.key('remote_sae_ids')}[{index}]", "an SAE ID", sae
             )
@@ -455,7 +354,7 @@ def _peer(reader: _Reader) -> PeerConfig:
     )
 
 
-def _auth_key_bits(reader: _Reader) -> int:
+def _auth_key_bits(reader: ConfigReader) -> int:
     """QKD bits set aside per session for the next session's PSK (the link master's value
     is the one used; both sites should agree)."""
     bits = reader.integer("auth_key_bits", 128, 4096, 256)
@@ -464,7 +363,7 @@ def _auth_key_bits(reader: _Reader) -> int:
     return bits
 
 
-def _consumer(reader: _Reader) -> ConsumerConfig:
+def _consumer(reader: ConfigReader) -> ConsumerConfig:
     reader.reject_unknown({"sae_id", "uid", "keys_per_hour", "talks_to"})
     uid = reader.integer("uid", 0, 2**32 - 2, None) if "uid" in reader.table else None
     quota = (
@@ -476,7 +375,7 @@ def _consumer(reader: _Reader) -> ConsumerConfig:
     if "talks_to" in reader.table:
         talks_to = reader.get("talks_to", list, "a list of remote SAE IDs")
         for index, sae in enumerate(talks_to):
-            if not isinstance(sae, str) or not _ID_PATTERN.fullmatch(sae):
+            if not isinstance(sae, str) or not ID_PATTERN.fullmatch(sae):
                 raise ConfigError(
                     reader.file, f"{reader.key('talks_to')}[{index}]", "an SAE ID", sae
                 )
@@ -488,93 +387,19 @@ def _consumer(reader: _Reader) -> ConsumerConfig:
     )
 
 
-_WIREGUARD_KEYS = {
-    "name",
-    "interface",
-    "peer_public_key",
-    "peer_site",
-    "local_sae",
-    "remote_sae",
-    "interval",
-    "max_key_age",
-    "startup_timeout",
-    "wg_command",
-}
-
-
-def _wireguard(
-    reader: _Reader, consumers: tuple[ConsumerConfig, ...], peers: tuple[PeerConfig, ...]
-) -> WireGuardBinding:
-    reader.reject_unknown(_WIREGUARD_KEYS)
-    fields = {k: v for k, v in reader.table.items() if k in _WIREGUARD_KEYS}
-    missing = sorted(
-        {"name", "interface", "peer_public_key", "peer_site", "local_sae", "remote_sae"}
-        - set(fields)
-    )
-    if missing:
-        raise reader.error(missing[0], "a value (this key is required)")
-    try:
-        binding = WireGuardBinding(**fields)
-    except BindingValueError as exc:
-        raise reader.error(exc.key, exc.expected) from None
-    peer = next((p for p in peers if p.site_id == binding.peer_site), None)
-    if peer is None:
-        raise reader.error("peer_site", "the site_id of one of [[peers]]", binding.peer_site)
-    if binding.local_sae not in {c.sae_id for c in consumers}:
-        raise reader.error(
-            "local_sae", "an sae_id of [[consumers]] (keys are made for it)", binding.local_sae
-        )
-    if binding.remote_sae not in peer.remote_sae_ids:
-        raise reader.error(
-            "remote_sae", f"one of the remote_sae_ids of peer {peer.site_id}", binding.remote_sae
-        )
-    return binding
-
-
-class _Problems:
-    """Collects the ConfigError of each independent part of a file, so one run reports them
-    all; a part that depends on a failed one is skipped rather than reported twice."""
-
-    def __init__(self) -> None:
-        self.errors: list[ConfigError] = []
-
-    def take(self, build: Callable[[], T], fallback: T) -> T:
-        try:
-            return build()
-        except ConfigError as exc:
-            self.errors.append(exc)
-            return fallback
-
-    def items(self, readers: Callable[[], list[_Reader]], parse: Callable[[_Reader], T]) -> list[T]:
-        """Each table of an array parsed on its own (a bad one does not hide the next)."""
-        no_tables: list[_Reader] = []
-        parsed: list[T] = []
-        for reader in self.take(readers, no_tables):
-            try:
-                parsed.append(parse(reader))
-            except ConfigError as exc:
-                self.errors.append(exc)
-        return parsed
-
-    def check(self) -> None:
-        if len(self.errors) == 1:
-            raise self.errors[0]
-        if self.errors:
-            raise ConfigErrors(self.errors)
-
-
 def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
     """The site config in ``data``; raises ConfigError, or ConfigErrors for several."""
-    from qkdd.config_checks import cross_checks  # it builds on this module
+    from qkdd.config_checks import cross_checks  # they build on this module
+    from qkdd.skip.config import parse_skip
 
-    root = _Reader(file, data)
-    problems = _Problems()
+    root = ConfigReader(file, data)
+    problems = ConfigProblems()
     problems.take(lambda: root.reject_unknown(_TOP_LEVEL_KEYS), None)
 
-    def section(name: str, known: set[str], optional: bool = False) -> _Reader:
+    def section(name: str, known: set[str], optional: bool = False) -> ConfigReader:
         if optional and name not in root.table:
-            return _Reader(file, {}, f"{name}.")
-        reader = problems.take(lambda: root.subtable(name), _Reader(file, {}, f"{name}."))
+            return ConfigReader(file, {}, f"{name}.")
+        reader = problems.take(lambda: root.subtable(name), ConfigReader(file, {}, f"{name}."))
         problems.take(lambda: reader.reject_unknown(known), None)
         return reader
 
@@ -604,10 +429,20 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
     if sae_lists_ok:
         wireguard = tuple(
             problems.items(
-                lambda: root.table_list("wireguard"), lambda r: _wireguard(r, consumers, peers)
+                lambda: root.table_list("wireguard"), lambda r: parse_wireguard(r, consumers, peers)
             )
         )
         problems.take(lambda: cross_checks(file, site_id, consumers, peers, wireguard), None)
+    ipsec: tuple[IpsecBinding, ...] = ()
+    if sae_lists_ok:
+        from qkdd.ipsec.config import parse_ipsec, unique_names
+
+        ipsec = tuple(
+            problems.items(
+                lambda: root.table_list("ipsec"), lambda r: parse_ipsec(r, consumers, peers)
+            )
+        )
+        problems.take(lambda: unique_names(file, ipsec), None)
     api_socket = problems.take(lambda: api.path("socket"), Path("/"))
     config = SiteConfig(
         file=file,
@@ -644,8 +479,12 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
             lambda: messages.integer("max_pending", 1, 10**9, 100_000), 0
         ),
         wireguard=wireguard,
+        ipsec=ipsec,
         metrics=problems.take(lambda: _metrics(root.subtable("metrics"), api_socket), None)
         if "metrics" in root.table
+        else None,
+        skip=problems.take(lambda: parse_skip(root.subtable("skip"), consumers, peers), None)
+        if "skip" in root.table and sae_lists_ok
         else None,
     )
     problems.check()
@@ -665,6 +504,8 @@ _TOP_LEVEL_KEYS = {
     "messages",
     "wireguard",
     "metrics",
+    "skip",
+    "ipsec",
 }
 
 
@@ -721,8 +562,9 @@ def check_files(config: SiteConfig) -> list[ConfigError]:
     """Problems a daemon would hit at start that parsing alone cannot see (missing secret
     files, socket directories, [api.tls] files that do not load)."""
     from qkdd.config_checks import file_problems
+    from qkdd.skip.config import file_problems as skip_file_problems
 
-    return file_problems(config)
+    return file_problems(config) + skip_file_problems(config)
 
 
 def config_warnings(config: SiteConfig) -> list[str]:

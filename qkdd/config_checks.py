@@ -138,68 +138,68 @@ def file_problems(config: SiteConfig) -> list[ConfigError]:
 
 
 def tls_file_problems(config: SiteConfig) -> list[ConfigError]:
-    """The [api.tls] files loaded as the listener will load them: a missing file, a
-    certificate file without a certificate, a key that is not the certificate's, a client CA
-    file without a CA certificate."""
+    """The [api.tls] files loaded as the listener will load them."""
     tls = config.api_tls
     assert tls is not None
-    files = {
-        "api.tls.certificate": tls.certificate,
-        "api.tls.private_key": tls.private_key,
-        "api.tls.client_ca": tls.client_ca,
-    }
+    return listener_tls_problems(
+        config.file, "api.tls", (tls.certificate, tls.private_key, tls.client_ca)
+    )
+
+
+def listener_tls_problems(
+    file: Path,
+    section: str,
+    paths: tuple[Path, Path, Path],
+    client_certificates: str = "client certificates",
+) -> list[ConfigError]:
+    """A TLS listener's files, the `certificate`, `private_key` and `client_ca` of `section`
+    (their `paths` in that order), loaded as the listener will load them: a missing or
+    unreadable file, a certificate file without a certificate, a key that is not the
+    certificate's, a client CA file without a CA certificate (of `client_certificates`)."""
+    files = dict(zip(("certificate", "private_key", "client_ca"), paths, strict=True))
+    certificate, private_key, client_ca = (str(path) for path in paths)
     problems = []
     readable = set()
-    for key, path in files.items():
+    for name, path in files.items():
         try:
             with open(path, "rb"):
-                readable.add(key)
+                readable.add(name)
         except OSError as exc:
             problems.append(
                 ConfigError(
-                    config.file,
-                    key,
+                    file,
+                    f"{section}.{name}",
                     "an existing, readable PEM file",
                     f"{path} ({exc.strerror or exc})",
                 )
             )
-    if "api.tls.certificate" in readable:
-        problem = _load_problem(lambda ctx: ctx.load_verify_locations(cafile=str(tls.certificate)))
+
+    def loads(name: str, expected: str, load: Callable[[ssl.SSLContext], None]) -> bool:
+        """Whether the file `name` is readable and loads (a problem if it does not load)."""
+        if name not in readable:
+            return False
+        problem = _load_problem(load)
         if problem is not None:
-            problems.append(
-                ConfigError(
-                    config.file,
-                    "api.tls.certificate",
-                    "a PEM file holding the listener's certificate",
-                    f"{tls.certificate} ({problem})",
-                )
-            )
-        elif "api.tls.private_key" in readable:
-            problem = _load_problem(
-                lambda ctx: ctx.load_cert_chain(
-                    str(tls.certificate), str(tls.private_key), password=_no_password
-                )
-            )
-            if problem is not None:
-                problems.append(
-                    ConfigError(
-                        config.file,
-                        "api.tls.private_key",
-                        "an unencrypted PEM private key matching api.tls.certificate",
-                        f"{tls.private_key} ({problem})",
-                    )
-                )
-    if "api.tls.client_ca" in readable:
-        problem = _load_problem(lambda ctx: ctx.load_verify_locations(cafile=str(tls.client_ca)))
-        if problem is not None:
-            problems.append(
-                ConfigError(
-                    config.file,
-                    "api.tls.client_ca",
-                    "a PEM file of the CA certificates that issue client certificates",
-                    f"{tls.client_ca} ({problem})",
-                )
-            )
+            key = f"{section}.{name}"
+            problems.append(ConfigError(file, key, expected, f"{files[name]} ({problem})"))
+        return problem is None
+
+    if loads(
+        "certificate",
+        "a PEM file holding the listener's certificate",
+        lambda ctx: ctx.load_verify_locations(cafile=certificate),
+    ):
+        loads(
+            "private_key",
+            f"an unencrypted PEM private key matching {section}.certificate (the key that "
+            "belongs to it)",
+            lambda ctx: ctx.load_cert_chain(certificate, private_key, password=_no_password),
+        )
+    loads(
+        "client_ca",
+        f"a PEM file of the CA certificates that issue {client_certificates}",
+        lambda ctx: ctx.load_verify_locations(cafile=client_ca),
+    )
     return problems
 
 

@@ -53,6 +53,8 @@ AAD_MESSAGE_ROW: Final = b"qkdd/v1 sealed message row"
 AAD_PAD_ROW: Final = b"qkdd/v1 sealed one-time pad row"
 # A chunk of a key block (qkdd.store.key_blocks): many keys of one batch sealed together.
 AAD_KEY_CHUNK_ROW: Final = b"qkdd/v1 sealed key chunk row"
+# A frame of the QKD buffer (qkdd.store.qkd_frames): the keys of one device delivery.
+AAD_QKD_FRAME_ROW: Final = b"qkdd/v1 sealed qkd frame row"
 # The store's key-check value: this fixed plaintext, sealed when the store is created with
 # associated data naming the store, tells a wrong key-encryption key before any write.
 KEK_CHECK_PLAINTEXT: Final = b"qkdd/v1 key-encryption key check value"
@@ -66,6 +68,10 @@ AAD_MESSAGE: Final = b"qkdd/v1 message aad"
 # WireGuard pre-shared keys (qkdd.wireguard): a PSK derived from a hybrid key under its own
 # label, bound to the binding name and key ID, so it never equals the key itself.
 LABEL_WIREGUARD_PSK: Final = b"qkdd/v1 wireguard preshared key"
+
+# IPsec post-quantum preshared keys (qkdd.ipsec, RFC 8784 PPKs): the same construction
+# under a label of their own.
+LABEL_IPSEC_PPK: Final = b"qkdd/v1 ipsec postquantum preshared key"
 
 ALL_LABELS: Final = (
     PROTOCOL_NAME,
@@ -95,9 +101,11 @@ ALL_LABELS: Final = (
     AAD_MESSAGE_ROW,
     AAD_PAD_ROW,
     AAD_KEY_CHUNK_ROW,
+    AAD_QKD_FRAME_ROW,
     KEK_CHECK_PLAINTEXT,
     AAD_KEK_CHECK_ROW,
     LABEL_MESSAGE_KEY,
     AAD_MESSAGE,
     LABEL_WIREGUARD_PSK,
+    LABEL_IPSEC_PPK,
 )

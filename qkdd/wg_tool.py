@@ -26,6 +26,8 @@ from typing import Final, Protocol
 
 import trio
 
+from qkdd.rotation.binding import KeyMaterialError, RotationError
+
 PSK_SIZE: Final = 32  # WireGuard's pre-shared key: 32 bytes (the Noise IKpsk2 "psk")
 # Upper bound on one run of `wg`: a hung tool must not stall the loop that enforces
 # max_key_age.
@@ -38,7 +40,7 @@ DUMP_PEER_FIELDS: Final = 8
 _NONE: Final = "(none)"  # how dump prints an unset endpoint or an empty allowed-ips list
 
 
-class WireGuardError(Exception):
+class WireGuardError(RotationError):
     """Base class for every WireGuard error in qkdd."""
 
 
@@ -55,12 +57,9 @@ class WgCommandError(WireGuardError):
         self.stderr = stderr
 
 
-class KeyMaterialError(WireGuardError, ValueError):
-    """Key material of the wrong size for a WireGuard PSK."""
-
-
 class PskInstaller(Protocol):
-    """Sets one peer's PSK on one interface; raises WireGuardError on failure."""
+    """Sets one peer's PSK on one interface; raises WireGuardError on failure
+    (KeyMaterialError for a PSK of the wrong size)."""
 
     async def install(self, interface: str, peer_public_key: str, psk: bytes) -> None:
         """Set the PSK; the peer's current session runs on until its next handshake."""

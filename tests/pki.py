@@ -110,22 +110,26 @@ def write(
     return Credentials(str(cert_path), str(key_path))
 
 
+def write_ca(directory: Path, ca: Issuer) -> str:
+    """The CA's certificate written as ``ca.crt`` in ``directory``; its path."""
+    path = directory / "ca.crt"
+    path.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+    return str(path)
+
+
+def write_server(directory: Path, ca: Issuer, name: str, common_name: str) -> Credentials:
+    """A server certificate for localhost and 127.0.0.1, written as ``name``.crt and .key."""
+    key, cert = issue(
+        ca, common_name, dns=["localhost"], ips=["127.0.0.1"], usage=ExtendedKeyUsageOID.SERVER_AUTH
+    )
+    return write(directory, name, key, cert)
+
+
 def make_pki(directory: Path) -> Pki:
     ca, other_ca = new_ca("qkdd test CA"), new_ca("some other CA")
-    (directory / "ca.crt").write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
     return Pki(
-        ca=str(directory / "ca.crt"),
-        server=write(
-            directory,
-            "server",
-            *issue(
-                ca,
-                "qkdd api",
-                dns=["localhost"],
-                ips=["127.0.0.1"],
-                usage=ExtendedKeyUsageOID.SERVER_AUTH,
-            ),
-        ),
+        ca=write_ca(directory, ca),
+        server=write_server(directory, ca, "server", "qkdd api"),
         client_a=write(directory, "client-a", *issue(ca, "client-a", dns=["app-a.example"])),
         client_b=write(directory, "client-b", *issue(ca, "app-b")),
         stranger=write(directory, "stranger", *issue(ca, "stranger", dns=["x.example"])),

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from demo_layout import config_error, site_host_example, toml_table, write_demo_sites
 from timeouts import timeout
 
 from qkdd.cli import main
@@ -19,14 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def site_dir(tmp_path, any_backend):
     """A demo layout: both configs and both public keys (the private keys are not needed)."""
-    for site in (SITE_A, SITE_B):
-        (tmp_path / site.directory).mkdir()
-        key = any_backend.signing_key_from_seed(os.urandom(32))
-        (tmp_path / site.directory / "identity.pub").write_text(
-            base64.b64encode(key.public_bytes).decode()
-        )
-        (tmp_path / f"{site.site_id}.toml").write_text(render(site))
-    return tmp_path
+    return write_demo_sites(tmp_path, any_backend)
 
 
 def test_demo_config_loads(site_dir):
@@ -167,8 +161,7 @@ WG = {
 
 
 def wireguard_table(**changes: str | None) -> str:
-    fields = {**WG, **changes}
-    return "\n[[wireguard]]\n" + "".join(f"{k} = {v}\n" for k, v in fields.items() if v is not None)
+    return toml_table("wireguard", WG, **changes)
 
 
 def test_wireguard_binding_loads(site_dir):
@@ -198,12 +191,9 @@ def test_wireguard_binding_loads(site_dir):
     ],
 )
 def test_wireguard_errors_name_the_key(site_dir, changes, key, expected):
-    path = site_dir / "site-a.toml"
-    path.write_text(path.read_text() + wireguard_table(**changes))
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert info.value.key == key, info.value
-    assert expected in info.value.expected, info.value
+    error = config_error(site_dir / "site-a.toml", wireguard_table(**changes))
+    assert error.key == key, error
+    assert expected in error.expected, error
 
 
 @pytest.mark.parametrize("old,new,key,expected", BAD_VALUES)
@@ -259,12 +249,8 @@ def test_check_config_command_reports_problems(site_dir):
 
 def test_site_host_example_parses(tmp_path, any_backend):
     """The production example: credentials from systemd, absolute paths."""
-    pub = tmp_path / "site-b.pub"
-    key = any_backend.signing_key_from_seed(os.urandom(32))
-    pub.write_text(base64.b64encode(key.public_bytes).decode())
-    text = (REPO / "config" / "site-host.example.toml").read_text()
     path = tmp_path / "qkdd.toml"
-    path.write_text(text.replace("/etc/qkdd/site-b.pub", str(pub)))
+    path.write_text(site_host_example(tmp_path, any_backend))
     config = load_config(path)
     assert config.identity_key.credential == "qkdd-identity"
     assert config.key_encryption_key.credential == "qkdd-kek"
@@ -409,12 +395,7 @@ def test_metrics_socket_directory_is_checked(site_dir):
 
 
 def test_site_host_example_metrics_table_parses_once_uncommented(tmp_path, any_backend):
-    pub = tmp_path / "site-b.pub"
-    pub.write_text(
-        base64.b64encode(any_backend.signing_key_from_seed(os.urandom(32)).public_bytes).decode()
-    )
-    text = (REPO / "config" / "site-host.example.toml").read_text()
-    text = text.replace("/etc/qkdd/site-b.pub", str(pub))
+    text = site_host_example(tmp_path, any_backend)
     for line in ("[metrics]", 'listen = "127.0.0.1:9447"'):
         assert f"# {line}\n" in text
         text = text.replace(f"# {line}\n", f"{line}\n")

@@ -1,5 +1,6 @@
-"""WireGuard PSK rotation: the binding config, the PSK derivation, the policy, and two
-sites' rotators wired to each other in-process.
+"""WireGuard PSK rotation: the binding config, the PSK derivation, and two sites' rotators
+wired to each other in-process (the policy they run is tested in
+tests/test_rotation_policy.py, the `wg` runner in tests/test_wireguard_wg_tool.py).
 
 Where `wg` runs, these tests use a recording stand-in for wg(8) that each test writes into
 its tmp dir and puts first on PATH: a real `wg set` needs a WireGuard interface, and most
@@ -21,32 +22,25 @@ import shutil
 import struct
 import subprocess
 import uuid
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from rotation_helpers import FAST, KeyPool, RotatorPair, logged_events
 from timeouts import timeout
 from wg_standin import StandinWg, install_standin, path_with
 
 from qkdd import labels
+from qkdd.rotation.binding import KeyMaterialError
+from qkdd.rotation.rotator import NotTheDrivingSiteError, PeerUnreachableError
 from qkdd.wireguard import (
-    KeyMaterialError,
-    NotTheDrivingSiteError,
-    PeerUnreachableError,
-    PskAction,
-    PskPolicy,
     PskRotator,
-    PskState,
     WgCommandError,
-    WgInstaller,
-    WgNotFoundError,
     WireGuardBinding,
     WireGuardError,
     derive_psk,
@@ -198,212 +192,12 @@ def test_short_key_material_is_refused_without_showing_it():
 
 
 # --------------------------------------------------------------------------------------
-# PskPolicy (synthetic times)
-
-
-def policy(*, master: bool = True, now: float = 1000.0, **changes: float) -> PskPolicy:
-    args = dict(interval=120.0, max_key_age=600.0, startup_timeout=15.0)
-    args.update(changes)
-    return PskPolicy(drives_rotation=master, now=now, **args)
-
-
-def test_policy_master_starts_pending_and_rotates_at_once():
-    p = policy()
-    assert p.state(1000) is PskState.PENDING
-    assert p.poll(1000) is PskAction.ROTATE
-    assert p.next_attempt_at == 1000
-    assert p.key_id is None
-
-
-def test_policy_slave_waits_for_the_peer_until_the_startup_deadline():
-    p = policy(master=False)
-    assert p.next_attempt_at is None
-    assert p.poll(1000) is PskAction.WAIT
-    assert p.wake_at() == 1015
-    assert p.poll(1014.9) is PskAction.WAIT
-    assert p.must_fail_closed(1015)
-    assert p.poll(1015) is PskAction.FAIL_CLOSED
-
-
-def test_policy_startup_retries_quickly_then_fails_closed():
-    p = policy()
-    p.attempt_failed(1000)
-    assert p.next_attempt_at == 1001  # 1 s before the first key, not 5 s
-    assert p.poll(1000.5) is PskAction.WAIT
-    assert p.wake_at() == 1001
-    assert p.poll(1001) is PskAction.ROTATE
-    p.attempt_failed(1014.5)
-    # Rotation and fail-closed both due: failing closed comes first.
-    assert p.poll(1015.5) is PskAction.FAIL_CLOSED
-    p.random_installed(1015.5)
-    assert p.state(1015.5) is PskState.FAIL_CLOSED
-    assert p.poll(1015.5) is PskAction.ROTATE  # and the driving site keeps trying
-
-
-def test_policy_fresh_install_schedules_the_next_rotation():
-    p = policy()
-    p.fresh_installed(1000, "k1")
-    assert p.state(1000) is PskState.FRESH
-    assert p.key_id == "k1" and p.last_fresh_at == 1000
-    assert p.poll(1119.9) is PskAction.WAIT
-    assert p.wake_at() == 1120
-    assert p.poll(1120) is PskAction.ROTATE
-    assert p.fail_closed_at == 1600
-
-
-def test_policy_failed_rotation_keeps_the_key_and_retries_sooner():
-    p = policy()
-    p.fresh_installed(1000, "k1")
-    p.attempt_failed(1120)
-    assert p.key_id == "k1"
-    assert p.state(1120) is PskState.STALE
-    assert p.consecutive_failures == 1
-    assert p.next_attempt_at == 1125  # min(interval, 5 s)
-    assert not p.must_fail_closed(1125)
-
-
-def test_policy_backoff_never_exceeds_the_interval():
-    p = policy(interval=2.0, max_key_age=10.0)
-    p.fresh_installed(0, "k1")
-    p.attempt_failed(2)
-    assert p.next_attempt_at == 4
-
-
-def test_policy_slave_reports_stale_when_the_peer_is_overdue():
-    p = policy(master=False)
-    p.fresh_installed(1000, "k1")
-    assert p.poll(1500) is PskAction.WAIT  # the other site never rotates by itself
-    assert p.state(1124.9) is PskState.FRESH
-    assert p.state(1125) is PskState.STALE  # one interval plus one backoff
-
-
-def test_policy_too_old_fails_closed_once():
-    p = policy()
-    p.fresh_installed(1000, "k1")
-    t = 1120.0
-    while t < 1600:
-        assert p.poll(t) is PskAction.ROTATE
-        assert not p.must_fail_closed(t)
-        p.attempt_failed(t)
-        t = p.wake_at()
-    assert t == 1600  # woken exactly when the key becomes too old
-    assert p.state(1600) is PskState.STALE  # never "fresh" once too old
-    assert p.must_fail_closed(1600)
-    assert p.poll(1600) is PskAction.FAIL_CLOSED
-    p.random_installed(1600)
-    assert p.key_id is None
-    assert p.state(1600) is PskState.FAIL_CLOSED
-    assert p.fail_closed_at is None
-    # Never again, however long the outage lasts: one random key, one log line.
-    for later in (1600, 1601, 1700, 10_000, 1e9):
-        assert not p.must_fail_closed(later)
-        assert p.poll(later) is not PskAction.FAIL_CLOSED
-
-
-def test_policy_slave_too_old_fails_closed_once():
-    p = policy(master=False)
-    p.fresh_installed(1000, "k1")
-    assert p.wake_at() == 1600
-    assert p.poll(1599.9) is PskAction.WAIT
-    assert p.poll(1600) is PskAction.FAIL_CLOSED
-    p.random_installed(1600)
-    assert p.wake_at() == math.inf
-    assert p.poll(1e9) is PskAction.WAIT
-
-
-def test_policy_failed_random_install_is_retried_after_the_backoff():
-    p = policy(master=False)
-    p.fresh_installed(1000, "k1")
-    p.random_install_failed(1600)
-    assert p.must_fail_closed(1601)  # still true: the old key is still installed
-    assert p.poll(1601) is PskAction.WAIT  # but not asked again every tick
-    assert p.wake_at() == 1605
-    assert p.poll(1605) is PskAction.FAIL_CLOSED
-
-
-def test_policy_recovers_after_a_fresh_key():
-    p = policy()
-    p.fresh_installed(1000, "k1")
-    p.random_installed(1600)
-    p.attempt_failed(1600)
-    p.fresh_installed(1700, "k2")
-    assert p.state(1700) is PskState.FRESH
-    assert p.key_id == "k2" and p.consecutive_failures == 0
-    assert not p.must_fail_closed(2299.9)
-    assert p.poll(2300) is PskAction.FAIL_CLOSED  # a new max_key_age from the new key
-
-
-def test_policy_rejects_inconsistent_timers():
-    with pytest.raises(ValueError):
-        policy(interval=600.0, max_key_age=600.0)
-    with pytest.raises(ValueError):
-        policy(startup_timeout=0.0)
-
-
-EVENTS = st.sampled_from(["fresh", "failed", "random", "random_failed", "nothing"])
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    master=st.booleans(),
-    steps=st.lists(st.tuples(st.floats(0, 400), EVENTS), max_size=40),
-)
-def test_policy_invariants(master, steps):
-    """For any history: never "fresh" at or after max_key_age; a too-old key is always
-    due to be replaced; and a WAIT always names a future time (no busy loop)."""
-    p = policy(master=master, now=0.0)
-    now = 0.0
-    for n, (delay, event) in enumerate(steps):
-        now += delay
-        fresh_at = p.last_fresh_at
-        if p.state(now) is PskState.FRESH:
-            assert fresh_at is not None and now - fresh_at < p.max_key_age
-        if p.key_id is not None and fresh_at is not None and now - fresh_at >= p.max_key_age:
-            assert p.must_fail_closed(now)
-        action = p.poll(now)
-        if action is PskAction.WAIT:
-            assert p.wake_at() > now
-        if action is PskAction.ROTATE:
-            assert master
-        if event == "fresh":
-            p.fresh_installed(now, f"k{n}")
-        elif event == "failed":
-            p.attempt_failed(now)
-        elif event == "random":
-            p.random_installed(now)
-        elif event == "random_failed":
-            p.random_install_failed(now)
-
-
-# --------------------------------------------------------------------------------------
 # Two sites in-process
 
 
-class KeyPool:
-    """Both sites' stores for the binding's SAE pair: the same keys under the same IDs.
-    The driving site takes the next ready key; the other site takes it by ID."""
-
-    def __init__(self) -> None:
-        self.ready: deque[str] = deque()
-        self.at_peer: dict[str, bytes] = {}
-        self.material: dict[str, bytes] = {}
-        self.taken: list[str] = []
-
-    def add(self, count: int = 1) -> None:
-        for _ in range(count):
-            key_id = str(uuid.uuid4())
-            self.material[key_id] = self.at_peer[key_id] = os.urandom(32)
-            self.ready.append(key_id)
-
-    def take_fresh_key(self) -> tuple[str, bytes] | None:
-        if not self.ready:
-            return None
-        key_id = self.ready.popleft()
-        self.taken.append(key_id)
-        return key_id, self.material[key_id]
-
-    def psk(self, key_id: str) -> bytes:
-        return derive_psk(self.material[key_id], NAME, key_id)
+def psk_pool() -> KeyPool:
+    """Both sites' stores for the binding's SAE pair (``key``: a key's PSK)."""
+    return KeyPool(derive_psk, NAME)
 
 
 class FakeWg:
@@ -434,88 +228,38 @@ class FakeWg:
         return [psk for iface, psk, _ in self.history if iface == interface]
 
 
-class Link:
-    """A driving (master) and another (slave) rotator wired to each other as the peer
-    channel would: announce() makes the slave install the key it takes by ID."""
-
-    def __init__(
-        self,
-        pool: KeyPool,
-        master_binding: WireGuardBinding,
-        installer: FakeWg | None = None,
-        announce_hook: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
-        self.pool = pool
-        self.peer_up = True
-        self.announce_hook = announce_hook
-        self.slave = PskRotator(slave_binding(master_binding), installer=installer)
-        self.master = PskRotator(
-            master_binding,
-            installer=installer,
-            take_fresh_key=pool.take_fresh_key,
-            announce=self.announce,
-            peer_unavailable=self.peer_unavailable,
-        )
-
-    def peer_unavailable(self) -> str | None:
-        return None if self.peer_up else "no session with site site-b"
-
-    async def announce(self, key_id: str) -> None:
-        if self.announce_hook is not None:
-            await self.announce_hook()
-        if not self.peer_up:
-            raise PeerUnreachableError("the session with site site-b ended")
-        await self.slave.install_announced(key_id, self.pool.at_peer.pop(key_id))
-
-    async def first_install(self) -> tuple[str, str]:
-        results: dict[str, str] = {}
-
-        async def one(side: str, rotator: PskRotator) -> None:
-            results[side] = await rotator.first_install()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(one, "master", self.master)
-            nursery.start_soon(one, "slave", self.slave)
-        return results["master"], results["slave"]
-
-    def states(self) -> tuple[str, str]:
-        return self.master.status()["state"], self.slave.status()["state"]  # type: ignore[return-value]
+def wg_link(pool: KeyPool, master: WireGuardBinding, **wiring: Any) -> RotatorPair:
+    """Master and slave rotators (``installer``, default `wg`; ``announce_hook``)."""
+    return RotatorPair(pool, PskRotator, master, slave_binding(master), **wiring)
 
 
 def events(caplog: pytest.LogCaptureFixture, name: str) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == "qkdd.wireguard" and f"event={name} " in r.getMessage()
-    ]
-
-
-FAST = dict(interval=10.0, max_key_age=60.0, startup_timeout=15.0)
+    return logged_events(caplog, "qkdd.wireguard", name)
 
 
 async def test_both_sites_install_the_same_psk(autojump_clock):
-    pool, wg = KeyPool(), FakeWg()
+    pool, wg = psk_pool(), FakeWg()
     pool.add(1)
-    link = Link(pool, binding(**FAST), installer=wg)
+    link = wg_link(pool, binding(**FAST), installer=wg)
     master, slave = await link.first_install()
     key_id = pool.taken[0]
     assert master == slave == f"fresh key {key_id}"
-    assert wg.current["wg-a"] == wg.current["wg-b"] == pool.psk(key_id)
+    assert wg.current["wg-a"] == wg.current["wg-b"] == pool.key(key_id)
     # The peer installs first: the driving site only switches once the peer has the key.
     assert [iface for iface, _, _ in wg.history] == ["wg-b", "wg-a"]
     assert link.states() == ("fresh", "fresh")
 
 
 async def test_rotates_every_interval_with_a_new_key_each_time(autojump_clock, nursery):
-    pool, wg = KeyPool(), FakeWg()
+    pool, wg = psk_pool(), FakeWg()
     pool.add(10)
-    link = Link(pool, binding(**FAST), installer=wg)
+    link = wg_link(pool, binding(**FAST), installer=wg)
     await link.first_install()
     nursery.start_soon(link.master.run)
     nursery.start_soon(link.slave.run)
     await trio.sleep(35)  # virtual time: rotations at 10, 20, 30
     assert len(pool.taken) == 4
-    assert wg.installs("wg-a") == wg.installs("wg-b") == [pool.psk(k) for k in pool.taken]
+    assert wg.installs("wg-a") == wg.installs("wg-b") == [pool.key(k) for k in pool.taken]
     assert len(set(wg.installs("wg-a"))) == 4
     times = [t for iface, _, t in wg.history if iface == "wg-a"]
     assert [round(b - a) for a, b in zip(times, times[1:], strict=False)] == [10, 10, 10]
@@ -524,9 +268,9 @@ async def test_rotates_every_interval_with_a_new_key_each_time(autojump_clock, n
 
 async def test_empty_pool_keeps_the_key_and_retries_sooner(autojump_clock, nursery, caplog):
     caplog.set_level(logging.INFO, "qkdd.wireguard")
-    pool, wg = KeyPool(), FakeWg()
+    pool, wg = psk_pool(), FakeWg()
     pool.add(1)
-    link = Link(pool, binding(**FAST), installer=wg)
+    link = wg_link(pool, binding(**FAST), installer=wg)
     await link.first_install()
     first = wg.current["wg-a"]
     nursery.start_soon(link.master.run)
@@ -539,7 +283,7 @@ async def test_empty_pool_keeps_the_key_and_retries_sooner(autojump_clock, nurse
     assert f"binding={NAME}" in failed[0]
     pool.add(1)
     await trio.sleep(5)  # the retry, 5 s after the failure, not a whole interval
-    assert wg.current["wg-a"] == wg.current["wg-b"] == pool.psk(pool.taken[-1])
+    assert wg.current["wg-a"] == wg.current["wg-b"] == pool.key(pool.taken[-1])
     assert link.states() == ("fresh", "fresh")
 
 
@@ -547,9 +291,9 @@ async def test_unreachable_peer_is_a_failed_rotation_that_takes_no_key(
     autojump_clock, nursery, caplog
 ):
     caplog.set_level(logging.INFO, "qkdd.wireguard")
-    pool, wg = KeyPool(), FakeWg()
+    pool, wg = psk_pool(), FakeWg()
     pool.add(5)
-    link = Link(pool, binding(**FAST), installer=wg)
+    link = wg_link(pool, binding(**FAST), installer=wg)
     await link.first_install()
     first = wg.current["wg-a"]
     link.peer_up = False
@@ -566,9 +310,9 @@ async def test_unreachable_peer_is_a_failed_rotation_that_takes_no_key(
 
 async def test_peer_outage_takes_no_key_and_is_logged_once(autojump_clock, nursery, caplog):
     caplog.set_level(logging.INFO, "qkdd.wireguard")
-    pool, wg = KeyPool(), FakeWg()
+    pool, wg = psk_pool(), FakeWg()
     pool.add(5)
-    link = Link(pool, binding(**FAST), installer=wg)
+    link = wg_link(pool, binding(**FAST), installer=wg)
     await link.first_install()
     nursery.start_soon(link.master.run)
     nursery.start_soon(link.slave.run)
@@ -591,9 +335,9 @@ async def test_peer_outage_takes_no_key_and_is_logged_once(autojump_clock, nurse
 
 async def test_a_new_kind_of_failure_is_logged_again(autojump_clock, nursery, caplog):
     caplog.set_level(logging.INFO, "qkdd.wireguard")
-    pool, wg = KeyPool(), FakeWg()
+    pool, wg = psk_pool(), FakeWg()
     pool.add(1)
-    link = Link(pool, binding(**FAST), installer=wg)
+    link = wg_link(pool, binding(**FAST), installer=wg)
     await link.first_install()
     nursery.start_soon(link.master.run)
     await trio.sleep(30)  # the pool is dry: several attempts, one warning
@@ -607,7 +351,7 @@ async def test_a_new_kind_of_failure_is_logged_again(autojump_clock, nursery, ca
 async def test_a_key_named_in_a_call_that_went_out_is_never_reused(autojump_clock, nursery, caplog):
     """The peer may have taken the key by ID even though no answer came: it counts as
     consumed, and the next rotation names another key."""
-    pool, wg = KeyPool(), FakeWg()
+    pool, wg = psk_pool(), FakeWg()
     pool.add(5)
     lost: list[str] = []
 
@@ -617,7 +361,7 @@ async def test_a_key_named_in_a_call_that_went_out_is_never_reused(autojump_cloc
             pool.at_peer.pop(lost[0])  # the peer took it; its answer is lost
             raise PeerUnreachableError("the session with site site-b ended")
 
-    link = Link(pool, binding(**FAST), installer=wg, announce_hook=session_breaks_after_sending)
+    link = wg_link(pool, binding(**FAST), installer=wg, announce_hook=session_breaks_after_sending)
     await link.first_install()
     nursery.start_soon(link.master.run)
     nursery.start_soon(link.slave.run)
@@ -630,9 +374,9 @@ async def test_a_key_named_in_a_call_that_went_out_is_never_reused(autojump_cloc
 
 async def test_failed_install_at_the_peer_fails_the_rotation(autojump_clock, nursery, caplog):
     caplog.set_level(logging.INFO, "qkdd.wireguard")
-    pool, wg = KeyPool(), FakeWg()
+    pool, wg = psk_pool(), FakeWg()
     pool.add(5)
-    link = Link(pool, binding(**FAST), installer=wg)
+    link = wg_link(pool, binding(**FAST), installer=wg)
     await link.first_install()
     first = wg.current["wg-a"]
     wg.failing["wg-b"] = "Unable to modify interface: No such device"
@@ -646,9 +390,9 @@ async def test_failed_install_at_the_peer_fails_the_rotation(autojump_clock, nur
 
 async def test_fail_closed_after_max_key_age_then_recover(autojump_clock, nursery, caplog):
     caplog.set_level(logging.INFO, "qkdd.wireguard")
-    pool, wg = KeyPool(), FakeWg()
+    pool, wg = psk_pool(), FakeWg()
     pool.add(1)
-    link = Link(pool, binding(**FAST), installer=wg)
+    link = wg_link(pool, binding(**FAST), installer=wg)
     await link.first_install()
     last_fresh = wg.current["wg-a"]
     nursery.start_soon(link.master.run)
@@ -674,14 +418,14 @@ async def test_fail_closed_after_max_key_age_then_recover(autojump_clock, nurser
 
     pool.add(1)
     await trio.sleep(6)  # the next retry
-    assert wg.current["wg-a"] == wg.current["wg-b"] == pool.psk(pool.taken[-1])
+    assert wg.current["wg-a"] == wg.current["wg-b"] == pool.key(pool.taken[-1])
     assert link.states() == ("fresh", "fresh")
     assert len(events(caplog, "wireguard_recovered")) == 2
 
 
 async def test_hung_peer_does_not_delay_failing_closed(autojump_clock, nursery):
     """An announce that never returns is cut off when the key becomes too old."""
-    pool, wg = KeyPool(), FakeWg()
+    pool, wg = psk_pool(), FakeWg()
     pool.add(5)
     hung = False
 
@@ -689,7 +433,7 @@ async def test_hung_peer_does_not_delay_failing_closed(autojump_clock, nursery):
         if hung:
             await trio.sleep_forever()
 
-    link = Link(pool, binding(**FAST), installer=wg, announce_hook=maybe_hang)
+    link = wg_link(pool, binding(**FAST), installer=wg, announce_hook=maybe_hang)
     await link.first_install()
     fresh_time = wg.history[-1][2]
     hung = True
@@ -702,7 +446,7 @@ async def test_hung_peer_does_not_delay_failing_closed(autojump_clock, nursery):
 
 async def test_master_first_install_fails_closed_after_startup_timeout(autojump_clock, caplog):
     caplog.set_level(logging.INFO, "qkdd.wireguard")
-    pool, wg = KeyPool(), FakeWg()
+    pool, wg = psk_pool(), FakeWg()
     rotator = PskRotator(
         binding(**FAST), installer=wg, take_fresh_key=pool.take_fresh_key, announce=_never_called
     )
@@ -722,9 +466,9 @@ async def _never_called(key_id: str) -> None:
 
 
 async def test_slave_first_install_waits_for_the_peer(autojump_clock, nursery):
-    pool, wg = KeyPool(), FakeWg()
+    pool, wg = psk_pool(), FakeWg()
     pool.add(1)
-    link = Link(pool, binding(**FAST), installer=wg)
+    link = wg_link(pool, binding(**FAST), installer=wg)
     task_status: dict[str, str] = {}
 
     async def slave_first() -> None:
@@ -747,11 +491,11 @@ async def test_slave_first_install_fails_closed_without_the_peer(autojump_clock,
     assert len(wg.current["wg-b"]) == 32
     assert len(events(caplog, "wireguard_fail_closed")) == 1
     # A fresh key announced later replaces the random one.
-    pool = KeyPool()
+    pool = psk_pool()
     pool.add(1)
     key_id = pool.ready[0]
     await rotator.install_announced(key_id, pool.material[key_id])
-    assert wg.current["wg-b"] == pool.psk(key_id)
+    assert wg.current["wg-b"] == pool.key(key_id)
     assert rotator.status()["state"] == "fresh"
 
 
@@ -772,7 +516,7 @@ async def test_fresh_key_arriving_while_failing_closed_wins(autojump_clock, nurs
 
     nursery.start_soon(first)
     await trio.sleep(14.5)
-    pool = KeyPool()
+    pool = psk_pool()
     pool.add(1)
     key_id = pool.ready[0]
     wg.install = slow_install  # type: ignore[method-assign]
@@ -782,7 +526,7 @@ async def test_fresh_key_arriving_while_failing_closed_wins(autojump_clock, nurs
         gate.set()
     await trio.testing.wait_all_tasks_blocked()
     assert results == [f"fresh key {key_id}"]
-    assert wg.installs("wg-b") == [pool.psk(key_id)]
+    assert wg.installs("wg-b") == [pool.key(key_id)]
 
 
 async def test_first_install_raises_if_no_key_can_be_installed(autojump_clock):
@@ -798,8 +542,8 @@ async def test_first_install_raises_if_no_key_can_be_installed(autojump_clock):
 
 
 async def test_announced_key_is_refused_at_the_driving_site(autojump_clock):
-    pool, wg = KeyPool(), FakeWg()
-    link = Link(pool, binding(**FAST), installer=wg)
+    pool, wg = psk_pool(), FakeWg()
+    link = wg_link(pool, binding(**FAST), installer=wg)
     with pytest.raises(NotTheDrivingSiteError):
         await link.master.install_announced("k", bytes(32))
     assert wg.history == []
@@ -831,9 +575,9 @@ def test_rotator_needs_both_driving_callables():
 
 async def test_status_and_logs_never_show_key_material(autojump_clock, nursery, caplog):
     caplog.set_level(logging.DEBUG)
-    pool, wg = KeyPool(), FakeWg()
+    pool, wg = psk_pool(), FakeWg()
     pool.add(3)
-    link = Link(pool, binding(**FAST), installer=wg)
+    link = wg_link(pool, binding(**FAST), installer=wg)
     assert link.master.status()["state"] == "pending"
     await link.first_install()
     nursery.start_soon(link.master.run)
@@ -852,7 +596,7 @@ async def test_status_and_logs_never_show_key_material(autojump_clock, nursery, 
 
 
 # --------------------------------------------------------------------------------------
-# WgInstaller against the recording stand-in
+# Rotators running the recording stand-in
 
 
 @pytest.fixture
@@ -871,23 +615,15 @@ async def wait_until(condition: Callable[[], bool]) -> None:
             await trio.sleep(0.01)
 
 
-async def test_standin_installer_feeds_the_psk_on_stdin(standin_wg):
-    psk = os.urandom(32)
-    await WgInstaller().install("wg0", PUB_B, psk)
-    (call,) = standin_wg.calls()
-    assert call["argv"] == ["set", "wg0", "peer", PUB_B, "preshared-key", "/dev/stdin"]
-    assert call["key_file"] == b64(psk) + "\n"
-
-
 async def test_standin_sites_install_the_same_psk_never_in_argv(standin_wg, nursery):
-    pool = KeyPool()
+    pool = psk_pool()
     pool.add(3)
-    link = Link(pool, binding(interval=0.05, max_key_age=5, startup_timeout=5))
+    link = wg_link(pool, binding(interval=0.05, max_key_age=5, startup_timeout=5))
     assert await link.first_install() == (f"fresh key {pool.taken[0]}",) * 2
     nursery.start_soon(link.master.run)
     nursery.start_soon(link.slave.run)
     await wait_until(lambda: len(standin_wg.installed("wg-a")) == 3)
-    expected = [pool.psk(k) for k in pool.taken]
+    expected = [pool.key(k) for k in pool.taken]
     assert standin_wg.installed("wg-a") == standin_wg.installed("wg-b") == expected
     calls = standin_wg.calls()
     assert [c["argv"][1] for c in calls[:6]] == ["wg-b", "wg-a"] * 3  # type: ignore[index]
@@ -897,55 +633,11 @@ async def test_standin_sites_install_the_same_psk_never_in_argv(standin_wg, nurs
                 assert not any(spelling in arg for arg in call["argv"])  # type: ignore[union-attr]
 
 
-async def test_standin_wg_failure_is_reported_with_stderr_and_status(standin_wg):
-    standin_wg.fail("wg0", "Unable to modify interface: No such device\n")
-    psk = os.urandom(32)
-    with pytest.raises(WgCommandError) as caught:
-        await WgInstaller().install("wg0", PUB_B, psk)
-    error = caught.value
-    assert error.returncode == 3
-    assert error.stderr == "Unable to modify interface: No such device"
-    assert "status 3" in str(error) and "No such device" in str(error)
-    assert "wg set wg0" in str(error)
-
-
-async def test_standin_psk_echoed_by_wg_is_hidden(standin_wg):
-    # wg prints a key it cannot parse; that text must not carry the PSK into a log.
-    standin_wg.fail("wg0", "Key is not the correct length or format: `{key}'\n")
-    psk = os.urandom(32)
-    with pytest.raises(WgCommandError) as caught:
-        await WgInstaller().install("wg0", PUB_B, psk)
-    assert "<psk hidden>" in str(caught.value)
-    assert b64(psk) not in str(caught.value) and b64(psk) not in caught.value.stderr
-
-
-async def test_missing_wg_gives_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without wg
-    with pytest.raises(WgNotFoundError, match="cannot run 'wg': not found.*wireguard-tools"):
-        await WgInstaller().install("wg0", PUB_B, os.urandom(32))
-    with pytest.raises(WgNotFoundError, match="not found"):
-        await WgInstaller(str(tmp_path / "no-such-wg")).install("wg0", PUB_B, os.urandom(32))
-
-
-async def test_wg_that_is_not_executable_gives_a_clear_error(tmp_path):
-    not_executable = tmp_path / "wg"
-    not_executable.write_text("#!/bin/sh\n")
-    not_executable.chmod(0o644)
-    with pytest.raises(WgNotFoundError, match="permission denied"):
-        await WgInstaller(str(not_executable)).install("wg0", PUB_B, os.urandom(32))
-
-
-async def test_installer_refuses_a_psk_of_the_wrong_size(standin_wg):
-    with pytest.raises(KeyMaterialError):
-        await WgInstaller().install("wg0", PUB_B, os.urandom(16))
-    assert standin_wg.calls() == []
-
-
 async def test_standin_fail_closed_then_recover(standin_wg, nursery, caplog):
     caplog.set_level(logging.INFO, "qkdd.wireguard")
-    pool = KeyPool()
+    pool = psk_pool()
     pool.add(2)
-    link = Link(pool, binding(interval=0.1, max_key_age=2.0, startup_timeout=5))
+    link = wg_link(pool, binding(interval=0.1, max_key_age=2.0, startup_timeout=5))
     await link.first_install()
     nursery.start_soon(link.master.run)
     nursery.start_soon(link.slave.run)
@@ -954,7 +646,7 @@ async def test_standin_fail_closed_then_recover(standin_wg, nursery, caplog):
     # stay stale before that depends on how fast `wg` runs; the states in between are
     # checked on a virtual clock above.)
     await wait_until(lambda: not pool.ready)
-    last_fresh = pool.psk(pool.taken[-1])
+    last_fresh = pool.key(pool.taken[-1])
     await wait_until(lambda: link.states() == ("fail-closed", "fail-closed"))
     assert events(caplog, "wireguard_rotation_failed")
     random_a = standin_wg.installed("wg-a")[-1]
@@ -965,7 +657,7 @@ async def test_standin_fail_closed_then_recover(standin_wg, nursery, caplog):
     pool.add(1)
     await wait_until(lambda: link.states() == ("fresh", "fresh"))
     assert standin_wg.installed("wg-a")[-1] == standin_wg.installed("wg-b")[-1]
-    assert standin_wg.installed("wg-a")[-1] == pool.psk(pool.taken[-1])
+    assert standin_wg.installed("wg-a")[-1] == pool.key(pool.taken[-1])
     fail_closed = events(caplog, "wireguard_fail_closed")
     assert sorted("interface=wg-a" in line for line in fail_closed) == [False, True]
     assert len(events(caplog, "wireguard_recovered")) == 2
@@ -975,14 +667,14 @@ async def test_standin_wg_failing_at_the_peer_keeps_both_sites_on_the_old_key(
     standin_wg, nursery, caplog
 ):
     caplog.set_level(logging.INFO, "qkdd.wireguard")
-    pool = KeyPool()
+    pool = psk_pool()
     pool.add(5)
-    link = Link(pool, binding(interval=0.05, max_key_age=5, startup_timeout=5))
+    link = wg_link(pool, binding(interval=0.05, max_key_age=5, startup_timeout=5))
     await link.first_install()
     standin_wg.fail("wg-b", "Unable to modify interface: No such device\n")
     nursery.start_soon(link.master.run)
     await wait_until(lambda: events(caplog, "wireguard_rotation_failed"))
-    assert standin_wg.installed("wg-a") == [pool.psk(pool.taken[0])]
+    assert standin_wg.installed("wg-a") == [pool.key(pool.taken[0])]
     assert "No such device" in events(caplog, "wireguard_rotation_failed")[0]
     standin_wg.recover("wg-b")
     await wait_until(lambda: len(standin_wg.installed("wg-a")) == 2)
@@ -991,18 +683,6 @@ async def test_standin_wg_failing_at_the_peer_keeps_both_sites_on_the_old_key(
 
 # --------------------------------------------------------------------------------------
 # The real wg
-
-
-async def test_real_wg_reads_the_psk_from_stdin():
-    """The real parser accepts what WgInstaller feeds it (needs only the binary)."""
-    wg = shutil.which("wg")
-    if wg is None:
-        pytest.skip("the real `wg` (wireguard-tools) is not installed")
-    with pytest.raises(WgCommandError) as caught:
-        await WgInstaller(wg).install("qkdd-nosuch0", PUB_B, os.urandom(32))
-    # It got past reading the key and failed only at the missing interface.
-    assert "Unable to modify interface" in caught.value.stderr
-    assert "key" not in caught.value.stderr.lower()
 
 
 @pytest.fixture
@@ -1031,7 +711,7 @@ def real_wireguard_interface():
 
 async def test_real_wg_interface(real_wireguard_interface):
     wg, interface = real_wireguard_interface
-    pool = KeyPool()
+    pool = psk_pool()
     pool.add(1)
     (key_id,) = pool.ready
     slave = PskRotator(slave_binding(binding(interface=interface, wg_command=wg)))
@@ -1039,4 +719,4 @@ async def test_real_wg_interface(real_wireguard_interface):
     shown = subprocess.run(
         [wg, "show", interface, "preshared-keys"], capture_output=True, text=True, check=True
     ).stdout.split()
-    assert shown == [PUB_A, b64(pool.psk(key_id))]
+    assert shown == [PUB_A, b64(pool.key(key_id))]

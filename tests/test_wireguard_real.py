@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from rotation_helpers import install_debian_packages
 from timeouts import timeout
 from wg_standin import wireguard_bindings
 
@@ -60,16 +61,9 @@ def _check(*argv: str, stdin: str | None = None) -> str:
 
 def _tools() -> dict[str, str]:
     """Paths of wg, wireguard-go and ping; installs the Debian packages if needed."""
-    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
-    if missing and shutil.which("apt-get"):
-        command = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-        if done.returncode != 0:  # perhaps no package lists yet
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
-            done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-        if done.returncode != 0:
-            pytest.skip(f"cannot install {' '.join(missing)}: {done.stderr.strip()[-300:]}")
+    install_debian_packages(
+        sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
+    )
     paths = {tool: shutil.which(tool) for tool in TOOLS}
     absent = [tool for tool, path in paths.items() if path is None]
     if absent:

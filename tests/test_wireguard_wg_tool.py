@@ -1,22 +1,33 @@
-"""Ending a WireGuard session when failing closed: reading the peer's settings from
-`wg show IFACE dump`, and re-creating the peer with them and a new PSK in one `wg set`.
+"""Running wg(8) (``qkdd.wg_tool``): a PSK fed on stdin and never in argv, errors that say
+what failed without showing the PSK, and ending a WireGuard session when failing closed
+(reading the peer's settings from `wg show IFACE dump`, and re-creating the peer with them
+and a new PSK in one `wg set`).
 
 Against the recording stand-in for wg(8) (tests/wg_standin.py), which keeps each
 interface's peers the way `wg set` leaves them; tests/test_wireguard_real.py does the
-same on real interfaces where the machine allows.
+same on real interfaces where the machine allows, and test_real_wg_reads_the_psk_from_stdin
+runs the real `wg` where it is installed.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 from wg_standin import StandinWg, install_standin, path_with
 
-from qkdd.wg_tool import PeerSettings, WgCommandError, WgInstaller, peer_settings_from_dump
+from qkdd.rotation.binding import KeyMaterialError
+from qkdd.wg_tool import (
+    PeerSettings,
+    WgCommandError,
+    WgInstaller,
+    WgNotFoundError,
+    peer_settings_from_dump,
+)
 
 PEER = base64.b64encode(bytes(range(100, 132))).decode()
 OTHER = base64.b64encode(bytes(range(50, 82))).decode()
@@ -60,6 +71,71 @@ def standin_wg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StandinWg:
     standin = install_standin(tmp_path / "bin")
     monkeypatch.setenv("PATH", path_with(standin.directory))
     return standin
+
+
+async def test_standin_installer_feeds_the_psk_on_stdin(standin_wg):
+    psk = os.urandom(32)
+    await WgInstaller().install("wg0", PEER, psk)
+    (call,) = standin_wg.calls()
+    assert call["argv"] == ["set", "wg0", "peer", PEER, "preshared-key", "/dev/stdin"]
+    assert call["key_file"] == base64.b64encode(psk).decode() + "\n"
+
+
+async def test_standin_wg_failure_is_reported_with_stderr_and_status(standin_wg):
+    standin_wg.fail("wg0", "Unable to modify interface: No such device\n")
+    psk = os.urandom(32)
+    with pytest.raises(WgCommandError) as caught:
+        await WgInstaller().install("wg0", PEER, psk)
+    error = caught.value
+    assert error.returncode == 3
+    assert error.stderr == "Unable to modify interface: No such device"
+    assert "status 3" in str(error) and "No such device" in str(error)
+    assert "wg set wg0" in str(error)
+
+
+async def test_standin_psk_echoed_by_wg_is_hidden(standin_wg):
+    # wg prints a key it cannot parse; that text must not carry the PSK into a log.
+    standin_wg.fail("wg0", "Key is not the correct length or format: `{key}'\n")
+    psk = os.urandom(32)
+    with pytest.raises(WgCommandError) as caught:
+        await WgInstaller().install("wg0", PEER, psk)
+    assert "<psk hidden>" in str(caught.value)
+    shown = base64.b64encode(psk).decode()
+    assert shown not in str(caught.value) and shown not in caught.value.stderr
+
+
+async def test_missing_wg_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without wg
+    with pytest.raises(WgNotFoundError, match="cannot run 'wg': not found.*wireguard-tools"):
+        await WgInstaller().install("wg0", PEER, os.urandom(32))
+    with pytest.raises(WgNotFoundError, match="not found"):
+        await WgInstaller(str(tmp_path / "no-such-wg")).install("wg0", PEER, os.urandom(32))
+
+
+async def test_wg_that_is_not_executable_gives_a_clear_error(tmp_path):
+    not_executable = tmp_path / "wg"
+    not_executable.write_text("#!/bin/sh\n")
+    not_executable.chmod(0o644)
+    with pytest.raises(WgNotFoundError, match="permission denied"):
+        await WgInstaller(str(not_executable)).install("wg0", PEER, os.urandom(32))
+
+
+async def test_installer_refuses_a_psk_of_the_wrong_size(standin_wg):
+    with pytest.raises(KeyMaterialError):
+        await WgInstaller().install("wg0", PEER, os.urandom(16))
+    assert standin_wg.calls() == []
+
+
+async def test_real_wg_reads_the_psk_from_stdin():
+    """The real parser accepts what WgInstaller feeds it (needs only the binary)."""
+    wg = shutil.which("wg")
+    if wg is None:
+        pytest.skip("the real `wg` (wireguard-tools) is not installed")
+    with pytest.raises(WgCommandError) as caught:
+        await WgInstaller(wg).install("qkdd-nosuch0", PEER, os.urandom(32))
+    # It got past reading the key and failed only at the missing interface.
+    assert "Unable to modify interface" in caught.value.stderr
+    assert "key" not in caught.value.stderr.lower()
 
 
 async def test_ending_the_session_re_creates_the_peer_with_its_settings(standin_wg):

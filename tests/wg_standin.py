@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from rotation_helpers import bind_demo_sites
+
 STANDIN = """\
 #!{python} -IS
 # A stand-in for wg(8) in tests: records argv and the key file it was given, checks the
@@ -136,30 +138,13 @@ def wireguard_bindings(
     and the other's as a remote SAE."""
 
     def tamper(directory: Path) -> None:
-        sites = (
-            ("site-a.toml", "wg-a", "wg-b", "site-b", interfaces[0], public_keys[1]),
-            ("site-b.toml", "wg-b", "wg-a", "site-a", interfaces[1], public_keys[0]),
+        command = f'wg_command = "{wg_command}"\n' if wg_command else ""
+        timers = f"interval = {interval}\nmax_key_age = {max_key_age}\n"
+        timers += f"startup_timeout = {startup_timeout}\n{command}"
+        fields = tuple(
+            f'interface = "{interfaces[i]}"\npeer_public_key = "{public_keys[1 - i]}"\n{timers}'
+            for i in (0, 1)
         )
-        for name, local, remote, peer, interface, peer_key in sites:
-            path = directory / name
-            text = path.read_text()
-            text = text.replace("remote_sae_ids = [", f'remote_sae_ids = ["{remote}", ')
-            text = text.replace("[[peers]]", f'[[consumers]]\nsae_id = "{local}"\n\n[[peers]]')
-            command = f'wg_command = "{wg_command}"\n' if wg_command else ""
-            path.write_text(
-                text
-                + f"""
-[[wireguard]]
-name = "tunnel-a-b"
-interface = "{interface}"
-peer_public_key = "{peer_key}"
-peer_site = "{peer}"
-local_sae = "{local}"
-remote_sae = "{remote}"
-interval = {interval}
-max_key_age = {max_key_age}
-startup_timeout = {startup_timeout}
-{command}"""
-            )
+        bind_demo_sites(directory, "wireguard", ("wg-a", "wg-b"), (fields[0], fields[1]))
 
     return tamper

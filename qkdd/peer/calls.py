@@ -12,13 +12,14 @@ on an unanswered call.
     MESSAGE     sender's site -> recipient's site: an application message sealed under a
                 hybrid key both sites hold (``qkdd.messaging``)
     WG_INSTALL  link master -> link slave: install hybrid key X as a WireGuard PSK
+    IPSEC_INSTALL  link master -> link slave: install hybrid key X as an IPsec PPK
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Final
+from typing import ClassVar, Final, Self
 
 from qkdd.peer.errors import RemoteProtocolError
 from qkdd.peer.messages import CallOutcome, CallReply, PeerCall
@@ -35,6 +36,7 @@ class CallKind:
     KEY_ASSIGN: Final = 1
     MESSAGE: Final = 2
     WG_INSTALL: Final = 3
+    IPSEC_INSTALL: Final = 4
 
 
 def _uuid_bytes(value: str) -> bytes:
@@ -149,19 +151,31 @@ class SealedMessage:
 
 
 @dataclass(frozen=True)
-class WgInstall:
+class BindingInstall:
+    """A tunnel binding's key install: the binding's name and the ID of the key to install
+    (WG_INSTALL and IPSEC_INSTALL share this body)."""
+
     binding: str
     key_id: str
+    CALL: ClassVar[str] = "BINDING_INSTALL"  # the call's name in errors
 
     def encode(self) -> bytes:
         return Writer().text(self.binding).fixed(_uuid_bytes(self.key_id), 16).build()
 
     @classmethod
-    def decode(cls, body: bytes) -> WgInstall:
-        r = Reader(body, "WG_INSTALL")
+    def decode(cls, body: bytes) -> Self:
+        r = Reader(body, cls.CALL)
         install = cls(r.text(), _read_uuid(r))
         r.end()
         return install
+
+
+class WgInstall(BindingInstall):
+    CALL = "WG_INSTALL"
+
+
+class IpsecInstall(BindingInstall):
+    CALL = "IPSEC_INSTALL"
 
 
 class CallRefused(Exception):
