@@ -9,12 +9,16 @@ Those two are served on the local socket only, to any user the socket admits.
 `qkdctl send` / `recv` / `ack` move secure messages to and from SAEs at other sites, and
 `qkdctl events` follows key events (local socket only). Exit codes: 0 success, 1 the
 service refused or could not be reached, 2 usage error, 3 `recv` found no message in time.
+
+It talks through the light client (`qkdd.client`) and imports nothing else of the daemon, so
+it runs where only the client is installed.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import importlib.metadata
 import json
 import os
 import sys
@@ -23,7 +27,6 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from qkdd.cli import VersionAction
 from qkdd.client import (
     BlockingKeyClient,
     ClientError,
@@ -34,6 +37,21 @@ from qkdd.client import (
 
 DEFAULT_SOCKET = "/run/qkdd/api.sock"
 SOCKET_ENV = "QKDD_SOCKET"
+
+
+class _VersionAction(argparse.Action):
+    """`--version`, looking the version up only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        try:
+            version = importlib.metadata.version("qkdd")
+        except importlib.metadata.PackageNotFoundError:  # a source tree never installed
+            version = "unknown (not installed)"
+        print(f"{parser.prog} {version}")
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sae-id", help="act as this SAE when the user may act as several")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
     parser.add_argument("--compact", action="store_true", help="one-line JSON output")
-    parser.add_argument("--version", action=VersionAction)
+    parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     status = commands.add_parser(

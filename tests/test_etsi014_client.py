@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 import trio
+from test_client_asyncio import in_asyncio, junk_server
 from test_etsi014_server import A, B, start_server
+from timeouts import timeout
 
 from qkdd.client import (
+    AsyncioKeyClient,
     BadResponse,
     BlockingKeyClient,
     KeyClient,
@@ -101,4 +104,44 @@ async def test_garbage_from_the_server_is_bad_response(
             await client.enc_keys(B)
     with pytest.raises(BadResponse):
         await trio.to_thread.run_sync(lambda: BlockingKeyClient(path).status(B))
+    nursery.cancel_scope.cancel()
+
+
+async def test_silence_is_a_timeout_and_an_ended_stream_is_told(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    silent, ending = str(tmp_path / "silent.sock"), str(tmp_path / "ending.sock")
+    await junk_server(nursery, silent, None)
+    # One event, then the service closes the stream.
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n"
+    await junk_server(nursery, ending, head + b'{"event":"link_up","seq":1,"at":0}\n')
+
+    def blocking() -> tuple[str, list[str], str]:
+        with pytest.raises(KeyServiceUnreachable) as silence:
+            BlockingKeyClient(silent, timeout=0.3).status(B)
+        got = []
+        with pytest.raises(KeyServiceUnreachable) as ended:
+            for event in BlockingKeyClient(ending).events():
+                got.append(event["event"])
+        return str(silence.value), got, str(ended.value)
+
+    async def asyncio_stream() -> tuple[list[str], str]:
+        got = []
+        with pytest.raises(KeyServiceUnreachable) as ended:
+            async for event in AsyncioKeyClient(ending).events():
+                got.append(event["event"])
+        return got, str(ended.value)
+
+    with trio.fail_after(timeout(30)):
+        silence, got, ended = await trio.to_thread.run_sync(blocking, abandon_on_cancel=True)
+    assert "no answer from the key service" in silence and "0.3 s" in silence
+    assert (got, ended) == (["link_up"], "the key service ended the stream")
+    assert await in_asyncio(asyncio_stream) == (["link_up"], "the key service ended the stream")
+    with pytest.raises(KeyServiceUnreachable, match="no answer from the key service"):
+        await KeyClient(silent, timeout=0.3).status(B)
+    got = []
+    with trio.fail_after(timeout(30)), pytest.raises(KeyServiceUnreachable, match="ended the"):
+        async for event in KeyClient(ending).events():
+            got.append(event["event"])
+    assert got == ["link_up"]
     nursery.cancel_scope.cancel()
