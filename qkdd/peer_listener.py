@@ -1,13 +1,16 @@
-"""The site's peer listener: accepts TCP connections from the peers that dial us (we are
-their link slave), runs the responder handshake under the pre-authentication rules
-(``qkdd.peer.admission``), and hands each authenticated session to its ``PeerLink``.
-Before a connection has authenticated, nothing it sends touches a link.
+"""The site's peer listener: accepts TCP connections from the peers that dial us (every
+configured peer does, whichever end of the link it is), runs the responder handshake
+under the pre-authentication rules (``qkdd.peer.admission``), and hands each
+authenticated session to its ``PeerLink``, which decides whether it runs
+(``qkdd.peer.arbiter``). Before a connection has authenticated, nothing it sends touches
+a link.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import trio
 
@@ -15,6 +18,7 @@ from qkdd.config import SiteConfig
 from qkdd.crypto import PqcBackend, SigningKey
 from qkdd.durability import Durable, already_durable
 from qkdd.peer.admission import HandshakeLimiter, HandshakeSlot, normalise_address
+from qkdd.peer.arbiter import Origin
 from qkdd.peer.connection import HandshakeComplete, MessageReceived, PeerConnection, Role
 from qkdd.peer.errors import PeerAuthenticationError, VersionMismatch
 from qkdd.peering import (
@@ -43,8 +47,7 @@ def _source_address(stream: trio.SocketStream) -> str:
 
 class _LinkRouter:
     """PeerTrust for the listener: asks the link of whichever site the peer claims to be.
-    Only links whose peer dials us (we are the slave) are here: a HELLO naming a site we
-    dial ourselves is refused like one from an unknown site, before any crypto."""
+    A HELLO naming a site that is not a configured peer is refused before any crypto."""
 
     def __init__(self, links: dict[str, PeerLink]) -> None:
         self._links = links
@@ -63,8 +66,9 @@ class _LinkRouter:
 
 
 async def _dialling_addresses(links: dict[str, PeerLink]) -> set[str]:
-    """The IP addresses of the peers that dial us, from their configured ``address`` (host
-    names resolved once, now): connections from them use the reserved handshake slots."""
+    """The IP addresses of the peers (every one dials us), from their configured
+    ``address`` (host names resolved once, now): connections from them use the reserved
+    handshake slots."""
     addresses: set[str] = set()
     for link in links.values():
         host = link.peer.address[0]
@@ -90,6 +94,7 @@ async def _respond(
     slot: HandshakeSlot,
     waiting: trio.CancelScope,
     *,
+    on_hello: Callable[[], None],
     hello_timeout: float,
     handshake_timeout: float,
     durable: Durable = already_durable,
@@ -102,6 +107,7 @@ async def _respond(
     def hello_arrived() -> None:
         limiter.hello_accepted(slot)
         waiting.deadline = math.inf  # only the handshake timeout is left
+        on_hello()
 
     result = None
     with trio.fail_at(accepted + handshake_timeout):
@@ -137,7 +143,7 @@ async def serve_peers(
     host, port = config.listen
     listeners = await trio.open_tcp_listeners(port, host=host)
 
-    dialling = {site: link for site, link in links.items() if not link.params.is_master}
+    dialling = dict(links)  # both ends of every link dial
     trust = _LinkRouter(dialling)
     limiter = HandshakeLimiter(peer_addresses=await _dialling_addresses(dialling))
 
@@ -181,6 +187,13 @@ async def serve_peers(
             on_handshake("unknown", "unknown", "refused")
             await stream.aclose()
             return
+        hello_mark = 0
+
+        def hello_answered() -> None:
+            # The claimed link orders this HELLO against its running session's messages.
+            nonlocal hello_mark
+            hello_mark = dialling[conn.peer_site_id or ""].hello_answered()
+
         async with stream:
             handshake: tuple[HandshakeComplete, list[MessageReceived]] | None = None
             try:
@@ -191,6 +204,7 @@ async def serve_peers(
                         limiter,
                         slot,
                         waiting,
+                        on_hello=hello_answered,
                         hello_timeout=hello_timeout,
                         handshake_timeout=handshake_timeout,
                         durable=durable,
@@ -202,11 +216,9 @@ async def serve_peers(
             if handshake is None:
                 return
             done, leftover = handshake
-            link = dialling[done.peer_site_id]
-            try:
-                await link.run_session(stream, conn, done, leftover)
-            except* SESSION_ERRORS as group:
-                link.session_failed(first_error(group))
+            await dialling[done.peer_site_id].serve_session(
+                stream, conn, done, leftover, origin=Origin.PEERS, hello_mark=hello_mark
+            )
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, on_connection, listeners)

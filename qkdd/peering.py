@@ -1,8 +1,11 @@
 """The I/O of one link to a peer site: its QKD device feeding the key store, and the TCP
 sessions with the peer daemon, each pumping bytes through a sans-IO ``PeerConnection`` and
-a ``LinkAgreement``. The link master dials (with backoff); the slave's sessions arrive
-through the site's peer listener, which runs the responder handshake and hands them here.
-Each handshake's outcome is told to an optional ``HandshakeObserver`` (the daemon's metrics).
+a ``LinkAgreement``. Both sites of a link dial (with backoff) while they have no session
+with each other; sessions the peer dials arrive through the site's peer listener, which
+runs the responder handshake and hands them here. Which session runs the key agreement
+when two complete at once, or when a restarted peer dials while its old session still
+looks alive, is decided by ``qkdd.peer.arbiter`` (wired in ``qkdd.peer_sessions``). Each
+handshake's outcome is told to an optional ``HandshakeObserver`` (the daemon's metrics).
 
 Peer calls (``qkdd.peer.calls``) ride the same session: ``PeerLink.call`` sends one and
 waits for its reply; a call from the peer is answered by the handler registered for its
@@ -31,8 +34,9 @@ from qkdd.config import Etsi014DeviceConfig, PeerConfig, SiteConfig
 from qkdd.crypto import PqcBackend, SigningKey
 from qkdd.durability import Durable, already_durable
 from qkdd.keystore import KeyStore, StoredQkdKey
-from qkdd.link_params import LinkError, LinkParameters
+from qkdd.link_params import LinkParameters
 from qkdd.peer.agreement import BATCH_KEYS, PAD_BITS_MAX, QKD_KEY_WAIT_SECONDS, LinkAgreement
+from qkdd.peer.arbiter import Origin
 from qkdd.peer.bootstrap import DialAuth, InitiatorAuthChoice
 from qkdd.peer.calls import CallRefused, CallTable, done, refusal, reply_body
 from qkdd.peer.connection import (
@@ -45,6 +49,15 @@ from qkdd.peer.connection import (
 )
 from qkdd.peer.errors import PeerAuthenticationError, PeerProtocolError
 from qkdd.peer.messages import CallReply, LinkMessage, PeerCall, decode_message
+from qkdd.peer_sessions import (
+    PEER_CLOSED_UNUSED,
+    RECEIVE_SIZE,
+    SESSION_ERRORS,
+    LinkSessions,
+    PeerClosed,
+    Session,
+    first_error,
+)
 from qkdd.wakeup import Wakeup
 
 log = logging.getLogger("qkdd.peer")
@@ -53,13 +66,12 @@ log = logging.getLogger("qkdd.peer")
 # the start of its connect, the responder from accepting the connection).
 HANDSHAKE_TIMEOUT: Final = 10.0
 # A responder closes a connection that has not delivered an acceptable HELLO this long
-# after it was accepted: the master sends HELLO at once, so only a stranger is slower.
+# after it was accepted: an initiator sends HELLO at once, so only a stranger is slower.
 HELLO_TIMEOUT: Final = 3.0
 # Pause before asking a fetch-by-ID device again for keys it did not have yet.
 FETCH_RETRY_DELAY: Final = 0.2
 # Each direction of a session moves to a new key at least this often.
 REKEY_SECONDS: Final = 600.0
-RECEIVE_SIZE: Final = 64 * 1024
 DIAL_BACKOFF_FIRST: Final = 0.25
 DIAL_BACKOFF_MAX: Final = 10.0
 # Device keys held at most before the driver stops acknowledging (back-pressure to the
@@ -69,10 +81,6 @@ DIAL_BACKOFF_MAX: Final = 10.0
 QKD_BUFFER_MAX: Final = 4096
 # The pre-authentication limits (how many handshakes strangers and peers may hold) live
 # with the limiter in qkdd.peer.admission.
-
-
-class PeerClosed(Exception):
-    pass
 
 
 class HandshakeEvicted(PeerClosed):
@@ -108,21 +116,9 @@ class PskChainLost(Exception):
     """We share no PSK with the peer any more and a signature bootstrap is not allowed."""
 
 
-# Everything that ends one session but must never end the daemon. They may arrive wrapped
-# in an ExceptionGroup from the session's nursery, hence ``except*``.
-SESSION_ERRORS = (
-    PeerProtocolError,
-    LinkError,
-    PeerClosed,
-    trio.TooSlowError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    OSError,
-)
-
-
 # Told of each handshake: (peer site ID, mode, outcome). Mode is "bootstrap", "psk", or
-# "unknown" (the peer never said who it is); outcome is "ok" or ``handshake_outcome``'s word.
+# "unknown" (the peer never said who it is); outcome is "ok" (its session was taken up) or
+# ``handshake_outcome``'s word. A handshake whose session was closed unused is not told.
 HandshakeObserver = Callable[[str, str, str], None]
 
 
@@ -149,15 +145,6 @@ def handshake_outcome(exc: BaseException) -> str:
     if isinstance(exc, PeerProtocolError):
         return "protocol_error"
     return "connection_error"
-
-
-def first_error(group: BaseExceptionGroup[Exception]) -> Exception:
-    """The first real error in a group, for the log line."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    assert isinstance(exc, Exception)
-    return exc
 
 
 class StoreSink:
@@ -260,7 +247,8 @@ class PeerLink:
         self._on_handshake = on_handshake
         self._dial_auth = InitiatorAuthChoice()
         self.handshake_timeout = handshake_timeout
-        self._session_scope: trio.CancelScope | None = None
+        # Which of the sessions with the peer runs the key agreement (qkdd.peer.arbiter).
+        self.sessions = LinkSessions(self.params.is_master, self._run_agreement)
         self._calls: _OpenCalls | None = None
         self.call_handlers: dict[int, CallHandler] = {}
         self.session_up = False
@@ -350,26 +338,54 @@ class PeerLink:
             )
             return refusal(call, str(exc))
 
-    # -- dialing (link master) --------------------------------------------------------------
+    # -- dialling (both sites) --------------------------------------------------------------
 
     async def dial_forever(self) -> None:
+        """Dial the peer whenever this site has no session with it (running or waiting to
+        be decided), with backoff; each completed dial is served as a session here."""
         delay = DIAL_BACKOFF_FIRST
-        host, port = self.peer.address
         while True:
-            try:
-                auth_key = self._initiator_auth_key()
-            except PskChainLost:
-                # Fail closed: never fall back to signatures on our own (docs/protocol.md).
-                self.last_error = (
-                    "the PSK chain with this peer is lost and a signature bootstrap is not "
-                    "allowed; run `qkdd allow-bootstrap` on both sites if that is intended"
-                )
-                log.error("event=psk_chain_lost peer=%s", self.peer.site_id)
-                await trio.sleep(DIAL_BACKOFF_MAX)
-                continue
-            # One deadline for connect, HELLO and the handshake: a responder that goes
-            # silent at any point (even before accepting) is given up at the same time.
-            deadline = trio.current_time() + self.handshake_timeout
+            if self.sessions.busy:
+                await self.sessions.until_idle()
+                delay = DIAL_BACKOFF_FIRST
+            else:
+                try:
+                    auth_key = self._initiator_auth_key()
+                except PskChainLost:
+                    # Fail closed: never fall back to signatures on our own (docs/protocol.md).
+                    self.last_error = (
+                        "the PSK chain with this peer is lost and a signature bootstrap is not "
+                        "allowed; run `qkdd allow-bootstrap` on both sites if that is intended"
+                    )
+                    log.error("event=psk_chain_lost peer=%s", self.peer.site_id)
+                    await trio.sleep(DIAL_BACKOFF_MAX)
+                    continue
+                if await self._dial_once(auth_key, delay):
+                    delay = DIAL_BACKOFF_FIRST
+            await trio.sleep(delay)
+            delay = min(delay * 2, DIAL_BACKOFF_MAX)
+
+    async def _dial_once(self, auth_key: AuthKey | None, retry_in: float) -> bool:
+        """Connect and run the initiator handshake; if it completes, serve the session until
+        it is over. Returns whether the handshake completed. The attempt is abandoned,
+        silently, if a session is taken up while it still connects (one the peer dialled)."""
+        host, port = self.peer.address
+        conn = PeerConnection(
+            Role.INITIATOR,
+            backend=self._backend,
+            local_site_id=self.config.site_id,
+            signing_key=self._signing_key,
+            trust=self,
+            expected_peer=self.peer.site_id,
+            auth_key=auth_key,
+        )
+        # One deadline for connect, HELLO and the handshake: a responder that goes silent at
+        # any point (even before accepting) is given up at the same time.
+        deadline = trio.current_time() + self.handshake_timeout
+        stream: trio.SocketStream | None = None
+        handshake: tuple[HandshakeComplete, list[MessageReceived]] | None = None
+        failure: Exception | None = None
+        with self.sessions.attempt():
             try:
                 with trio.fail_at(deadline):
                     stream = await trio.open_tcp_stream(host, port)
@@ -378,55 +394,53 @@ class PeerLink:
                     reason = exc.strerror or str(exc)
                 else:
                     reason = f"connect timed out after {self.handshake_timeout:g} s"
-                self.last_error = f"cannot reach {host}:{port} ({reason})"
+                if not self.session_up:
+                    self.last_error = f"cannot reach {host}:{port} ({reason})"
                 log.debug(
                     "event=dial_failed peer=%s address=%s:%d retry_in=%.2f",
                     self.peer.site_id,
                     host,
                     port,
-                    delay,
+                    retry_in,
                 )
-                await trio.sleep(delay)
-                delay = min(delay * 2, DIAL_BACKOFF_MAX)
-                continue
-            conn = PeerConnection(
-                Role.INITIATOR,
-                backend=self._backend,
-                local_site_id=self.config.site_id,
-                signing_key=self._signing_key,
-                trust=self,
-                expected_peer=self.peer.site_id,
-                auth_key=auth_key,
-            )
-            async with stream:
-                handshake_done = False
+            else:
+                self.sessions.dial_handshaking()
                 try:
                     with trio.fail_at(deadline):
                         conn.initiate()
                         await self._durable()  # the PSK it proves must outlive a power cut
                         await stream.send_all(conn.data_to_send())
-                        done, leftover = await complete_handshake(
-                            stream, conn, durable=self._durable
-                        )
-                    handshake_done = True
-                    self._dial_auth.handshake_completed()
-                    delay = DIAL_BACKOFF_FIRST
-                    await self.run_session(stream, conn, done, leftover)
+                        handshake = await complete_handshake(stream, conn, durable=self._durable)
                 except* SESSION_ERRORS as group:
                     failure = first_error(group)
-                    if not handshake_done:
-                        outcome = handshake_outcome(failure)
-                        self._on_handshake(self.peer.site_id, mode_name(conn), outcome)
-                        used = DialAuth.BOOTSTRAP if auth_key is None else DialAuth.PSK
-                        self._dial_auth.handshake_failed(used, outcome)
-                    self.session_failed(failure)
-            await trio.sleep(delay)
-            delay = min(delay * 2, DIAL_BACKOFF_MAX)
+        # Nothing awaits from the handshake's completion to serve_session: the session
+        # arbiter learns of it before anything else can happen on this link.
+        if handshake is None:
+            self.sessions.dial_failed()
+            if stream is not None:
+                await stream.aclose()
+            if failure is not None:
+                outcome = handshake_outcome(failure)
+                self._on_handshake(self.peer.site_id, mode_name(conn), outcome)
+                used = DialAuth.BOOTSTRAP if auth_key is None else DialAuth.PSK
+                self._dial_auth.handshake_failed(used, outcome)
+                self.session_failed(failure)
+            elif stream is not None:
+                log.debug(
+                    "event=dial_abandoned peer=%s reason='a session was taken up'",
+                    self.peer.site_id,
+                )
+            return False
+        assert stream is not None
+        self._dial_auth.handshake_completed()
+        async with stream:
+            await self.serve_session(stream, conn, *handshake, origin=Origin.OURS)
+        return True
 
     def session_failed(self, exc: BaseException) -> None:
-        """Our own dial, or an authenticated session, ended with ``exc``. If a newer session
-        is already up (it replaced the one that failed), only the log says so."""
-        replaced = self._session_scope is not None
+        """Our own dial, or an authenticated session, ended with ``exc``. If another
+        session is up now (it replaced the one that failed), only the log says so."""
+        replaced = self.sessions.arbiter.running is not None
         if isinstance(exc, PeerAuthenticationError):
             reason = f"authentication failed: {exc}"
             log.error(
@@ -470,21 +484,61 @@ class PeerLink:
         if not self.session_up:
             self.last_error = f"{reason} (a connection from {address})"
 
-    # -- a session (both roles) -------------------------------------------------------------
+    # -- sessions (both roles) --------------------------------------------------------------
 
-    async def run_session(
+    def hello_answered(self) -> int:
+        """The listener accepted a HELLO from this peer and answers it now: the mark to pass
+        to ``serve_session`` once that handshake completes (``qkdd.peer.arbiter``)."""
+        return self.sessions.arbiter.hello_answered()
+
+    async def serve_session(
         self,
         stream: trio.abc.Stream,
         conn: PeerConnection,
         done: HandshakeComplete,
         leftover: list[MessageReceived],
+        *,
+        origin: Origin,
+        hello_mark: int = 0,
     ) -> None:
-        """Run key agreement over an authenticated connection until it breaks.
+        """A handshake with this peer completed (our dial, or one the listener accepted).
+        The session waits, unused, until ``qkdd.peer.arbiter`` decides; then it runs the key
+        agreement until it breaks or is replaced, or it is closed unused. Returns when it is
+        over; how it ended is logged here."""
+        session = await self.sessions.serve(stream, conn, done, leftover, origin, hello_mark)
+        dialled_by = self.config.site_id if origin is Origin.OURS else self.peer.site_id
+        if session.taken_up:
+            if session.error is not None:
+                self.session_failed(session.error)
+            elif session.closed is not None:
+                log.info(
+                    "event=session_replaced peer=%s dialled_by=%s reason=%r",
+                    self.peer.site_id,
+                    dialled_by,
+                    session.closed.reason,
+                )
+            return
+        error = session.error
+        if error is not None and not isinstance(error, _CLOSED):
+            self.session_failed(error)  # a check failed: not a session that merely lost
+            return
+        if session.closed is not None:
+            reason = session.closed.reason
+        elif isinstance(error, PeerClosed):
+            reason = str(error)
+        else:
+            reason = f"{PEER_CLOSED_UNUSED} ({error})"
+        log.info(
+            "event=session_unused peer=%s dialled_by=%s auth=%s reason=%r",
+            self.peer.site_id,
+            dialled_by,
+            _auth_name(session.done),
+            reason,
+        )
 
-        A newer session with the same peer replaces this one (the peer restarted)."""
-        self._on_handshake(self.peer.site_id, mode_name(conn), "ok")
-        if self._session_scope is not None:
-            self._session_scope.cancel()
+    async def _run_agreement(self, session: Session) -> None:
+        """Run key agreement over a session taken up, until it breaks or is replaced."""
+        stream, conn, done = session.stream, session.conn, session.done
         assert conn.session_id is not None
         if done.auth_key_id is not None:
             self._store.auth_key_proven(self.peer.site_id, done.auth_key_id)
@@ -571,35 +625,47 @@ class PeerLink:
                 deadline = min(rekey_at, agreement.next_deadline() or math.inf)
                 await self.store_changed.wait_until(deadline)
 
-        with trio.CancelScope() as scope:
-            self._session_scope = scope
-            self._calls = calls
-            self.session_up = True
-            self.sessions_established += 1
-            log.info(
-                "event=session_established peer=%s role=%s auth=%s",
-                self.peer.site_id,
-                "master" if self.params.is_master else "slave",
-                f"psk:{done.auth_key_id}" if done.auth_key_id else "ml-dsa-bootstrap",
-            )
-            try:
-                await send(agreement.start(trio.current_time()))
-                await handle(leftover)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(wake_loop, nursery)
-                    while True:
-                        data = await stream.receive_some(RECEIVE_SIZE)
-                        if not data:
-                            raise PeerClosed("peer closed the connection")
-                        await handle(conn.receive_data(data))
-            finally:
-                calls.close()
-                if self._session_scope is scope:
-                    self._session_scope = None
-                    self._calls = None
-                    self.session_up = False
-        if scope.cancelled_caught:
-            log.info("event=session_replaced peer=%s", self.peer.site_id)
+        self._calls = calls
+        self.session_up = True
+        self.sessions_established += 1
+        # A handshake counts as "ok" once its session runs; one whose session was closed
+        # unused (both sites dialled at once) is only logged.
+        self._on_handshake(self.peer.site_id, mode_name(conn), "ok")
+        log.info(
+            "event=session_established peer=%s role=%s auth=%s dialled_by=%s",
+            self.peer.site_id,
+            "master" if self.params.is_master else "slave",
+            _auth_name(done),
+            self.config.site_id if session.origin is Origin.OURS else self.peer.site_id,
+        )
+        try:
+            # The link master's first message takes the session up at the slave too.
+            await send(agreement.start(trio.current_time()))
+            await handle(session.events)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wake_loop, nursery)
+                while True:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                    if not data:
+                        raise PeerClosed("peer closed the connection")
+                    events = conn.receive_data(data)
+                    if events:
+                        self.sessions.heard(session)
+                    await handle(events)
+        finally:
+            calls.close()
+            if self._calls is calls:
+                self._calls = None
+            # Still up if the session that replaced this one was taken up already.
+            self.session_up = self.sessions.arbiter.running not in (None, session.token)
+
+
+def _auth_name(done: HandshakeComplete) -> str:
+    return f"psk:{done.auth_key_id}" if done.auth_key_id else "ml-dsa-bootstrap"
+
+
+# How a connection ends when the other side merely closed it (or the network cut it).
+_CLOSED = (PeerClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 async def complete_handshake(

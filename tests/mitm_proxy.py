@@ -421,22 +421,34 @@ class MitmProxy:
         conn.record.done.set()
 
 
+def unused_port() -> int:
+    """A loopback port nothing listens on (a connection to it is refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def set_peer_address(config: Path, address: str) -> None:
+    """Rewrite the (only) peer's ``address`` in a site config."""
+    config.write_text(
+        re.sub(
+            r'^address = ".*"$', f'address = "{address}"', config.read_text(), count=1, flags=re.M
+        )
+    )
+
+
 def point_a_at(proxy: MitmProxy) -> Callable[[Path], None]:
+    """Site A reaches site B through the proxy. Both sites dial, so site B's address for A
+    is made to go nowhere: a dial of B's would bypass the proxy (same IP, so B's reserved
+    handshake slots for A are unchanged)."""
+
     def rewrite(directory: Path) -> None:
         config_b = (directory / f"{SITE_B.site_id}.toml").read_text()
         listen = re.search(r'^listen = "127\.0\.0\.1:(\d+)"', config_b, re.M)
         assert listen is not None
         proxy.start(("127.0.0.1", int(listen.group(1))))
-        config_a = directory / f"{SITE_A.site_id}.toml"
         host, port = proxy.address
-        config_a.write_text(
-            re.sub(
-                r'^address = ".*"$',
-                f'address = "{host}:{port}"',
-                config_a.read_text(),
-                count=1,
-                flags=re.M,
-            )
-        )
+        set_peer_address(directory / f"{SITE_A.site_id}.toml", f"{host}:{port}")
+        set_peer_address(directory / f"{SITE_B.site_id}.toml", f"127.0.0.1:{unused_port()}")
 
     return rewrite

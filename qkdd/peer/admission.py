@@ -11,11 +11,11 @@ peer we wait for. So:
 
 - strangers share ``total`` slots, at most ``per_address`` per source (IPv6 sources count
   per /64, since one host usually holds a whole /64);
-- each configured peer address that dials us has ``reserved`` slots of its own, which no
-  stranger can take: a flood from other addresses never reaches them;
+- each configured peer address (every peer dials us) has ``reserved`` slots of its own,
+  which no stranger can take: a flood from other addresses never reaches them;
 - when the strangers' slots are all taken, a newcomer from a source holding fewer slots
   than the busiest source takes the place of that source's oldest connection that has not
-  yet sent an acceptable HELLO (such a connection is ``evicted``). A master arriving from an
+  yet sent an acceptable HELLO (such a connection is ``evicted``). A peer arriving from an
   address we do not know (NAT, a second interface) still gets in; it sends its HELLO at
   once, after which its slot is no longer evictable.
 
@@ -32,8 +32,8 @@ from typing import Final
 # Strangers' handshakes in progress, in all and per source address (per /64 for IPv6).
 MAX_PENDING_HANDSHAKES: Final = 32
 MAX_PENDING_HANDSHAKES_PER_ADDRESS: Final = 4
-# Handshake slots kept for each configured address of a peer that dials us: the master
-# runs one handshake at a time, so a few cover a restart racing its old connection.
+# Handshake slots kept for each configured address of a peer: a peer runs one dial at a
+# time, so a few cover a restart racing its old connection.
 RESERVED_HANDSHAKES_PER_PEER_ADDRESS: Final = 4
 _IPV6_GROUP_PREFIX: Final = 64
 

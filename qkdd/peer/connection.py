@@ -133,8 +133,7 @@ class PeerTrust(Protocol):
     """What a responder asks the link layer about a peer that says who it is."""
 
     def pinned_key(self, site_id: str) -> bytes | None:
-        """The pinned ML-DSA-65 public key of a configured peer, None for unknown sites (a
-        responder's trust also says None for a peer that never dials it)."""
+        """The pinned ML-DSA-65 public key of a configured peer, None for unknown sites."""
 
     def bootstrap_allowed(self, site_id: str) -> bool:
         """Whether a signature bootstrap with this peer may happen now."""
@@ -434,12 +433,9 @@ class PeerConnection:
                 f"peer {hello.initiator_id!r} wants site {hello.responder_id!r}, "
                 f"we are {self._local_id!r}"
             )
-        # Unknown sites, and sites that never dial us (we are their link master), are
-        # refused before any signature or KEM work is done for them.
+        # Unknown sites are refused before any signature or KEM work is done for them.
         if self._trust.pinned_key(hello.initiator_id) is None:
-            raise PeerAuthenticationError(
-                f"site {hello.initiator_id!r} is not a configured peer that dials this site"
-            )
+            raise PeerAuthenticationError(f"site {hello.initiator_id!r} is not a configured peer")
         self.peer_site_id = hello.initiator_id
         self.mode = hello.mode
         if hello.mode == MODE_PSK:
