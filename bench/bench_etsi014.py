@@ -7,14 +7,18 @@ server runs in its own process (as qkdd does); the callers share one Trio proces
 `qkdd.client`.
 
     python bench/bench_etsi014.py [--requests N] [--pool memory|store] [--group-commit]
-                                  [--large N] [--quick]
+                                  [--large N] [--held N] [--quick]
 
 ``--pool store`` serves from the daemon's real pool (``StoreKeyPool`` over an SQLite
 ``KeyStore`` with keys sealed at rest), filled beforehand with ready keys; ``memory`` (the
 default) from ``MemoryKeyPool``, which measures the API layer alone. The store commits
 with an fsync each (as the CLI opens it), or with ``--group-commit`` as the daemon does: no
 fsync per commit, and one fdatasync before each answer shared by all the answers waiting
-(``qkdd.durability``).
+(``qkdd.durability``). The store pool hands keys out as the daemon does: the enc_keys of the
+requests ready at one moment share a store transaction (``qkdd.etsi014.hand_outs``).
+
+A second table compares 1-key enc_keys on a server holding 1000 ready keys with one holding
+``--held`` (1,000,000 by default): what a hand-out costs should not grow with what is held.
 """
 
 from __future__ import annotations
@@ -34,12 +38,14 @@ import trio
 
 from qkdd.client import KeyClient
 from qkdd.durability import GroupCommit
+from qkdd.etsi014.hand_outs import GatheredHandOuts
 from qkdd.etsi014.handler import RequestHandler
 from qkdd.etsi014.pool import KeyPool, MemoryKeyPool
 from qkdd.etsi014.server import serve_unix
 
 MASTER, SLAVE = "SAE-master", "SAE-slave"
 _barrier: GroupCommit | None = None  # the store pool's, with --group-commit
+_hand_outs: GatheredHandOuts | None = None  # the store pool's, as the daemon's
 CONCURRENCY = (1, 8, 64)
 FLOOR_BODY = b'{"keys":[]}'
 
@@ -52,9 +58,10 @@ def _large() -> int:
 # -- servers (run in child processes) --
 
 
-def _store_pool(directory: str, keys: int) -> tuple[KeyPool, list[str]]:
-    """A StoreKeyPool with ``keys`` ready keys for MASTER -> SLAVE, and the IDs of as many
-    more that a slave may collect (in a real pair of sites they sit in the peer's store)."""
+def _store_pool(directory: str, keys: int, collect: bool = True) -> tuple[KeyPool, list[str]]:
+    """A StoreKeyPool with ``keys`` ready keys for MASTER -> SLAVE, and (with ``collect``)
+    the IDs of as many more that a slave may collect (in a real pair of sites they sit in
+    the peer's store)."""
     import base64
     from pathlib import Path
 
@@ -88,9 +95,11 @@ def _store_pool(directory: str, keys: int) -> tuple[KeyPool, list[str]]:
     group_commit = os.environ.get("BENCH_GROUP_COMMIT") == "1"
     store = KeyStore(Path(directory) / "keys.sqlite3", os.urandom(32), group_commit=group_commit)
     dec_ids: list[str] = []
-    # Batches of 256 keys, each one block under its own ID prefix (as agreement makes them).
-    for batch_id, start in enumerate(range(0, 2 * keys, 256), start=1):
-        count = min(256, 2 * keys - start)
+    total, per_block = (2 * keys, 256) if collect else (keys, 4096)
+    # Batches of 256 keys (4096 to hold many), each one block under its own ID prefix (as
+    # agreement makes them).
+    for batch_id, start in enumerate(range(0, total, per_block), start=1):
+        count = min(per_block, total - start)
         block = NewKeyBlock(
             uuid_prefix(os.urandom(12)), MASTER, SLAVE, 256, count, os.urandom(32 * count)
         )
@@ -104,29 +113,32 @@ def _store_pool(directory: str, keys: int) -> tuple[KeyPool, list[str]]:
 
     live = Live()
     live.config = config  # type: ignore[attr-defined]
-    global _barrier
+    global _barrier, _hand_outs
     _barrier = GroupCommit(store) if group_commit else None
+    _hand_outs = GatheredHandOuts(store.handing_out, _barrier)
     return StoreKeyPool(live, store, lambda site: None), dec_ids  # type: ignore[arg-type]
 
 
-async def _serve_api(path: str, keys: int) -> None:
-    """Serve ``keys`` keys for enc_keys and as many more for dec_keys to collect."""
+async def _serve_api(path: str, keys: int, collect: bool = True) -> None:
+    """Serve ``keys`` keys for enc_keys, and (with ``collect``) as many more for dec_keys
+    to collect."""
     pool: KeyPool
     if os.environ.get("BENCH_POOL") == "store":
-        pool, dec_ids = _store_pool(os.path.dirname(path), keys)
+        pool, dec_ids = _store_pool(os.path.dirname(path), keys, collect)
         with open(path + ".ids", "w") as handle:
             handle.write("\n".join(dec_ids))
     else:
         # The keys dec_keys collects are handed out to the master from this pool first.
-        pool = MemoryKeyPool([MASTER, SLAVE], max_key_per_request=_large(), max_key_count=2 * keys)
-        pool.fill(MASTER, SLAVE, 2 * keys)
+        total = 2 * keys if collect else keys
+        pool = MemoryKeyPool([MASTER, SLAVE], max_key_per_request=_large(), max_key_count=total)
+        pool.fill(MASTER, SLAVE, total)
     both = frozenset({MASTER, SLAVE})
     async with trio.open_nursery() as nursery:
         await nursery.start(
             functools.partial(
                 serve_unix,
                 path,
-                RequestHandler(pool),
+                RequestHandler(pool, hand_outs=_hand_outs),
                 lambda uid, gid: both,
                 before_send=_barrier.durable if _barrier is not None else None,
             )
@@ -257,7 +269,37 @@ def _pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) > 1 else values[0]
 
 
-async def _bench(requests: int) -> list[tuple[str, int, float, list[float], float, list[float]]]:
+Row = tuple[str, int, float, list[float], float, list[float]]
+# With how many keys held the held rows compare 1-key hand-outs (beside ``--held``).
+FEW_HELD = 1000
+HELD_CONCURRENCY = (1, 8)
+
+
+async def _held_rows(requests: int, held: int) -> list[tuple[int, list[float], list[float]]]:
+    """1-key enc_keys against a server holding FEW_HELD ready keys and one holding ``held``
+    (both topped up with the keys the calls take): (callers, latencies few, latencies many)."""
+    taken = requests * len(HELD_CONCURRENCY) + max(HELD_CONCURRENCY)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        # A directory each: a server keeps its store beside its socket.
+        few_path, many_path = os.path.join(tmp, "few.sock"), os.path.join(tmp, "many", "s.sock")
+        os.mkdir(os.path.dirname(many_path))
+        servers = []
+        try:
+            servers.append(_start("held", few_path, FEW_HELD + taken))
+            servers.append(_start("held", many_path, held + taken))
+            for concurrency in HELD_CONCURRENCY:
+                _, few = await _run(few_path, MASTER, concurrency, requests, _enc_call(1))
+                _, many = await _run(many_path, MASTER, concurrency, requests, _enc_call(1))
+                rows.append((concurrency, few, many))
+        finally:
+            for server in servers:
+                server.terminate()
+                server.wait()
+    return rows
+
+
+async def _bench(requests: int) -> list[Row]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         api_path, floor_path = os.path.join(tmp, "api.sock"), os.path.join(tmp, "floor.sock")
@@ -265,9 +307,11 @@ async def _bench(requests: int) -> list[tuple[str, int, float, list[float], floa
         # (the margin covers collectable IDs fetched in whole large requests).
         large = _large()
         keys = requests * len(CONCURRENCY) * (1 + large) + 10 * large
-        servers = [_start("api", api_path, keys), _start("floor", floor_path, 0)]
+        servers = []
         used = 0  # IDs handed to dec_keys so far
         try:
+            servers.append(_start("api", api_path, keys))
+            servers.append(_start("floor", floor_path, 0))
             for concurrency in CONCURRENCY:
                 floor_rate, floor_lat = await _run(
                     floor_path, MASTER, concurrency, requests, _floor_call
@@ -309,20 +353,31 @@ def main() -> None:
     )
     parser.add_argument("--large", type=int, default=100, help="keys per large request")
     parser.add_argument(
+        "--held",
+        type=int,
+        default=1_000_000,
+        help=f"ready keys held, compared with {FEW_HELD} (default 1000000; quick: 20000)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="the fewest requests per cell (a smoke test)"
     )
     args = parser.parse_args()
     if args.quick:
         args.requests = max(CONCURRENCY) * 4  # the fewest that give every caller a few
+        args.held = min(args.held, 20_000)
     os.environ["BENCH_POOL"] = args.pool  # the server child reads these
     os.environ["BENCH_LARGE"] = str(args.large)
     os.environ["BENCH_GROUP_COMMIT"] = "1" if args.group_commit else "0"
     if args.serve:
         kind, path, keys = args.serve
-        trio.run(_serve_api, path, int(keys)) if kind == "api" else trio.run(_serve_floor, path)
+        if kind == "floor":
+            trio.run(_serve_floor, path)
+        else:
+            trio.run(_serve_api, path, int(keys), kind == "api")
         return
     requests = max(args.requests, max(CONCURRENCY) * 4)
     rows = trio.run(_bench, requests)
+    held_rows = trio.run(_held_rows, requests, args.held)
     print(
         f"ETSI 014 over a Unix socket ({args.pool} pool"
         f"{', group commit' if args.group_commit and args.pool == 'store' else ''}), "
@@ -339,6 +394,18 @@ def main() -> None:
             f"{label:<14} {concurrency:>7} {rate:>9.0f} {keys:>9.0f} {_pct(lat, 50):>8.2f} "
             f"{_pct(lat, 99):>8.2f} {floor_rate:>11.0f} {_pct(floor_lat, 99):>9.2f} "
             f"{rate / floor_rate:>6.2f} {_pct(lat, 99) / _pct(floor_lat, 99):>9.2f}"
+        )
+    print()
+    print(f"enc_keys x1 with {FEW_HELD} and with {args.held} ready keys held ({args.pool} pool)")
+    print(
+        f"{'callers':>7} {'p50 ms few':>10} {'p50 ms many':>11} {'ratio':>6} "
+        f"{'p99 ms few':>10} {'p99 ms many':>11} {'ratio':>6}"
+    )
+    for concurrency, few, many in held_rows:
+        print(
+            f"{concurrency:>7} {_pct(few, 50):>10.2f} {_pct(many, 50):>11.2f} "
+            f"{_pct(many, 50) / _pct(few, 50):>6.2f} {_pct(few, 99):>10.2f} "
+            f"{_pct(many, 99):>11.2f} {_pct(many, 99) / _pct(few, 99):>6.2f}"
         )
 
 

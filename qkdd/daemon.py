@@ -6,7 +6,7 @@ run_daemon(config)
     store's durability barrier (GroupCommit.durable, qkdd.durability)
   nursery
     per peer: QKD device -> key store            (PeerLink.device.run)
-    per peer we are master of: dial the peer      (PeerLink.dial_forever)
+    per peer: dial it while there is no session   (PeerLink.dial_forever)
     peer listener: responder handshakes           (serve_peers)
     ETSI GS QKD 014 API on the Unix socket        (serve_unix; bound here, or
                                                    passed by qkdd.socket), with the
@@ -14,12 +14,14 @@ run_daemon(config)
                                                    messages (qkdd.messages_api) and
                                                    key events (qkdd.events_api)
     the ETSI API over TLS, if configured           (serve_tls)
+    SKIP for routers over TLS, if configured       (serve_skip: [skip], qkdd.skip)
     Prometheus metrics on their own listener,     (serve_metrics: GET /metrics only)
       if configured ([metrics])
     key expiry, STATUS= lines, watchdog pings      (_expire_keys, _report_status, _watchdog)
     key events from links and pools                (_watch_links_and_pools)
     a failed sync of the store ends the daemon     (GroupCommit.watch)
     the first WireGuard PSK of each binding, then its rotation   (PskRotator)
+    the first IPsec PPK of each [[ipsec]] binding, then its rotation (PpkRotator)
     READY=1 to systemd, then wait for a signal
   Peer calls (key assignments, messages, WireGuard installs) are answered inside each
   peer session by the handler registered for their kind.
@@ -36,8 +38,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from typing import Final
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
 
 import trio
 
@@ -46,14 +48,18 @@ from qkdd.config import ConfigError, SiteConfig, TlsConfig, config_warnings, loa
 from qkdd.crypto.select import select_backend
 from qkdd.durability import GroupCommit
 from qkdd.etsi014.accept import api_connection_table
+from qkdd.etsi014.hand_outs import GatheredHandOuts
 from qkdd.etsi014.handler import RequestHandler
 from qkdd.etsi014.limits import ConnectionTable
+from qkdd.etsi014.pool import KeyPool
 from qkdd.etsi014.server import BeforeSend, Observe, serve_unix
 from qkdd.etsi014.tls import sae_ids_from_certificate, serve_tls
 from qkdd.events import EventBus, PoolWatch, chunks
 from qkdd.events_api import event_routes
 from qkdd.identity import load_identity, read_key_encryption_key
 from qkdd.inbox import Inbox
+from qkdd.ipsec.link import make_ipsec_rotators
+from qkdd.ipsec.rotator import PpkRotator
 from qkdd.keystore import ErasedKey, KeyStore, StoreError
 from qkdd.messages_api import SEND_PREFIX, message_routes, send_body_limit
 from qkdd.messaging import Messenger
@@ -64,9 +70,12 @@ from qkdd.peer_listener import serve_peers
 from qkdd.peering import CallHandler, PeerLink
 from qkdd.pool import StoreKeyPool
 from qkdd.progress import ProgressWatch
+from qkdd.rotation.rotator import KeyRotator
+from qkdd.skip.config import SkipConfig
+from qkdd.skip.listener import serve_skip
+from qkdd.skip.provider import SkipProvider
 from qkdd.status import RecentErrors, site_status
 from qkdd.systemd import Notifier, listen_fds_with_names, watchdog_interval
-from qkdd.wireguard import PskRotator
 from qkdd.wireguard_link import make_rotators
 
 log = logging.getLogger("qkdd.daemon")
@@ -170,6 +179,8 @@ async def run_daemon(
         )
     # WG_INSTALL where this site is slave.
     rotators = make_rotators(config, links, store, barrier.durable)
+    # IPSEC_INSTALL where this site is slave.
+    ipsec_rotators = make_ipsec_rotators(config.ipsec, links, store, barrier.durable)
     pool = metrics.counting_pool(store_pool)
     metrics.watch_quotas(
         lambda: {sae: store_pool.quota_state(sae) for sae in live.config.local_sae_ids}
@@ -178,7 +189,7 @@ async def run_daemon(
     store.on_erased = functools.partial(_publish_erased, bus)
 
     def status() -> dict[str, object]:
-        return site_status(
+        site = site_status(
             site_id=config.site_id,
             backend=backend.name,
             links=links,
@@ -186,19 +197,23 @@ async def run_daemon(
             recent_errors=recent_errors.events(),
             wireguard=[rotator.status() for rotator in rotators.values()],
         )
+        return _with_ipsec(ipsec_rotators, site)
 
     def is_local_sae(sae: str) -> bool:
         return sae in live.config.local_sae_ids
 
+    # enc_keys of the requests ready at one moment share a store transaction.
+    hand_outs = GatheredHandOuts(store.handing_out, barrier)
     handler = RequestHandler(
         pool,
         extensions=admin_routes(status, metrics.exposition)
         | message_routes(messenger, is_local_sae)
         | event_routes(bus, is_local_sae),
         body_limits={SEND_PREFIX: send_body_limit(config.message_max_size)},
+        hand_outs=hand_outs,
     )
     # The TLS listener's callers are remote SAEs: the ETSI API only, no site status.
-    etsi_only = RequestHandler(pool)
+    etsi_only = RequestHandler(pool, hand_outs=hand_outs)
     # Both API listeners draw on one budget of file descriptors.
     api_connections = api_connection_table()
 
@@ -228,8 +243,7 @@ async def run_daemon(
             async with trio.open_nursery() as nursery:
                 for link in links.values():
                     await nursery.start(link.device.run, link.sink)
-                    if link.params.is_master:
-                        nursery.start_soon(link.dial_forever)
+                    nursery.start_soon(link.dial_forever)  # both ends of a link dial
                 await nursery.start(
                     functools.partial(
                         serve_peers,
@@ -264,6 +278,10 @@ async def run_daemon(
                             barrier.durable,
                         )
                     )
+                if config.skip is not None:  # SKIP for routers: the same pool and barrier
+                    await nursery.start(
+                        _skip_listener(config.skip, live, pool, api_connections, barrier.durable)
+                    )
                 if config.metrics is not None:  # Prometheus: /metrics only, no key API
                     await nursery.start(serve_metrics, config.metrics, metrics.exposition)
                 nursery.start_soon(_report_status, notifier, config, links, store)
@@ -275,7 +293,10 @@ async def run_daemon(
                     nursery.start_soon(_watchdog, notifier, ProgressWatch(links, store), period)
                 # The first WireGuard PSK (fresh, or random to fail closed) is in place
                 # before READY, so no tunnel runs without one.
-                await _first_psks(notifier, rotators)
+                await _first_keys(notifier, rotators, "WireGuard PSK", "wireguard_ready")
+                await _first_keys(notifier, ipsec_rotators, "IPsec PPK", "ipsec_ready")
+                for ipsec_rotator in ipsec_rotators.values():
+                    nursery.start_soon(ipsec_rotator.run)
                 for rotator in rotators.values():
                     nursery.start_soon(rotator.run)
                 notifier.ready()
@@ -322,6 +343,26 @@ def _tls_listener(
         observe=observe,
         connections=connections,
         before_send=before_send,
+    )
+
+
+def _skip_listener(
+    skip: SkipConfig,
+    live: LiveConfig,
+    pool: KeyPool,
+    connections: ConnectionTable,
+    before_send: BeforeSend,
+) -> Callable[..., Awaitable[None]]:
+    """SKIP (draft-cisco-skip) over TLS 1.3, callers identified by client certificate; it
+    lists the remote systems whose pair with the caller's SAE this site fills pools for."""
+    provider = SkipProvider(
+        pool,
+        dict(skip.remote_systems),
+        talks_to=lambda local, remote: (local, remote) in live.config.talking_pairs(),
+        random_bytes=os.urandom if skip.entropy else None,
+    )
+    return functools.partial(
+        serve_skip, skip, provider, connections=connections, before_send=before_send
     )
 
 
@@ -387,18 +428,29 @@ async def _expire_keys(live: LiveConfig, store: KeyStore) -> None:
         await trio.sleep(min(EXPIRY_INTERVAL, lifetime / 2))
 
 
-async def _first_psks(notifier: Notifier, rotators: dict[str, PskRotator]) -> None:
+async def _first_keys(
+    notifier: Notifier, rotators: Mapping[str, KeyRotator[Any, Any]], tunnel: str, event: str
+) -> None:
+    """The first key of each binding of one tunnel kind (or none, failing closed) before
+    READY, all bindings at once."""
     if not rotators:
         return
-    notifier.status(f"installing the first WireGuard PSK of {len(rotators)} binding(s)")
+    notifier.status(f"installing the first {tunnel} of {len(rotators)} binding(s)")
     async with trio.open_nursery() as nursery:
         for name, rotator in rotators.items():
 
-            async def first(name: str = name, rotator: PskRotator = rotator) -> None:
+            async def first(name: str = name, rotator: KeyRotator[Any, Any] = rotator) -> None:
                 installed = await rotator.first_install()
-                log.info("event=wireguard_ready binding=%s installed=%r", name, installed)
+                log.info("event=%s binding=%s installed=%r", event, name, installed)
 
             nursery.start_soon(first)
+
+
+def _with_ipsec(rotators: dict[str, PpkRotator], status: dict[str, object]) -> dict[str, object]:
+    """The site status with each IPsec binding's row (only when there are bindings)."""
+    if rotators:
+        status["ipsec"] = [rotator.status() for rotator in rotators.values()]
+    return status
 
 
 def _publish_erased(bus: EventBus, reason: str, keys: list[ErasedKey]) -> None:

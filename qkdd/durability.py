@@ -88,6 +88,13 @@ class GroupCommit:
                 # the next one does, started by whichever waiter gets there first.
                 await running.wait()
 
+    async def quiet(self) -> None:
+        """Return once the sync in progress, if any, has ended: what is committed from
+        then on goes into the next one, which starts only when asked for."""
+        running = self._running
+        if running is not None:
+            await running.wait()
+
     async def _sync(self) -> None:
         done = self._running = trio.Event()
         try:

@@ -7,6 +7,10 @@ to cover its size, concatenated and cut), after the slave's site has confirmed, 
 KEY_ASSIGN peer call, that it made the same key and holds it for every slave. So such keys
 need the peer site to be reachable; if the call fails, the ready keys it took are lost (never
 handed out anywhere), and the caller gets 503 with the reason.
+
+What a request's checks read from the config (limits, quotas, the pairs served) is worked
+out once per config in force, not per request; only an SAE with a quota has what it takes
+counted (``QuotaBook``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from qkdd.etsi014.pool import (
     KeysUnavailable,
     PoolStatus,
     UnknownKeys,
+    delivered_keys,
 )
 from qkdd.keystore import Assignment, KeyStore, StoreError, compose_key
 from qkdd.peer.calls import (
@@ -55,6 +60,23 @@ class HasConfig(Protocol):
     config: SiteConfig
 
 
+class _ConfigFacts:
+    """What the hand-out path reads from one config, worked out once for it."""
+
+    def __init__(self, config: SiteConfig) -> None:
+        self.config = config
+        self.local_sae_ids = config.local_sae_ids
+        self.talking_pairs = config.talking_pairs()
+        self.pool_sizes = {peer.site_id: peer.pool_size for peer in config.peers}
+        self.limits: dict[tuple[str, str], KeyLimits] = {}
+        self.quotas: dict[str, int | None] = {}
+
+    def quota_of(self, sae_id: str) -> int | None:
+        if sae_id not in self.quotas:
+            self.quotas[sae_id] = self.config.quota_of(sae_id)
+        return self.quotas[sae_id]
+
+
 class StoreKeyPool:
     def __init__(
         self,
@@ -73,6 +95,7 @@ class StoreKeyPool:
         self._call_peer = call_peer
         self._clock = clock
         self._quotas = QuotaBook()
+        self._facts_of_config = _ConfigFacts(config)
         self._site_of_sae: dict[str, str] = {sae: config.site_id for sae in config.local_sae_ids}
         for peer in config.peers:
             for sae in peer.remote_sae_ids:
@@ -80,6 +103,13 @@ class StoreKeyPool:
 
     def knows_sae(self, sae_id: str) -> bool:
         return sae_id in self._site_of_sae
+
+    def _facts(self) -> _ConfigFacts:
+        """The facts of the config in force (worked out again after a reload)."""
+        facts = self._facts_of_config
+        if facts.config is not self._live.config:
+            facts = self._facts_of_config = _ConfigFacts(self._live.config)
+        return facts
 
     def _peer_site(self, master_sae_id: str, slave_sae_id: str) -> str:
         """The peer site whose link makes the pair's keys: the other SAE's site. A pair of
@@ -104,11 +134,19 @@ class StoreKeyPool:
         """What a request may ask for. For enc_keys (the master SAE is here) never more keys
         per request than the pair's pool holds or the master's quota allows: such a request
         could never be met. dec_keys collects keys by ID, however many wait uncollected."""
-        config = self._live.config
+        facts = self._facts()
+        known = facts.limits.get((master_sae_id, slave_sae_id))
+        if known is None:
+            known = self._limits(facts, master_sae_id, slave_sae_id)
+            facts.limits[(master_sae_id, slave_sae_id)] = known
+        return known
+
+    def _limits(self, facts: _ConfigFacts, master_sae_id: str, slave_sae_id: str) -> KeyLimits:
+        config = facts.config
         peer_site = self._peer_site(master_sae_id, slave_sae_id)
         size = config.key_size
         per_request, reason = config.max_keys_per_request, ""
-        if master_sae_id in config.local_sae_ids:
+        if master_sae_id in facts.local_sae_ids:
             pool_size = self._pool_size(peer_site)
             if pool_size < per_request:
                 per_request = pool_size
@@ -116,7 +154,7 @@ class StoreKeyPool:
                     f"site {config.site_id} keeps at most {pool_size} keys ready for "
                     f"{master_sae_id} -> {slave_sae_id}: the pool_size of peer {peer_site}"
                 )
-            quota = config.quota_of(master_sae_id)
+            quota = facts.quota_of(master_sae_id)
             if quota is not None and quota < per_request:
                 per_request = quota
                 reason = (
@@ -131,8 +169,7 @@ class StoreKeyPool:
         )
 
     def _pool_size(self, peer_site: str) -> int:
-        peer = self._live.config.peer(peer_site)
-        return peer.pool_size if peer is not None else 0
+        return self._facts().pool_sizes.get(peer_site, 0)
 
     def status(self, master_sae_id: str, slave_sae_id: str) -> PoolStatus:
         peer_site = self._peer_site(master_sae_id, slave_sae_id)
@@ -165,8 +202,10 @@ class StoreKeyPool:
         }
 
     def _check_quota(self, sae_id: str, number: int) -> None:
-        limit = self._live.config.quota_of(sae_id)
-        if limit is not None and number > limit:
+        limit = self._facts().quota_of(sae_id)
+        if limit is None:
+            return
+        if number > limit:
             # Never possible, however long the caller waits: not a 503 to retry.
             raise InvalidKeyRequest(f"SAE {sae_id} may take at most {limit} keys per hour")
         try:
@@ -174,13 +213,19 @@ class StoreKeyPool:
         except QuotaExceeded as exc:
             raise KeysUnavailable(str(exc)) from None
 
+    def _charge(self, sae_id: str, number: int) -> None:
+        """Count keys against the SAE's quota. Only an SAE with a quota is charged (what
+        others take is not remembered): a quota set by a reload counts from then on."""
+        if self._facts().quota_of(sae_id) is not None:
+            self._quotas.charge(sae_id, number, self._clock())
+
     def _check_pool_holds(
         self, master_sae_id: str, slave_sae_id: str, peer_site: str, ready_keys: int, what: str
     ) -> None:
         """InvalidKeyRequest when a request needs more ready keys than the pair's pool ever
         holds, or the pair's pool is not filled at all (no consumer talks to the slave SAE):
         it could never be met."""
-        if (master_sae_id, slave_sae_id) not in self._live.config.talking_pairs():
+        if (master_sae_id, slave_sae_id) not in self._facts().talking_pairs:
             raise InvalidKeyRequest(
                 f"site {self._live.config.site_id} keeps no keys for {master_sae_id} -> "
                 f"{slave_sae_id}: {slave_sae_id} is not in the talks_to of consumer "
@@ -200,16 +245,16 @@ class StoreKeyPool:
         peer_site = self._peer_site(master_sae_id, slave_sae_id)
         self._check_pool_holds(master_sae_id, slave_sae_id, peer_site, number, f"{number} keys")
         self._check_quota(master_sae_id, number)
-        keys = self._store.take_ready(master_sae_id, slave_sae_id, number)
-        if not keys:
+        ids, materials = self._store.hand_out(master_sae_id, slave_sae_id, number)
+        if not ids:
             ready = self._store.ready_count(master_sae_id, slave_sae_id)
             reason = self._why_unavailable(peer_site)
             raise KeysUnavailable(
                 f"{ready} keys ready for {master_sae_id} -> {slave_sae_id}, {number} requested"
                 + (f"; {reason}" if reason else "; the pool is refilling, retry shortly")
             )
-        self._quotas.charge(master_sae_id, number, self._clock())
-        return [DeliveredKey(k.key_id, k.material) for k in keys]
+        self._charge(master_sae_id, number)
+        return delivered_keys(ids, materials)
 
     def take_for_slave(
         self, master_sae_id: str, slave_sae_id: str, key_ids: Sequence[str]
@@ -292,7 +337,7 @@ class StoreKeyPool:
                 f"site {peer_site} did not confirm the keys ({exc}); "
                 f"{len(taken)} ready keys were discarded, retry"
             ) from None
-        self._quotas.charge(master_sae_id, number, self._clock())
+        self._charge(master_sae_id, number)
         return keys
 
     def accept_assignment(self, peer_site: str, body: bytes) -> bytes:

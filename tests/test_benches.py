@@ -34,6 +34,9 @@ EXPECTED_ROWS: dict[str, tuple[str, ...]] = {
         r"^enc_keys x100\s+64\s+(?P<figure>\d+)\s",
         r"^dec_keys x1\s+8\s+(?P<figure>\d+)\s",
         r"^dec_keys x100\s+64\s+(?P<figure>\d+)\s",
+        # 1-key enc_keys with few and with many keys held: p50 ms of each
+        r"^\s+1\s+(?P<figure>[\d.]+)\s+[\d.]+\s+[\d.]+\s",
+        r"^\s+8\s+[\d.]+\s+(?P<figure>[\d.]+)\s+[\d.]+\s",
     ),
     "bench_messages.py": (
         r"^\s*64\s+1\s.*\s(?P<figure>\d+)$",  # messages received
@@ -61,6 +64,7 @@ def test_every_bench_is_covered() -> None:
         "bench_emulator.py",
         "bench_store_size.py",
         "bench_footprint.py",
+        "bench_end_to_end.py",
     }  # tests/test_bench_*.py
     assert benches - own_tests == set(EXPECTED_ROWS)
 

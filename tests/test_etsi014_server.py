@@ -21,7 +21,7 @@ import trio.testing
 from timeouts import timeout
 
 from qkdd.client import KeyClient, KeyServiceClientError
-from qkdd.etsi014.handler import RequestHandler
+from qkdd.etsi014.handler import ApiResponse, RequestHandler
 from qkdd.etsi014.limits import ConnectionLimits, raise_open_file_limit
 from qkdd.etsi014.pool import MemoryKeyPool
 from qkdd.etsi014.server import SocketPathError, serve_unix
@@ -326,6 +326,43 @@ async def test_slow_client_times_out_without_holding_others(
     await slow.aclose()
     await silent.aclose()
     srv.cancel.cancel()
+
+
+async def test_an_answer_the_client_does_not_read_times_out_without_holding_others(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "qkdd.api")
+    pool = MemoryKeyPool([A, B])
+    pool.fill(A, B, 10)
+
+    def huge(request: object, caller: object) -> ApiResponse:
+        return ApiResponse(200, (("content-type", "text/plain"),), bytes(16 * 1024 * 1024))
+
+    path = str(tmp_path / "api.sock")
+    cancel = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[None]) -> None:
+        with cancel:
+            await serve_unix(
+                path,
+                RequestHandler(pool, extensions={"/qkdd/v1/huge": huge}),
+                lambda uid, gid: BOTH,
+                request_timeout=0.3,
+                task_status=task_status,
+            )
+
+    await nursery.start(run)
+    async with await trio.open_unix_socket(path) as stuck:
+        await stuck.send_all(request_bytes("GET", "/qkdd/v1/huge"))  # and never reads
+        with trio.fail_after(timeout(5)):
+            async with KeyClient(path, sae_id=A) as client:
+                while "event=api_send_timeout" not in caplog.text:
+                    assert (await client.status(B))["slave_SAE_ID"] == B
+                    await trio.sleep(0.05)
+            # The server closed the stuck connection: what is left of the answer, then EOF.
+            while await stuck.receive_some(1 << 20):
+                pass
+    cancel.cancel()
 
 
 async def test_concurrent_callers_get_distinct_keys(server: Server) -> None:

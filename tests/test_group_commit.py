@@ -6,11 +6,13 @@ over TCP, all in the test's Trio loop; fdatasync is wrapped to count and order t
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
+import json
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from qkdd.crypto.select import select_backend
 from qkdd.demo import prepare_directory
 from qkdd.demo_sites import SITE_A, SITE_B
 from qkdd.durability import DurabilityLost, GroupCommit
+from qkdd.etsi014.hand_outs import GatheredHandOuts
 from qkdd.etsi014.handler import RequestHandler
 from qkdd.etsi014.pool import DeliveredKey
 from qkdd.etsi014.server import serve_unix
@@ -37,8 +40,9 @@ from qkdd.peer.connection import PeerConnection
 from qkdd.peer_listener import serve_peers
 from qkdd.peering import PeerLink, StoreSink
 from qkdd.pool import StoreKeyPool
+from qkdd.rotation.link import install_handler
 from qkdd.wireguard import PskRotator, WireGuardBinding
-from qkdd.wireguard_link import _install_handler
+from qkdd.wireguard_link import WG_INSTALL_CALL
 
 KEK = bytes(range(32))
 CALLERS = 64
@@ -262,6 +266,93 @@ async def test_a_lone_callers_sync_skips_the_worker_thread(
     store.close()
 
 
+@pytest.fixture
+async def gathered_api(
+    tmp_path: Path, nursery: trio.Nursery, syncs: Syncs
+) -> AsyncIterator[tuple[Api, GatheredHandOuts, dict[str, int]]]:
+    """The API as the daemon serves it: enc_keys hand-outs gathered into blocks. Also: for
+    each key handed out, the store's commit count once its block committed."""
+    config = load_config(prepare_directory(tmp_path)[SITE_A.site_id])
+    store = filled_store(tmp_path / "keys.sqlite3", group_commit=True)
+    syncs.store = store
+    barrier = GroupCommit(store, inline_when_idle=False)
+    pool = StoreKeyPool(Live(config), store, lambda site: None)
+    committed_in: dict[str, int] = {}
+    in_block: list[str] = []
+    take = pool.take_for_master
+
+    def recording_take(master: str, slave: str, number: int, size: int) -> list[DeliveredKey]:
+        keys = take(master, slave, number, size)
+        in_block.extend(key.key_id for key in keys)
+        return keys
+
+    @contextlib.contextmanager
+    def recording_block() -> Iterator[None]:
+        with store.handing_out():
+            yield
+        committed_in.update(dict.fromkeys(in_block, store.commits))
+        in_block.clear()
+
+    pool.take_for_master = recording_take  # type: ignore[method-assign,assignment]
+    hand_outs = GatheredHandOuts(recording_block, barrier)
+    path = str(tmp_path / "api.sock")
+    grant = frozenset({SITE_A.sae_id})
+    await nursery.start(
+        lambda task_status: serve_unix(
+            path,
+            RequestHandler(pool, hand_outs=hand_outs),
+            lambda uid, gid: grant,
+            before_send=barrier.durable,
+            task_status=task_status,
+        )
+    )
+    yield Api(path, store, barrier, {}), hand_outs, committed_in
+    barrier.close()
+    store.close()
+
+
+async def test_gathered_hand_outs_are_durable_before_any_answer_and_share_syncs(
+    gathered_api: tuple[Api, GatheredHandOuts, dict[str, int]],
+    syncs: Syncs,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    api, hand_outs, committed_in = gathered_api
+    await api.barrier.durable()  # the store's own set-up writes
+    before = syncs.count
+
+    def hold(done: int) -> None:
+        """The first sync waits until every other caller waits for its keys."""
+        give_up = time.monotonic() + timeout(20)
+        while (
+            done == before
+            and len(committed_in) + hand_outs.waiting < CALLERS
+            and time.monotonic() < give_up
+        ):
+            time.sleep(0.001)
+
+    syncs.before = hold
+    answered: list[str] = []
+    send_all = trio.SocketStream.send_all
+
+    async def recording_send_all(self: trio.SocketStream, data: bytes) -> None:
+        if bytes(data[:13]) == b"HTTP/1.1 200 ":  # the server answering with keys
+            body = bytes(data).split(b"\r\n\r\n", 1)[1]
+            ids = [key["key_ID"] for key in json.loads(body)["keys"]]
+            durable_up_to = max((n for kind, n in syncs.events if kind == "synced"), default=0)
+            for key_id in ids:
+                assert committed_in[key_id] <= durable_up_to, "an answer left before its sync"
+            answered.extend(ids)
+        await send_all(self, data)
+
+    monkeypatch.setattr(trio.SocketStream, "send_all", recording_send_all)
+    ids = await enc_keys_from_many(api, CALLERS)
+    assert len(set(ids)) == CALLERS and sorted(answered) == sorted(ids)
+    # The first block's sync, then one for all the others, handed out in one block while
+    # it ran.
+    assert syncs.count - before == 2
+    assert hand_outs.hand_outs == CALLERS and hand_outs.blocks == 2
+
+
 async def test_without_group_commit_every_commit_syncs_itself(tmp_path: Path, syncs: Syncs) -> None:
     store = filled_store(tmp_path / "keys.sqlite3", group_commit=None)  # as the CLI opens it
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL, as before
@@ -413,7 +504,7 @@ async def test_a_psk_is_installed_only_once_its_taking_is_durable(
         remote_sae="wg-a",
     )
     rotator = PskRotator(binding, installer=Installer())
-    handle = _install_handler("site-a", store, {"tunnel": rotator}, barrier.durable)
+    handle = install_handler(WG_INSTALL_CALL, "site-a", store, {"tunnel": rotator}, barrier.durable)
     await handle(WgInstall("tunnel", ids_of(block)[0]).encode())
     assert len(installed) == 1
     at_install, synced = installed[0]

@@ -243,3 +243,40 @@ def test_a_pair_of_saes_at_the_same_site_is_refused_with_400(sites, operation):
     assert "both at site site-b" in obj["message"] and "peer site" in obj["message"]
     with pytest.raises(InvalidKeyRequest):
         pool_b.status(B_SAE, B2_SAE)
+
+
+def with_quota(config: SiteConfig, quota: int | None) -> SiteConfig:
+    """The config, reloaded with this quota for A's SAE."""
+    consumers = tuple(
+        dataclasses.replace(c, keys_per_hour=quota) if c.sae_id == A_SAE else c
+        for c in config.consumers
+    )
+    return dataclasses.replace(config, consumers=consumers)
+
+
+def test_what_a_request_may_ask_for_follows_a_reload(sites):
+    pool_a, *_ = sites  # A's SAE may take 10 keys per hour
+    assert pool_a.limits(A_SAE, B_SAE).max_key_per_request == 10
+    live = pool_a._live
+    live.config = with_quota(live.config, 3)
+    assert pool_a.limits(A_SAE, B_SAE).max_key_per_request == 3
+    with pytest.raises(InvalidKeyRequest, match="at most 3 keys per hour"):
+        pool_a.take_for_master(A_SAE, B_SAE, 4, 256)
+    live.config = with_quota(live.config, None)
+    assert pool_a.limits(A_SAE, B_SAE).max_key_per_request == 64  # the pool_size
+    assert len(pool_a.take_for_master(A_SAE, B_SAE, 11, 256)) == 11
+
+
+def test_only_an_sae_under_a_quota_is_charged(sites):
+    """What an SAE without a quota takes is not remembered (no entry per request, however
+    many it makes); a quota set by a reload counts from then on."""
+    pool_a, *_ = sites
+    live = pool_a._live
+    quota = live.config
+    live.config = with_quota(quota, None)
+    assert len(pool_a.take_for_master(A_SAE, B_SAE, 3, 256)) == 3
+    assert pool_a.quota_state(A_SAE).used == 0
+    live.config = quota
+    assert pool_a.quota_state(A_SAE).remaining == 10
+    assert len(pool_a.take_for_master(A_SAE, B_SAE, 2, 256)) == 2
+    assert pool_a.quota_state(A_SAE).used == 2

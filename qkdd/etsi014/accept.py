@@ -17,7 +17,8 @@ import contextlib
 import errno
 import logging
 import os
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
+from types import TracebackType
 from typing import NoReturn
 
 import trio
@@ -64,17 +65,9 @@ class ConnectionSlot:
         self._idle_wait: trio.CancelScope | None = None
         self.evicted = False
 
-    @contextlib.contextmanager
-    def idle(self, timeout: float) -> Iterator[trio.CancelScope]:
+    def idle(self, timeout: float) -> _IdleWait:
         """A scope for waiting idle, at most `timeout` seconds; cancelled on eviction."""
-        with trio.move_on_after(timeout) as scope:
-            self._idle_wait = scope
-            self._table.idle(self)
-            try:
-                yield scope
-            finally:
-                self._idle_wait = None
-                self._table.busy(self)
+        return _IdleWait(self, timeout)
 
     def evict(self) -> None:
         self.evicted = True
@@ -83,6 +76,33 @@ class ConnectionSlot:
 
     def release(self) -> None:
         self._table.release(self)
+
+
+class _IdleWait:
+    """`ConnectionSlot.idle`: entered once per request a connection waits for."""
+
+    __slots__ = ("_slot", "_scope")
+
+    def __init__(self, slot: ConnectionSlot, timeout: float) -> None:
+        self._slot = slot
+        self._scope = trio.CancelScope(deadline=trio.current_time() + timeout)
+
+    def __enter__(self) -> trio.CancelScope:
+        scope = self._scope.__enter__()
+        self._slot._idle_wait = scope
+        self._slot._table.idle(self._slot)
+        return scope
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        slot = self._slot
+        slot._idle_wait = None
+        slot._table.busy(slot)
+        return self._scope.__exit__(kind, value, traceback)
 
 
 class ConnectionGate:

@@ -18,19 +18,20 @@ standard's codes exactly as the immediate ones do.
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import re
 import uuid
+from binascii import b2a_base64
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any, Final, NamedTuple, NoReturn
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from qkdd.etsi014.pool import (
     DeliveredKey,
+    HandOuts,
     InvalidKeyRequest,
     KeyPool,
     KeyServiceError,
@@ -50,6 +51,11 @@ JSON_HEADERS: tuple[tuple[str, str], ...] = (("content-type", "application/json"
 # What a request target's path and query may hold (RFC 3986 pchar, "/" and "?"): anything
 # else, e.g. a bare "[" or a space, makes the target malformed.
 _TARGET_CHARS = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
+
+# Key IDs that are their own JSON text between quotes (joined by commas).
+_PLAIN_IDS: Final = re.compile(r"[-0-9A-Za-z.:_~,]*")
+# Request targets remembered with what they name, at most (a handler sees a few dozen).
+MAX_TARGETS = 1024
 
 _ROUTES: dict[str, tuple[str, ...]] = {
     "status": ("GET",),
@@ -161,7 +167,8 @@ def _json_object(body: bytes, what: str) -> dict[str, Any]:
     if not body:
         _reject(400, f"empty request body; send a JSON {what} object")
     try:
-        obj = json.loads(body, parse_constant=_no_constant)
+        # As json.loads reads bytes, with one decoder for every request.
+        obj = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:
         _reject(400, f"request body is not valid JSON: {exc}")
     if not isinstance(obj, dict):
@@ -171,6 +178,9 @@ def _json_object(body: bytes, what: str) -> dict[str, Any]:
 
 def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not allowed")
+
+
+_DECODER: Final = json.JSONDecoder(parse_constant=_no_constant)
 
 
 def _optional_int(obj: dict[str, Any], name: str) -> int | None:
@@ -226,6 +236,28 @@ def split_target(target: str) -> tuple[str, str]:
     return path, query
 
 
+class _Target(NamedTuple):
+    """What a request target names: its path and parsed query, and for an ETSI route the
+    other SAE and the operation (None otherwise)."""
+
+    path: str
+    query: dict[str, list[str]]
+    other_sae: str | None
+    operation: str | None
+
+
+def _read_target(target: str) -> _Target:
+    """The target's parts; 400 (`_Reject`) when it is malformed. Routing errors that need
+    the method or the caller are left to `RequestHandler._dispatch`."""
+    path, raw_query = split_target(target)
+    other_sae = operation = None
+    if path.startswith(API_PREFIX):
+        parts = path[len(API_PREFIX) :].split("/")
+        if len(parts) == 2 and parts[0] and parts[1] in _ROUTES:
+            other_sae, operation = unquote(parts[0]), parts[1]
+    return _Target(path, parse_qs(raw_query, keep_blank_values=True), other_sae, operation)
+
+
 def _canonical_key_id(value: object) -> str:
     if not isinstance(value, str):
         _reject(400, "key_ID must be a string", {"key_ID": value})
@@ -236,14 +268,23 @@ def _canonical_key_id(value: object) -> str:
 
 
 def _key_container(keys: Sequence[DeliveredKey]) -> bytes:
-    return _dump(
-        {
-            "keys": [
-                {"key_ID": key.key_id, "key": base64.b64encode(key.material).decode("ascii")}
-                for key in keys
-            ]
-        }
-    )
+    """The standard's Key container, {"keys": [{"key_ID": ..., "key": ...}, ...]}, written
+    directly: key IDs that need no JSON escaping (UUIDs always) go in as they are."""
+    ids = [key.key_id for key in keys]
+    if not _PLAIN_IDS.fullmatch(",".join(ids)):
+        return _dump(
+            {
+                "keys": [
+                    {"key_ID": key.key_id, "key": b2a_base64(key.material, newline=False).decode()}
+                    for key in keys
+                ]
+            }
+        )
+    entries = [
+        f'{{"key_ID":"{key_id}","key":"{b2a_base64(key.material, newline=False).decode()}"}}'
+        for key_id, key in zip(ids, keys, strict=True)
+    ]
+    return ('{"keys":[' + ",".join(entries) + "]}").encode()
 
 
 class RequestHandler:
@@ -257,9 +298,12 @@ class RequestHandler:
         max_body: int = 64 * 1024,
         extensions: Mapping[str, Extension] = MappingProxyType({}),
         body_limits: Mapping[str, int] = MappingProxyType({}),
+        hand_outs: HandOuts | None = None,
     ) -> None:
         """``body_limits`` maps extension path prefixes to the request body size they accept
-        instead of ``max_body`` (e.g. the message routes)."""
+        instead of ``max_body`` (e.g. the message routes). With ``hand_outs``, enc_keys
+        hands keys of the default size out through it (a `Deferred` answer), together with
+        the other requests ready at the same moment; without, at once."""
         for path in extensions:
             if not path.startswith(EXTENSION_PREFIX):
                 raise ValueError(f"extension path {path!r} must start with {EXTENSION_PREFIX}")
@@ -267,12 +311,26 @@ class RequestHandler:
         self.max_body = max_body
         self.extensions = dict(extensions)
         self.body_limits = dict(body_limits)
+        self.hand_outs = hand_outs
+        self._targets: dict[str, _Target] = {}
+
+    def _target(self, target: str) -> _Target:
+        """`_read_target`, remembered (callers send the same few targets again and again)."""
+        known = self._targets.get(target)
+        if known is None:
+            known = _read_target(target)
+            if len(self._targets) >= MAX_TARGETS:
+                self._targets.clear()
+            self._targets[target] = known
+        return known
 
     def body_limit(self, target: str) -> int:
         """The largest request body accepted for this request target (for a malformed one,
         the default: handling it answers 400)."""
+        if not self.body_limits:
+            return self.max_body
         try:
-            path, _query = split_target(target)
+            path = self._target(target).path
         except _Reject:
             return self.max_body
         return max(
@@ -292,16 +350,10 @@ class RequestHandler:
         return error_response(status, _body_over(limit))
 
     def handle(self, request: ApiRequest, caller: Caller) -> Answer:
-        try:
-            answer = self._dispatch(request, caller)
-        except Exception as exc:
-            return _error_for(exc)
-        if isinstance(answer, Deferred):
-            return Deferred(functools.partial(_complete, answer), answer.shielded)
-        return answer
+        return answer_or_error(self._dispatch, request, caller, _error_for)
 
     def _dispatch(self, request: ApiRequest, caller: Caller) -> Answer:
-        path, raw_query = split_target(request.target)
+        path, query, other_sae, operation = self._target(request.target)
         if path.startswith(EXTENSION_PREFIX):
             route = self._extension(path)
             if route is None:
@@ -309,10 +361,8 @@ class RequestHandler:
             return route(request, caller)
         if not path.startswith(API_PREFIX):
             _reject(404, f"no such resource {path!r}; the API lives under {API_PREFIX}")
-        parts = path[len(API_PREFIX) :].split("/")
-        if len(parts) != 2 or not parts[0] or parts[1] not in _ROUTES:
+        if other_sae is None or operation is None:
             _reject(404, f"no such resource {path!r}")
-        other_sae, operation = unquote(parts[0]), parts[1]
         allowed = _ROUTES[operation]
         if request.method not in allowed:
             raise _MethodNotAllowed(allowed)
@@ -324,7 +374,6 @@ class RequestHandler:
             _reject(400, f"SAE {other_sae!r} is not known to this KME", {"SAE_ID": other_sae})
         if other_sae == own_sae:
             _reject(400, f"SAE {own_sae!r} cannot exchange keys with itself")
-        query = parse_qs(raw_query, keep_blank_values=True)
 
         if operation == "status":
             return self._status(own_sae, other_sae)
@@ -415,13 +464,9 @@ class RequestHandler:
                 + f"key_IDs={','.join(k.key_id for k in keys)}",
             )
 
-        if size == st.key_size and not extra:
-            return answer(self.pool.take_for_master(master, slave, number, size))
-
-        async def assigned() -> ApiResponse:
-            return answer(await self.pool.take_assigned(master, slave, number, size, extra))
-
-        return Deferred(assigned)
+        return take_new_keys(
+            self.pool, master, slave, number, size, st.key_size, answer, extra, self.hand_outs
+        )
 
     def _additional_slaves(self, raw: list[Any], *, master: str, slave: str) -> tuple[str, ...]:
         if len(raw) > MAX_SAE_ID_COUNT:
@@ -523,20 +568,80 @@ def _error_for(exc: Exception) -> ApiResponse:
     is not the key service's own error propagates (the server logs it and answers 503)."""
     if isinstance(exc, _Reject):
         return error_response(exc.status, exc.message, exc.details, _allow_header(exc))
-    if isinstance(exc, (UnknownKeys, InvalidKeyRequest)):
-        return error_response(400, str(exc))
-    if isinstance(exc, KeysUnavailable):
-        return error_response(503, str(exc))
-    if isinstance(exc, KeyServiceError):
-        return error_response(503, f"key service failure: {exc}")
-    raise exc
+    return error_response(*pool_failure(exc, service_failure=503))
 
 
-async def _complete(deferred: Deferred) -> ApiResponse:
+# -- shared with the other key APIs on the pool (qkdd.skip.provider) ------------------------
+
+
+def answer_or_error(
+    dispatch: Callable[[ApiRequest, Caller], Answer],
+    request: ApiRequest,
+    caller: Caller,
+    error_for: Callable[[Exception], ApiResponse],
+) -> Answer:
+    """`dispatch`'s answer to `request`, or `error_for` what it raised; a `Deferred`
+    answer's errors are answered the same way when it completes."""
+    try:
+        answer = dispatch(request, caller)
+    except Exception as exc:
+        return error_for(exc)
+    if isinstance(answer, Deferred):
+        return Deferred(functools.partial(_complete, answer, error_for), answer.shielded)
+    return answer
+
+
+async def _complete(
+    deferred: Deferred, error_for: Callable[[Exception], ApiResponse]
+) -> ApiResponse:
     try:
         return await deferred.complete()
     except Exception as exc:
-        return _error_for(exc)
+        return error_for(exc)
+
+
+def pool_failure(exc: Exception, service_failure: int) -> tuple[int, str]:
+    """The status and message that answer an error of the key pool: 400 for keys it does not
+    hold or a request it refuses, 503 when too few keys are ready, `service_failure` when
+    the key service failed. Anything else is raised again."""
+    if isinstance(exc, (UnknownKeys, InvalidKeyRequest)):
+        return 400, str(exc)
+    if isinstance(exc, KeysUnavailable):
+        return 503, str(exc)
+    if isinstance(exc, KeyServiceError):
+        return service_failure, f"key service failure: {exc}"
+    raise exc
+
+
+def take_new_keys(
+    pool: KeyPool,
+    master: str,
+    slave: str,
+    number: int,
+    size: int,
+    default_size: int,
+    answer: Callable[[Sequence[DeliveredKey]], ApiResponse],
+    additional: tuple[str, ...] = (),
+    hand_outs: HandOuts | None = None,
+) -> ApiResponse | Deferred:
+    """`answer` to `number` new keys of `size` bits for `master` and `slave`. Keys of the
+    pool's default size for the pair alone are taken at once, or through `hand_outs` when
+    given (a `Deferred` answer, with the other requests ready at the same moment); others
+    are assigned with the peer site first (a `Deferred` answer)."""
+    if size == default_size and not additional:
+        if hand_outs is None:
+            return answer(pool.take_for_master(master, slave, number, size))
+        take = functools.partial(pool.take_for_master, master, slave, number, size)
+
+        async def gathered() -> ApiResponse:
+            return answer(await hand_outs(take))
+
+        return Deferred(gathered)
+
+    async def assigned() -> ApiResponse:
+        return answer(await pool.take_assigned(master, slave, number, size, additional))
+
+    return Deferred(assigned)
 
 
 class _MethodNotAllowed(_Reject):

@@ -8,7 +8,10 @@ the kernel (SO_PEERCRED) when it connects, so it is identified once; then the ta
 request and every write of a response runs under a deadline, so a client that stalls costs one
 task for at most `request_timeout` seconds, and a connection with no request in progress is
 closed after `idle_timeout`; any failure of one connection ends only that connection. The
-handler is sans-IO (`qkdd.etsi014.handler`); this module only moves bytes. Before it sends
+handler is sans-IO (`qkdd.etsi014.handler`); this module only moves bytes. A request in the
+plainest form (nearly every one) is read, and its answer written, without h11
+(`qkdd.etsi014.plain_http`); h11 reads anything else, and writes the answers the plain
+path leaves to it, on the same connection. Before it sends
 any bytes of an answer it awaits `before_send`, if given: the daemon's durability barrier
 (`qkdd.durability`), so nothing a caller is told (keys handed out, a message stored) can be
 lost to a power cut after the caller heard it.
@@ -33,7 +36,6 @@ import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable, Sequence
-from http import HTTPStatus
 from typing import Protocol
 
 import h11
@@ -57,6 +59,7 @@ from qkdd.etsi014.handler import (
     error_response,
 )
 from qkdd.etsi014.limits import ConnectionTable
+from qkdd.etsi014.plain_http import PlainResponses, parse_plain, reason
 from qkdd.etsi014.pool import KeyServiceError
 
 log = logging.getLogger("qkdd.api")
@@ -77,6 +80,8 @@ LISTEN_BACKLOG = 4096
 LINGER_SECONDS = 1.0
 LINGER_MAX_BYTES = 1024 * 1024
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# Heads of answers written without h11, shared by every connection.
+_PLAIN_RESPONSES = PlainResponses()
 
 Identify = Callable[[int, int], frozenset[str]]
 
@@ -377,6 +382,15 @@ class _Connection:
         self._id = conn_id
         self._observe = observe
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        # Between requests h11 holds no bytes (`_h11_idle`): what arrives is kept here, and
+        # a plain request is read from here without h11 (`plain_http`); anything else goes
+        # to h11, which then reads on to the end of its request/response cycle.
+        self._buffer = bytearray()
+        self._h11_idle = True
+        # The bytes of the request being answered, when it was read without h11 (h11 is
+        # given them only if it has to write the answer: `_catch_up_h11`).
+        self._plain_request: bytes | None = None
+        self._eof = False  # the peer closed its end between requests
         # Closed while idle (timed out, or evicted to make room): no request was cut short.
         self.let_go_idle = False
         self.request_log_level = logging.INFO
@@ -384,7 +398,7 @@ class _Connection:
 
     @property
     def peer_closed(self) -> bool:
-        return self._h11.their_state is h11.CLOSED
+        return self._eof or self._h11.their_state is h11.CLOSED
 
     async def run(self) -> None:
         while True:
@@ -392,58 +406,82 @@ class _Connection:
             if request is None:
                 return
             start = trio.current_time()
-            answer: ApiResponse | Streamed
             try:
                 handled = self._handler.handle(request, self._caller)
-                if isinstance(handled, Deferred):
-                    # Shielded work may hand keys out: once started it finishes and its
-                    # answer is sent even on shutdown (the work bounds its own time).
-                    with trio.CancelScope(shield=handled.shielded):
-                        answer = await handled.complete()
-                else:
-                    answer = handled
             except Exception:
-                log.exception(
-                    "event=api_handler_failed conn=%d method=%s target=%s",
-                    self._id,
-                    request.method,
-                    _printable(request.target),
-                )
-                answer = error_response(
-                    503, "internal error in the key service; see the daemon log"
-                )
-            if isinstance(answer, Streamed):
-                await self._stream_answer(request, answer)
+                handled = self._failed(request)
+            if isinstance(handled, Streamed):
+                self._catch_up_h11()
+                await self._stream_answer(request, handled)
                 return
-            response = answer
-            elapsed = trio.current_time() - start
-            self._log(request, response, elapsed)
-            if self._observe is not None:
-                try:
-                    self._observe(request, response, elapsed)
-                except Exception:
-                    # Metrics must never cost a caller its answer.
-                    log.exception("event=api_observe_failed conn=%d", self._id)
-            # The handler may have handed keys out (and erased them): the answer must reach
-            # the caller even when the daemon is shutting down. Shielded, but still bounded
-            # by the send timeout.
-            with trio.CancelScope(shield=True):
-                sent = await self._send(response, head=request.method == "HEAD")
+            if isinstance(handled, Deferred) and not handled.shielded:
+                handled = await self._complete(request, handled)  # abandoned on shutdown
+            # Shielded work may hand keys out (and erase them): once started it finishes
+            # (it bounds its own time), and its answer must reach the caller even when the
+            # daemon is shutting down. The sending is bounded by the send timeout.
+            with trio.CancelScope(shield=True) as answering:
+                if isinstance(handled, Deferred):
+                    handled = await self._complete(request, handled)
+                response = handled
+                elapsed = trio.current_time() - start
+                self._log(request, response, elapsed)
+                if self._observe is not None:
+                    try:
+                        self._observe(request, response, elapsed)
+                    except Exception:
+                        # Metrics must never cost a caller its answer.
+                        log.exception("event=api_observe_failed conn=%d", self._id)
+                sent = await self._send(response, head=request.method == "HEAD", scope=answering)
+            if answering.cancelled_caught:
+                log.info("event=api_send_timeout conn=%d timeout=%g", self._id, self._timeout)
+                return
             if not sent:
                 return
+            if self._plain_request is not None:  # read and answered without h11
+                self._plain_request = None
+                continue
             if self._h11.our_state is not h11.DONE or self._h11.their_state is not h11.DONE:
                 return
             self._h11.start_next_cycle()
+            pending, closed = self._h11.trailing_data
+            self._h11_idle = not pending and not closed
+
+    def _failed(self, request: ApiRequest) -> ApiResponse:
+        log.exception(
+            "event=api_handler_failed conn=%d method=%s target=%s",
+            self._id,
+            request.method,
+            _printable(request.target),
+        )
+        return error_response(503, "internal error in the key service; see the daemon log")
+
+    async def _complete(self, request: ApiRequest, deferred: Deferred) -> ApiResponse:
+        try:
+            return await deferred.complete()
+        except Exception:
+            return self._failed(request)
 
     async def _read_request(self) -> ApiRequest | None:
         """The next complete request, or None when the connection should end (after any
         error response has been sent)."""
-        if self._h11.their_state is h11.IDLE and not self._h11.trailing_data[0]:
-            first = await self._wait_idle()
-            if first is None:
-                self.let_go_idle = True
-                return None
-            self._h11.receive_data(first)  # b"" is EOF
+        if self._h11_idle:
+            if not self._buffer:
+                first = await self._wait_idle()
+                if first is None:
+                    self.let_go_idle = True
+                    return None
+                if not first:
+                    self._eof = True
+                    return None
+                self._buffer += first
+            plain = parse_plain(self._buffer, MAX_HEADER_BYTES, self._handler.body_limit)
+            if plain is not None:
+                self._plain_request = bytes(self._buffer[: plain.used])
+                del self._buffer[: plain.used]
+                return ApiRequest(plain.method, plain.target, plain.headers, plain.body)
+            self._h11.receive_data(bytes(self._buffer))
+            self._buffer.clear()
+            self._h11_idle = False
         problem: ApiResponse | None = None
         with trio.move_on_after(self._timeout):
             try:
@@ -500,7 +538,7 @@ class _Connection:
             raise _BodyTooLarge(target, limit)
         if self._h11.they_are_waiting_for_100_continue:
             go_on = self._h11.send(
-                h11.InformationalResponse(status_code=100, headers=[], reason=_reason(100))
+                h11.InformationalResponse(status_code=100, headers=[], reason=reason(100))
             )
             if not go_on or not await self._send_bytes(go_on):
                 return None
@@ -534,8 +572,33 @@ class _Connection:
             data = await self._stream.receive_some(RECEIVE_SIZE)
             self._h11.receive_data(bytes(data))  # b"" is EOF
 
-    async def _send(self, response: ApiResponse, *, head: bool = False) -> bool:
-        """Send `response`; False if the connection is gone or must close."""
+    def _catch_up_h11(self) -> None:
+        """Give h11 the request being answered if it was read without h11, so h11 can
+        write the answer (a streamed one, or headers `plain_http` leaves to it)."""
+        request, self._plain_request = self._plain_request, None
+        if request is None:
+            return
+        self._h11.receive_data(request)
+        self._h11_idle = False
+        while True:  # the Request, its Data: read already
+            event = self._h11.next_event()
+            if isinstance(event, h11.EndOfMessage):
+                return
+            if not isinstance(event, h11.Request | h11.Data):
+                raise RuntimeError(f"h11 read a plain request otherwise: {event!r}")
+
+    async def _send(
+        self, response: ApiResponse, *, head: bool = False, scope: trio.CancelScope | None = None
+    ) -> bool:
+        """Send `response`; False if the connection is gone or must close. With `scope`,
+        the send timeout is its deadline (see `_send_bytes`)."""
+        if self._plain_request is not None:
+            start = _PLAIN_RESPONSES.head(response.status, response.headers, len(response.body))
+            if start is not None:
+                return await self._send_bytes(
+                    start + response.body if response.body and not head else start, scope
+                )
+            self._catch_up_h11()
         headers = [*response.headers, ("content-length", str(len(response.body)))]
         keep = self._h11.their_state is h11.DONE
         if not keep:  # the request was not read to its end; h11 will close after this
@@ -543,7 +606,7 @@ class _Connection:
         try:
             data = self._h11.send(
                 h11.Response(
-                    status_code=response.status, headers=headers, reason=_reason(response.status)
+                    status_code=response.status, headers=headers, reason=reason(response.status)
                 )
             )
             if response.body and not head:
@@ -552,7 +615,7 @@ class _Connection:
         except h11.LocalProtocolError as exc:
             log.warning("event=api_cannot_answer conn=%d reason=%r", self._id, str(exc))
             return False
-        return await self._send_bytes(data)
+        return await self._send_bytes(data, scope)
 
     async def _stream_answer(self, request: ApiRequest, answer: Streamed) -> None:
         """Send a chunked body as it is produced, until it ends or the client goes away;
@@ -569,7 +632,7 @@ class _Connection:
         try:
             data = self._h11.send(
                 h11.Response(
-                    status_code=answer.status, headers=headers, reason=_reason(answer.status)
+                    status_code=answer.status, headers=headers, reason=reason(answer.status)
                 )
             )
             if not await self._send_bytes(data):
@@ -600,11 +663,22 @@ class _Connection:
             pass
         scope.cancel()
 
-    async def _send_bytes(self, data: bytes) -> bool:
+    async def _send_bytes(self, data: bytes, scope: trio.CancelScope | None = None) -> bool:
+        """Send `data` within the send timeout; False if the connection is gone or the time
+        ran out. With `scope` (the caller's), the timeout is set as its deadline, and
+        running out cancels it: the caller sees that as its ``cancelled_caught``."""
         # The one way out of a connection: whatever the handler committed (keys erased as
         # handed out, a message stored) is made durable before the caller hears of it.
         if self.before_send is not None:
             await self.before_send()
+        if scope is not None:
+            scope.deadline = trio.current_time() + self._timeout
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                log.debug("event=api_client_gone conn=%d", self._id)
+                return False
+            return True
         with trio.move_on_after(self._timeout) as scope:
             try:
                 await self._stream.send_all(data)
@@ -617,6 +691,8 @@ class _Connection:
         return True
 
     def _log(self, request: ApiRequest, response: ApiResponse, elapsed: float) -> None:
+        if not log.isEnabledFor(self.request_log_level):
+            return
         log.log(
             self.request_log_level,
             "event=api_request conn=%d %s method=%s target=%s status=%d %s ms=%.2f",
@@ -628,15 +704,6 @@ class _Connection:
             _printable(response.note),
             elapsed * 1000,
         )
-
-
-def _reason(status: int) -> bytes:
-    """The standard reason phrase of an HTTP status code ("OK", "Not Found"), which h11
-    would otherwise leave empty."""
-    try:
-        return HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        return b""
 
 
 def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:

@@ -13,6 +13,9 @@ no row per key exists anywhere.
   with the greatest first index not above the key's index, if the key lies within it.
 - The pool hands out the oldest ready chunks of a pair first (index on pair, state, age),
   lowest index first within a chunk.
+- Hand-outs made together (``handing_out``: the API's requests ready at one moment) share
+  one transaction: each chunk they take from is opened, sealed again and written once,
+  and their keys are erased by its commit.
 - How many keys of each pair are ready is kept in memory: summed once when the store
   opens, then changed by each transaction that commits (a rolled-back one changes
   nothing), so counting costs the same however many keys are held. One process takes
@@ -145,6 +148,32 @@ def untaken(taken: bytes | bytearray, count: int, limit: int) -> list[int]:
     return found
 
 
+def untaken_runs(taken: bytes | bytearray, count: int, limit: int) -> list[tuple[int, int]]:
+    """The first ``limit`` keys (within the chunk) not taken, as runs of consecutive ones:
+    (first index, count) each, in order."""
+    free = ~int.from_bytes(taken, "little") & ((1 << count) - 1)  # a bit per untaken key
+    runs: list[tuple[int, int]] = []
+    while free and limit > 0:
+        first = (free & -free).bit_length() - 1
+        rest = free >> first
+        length = min((rest ^ (rest + 1)).bit_length() - 1, limit)
+        runs.append((first, length))
+        limit -= length
+        free &= ~(((1 << length) - 1) << first)
+    return runs
+
+
+def runs_of(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Ascending indices as runs of consecutive ones, (first index, count) each."""
+    runs: list[tuple[int, int]] = []
+    for index in indices:
+        if runs and runs[-1][0] + runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((index, 1))
+    return runs
+
+
 @dataclass(frozen=True)
 class ChunkRow:
     """A chunk's identity and state as its row holds them (not its material)."""
@@ -189,14 +218,13 @@ class ChunkRow:
 
     def ids(self, indices: Sequence[int]) -> list[str]:
         """The key IDs of these indices within the chunk (ascending), a run at a time."""
+        return self.run_ids(runs_of(indices))
+
+    def run_ids(self, runs: Sequence[tuple[int, int]]) -> list[str]:
+        """The key IDs of runs of keys within the chunk, (first index, count) each."""
         out: list[str] = []
-        start = 0
-        while start < len(indices):
-            end = start + 1
-            while end < len(indices) and indices[end] == indices[end - 1] + 1:
-                end += 1
-            out += key_ids(self.id_prefix, self.first_index + indices[start], end - start)
-            start = end
+        for first, count in runs:
+            out += key_ids(self.id_prefix, self.first_index + first, count)
         return out
 
     def untaken_keys(self) -> list[ErasedKey]:
@@ -221,6 +249,12 @@ def _chunk_row(row: Sequence[Any]) -> ChunkRow:
     )
 
 
+_OLDEST_READY: Final = (
+    f"SELECT {_CHUNK_COLUMNS}, material FROM key_chunks WHERE master_sae=? AND slave_sae=?"
+    " AND state='ready' ORDER BY created_at, seq"
+)
+
+
 @dataclass
 class _OpenChunk:
     """A chunk opened for a hand-out: its plaintext and bitmap as they will be sealed."""
@@ -232,26 +266,53 @@ class _OpenChunk:
 
     def take(self, indices: Sequence[int]) -> list[bytes]:
         """The material of these keys (ascending indices, none taken), zeroed here and
-        marked taken; a run of consecutive keys is copied and zeroed at once."""
+        marked taken."""
+        return self.take_runs(runs_of(indices))
+
+    def take_runs(self, runs: Sequence[tuple[int, int]]) -> list[bytes]:
+        """``take`` of runs of consecutive keys, (first index, count) each: a run is copied,
+        zeroed and marked taken at once."""
         size = self.row.key_bytes
         out: list[bytes] = []
-        start = 0
-        while start < len(indices):
-            end = start + 1
-            while end < len(indices) and indices[end] == indices[end - 1] + 1:
-                end += 1
-            low, high = indices[start] * size, (indices[end - 1] + 1) * size
+        bits = 0
+        for first, count in runs:
+            low, high = first * size, (first + count) * size
             run = bytes(self.plain[low:high])
             self.plain[low:high] = bytes(high - low)
             out += [run[i : i + size] for i in range(0, high - low, size)]
-            for index in indices[start:end]:
-                self.taken[index >> 3] |= 1 << (index & 7)
-            start = end
-        self.out += len(indices)
+            bits |= ((1 << count) - 1) << first
+            self.out += count
+        taken = int.from_bytes(self.taken, "little") | bits
+        self.taken[:] = taken.to_bytes(len(self.taken), "little")
         return out
 
     def wipe(self) -> None:
         self.plain[:] = bytes(len(self.plain))
+
+
+@dataclass
+class _Gathered:
+    """The transaction of ``KeyBlocks.handing_out``, the chunks opened in it, and per pair
+    the oldest ready chunks, in order, as its last hand-out read them: the next one of the
+    pair takes from these without reading the store when they hold enough."""
+
+    db: sqlite3.Connection
+    opened: dict[int, _OpenChunk]
+    oldest: dict[tuple[str, str], list[_OpenChunk]] = field(default_factory=dict)
+
+
+def _take_from(chunks: Sequence[_OpenChunk], number: int) -> tuple[list[str], list[bytes]]:
+    """The IDs and materials of the ``number`` first untaken keys of ``chunks`` (in order;
+    they hold enough), taken."""
+    ids: list[str] = []
+    materials: list[bytes] = []
+    for chunk in chunks:
+        if len(ids) == number:
+            break
+        runs = untaken_runs(chunk.taken, chunk.row.count, number - len(ids))
+        materials += chunk.take_runs(runs)
+        ids += chunk.row.run_ids(runs)
+    return ids, materials
 
 
 def seal_chunk_rows(
@@ -311,6 +372,8 @@ class KeyBlocks:
     # Told after a commit that left fewer ready keys of some pair (handed out, expired,
     # withdrawn): the link that refills the pools wakes up instead of looking every so often.
     on_keys_taken: Callable[[], None] | None = None
+    # The open ``handing_out`` block, if any.
+    _gathered: _Gathered | None = None
 
     if TYPE_CHECKING:
         _db: sqlite3.Connection
@@ -497,53 +560,111 @@ class KeyBlocks:
             else:
                 deletes.append((chunk.row.seq,))
             chunk.wipe()
-        db.executemany(
-            "UPDATE key_chunks SET taken=?, remaining=?, material=? WHERE seq=?", updates
-        )
-        db.executemany("DELETE FROM key_chunks WHERE seq=?", deletes)
+        if updates:
+            db.executemany(
+                "UPDATE key_chunks SET taken=?, remaining=?, material=? WHERE seq=?", updates
+            )
+        if deletes:
+            db.executemany("DELETE FROM key_chunks WHERE seq=?", deletes)
 
     # -- handing keys out ---------------------------------------------------------------------
 
     def take_ready(self, master_sae_id: str, slave_sae_id: str, number: int) -> list[HybridKey]:
         """Hand out the ``number`` oldest ready keys of the pair and erase them (all or none).
         A chunk that does not open is withdrawn and the next one taken in its place."""
+        ids, materials = self.hand_out(master_sae_id, slave_sae_id, number)
+        return list(map(HybridKey, ids, materials))
+
+    def hand_out(
+        self, master_sae_id: str, slave_sae_id: str, number: int
+    ) -> tuple[list[str], list[bytes]]:
+        """``take_ready``, as the IDs and the materials of the keys: ([], []) when short.
+        Inside ``handing_out`` it joins that block's transaction."""
         if number <= 0 or self.ready_count(master_sae_id, slave_sae_id) < number:
-            return []
-        with self.transaction() as db:
-            opened: list[_OpenChunk] = []
-            unopened: list[ChunkRow] = []
-            have = 0
-            cursor = db.execute(
-                f"SELECT {_CHUNK_COLUMNS}, material FROM key_chunks WHERE master_sae=?"
-                " AND slave_sae=? AND state='ready' ORDER BY created_at, seq",
-                (master_sae_id, slave_sae_id),
+            return [], []
+        gathered = self._gathered
+        if gathered is not None:
+            pair = (master_sae_id, slave_sae_id)
+            oldest = gathered.oldest.get(pair)
+            if oldest is not None and sum(c.row.remaining - c.out for c in oldest) >= number:
+                return _take_from(oldest, number)
+            oldest = gathered.oldest[pair] = []
+            return self._take_oldest(
+                gathered.db, gathered.opened, master_sae_id, slave_sae_id, number, oldest
             )
-            try:
-                for *fields, sealed in cursor:
-                    chunk = _chunk_row(fields)
-                    opening = self._open_chunk(chunk, sealed)
-                    if opening is None:
-                        unopened.append(chunk)
+        opened: dict[int, _OpenChunk] = {}
+        try:
+            with self.transaction() as db:
+                taken = self._take_oldest(db, opened, master_sae_id, slave_sae_id, number, [])
+                self._write_back(db, opened.values())
+        finally:
+            for chunk in opened.values():
+                chunk.wipe()
+        return taken
+
+    @contextlib.contextmanager
+    def handing_out(self) -> Iterator[None]:
+        """Hand-outs made inside the block (``hand_out``, ``take_ready``) share one
+        transaction, which commits as the block ends (and undoes every one of them if the
+        block raises): each chunk they take keys from is opened, sealed again and written
+        once, however many of them took from it. The block must not await: nothing else
+        may use the store meanwhile."""
+        if self._gathered is not None:
+            raise RuntimeError("hand-outs are being gathered already")
+        opened: dict[int, _OpenChunk] = {}
+        try:
+            with self.transaction() as db:
+                self._gathered = _Gathered(db, opened)
+                try:
+                    yield
+                finally:
+                    self._gathered = None
+                self._write_back(db, opened.values())
+        finally:
+            for chunk in opened.values():
+                chunk.wipe()
+
+    def _take_oldest(
+        self,
+        db: sqlite3.Connection,
+        opened: dict[int, _OpenChunk],
+        master: str,
+        slave: str,
+        number: int,
+        read: list[_OpenChunk],
+    ) -> tuple[list[str], list[bytes]]:
+        """Inside a transaction: take the ``number`` oldest ready keys of the pair (all or
+        none: ([], []) when short) in memory, from chunks opened earlier in the transaction
+        (``opened``) or opened now (added to it). The caller writes them back. The chunks
+        read, oldest first, are appended to ``read``."""
+        chosen: list[_OpenChunk] = []
+        unopened: list[ChunkRow] = []
+        have = 0
+        cursor = db.execute(_OLDEST_READY, (master, slave))
+        try:
+            for *fields, sealed in cursor:
+                chunk = opened.get(fields[0])
+                if chunk is None:
+                    row = _chunk_row(fields)
+                    chunk = self._open_chunk(row, sealed)
+                    if chunk is None:
+                        unopened.append(row)
                         continue
-                    opened.append(opening)
-                    have += chunk.remaining
+                    opened[row.seq] = chunk
+                read.append(chunk)
+                left = chunk.row.remaining - chunk.out
+                if left > 0:
+                    chosen.append(chunk)
+                    have += left
                     if have >= number:
                         break
-            finally:
-                cursor.close()  # before any write to the table it reads
-            for chunk in unopened:
-                self._set_chunk_aside(chunk)
-            if have < number:
-                for opening in opened:
-                    opening.wipe()
-                return []  # short: nothing handed out (withdrawals still commit)
-            keys: list[HybridKey] = []
-            for opening in opened:
-                indices = untaken(opening.taken, opening.row.count, number - len(keys))
-                materials = opening.take(indices)
-                keys += map(HybridKey, opening.row.ids(indices), materials)
-            self._write_back(db, opened)
-        return keys
+        finally:
+            cursor.close()  # before any write to the table it reads
+        for row in unopened:
+            self._set_chunk_aside(row)
+        if have < number:
+            return [], []  # short: nothing handed out (withdrawals still commit)
+        return _take_from(chosen, number)
 
     def _take_agreed_in(
         self, db: sqlite3.Connection, wanted: Sequence[str], master: str, slave: str
