@@ -19,7 +19,10 @@ meanwhile; the thread only calls fdatasync on a file descriptor of its own (SQLi
 connection is never used there). When no other task is ready to run, the loop would have
 nothing to do during the sync, and handing it to a thread and back only adds two wake-ups
 (about 0.2 ms, as much as the sync itself on a fast disk): a lone caller's sync then runs
-in the loop's own thread, as SQLite's per-commit sync did.
+in the loop's own thread, as SQLite's per-commit sync did. So does the sync of a caller
+that asks for it (``durable(inline=True)``: one that gathered every write ready to be made,
+e.g. a block of API hand-outs, has nothing the loop could add to it meanwhile) as long as
+syncs are fast (under ``INLINE_SYNC_SECONDS`` on average lately, as on any SSD).
 
 A failed fdatasync cannot be retried safely (the kernel may have dropped the dirty pages it
 failed to write), so the barrier then fails closed: every later ``durable()`` raises
@@ -31,7 +34,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 import trio
 
@@ -41,6 +46,11 @@ log = logging.getLogger("qkdd.keystore")
 
 # Awaited before an effect outside the process that may depend on a store write.
 Durable = Callable[[], Awaitable[None]]
+
+# A sync asked for in the loop's thread runs there only while syncs take less than this on
+# average (see above); the weight of the latest sync in that average.
+INLINE_SYNC_SECONDS: Final = 0.002
+_RECENT_WEIGHT: Final = 0.25
 
 
 async def already_durable() -> None:
@@ -62,6 +72,7 @@ class GroupCommit:
         in the loop's thread (see the module docstring); False always uses a worker."""
         self._store = store
         self._inline_when_idle = inline_when_idle
+        self._recent = 0.0  # seconds a sync took lately (a moving average)
         self._wal_path = f"{store.path}-wal"
         self._wal_fd: int | None = None
         self._dir_synced = False  # the WAL's directory entry, once per WAL file
@@ -71,9 +82,10 @@ class GroupCommit:
         self._lost_event: trio.Event | None = None
         self.syncs = 0
 
-    async def durable(self) -> None:
+    async def durable(self, *, inline: bool = False) -> None:
         """Return once every commit made before this call is durable (DurabilityLost if
-        that can no longer be assured)."""
+        that can no longer be assured). ``inline``: a sync this starts runs in the loop's
+        thread if syncs are fast (see the module docstring)."""
         if not self._store.group_commit:
             return  # each commit synced itself
         target = self._store.commits
@@ -82,7 +94,7 @@ class GroupCommit:
                 raise DurabilityLost(self._lost)
             running = self._running
             if running is None:
-                await self._sync()
+                await self._sync(inline and self._recent < INLINE_SYNC_SECONDS)
             else:
                 # A sync in progress covers us only if it started after our commit; if not,
                 # the next one does, started by whichever waiter gets there first.
@@ -95,15 +107,15 @@ class GroupCommit:
         if running is not None:
             await running.wait()
 
-    async def _sync(self) -> None:
+    async def _sync(self, inline: bool) -> None:
         done = self._running = trio.Event()
         try:
             idle = trio.lowlevel.current_statistics().tasks_runnable == 0
-            if idle and self._inline_when_idle:
-                covers = self._sync_files()  # nothing else could run meanwhile
+            if (idle or inline) and self._inline_when_idle:
+                covers = self._timed_sync()  # nothing else could run, or be covered
             else:
                 # Not abandoned on cancel: the thread always finishes; its outcome is kept.
-                covers = await trio.to_thread.run_sync(self._sync_files)
+                covers = await trio.to_thread.run_sync(self._timed_sync)
         except OSError as exc:
             self._fail(f"syncing key store {self._wal_path} failed: {exc}")
             raise DurabilityLost(self._lost or "") from exc
@@ -113,6 +125,14 @@ class GroupCommit:
         finally:
             self._running = None
             done.set()
+
+    def _timed_sync(self) -> int:
+        """``_sync_files``, counted into the recent average (one float, written by one
+        sync at a time: safe from the worker thread)."""
+        start = time.perf_counter()
+        covers = self._sync_files()
+        self._recent += _RECENT_WEIGHT * (time.perf_counter() - start - self._recent)
+        return covers
 
     def _sync_files(self) -> int:
         """In the worker thread (or the loop's, see ``_sync``): fdatasync the WAL (and, the

@@ -631,6 +631,14 @@ class PeerLink:
         # A handshake counts as "ok" once its session runs; one whose session was closed
         # unused (both sites dialled at once) is only logged.
         self._on_handshake(self.peer.site_id, mode_name(conn), "ok")
+        if (
+            session.origin is not Origin.OURS
+            and _auth_name(done) == "ml-dsa-bootstrap"
+            and self._store.chain_established(self.peer.site_id)
+        ):
+            # The peer dialled with a bootstrap over our chain: only an operator's
+            # allowance lets that in (the dialling side logs its own).
+            log.warning("event=bootstrap peer=%s reason=allowed-by-operator", self.peer.site_id)
         log.info(
             "event=session_established peer=%s role=%s auth=%s dialled_by=%s",
             self.peer.site_id,

@@ -278,8 +278,14 @@ class MitmProxy:
             b = socket.create_connection(self.upstream, timeout=timeout(5))
             b.settimeout(None)
         except OSError as exc:
-            record.detail = f"upstream unreachable: {exc}"
             a.close()
+            if record.tamper is not None:
+                # The far site is not listening yet (it may still be starting): no frame
+                # passed, so the planned tamper waits for the next connection.
+                self.records.pop()
+                self._planned.appendleft(record)
+                return
+            record.detail = f"upstream unreachable: {exc}"
             record.closed_by = "proxy"
             record.done.set()
             return

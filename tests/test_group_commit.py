@@ -353,6 +353,46 @@ async def test_gathered_hand_outs_are_durable_before_any_answer_and_share_syncs(
     assert hand_outs.hand_outs == CALLERS and hand_outs.blocks == 2
 
 
+async def test_a_sync_asked_for_inline_stays_in_the_loops_thread_while_syncs_are_fast(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With other tasks ready to run, a sync goes to a worker thread, unless its caller
+    asks for it inline and syncs have lately been fast. (fdatasync is replaced by a wait
+    of a set length: how fast the real disk is cannot be set.)"""
+    store = filled_store(tmp_path / "keys.sqlite3", group_commit=True)
+    barrier = GroupCommit(store)
+    to_thread = trio.to_thread.run_sync
+    threaded: list[int] = []
+
+    async def counting(fn: Callable[[], int], **kwargs: object) -> int:
+        threaded.append(barrier.syncs)
+        return await to_thread(fn)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    takes = [0.0]
+    monkeypatch.setattr(os, "fdatasync", lambda fd: time.sleep(takes[0]))
+
+    async def sync_with_others_ready(inline: bool = True) -> None:
+        store.take_ready(SITE_A.sae_id, SITE_B.sae_id, 1)
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):  # keep the run queue busy while the barrier decides
+                nursery.start_soon(trio.lowlevel.checkpoint)
+            await barrier.durable(inline=inline)
+
+    await sync_with_others_ready(inline=False)  # 0: in a worker, as always
+    await sync_with_others_ready()  # 1: fast, in the loop's thread
+    takes[0] = 0.02
+    await sync_with_others_ready()  # 2: still in the loop's: the last syncs were fast
+    await sync_with_others_ready()  # 3: now in a worker
+    takes[0] = 0.0
+    for _ in range(8):  # fast again: back in the loop's thread once the average is down
+        await sync_with_others_ready()
+    assert barrier.syncs == 12
+    assert threaded[:2] == [0, 3] and threaded[-1] < 11
+    barrier.close()
+    store.close()
+
+
 async def test_without_group_commit_every_commit_syncs_itself(tmp_path: Path, syncs: Syncs) -> None:
     store = filled_store(tmp_path / "keys.sqlite3", group_commit=None)  # as the CLI opens it
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL, as before

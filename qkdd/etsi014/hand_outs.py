@@ -16,8 +16,9 @@ that was to get keys from it gets that error instead; no answer leaves before th
 Given the store's durability barrier (``qkdd.durability.GroupCommit``), the first request
 also waits, before it runs the block, for a sync in progress to end (the block's commit
 could not be in it anyway; meanwhile more requests join the block), and after it, for the
-block to be durable before any of them goes on: each then finds its answer's barrier
-passed already, instead of every one of them waiting on it in turn. If that wait fails,
+block to be durable before any of them goes on (a fast sync in the loop's own thread:
+everything ready was gathered): each then finds its answer's barrier passed already,
+instead of every one of them waiting on it in turn. If that wait fails,
 every request of the block gets the error, and none of their keys leaves the process.
 """
 
@@ -35,7 +36,7 @@ T = TypeVar("T")
 class Barrier(Protocol):
     """What `GatheredHandOuts` needs of the store's durability barrier (``GroupCommit``)."""
 
-    async def durable(self) -> None: ...
+    async def durable(self, *, inline: bool = False) -> None: ...
 
     async def quiet(self) -> None: ...
 
@@ -108,7 +109,9 @@ class GatheredHandOuts:
     async def _made_durable(self, block: list[_HandOut]) -> None:
         assert self._barrier is not None
         try:
-            await self._barrier.durable()
+            # Everything ready to be handed out is in the block: the loop has nothing to
+            # do meanwhile that the sync could cover too.
+            await self._barrier.durable(inline=True)
         except Exception as exc:
             # Committed, but not known to be durable: nobody may hear of these keys.
             for hand_out in block:
