@@ -8,12 +8,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from daemon_process import stop_daemon
-from timeouts import timeout
+from timeouts import timeout, wait_until
 
 from qkdd.client import BlockingKeyClient
 from qkdd.config import MAX_CONFIG_BYTES, ConfigError, load_config
@@ -107,11 +106,11 @@ def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 def wait_for_log(daemon: subprocess.Popen[bytes], log: Path, fragment: str, count: int = 1) -> None:
-    deadline = time.monotonic() + timeout(30)
-    while log.read_text().count(fragment) < count:
+    def seen() -> bool:
         assert daemon.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.05)
+        return log.read_text().count(fragment) >= count
+
+    wait_until(seen, f"{fragment!r} x{count} in the log", 30, lambda: log.read_text()[-3000:])
 
 
 def test_sighup_with_a_bad_file_keeps_the_daemon_serving(site_a: Path, tmp_path: Path) -> None:

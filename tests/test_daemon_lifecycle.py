@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from timeouts import timeout
+from timeouts import timeout, wait_until
 
 from qkdd.client import BlockingKeyClient
 from qkdd.demo import prepare_directory, start_emulator
@@ -87,10 +87,8 @@ def test_ready_status_watchdog_and_stopping(site_a, notify_socket, tmp_path):
 def test_no_notifications_without_systemd(site_a, tmp_path):
     daemon = start(site_a, {}, tmp_path / "a.log")
     try:
-        deadline = time.monotonic() + timeout(20)
-        while "event=ready" not in (tmp_path / "a.log").read_text():
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        log = tmp_path / "a.log"
+        wait_until(lambda: "event=ready" in log.read_text(), "event=ready", 20, log.read_text)
     finally:
         daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=timeout(20)) == 0
@@ -110,10 +108,7 @@ def test_sighup_applies_what_it_can_and_names_the_rest(site_a, notify_socket, tm
         daemon.send_signal(signal.SIGHUP)
         seen = receive_until(sock, lambda s: any(m.startswith("READY=1") for m in s[1:]))
         assert any("RELOADING=1" in m for m in seen)
-        deadline = time.monotonic() + timeout(20)
-        while "event=reloaded" not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        wait_until(lambda: "event=reloaded" in log.read_text(), "event=reloaded", 20, log.read_text)
         line = next(x for x in log.read_text().splitlines() if "event=reloaded" in x)
         applied = line.split("applied=")[1].split()[0].split(",")
         assert sorted(applied) == ["consumers", "key_lifetime"] and "needs_restart=peers" in line
@@ -127,10 +122,12 @@ def test_sighup_applies_what_it_can_and_names_the_rest(site_a, notify_socket, tm
         # A broken file is refused and the running config kept.
         site_a.write_text("site_id = ")
         daemon.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + timeout(20)
-        while "event=reload_failed" not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        wait_until(
+            lambda: "event=reload_failed" in log.read_text(),
+            "event=reload_failed",
+            20,
+            log.read_text,
+        )
         assert daemon.poll() is None
     finally:
         daemon.send_signal(signal.SIGTERM)
@@ -148,10 +145,7 @@ def test_api_socket_from_socket_activation(site_a, tmp_path):
         site_a, {}, log, prefix=("systemd-socket-activate", "-l", str(activated), "--fdname=api")
     )
     try:
-        deadline = time.monotonic() + timeout(20)
-        while not activated.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(activated.exists, "the activated socket", 20, log.read_text)
         # An application may connect before the daemon is up; its request is answered.
         with BlockingKeyClient(str(activated), timeout=timeout(30)) as client:
             assert client.status(SITE_B.sae_id)["master_SAE_ID"] == "sae-a"
@@ -187,10 +181,7 @@ client_ca = "{pki.ca}"
     log = tmp_path / "a.log"
     daemon = start(site_a, {}, log)
     try:
-        deadline = time.monotonic() + timeout(20)
-        while "event=ready" not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        wait_until(lambda: "event=ready" in log.read_text(), "event=ready", 20, log.read_text)
         tls = dict(cert_file=pki.client_a.cert, key_file=pki.client_a.key, ca_file=pki.ca)
         with BlockingKeyClient.tls("127.0.0.1", address[1], **tls) as client:
             assert client.status(SITE_B.sae_id)["master_SAE_ID"] == "sae-a"

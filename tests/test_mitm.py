@@ -159,7 +159,8 @@ class Link:
 def wait_until(condition: Callable[[], object], what: str) -> None:
     deadline = time.monotonic() + WAIT
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:  # only a hang gets here
+            raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
 
 

@@ -211,7 +211,8 @@ def wait_for(what: str, probe: Callable[[], tuple[bool, object]]) -> object:
         done, seen = probe()
         if done:
             return seen
-        assert time.monotonic() < deadline, f"waited in vain for {what}; last saw: {seen}"
+        if time.monotonic() >= deadline:  # only a hang gets here
+            raise AssertionError(f"waited in vain for {what}; last saw: {seen}")
         time.sleep(0.2)
 
 

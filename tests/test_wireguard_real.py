@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 from rotation_helpers import install_debian_packages
-from timeouts import timeout
+from timeouts import timeout, wait_until
 from wg_standin import wireguard_bindings
 
 from qkdd.client import BlockingKeyClient
@@ -177,10 +177,7 @@ def tunnel(tmp_path: Path) -> Iterator[Tunnel]:
 
 
 def _wait(condition: Callable[[], bool], what: str, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout(seconds)
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.1)
+    wait_until(condition, what, seconds, interval=0.1)
 
 
 def _status(site: RunningSite) -> dict:  # type: ignore[type-arg]

@@ -12,7 +12,7 @@ import base64
 import signal
 import time
 
-from timeouts import timeout
+from timeouts import timeout, wait_until
 from wg_standin import StandinWg, install_standin, path_with, wireguard_bindings
 
 from qkdd.client import BlockingKeyClient
@@ -26,10 +26,7 @@ BINDINGS = wireguard_bindings(("wga", "wgb"), (PUB_A, PUB_B))
 
 
 def _wait(condition, what: str, seconds: float = 40.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout(seconds)
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
+    wait_until(condition, what, seconds, interval=0.1)
 
 
 def test_both_sites_install_the_same_psks_and_fail_closed_without_the_peer(tmp_path, monkeypatch):
