@@ -18,3 +18,17 @@ def stop_daemon(daemon: subprocess.Popen, seconds: float = 30) -> int:
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
+
+
+def stop_all(processes: list[subprocess.Popen], seconds: float = 10) -> None:
+    """SIGTERM to every process still running, then wait for each (killing one that does
+    not stop): a fixture's clean-up, which asserts nothing about how they ended."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout(seconds))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

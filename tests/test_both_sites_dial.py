@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from daemon_process import stop_all
 from mitm_proxy import MitmProxy, point_a_at, set_peer_address, unused_port
 from timeouts import timeout, wait_until
 
@@ -89,15 +90,7 @@ def running_link(directory: Path, tamper: Callable[[Path], object] | None = None
         yield link
     finally:
         processes = [s.process for s in link.sites.values()] + [link.emulator]
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout(10))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_all(processes)
 
 
 def peer_status(site: RunningSite) -> dict[str, object] | None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from daemon_process import stop_all
 from timeouts import timeout
 
 from qkdd.client import BlockingKeyClient, ClientError
@@ -63,15 +64,7 @@ def running_link(directory: Path) -> Iterator[Link]:
         yield link
     finally:
         processes = [s.process for s in link.sites] + ([link.emulator] if link.emulator else [])
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout(10))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_all(processes)
 
 
 def describe(link: Link) -> str:
