@@ -21,10 +21,10 @@ import argparse
 import time
 
 import numpy as np
-from qkdd_drivers.bb84 import LinkParameters
-from qkdd_drivers.bb84_source import DEFAULT_BLOCK_DETECTIONS, Bb84KeySource
-from qkdd_drivers.finite_key import asymptotic_secret_key_rate, finite_secret_key_rate
-from qkdd_drivers.toeplitz import _fast_length
+from qkdd_drivers.emulator.bb84_source import DEFAULT_BLOCK_DETECTIONS, Bb84KeySource
+from qkdd_drivers.emulator.finite_key import asymptotic_secret_key_rate, finite_secret_key_rate
+from qkdd_drivers.emulator.physics import Bb84Parameters
+from qkdd_drivers.emulator.toeplitz import _fast_length
 
 STAGES = ("simulation", "sifting", "ec", "verify", "pa")
 
@@ -67,7 +67,7 @@ def main() -> None:
     )
     print(header)
     for km in (10, 50, 100):
-        link = LinkParameters(length_km=km)
+        link = Bb84Parameters(length_km=km)
         # Unseeded, as in service: Alice's key bits from the system's secure generator.
         source = Bb84KeySource(link, block_detections=args.block_detections)
         source.run_block()  # warm-up (permutation tables, caches), not counted

@@ -47,7 +47,7 @@ from typing import Any
 import trio
 from peer_daemons import MASTER, PEER_OF, SLAVE, cpu_seconds, load_average, md_header, md_row
 from qkdd_drivers.base import QkdKey
-from qkdd_drivers.serial_driver import SerialDevice
+from qkdd_drivers.serial.driver import SerialDevice
 
 from qkdd.client import BlockingKeyClient, ClientError
 from qkdd.demo import PYTHON_MODULE, RunningSite, prepare_directory
@@ -85,7 +85,7 @@ def start_emulator(directory: Path, device: DeviceSettings) -> subprocess.Popen[
         emulator = subprocess.Popen(
             [
                 *PYTHON_MODULE,
-                "qkdd_drivers.emulator",
+                "qkdd_drivers.emulator.command",
                 "pty",
                 *("--link-a", str(links[0]), "--link-b", str(links[1])),
                 *("--site-a", SITES[0].site_id, "--site-b", SITES[1].site_id),

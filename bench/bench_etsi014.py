@@ -40,8 +40,9 @@ from qkdd.client import KeyClient
 from qkdd.durability import GroupCommit
 from qkdd.etsi014.hand_outs import GatheredHandOuts
 from qkdd.etsi014.handler import RequestHandler
-from qkdd.etsi014.pool import KeyPool, MemoryKeyPool
-from qkdd.etsi014.server import serve_unix
+from qkdd.etsi014.key_pool import KeyPool
+from qkdd.etsi014.memory_pool import MemoryKeyPool
+from qkdd.http_server.unix_socket import serve_unix
 
 MASTER, SLAVE = "SAE-master", "SAE-slave"
 _barrier: GroupCommit | None = None  # the store pool's, with --group-commit
@@ -69,7 +70,7 @@ def _store_pool(directory: str, keys: int, collect: bool = True) -> tuple[KeyPoo
     from qkdd.crypto import SIGNATURE_PUBLIC_KEY_SIZE
     from qkdd.key_ids import key_ids, uuid_prefix
     from qkdd.keystore import KeyStore, NewKeyBlock
-    from qkdd.pool import StoreKeyPool
+    from qkdd.store_pool import StoreKeyPool
 
     config = parse_config(
         Path(directory) / "bench.toml",

@@ -32,18 +32,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reference_keyrate as ref  # noqa: E402
-from qkdd_drivers.bb84 import LinkParameters, link_model  # noqa: E402
-from qkdd_drivers.bb84_source import Bb84KeySource  # noqa: E402
-from qkdd_drivers.finite_key import (  # noqa: E402
+from qkdd_drivers.emulator.bb84_source import Bb84KeySource  # noqa: E402
+from qkdd_drivers.emulator.finite_key import (  # noqa: E402
     asymptotic_secret_key_rate,
     finite_secret_key_rate,
 )
+from qkdd_drivers.emulator.physics import Bb84Parameters, link_model  # noqa: E402
 
-PLAIN = LinkParameters(dead_time=0.0, afterpulse_prob=0.0, efficiency_mismatch=0.0, vacuum_mu=2e-4)
+PLAIN = Bb84Parameters(dead_time=0.0, afterpulse_prob=0.0, efficiency_mismatch=0.0, vacuum_mu=2e-4)
 F_EC = 1.1
 
 
-def setup(link: LinkParameters, f_ec: float = F_EC) -> ref.Setup:
+def setup(link: Bb84Parameters, f_ec: float = F_EC) -> ref.Setup:
     return ref.Setup(
         length_km=link.length_km,
         alpha_db_per_km=link.alpha_db_per_km,
@@ -60,7 +60,7 @@ def setup(link: LinkParameters, f_ec: float = F_EC) -> ref.Setup:
     )
 
 
-def reference_finite(link: LinkParameters, detections: float, f_ec: float = F_EC) -> float:
+def reference_finite(link: Bb84Parameters, detections: float, f_ec: float = F_EC) -> float:
     """Reference bits per pulse for a block of the emulator's pulse count."""
     pulses = detections / link_model(link).clicks
     s = setup(link, f_ec)
@@ -128,7 +128,7 @@ def main() -> None:
     print("| km | " + " | ".join(f"1e{len(str(n)) - 1}" for n in sizes) + " | asymptotic |")
     print("|---:|" + "---:|" * (len(sizes) + 1))
     for km in (0, 25, 50, 75, 100, 125, 150):
-        link = LinkParameters(length_km=km)
+        link = Bb84Parameters(length_km=km)
         cells = [finite_secret_key_rate(link, n) for n in sizes]
         cells.append(asymptotic_secret_key_rate(link))
         print(f"| {km} | " + " | ".join(f"{c:.3g}" for c in cells) + " |")

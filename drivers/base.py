@@ -8,31 +8,42 @@ Delivery contract of every ``QkdDevice``:
 - Because of that, a key may arrive twice (after a reconnect or a device restart). Drivers
   drop IDs they stored recently (a bounded memory, see ``dedup.RecentKeyIds``); the sink
   must still ignore an ID it already holds, since the driver's memory is bounded and does
-  not survive a daemon restart.
+  not survive a daemon restart. ``KeyDelivery`` is that step, written once for every driver.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import trio
 
+from .dedup import DEFAULT_RECENT_IDS, RecentKeyIds
 from .errors import DeviceError
 
 __all__ = [
+    "DEFAULT_RECONNECT_INITIAL_DELAY",
+    "DEFAULT_RECONNECT_MAX_DELAY",
     "CountingKeySink",
     "DeviceError",
     "DeviceStatus",
     "FetchByIdDevice",
+    "KeyDelivery",
     "KeySink",
+    "NewKeys",
     "QkdDevice",
     "QkdKey",
 ]
+
+#: Reconnect backoff of every driver: first delay, doubled after each failure up to the
+#: configured cap.
+DEFAULT_RECONNECT_INITIAL_DELAY = 0.25
+DEFAULT_RECONNECT_MAX_DELAY = 5.0
 
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -56,8 +67,15 @@ class QkdKey:
         """Build a key from the 16-byte wire form of its ID."""
         if len(key_id) != 16:
             raise ValueError("a wire key ID is 16 bytes")
+        if not material:
+            raise ValueError("QKD key material must not be empty")
+        # Built without ``__post_init__``: the ID is canonical by construction, and checking
+        # it again costs a regular-expression match per key at device line rates.
+        key = object.__new__(cls)
         h = key_id.hex()
-        return cls(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}", material)
+        object.__setattr__(key, "key_id", f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+        object.__setattr__(key, "material", material)
+        return key
 
     @property
     def key_id_bytes(self) -> bytes:
@@ -107,6 +125,67 @@ class QkdDevice(abc.ABC):
         """Runs until cancelled: connects (reconnecting with backoff on any fault), receives
         keys, awaits sink.store_qkd_keys(keys), and only then acknowledges them to the device.
         task_status.started() once the first connection attempt has been made."""
+
+    def _update(self, **changes: object) -> None:
+        # A fresh object each time: whoever holds the previous snapshot keeps a consistent one.
+        self.status = dataclasses.replace(self.status, **changes)  # type: ignore[arg-type]
+
+
+class NewKeys(NamedTuple):
+    """Keys a device handed over, sorted against what the driver stored recently."""
+
+    keys: list[QkdKey]  # not stored recently, each once, in the order received
+    duplicates: int  # resent with the same material (or twice in one delivery)
+    conflicts: int  # resent with other material: the first copy is kept
+
+
+class KeyDelivery:
+    """The delivery step of every driver: drop the keys it stored recently, store the rest
+    in the sink, then remember their IDs and count them in the device's status."""
+
+    def __init__(self, device: QkdDevice, recent_ids: int = DEFAULT_RECENT_IDS) -> None:
+        self._device = device
+        self._recent = RecentKeyIds(recent_ids)
+
+    def __contains__(self, key_id: object) -> bool:
+        """Whether a key with this ID was stored recently."""
+        return key_id in self._recent
+
+    def sort(self, keys: Iterable[QkdKey]) -> NewKeys:
+        """The keys not stored recently, and how many of the others were resent as they were
+        or with other material."""
+        fresh: list[QkdKey] = []
+        fresh_ids: set[str] = set()
+        duplicates = conflicts = 0
+        recent = self._recent
+        for key in keys:
+            key_id = key.key_id
+            if key_id not in recent:
+                if key_id in fresh_ids:
+                    duplicates += 1
+                else:
+                    fresh.append(key)
+                    fresh_ids.add(key_id)
+            elif recent.check(key_id, key.material) == "conflict":
+                conflicts += 1
+            else:
+                duplicates += 1
+        return NewKeys(fresh, duplicates, conflicts)
+
+    async def store(
+        self,
+        sink: KeySink,
+        keys: Sequence[QkdKey],
+        failed: Callable[[Exception], DeviceError],
+    ) -> None:
+        """Store ``keys`` in the sink, then remember and count them. When the sink fails,
+        raises ``failed(the sink's exception)`` and remembers none of them."""
+        try:
+            await sink.store_qkd_keys(keys)
+        except Exception as exc:
+            raise failed(exc) from exc
+        self._recent.add_many((key.key_id, key.material) for key in keys)
+        self._device._update(keys_received=self._device.status.keys_received + len(keys))
 
 
 class FetchByIdDevice(QkdDevice):

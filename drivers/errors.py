@@ -61,26 +61,26 @@ class DeviceBusyError(DeviceUnavailableError):
 # -- faults of an open link --------------------------------------------------------------
 
 
-class LinkError(DeviceError):
+class DeviceLinkError(DeviceError):
     """An open link failed; the driver closes the port and reconnects."""
 
 
-class DeviceHangupError(LinkError):
+class DeviceHangupError(DeviceLinkError):
     """The port reported end of file or EIO: the device went away or the pty was closed."""
 
 
-class DeviceTimeoutError(LinkError):
+class DeviceTimeoutError(DeviceLinkError):
     """The device did not answer HELLO, went silent, or stalled in the middle of a frame."""
 
 
-class IncompatibleDeviceError(LinkError):
+class IncompatibleDeviceError(DeviceLinkError):
     """The device speaks no protocol version this driver supports."""
 
 
-class WrongDeviceError(LinkError):
+class WrongDeviceError(DeviceLinkError):
     """The device says it is the end of another link, or another site's end of ours (a
     device path left pointing at the wrong device): no key is taken from it."""
 
 
-class KeySinkError(LinkError):
+class KeySinkError(DeviceLinkError):
     """The key sink failed to store keys; they were not acknowledged and will be resent."""

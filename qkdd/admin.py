@@ -21,8 +21,7 @@ import json
 from collections.abc import Callable
 from typing import Any, Final
 
-from qkdd.api_paths import METRICS_PATH, STATUS_PATH
-from qkdd.etsi014.handler import (
+from qkdd.http_server.exchange import (
     JSON_HEADERS,
     ApiRequest,
     ApiResponse,
@@ -30,6 +29,7 @@ from qkdd.etsi014.handler import (
     Extension,
     error_response,
 )
+from qkdd.http_server.paths import METRICS_PATH, STATUS_PATH
 
 _READ_METHODS: Final = ("GET", "HEAD")
 

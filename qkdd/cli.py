@@ -122,16 +122,16 @@ async def _until_stopped(
 
 def _run_daemon(args: argparse.Namespace, stop_signals: StopSignals) -> int:
     import trio
-    from qkdd_drivers.etsi014_device import KmeError
+    from qkdd_drivers.kme import KmeError
 
     from qkdd.crypto import CryptoError
     from qkdd.daemon import run_daemon
-    from qkdd.etsi014.pool import KeyServiceError
+    from qkdd.etsi014.key_pool import KeyServiceError
     from qkdd.identity import IdentityError
     from qkdd.ipsec.binding import IpsecError
     from qkdd.keystore import StoreError
     from qkdd.systemd import SystemdError
-    from qkdd.wireguard import WireGuardError
+    from qkdd.wireguard.binding import WireGuardError
 
     _configure_logging(args.verbose)
     config = load_config(args.config)

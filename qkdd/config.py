@@ -22,7 +22,9 @@ from qkdd.config_reader import ConfigErrors as ConfigErrors
 from qkdd.crypto import SIGNATURE_PUBLIC_KEY_SIZE
 from qkdd.crypto.select import BACKEND_CHOICES
 from qkdd.ipsec.binding import IpsecBinding
-from qkdd.wireguard import WireGuardBinding, parse_wireguard
+from qkdd.ipsec.config import parse_ipsec, unique_names
+from qkdd.wireguard.binding import WireGuardBinding
+from qkdd.wireguard.config import parse_wireguard
 
 if sys.version_info >= (3, 11):  # noqa: UP036 - tomli stays declared for older Pythons
     import tomllib
@@ -435,8 +437,6 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
         problems.take(lambda: cross_checks(file, site_id, consumers, peers, wireguard), None)
     ipsec: tuple[IpsecBinding, ...] = ()
     if sae_lists_ok:
-        from qkdd.ipsec.config import parse_ipsec, unique_names
-
         ipsec = tuple(
             problems.items(
                 lambda: root.table_list("ipsec"), lambda r: parse_ipsec(r, consumers, peers)

@@ -11,8 +11,8 @@ run_daemon(config)
     ETSI GS QKD 014 API on the Unix socket        (serve_unix; bound here, or
                                                    passed by qkdd.socket), with the
                                                    site status and metrics (qkdd.admin),
-                                                   messages (qkdd.messages_api) and
-                                                   key events (qkdd.events_api)
+                                                   messages (qkdd.messaging.routes) and
+                                                   key events (qkdd.events)
     the ETSI API over TLS, if configured           (serve_tls)
     SKIP for routers over TLS, if configured       (serve_skip: [skip], qkdd.skip)
     Prometheus metrics on their own listener,     (serve_metrics: GET /metrics only)
@@ -47,36 +47,36 @@ from qkdd.admin import admin_routes
 from qkdd.config import ConfigError, SiteConfig, TlsConfig, config_warnings, load_config
 from qkdd.crypto.select import select_backend
 from qkdd.durability import GroupCommit
-from qkdd.etsi014.accept import api_connection_table
 from qkdd.etsi014.hand_outs import GatheredHandOuts
 from qkdd.etsi014.handler import RequestHandler
-from qkdd.etsi014.limits import ConnectionTable
-from qkdd.etsi014.pool import KeyPool
-from qkdd.etsi014.server import BeforeSend, Observe, serve_unix
-from qkdd.etsi014.tls import sae_ids_from_certificate, serve_tls
-from qkdd.events import EventBus, PoolWatch, chunks
-from qkdd.events_api import event_routes
+from qkdd.etsi014.key_pool import KeyPool
+from qkdd.events import EventBus, PoolWatch, chunks, event_routes
+from qkdd.http_server.accept import api_connection_table
+from qkdd.http_server.limits import ConnectionTable
+from qkdd.http_server.serving import BeforeSend, Observe
+from qkdd.http_server.tls import sae_ids_from_certificate, serve_tls
+from qkdd.http_server.unix_socket import serve_unix
 from qkdd.identity import load_identity, read_key_encryption_key
-from qkdd.inbox import Inbox
-from qkdd.ipsec.link import make_ipsec_rotators
 from qkdd.ipsec.rotator import PpkRotator
+from qkdd.ipsec.wiring import make_ipsec_rotators
 from qkdd.keystore import ErasedKey, KeyStore, StoreError
-from qkdd.messages_api import SEND_PREFIX, message_routes, send_body_limit
-from qkdd.messaging import Messenger
+from qkdd.messaging.inbox import Inbox
+from qkdd.messaging.messenger import Messenger
+from qkdd.messaging.routes import SEND_PREFIX, message_routes, send_body_limit
 from qkdd.metrics import SiteMetrics
 from qkdd.metrics_listener import serve_metrics
 from qkdd.peer.calls import CallKind
 from qkdd.peer_listener import serve_peers
 from qkdd.peering import CallHandler, PeerLink
-from qkdd.pool import StoreKeyPool
 from qkdd.progress import ProgressWatch
 from qkdd.rotation.rotator import KeyRotator
 from qkdd.skip.config import SkipConfig
 from qkdd.skip.listener import serve_skip
 from qkdd.skip.provider import SkipProvider
 from qkdd.status import RecentErrors, site_status
+from qkdd.store_pool import StoreKeyPool
 from qkdd.systemd import Notifier, listen_fds_with_names, watchdog_interval
-from qkdd.wireguard_link import make_rotators
+from qkdd.wireguard.wiring import make_wireguard_rotators
 
 log = logging.getLogger("qkdd.daemon")
 
@@ -178,7 +178,7 @@ async def run_daemon(
             functools.partial(messenger.accept_call, site)
         )
     # WG_INSTALL where this site is slave.
-    rotators = make_rotators(config, links, store, barrier.durable)
+    rotators = make_wireguard_rotators(config.wireguard, links, store, barrier.durable)
     # IPSEC_INSTALL where this site is slave.
     ipsec_rotators = make_ipsec_rotators(config.ipsec, links, store, barrier.durable)
     pool = metrics.counting_pool(store_pool)

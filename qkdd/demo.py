@@ -122,7 +122,7 @@ def start_emulator(directory: Path) -> subprocess.Popen[bytes]:
         emulator = subprocess.Popen(
             [
                 *PYTHON_MODULE,
-                "qkdd_drivers.emulator",
+                "qkdd_drivers.emulator.command",
                 "pty",
                 "--link-a",
                 str(directory / SITE_A.device_link),

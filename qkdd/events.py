@@ -1,4 +1,8 @@
-"""Key events for local applications: what happened, to whom, and the bus that carries it.
+"""Key events for local applications: what happened, to whom, the bus that carries it, and
+the route that streams them:
+
+    GET /qkdd/v1/events?kinds=K1,K2   a stream of JSON lines, one event each, for the SAE the
+                                      caller acts as, from now on
 
 Events (``kind``):
 
@@ -18,18 +22,37 @@ keys_available says when the newest ready key was made (``newest_at``).
 The bus is synchronous and never blocks a publisher: each subscriber has a bounded queue,
 and one that falls behind loses its oldest events and is told how many. Waiting for the
 next event is the Trio part (``Subscription.next``).
+
+The route sits beside the ETSI API on the local Unix socket (``event_routes``). The caller
+acts as an SAE exactly as on the ETSI routes. Without ``kinds`` every kind is sent. The
+stream ends when the client closes it (or the daemon stops).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
+from urllib.parse import parse_qs, urlsplit
 
 import trio
+
+from qkdd.etsi014.handler import caller_sae
+from qkdd.http_server.exchange import (
+    NDJSON_HEADERS,
+    Answer,
+    ApiRequest,
+    Caller,
+    Extension,
+    Streamed,
+    error_response,
+    reject,
+)
+from qkdd.http_server.paths import EVENTS_PATH
 
 KINDS: Final = frozenset(
     {
@@ -170,3 +193,53 @@ class PoolWatch:
         self.low = is_low
         self.last = ready
         return out
+
+
+# -- the route ------------------------------------------------------------------------------
+
+
+def event_routes(bus: EventBus, is_local_sae: Callable[[str], bool]) -> dict[str, Extension]:
+    """The event route, for ``RequestHandler(extensions=...)``: ``bus``'s events for the SAE
+    the caller acts as (one ``is_local_sae`` accepts)."""
+
+    def events_route(request: ApiRequest, caller: Caller) -> Answer:
+        if request.method != "GET":
+            return error_response(
+                405, "method not allowed here; use GET", headers=(("allow", "GET"),)
+            )
+        sae = caller_sae(request, caller, is_local_sae)
+        query = parse_qs(urlsplit(request.target).query, keep_blank_values=True)
+        unknown = set(query) - {"kinds"}
+        if unknown:
+            reject(400, f"unknown query parameters {', '.join(sorted(unknown))}")
+        kinds = set(KINDS)
+        if "kinds" in query:
+            kinds = {k for value in query["kinds"] for k in value.split(",") if k}
+            bad = kinds - KINDS
+            if bad or not kinds:
+                reject(
+                    400,
+                    f"kinds must be a comma-separated list of {', '.join(sorted(KINDS))}",
+                    {"kinds": ",".join(query["kinds"])},
+                )
+        # Subscribe now, not when the stream starts: nothing between the two is missed.
+        subscription = bus.subscribe(sae, kinds)
+        return Streamed(
+            200,
+            NDJSON_HEADERS,
+            lambda: _stream(subscription),
+            note=f"sae={sae} events={','.join(sorted(kinds))}",
+        )
+
+    return {EVENTS_PATH: events_route}
+
+
+async def _stream(subscription: Subscription) -> AsyncIterator[bytes]:
+    try:
+        while True:
+            events = await subscription.next()
+            yield b"".join(
+                json.dumps(e.to_json(), separators=(",", ":")).encode() + b"\n" for e in events
+            )
+    finally:
+        subscription.close()

@@ -27,9 +27,10 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from qkdd.api_paths import METRICS_PATH, STATUS_PATH
-from qkdd.etsi014.handler import API_PREFIX, ApiRequest, ApiResponse
-from qkdd.etsi014.pool import DeliveredKey, KeyLimits, KeyPool, PoolStatus
+from qkdd.etsi014.handler import API_PREFIX
+from qkdd.etsi014.key_pool import KeyLimits, KeyPool, PoolKey, PoolStatus
+from qkdd.http_server.exchange import ApiRequest, ApiResponse
+from qkdd.http_server.paths import METRICS_PATH, STATUS_PATH
 from qkdd.quota import QuotaState
 from qkdd.status import LinkView, StoreView, pool_levels
 
@@ -109,7 +110,7 @@ class SiteMetrics:
             self._delivered.labels(call, master_sae, slave_sae).inc(count)
 
     def observe_request(self, request: ApiRequest, response: ApiResponse, seconds: float) -> None:
-        """``qkdd.etsi014.server.Observe``: one answered API request."""
+        """``qkdd.http_server.serving.Observe``: one answered API request."""
         method = request.method if request.method in _METHODS else "other"
         self._requests.labels(method, request_kind(request.target), str(response.status)).observe(
             seconds
@@ -146,14 +147,14 @@ class _CountingPool:
 
     def take_for_master(
         self, master_sae_id: str, slave_sae_id: str, number: int, size_bits: int
-    ) -> list[DeliveredKey]:
+    ) -> list[PoolKey]:
         keys = self._pool.take_for_master(master_sae_id, slave_sae_id, number, size_bits)
         self._delivered("enc_keys", master_sae_id, slave_sae_id, len(keys))
         return keys
 
     def take_for_slave(
         self, master_sae_id: str, slave_sae_id: str, key_ids: Sequence[str]
-    ) -> list[DeliveredKey]:
+    ) -> list[PoolKey]:
         keys = self._pool.take_for_slave(master_sae_id, slave_sae_id, key_ids)
         self._delivered("dec_keys", master_sae_id, slave_sae_id, len(keys))
         return keys
@@ -165,7 +166,7 @@ class _CountingPool:
         number: int,
         size_bits: int,
         additional_slave_sae_ids: Sequence[str],
-    ) -> list[DeliveredKey]:
+    ) -> list[PoolKey]:
         keys = await self._pool.take_assigned(
             master_sae_id, slave_sae_id, number, size_bits, additional_slave_sae_ids
         )

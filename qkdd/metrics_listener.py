@@ -9,8 +9,8 @@ text format, or OpenMetrics when the Accept header asks for it). Nothing here au
 the caller: the listener belongs where only the scraper reaches it (loopback, or a socket's
 mode and group). Metrics never carry key material or key IDs.
 
-Connections are handled by the API's code (`qkdd.etsi014.server.serve_stream`: deadlines,
-keep-alive, reason phrases) and capped like the API's (`qkdd.etsi014.limits`), with a small
+Connections are handled by the API's code (`qkdd.http_server.serving.serve_stream`: deadlines,
+keep-alive, reason phrases) and capped like the API's (`qkdd.http_server.limits`), with a small
 table of their own so that scrapers and the API never take each other's room: over a cap the
 oldest idle connection gives way, and with none idle the newcomer is answered 503 and closed.
 
@@ -31,18 +31,12 @@ from urllib.parse import urlsplit
 import trio
 
 from qkdd.config import MetricsConfig
-from qkdd.etsi014.accept import ConnectionGate, ConnectionSlot, accept_forever, refuse_now
-from qkdd.etsi014.handler import ApiRequest, ApiResponse, Caller
-from qkdd.etsi014.limits import ConnectionLimits, ConnectionTable
-from qkdd.etsi014.pool import KeyServiceError
-from qkdd.etsi014.server import (
-    DEFAULT_REQUEST_TIMEOUT,
-    LISTEN_BACKLOG,
-    _bind_unix,
-    _remove_if_ours,
-    peer_caller,
-    serve_stream,
-)
+from qkdd.etsi014.key_pool import KeyServiceError
+from qkdd.http_server.accept import ConnectionGate, ConnectionSlot, accept_forever, refuse_now
+from qkdd.http_server.exchange import ApiRequest, ApiResponse, Caller
+from qkdd.http_server.limits import ConnectionLimits, ConnectionTable
+from qkdd.http_server.serving import DEFAULT_REQUEST_TIMEOUT, serve_stream
+from qkdd.http_server.unix_socket import LISTEN_BACKLOG, bind_unix, peer_caller, remove_if_ours
 
 __all__ = [
     "MAX_METRICS_CONNECTIONS",
@@ -61,7 +55,7 @@ _METHODS: Final = ("GET", "HEAD")
 MAX_BODY: Final = 1024
 # Prometheus keeps one connection per target; the rest is room for a second scraper and a
 # person with curl. Each connection costs a descriptor out of the daemon's own reserve
-# (`qkdd.etsi014.limits.FD_RESERVE_MIN`), so the cap stays small.
+# (`qkdd.http_server.limits.FD_RESERVE_MIN`), so the cap stays small.
 MAX_METRICS_CONNECTIONS: Final = 8
 # Beyond the cap, for the operator (uid 0) and the daemon's uid on a Unix socket.
 METRICS_PRIVILEGED_RESERVE: Final = 2
@@ -189,7 +183,7 @@ async def serve_metrics(
     finally:
         gate.log_totals()
         if config.socket is not None and bound_inode is not None:
-            _remove_if_ours(str(config.socket), bound_inode)
+            remove_if_ours(str(config.socket), bound_inode)
         for listener in listeners:
             await listener.aclose()
 
@@ -197,7 +191,7 @@ async def serve_metrics(
 async def _listen(config: MetricsConfig) -> tuple[list[trio.SocketListener], int | None]:
     if config.socket is not None:
         try:
-            listener, inode = await _bind_unix(str(config.socket), config.socket_mode, "metrics")
+            listener, inode = await bind_unix(str(config.socket), config.socket_mode, "metrics")
         except KeyServiceError as exc:
             raise MetricsListenerError(f"{exc}; check [metrics] socket") from exc
         return [listener], inode

@@ -25,7 +25,7 @@ import trio
 
 from qkdd.link_params import LinkError
 from qkdd.peer.agreement import PEER_SILENCE_TIMEOUT
-from qkdd.peer.arbiter import AbandonDial, Action, Close, Origin, Run, SessionArbiter
+from qkdd.peer.arbiter import AbandonDial, Action, CloseSession, Origin, Run, SessionArbiter
 from qkdd.peer.connection import HandshakeComplete, MessageReceived, PeerConnection
 from qkdd.peer.errors import PeerProtocolError
 from qkdd.wakeup import Wakeup
@@ -79,7 +79,7 @@ class Session:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     decided: trio.Event = field(default_factory=trio.Event)
     taken_up: bool = False
-    closed: Close | None = None  # the arbiter (or the claim timeout) closed it, and why
+    closed: CloseSession | None = None  # the arbiter (or the claim timeout) closed it, and why
     error: Exception | None = None  # it ended with this error
 
 
@@ -109,7 +109,7 @@ class LinkSessions:
                 session = self._sessions[action.token]
                 session.taken_up = True
                 session.decided.set()
-            elif isinstance(action, Close):
+            elif isinstance(action, CloseSession):
                 closing = self._sessions.get(action.token)
                 if closing is not None:
                     closing.closed = action
@@ -194,7 +194,7 @@ class LinkSessions:
                 await session.decided.wait()
                 nursery.cancel_scope.cancel()
         if claim.cancelled_caught:
-            session.closed = Close(
+            session.closed = CloseSession(
                 session.token, f"not taken up within {CLAIM_TIMEOUT:g} s of its handshake"
             )
 

@@ -26,9 +26,9 @@ from typing import Final
 
 import trio
 from qkdd_drivers.base import DeviceError, FetchByIdDevice, QkdDevice, QkdKey
-from qkdd_drivers.etsi014_device import Etsi014Device
-from qkdd_drivers.messages import Identity
-from qkdd_drivers.serial_driver import SerialDevice
+from qkdd_drivers.kme import Etsi014Device
+from qkdd_drivers.serial.driver import SerialDevice
+from qkdd_drivers.serial.messages import Identity
 
 from qkdd.config import Etsi014DeviceConfig, PeerConfig, SiteConfig
 from qkdd.crypto import PqcBackend, SigningKey

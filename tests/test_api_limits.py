@@ -27,18 +27,12 @@ from timeouts import timeout, wait_until
 from qkdd.client import BlockingKeyClient, KeyClient
 from qkdd.demo import prepare_directory, start_emulator
 from qkdd.demo_sites import SITE_B
-from qkdd.etsi014.handler import (
-    ApiRequest,
-    ApiResponse,
-    Caller,
-    Deferred,
-    Extension,
-    RequestHandler,
-)
-from qkdd.etsi014.limits import ConnectionLimits, ConnectionTable
-from qkdd.etsi014.pool import MemoryKeyPool
-from qkdd.etsi014.server import serve_unix
-from qkdd.etsi014.tls import serve_tls
+from qkdd.etsi014.handler import RequestHandler
+from qkdd.etsi014.memory_pool import MemoryKeyPool
+from qkdd.http_server.exchange import ApiRequest, ApiResponse, Caller, Deferred, Extension
+from qkdd.http_server.limits import ConnectionLimits, ConnectionTable
+from qkdd.http_server.tls import serve_tls
+from qkdd.http_server.unix_socket import serve_unix
 
 A, B = "SAE-A", "SAE-B"
 
@@ -306,9 +300,9 @@ EMFILE_SERVER = textwrap.dedent(
     """
     import logging, os, resource, sys, trio
     from qkdd.etsi014.handler import RequestHandler
-    from qkdd.etsi014.limits import ConnectionLimits, ConnectionTable
-    from qkdd.etsi014.pool import MemoryKeyPool
-    from qkdd.etsi014.server import serve_unix
+    from qkdd.http_server.limits import ConnectionLimits, ConnectionTable
+    from qkdd.etsi014.memory_pool import MemoryKeyPool
+    from qkdd.http_server.unix_socket import serve_unix
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))

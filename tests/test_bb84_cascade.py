@@ -7,14 +7,14 @@ import struct
 
 import numpy as np
 import pytest
-from qkdd_drivers.bb84 import binary_entropy
-from qkdd_drivers.cascade import (
+from qkdd_drivers.emulator.cascade import (
     CascadeAlice,
     CascadeError,
     CascadeLayout,
     block_schedule,
     cascade_bob,
 )
+from qkdd_drivers.emulator.physics import binary_entropy
 
 
 class CountingChannel:

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from qkdd_drivers.bb84 import LinkParameters, binary_entropy, link_model, simulate_block
-from qkdd_drivers.bb84_source import Bb84KeySource
-from qkdd_drivers.finite_key import (
+from qkdd_drivers.emulator.bb84_source import Bb84KeySource
+from qkdd_drivers.emulator.finite_key import (
     BlockCounts,
     Protocol,
     asymptotic_secret_key_rate,
     estimate,
     finite_secret_key_rate,
 )
+from qkdd_drivers.emulator.physics import Bb84Parameters, binary_entropy, link_model, simulate_block
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -39,10 +39,10 @@ def load_reference():
 
 #: The reference's channel model (Lim et al. section IV) has no dead time, no efficiency
 #: mismatch, and afterpulses only as a (1 + p_ap) factor: compare without them.
-PLAIN = LinkParameters(dead_time=0.0, afterpulse_prob=0.0, efficiency_mismatch=0.0, vacuum_mu=2e-4)
+PLAIN = Bb84Parameters(dead_time=0.0, afterpulse_prob=0.0, efficiency_mismatch=0.0, vacuum_mu=2e-4)
 
 
-def reference_setup(ref, link: LinkParameters):
+def reference_setup(ref, link: Bb84Parameters):
     return ref.Setup(
         length_km=link.length_km,
         eta_bob=link.detector_efficiency,
@@ -72,7 +72,7 @@ def test_rates_agree_with_the_independent_reference(km: float) -> None:
 
 
 def test_key_rate_rises_toward_the_asymptotic_rate() -> None:
-    link = LinkParameters(length_km=50)
+    link = Bb84Parameters(length_km=50)
     rates = [finite_secret_key_rate(link, 10.0**e) for e in range(5, 12)]
     assert rates[0] == 0  # 100 000 clicks: the bounds eat everything at 50 km
     assert all(b > a for a, b in zip(rates[1:], rates[2:], strict=False))
@@ -80,8 +80,8 @@ def test_key_rate_rises_toward_the_asymptotic_rate() -> None:
     assert rates[-1] < asymptotic and rates[-1] > 0.97 * asymptotic
 
 
-@pytest.mark.parametrize("link", [LinkParameters(), LinkParameters(decoy_mu=None)])
-def test_epsilon_budget_adds_up(link: LinkParameters) -> None:
+@pytest.mark.parametrize("link", [Bb84Parameters(), Bb84Parameters(decoy_mu=None)])
+def test_epsilon_budget_adds_up(link: Bb84Parameters) -> None:
     counts = BlockCounts(10**8, (10**6,) * 3, (10**5,) * 3, (10**3,) * 3)
     if not link.decoy_states:
         counts = BlockCounts(10**8, (10**6,), (10**5,), (10**3,))
@@ -114,7 +114,7 @@ def block_counts(block, k: int) -> tuple[BlockCounts, dict[str, int]]:
     return counts, truth
 
 
-def count_violations(link: LinkParameters, blocks: int, seed: int) -> tuple[int, int, int]:
+def count_violations(link: Bb84Parameters, blocks: int, seed: int) -> tuple[int, int, int]:
     """(finite-key violations, point-estimate violations, blocks with key) over ``blocks``
     blocks of 200 000 clicks: a violation is a key longer than the block's true make-up
     (vacuum and single-photon X bits, their true phase errors) allows."""
@@ -151,7 +151,7 @@ def count_violations(link: LinkParameters, blocks: int, seed: int) -> tuple[int,
 
 
 def test_finite_key_never_exceeds_what_the_true_error_rate_allows() -> None:
-    finite_bad, _, keyed = count_violations(LinkParameters(), 100, seed=11)
+    finite_bad, _, keyed = count_violations(Bb84Parameters(), 100, seed=11)
     assert keyed == 100  # every block makes key: the comparison is not vacuous
     assert finite_bad == 0
 
@@ -160,7 +160,7 @@ def test_point_estimates_would_exceed_it_in_about_half_the_blocks() -> None:
     """With a single-photon source every bit is a single-photon bit, so the truth is the
     phase error alone: the finite-key bound never claims too much, the point estimate
     (the observed Z error rate taken as the phase error) does half the time."""
-    link = LinkParameters(source="single-photon", misalignment=0.03)
+    link = Bb84Parameters(source="single-photon", misalignment=0.03)
     finite_bad, point_bad, keyed = count_violations(link, 100, seed=13)
     assert keyed == 100 and finite_bad == 0
     assert 25 <= point_bad <= 75
@@ -168,27 +168,27 @@ def test_point_estimates_would_exceed_it_in_about_half_the_blocks() -> None:
 
 @pytest.mark.slow
 def test_finite_key_never_exceeds_what_the_true_error_rate_allows_1000_blocks() -> None:
-    finite_bad, _, keyed = count_violations(LinkParameters(), 1000, seed=12)
+    finite_bad, _, keyed = count_violations(Bb84Parameters(), 1000, seed=12)
     assert keyed == 1000 and finite_bad == 0
-    finite_bad, _, keyed = count_violations(LinkParameters(source="single-photon"), 1000, 14)
+    finite_bad, _, keyed = count_violations(Bb84Parameters(source="single-photon"), 1000, 14)
     assert keyed == 1000 and finite_bad == 0
 
 
 def test_laser_without_decoys_makes_no_key_at_mu_one_half() -> None:
     for km in (0, 10, 25, 50, 100, 150):
-        link = LinkParameters(decoy_mu=None, length_km=km)
+        link = Bb84Parameters(decoy_mu=None, length_km=km)
         assert asymptotic_secret_key_rate(link) == 0
     # A weak enough laser does make some key close by (GLLP).
-    assert asymptotic_secret_key_rate(LinkParameters(decoy_mu=None, mu=0.05, length_km=10)) > 0
+    assert asymptotic_secret_key_rate(Bb84Parameters(decoy_mu=None, mu=0.05, length_km=10)) > 0
 
 
-def run_blocks(link: LinkParameters, blocks: int = 2, detections: int = 400_000):
+def run_blocks(link: Bb84Parameters, blocks: int = 2, detections: int = 400_000):
     source = Bb84KeySource(link, block_detections=detections, rng=random.Random(4), truth=True)
     return [source.run_block().report for _ in range(blocks)]
 
 
 def test_pns_attack_leaves_no_key_without_decoys() -> None:
-    for report in run_blocks(LinkParameters(decoy_mu=None, pns_attack=True, length_km=50)):
+    for report in run_blocks(Bb84Parameters(decoy_mu=None, pns_attack=True, length_km=50)):
         assert report.final_bits == 0 and report.aborted
         assert report.pns is not None
         # Eve holds most key bits; a single-photon bound would have left her a key.
@@ -198,13 +198,13 @@ def test_pns_attack_leaves_no_key_without_decoys() -> None:
 
 
 def test_pns_attack_is_seen_by_the_decoy_states() -> None:
-    for report in run_blocks(LinkParameters(pns_attack=True, length_km=50)):
+    for report in run_blocks(Bb84Parameters(pns_attack=True, length_km=50)):
         assert report.final_bits == 0 and report.aborted
         assert report.estimates is not None
         assert report.estimates["single_photon_x_lower"] < 0.05 * report.kept_bits
     # Close by, Eve must let single photons through to keep the click rate: the decoy
     # bound then keeps only what she cannot know.
-    for report in run_blocks(LinkParameters(pns_attack=True, length_km=10)):
+    for report in run_blocks(Bb84Parameters(pns_attack=True, length_km=10)):
         assert report.pns is not None and report.final_bits > 0
         unknown = report.kept_bits - report.pns["eve_known_key_bits"]
         assert report.final_bits < unknown - report.ec_disclosed_bits

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from qkdd_drivers.bb84 import (
-    LinkParameters,
+from qkdd_drivers.emulator.physics import (
+    Bb84Parameters,
     bernoulli_bits,
     binary_entropy,
     binomial,
@@ -52,7 +52,7 @@ def within(observed: float, expected: float, sigmas: float = 5.0) -> bool:
 
 
 def test_gate_probabilities_follow_the_textbook_formulas() -> None:
-    link = LinkParameters(length_km=25, misalignment=0.015, dark_count_prob=1e-5, **IDEAL)
+    link = Bb84Parameters(length_km=25, misalignment=0.015, dark_count_prob=1e-5, **IDEAL)
     eta = 0.2 * channel_transmittance(link)
     assert channel_transmittance(link) == pytest.approx(10 ** (-0.2 * 25 / 10))
     table = gate_table(link)
@@ -78,15 +78,15 @@ def test_gate_probabilities_follow_the_textbook_formulas() -> None:
 @pytest.mark.parametrize(
     "link",
     [
-        LinkParameters(),  # the defaults: decoys, dead time, afterpulses, mismatch
-        LinkParameters(length_km=100, eve_fraction=0.5),
-        LinkParameters(length_km=60, pns_attack=True),
-        LinkParameters(source="single-photon", length_km=30),
-        LinkParameters(decoy_mu=None, double_click="discard", dark_count_prob=1e-3),
+        Bb84Parameters(),  # the defaults: decoys, dead time, afterpulses, mismatch
+        Bb84Parameters(length_km=100, eve_fraction=0.5),
+        Bb84Parameters(length_km=60, pns_attack=True),
+        Bb84Parameters(source="single-photon", length_km=30),
+        Bb84Parameters(decoy_mu=None, double_click="discard", dark_count_prob=1e-3),
     ],
     ids=["defaults", "intercept-resend", "pns", "single-photon", "no-decoy-discard"],
 )
-def test_simulated_clicks_match_the_model(link: LinkParameters) -> None:
+def test_simulated_clicks_match_the_model(link: Bb84Parameters) -> None:
     model = link_model(link)
     pulses = int(300_000 / model.clicks)
     block = simulate_block(link, pulses, random.Random(7))
@@ -108,7 +108,7 @@ def test_simulated_clicks_match_the_model(link: LinkParameters) -> None:
 
 @pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.75, 1.0])
 def test_intercept_resend_gives_a_quarter_error_per_intercepted_click(fraction: float) -> None:
-    link = LinkParameters(misalignment=0.0, dark_count_prob=1e-9, eve_fraction=fraction, **IDEAL)
+    link = Bb84Parameters(misalignment=0.0, dark_count_prob=1e-9, eve_fraction=fraction, **IDEAL)
     model = link_model(link)
     pulses = int(200_000 / model.clicks)
     got = sifted_counts(simulate_block(link, pulses, random.Random(int(fraction * 8))), 3)
@@ -121,7 +121,7 @@ def test_intercept_resend_gives_a_quarter_error_per_intercepted_click(fraction: 
 
 
 def test_dead_time_caps_the_click_rate() -> None:
-    bright = LinkParameters(length_km=0, mu=1.0, decoy_mu=0.3, vacuum_mu=0.0, **IDEAL)
+    bright = Bb84Parameters(length_km=0, mu=1.0, decoy_mu=0.3, vacuum_mu=0.0, **IDEAL)
     dead = replace(bright, dead_time=100e-9)  # 100 gates at 1 GHz
     free, capped = link_model(bright), link_model(dead)
     assert free.clicks > 0.05  # ~one click in 17 pulses without dead time
@@ -132,13 +132,13 @@ def test_dead_time_caps_the_click_rate() -> None:
     assert within(clicks, capped.clicks * pulses)
     # ~11 M clicks/s at the default 50 ns dead time where the detectors alone would give
     # ~27 M/s at 10 km.
-    default = link_model(LinkParameters())
+    default = link_model(Bb84Parameters())
     assert default.clicks < 0.5 * default.timing.photon_click_prob
 
 
 def test_afterpulses_land_on_every_intensity_class() -> None:
-    quiet = LinkParameters(afterpulse_prob=0.0)
-    noisy = LinkParameters(afterpulse_prob=0.2, afterpulse_time=20e-9)
+    quiet = Bb84Parameters(afterpulse_prob=0.0)
+    noisy = Bb84Parameters(afterpulse_prob=0.2, afterpulse_time=20e-9)
     base, after = link_model(quiet), link_model(noisy)
     vacuum = 2  # class index of the vacuum decoy
     # Vacuum pulses click only by dark counts, until afterpulses land on them.
@@ -151,7 +151,7 @@ def test_afterpulses_land_on_every_intensity_class() -> None:
 
 
 def test_efficiency_mismatch_favours_the_better_detector() -> None:
-    link = LinkParameters(
+    link = Bb84Parameters(
         efficiency_mismatch=0.4,
         misalignment=0.0,
         **{k: v for k, v in IDEAL.items() if k != "efficiency_mismatch"},
@@ -163,7 +163,7 @@ def test_efficiency_mismatch_favours_the_better_detector() -> None:
 
 
 def test_double_clicks_are_squashed_or_discarded() -> None:
-    noisy = LinkParameters(dark_count_prob=0.02, **IDEAL)
+    noisy = Bb84Parameters(dark_count_prob=0.02, **IDEAL)
     pulses = int(100_000 / link_model(noisy).clicks)
     squashed = simulate_block(noisy, pulses, random.Random(1))
     discarded = simulate_block(replace(noisy, double_click="discard"), pulses, random.Random(1))
@@ -172,8 +172,8 @@ def test_double_clicks_are_squashed_or_discarded() -> None:
 
 
 def test_pns_eavesdropper_keeps_the_signal_rate_but_not_the_decoy_rate() -> None:
-    honest = gate_table(LinkParameters(length_km=60))
-    pns_link = LinkParameters(length_km=60, pns_attack=True)
+    honest = gate_table(Bb84Parameters(length_km=60))
+    pns_link = Bb84Parameters(length_km=60, pns_attack=True)
     pns = gate_table(pns_link)
 
     def per_gate(table, k: int) -> float:  # click probability of a class-k pulse
@@ -228,7 +228,7 @@ def test_bernoulli_and_binomial_have_the_right_mean(p: float) -> None:
 )
 def test_inconsistent_parameters_are_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
-        LinkParameters(**kwargs)  # type: ignore[arg-type]
+        Bb84Parameters(**kwargs)  # type: ignore[arg-type]
 
 
 def test_binary_entropy() -> None:

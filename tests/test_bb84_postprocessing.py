@@ -7,8 +7,8 @@ import random
 
 import numpy as np
 import pytest
-from qkdd_drivers.bb84 import LinkParameters, binary_entropy, link_model, simulate_block
-from qkdd_drivers.postprocessing import (
+from qkdd_drivers.emulator.physics import Bb84Parameters, binary_entropy, link_model, simulate_block
+from qkdd_drivers.emulator.postprocessing import (
     AliceSession,
     InMemoryChannel,
     Msg,
@@ -20,7 +20,7 @@ from qkdd_drivers.postprocessing import (
 CLICKS = 400_000
 
 
-def run_block(link: LinkParameters, post: PostProcessingParameters, seed: int, clicks=CLICKS):
+def run_block(link: Bb84Parameters, post: PostProcessingParameters, seed: int, clicks=CLICKS):
     block = simulate_block(link, int(clicks / link_model(link).clicks), random.Random(seed))
     alice = AliceSession(block.alice, post, link)
     channel = InMemoryChannel(alice)
@@ -38,7 +38,7 @@ def x_errors(block) -> tuple[int, int]:
 
 
 def test_keys_flow_and_match_although_the_raw_strings_differ() -> None:
-    link = LinkParameters(misalignment=0.02)
+    link = Bb84Parameters(misalignment=0.02)
     post = PostProcessingParameters()
     block, alice, bob, channel = run_block(link, post, 1)
     errors, n_x = x_errors(block)
@@ -70,7 +70,7 @@ def test_keys_flow_and_match_although_the_raw_strings_differ() -> None:
 
 
 def test_key_length_is_the_finite_key_formula() -> None:
-    _, _, bob, _ = run_block(LinkParameters(), PostProcessingParameters(), 3)
+    _, _, bob, _ = run_block(Bb84Parameters(), PostProcessingParameters(), 3)
     r = bob.report
     est = r.estimates
     assert est is not None and r.qber_bound is not None
@@ -88,7 +88,7 @@ def test_key_length_is_the_finite_key_formula() -> None:
 
 
 def test_intercept_resend_on_every_pulse_is_caught() -> None:
-    _, alice, bob, _ = run_block(LinkParameters(eve_fraction=1.0), PostProcessingParameters(), 2)
+    _, alice, bob, _ = run_block(Bb84Parameters(eve_fraction=1.0), PostProcessingParameters(), 2)
     assert bob.report.qber_estimate == pytest.approx(0.25 + 0.01 / 2, abs=0.02)
     assert bob.keys == [] and bob.report.final_bits == 0 and bob.report.aborted
     assert alice.outcome is not None and alice.outcome.keys == []
@@ -96,14 +96,14 @@ def test_intercept_resend_on_every_pulse_is_caught() -> None:
 
 @pytest.mark.parametrize("qber", [0.12, 0.2])
 def test_no_key_above_the_threshold(qber: float) -> None:
-    link = LinkParameters(misalignment=qber)
+    link = Bb84Parameters(misalignment=qber)
     _, alice, bob, _ = run_block(link, PostProcessingParameters(), 5, clicks=100_000)
     assert bob.report.final_bits == 0 and bob.keys == [] and bob.report.aborted
     assert alice.outcome is not None and alice.outcome.keys == []
 
 
 def test_single_photon_source_uses_every_click() -> None:
-    link = LinkParameters(source="single-photon")
+    link = Bb84Parameters(source="single-photon")
     _, alice, bob, _ = run_block(link, PostProcessingParameters(), 6, clicks=200_000)
     r = bob.report
     assert r.estimates is not None and r.estimates["mode"] == "single-photon"
@@ -112,7 +112,7 @@ def test_single_photon_source_uses_every_click() -> None:
 
 
 def test_alice_refuses_messages_out_of_order_or_malformed() -> None:
-    link = LinkParameters()
+    link = Bb84Parameters()
     block = simulate_block(link, 100_000, random.Random(4))
     post = PostProcessingParameters()
     alice = AliceSession(block.alice, post, link)
@@ -127,7 +127,7 @@ def test_alice_refuses_messages_out_of_order_or_malformed() -> None:
 
 
 def test_tampered_verification_aborts_the_block() -> None:
-    link = LinkParameters(misalignment=0.02)
+    link = Bb84Parameters(misalignment=0.02)
     post = PostProcessingParameters()
     block = simulate_block(link, int(300_000 / link_model(link).clicks), random.Random(8))
     alice = AliceSession(block.alice, post, link)

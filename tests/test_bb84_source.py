@@ -11,16 +11,16 @@ import threading
 import pytest
 import trio
 import trio.testing
-from qkdd_drivers.bb84 import LinkParameters
-from qkdd_drivers.bb84_source import Bb84KeySource
-from qkdd_drivers.key_source import KeySource
-from qkdd_drivers.postprocessing import PostProcessingParameters
+from qkdd_drivers.emulator.bb84_source import Bb84KeySource
+from qkdd_drivers.emulator.key_source import KeySource
+from qkdd_drivers.emulator.physics import Bb84Parameters
+from qkdd_drivers.emulator.postprocessing import PostProcessingParameters
 from timeouts import timeout
 
 
 def small_source(**kwargs) -> Bb84KeySource:
     return Bb84KeySource(
-        LinkParameters(misalignment=0.02),
+        Bb84Parameters(misalignment=0.02),
         PostProcessingParameters(key_bits=kwargs.pop("key_bits", 256)),
         block_detections=500_000,
         rng=random.Random(kwargs.pop("seed", 1)),
@@ -44,7 +44,7 @@ async def test_next_block_hands_out_keys_and_keeps_the_rest() -> None:
 
 async def test_event_loop_stays_responsive_while_a_block_is_computed() -> None:
     """The block is computed on a worker thread, so the loop keeps running meanwhile."""
-    source = Bb84KeySource(LinkParameters(), block_detections=300_000)
+    source = Bb84KeySource(Bb84Parameters(), block_detections=300_000)
     computed_on: list[int] = []
     run_block = source.run_block
 
@@ -82,7 +82,7 @@ async def test_pacing_limits_the_key_rate(autojump_clock: trio.testing.MockClock
 async def test_blocks_without_key_are_retried_until_keys_come() -> None:
     blocks = []
     source = Bb84KeySource(
-        LinkParameters(eve_fraction=1.0),
+        Bb84Parameters(eve_fraction=1.0),
         block_detections=20_000,
         rng=random.Random(3),
         on_block=blocks.append,
@@ -98,7 +98,9 @@ async def test_blocks_without_key_are_retried_until_keys_come() -> None:
 
 
 def run_simulate(*argv: str) -> subprocess.CompletedProcess[str]:
-    code = "import sys; from qkdd_drivers.simulate_cli import main; sys.exit(main(sys.argv[1:]))"
+    code = (
+        "import sys; from qkdd_drivers.emulator.simulate import main; sys.exit(main(sys.argv[1:]))"
+    )
     return subprocess.run(
         [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout(60)
     )

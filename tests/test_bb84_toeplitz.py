@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from qkdd_drivers.toeplitz import (
+from qkdd_drivers.emulator.toeplitz import (
     clmul_decimal,
     clmul_int,
     modified_toeplitz_hash,

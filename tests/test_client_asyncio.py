@@ -25,10 +25,9 @@ from qkdd.client import (
     KeyServiceUnreachable,
 )
 from qkdd.etsi014.handler import RequestHandler
-from qkdd.etsi014.pool import MemoryKeyPool
-from qkdd.etsi014.server import serve_unix
-from qkdd.events import EventBus
-from qkdd.events_api import event_routes
+from qkdd.etsi014.memory_pool import MemoryKeyPool
+from qkdd.events import EventBus, event_routes
+from qkdd.http_server.unix_socket import serve_unix
 
 T = TypeVar("T")
 

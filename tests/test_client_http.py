@@ -1,7 +1,7 @@
 """The light client's sans-IO layers on their own: the HTTP/1.1 connection (`qkdd.client.http`)
 against hand-written responses and against h11 (an independent HTTP/1.1 implementation) as the
 server on both sides of the wire, and the whole-answer and line-stream collectors
-(`qkdd.client.api`). Bytes in, events out: no sockets."""
+(`qkdd.client.roundtrip`, `qkdd.client.api`). Bytes in, events out: no sockets."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkdd.client import BadResponse, DeliveredKey, KeyServiceClientError, KeyServiceUnreachable
-from qkdd.client.api import Exchange, LineStream, Message, dec_keys, enc_keys
+from qkdd.client.api import LineStream, Message, dec_keys, enc_keys
+from qkdd.client.endpoint import KEY_SERVICE
 from qkdd.client.http import (
     ClientConnection,
     ConnectionClosed,
@@ -23,6 +24,7 @@ from qkdd.client.http import (
     HttpProtocolError,
     Response,
 )
+from qkdd.client.roundtrip import Exchange
 
 
 def feed(conn: ClientConnection, wire: bytes, step: int = 0) -> list[Event]:
@@ -210,8 +212,8 @@ def test_malformed_answers_are_protocol_errors(wire: bytes, words: str) -> None:
     conn.send_request("GET", "/")
     with pytest.raises(HttpProtocolError, match=words):
         feed(conn, wire)
-    exchange = Exchange("localhost")  # and the client tells it as a bad response
-    exchange.request("GET", "/", None, None)
+    exchange = Exchange("localhost", KEY_SERVICE)  # and the client tells it as a bad response
+    exchange.request("GET", "/", None)
     with pytest.raises(BadResponse, match="malformed HTTP"):
         exchange.receive(wire)
 
@@ -273,8 +275,8 @@ def test_any_answer_h11_writes_is_read_whole_in_any_pieces(
 
 
 def exchange_answer(wire: bytes, max_body: int = 1 << 20) -> tuple[int, bytes] | None:
-    exchange = Exchange("localhost", max_body=max_body)
-    exchange.request("GET", "/x", None, "A")
+    exchange = Exchange("localhost", KEY_SERVICE, max_body=max_body)
+    exchange.request("GET", "/x", None, [("X-SAE-ID", "A")])
     return exchange.receive(wire)
 
 
@@ -290,8 +292,8 @@ def test_exchange_refuses_an_answer_over_its_limit() -> None:
 
 
 def test_exchange_says_when_the_service_closed_without_answering() -> None:
-    exchange = Exchange("localhost")
-    exchange.request("GET", "/x", None, None)
+    exchange = Exchange("localhost", KEY_SERVICE)
+    exchange.request("GET", "/x", None)
     with pytest.raises(KeyServiceUnreachable, match="before answering"):
         exchange.receive(b"")
 

@@ -61,7 +61,7 @@ def test_importing_the_client_loads_only_the_standard_library() -> None:
         for name in loaded
         if name.startswith("qkdd.")
         and not name.startswith("qkdd.client")
-        and name not in ("qkdd.api_paths", "qkdd.ctl")
+        and name not in ("qkdd.http_server", "qkdd.http_server.paths", "qkdd.ctl")
     ]
     assert daemon_side == []
 

@@ -176,6 +176,33 @@ def test_wireguard_binding_loads(site_dir):
     )
 
 
+def test_loading_tunnel_bindings_does_not_import_trio(site_dir):
+    """The config loader (``qkdd check-config``, the light tools) stays free of Trio: the
+    bindings' tables load without the rotators, the ``wg`` runner or the charon client."""
+    import subprocess
+    import sys
+
+    path = site_dir / "site-a.toml"
+    ipsec = {k: WG[k] for k in ("name", "peer_site", "local_sae", "remote_sae")}
+    path.write_text(
+        path.read_text()
+        + wireguard_table()
+        + toml_table("ipsec", ipsec, name='"i"', connection='"site-b"')
+    )
+    script = (
+        "import sys\n"
+        "from qkdd.config import load_config\n"
+        f"config = load_config({str(path)!r})\n"
+        "assert len(config.wireguard) == len(config.ipsec) == 1, config\n"
+        "loaded = sorted(m for m in sys.modules if m == 'trio' or m.startswith('trio.'))\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout(60)
+    )
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.parametrize(
     "changes,key,expected",
     [

@@ -13,12 +13,12 @@ import pytest
 from link_pair import pump_until_quiet
 
 from qkdd.config import ConfigError, config_from_bytes
-from qkdd.etsi014.pool import InvalidKeyRequest
+from qkdd.etsi014.key_pool import InvalidKeyRequest
 from qkdd.keystore import KeyStore, StoredQkdKey
 from qkdd.link_params import LinkParameters
 from qkdd.peer.agreement import LinkAgreement
-from qkdd.pool import StoreKeyPool
 from qkdd.status import pool_levels
+from qkdd.store_pool import StoreKeyPool
 
 KEK = bytes(range(32))
 SESSION = b"t" * 32

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import trio
-from qkdd_drivers.device_protocol import (
+from qkdd_drivers.serial.driver import SerialDevice
+from qkdd_drivers.serial.messages import Identity
+from qkdd_drivers.serial.protocol import (
     DeviceProtocol,
-    HandshakeComplete,
     HostProtocol,
     HostState,
     KeysReceived,
+    SerialHandshakeComplete,
 )
-from qkdd_drivers.messages import Identity
-from qkdd_drivers.serial_driver import SerialDevice
 from test_drivers_serial import FAST, Pty, RecordingSink, new_half, running, wait_for
 from timeouts import timeout
 
@@ -43,7 +43,7 @@ def test_the_device_says_which_end_it_is_before_any_key() -> None:
     device.receive_data(host.data_to_send())
     device.poll(0.0)
     events = host.receive_data(device.data_to_send())
-    done = [e for e in events if isinstance(e, HandshakeComplete)]
+    done = [e for e in events if isinstance(e, SerialHandshakeComplete)]
     assert done and done[0].identity == OURS and host.identity == OURS
     assert sum(len(e.keys) for e in events if isinstance(e, KeysReceived)) == 3
 
@@ -71,7 +71,7 @@ def test_a_version_1_device_says_nothing_and_still_works() -> None:
     device.receive_data(host.data_to_send())
     device.poll(0.0)
     events = host.receive_data(device.data_to_send())
-    assert HandshakeComplete(1, "qkd-device", device._window) in events
+    assert SerialHandshakeComplete(1, "qkd-device", device._window) in events
     assert sum(len(e.keys) for e in events if isinstance(e, KeysReceived)) == 2
 
 

@@ -11,15 +11,25 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from qkdd_drivers.constants import PROTOCOL_VERSION_MAX
-from qkdd_drivers.device_protocol import (
+from qkdd_drivers.serial.constants import PROTOCOL_VERSION_MAX
+from qkdd_drivers.serial.framing import FrameDecoder, SerialFrame, cobs_decode, encode_frame
+from qkdd_drivers.serial.messages import (
+    Ack,
+    KeyEntry,
+    Keys,
+    LinkState,
+    SerialErrorCode,
+    SerialMessageType,
+    decode_message,
+    encode_message,
+)
+from qkdd_drivers.serial.protocol import (
     DEVICE_TRANSITIONS,
     HOST_TRANSITIONS,
     DeviceProtocol,
     DeviceState,
     ErrorReceived,
     FrameDropped,
-    HandshakeComplete,
     HostConnected,
     HostProtocol,
     HostState,
@@ -29,18 +39,8 @@ from qkdd_drivers.device_protocol import (
     PeerIncompatible,
     RehandshakeStarted,
     SequenceGap,
+    SerialHandshakeComplete,
     StatusReceived,
-)
-from qkdd_drivers.framing import Frame, FrameDecoder, cobs_decode, encode_frame
-from qkdd_drivers.messages import (
-    Ack,
-    ErrorCode,
-    KeyEntry,
-    Keys,
-    LinkState,
-    MessageType,
-    decode_message,
-    encode_message,
 )
 
 
@@ -59,8 +59,8 @@ def connect(host: HostProtocol, dev: DeviceProtocol) -> list:  # type: ignore[ty
     return host.receive_data(dev.data_to_send())
 
 
-def frames_of(data: bytes) -> list[Frame]:
-    return [f for f in FrameDecoder().feed(data) if isinstance(f, Frame)]
+def frames_of(data: bytes) -> list[SerialFrame]:
+    return [f for f in FrameDecoder().feed(data) if isinstance(f, SerialFrame)]
 
 
 # -- tables ------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def test_handshake_both_ends_agree() -> None:
     host = HostProtocol(name="site-a")
     dev = DeviceProtocol(name="dev-1", window=16)
     events = connect(host, dev)
-    assert events == [HandshakeComplete(PROTOCOL_VERSION_MAX, "dev-1", 16)]
+    assert events == [SerialHandshakeComplete(PROTOCOL_VERSION_MAX, "dev-1", 16)]
     assert host.state is HostState.READY and dev.state is DeviceState.READY
     assert dev.host_name == "site-a" and host.device_name == "dev-1"
 
@@ -95,13 +95,13 @@ def test_every_hello_starts_with_a_resync_delimiter_and_seq_zero() -> None:
     wire = host.data_to_send()
     assert wire[0] == 0
     (frame,) = frames_of(wire)
-    assert frame.seq == 0 and frame.version == 1 and frame.msg_type == MessageType.HELLO
+    assert frame.seq == 0 and frame.version == 1 and frame.msg_type == SerialMessageType.HELLO
 
 
 def test_versions_negotiate_to_highest_common() -> None:
     host = HostProtocol(min_version=1, max_version=3)
     dev = DeviceProtocol(min_version=2, max_version=5)
-    assert connect(host, dev)[0] == HandshakeComplete(3, "qkd-device", dev._window)
+    assert connect(host, dev)[0] == SerialHandshakeComplete(3, "qkd-device", dev._window)
     dev.add_keys(make_keys(1))
     dev.poll(0.0)
     wire = dev.data_to_send()
@@ -133,7 +133,7 @@ def test_host_refuses_device_choosing_a_version_outside_its_range() -> None:
     assert isinstance(events[0], PeerIncompatible) and host.state is HostState.FAILED
     # and tells the device why
     (frame,) = frames_of(host.data_to_send())
-    assert decode_message(frame.msg_type, frame.payload).code == ErrorCode.UNSUPPORTED_VERSION
+    assert decode_message(frame.msg_type, frame.payload).code == SerialErrorCode.UNSUPPORTED_VERSION
 
 
 def test_two_hosts_wired_together_fail_clearly() -> None:
@@ -275,7 +275,7 @@ def test_device_restart_announcement_triggers_new_handshake() -> None:
     rebooted.receive_data(host.data_to_send())
     rebooted.poll(0.0)
     events = host.receive_data(rebooted.data_to_send())
-    assert isinstance(events[0], HandshakeComplete)
+    assert isinstance(events[0], SerialHandshakeComplete)
     assert len(received(events)) == 2
 
 
@@ -310,9 +310,9 @@ def test_device_that_lost_the_session_makes_host_say_hello_again() -> None:
 def test_other_device_errors_are_reported_not_fatal() -> None:
     host, dev = HostProtocol(), DeviceProtocol()
     connect(host, dev)
-    dev.send_error(ErrorCode.DEVICE_FAULT, "detector too warm")
+    dev.send_error(SerialErrorCode.DEVICE_FAULT, "detector too warm")
     assert host.receive_data(dev.data_to_send()) == [
-        ErrorReceived(ErrorCode.DEVICE_FAULT, "detector too warm")
+        ErrorReceived(SerialErrorCode.DEVICE_FAULT, "detector too warm")
     ]
     assert host.state is HostState.READY
 
@@ -354,7 +354,7 @@ def test_host_rejects_ack_from_device_side() -> None:
     events = host.receive_data(encode_frame(host.version, msg_type, 2, payload))
     assert isinstance(events[0], MessageIgnored)
     (frame,) = frames_of(host.data_to_send())
-    assert decode_message(frame.msg_type, frame.payload).code == ErrorCode.UNEXPECTED_MESSAGE
+    assert decode_message(frame.msg_type, frame.payload).code == SerialErrorCode.UNEXPECTED_MESSAGE
 
 
 @settings(max_examples=60, deadline=None)

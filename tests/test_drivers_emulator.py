@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import trio
 from qkdd_drivers.base import QkdKey
-from qkdd_drivers.serial_driver import SerialDevice
+from qkdd_drivers.serial.driver import SerialDevice
 from timeouts import timeout
 
-EMULATOR = [sys.executable, "-m", "qkdd_drivers.emulator"]
+EMULATOR = [sys.executable, "-m", "qkdd_drivers.emulator.command"]
 FLAGS = [
     "--link-a",
     "--link-b",

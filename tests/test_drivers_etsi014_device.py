@@ -1,6 +1,6 @@
-"""Etsi014Device against real KMEs: qkdd's own ETSI GS QKD 014 server over mutual TLS on
-127.0.0.1, with a MemoryKeyPool as the two sites' KMEs (one pool serves both SAEs, which is
-what a pair of KMEs sharing keys looks like from outside); plus its sans-IO parts."""
+"""Etsi014Device against real KMEs (tests/kme_server.py: qkdd's own ETSI GS QKD 014 server
+over mutual TLS on 127.0.0.1, with a MemoryKeyPool as the two sites' KMEs); plus its sans-IO
+parts."""
 
 from __future__ import annotations
 
@@ -13,21 +13,19 @@ import socket
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from kme_server import A, B, start_kme
 from pki import Credentials, Pki, make_pki, new_ca
 from qkdd_drivers.base import FetchByIdDevice, QkdKey
-from qkdd_drivers.etsi014_device import (
+from qkdd_drivers.kme import (
     Etsi014Device,
     KmeConfigError,
     KmeError,
-    KmeHttp,
     KmeResponseError,
     KmeUnreachableError,
     UnknownKeyIdsError,
@@ -35,18 +33,15 @@ from qkdd_drivers.etsi014_device import (
     parse_kme_url,
     parse_status,
 )
+from qkdd_drivers.kme.errors import KME
 from timeouts import timeout
 
-from qkdd.etsi014.handler import RequestHandler
-from qkdd.etsi014.pool import DeliveredKey, MemoryKeyPool
-from qkdd.etsi014.tls import sae_ids_from_certificate, serve_tls
+from qkdd.client.roundtrip import Exchange
+from qkdd.etsi014.key_pool import PoolKey
+from qkdd.etsi014.memory_pool import MemoryKeyPool
 from qkdd.keystore import KeyStore
 from qkdd.peering import StoreSink
 
-# SAE A is the link master site's qkdd, SAE B the slave's. The KME knows A by the DNS name in
-# client-a's certificate and B by client-b's Common Name.
-A, B = "SAE-A", "SAE-B"
-CLIENT_NAMES = {"app-a.example": A, "app-b": B}
 KEK = bytes(range(32))
 
 
@@ -55,53 +50,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-# -- a KME, and what the daemon would plug into the device --------------------------------
-
-
-@dataclass
-class Kme:
-    pool: MemoryKeyPool
-    port: int
-    scope: trio.CancelScope
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-
-async def _run_kme(
-    pki: Pki,
-    pool: MemoryKeyPool,
-    port: int,
-    *,
-    task_status: trio.TaskStatus[tuple[trio.CancelScope, int]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    def identify(cert: x509.Certificate) -> frozenset[str]:
-        return sae_ids_from_certificate(cert, CLIENT_NAMES)
-
-    with trio.CancelScope() as scope:
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(
-                partial(
-                    serve_tls,
-                    "127.0.0.1",
-                    port,
-                    RequestHandler(pool),
-                    identify,
-                    cert_file=pki.server.cert,
-                    key_file=pki.server.key,
-                    client_ca_file=pki.ca,
-                )
-            )
-            task_status.started((scope, listeners[0].socket.getsockname()[1]))
-
-
-async def start_kme(
-    nursery: trio.Nursery, pki: Pki, pool: MemoryKeyPool | None = None, port: int = 0
-) -> Kme:
-    pool = pool or MemoryKeyPool([A, B], max_key_per_request=16)
-    scope, bound = await nursery.start(_run_kme, pki, pool, port)
-    return Kme(pool, bound, scope)
+# -- what the daemon would plug into the device ------------------------------------------
 
 
 class ReorderingPool(MemoryKeyPool):
@@ -109,7 +58,7 @@ class ReorderingPool(MemoryKeyPool):
 
     def take_for_slave(
         self, master_sae_id: str, slave_sae_id: str, key_ids: Sequence[str]
-    ) -> list[DeliveredKey]:
+    ) -> list[PoolKey]:
         return super().take_for_slave(master_sae_id, slave_sae_id, key_ids)[::-1]
 
 
@@ -118,9 +67,9 @@ class SwappingPool(MemoryKeyPool):
 
     def take_for_slave(
         self, master_sae_id: str, slave_sae_id: str, key_ids: Sequence[str]
-    ) -> list[DeliveredKey]:
+    ) -> list[PoolKey]:
         keys = super().take_for_slave(master_sae_id, slave_sae_id, key_ids)
-        return [DeliveredKey(str(uuid.uuid4()), keys[0].material), *keys[1:]]
+        return [PoolKey(str(uuid.uuid4()), keys[0].material), *keys[1:]]
 
 
 @dataclass
@@ -540,20 +489,20 @@ def test_status_objects() -> None:
 
 
 def test_http_exchange_without_io() -> None:
-    http = KmeHttp("kme:443")
+    http = Exchange("kme:443", KME)
     wire = http.request("POST", "/api/v1/keys/B/enc_keys", b'{"number": 1}')
     assert wire.startswith(b"POST /api/v1/keys/B/enc_keys HTTP/1.1\r\n")
-    assert b"host: kme:443\r\n" in wire and wire.endswith(b'{"number": 1}')
+    assert b"Host: kme:443\r\n" in wire and wire.endswith(b'{"number": 1}')
     answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
     results = [http.receive(answer[i : i + 1]) for i in range(len(answer))]
     assert results[:-1] == [None] * (len(answer) - 1) and results[-1] == (200, b"{}")
     assert http.next_cycle()
     http.request("GET", "/", None)
-    with pytest.raises(KmeUnreachableError, match="without answering"):
+    with pytest.raises(KmeUnreachableError, match="the KME closed the connection before answering"):
         http.receive(b"")
-    garbage = KmeHttp("kme")
+    garbage = Exchange("kme", KME)
     garbage.request("GET", "/", None)
-    with pytest.raises(KmeResponseError, match="not valid HTTP"):
+    with pytest.raises(KmeResponseError, match="malformed HTTP from the KME"):
         garbage.receive(b"SSH-2.0-OpenSSH\r\n\r\n")
 
 

@@ -9,21 +9,21 @@ import tracemalloc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from qkdd_drivers.constants import (
+from qkdd_drivers.serial.constants import (
     MAX_ENCODED_FRAME_SIZE,
     MAX_FRAME_SIZE,
     MAX_PAYLOAD_SIZE,
     MIN_FRAME_SIZE,
 )
-from qkdd_drivers.crc32c import CHECK_VALUE, crc32c, crc32c_native, crc32c_python
-from qkdd_drivers.framing import (
+from qkdd_drivers.serial.crc32c import CHECK_VALUE, crc32c, crc32c_native, crc32c_python
+from qkdd_drivers.serial.framing import (
     BAD_CRC,
     COBS,
     OVERSIZE,
     TOO_SHORT,
-    Frame,
     FrameDecoder,
     FrameError,
+    SerialFrame,
     cobs_decode,
     cobs_encode,
     decode_frame,
@@ -133,13 +133,13 @@ def test_frame_roundtrip_and_layout() -> None:
     assert raw[1:5] == bytes.fromhex("01020304")
     assert raw[5:-4] == b"\xaa\x00\xbb"
     assert int.from_bytes(raw[-4:], "big") == crc32c(raw[:-4])
-    assert decode_frame(wire[:-1]) == Frame(1, 3, 0x01020304, b"\xaa\x00\xbb")
+    assert decode_frame(wire[:-1]) == SerialFrame(1, 3, 0x01020304, b"\xaa\x00\xbb")
 
 
 def test_largest_frame_fits_the_caps() -> None:
     wire = encode_frame(1, 3, 7, b"\x01" * MAX_PAYLOAD_SIZE)
     assert len(wire) - 1 <= MAX_ENCODED_FRAME_SIZE
-    assert FrameDecoder().feed(wire) == [Frame(1, 3, 7, b"\x01" * MAX_PAYLOAD_SIZE)]
+    assert FrameDecoder().feed(wire) == [SerialFrame(1, 3, 7, b"\x01" * MAX_PAYLOAD_SIZE)]
     with pytest.raises(ValueError):
         encode_frame(1, 3, 7, b"\x01" * (MAX_PAYLOAD_SIZE + 1))
 
@@ -169,17 +169,17 @@ def test_decode_rejects_any_single_bit_flip() -> None:
             damaged = bytearray(wire)
             damaged[i] ^= 1 << bit
             # A flip may create a 0x00 (a cut) — either way no frame may come out.
-            assert not any(isinstance(x, Frame) for x in FrameDecoder().feed(bytes(damaged)))
+            assert not any(isinstance(x, SerialFrame) for x in FrameDecoder().feed(bytes(damaged)))
 
 
 # -- the stream decoder ----------------------------------------------------------------
 
 
-def _frames(n: int) -> list[Frame]:
-    return [Frame(1, 1 + i % 5, i, os.urandom(i * 7 % 300)) for i in range(n)]
+def _frames(n: int) -> list[SerialFrame]:
+    return [SerialFrame(1, 1 + i % 5, i, os.urandom(i * 7 % 300)) for i in range(n)]
 
 
-def _wire(frames: list[Frame]) -> bytes:
+def _wire(frames: list[SerialFrame]) -> bytes:
     return b"".join(encode_frame(f.version, f.msg_type, f.seq, f.payload) for f in frames)
 
 
@@ -204,11 +204,11 @@ def test_decoder_resyncs_after_garbage_truncation_and_crc_error() -> None:
         + _wire(good[:1])
         + bytes(corrupt)
         + truncated  # cut short: runs into the next frame, which is lost with it
-        + _wire([Frame(1, 4, 11, b"lost with the truncated one")])
+        + _wire([SerialFrame(1, 4, 11, b"lost with the truncated one")])
         + _wire(good[1:])
     )
     out = FrameDecoder().feed(stream)
-    assert [x for x in out if isinstance(x, Frame)] == good
+    assert [x for x in out if isinstance(x, SerialFrame)] == good
     errors = [x for x in out if isinstance(x, FrameError)]
     assert len(errors) == 3
     assert errors[1].kind == BAD_CRC
@@ -223,7 +223,7 @@ def test_decoder_skips_oversized_run_once_and_resyncs() -> None:
     assert decoder.in_frame
     out += decoder.feed(b"\x00" + _wire(_frames(2)))
     assert [x.kind for x in out if isinstance(x, FrameError)] == [OVERSIZE]
-    assert [(x.msg_type, x.seq) for x in out if isinstance(x, Frame)] == [(1, 0), (2, 1)]
+    assert [(x.msg_type, x.seq) for x in out if isinstance(x, SerialFrame)] == [(1, 0), (2, 1)]
 
 
 def test_empty_frames_are_ignored() -> None:
@@ -249,7 +249,7 @@ def test_decoder_memory_stays_under_the_cap() -> None:
 # -- fuzzing ---------------------------------------------------------------------------
 
 frames_st = st.builds(
-    Frame,
+    SerialFrame,
     st.integers(1, 15),
     st.integers(1, 15),
     st.integers(0, 2**32 - 1),
@@ -263,15 +263,15 @@ def test_arbitrary_bytes_never_crash_or_overallocate(chunks: list[bytes]) -> Non
     decoder = FrameDecoder()
     for chunk in chunks:
         for item in decoder.feed(chunk):
-            assert isinstance(item, Frame | FrameError)
-            if isinstance(item, Frame):
+            assert isinstance(item, SerialFrame | FrameError)
+            if isinstance(item, SerialFrame):
                 assert MIN_FRAME_SIZE + len(item.payload) <= MAX_FRAME_SIZE
         assert decoder.buffered <= MAX_ENCODED_FRAME_SIZE
 
 
 @settings(max_examples=100)
 @given(st.lists(frames_st, min_size=1, max_size=4), st.data())
-def test_frames_survive_any_chunking(frames: list[Frame], data: st.DataObject) -> None:
+def test_frames_survive_any_chunking(frames: list[SerialFrame], data: st.DataObject) -> None:
     wire = _wire(frames)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=10)))
     decoder = FrameDecoder()
@@ -285,7 +285,7 @@ def test_frames_survive_any_chunking(frames: list[Frame], data: st.DataObject) -
 
 @settings(max_examples=150)
 @given(st.binary(max_size=3000), frames_st)
-def test_frame_after_garbage_is_recovered(garbage: bytes, frame: Frame) -> None:
+def test_frame_after_garbage_is_recovered(garbage: bytes, frame: SerialFrame) -> None:
     # A sender that starts with 0x00 (as every HELLO does) is always understood.
     out = FrameDecoder().feed(garbage + b"\x00" + _wire([frame]))
     assert out[-1] == frame

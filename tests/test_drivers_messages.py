@@ -10,19 +10,19 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from qkdd_drivers.constants import MAX_KEY_MATERIAL_SIZE, MAX_PAYLOAD_SIZE
 from qkdd_drivers.errors import MessageError, ProtocolError
-from qkdd_drivers.messages import (
+from qkdd_drivers.serial.constants import MAX_KEY_MATERIAL_SIZE, MAX_PAYLOAD_SIZE
+from qkdd_drivers.serial.messages import (
     Ack,
-    ErrorCode,
-    ErrorMessage,
-    Hello,
     Identity,
     KeyEntry,
     Keys,
     LinkState,
-    MessageType,
-    Role,
+    SerialErrorCode,
+    SerialErrorMessage,
+    SerialHello,
+    SerialMessageType,
+    SerialRole,
     Status,
     decode_message,
     encode_message,
@@ -39,16 +39,16 @@ def roundtrip(msg):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     "msg",
     [
-        Hello(Role.HOST, 1, 1, 0, 0, 4096, "qkdd"),
-        Hello(Role.DEVICE, 1, 3, 2, 128, 1280, "dev-α"),
+        SerialHello(SerialRole.HOST, 1, 1, 0, 0, 4096, "qkdd"),
+        SerialHello(SerialRole.DEVICE, 1, 3, 2, 128, 1280, "dev-α"),
         Status(LinkState.UP, 0.0213, 1200, 37),
         Status(LinkState.DOWN, None, None, None),
         Status(LinkState.STARTING, 1.0, 0, 0),
         Keys((KeyEntry(KID, b"\x00" * 32), KeyEntry(os.urandom(16), os.urandom(1024)))),
         Ack((KID,)),
         Ack(tuple(os.urandom(16) for _ in range(255))),
-        ErrorMessage(ErrorCode.DEVICE_FAULT, "laser temperature out of range"),
-        ErrorMessage(0x7777, ""),
+        SerialErrorMessage(SerialErrorCode.DEVICE_FAULT, "laser temperature out of range"),
+        SerialErrorMessage(0x7777, ""),
     ],
 )
 def test_roundtrip(msg) -> None:  # type: ignore[no-untyped-def]
@@ -67,18 +67,18 @@ def test_status_qber_resolution() -> None:
 
 
 def test_error_detail_is_cut_at_a_character_boundary() -> None:
-    msg = roundtrip(ErrorMessage(ErrorCode.DEVICE_FAULT, "é" * 150))
+    msg = roundtrip(SerialErrorMessage(SerialErrorCode.DEVICE_FAULT, "é" * 150))
     assert msg.detail == "é" * 100
 
 
 @pytest.mark.parametrize(
     "msg",
     [
-        Hello(Role.HOST, 1, 1, 1, 0, 4096),  # a host must not select
-        Hello(Role.DEVICE, 2, 1, 0, 1, 4096),  # empty range
-        Hello(Role.DEVICE, 1, 1, 0, 0, 4096),  # device window 0
-        Hello(Role.HOST, 1, 1, 0, 0, 512),  # max_frame below 1280
-        Hello(Role.HOST, 1, 1, 0, 0, 4096, "x" * 33),
+        SerialHello(SerialRole.HOST, 1, 1, 1, 0, 4096),  # a host must not select
+        SerialHello(SerialRole.DEVICE, 2, 1, 0, 1, 4096),  # empty range
+        SerialHello(SerialRole.DEVICE, 1, 1, 0, 0, 4096),  # device window 0
+        SerialHello(SerialRole.HOST, 1, 1, 0, 0, 512),  # max_frame below 1280
+        SerialHello(SerialRole.HOST, 1, 1, 0, 0, 4096, "x" * 33),
         Status(LinkState.UP, 1.5, None, None),
         Status(LinkState.UP, None, 2**32, None),
         Keys(()),
@@ -107,30 +107,30 @@ def _keys_payload(*entries: tuple[bytes, int, bytes], count: int | None = None) 
     [
         (0x7, b"", "unknown message type"),
         (0x0, b"", "unknown message type"),
-        (MessageType.HELLO, bytes.fromhex("0101010000001000"), "shorter"),
-        (MessageType.HELLO, bytes.fromhex("010101000000100003") + b"ab", "name length"),
-        (MessageType.HELLO, bytes.fromhex("030101000000100000"), "role"),
-        (MessageType.HELLO, bytes.fromhex("010101000000100002") + b"\xff\xfe", "UTF-8"),
-        (MessageType.HELLO, bytes.fromhex("020101000000100000"), "window"),
-        (MessageType.HELLO, bytes.fromhex("010101000000ffff00"), "max_frame"),
-        (MessageType.STATUS, bytes(10), "11 bytes"),
-        (MessageType.STATUS, bytes.fromhex("07") + bytes(10), "link state"),
-        (MessageType.STATUS, bytes.fromhex("012711") + bytes(8), "above 100"),
-        (MessageType.KEYS, b"", "empty"),
-        (MessageType.KEYS, b"\x00", "no key"),
-        (MessageType.KEYS, _keys_payload((KID, 4, b"abcd"), count=2), "runs past"),
-        (MessageType.KEYS, _keys_payload((KID, 5, b"abcd")), "runs past"),
-        (MessageType.KEYS, _keys_payload((KID, 0, b"")), "outside 1..1024"),
-        (MessageType.KEYS, _keys_payload((KID, 1025, b"a" * 1025)), "outside 1..1024"),
-        (MessageType.KEYS, _keys_payload((KID, 1, b"a"), (KID, 1, b"b")), "repeats"),
-        (MessageType.KEYS, _keys_payload((KID, 1, b"a")) + b"x", "after its last key"),
-        (MessageType.KEYS, b"\x01" + KID[:10], "header runs past"),
-        (MessageType.ACK, b"", "no key ID"),
-        (MessageType.ACK, b"\x00", "no key ID"),
-        (MessageType.ACK, b"\x02" + KID, "count"),
-        (MessageType.ERROR, b"\x00\x01", "shorter"),
-        (MessageType.ERROR, b"\x00\x01\x05abc", "detail length"),
-        (MessageType.ERROR, b"\x00\x01\x02\xc3\x28", "UTF-8"),
+        (SerialMessageType.HELLO, bytes.fromhex("0101010000001000"), "shorter"),
+        (SerialMessageType.HELLO, bytes.fromhex("010101000000100003") + b"ab", "name length"),
+        (SerialMessageType.HELLO, bytes.fromhex("030101000000100000"), "role"),
+        (SerialMessageType.HELLO, bytes.fromhex("010101000000100002") + b"\xff\xfe", "UTF-8"),
+        (SerialMessageType.HELLO, bytes.fromhex("020101000000100000"), "window"),
+        (SerialMessageType.HELLO, bytes.fromhex("010101000000ffff00"), "max_frame"),
+        (SerialMessageType.STATUS, bytes(10), "11 bytes"),
+        (SerialMessageType.STATUS, bytes.fromhex("07") + bytes(10), "link state"),
+        (SerialMessageType.STATUS, bytes.fromhex("012711") + bytes(8), "above 100"),
+        (SerialMessageType.KEYS, b"", "empty"),
+        (SerialMessageType.KEYS, b"\x00", "no key"),
+        (SerialMessageType.KEYS, _keys_payload((KID, 4, b"abcd"), count=2), "runs past"),
+        (SerialMessageType.KEYS, _keys_payload((KID, 5, b"abcd")), "runs past"),
+        (SerialMessageType.KEYS, _keys_payload((KID, 0, b"")), "outside 1..1024"),
+        (SerialMessageType.KEYS, _keys_payload((KID, 1025, b"a" * 1025)), "outside 1..1024"),
+        (SerialMessageType.KEYS, _keys_payload((KID, 1, b"a"), (KID, 1, b"b")), "repeats"),
+        (SerialMessageType.KEYS, _keys_payload((KID, 1, b"a")) + b"x", "after its last key"),
+        (SerialMessageType.KEYS, b"\x01" + KID[:10], "header runs past"),
+        (SerialMessageType.ACK, b"", "no key ID"),
+        (SerialMessageType.ACK, b"\x00", "no key ID"),
+        (SerialMessageType.ACK, b"\x02" + KID, "count"),
+        (SerialMessageType.ERROR, b"\x00\x01", "shorter"),
+        (SerialMessageType.ERROR, b"\x00\x01\x05abc", "detail length"),
+        (SerialMessageType.ERROR, b"\x00\x01\x02\xc3\x28", "UTF-8"),
     ],
 )
 def test_decoder_rejects_malformed_payloads(msg_type: int, payload: bytes, words: str) -> None:
@@ -149,8 +149,8 @@ key_entries = st.builds(
 )
 messages = st.one_of(
     st.builds(
-        Hello,
-        st.just(Role.DEVICE),
+        SerialHello,
+        st.just(SerialRole.DEVICE),
         st.integers(1, 3),
         st.integers(3, 15),
         st.sampled_from([0, 3]),
@@ -171,7 +171,7 @@ messages = st.one_of(
     st.lists(st.binary(min_size=16, max_size=16), min_size=1, max_size=255).map(
         lambda ids: Ack(tuple(ids))
     ),
-    st.builds(ErrorMessage, st.integers(0, 0xFFFF), st.text(max_size=60)),
+    st.builds(SerialErrorMessage, st.integers(0, 0xFFFF), st.text(max_size=60)),
 )
 
 
@@ -193,17 +193,19 @@ def test_arbitrary_payloads_raise_only_message_error(msg_type: int, payload: byt
 
 
 @settings(max_examples=300)
-@given(st.sampled_from(MessageType), st.data())
+@given(st.sampled_from(SerialMessageType), st.data())
 def test_mutated_valid_payloads_raise_only_message_error(
-    msg_type: MessageType, data: st.DataObject
+    msg_type: SerialMessageType, data: st.DataObject
 ) -> None:
     seeds = {
-        MessageType.HELLO: Hello(Role.HOST, 1, 1, 0, 0, 4096, "qkdd"),
-        MessageType.STATUS: Status(LinkState.UP, 0.01, 10, 5),
-        MessageType.KEYS: Keys((KeyEntry(KID, b"k" * 32), KeyEntry(os.urandom(16), b"j" * 8))),
-        MessageType.ACK: Ack((KID, os.urandom(16))),
-        MessageType.ERROR: ErrorMessage(2, "detail"),
-        MessageType.IDENTITY: Identity("site-a", "site-b"),
+        SerialMessageType.HELLO: SerialHello(SerialRole.HOST, 1, 1, 0, 0, 4096, "qkdd"),
+        SerialMessageType.STATUS: Status(LinkState.UP, 0.01, 10, 5),
+        SerialMessageType.KEYS: Keys(
+            (KeyEntry(KID, b"k" * 32), KeyEntry(os.urandom(16), b"j" * 8))
+        ),
+        SerialMessageType.ACK: Ack((KID, os.urandom(16))),
+        SerialMessageType.ERROR: SerialErrorMessage(2, "detail"),
+        SerialMessageType.IDENTITY: Identity("site-a", "site-b"),
     }
     _, payload = encode_message(seeds[msg_type])
     mutated = bytearray(payload)

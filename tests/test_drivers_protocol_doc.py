@@ -7,23 +7,23 @@ import uuid
 from pathlib import Path
 
 import pytest
-from qkdd_drivers.constants import (
+from qkdd_drivers.serial.constants import (
     MAX_ENCODED_FRAME_SIZE,
     MAX_FRAME_SIZE,
     MAX_PAYLOAD_SIZE,
     MIN_FRAME_SIZE,
 )
-from qkdd_drivers.framing import Frame, FrameDecoder, cobs_decode, encode_frame
-from qkdd_drivers.messages import (
+from qkdd_drivers.serial.framing import FrameDecoder, SerialFrame, cobs_decode, encode_frame
+from qkdd_drivers.serial.messages import (
     Ack,
-    ErrorCode,
-    ErrorMessage,
-    Hello,
     KeyEntry,
     Keys,
     LinkState,
-    MessageType,
-    Role,
+    SerialErrorCode,
+    SerialErrorMessage,
+    SerialHello,
+    SerialMessageType,
+    SerialRole,
     Status,
     decode_message,
     encode_message,
@@ -33,16 +33,16 @@ DOC = Path(__file__).resolve().parent.parent / "drivers" / "PROTOCOL.md"
 K1 = uuid.UUID("6ba7b810-9dad-11d1-80b4-00c04fd430c8").bytes
 K2 = uuid.UUID("123e4567-e89b-12d3-a456-426614174000").bytes
 EXAMPLES = {
-    "hello-host": (0, Hello(Role.HOST, 1, 1, 0, 0, 4096, "qkdd")),
-    "hello-device": (0, Hello(Role.DEVICE, 1, 1, 1, 128, 4096, "qkd-a")),
-    "hello-announce": (0, Hello(Role.DEVICE, 1, 1, 0, 128, 4096, "qkd-a")),
+    "hello-host": (0, SerialHello(SerialRole.HOST, 1, 1, 0, 0, 4096, "qkdd")),
+    "hello-device": (0, SerialHello(SerialRole.DEVICE, 1, 1, 1, 128, 4096, "qkd-a")),
+    "hello-announce": (0, SerialHello(SerialRole.DEVICE, 1, 1, 0, 128, 4096, "qkd-a")),
     "status": (1, Status(LinkState.UP, 0.0213, 41000, 37)),
     "keys": (
         2,
         Keys((KeyEntry(K1, bytes(range(16))), KeyEntry(K2, bytes.fromhex("ffeeddccbbaa9988")))),
     ),
     "ack": (1, Ack((K1, K2))),
-    "error": (0, ErrorMessage(ErrorCode.UNEXPECTED_MESSAGE, "ACK before HELLO")),
+    "error": (0, SerialErrorMessage(SerialErrorCode.UNEXPECTED_MESSAGE, "ACK before HELLO")),
 }
 
 
@@ -73,12 +73,12 @@ def test_documented_bytes_match_the_codec(name: str) -> None:
     documented = doc_examples()[name]
     msg_type, payload = encode_message(msg)
     wire = encode_frame(1, msg_type, seq, payload)
-    if msg_type == MessageType.HELLO:
+    if msg_type == SerialMessageType.HELLO:
         wire = b"\x00" + wire  # every HELLO starts with a resynchronising delimiter
     assert documented["wire"].hex(" ") == wire.hex(" ")
     assert cobs_decode(documented["wire"].strip(b"\x00")) == documented["frame"]
     (frame,) = FrameDecoder().feed(documented["wire"])
-    assert isinstance(frame, Frame)
+    assert isinstance(frame, SerialFrame)
     assert (frame.version, frame.msg_type, frame.seq) == (1, msg_type, seq)
     assert decode_message(frame.msg_type, frame.payload) == msg
 
@@ -92,5 +92,5 @@ def test_documented_constants_match_the_code() -> None:
         ("MAX_ENCODED_FRAME_SIZE", MAX_ENCODED_FRAME_SIZE),
     ]:
         assert re.search(rf"`{name}`\D+{value}\b", text), name
-    for code in ErrorCode:
+    for code in SerialErrorCode:
         assert f"| 0x{code.value:04x} | {code.name} |" in text

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 import trio
+from pty_pair import Pty
 from qkdd_drivers.base import QkdKey
-from qkdd_drivers.constants import PROTOCOL_VERSION_MAX as VERSION
-from qkdd_drivers.emulated_device import DeviceHalf
+from qkdd_drivers.emulator.device_side import DeviceHalf
 from qkdd_drivers.errors import DeviceBusyError, DeviceNotFoundError, NotATtyError
-from qkdd_drivers.framing import encode_frame
-from qkdd_drivers.messages import KeyEntry, Keys, encode_message
-from qkdd_drivers.serial_driver import SerialDevice, open_serial_port
+from qkdd_drivers.serial.constants import PROTOCOL_VERSION_MAX as VERSION
+from qkdd_drivers.serial.driver import SerialDevice, open_serial_port
+from qkdd_drivers.serial.framing import encode_frame
+from qkdd_drivers.serial.messages import KeyEntry, Keys, encode_message
 from timeouts import timeout
 
 FAST = dict(
@@ -33,26 +34,6 @@ FAST = dict(
 )
 # For tests that watch a transient "down" detail: it stays up for the whole retry delay.
 WATCHABLE = dict(FAST, reconnect_initial_delay=0.4, reconnect_max_delay=0.4)
-
-
-class Pty:
-    """A pty pair whose slave is reachable at ``path`` (a symlink), like the emulator's."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        master, self.slave = os.openpty()
-        tty.setraw(self.slave)
-        self.slave_name = os.ttyname(self.slave)
-        tmp = path.with_suffix(".tmp")
-        os.symlink(self.slave_name, tmp)
-        os.replace(tmp, path)
-        self.stream = trio.lowlevel.FdStream(master)
-
-    async def close(self, *, unlink: bool = False) -> None:
-        await self.stream.aclose()
-        os.close(self.slave)
-        if unlink:
-            self.path.unlink()
 
 
 def new_half(**kw: object) -> DeviceHalf:
@@ -372,7 +353,7 @@ async def test_wrong_baud_rate_is_named_as_the_likely_cause(tmp_path: Path) -> N
 
 
 async def test_status_carries_device_figures(tmp_path: Path) -> None:
-    from qkdd_drivers.messages import LinkState
+    from qkdd_drivers.serial.messages import LinkState
 
     pty = Pty(tmp_path / "qkd")
     half = DeviceHalf("figures", status_interval=0.05, stats=lambda: (LinkState.UP, 0.0312, 12345))

@@ -21,23 +21,23 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from qkdd_drivers.base import QkdKey
-from qkdd_drivers.bb84 import DecoyStats, PartyRecord
-from qkdd_drivers.emulator import build_parser
-from qkdd_drivers.emulator_half import link_params_from_args, parse_address
-from qkdd_drivers.fibre_link import (
-    FIBRE_LINK_VERSION,
+from qkdd_drivers.emulator.command import build_parser
+from qkdd_drivers.emulator.fibre_protocol import (
+    FIBRE_PROTOCOL_VERSION,
     HEADER_SIZE,
     MAX_BODY_SIZE,
     Commit,
     Committed,
-    ErrorCode,
-    ErrorMessage,
-    FibreLinkError,
-    FibreLinkProtocol,
+    FibreError,
+    FibreErrorCode,
+    FibreErrorMessage,
+    FibreFrameType,
+    FibreHello,
+    FibreProtocol,
+    FibreState,
     FrameFormatError,
     FrameReader,
-    FrameType,
-    Hello,
+    HalfRole,
     Next,
     ParameterMismatchError,
     PeerRefusedError,
@@ -45,18 +45,18 @@ from qkdd_drivers.fibre_link import (
     Record,
     Reply,
     Request,
-    Role,
-    State,
     UnexpectedFrameError,
     canonical_params,
     decode_body,
     encode_frame,
     key_ids_digest,
 )
-from qkdd_drivers.serial_driver import SerialDevice
+from qkdd_drivers.emulator.half import link_params_from_args, parse_address
+from qkdd_drivers.emulator.physics import DecoyStats, PartyRecord
+from qkdd_drivers.serial.driver import SerialDevice
 from timeouts import timeout
 
-EMULATOR = [sys.executable, "-m", "qkdd_drivers.emulator"]
+EMULATOR = [sys.executable, "-m", "qkdd_drivers.emulator.command"]
 PARAMS = canonical_params({"--mu": 0.5, "--length-km": 10.0})
 #: Small blocks: ~50 keys of 256 bits each (smaller blocks leave no key once the
 #: finite-key bounds are paid), about a tenth of a second apiece.
@@ -72,8 +72,8 @@ def sample_messages() -> list[object]:
     bases = bytes(rng.getrandbits(1) for _ in range(1001))
     decoy = DecoyStats((10**9, 10**8, 5), (1001, 7, 0), (3, 0), (1, 0))
     return [
-        Hello(Role.BOB, bytes(range(16)), 0, PARAMS),
-        Hello(Role.ALICE, b"\xff" * 16, 2**63, PARAMS),
+        FibreHello(HalfRole.BOB, bytes(range(16)), 0, PARAMS),
+        FibreHello(HalfRole.ALICE, b"\xff" * 16, 2**63, PARAMS),
         Next(),
         Record(1, 123_456_789, None, PartyRecord(bits, bases)),
         Record(2, 5, decoy, PartyRecord(b"", b"")),
@@ -82,7 +82,7 @@ def sample_messages() -> list[object]:
         Commit(4, 31, bytes(range(32))),
         Committed(4),
         Ping(),
-        ErrorMessage(ErrorCode.CONFIGURATION, "différent"),
+        FibreErrorMessage(FibreErrorCode.CONFIGURATION, "différent"),
     ]
 
 
@@ -120,25 +120,29 @@ def test_garbage_is_refused_within_one_header(garbage: bytes) -> None:
 @pytest.mark.parametrize(
     ("kind", "body", "match"),
     [
-        (FrameType.HELLO, b"HTTP" + bytes(80), "not a qkd-emulator half"),
-        (FrameType.RECORD, bytes(10), "truncated"),
+        (FibreFrameType.HELLO, b"HTTP" + bytes(80), "not a qkd-emulator half"),
+        (FibreFrameType.RECORD, bytes(10), "truncated"),
         # One click, padding bit set in the bits byte.
-        (FrameType.RECORD, bytes(8) + bytes(8) + b"\x00" + b"\x00\x00\x00\x01\x03\x00", "padding"),
-        (FrameType.RECORD, bytes(17) + b"\x00\x00\x00\x09" + bytes(3), "expected 4"),
-        (FrameType.COMMIT, bytes(43), "expected 44"),
-        (FrameType.NEXT, b"x", "expected 0"),
-        (FrameType.ERROR, b"\x09why", "unknown code"),
+        (
+            FibreFrameType.RECORD,
+            bytes(8) + bytes(8) + b"\x00" + b"\x00\x00\x00\x01\x03\x00",
+            "padding",
+        ),
+        (FibreFrameType.RECORD, bytes(17) + b"\x00\x00\x00\x09" + bytes(3), "expected 4"),
+        (FibreFrameType.COMMIT, bytes(43), "expected 44"),
+        (FibreFrameType.NEXT, b"x", "expected 0"),
+        (FibreFrameType.ERROR, b"\x09why", "unknown code"),
     ],
 )
-def test_malformed_bodies_are_refused(kind: FrameType, body: bytes, match: str) -> None:
+def test_malformed_bodies_are_refused(kind: FibreFrameType, body: bytes, match: str) -> None:
     with pytest.raises(FrameFormatError, match=match):
         decode_body(kind, body)
 
 
 def test_hello_of_another_version_is_a_configuration_error() -> None:
-    frame = bytearray(encode_frame(Hello(Role.BOB, bytes(16), 0, PARAMS)))
-    frame[HEADER_SIZE + 4] = FIBRE_LINK_VERSION + 1
-    alice = FibreLinkProtocol(Role.ALICE, PARAMS)
+    frame = bytearray(encode_frame(FibreHello(HalfRole.BOB, bytes(16), 0, PARAMS)))
+    frame[HEADER_SIZE + 4] = FIBRE_PROTOCOL_VERSION + 1
+    alice = FibreProtocol(HalfRole.ALICE, PARAMS)
     with pytest.raises(ParameterMismatchError, match="same qkd-emulator release"):
         alice.receive_data(bytes(frame))
 
@@ -146,8 +150,8 @@ def test_hello_of_another_version_is_a_configuration_error() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_give_messages_or_a_link_error(data: bytes) -> None:
-    proto = FibreLinkProtocol(Role.ALICE, PARAMS)
-    with contextlib.suppress(FibreLinkError):
+    proto = FibreProtocol(HalfRole.ALICE, PARAMS)
+    with contextlib.suppress(FibreError):
         proto.receive_data(data)
 
 
@@ -156,12 +160,12 @@ def test_arbitrary_bytes_give_messages_or_a_link_error(data: bytes) -> None:
 
 def connect_pair(
     bob_params: bytes = PARAMS,
-) -> tuple[FibreLinkProtocol, FibreLinkProtocol]:
-    alice, bob = FibreLinkProtocol(Role.ALICE, PARAMS), FibreLinkProtocol(Role.BOB, bob_params)
-    (hello,) = alice.receive_data(bob.send(Hello(Role.BOB, bytes(16), 0, bob_params)))
-    assert isinstance(hello, Hello) and alice.state is State.HELLO_RECEIVED
-    (hello,) = bob.receive_data(alice.send(Hello(Role.ALICE, b"a" * 16, 0, PARAMS)))
-    assert hello.role is Role.ALICE and bob.peer == hello
+) -> tuple[FibreProtocol, FibreProtocol]:
+    alice, bob = FibreProtocol(HalfRole.ALICE, PARAMS), FibreProtocol(HalfRole.BOB, bob_params)
+    (hello,) = alice.receive_data(bob.send(FibreHello(HalfRole.BOB, bytes(16), 0, bob_params)))
+    assert isinstance(hello, FibreHello) and alice.state is FibreState.HELLO_RECEIVED
+    (hello,) = bob.receive_data(alice.send(FibreHello(HalfRole.ALICE, b"a" * 16, 0, PARAMS)))
+    assert hello.role is HalfRole.ALICE and bob.peer == hello
     return alice, bob
 
 
@@ -181,46 +185,48 @@ def test_a_whole_block_passes_both_state_machines() -> None:
     ]
     for sender, receiver, msg in exchange:
         assert receiver.receive_data(sender.send(msg)) == [msg]  # type: ignore[arg-type]
-        assert alice.state is bob.state or {alice.state, bob.state} == {State.AWAIT_RECORD}
-    assert alice.state is State.AWAIT_RECORD and alice.seq == bob.seq == 1
+        assert alice.state is bob.state or {alice.state, bob.state} == {FibreState.AWAIT_RECORD}
+    assert alice.state is FibreState.AWAIT_RECORD and alice.seq == bob.seq == 1
 
 
 def test_out_of_order_frames_are_refused_and_change_nothing() -> None:
     alice, bob = connect_pair()
     with pytest.raises(UnexpectedFrameError, match="cannot send REQUEST in state idle"):
         bob.send(Request(1, b"x"))
-    assert bob.state is State.IDLE
+    assert bob.state is FibreState.IDLE
     with pytest.raises(UnexpectedFrameError, match="cannot receive COMMIT in state idle"):
         alice.receive_data(encode_frame(Commit(1, 1, bytes(32))))
-    assert alice.state is State.IDLE
+    assert alice.state is FibreState.IDLE
     alice.receive_data(bob.send(Next()))
     bob.receive_data(alice.send(Record(5, 1, None, PartyRecord(b"", b""))))
     with pytest.raises(UnexpectedFrameError, match="block 4, but block 5"):
         alice.receive_data(encode_frame(Request(4, b"x")))
     with pytest.raises(UnexpectedFrameError, match="cannot receive HELLO"):
-        alice.receive_data(encode_frame(Hello(Role.BOB, bytes(16), 0, PARAMS)))
+        alice.receive_data(encode_frame(FibreHello(HalfRole.BOB, bytes(16), 0, PARAMS)))
 
 
 def test_different_parameters_are_refused_naming_the_flag() -> None:
     theirs = canonical_params({"--mu": 0.5, "--length-km": 20.0})
-    alice = FibreLinkProtocol(Role.ALICE, PARAMS)
-    bob = FibreLinkProtocol(Role.BOB, theirs)
+    alice = FibreProtocol(HalfRole.ALICE, PARAMS)
+    bob = FibreProtocol(HalfRole.BOB, theirs)
     with pytest.raises(ParameterMismatchError, match=r"--length-km \(here 10.0, peer 20.0\)"):
-        alice.receive_data(bob.send(Hello(Role.BOB, bytes(16), 0, theirs)))
+        alice.receive_data(bob.send(FibreHello(HalfRole.BOB, bytes(16), 0, theirs)))
     # The refusing side's ERROR makes the other refuse too, and not retry.
     with pytest.raises(PeerRefusedError, match="length-km") as refused:
-        bob.receive_data(encode_frame(ErrorMessage(ErrorCode.CONFIGURATION, "--length-km")))
+        bob.receive_data(
+            encode_frame(FibreErrorMessage(FibreErrorCode.CONFIGURATION, "--length-km"))
+        )
     assert refused.value.fatal
 
 
 def test_two_halves_of_the_same_role_are_refused() -> None:
-    one, other = FibreLinkProtocol(Role.BOB, PARAMS), FibreLinkProtocol(Role.ALICE, PARAMS)
-    hello = encode_frame(Hello(Role.ALICE, bytes(16), 0, PARAMS))
+    one, other = FibreProtocol(HalfRole.BOB, PARAMS), FibreProtocol(HalfRole.ALICE, PARAMS)
+    hello = encode_frame(FibreHello(HalfRole.ALICE, bytes(16), 0, PARAMS))
     with pytest.raises(ParameterMismatchError, match="both halves run --role alice"):
         other.receive_data(hello)
-    one.send(Hello(Role.BOB, bytes(16), 0, PARAMS))
+    one.send(FibreHello(HalfRole.BOB, bytes(16), 0, PARAMS))
     one.receive_data(hello)  # control: Bob accepts the same HELLO
-    assert one.state is State.IDLE
+    assert one.state is FibreState.IDLE
 
 
 def test_cli_parameters_cover_every_link_flag_but_not_local_ones() -> None:
@@ -311,10 +317,10 @@ class CuttingProxy:
         self.upstream = upstream
         self.connections = 0
         self.cuts: list[str] = []
-        self._rules: list[tuple[str, FrameType, int]] = []  # (direction, type, nth)
+        self._rules: list[tuple[str, FibreFrameType, int]] = []  # (direction, type, nth)
         self._scopes: list[trio.CancelScope] = []
 
-    def cut_at(self, direction: str, kind: FrameType, nth: int = 0) -> None:
+    def cut_at(self, direction: str, kind: FibreFrameType, nth: int = 0) -> None:
         """Cut the next connection at its ``nth`` ``kind`` frame going ``direction``."""
         self._rules.append((direction, kind, nth))
 
@@ -405,11 +411,11 @@ async def test_cut_connections_never_leave_a_key_on_one_side(tmp_path: Path) -> 
     alice, ready_a, _ = await start_half(tmp_path, "alice", ["--listen", "127.0.0.1:0"])
     proxy = CuttingProxy(int(ready_a["listen"].rsplit(":", 1)[1]))
     # 1: Alice has committed and handed over the block, her COMMITTED never reaches Bob.
-    proxy.cut_at("alice->bob", FrameType.COMMITTED, nth=2)
+    proxy.cut_at("alice->bob", FibreFrameType.COMMITTED, nth=2)
     # 2: in the middle of a block's post-processing: dropped at both ends.
-    proxy.cut_at("bob->alice", FrameType.REQUEST, nth=7)
+    proxy.cut_at("bob->alice", FibreFrameType.REQUEST, nth=7)
     # 3: Bob's COMMIT is lost: Alice never commits, Bob must drop the block.
-    proxy.cut_at("bob->alice", FrameType.COMMIT, nth=1)
+    proxy.cut_at("bob->alice", FibreFrameType.COMMIT, nth=1)
     sink_a, sink_b = ListSink(), ListSink()
     bob = None
     try:

@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 import trio
 
-from qkdd.etsi014.handler import ApiRequest, ApiResponse, Caller, Deferred, RequestHandler
-from qkdd.etsi014.pool import KeyServiceError, MemoryKeyPool
+from qkdd.etsi014.handler import RequestHandler
+from qkdd.etsi014.key_pool import KeyServiceError
+from qkdd.etsi014.memory_pool import MemoryKeyPool
+from qkdd.http_server.exchange import ApiRequest, ApiResponse, Caller, Deferred
 
 A, B, C = "SAE-A", "SAE-B", "SAE-C"
 AS_A = Caller(1000, 1000, frozenset({A}))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from qkdd.etsi014.pool import DeliveredKey, KeysUnavailable, MemoryKeyPool, UnknownKeys
+from qkdd.etsi014.key_pool import KeysUnavailable, PoolKey, UnknownKeys
+from qkdd.etsi014.memory_pool import MemoryKeyPool
 
 A, B = "SAE-A", "SAE-B"
 
 
 def test_repr_hides_material() -> None:
-    key = DeliveredKey("id-1", b"\x8b\xad\xf0\x0d-secret")
+    key = PoolKey("id-1", b"\x8b\xad\xf0\x0d-secret")
     assert "secret" not in repr(key) and "8b" not in repr(key) and "id-1" in repr(key)
 
 

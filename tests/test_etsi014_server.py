@@ -21,10 +21,11 @@ import trio.testing
 from timeouts import timeout
 
 from qkdd.client import KeyClient, KeyServiceClientError
-from qkdd.etsi014.handler import ApiResponse, RequestHandler
-from qkdd.etsi014.limits import ConnectionLimits, raise_open_file_limit
-from qkdd.etsi014.pool import MemoryKeyPool
-from qkdd.etsi014.server import SocketPathError, serve_unix
+from qkdd.etsi014.handler import RequestHandler
+from qkdd.etsi014.memory_pool import MemoryKeyPool
+from qkdd.http_server.exchange import ApiResponse
+from qkdd.http_server.limits import ConnectionLimits, raise_open_file_limit
+from qkdd.http_server.unix_socket import SocketPathError, serve_unix
 
 A, B = "SAE-A", "SAE-B"
 BOTH = frozenset({A, B})

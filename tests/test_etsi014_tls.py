@@ -26,14 +26,14 @@ from qkdd.client import (
     KeyServiceUnreachable,
 )
 from qkdd.etsi014.handler import RequestHandler
-from qkdd.etsi014.pool import MemoryKeyPool
-from qkdd.etsi014.server import serve_unix
-from qkdd.etsi014.tls import (
+from qkdd.etsi014.memory_pool import MemoryKeyPool
+from qkdd.http_server.tls import (
     TlsConfigError,
     sae_ids_from_certificate,
     serve_tls,
     server_ssl_context,
 )
+from qkdd.http_server.unix_socket import serve_unix
 
 A, B = "SAE-A", "SAE-B"
 # SAE A's application is named by a DNS subjectAltName, SAE B's by its Common Name.

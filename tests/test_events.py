@@ -186,8 +186,8 @@ def test_expired_keys_are_named_and_qkdctl_follows_events(tmp_path, capsys):
 
 
 async def test_a_closed_event_stream_unsubscribes():
-    from qkdd.etsi014.handler import ApiRequest, Caller, Streamed
-    from qkdd.events_api import event_routes
+    from qkdd.events import event_routes
+    from qkdd.http_server.exchange import ApiRequest, Caller, Streamed
 
     bus = EventBus()
     (route,) = event_routes(bus, lambda sae: sae == "sae-a").values()

@@ -38,18 +38,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from timeouts import timeout
 
-from drivers.device_protocol import DeviceProtocol, HostProtocol
 from drivers.errors import FrameError, MessageError
-from drivers.framing import FrameDecoder, decode_frame, encode_frame
-from drivers.messages import LinkState
-from drivers.messages import decode_message as decode_serial_message
+from drivers.serial.framing import FrameDecoder, decode_frame, encode_frame
+from drivers.serial.messages import LinkState
+from drivers.serial.messages import decode_message as decode_serial_message
+from drivers.serial.protocol import DeviceProtocol, HostProtocol
 from qkdd.config import ConfigError, load_config
 from qkdd.crypto import SIGNATURE_PUBLIC_KEY_SIZE, SigningKey
 from qkdd.crypto.select import select_backend
 from qkdd.demo_sites import SITE_A, render
-from qkdd.etsi014.handler import ApiRequest, ApiResponse, Caller, Deferred, RequestHandler, Streamed
-from qkdd.etsi014.pool import MemoryKeyPool
-from qkdd.etsi014.server import serve_unix
+from qkdd.etsi014.handler import RequestHandler
+from qkdd.etsi014.memory_pool import MemoryKeyPool
+from qkdd.http_server.exchange import ApiRequest, ApiResponse, Caller, Deferred, Streamed
+from qkdd.http_server.unix_socket import serve_unix
 from qkdd.metrics import SiteMetrics
 from qkdd.peer.calls import KeyAssign, KeyAssignment, Protection, SealedMessage, WgInstall
 from qkdd.peer.connection import PeerConnection, Role

@@ -23,6 +23,7 @@ from key_blocks import ids_of, random_block
 from link_pair import qkd_keys
 from timeouts import timeout
 
+from qkdd import durability
 from qkdd.client import KeyClient, KeyServiceUnreachable
 from qkdd.config import SiteConfig, load_config
 from qkdd.crypto.select import select_backend
@@ -31,18 +32,19 @@ from qkdd.demo_sites import SITE_A, SITE_B
 from qkdd.durability import DurabilityLost, GroupCommit
 from qkdd.etsi014.hand_outs import GatheredHandOuts
 from qkdd.etsi014.handler import RequestHandler
-from qkdd.etsi014.pool import DeliveredKey
-from qkdd.etsi014.server import serve_unix
+from qkdd.etsi014.key_pool import PoolKey
+from qkdd.http_server.unix_socket import serve_unix
 from qkdd.identity import load_identity
 from qkdd.keystore import KeyStore
 from qkdd.peer.calls import WgInstall
 from qkdd.peer.connection import PeerConnection
 from qkdd.peer_listener import serve_peers
 from qkdd.peering import PeerLink, StoreSink
-from qkdd.pool import StoreKeyPool
-from qkdd.rotation.link import install_handler
-from qkdd.wireguard import PskRotator, WireGuardBinding
-from qkdd.wireguard_link import WG_INSTALL_CALL
+from qkdd.rotation.wiring import install_handler
+from qkdd.store_pool import StoreKeyPool
+from qkdd.wireguard.binding import WireGuardBinding
+from qkdd.wireguard.rotator import PskRotator
+from qkdd.wireguard.wiring import WG_INSTALL_CALL
 
 KEK = bytes(range(32))
 CALLERS = 64
@@ -122,7 +124,7 @@ async def api(tmp_path: Path, nursery: trio.Nursery, syncs: Syncs) -> AsyncItera
     taken_at: dict[object, int] = {}
     take = pool.take_for_master
 
-    def recording_take(master: str, slave: str, number: int, size: int) -> list[DeliveredKey]:
+    def recording_take(master: str, slave: str, number: int, size: int) -> list[PoolKey]:
         keys = take(master, slave, number, size)
         taken_at[trio.lowlevel.current_task()] = store.commits
         return keys
@@ -281,7 +283,7 @@ async def gathered_api(
     in_block: list[str] = []
     take = pool.take_for_master
 
-    def recording_take(master: str, slave: str, number: int, size: int) -> list[DeliveredKey]:
+    def recording_take(master: str, slave: str, number: int, size: int) -> list[PoolKey]:
         keys = take(master, slave, number, size)
         in_block.extend(key.key_id for key in keys)
         return keys
@@ -369,8 +371,16 @@ async def test_a_sync_asked_for_inline_stays_in_the_loops_thread_while_syncs_are
         return await to_thread(fn)
 
     monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    # A sync "takes" what the test says on a clock of its own: measured on the real clock,
+    # a loaded machine would make a no-op sync look slow.
     takes = [0.0]
-    monkeypatch.setattr(os, "fdatasync", lambda fd: time.sleep(takes[0]))
+    clock = [0.0]
+
+    def timed_fdatasync(fd: int) -> None:
+        clock[0] += takes[0]
+
+    monkeypatch.setattr(os, "fdatasync", timed_fdatasync)
+    monkeypatch.setattr(durability, "_sync_clock", lambda: clock[0])
 
     async def sync_with_others_ready(inline: bool = True) -> None:
         store.take_ready(SITE_A.sae_id, SITE_B.sae_id, 1)

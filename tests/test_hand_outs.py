@@ -18,7 +18,7 @@ from key_blocks import held_keys, ids_of, materials_of, random_block
 
 from qkdd.durability import DurabilityLost, GroupCommit
 from qkdd.etsi014.hand_outs import GatheredHandOuts
-from qkdd.etsi014.pool import KeysUnavailable
+from qkdd.etsi014.key_pool import KeysUnavailable
 from qkdd.keystore import KeyStore, NewKeyBlock
 from qkdd.sealing import key_chunk_aad
 from qkdd.store.key_blocks import keys_per_chunk

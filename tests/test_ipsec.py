@@ -42,7 +42,7 @@ from qkdd.peer.errors import RemoteProtocolError
 from qkdd.rotation.binding import BindingValueError, KeyMaterialError
 from qkdd.rotation.policy import KeyState, RotationAction, RotationPolicy
 from qkdd.rotation.rotator import NotTheDrivingSiteError
-from qkdd.wireguard import derive_psk
+from qkdd.wireguard.binding import derive_psk
 
 NAME = "tunnel-a-b"
 SOCKET_A, SOCKET_B = "/run/site-a/charon.vici", "/run/site-b/charon.vici"

@@ -22,8 +22,8 @@ from functools import partial
 import trio
 
 from qkdd.etsi014.handler import RequestHandler
-from qkdd.etsi014.pool import MemoryKeyPool
-from qkdd.etsi014.tls import sae_ids_from_certificate, serve_tls
+from qkdd.etsi014.memory_pool import MemoryKeyPool
+from qkdd.http_server.tls import sae_ids_from_certificate, serve_tls
 
 cert, key, ca = sys.argv[1:4]
 names = {"app-a.example": "qkdd-site-a", "app-b": "qkdd-site-b"}

@@ -269,7 +269,12 @@ def test_the_share_of_qkd_material_for_authentication_is_configurable(stores, ba
     a, b = stores
     feed_qkd(stores, 16)
     master, slave = agreements(stores, backend, pool_size=1)
-    master.params = dataclasses.replace(master.params, auth_key_bits=512)
+    master = LinkAgreement(
+        dataclasses.replace(master.params, auth_key_bits=512),
+        store=a,
+        backend=backend,
+        session_id=SESSION,
+    )
     pump(master, slave)
     key = a.newest_ready_auth_key("site-b")
     assert len(key.material) == 64  # two 256-bit QKD keys set aside for it
@@ -339,7 +344,7 @@ def test_slave_rejects_oversized_pads(stores, backend):
     pump(master, slave)
     batch = KeyBatch(
         999,
-        slave._offer_counter,
+        slave._taker._offer_counter,
         BatchPurpose.PADS,
         bytes(1088),
         "sae-a",

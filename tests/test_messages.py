@@ -22,9 +22,9 @@ from qkdd.config import load_config
 from qkdd.crypto import AuthenticationFailed
 from qkdd.demo import prepare_directory, running_demo, wait_for_keys
 from qkdd.demo_sites import SITE_A, SITE_B
-from qkdd.inbox import Inbox, InboxError
 from qkdd.keystore import HybridKey, KeyStore
-from qkdd.messaging import (
+from qkdd.messaging.inbox import Inbox, InboxError
+from qkdd.messaging.messenger import (
     BadMessage,
     Messenger,
     NotDelivered,

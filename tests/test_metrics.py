@@ -23,9 +23,10 @@ from qkdd_drivers.base import DeviceStatus
 
 from qkdd.admin import METRICS_PATH, admin_routes
 from qkdd.client import KeyClient
-from qkdd.etsi014.handler import ApiRequest, ApiResponse, Caller, RequestHandler
-from qkdd.etsi014.pool import MemoryKeyPool
-from qkdd.etsi014.server import serve_unix
+from qkdd.etsi014.handler import RequestHandler
+from qkdd.etsi014.memory_pool import MemoryKeyPool
+from qkdd.http_server.exchange import ApiRequest, ApiResponse, Caller
+from qkdd.http_server.unix_socket import serve_unix
 from qkdd.keystore import KeyStore, StoredQkdKey
 from qkdd.link_params import LinkParameters
 from qkdd.metrics import SiteMetrics, request_kind

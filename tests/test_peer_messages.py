@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkdd.peer.connection import Hello, Response
+from qkdd.peer.connection import HandshakeResponse, Hello
 from qkdd.peer.errors import RemoteProtocolError
 from qkdd.peer.messages import (
     MAX_KEYS_PER_BATCH,
@@ -103,8 +103,8 @@ def test_decode_message_never_crashes(data):
 def test_handshake_decoders_never_crash(data):
     decoders = (
         Hello.decode,
-        partial(Response.decode, auth_size=32),
-        partial(Response.decode, auth_size=3309),
+        partial(HandshakeResponse.decode, auth_size=32),
+        partial(HandshakeResponse.decode, auth_size=3309),
     )
     for decoder in decoders:
         with contextlib.suppress(RemoteProtocolError):

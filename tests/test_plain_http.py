@@ -1,4 +1,4 @@
-"""The API server's fast path (``qkdd.etsi014.plain_http``): a plain request is read as h11
+"""The API server's fast path (``qkdd.http_server.plain_http``): a plain request is read as h11
 reads it, anything else is left to h11, and answers are written byte for byte as h11 writes
 them; then the same through the server on a real Unix socket, where requests read either way
 share one connection."""
@@ -17,17 +17,11 @@ from hypothesis import strategies as st
 from test_etsi014_server import BOTH, A, B, parse_responses, raw
 from timeouts import timeout
 
-from qkdd.etsi014.handler import (
-    ApiRequest,
-    ApiResponse,
-    Caller,
-    RequestHandler,
-    Streamed,
-    error_response,
-)
-from qkdd.etsi014.plain_http import PlainResponses, parse_plain, reason
-from qkdd.etsi014.pool import MemoryKeyPool
-from qkdd.etsi014.server import serve_unix
+from qkdd.etsi014.handler import RequestHandler
+from qkdd.etsi014.memory_pool import MemoryKeyPool
+from qkdd.http_server.exchange import ApiRequest, ApiResponse, Caller, Streamed, error_response
+from qkdd.http_server.plain_http import PlainResponses, parse_plain, reason
+from qkdd.http_server.unix_socket import serve_unix
 
 MAX_HEAD = 8 * 1024
 

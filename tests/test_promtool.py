@@ -24,7 +24,7 @@ from timeouts import timeout
 
 from qkdd.demo import prepare_directory
 from qkdd.demo_sites import SITE_B
-from qkdd.etsi014.handler import ApiRequest, ApiResponse
+from qkdd.http_server.exchange import ApiRequest, ApiResponse
 from qkdd.keystore import KeyStore, StoredQkdKey
 from qkdd.metrics import SiteMetrics
 from qkdd.quota import QuotaState

@@ -19,8 +19,8 @@ SERVER = """
 import sys
 import trio
 from qkdd.etsi014.handler import RequestHandler
-from qkdd.etsi014.pool import MemoryKeyPool
-from qkdd.etsi014.server import serve_unix
+from qkdd.etsi014.memory_pool import MemoryKeyPool
+from qkdd.http_server.unix_socket import serve_unix
 
 path = sys.argv[1]
 grant = frozenset(["SAE-A", "SAE-B"])

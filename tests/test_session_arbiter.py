@@ -23,7 +23,7 @@ from qkdd.peer.arbiter import (
     MASTER_DIAL_WON,
     AbandonDial,
     Action,
-    Close,
+    CloseSession,
     Origin,
     Run,
     SessionArbiter,
@@ -76,7 +76,7 @@ def runs(actions: list[Action]) -> list[int]:
 
 
 def closes(actions: list[Action]) -> dict[int, str]:
-    return {a.token: a.reason for a in actions if isinstance(a, Close)}
+    return {a.token: a.reason for a in actions if isinstance(a, CloseSession)}
 
 
 def test_both_handshakes_complete_the_masters_dial_wins_at_both_ends_in_either_order() -> None:
@@ -120,7 +120,7 @@ def test_the_masters_dial_wins_over_a_waiting_slave_dial() -> None:
     master.dial_started()
     master.dial_handshaking()
     master.completed(2, PEERS, master.hello_answered())
-    assert master.completed(1, OURS) == [Close(2, MASTER_DIAL_WON), Run(1)]
+    assert master.completed(1, OURS) == [CloseSession(2, MASTER_DIAL_WON), Run(1)]
 
 
 def test_a_crossing_slave_dial_never_tears_down_the_running_session() -> None:
@@ -130,14 +130,14 @@ def test_a_crossing_slave_dial_never_tears_down_the_running_session() -> None:
     mark = master.hello_answered()  # the slave's HELLO was answered first...
     assert master.completed(1, OURS) == [Run(1)]  # ...the master's own dial completed
     master.heard(1)  # the slave took session 1 up, after its own dial's RESPONSE
-    assert master.completed(2, PEERS, mark) == [Close(2, CROSSED)]
+    assert master.completed(2, PEERS, mark) == [CloseSession(2, CROSSED)]
     assert master.running == 1
     # Heard only later: the waiting session is closed then.
     master = SessionArbiter(True)
     master.completed(1, OURS)
     mark = master.hello_answered()
     assert master.completed(2, PEERS, mark) == []
-    assert master.heard(1) == [Close(2, CROSSED)]
+    assert master.heard(1) == [CloseSession(2, CROSSED)]
     assert master.running == 1 and not master.waiting(2)
 
 
@@ -150,7 +150,7 @@ def test_a_restarted_slaves_dial_runs_once_the_old_session_is_gone() -> None:
     assert master.ended(1) == [Run(2)]
     # A session the slave dialled is replaced at once by its next dial.
     assert master.completed(3, PEERS, master.hello_answered()) == [
-        Close(2, "a newer session with the peer was taken up", used=True),
+        CloseSession(2, "a newer session with the peer was taken up", used=True),
         Run(3),
     ]
 
@@ -176,7 +176,7 @@ def test_the_slave_follows_the_master_and_never_speaks_first() -> None:
     # A restarted master's new session replaces the running one when the master speaks.
     assert slave.completed(6, PEERS) == []
     assert slave.heard(5) == []
-    assert slave.heard(6) == [Close(5, MASTER_CHOSE_OTHER, used=True), Run(6)]
+    assert slave.heard(6) == [CloseSession(5, MASTER_CHOSE_OTHER, used=True), Run(6)]
 
 
 # -- both ends over a simulated network ----------------------------------------------------
@@ -257,7 +257,7 @@ class Simulation:
                 site.heard_at[action.token] = self.now
                 site.taken_up.add(action.token)
                 self.speak(site, self.conns[action.token])
-            elif isinstance(action, Close):
+            elif isinstance(action, CloseSession):
                 self.close(site, self.conns[action.token])
             elif site.attempt is not None:  # AbandonDial: the attempt's scope is cancelled
                 self.close(site, site.attempt)

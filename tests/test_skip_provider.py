@@ -10,8 +10,9 @@ import uuid
 import pytest
 import trio
 
-from qkdd.etsi014.handler import ApiRequest, ApiResponse, Caller, Deferred
-from qkdd.etsi014.pool import KeyServiceError, MemoryKeyPool
+from qkdd.etsi014.key_pool import KeyServiceError
+from qkdd.etsi014.memory_pool import MemoryKeyPool
+from qkdd.http_server.exchange import ApiRequest, ApiResponse, Caller, Deferred
 from qkdd.skip.provider import SkipProvider, key_id_from_skip, skip_key_id
 
 ROUTER_A = Caller(None, None, frozenset({"sae-a"}), description="client certificate 'router-a'")

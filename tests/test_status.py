@@ -24,8 +24,9 @@ from qkdd.client import BlockingKeyClient
 from qkdd.ctl import main, render_site_status
 from qkdd.demo import exchange_keys, running_demo, wait_for_keys
 from qkdd.demo_sites import SITE_A, SITE_B
-from qkdd.etsi014.handler import ApiRequest, Caller, RequestHandler
-from qkdd.etsi014.pool import MemoryKeyPool
+from qkdd.etsi014.handler import RequestHandler
+from qkdd.etsi014.memory_pool import MemoryKeyPool
+from qkdd.http_server.exchange import ApiRequest, Caller
 from qkdd.keystore import KeyStore, StoredQkdKey
 from qkdd.link_params import LinkParameters
 from qkdd.status import MAX_MESSAGE_CHARS, RecentErrors, site_status

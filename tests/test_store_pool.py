@@ -14,12 +14,13 @@ from key_blocks import ids_of, materials_of, random_block
 from qkdd.config import ConsumerConfig, SiteConfig, load_config
 from qkdd.demo import prepare_directory
 from qkdd.demo_sites import SITE_A, SITE_B
-from qkdd.etsi014.handler import ApiRequest, ApiResponse, Caller, RequestHandler
-from qkdd.etsi014.pool import InvalidKeyRequest, KeysUnavailable, UnknownKeys
+from qkdd.etsi014.handler import RequestHandler
+from qkdd.etsi014.key_pool import InvalidKeyRequest, KeysUnavailable, UnknownKeys
+from qkdd.http_server.exchange import ApiRequest, ApiResponse, Caller
 from qkdd.keystore import HybridKey, KeyStore
 from qkdd.peer.calls import CallKind, CallRefused, KeyAssign
-from qkdd.pool import StoreKeyPool
 from qkdd.quota import QuotaBook, QuotaExceeded
+from qkdd.store_pool import StoreKeyPool
 
 KEK = bytes(range(32))
 A_SAE, B_SAE, B2_SAE = SITE_A.sae_id, SITE_B.sae_id, "sae-b2"

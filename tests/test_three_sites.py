@@ -73,7 +73,7 @@ def three_sites(tmp_path):
                 [
                     sys.executable,
                     "-m",
-                    "qkdd_drivers.emulator",
+                    "qkdd_drivers.emulator.command",
                     "pty",
                     "--physics",
                     "random",

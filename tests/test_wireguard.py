@@ -38,13 +38,9 @@ from wg_standin import StandinWg, install_standin, path_with
 from qkdd import labels
 from qkdd.rotation.binding import KeyMaterialError
 from qkdd.rotation.rotator import NotTheDrivingSiteError, PeerUnreachableError
-from qkdd.wireguard import (
-    PskRotator,
-    WgCommandError,
-    WireGuardBinding,
-    WireGuardError,
-    derive_psk,
-)
+from qkdd.wireguard.binding import WireGuardBinding, WireGuardError, derive_psk
+from qkdd.wireguard.rotator import PskRotator
+from qkdd.wireguard.wg_tool import WgCommandError
 
 PUB_A = base64.b64encode(bytes(range(32))).decode()  # site A's WireGuard public key
 PUB_B = base64.b64encode(bytes(range(100, 132))).decode()
@@ -653,14 +649,17 @@ async def test_standin_fail_closed_then_recover(standin_wg, nursery, caplog):
     random_b = standin_wg.installed("wg-b")[-1]
     assert last_fresh not in (random_a, random_b)
     assert standin_wg.installed("wg-a")[-2] == standin_wg.installed("wg-b")[-2] == last_fresh
-
-    pool.add(1)
-    await wait_until(lambda: link.states() == ("fresh", "fresh"))
-    assert standin_wg.installed("wg-a")[-1] == standin_wg.installed("wg-b")[-1]
-    assert standin_wg.installed("wg-a")[-1] == pool.key(pool.taken[-1])
     fail_closed = events(caplog, "wireguard_fail_closed")
     assert sorted("interface=wg-a" in line for line in fail_closed) == [False, True]
-    assert len(events(caplog, "wireguard_recovered")) == 2
+    closed_a, closed_b = len(standin_wg.installed("wg-a")), len(standin_wg.installed("wg-b"))
+
+    pool.add(1)
+    # Both sites recover; the one key lasts max_key_age, after which they may fail closed
+    # again, so what is checked is the PSK each installed next, not the state now.
+    await wait_until(lambda: len(events(caplog, "wireguard_recovered")) == 2)
+    recovered = pool.key(pool.taken[-1])
+    assert standin_wg.installed("wg-a")[closed_a] == recovered
+    assert standin_wg.installed("wg-b")[closed_b] == recovered
 
 
 async def test_standin_wg_failing_at_the_peer_keeps_both_sites_on_the_old_key(

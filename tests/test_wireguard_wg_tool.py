@@ -1,4 +1,4 @@
-"""Running wg(8) (``qkdd.wg_tool``): a PSK fed on stdin and never in argv, errors that say
+"""Running wg(8) (``qkdd.wireguard.wg_tool``): a PSK fed on stdin and never in argv, errors that say
 what failed without showing the PSK, and ending a WireGuard session when failing closed
 (reading the peer's settings from `wg show IFACE dump`, and re-creating the peer with them
 and a new PSK in one `wg set`).
@@ -21,7 +21,7 @@ import pytest
 from wg_standin import StandinWg, install_standin, path_with
 
 from qkdd.rotation.binding import KeyMaterialError
-from qkdd.wg_tool import (
+from qkdd.wireguard.wg_tool import (
     PeerSettings,
     WgCommandError,
     WgInstaller,

@@ -15,23 +15,29 @@ service's ETSI Error object, `KeyServiceUnreachable` says why it could not be re
 Why this shape. Applications install the client without the daemon's dependencies, so the
 package needs the standard library only: nothing under `qkdd.client` imports Trio (the Trio
 front end imports it when a `KeyClient` is made), cryptography, pyserial or h11, nor the
-daemon's own modules (only `qkdd.api_paths`, which is constants). The HTTP/1.1 it needs is a
-small subset (one request at a time on a kept-alive connection; Content-Length, chunked and
-read-to-close bodies), written once as a sans-IO state machine in `http` and tested on its
-own, rather than pulling in h11 for it.
+daemon's own modules (only `qkdd.http_server.paths`, which is constants). The HTTP/1.1 it
+needs is a small subset (one request at a time on a kept-alive connection; Content-Length,
+chunked and read-to-close bodies), written once as a sans-IO state machine in `http` and
+tested on its own, rather than pulling in h11 for it.
 
 Everything that is not moving bytes is written once, without I/O: `http` (bytes to events),
-`api` (each call: its signature and docstring, its request, how its answer decodes),
-`endpoint` (where the service is, TLS context, the operator's messages for connection
-failures) and `front`. A blocking and an async method cannot share one body, so the calls
-are not written as methods at all: `front.FrontEnd` lists them once as a table, each entry
-binding a call of `api` to a front end as a plain method (blocking) or a coroutine function
-(asyncio, Trio), with the call's own signature for type checkers. What a call does on a
+`roundtrip` (a request and its whole answer on a kept-alive connection, TLS failures in
+words, the Key container), `api` (each call: its signature and docstring, its request, how
+its answer decodes), `endpoint` (where the service is, TLS context, the operator's messages
+for connection failures) and `front`. A blocking and an async method cannot share one body,
+so the calls are not written as methods at all: `front.FrontEnd` lists them once as a table,
+each entry binding a call of `api` to a front end as a plain method (blocking) or a coroutine
+function (asyncio, Trio), with the call's own signature for type checkers. What a call does on a
 connection (keep it alive, retry once when the service had closed it while idle, abandon it
 after a failure or a cancellation, tell failures in words) is likewise one generator in
-`front` that yields actions (connect, send, receive, close) instead of doing them. The three
-front ends (`blocking`, `asyncio_client`, `trio_client`) carry those actions out and bound
-them in time, and that is all they hold, so they behave alike.
+`roundtrip` that yields actions (connect, send, receive, close) instead of doing them. The
+three front ends (`blocking`, `asyncio_client`, `trio_client`) carry those actions out and
+bound them in time, and that is all they hold, so they behave alike.
+
+The daemon's driver for a KME serving ETSI GS QKD 014 (`qkdd_drivers.kme`) speaks HTTPS
+through `roundtrip` too, with its own words and errors (`roundtrip.Service`): this package
+is the one part of qkdd the drivers import, which is why `roundtrip` and what it imports
+stay free of anything but the standard library and `qkdd.client.http`.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@ how to decode the answer) or a `Stream` (a streamed answer and how each of its o
 decodes), made by a function with the signature and docstring the front ends' method of
 the same name has; and the value types they return (`DeliveredKey`, `Message`).
 
-`Exchange` collects one whole answer from the bytes of a connection, `LineStream` the JSON
-objects of a streamed one (messages, key events); both sit on `qkdd.client.http`. How a
-call runs on a connection is `qkdd.client.front`'s; the front ends (blocking, asyncio,
-Trio) only move bytes.
+`LineStream` collects the JSON objects of a streamed answer (messages, key events) from the
+bytes of a connection, on `qkdd.client.http`; a whole answer is `qkdd.client.roundtrip`'s
+`Exchange`. How a call runs on a connection is `qkdd.client.front`'s; the front ends
+(blocking, asyncio, Trio) only move bytes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
-from qkdd.api_paths import (
+from qkdd.client.endpoint import KEY_SERVICE
+from qkdd.client.errors import BadResponse, KeyServiceClientError
+from qkdd.client.http import ClientConnection, ConnectionClosed, Data, EndOfMessage, Response
+from qkdd.client.roundtrip import json_headers, key_entries, receive_events
+from qkdd.http_server.paths import (
     EVENTS_PATH,
     INBOX_PATH,
     INBOX_PREFIX,
@@ -29,21 +33,9 @@ from qkdd.api_paths import (
     SEND_PREFIX,
     STATUS_PATH,
 )
-from qkdd.client.errors import BadResponse, KeyServiceClientError, KeyServiceUnreachable
-from qkdd.client.http import (
-    ClientConnection,
-    ConnectionClosed,
-    Data,
-    EndOfMessage,
-    Event,
-    HttpProtocolError,
-    Response,
-)
 
-__all__ = ["Call", "DeliveredKey", "Exchange", "LineStream", "Message", "Stream"]
+__all__ = ["Call", "DeliveredKey", "LineStream", "Message", "Stream"]
 
-# A full key container of the largest allowed request stays far below this.
-MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 KEYS_PREFIX = "/api/v1/keys/"
 
 T = TypeVar("T")
@@ -203,13 +195,9 @@ def events(kinds: Sequence[str] = ()) -> Stream[dict[str, Any]]:
     return Stream(target, _as_is)
 
 
-def request_headers(sae_id: str | None, body: bytes | None) -> list[tuple[str, str]]:
-    headers = [("Accept", "application/json")]
-    if sae_id is not None:
-        headers.append(("X-SAE-ID", sae_id))
-    if body is not None:
-        headers.append(("Content-Type", "application/json"))
-    return headers
+def sae_header(sae_id: str | None) -> list[tuple[str, str]]:
+    """The header naming the SAE to act as (`X-SAE-ID`; none when not chosen)."""
+    return [] if sae_id is None else [("X-SAE-ID", sae_id)]
 
 
 def _segment(sae_id: str) -> str:
@@ -253,18 +241,8 @@ def _decode_nothing(status: int, body: bytes) -> None:
 
 
 def _decode_keys(status: int, body: bytes) -> list[DeliveredKey]:
-    obj = decode_json(status, body)
-    try:
-        keys = [
-            DeliveredKey(str(entry["key_ID"]), base64.b64decode(entry["key"], validate=True))
-            for entry in obj["keys"]
-        ]
-    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
-        # Name the problem, never the material.
-        raise BadResponse(
-            f"the key service sent a malformed key container ({type(exc).__name__})"
-        ) from None
-    return keys
+    entries = key_entries(decode_json(status, body), KEY_SERVICE)
+    return [DeliveredKey(str(key_id), material) for key_id, material in entries]
 
 
 def _decode_message_id(status: int, body: bytes) -> str:
@@ -299,59 +277,7 @@ def _decode_first_message(status: int, body: bytes) -> Message | None:
     return message_from(found[0]) if found else None
 
 
-# -- whole answers and streamed ones --------------------------------------------------------
-
-
-def _events(http: ClientConnection, data: bytes) -> list[Event]:
-    try:
-        return http.receive(data)
-    except HttpProtocolError as exc:
-        raise BadResponse(f"malformed HTTP from the key service: {exc}") from None
-
-
-class Exchange:
-    """One kept-alive connection's requests and their whole answers, without I/O."""
-
-    def __init__(self, host: str, max_body: int = MAX_RESPONSE_BYTES) -> None:
-        self.http = ClientConnection(host)
-        self.max_body = max_body
-        self._status = 0
-        self._body = bytearray()
-
-    @property
-    def used(self) -> bool:
-        """A request went out on this connection (so it may have gone stale since)."""
-        return self.http.used
-
-    def request(self, method: str, target: str, body: bytes | None, sae_id: str | None) -> bytes:
-        self._status, self._body = 0, bytearray()
-        headers = request_headers(sae_id, body)
-        return self.http.send_request(method, target, headers, body)
-
-    def receive(self, data: bytes) -> tuple[int, bytes] | None:
-        """Feed received bytes (b"" at EOF); the (status, body) once the answer is whole.
-        KeyServiceUnreachable if the connection ends first, BadResponse for bytes that are
-        not HTTP or an answer over the size limit."""
-        for event in _events(self.http, data):
-            if isinstance(event, Response):
-                self._status = event.status
-            elif isinstance(event, Data):
-                self._body += event.data
-                if len(self._body) > self.max_body:
-                    raise BadResponse(f"the key service's answer is over {self.max_body} bytes")
-            elif isinstance(event, EndOfMessage):
-                return self._status, bytes(self._body)
-            elif isinstance(event, ConnectionClosed):
-                if self._status == 0:
-                    raise KeyServiceUnreachable(
-                        "the key service closed the connection before answering"
-                    )
-                raise KeyServiceUnreachable("the key service closed the connection mid-answer")
-        return None
-
-    def next_cycle(self) -> bool:
-        """Ready for another request on this connection; False if it must be closed."""
-        return self.http.next_cycle()
+# -- streamed answers ----------------------------------------------------------------------
 
 
 class LineStream:
@@ -360,7 +286,7 @@ class LineStream:
     `ended` turns true when the stream is over; the front ends then raise
     `KeyServiceUnreachable` (the service went away or closed the stream)."""
 
-    def __init__(self, host: str, max_line: int = MAX_RESPONSE_BYTES) -> None:
+    def __init__(self, host: str, max_line: int = KEY_SERVICE.max_answer_bytes) -> None:
         self.http = ClientConnection(host)
         self.max_line = max_line
         self.ended = False
@@ -369,12 +295,12 @@ class LineStream:
         self._error = bytearray()
 
     def request(self, target: str, sae_id: str | None) -> bytes:
-        return self.http.send_request("GET", target, request_headers(sae_id, None))
+        return self.http.send_request("GET", target, json_headers(None, sae_header(sae_id)))
 
     def receive(self, data: bytes) -> list[dict[str, Any]]:
         """The objects complete so far; a non-200 answer raises its KeyServiceClientError."""
         out: list[dict[str, Any]] = []
-        for event in _events(self.http, data):
+        for event in receive_events(self.http, data, KEY_SERVICE):
             if isinstance(event, Response):
                 self._status = event.status
             elif isinstance(event, Data):

@@ -41,7 +41,7 @@ class AsyncioKeyClient(AsyncFrontEnd[_Connection]):
     async def _run(self, call: Call[T]) -> T:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            connection = self._forget()
+            connection = self._kept.forget()
             if connection is not None and self._loop is not None and self._loop.is_closed():
                 # Its transport belongs to the other loop: closed with it, or left to it.
                 _abort(connection[1])

@@ -28,8 +28,8 @@ class BlockingKeyClient(SyncFrontEnd[socket.socket]):
 
     def _run(self, call: Call[T]) -> T:
         self._seconds = seconds = self.timeout + call.extra_time
-        if self._kept is not None:
-            self._kept[0].settimeout(seconds)
+        if (kept := self._kept.connection) is not None:
+            kept.settimeout(seconds)
         try:
             return self._drive(self._call_plan(call))
         except TimeoutError as exc:

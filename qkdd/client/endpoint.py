@@ -1,21 +1,38 @@
 """Where the key service is (`Endpoint`: a Unix socket path, or a TLS host and port with the
-client's TLS context), and what a failed connection is told as: the messages an operator
+client's TLS context), who answers there (`KEY_SERVICE`: its name and errors for
+`qkdd.client.roundtrip`), and what a failed connection is told as: the messages an operator
 sees when the socket is missing, refused, not permitted, or TLS fails. No I/O here; `ssl`
-and `socket` only for the context and the exception types.
+only for the context.
 """
 
 from __future__ import annotations
 
-import socket
 import ssl
 from dataclasses import dataclass
 
-from qkdd.client.errors import ClientError, KeyServiceUnreachable
+from qkdd.client.errors import BadResponse, ClientError, KeyServiceUnreachable
+from qkdd.client.roundtrip import Service, connect_reason, first_failure, tls_reason
 
-__all__ = ["DEFAULT_TIMEOUT", "Endpoint", "client_ssl_context"]
+__all__ = ["DEFAULT_TIMEOUT", "KEY_SERVICE", "Endpoint", "client_ssl_context"]
 
 DEFAULT_TIMEOUT = 10.0
 RECEIVE_SIZE = 64 * 1024
+
+KEY_SERVICE = Service(
+    name="the key service",
+    unreachable=KeyServiceUnreachable,
+    malformed=BadResponse,
+    # A full key container of the largest allowed request stays far below this.
+    max_answer_bytes=16 * 1024 * 1024,
+    untrusted=(
+        "the service's certificate is not trusted ({verify}); check the CA file and that "
+        "the address matches the certificate"
+    ),
+    refused=(
+        "the service refused this client's TLS connection ({reason}); its certificate must "
+        "be issued by the service's client CA, and TLS 1.3 is required"
+    ),
+)
 
 
 def client_ssl_context(
@@ -74,55 +91,24 @@ class Endpoint:
         return self.where.removeprefix("https://")
 
 
-def tls_reason(exc: BaseException) -> str | None:
-    """What went wrong in TLS, told for an operator, if `exc` comes from TLS."""
-    seen: BaseException | None = exc
-    while seen is not None and not isinstance(seen, ssl.SSLError):
-        seen = seen.__cause__ or seen.__context__
-    # A closed connection is not a TLS problem (and a kept-alive one may be retried).
-    if seen is None or isinstance(
-        seen, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError
-    ):
-        return None
-    if isinstance(seen, ssl.SSLCertVerificationError):
-        return (
-            f"the service's certificate is not trusted ({seen.verify_message}); check the CA "
-            "file and that the address matches the certificate"
-        )
-    reason = seen.reason or str(seen)
-    if "ALERT" in reason.upper():
-        return (
-            f"the service refused this client's TLS connection ({reason}); its certificate "
-            "must be issued by the service's client CA, and TLS 1.3 is required"
-        )
-    return f"TLS failed ({reason})"
-
-
 def failed(where: str, exc: BaseException) -> KeyServiceUnreachable:
     """An established connection failed (or the service closed it)."""
-    return KeyServiceUnreachable(f"connection to {where} failed: {tls_reason(exc) or exc}")
+    why = tls_reason(exc, KEY_SERVICE) or exc
+    return KeyServiceUnreachable(f"connection to {where} failed: {why}")
 
 
 def unreachable(where: str, exc: OSError) -> KeyServiceUnreachable:
     """Connecting (or the TLS handshake) failed: why, in words for an operator."""
-    # Some event loops report a failed connect as one OSError caused by a group of the
-    # failures of each address tried; the first of those says what happened.
-    group = exc.__cause__
-    if isinstance(group, BaseExceptionGroup) and isinstance(group.exceptions[0], OSError):
-        exc = group.exceptions[0]
-    tls = tls_reason(exc)
+    exc = first_failure(exc)
+    tls = tls_reason(exc, KEY_SERVICE)
     if tls is not None:
         return KeyServiceUnreachable(f"cannot reach the key service at {where}: {tls}")
     if where.startswith("https://"):
-        if isinstance(exc, ConnectionRefusedError):
-            why = (
-                "connection refused; is qkdd running with its TLS API listening on this "
-                "address and port?"
-            )
-        elif isinstance(exc, socket.gaierror):
-            why = f"cannot resolve the host name ({exc.strerror or exc})"
-        else:
-            why = exc.strerror or str(exc)
+        why = connect_reason(
+            exc,
+            refused="connection refused; is qkdd running with its TLS API listening on this "
+            "address and port?",
+        )
     elif isinstance(exc, FileNotFoundError):
         why = "no such socket; is qkdd running, and is this the configured API socket?"
     elif isinstance(exc, PermissionError):

@@ -6,98 +6,42 @@ same name, signature and docstring; on a `SyncFrontEnd` it returns the value, on
 `AsyncFrontEnd` it is a coroutine function, and a stream (`messages`, `events`) is an
 iterator or an async iterator.
 
-How a call runs is a plan, without I/O: a generator that yields the actions `Connect`,
-`Send`, `Receive` and `Close`, is sent what each gave (the new connection, the bytes
-received) or thrown what it raised, and returns the call's value. The plan keeps one
-HTTP/1.1 connection alive between calls, retries once on a new connection when the service
-had closed the kept one before reading the request (its idle timeout: nothing was processed),
-and abandons the connection after a failure or a cancellation. A front end carries the
-actions out (`_connect`, `_send`, `_receive`, `_close`) and bounds them in time (`_run`,
-`_open_stream`); that is all that differs between the three.
+How a call runs is a plan, without I/O (`qkdd.client.roundtrip.KeptConnection`): a
+generator that yields the actions `Connect`, `Send`, `Receive` and `Close`, is sent what
+each gave (the new connection, the bytes received) or thrown what it raised, and returns
+the answer, which the call decodes. The plan keeps one HTTP/1.1 connection alive between
+calls, retries once on a new connection when the service had closed the kept one before
+reading the request, and abandons the connection after a failure or a cancellation. A
+front end carries the actions out (`_connect`, `_send`, `_receive`, `_close`) and bounds
+them in time (`_run`, `_open_stream`); that is all that differs between the three.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Generic, ParamSpec, Self, TypeVar, overload
 
 from qkdd.client import api
-from qkdd.client.api import Call, Exchange, LineStream, Stream
-from qkdd.client.endpoint import (
-    DEFAULT_TIMEOUT,
-    Endpoint,
-    client_ssl_context,
-    failed,
-    tls_reason,
-)
+from qkdd.client.api import Call, LineStream, Stream, sae_header
+from qkdd.client.endpoint import DEFAULT_TIMEOUT, KEY_SERVICE, Endpoint, client_ssl_context, failed
 from qkdd.client.errors import ClientError, KeyServiceUnreachable
+from qkdd.client.roundtrip import (
+    Action,
+    Close,
+    KeptConnection,
+    Plan,
+    Receive,
+    Send,
+    drive,
+    drive_async,
+)
 
 __all__ = ["AsyncFrontEnd", "FrontEnd", "SyncFrontEnd"]
 
 C = TypeVar("C")  # a front end's connection: a socket, a pair of asyncio streams, a Trio stream
 T = TypeVar("T")
 P = ParamSpec("P")
-
-
-# -- actions --------------------------------------------------------------------------------
-
-
-class Connect:
-    """Open a new connection; the plan is sent it."""
-
-
-CONNECT = Connect()
-
-
-@dataclass(frozen=True, slots=True)
-class Send(Generic[C]):
-    """Send all of `data` on `connection`."""
-
-    connection: C
-    data: bytes = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Receive(Generic[C]):
-    """Receive what comes next on `connection` (b"" at its end); the plan is sent it."""
-
-    connection: C
-
-
-@dataclass(frozen=True, slots=True)
-class Close(Generic[C]):
-    """Close `connection`: cleanly, or at once (`abort`, after a failure or a cancellation)."""
-
-    connection: C
-    abort: bool
-
-
-Action = Connect | Send[Any] | Receive[Any] | Close[Any]
-Plan = Generator[Action, Any, T]
-
-
-class Steps(Generic[T]):
-    """Carries a plan forward for a driver: `next()` is the action to carry out (None once
-    the plan returned `result`); what the action gave goes in `sent`, or what it raised in
-    `thrown`."""
-
-    def __init__(self, plan: Plan[T]) -> None:
-        self._plan = plan
-        self.sent: Any = None
-        self.thrown: BaseException | None = None
-
-    def next(self) -> Action | None:
-        try:
-            if self.thrown is not None:
-                thrown, self.thrown = self.thrown, None
-                return self._plan.throw(thrown)
-            sent, self.sent = self.sent, None
-            return self._plan.send(sent)
-        except StopIteration as done:
-            self.result: T = done.value
-            return None
 
 
 # -- the calls as methods -------------------------------------------------------------------
@@ -198,52 +142,27 @@ class FrontEnd(Generic[C]):
         self.socket_path = endpoint.socket_path
         self.sae_id = sae_id
         self.timeout = timeout
-        # The kept-alive connection and its HTTP state; None when there is none.
-        self._kept: tuple[C, Exchange] | None = None
+        # The connection kept alive between calls, and its HTTP state.
+        self._kept: KeptConnection[C] = KeptConnection(
+            endpoint.host_header,
+            KEY_SERVICE,
+            self._connection_failed,
+            lambda exc: failed(endpoint.where, exc),
+        )
 
     def _no_answer(self, seconds: float) -> KeyServiceUnreachable:
         return KeyServiceUnreachable(
             f"no answer from the key service at {self._endpoint.where} within {seconds:g} s"
         )
 
-    def _forget(self) -> C | None:
-        """The kept-alive connection, which is no longer kept (None if there was none)."""
-        kept, self._kept = self._kept, None
-        return None if kept is None else kept[0]
-
     # -- plans ------------------------------------------------------------------------------
 
     def _call_plan(self, call: Call[T]) -> Plan[T]:
         """`call` on the kept-alive connection (a new one if there is none): its value."""
-        while True:
-            if self._kept is None:
-                self._kept = (yield CONNECT), Exchange(self._endpoint.host_header)
-            connection, exchange = self._kept
-            reused, got_bytes = exchange.used, False
-            try:
-                yield Send(
-                    connection, exchange.request(call.method, call.target, call.body, self.sae_id)
-                )
-                answer = None
-                while answer is None:
-                    data = yield Receive(connection)
-                    got_bytes = got_bytes or bool(data)
-                    answer = exchange.receive(data)
-            except BaseException as exc:  # failed, cancelled, timed out, or a bad answer
-                self._forget()
-                yield Close(connection, abort=True)
-                if not self._connection_failed(exc):
-                    raise
-                if reused and not got_bytes and tls_reason(exc) is None:
-                    # The service closed the kept-alive connection before reading this
-                    # request (idle timeout); nothing was processed: one retry is safe (a
-                    # new connection is not reused, so there is no second).
-                    continue
-                raise failed(self._endpoint.where, exc) from exc
-            if not exchange.next_cycle():
-                self._forget()
-                yield Close(connection, abort=False)
-            return call.decode(*answer)
+        answer = yield from self._kept.call(
+            call.method, call.target, call.body, sae_header(self.sae_id)
+        )
+        return call.decode(*answer)
 
     def _operation(self, action: Action) -> Callable[[], Any]:
         """The front end's method that carries `action` out (for an `AsyncFrontEnd`, its
@@ -297,7 +216,7 @@ class SyncFrontEnd(FrontEnd[C]):
         self.close()
 
     def close(self) -> None:
-        connection = self._forget()
+        connection = self._kept.forget()
         if connection is not None:
             self._close(connection, abort=False)
 
@@ -314,13 +233,7 @@ class SyncFrontEnd(FrontEnd[C]):
         return method
 
     def _drive(self, plan: Plan[T]) -> T:
-        steps = Steps(plan)
-        while (action := steps.next()) is not None:
-            try:
-                steps.sent = self._act(action)
-            except BaseException as exc:
-                steps.thrown = exc
-        return steps.result
+        return drive(plan, self._act)
 
     def _stream(self, stream: Stream[T]) -> Iterator[T]:
         connection = self._open_stream()
@@ -367,7 +280,7 @@ class AsyncFrontEnd(FrontEnd[C]):
         await self.aclose()
 
     async def aclose(self) -> None:
-        connection = self._forget()
+        connection = self._kept.forget()
         if connection is not None:
             await self._close(connection, abort=False)
 
@@ -384,13 +297,7 @@ class AsyncFrontEnd(FrontEnd[C]):
         return method
 
     async def _drive(self, plan: Plan[T]) -> T:
-        steps = Steps(plan)
-        while (action := steps.next()) is not None:
-            try:
-                steps.sent = await self._act(action)
-            except BaseException as exc:
-                steps.thrown = exc
-        return steps.result
+        return await drive_async(plan, self._act)
 
     async def _stream(self, stream: Stream[T]) -> AsyncIterator[T]:
         connection = await self._open_stream()

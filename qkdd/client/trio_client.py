@@ -12,14 +12,17 @@ import contextlib
 from typing import TYPE_CHECKING, TypeVar
 
 from qkdd.client.api import Call
-from qkdd.client.endpoint import RECEIVE_SIZE, Endpoint, tls_reason, unreachable
+from qkdd.client.endpoint import KEY_SERVICE, RECEIVE_SIZE, Endpoint, unreachable
 from qkdd.client.errors import KeyServiceUnreachable
 from qkdd.client.front import AsyncFrontEnd
+from qkdd.client.roundtrip import tls_reason
 
 if TYPE_CHECKING:
+    import ssl
+
     import trio
 
-__all__ = ["KeyClient", "TrioKeyClient"]
+__all__ = ["KeyClient", "TrioKeyClient", "open_tls_stream"]
 
 T = TypeVar("T")
 
@@ -54,28 +57,20 @@ class KeyClient(AsyncFrontEnd["trio.abc.Stream"]):
                 return await trio.open_unix_socket(endpoint.socket_path)
             except OSError as exc:
                 raise unreachable(endpoint.where, exc) from None
+        assert endpoint.ssl_context is not None
         try:
-            tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+            return await open_tls_stream(
+                endpoint.host, endpoint.port, endpoint.ssl_context, endpoint.server_hostname
+            )
         except OSError as exc:
             raise unreachable(endpoint.where, exc) from None
-        stream = trio.SSLStream(
-            tcp,
-            endpoint.ssl_context,
-            server_hostname=endpoint.server_hostname,
-            https_compatible=True,
-        )
-        try:
-            await stream.do_handshake()
         except trio.BrokenResourceError as exc:
-            await trio.aclose_forcefully(tcp)
-            why = tls_reason(exc) or f"the TLS handshake failed: {exc.__cause__ or exc}"
+            why = (
+                tls_reason(exc, KEY_SERVICE) or f"the TLS handshake failed: {exc.__cause__ or exc}"
+            )
             raise KeyServiceUnreachable(
                 f"cannot reach the key service at {endpoint.where}: {why}"
             ) from exc
-        except BaseException:
-            await trio.aclose_forcefully(tcp)
-            raise
-        return stream
 
     async def _send(self, connection: trio.abc.Stream, data: bytes) -> None:
         await connection.send_all(data)
@@ -93,3 +88,22 @@ class KeyClient(AsyncFrontEnd["trio.abc.Stream"]):
 
 
 TrioKeyClient = KeyClient
+
+
+async def open_tls_stream(
+    host: str, port: int, context: ssl.SSLContext, server_hostname: str | None
+) -> trio.SSLStream[trio.SocketStream]:
+    """A TCP connection to `host`:`port` with its TLS handshake done. Raises OSError when
+    connecting fails, trio.BrokenResourceError when the handshake does (the TCP connection
+    closed again)."""
+    import trio
+
+    tcp = await trio.open_tcp_stream(host, port)
+    # https_compatible: HTTP servers commonly close without close_notify.
+    stream = trio.SSLStream(tcp, context, server_hostname=server_hostname, https_compatible=True)
+    try:
+        await stream.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
+    return stream

@@ -138,8 +138,14 @@ def new_signature_seed() -> bytes:
 class X25519KeyPair:
     """An ephemeral X25519 key share."""
 
-    def __init__(self) -> None:
-        self._private = X25519PrivateKey.generate()
+    def __init__(self, private_bytes: bytes | None = None) -> None:
+        # A given private key only where a recorded transcript is replayed.
+        if private_bytes is None:
+            self._private = X25519PrivateKey.generate()
+        elif len(private_bytes) != X25519_KEY_SIZE:
+            raise CryptoError("X25519 private key must be 32 bytes")
+        else:
+            self._private = X25519PrivateKey.from_private_bytes(private_bytes)
         self.public_bytes = self._private.public_key().public_bytes_raw()
 
     def exchange(self, peer_public: bytes) -> bytes:

@@ -1,31 +1,27 @@
-"""The ETSI GS QKD 014 v1.1.1 key-delivery API for local applications (SAEs).
-
-`pool` defines what the API needs from the key store, `handler` answers requests without I/O,
-`server` serves them over HTTP/1.1 on a Unix socket and `tls` over HTTPS; `limits` and
-`accept` keep their connections below the file-descriptor limit. The servers are not
-imported here so that clients importing this package do not pay for Trio.
+"""The ETSI GS QKD 014 v1.1.1 key-delivery API for local applications (SAEs), the standard
+alone: `key_pool` defines what the API needs from the key store, `memory_pool` is a pool held
+in memory, `handler` answers requests without I/O, and `hand_outs` gathers the hand-outs of
+requests ready at the same moment into one store transaction (with Trio). HTTP (the servers,
+TLS, connection caps) belongs to `qkdd.http_server`. Importing this package loads no Trio.
 """
 
-from qkdd.etsi014.handler import ApiRequest, ApiResponse, Caller, RequestHandler
-from qkdd.etsi014.pool import (
-    DeliveredKey,
+from qkdd.etsi014.handler import RequestHandler
+from qkdd.etsi014.key_pool import (
     KeyPool,
     KeyServiceError,
     KeysUnavailable,
-    MemoryKeyPool,
+    PoolKey,
     PoolStatus,
     UnknownKeys,
 )
+from qkdd.etsi014.memory_pool import MemoryKeyPool
 
 __all__ = [
-    "ApiRequest",
-    "ApiResponse",
-    "Caller",
-    "DeliveredKey",
     "KeyPool",
     "KeyServiceError",
     "KeysUnavailable",
     "MemoryKeyPool",
+    "PoolKey",
     "PoolStatus",
     "RequestHandler",
     "UnknownKeys",

@@ -1,9 +1,9 @@
 """ETSI GS QKD 014 v1.1.1 request handling, without I/O: an `ApiRequest` and the `Caller` who
-sent it go in, an `ApiResponse` comes out.
+sent it go in, an answer comes out (the types are `qkdd.http_server.exchange`'s).
 
 Owns routing, the caller's SAE identity, validation of the standard's Key request and Key IDs
 objects and of query parameters, and the mapping of pool errors to the standard's status codes
-(400, 401, 503) and Error object. HTTP framing belongs to `qkdd.etsi014.server`.
+(400, 401, 503) and Error object. HTTP framing belongs to `qkdd.http_server`.
 
 Paths under `EXTENSION_PREFIX` are not ETSI: they go to the `extensions` the handler was
 given (the daemon's own routes), matched by the longest registered path prefix ending in "/"
@@ -19,24 +19,40 @@ standard's codes exactly as the immediate ones do.
 from __future__ import annotations
 
 import functools
-import json
 import re
 import uuid
 from binascii import b2a_base64
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Final, NamedTuple, NoReturn
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any, Final, NamedTuple
+from urllib.parse import parse_qs, unquote
 
-from qkdd.etsi014.pool import (
-    DeliveredKey,
+from qkdd.etsi014.key_pool import (
     HandOuts,
     InvalidKeyRequest,
     KeyPool,
     KeyServiceError,
     KeysUnavailable,
+    PoolKey,
     UnknownKeys,
+)
+from qkdd.http_server.exchange import (
+    JSON_HEADERS,
+    Answer,
+    ApiRequest,
+    ApiResponse,
+    Caller,
+    Deferred,
+    Extension,
+    MethodNotAllowed,
+    Reject,
+    answer_or_error,
+    dump_json,
+    error_response,
+    json_object,
+    reject,
+    rejection_response,
+    split_target,
 )
 
 API_PREFIX = "/api/v1/keys/"
@@ -45,12 +61,6 @@ EXTENSION_PREFIX = "/qkdd/"
 SAE_HEADER = "x-sae-id"
 # At most this many additional slave SAEs per key request (the Status max_SAE_ID_COUNT).
 MAX_SAE_ID_COUNT = 8
-
-JSON_HEADERS: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
-
-# What a request target's path and query may hold (RFC 3986 pchar, "/" and "?"): anything
-# else, e.g. a bare "[" or a space, makes the target malformed.
-_TARGET_CHARS = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
 
 # Key IDs that are their own JSON text between quotes (joined by commas).
 _PLAIN_IDS: Final = re.compile(r"[-0-9A-Za-z.:_~,]*")
@@ -64,130 +74,11 @@ _ROUTES: dict[str, tuple[str, ...]] = {
 }
 
 
-@dataclass(frozen=True)
-class Caller:
-    """Who is on the other end of the socket: credentials and the SAE IDs it may act as.
-
-    ``description`` names the caller in answers when it is not a local user known by uid
-    (e.g. "client certificate with subject 'CN=app'"), and ``mapping_hint`` says how the
-    operator grants it an SAE."""
-
-    uid: int | None
-    gid: int | None
-    sae_ids: frozenset[str]
-    description: str = ""
-    mapping_hint: str = ""
-
-    def describe(self) -> str:
-        return self.description or f"local user (uid {self.uid}, gid {self.gid})"
-
-    def how_to_map(self) -> str:
-        return self.mapping_hint or "map it to an SAE in the daemon's configuration"
-
-
-@dataclass(frozen=True)
-class ApiRequest:
-    method: str
-    target: str
-    headers: tuple[tuple[str, str], ...] = ()  # names in lower case
-    body: bytes = b""
-
-    def header_values(self, name: str) -> list[str]:
-        return [value for key, value in self.headers if key == name]
-
-
-@dataclass(frozen=True)
-class ApiResponse:
-    status: int
-    headers: tuple[tuple[str, str], ...]
-    body: bytes
-    # One-line outcome for the access log: SAE IDs, key IDs, error messages; never key material.
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class Deferred:
-    """An answer that needs I/O before it exists: the server awaits ``complete()``.
-
-    ``shielded`` work (it may hand keys out) runs to its end even when the daemon stops, so
-    its answer is not lost; unshielded work (e.g. waiting for a message to arrive) is simply
-    abandoned."""
-
-    complete: Callable[[], Awaitable[ApiResponse]]
-    shielded: bool = True
-
-
-@dataclass(frozen=True)
-class Streamed:
-    """An answer whose body is produced over time and sent chunked as it comes; it ends
-    when ``chunks`` ends (or the client goes away)."""
-
-    status: int
-    headers: tuple[tuple[str, str], ...]
-    chunks: Callable[[], AsyncIterator[bytes]]
-    note: str = ""
-
-
-Answer = ApiResponse | Deferred | Streamed
-
-# A route outside the standard: the request and its caller in, an answer out.
-Extension = Callable[[ApiRequest, Caller], Answer]
-
-
-class _Reject(Exception):
-    """Ends handling of one request with an ETSI Error object."""
-
-    def __init__(self, status: int, message: str, details: Sequence[dict[str, Any]] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.details = list(details)
-
-
-def _reject(status: int, message: str, *details: dict[str, Any]) -> NoReturn:
-    raise _Reject(status, message, details)
-
-
-def error_response(
-    status: int,
-    message: str,
-    details: Sequence[dict[str, Any]] = (),
-    headers: tuple[tuple[str, str], ...] = (),
-) -> ApiResponse:
-    """The standard's Error object: {"message": ..., "details": [...]}."""
-    body = _dump({"message": message, "details": list(details)})
-    return ApiResponse(status, JSON_HEADERS + headers, body, note=f"message={message!r}")
-
-
-def _dump(obj: object) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
-def _json_object(body: bytes, what: str) -> dict[str, Any]:
-    if not body:
-        _reject(400, f"empty request body; send a JSON {what} object")
-    try:
-        # As json.loads reads bytes, with one decoder for every request.
-        obj = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
-    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-        _reject(400, f"request body is not valid JSON: {exc}")
-    if not isinstance(obj, dict):
-        _reject(400, f"request body must be a JSON {what} object")
-    return obj
-
-
-def _no_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not allowed")
-
-
-_DECODER: Final = json.JSONDecoder(parse_constant=_no_constant)
-
-
 def _optional_int(obj: dict[str, Any], name: str) -> int | None:
     value = obj.get(name)
     # bool is an int in Python but not in JSON.
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        _reject(400, f"{name} must be an integer", {name: value})
+        reject(400, f"{name} must be an integer", {name: value})
     return value
 
 
@@ -196,7 +87,7 @@ def _optional_list(obj: dict[str, Any], name: str) -> list[Any]:
     if value is None:
         return []
     if not isinstance(value, list):
-        _reject(400, f"{name} must be an array", {name: value})
+        reject(400, f"{name} must be an array", {name: value})
     return value
 
 
@@ -205,7 +96,7 @@ def _single_query(query: dict[str, list[str]], name: str) -> str | None:
     if values is None:
         return None
     if len(values) != 1:
-        _reject(400, f"query parameter {name} given {len(values)} times; give it once")
+        reject(400, f"query parameter {name} given {len(values)} times; give it once")
     return values[0]
 
 
@@ -214,26 +105,8 @@ def _query_int(query: dict[str, list[str]], name: str) -> int | None:
     if text is None:
         return None
     if not (text.isascii() and text.isdigit()) or len(text) > 9:
-        _reject(400, f"query parameter {name} must be a positive decimal integer", {name: text})
+        reject(400, f"query parameter {name} must be a positive decimal integer", {name: text})
     return int(text)
-
-
-def split_target(target: str) -> tuple[str, str]:
-    """The path and query of an HTTP request target: origin-form ("/path?query") or
-    absolute-form ("http://host/path?query"); 400 when it is neither."""
-    if target.startswith("/"):
-        path, _, query = target.partition("?")
-    else:
-        try:
-            url = urlsplit(target)
-        except ValueError:  # e.g. "http://[" ("Invalid IPv6 URL")
-            _reject(400, "malformed request target")
-        if url.scheme not in ("http", "https") or not url.path.startswith("/") or url.fragment:
-            _reject(400, "malformed request target; send a path such as /api/v1/keys/...")
-        path, query = url.path, url.query
-    if not _TARGET_CHARS.fullmatch(path) or not _TARGET_CHARS.fullmatch(query):
-        _reject(400, "malformed request target; percent-encode characters outside RFC 3986")
-    return path, query
 
 
 class _Target(NamedTuple):
@@ -247,7 +120,7 @@ class _Target(NamedTuple):
 
 
 def _read_target(target: str) -> _Target:
-    """The target's parts; 400 (`_Reject`) when it is malformed. Routing errors that need
+    """The target's parts; 400 (`Reject`) when it is malformed. Routing errors that need
     the method or the caller are left to `RequestHandler._dispatch`."""
     path, raw_query = split_target(target)
     other_sae = operation = None
@@ -260,19 +133,19 @@ def _read_target(target: str) -> _Target:
 
 def _canonical_key_id(value: object) -> str:
     if not isinstance(value, str):
-        _reject(400, "key_ID must be a string", {"key_ID": value})
+        reject(400, "key_ID must be a string", {"key_ID": value})
     try:
         return str(uuid.UUID(value))
     except ValueError:
-        _reject(400, f"key_ID {value!r} is not a UUID", {"key_ID": value})
+        reject(400, f"key_ID {value!r} is not a UUID", {"key_ID": value})
 
 
-def _key_container(keys: Sequence[DeliveredKey]) -> bytes:
+def _key_container(keys: Sequence[PoolKey]) -> bytes:
     """The standard's Key container, {"keys": [{"key_ID": ..., "key": ...}, ...]}, written
     directly: key IDs that need no JSON escaping (UUIDs always) go in as they are."""
     ids = [key.key_id for key in keys]
     if not _PLAIN_IDS.fullmatch(",".join(ids)):
-        return _dump(
+        return dump_json(
             {
                 "keys": [
                     {"key_ID": key.key_id, "key": b2a_base64(key.material, newline=False).decode()}
@@ -331,7 +204,7 @@ class RequestHandler:
             return self.max_body
         try:
             path = self._target(target).path
-        except _Reject:
+        except Reject:
             return self.max_body
         return max(
             [self.max_body]
@@ -344,7 +217,7 @@ class RequestHandler:
         daemon's own routes say 413, as plain HTTP does."""
         try:
             path, _query = split_target(target)
-        except _Reject:
+        except Reject:
             path = ""
         status = 413 if path.startswith(EXTENSION_PREFIX) else 400
         return error_response(status, _body_over(limit))
@@ -357,23 +230,23 @@ class RequestHandler:
         if path.startswith(EXTENSION_PREFIX):
             route = self._extension(path)
             if route is None:
-                _reject(404, f"no such resource {path!r}")
+                reject(404, f"no such resource {path!r}")
             return route(request, caller)
         if not path.startswith(API_PREFIX):
-            _reject(404, f"no such resource {path!r}; the API lives under {API_PREFIX}")
+            reject(404, f"no such resource {path!r}; the API lives under {API_PREFIX}")
         if other_sae is None or operation is None:
-            _reject(404, f"no such resource {path!r}")
+            reject(404, f"no such resource {path!r}")
         allowed = _ROUTES[operation]
         if request.method not in allowed:
-            raise _MethodNotAllowed(allowed)
+            raise MethodNotAllowed(allowed)
         if len(request.body) > self.max_body:
-            _reject(400, _body_over(self.max_body))
+            reject(400, _body_over(self.max_body))
 
         own_sae = caller_sae(request, caller, self.pool.knows_sae)
         if not self.pool.knows_sae(other_sae):
-            _reject(400, f"SAE {other_sae!r} is not known to this KME", {"SAE_ID": other_sae})
+            reject(400, f"SAE {other_sae!r} is not known to this KME", {"SAE_ID": other_sae})
         if other_sae == own_sae:
-            _reject(400, f"SAE {own_sae!r} cannot exchange keys with itself")
+            reject(400, f"SAE {own_sae!r} cannot exchange keys with itself")
 
         if operation == "status":
             return self._status(own_sae, other_sae)
@@ -390,7 +263,7 @@ class RequestHandler:
 
     def _status(self, master: str, slave: str) -> ApiResponse:
         st = self.pool.status(master, slave)
-        body = _dump(
+        body = dump_json(
             {
                 "source_KME_ID": st.source_kme_id,
                 "target_KME_ID": st.target_kme_id,
@@ -421,14 +294,14 @@ class RequestHandler:
             number = _query_int(query, "number")
             size = _query_int(query, "size")
         else:
-            obj = _json_object(request.body, "Key request")
+            obj = json_object(request.body, "Key request")
             number = _optional_int(obj, "number")
             size = _optional_int(obj, "size")
             additional = _optional_list(obj, "additional_slave_SAE_IDs")
             mandatory = _optional_list(obj, "extension_mandatory")
             if mandatory:
                 # No extension is supported, so every mandatory one is unsupported (6.2).
-                _reject(
+                reject(
                     400,
                     "not all extension_mandatory parameters are supported",
                     {"extension_mandatory_unsupported": mandatory},
@@ -439,14 +312,14 @@ class RequestHandler:
         number = 1 if number is None else number
         size = st.key_size if size is None else size
         if not 1 <= number <= st.max_key_per_request:
-            _reject(
+            reject(
                 400,
                 f"number must be between 1 and {st.max_key_per_request}"
                 + _because(st.max_key_per_request_reason),
                 {"number": number},
             )
         if size % 8 or not st.min_key_size <= size <= st.max_key_size:
-            _reject(
+            reject(
                 400,
                 f"size must be a multiple of 8 between {st.min_key_size} and "
                 f"{st.max_key_size} bits",
@@ -454,7 +327,7 @@ class RequestHandler:
             )
         extra = self._additional_slaves(additional, master=master, slave=slave)
 
-        def answer(keys: Sequence[DeliveredKey]) -> ApiResponse:
+        def answer(keys: Sequence[PoolKey]) -> ApiResponse:
             return ApiResponse(
                 200,
                 JSON_HEADERS,
@@ -470,20 +343,20 @@ class RequestHandler:
 
     def _additional_slaves(self, raw: list[Any], *, master: str, slave: str) -> tuple[str, ...]:
         if len(raw) > MAX_SAE_ID_COUNT:
-            _reject(
+            reject(
                 400,
                 f"at most {MAX_SAE_ID_COUNT} additional_slave_SAE_IDs per request",
                 {"count": len(raw)},
             )
         for sae in raw:
             if not isinstance(sae, str):
-                _reject(400, "additional_slave_SAE_IDs must be strings", {"SAE_ID": sae})
+                reject(400, "additional_slave_SAE_IDs must be strings", {"SAE_ID": sae})
             if not self.pool.knows_sae(sae):
-                _reject(400, f"SAE {sae!r} is not known to this KME", {"SAE_ID": sae})
+                reject(400, f"SAE {sae!r} is not known to this KME", {"SAE_ID": sae})
             if sae in (master, slave):
-                _reject(400, f"SAE {sae!r} is already the master or slave of this request")
+                reject(400, f"SAE {sae!r} is already the master or slave of this request")
         if len(set(raw)) != len(raw):
-            _reject(400, "the same SAE is listed twice in additional_slave_SAE_IDs")
+            reject(400, "the same SAE is listed twice in additional_slave_SAE_IDs")
         return tuple(raw)
 
     def _dec_keys(
@@ -492,17 +365,17 @@ class RequestHandler:
         if request.method == "GET":
             key_id = _single_query(query, "key_ID")
             if key_id is None:
-                _reject(400, "query parameter key_ID is required")
+                reject(400, "query parameter key_ID is required")
             raw_ids: list[Any] = [key_id]
         else:
-            obj = _json_object(request.body, "Key IDs")
+            obj = json_object(request.body, "Key IDs")
             entries = obj.get("key_IDs")
             if not isinstance(entries, list) or not entries:
-                _reject(400, 'key_IDs must be a non-empty array of {"key_ID": ...} objects')
+                reject(400, 'key_IDs must be a non-empty array of {"key_ID": ...} objects')
             raw_ids = []
             for entry in entries:
                 if not isinstance(entry, dict) or "key_ID" not in entry:
-                    _reject(
+                    reject(
                         400,
                         "each entry of key_IDs must be an object with a key_ID",
                         {"entry": entry},
@@ -510,10 +383,10 @@ class RequestHandler:
                 raw_ids.append(entry["key_ID"])
         key_ids = [_canonical_key_id(value) for value in raw_ids]
         if len(set(key_ids)) != len(key_ids):
-            _reject(400, "the same key_ID is requested more than once")
+            reject(400, "the same key_ID is requested more than once")
         st = self.pool.limits(master, slave)
         if len(key_ids) > st.max_key_per_request:
-            _reject(
+            reject(
                 400,
                 f"at most {st.max_key_per_request} key_IDs per request"
                 + _because(st.max_key_per_request_reason),
@@ -541,13 +414,13 @@ def caller_sae(request: ApiRequest, caller: Caller, knows_sae: Callable[[str], b
     401 when it may act as none, or not as the one it names, or that SAE is not served."""
     who = caller.describe()
     if not caller.sae_ids:
-        _reject(401, f"this {who} may not act as any SAE; {caller.how_to_map()}")
+        reject(401, f"this {who} may not act as any SAE; {caller.how_to_map()}")
     wanted = request.header_values(SAE_HEADER)
     if len(wanted) > 1:
-        _reject(400, "X-SAE-ID header given more than once")
+        reject(400, "X-SAE-ID header given more than once")
     if not wanted:
         if len(caller.sae_ids) > 1:
-            _reject(
+            reject(
                 401,
                 f"this {who} may act as several SAEs "
                 f"({', '.join(sorted(caller.sae_ids))}); pick one with the "
@@ -557,47 +430,21 @@ def caller_sae(request: ApiRequest, caller: Caller, knows_sae: Callable[[str], b
     else:
         sae = wanted[0]
         if sae not in caller.sae_ids:
-            _reject(401, f"this {who} may not act as SAE {sae!r}")
+            reject(401, f"this {who} may not act as SAE {sae!r}")
     if not knows_sae(sae):
-        _reject(401, f"SAE {sae!r} is not served by this KME")
+        reject(401, f"SAE {sae!r} is not served by this KME")
     return sae
 
 
 def _error_for(exc: Exception) -> ApiResponse:
     """The standard's answer to an exception raised while handling a request; anything that
     is not the key service's own error propagates (the server logs it and answers 503)."""
-    if isinstance(exc, _Reject):
-        return error_response(exc.status, exc.message, exc.details, _allow_header(exc))
+    if isinstance(exc, Reject):
+        return rejection_response(exc)
     return error_response(*pool_failure(exc, service_failure=503))
 
 
 # -- shared with the other key APIs on the pool (qkdd.skip.provider) ------------------------
-
-
-def answer_or_error(
-    dispatch: Callable[[ApiRequest, Caller], Answer],
-    request: ApiRequest,
-    caller: Caller,
-    error_for: Callable[[Exception], ApiResponse],
-) -> Answer:
-    """`dispatch`'s answer to `request`, or `error_for` what it raised; a `Deferred`
-    answer's errors are answered the same way when it completes."""
-    try:
-        answer = dispatch(request, caller)
-    except Exception as exc:
-        return error_for(exc)
-    if isinstance(answer, Deferred):
-        return Deferred(functools.partial(_complete, answer, error_for), answer.shielded)
-    return answer
-
-
-async def _complete(
-    deferred: Deferred, error_for: Callable[[Exception], ApiResponse]
-) -> ApiResponse:
-    try:
-        return await deferred.complete()
-    except Exception as exc:
-        return error_for(exc)
 
 
 def pool_failure(exc: Exception, service_failure: int) -> tuple[int, str]:
@@ -620,7 +467,7 @@ def take_new_keys(
     number: int,
     size: int,
     default_size: int,
-    answer: Callable[[Sequence[DeliveredKey]], ApiResponse],
+    answer: Callable[[Sequence[PoolKey]], ApiResponse],
     additional: tuple[str, ...] = (),
     hand_outs: HandOuts | None = None,
 ) -> ApiResponse | Deferred:
@@ -642,21 +489,3 @@ def take_new_keys(
         return answer(await pool.take_assigned(master, slave, number, size, additional))
 
     return Deferred(assigned)
-
-
-class _MethodNotAllowed(_Reject):
-    def __init__(self, allowed: tuple[str, ...]) -> None:
-        super().__init__(405, f"method not allowed here; use {' or '.join(allowed)}")
-        self.allowed = allowed
-
-
-def _allow_header(rej: _Reject) -> tuple[tuple[str, str], ...]:
-    if isinstance(rej, _MethodNotAllowed):
-        return (("allow", ", ".join(rej.allowed)),)
-    return ()
-
-
-# For extension routes: end the request with this status and the standard's Error object;
-# parse a JSON object body (400 when it is not one).
-reject = _reject
-json_object = _json_object

@@ -20,12 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qkdd.config import ConfigError
+from qkdd.config_reader import ConfigError
 from qkdd.ipsec.binding import IpsecBinding
 from qkdd.rotation.binding import parse_binding
 
 if TYPE_CHECKING:
-    from qkdd.config import ConfigReader, ConsumerConfig, PeerConfig
+    from qkdd.config import ConsumerConfig, PeerConfig
+    from qkdd.config_reader import ConfigReader
 
 __all__ = ["IPSEC_KEYS", "parse_ipsec", "unique_names"]
 

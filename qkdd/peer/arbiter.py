@@ -96,8 +96,8 @@ class Run:
 
 
 @dataclass(frozen=True)
-class Close:
-    """Close the session. ``used``: it ran the key agreement (it is being replaced)."""
+class CloseSession:
+    """CloseSession the session. ``used``: it ran the key agreement (it is being replaced)."""
 
     token: int
     reason: str
@@ -109,7 +109,7 @@ class AbandonDial:
     """Give up this site's dial, still connecting: a session was taken up."""
 
 
-Action = Run | Close | AbandonDial
+Action = Run | CloseSession | AbandonDial
 
 
 class _Dial(enum.Enum):
@@ -119,7 +119,7 @@ class _Dial(enum.Enum):
 
 
 @dataclass(frozen=True)
-class _Waiting:
+class _WaitingSession:
     origin: Origin
     hello_mark: int
 
@@ -133,7 +133,7 @@ class SessionArbiter:
     def __init__(self, is_master: bool) -> None:
         self.is_master = is_master
         self._running: tuple[int, Origin] | None = None
-        self._waiting: dict[int, _Waiting] = {}  # in order of completion
+        self._waiting: dict[int, _WaitingSession] = {}  # in order of completion
         self._dial = _Dial.IDLE
         # A logical clock: it orders HELLOs answered against messages heard.
         self._clock = 0
@@ -189,7 +189,7 @@ class SessionArbiter:
         if origin is Origin.OURS:
             self._dial = _Dial.IDLE
         if not self.is_master:
-            self._waiting[token] = _Waiting(origin, hello_mark)  # for the master's word
+            self._waiting[token] = _WaitingSession(origin, hello_mark)  # for the master's word
             return []
         verdict = master_verdict(
             origin,
@@ -201,9 +201,9 @@ class SessionArbiter:
             others = MASTER_DIAL_WON if origin is Origin.OURS else NEWER_TAKEN_UP
             return self._take_up(token, origin, others)
         if verdict is Verdict.WAIT:
-            self._waiting[token] = _Waiting(origin, hello_mark)
+            self._waiting[token] = _WaitingSession(origin, hello_mark)
             return []
-        return [Close(token, ALREADY_RUNNING if origin is Origin.OURS else CROSSED)]
+        return [CloseSession(token, ALREADY_RUNNING if origin is Origin.OURS else CROSSED)]
 
     def heard(self, token: int) -> list[Action]:
         """A session message from the peer arrived on ``token``."""
@@ -215,7 +215,7 @@ class SessionArbiter:
             crossed = [t for t, w in self._waiting.items() if w.hello_mark < self._peer_spoke_at]
             for other in crossed:
                 del self._waiting[other]
-            return [Close(other, CROSSED) for other in crossed]
+            return [CloseSession(other, CROSSED) for other in crossed]
         if not self.is_master and token in self._waiting:
             # The master's first message: it chose this session.
             return self._take_up(token, self._waiting[token].origin, MASTER_CHOSE_OTHER)
@@ -247,8 +247,8 @@ class SessionArbiter:
         self._waiting.pop(token, None)
         if self._running is not None:
             replaced = NEWER_TAKEN_UP if self.is_master else MASTER_CHOSE_OTHER
-            actions.append(Close(self._running[0], replaced, used=True))
-        actions += [Close(other, others) for other in self._waiting]
+            actions.append(CloseSession(self._running[0], replaced, used=True))
+        actions += [CloseSession(other, others) for other in self._waiting]
         self._waiting.clear()
         self._running = (token, origin)
         self._peer_spoke_at = 0

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -65,6 +64,7 @@ from qkdd.peer.errors import (
     RemoteProtocolError,
     VersionMismatch,
 )
+from qkdd.peer.randomness import SYSTEM_RANDOMNESS, Randomness
 from qkdd.peer.wire import (
     FRAME_HEADER,
     MAX_SESSION_BODY,
@@ -206,7 +206,7 @@ class Hello:
 
 
 @dataclass(frozen=True)
-class Response:
+class HandshakeResponse:
     version: int
     responder_id: str
     nonce: bytes
@@ -225,7 +225,7 @@ class Response:
         )
 
     @classmethod
-    def decode(cls, body: bytes, auth_size: int) -> tuple[Response, bytes, bytes]:
+    def decode(cls, body: bytes, auth_size: int) -> tuple[HandshakeResponse, bytes, bytes]:
         """Return the response, the authenticated part of the body, and its auth field."""
         r = Reader(body, "RESPONSE")
         response = cls(
@@ -262,7 +262,8 @@ class PeerConnection:
 
     A responder learns who the peer is from HELLO and asks ``trust``. An initiator names
     the site it expects and either an ``auth_key`` (mode 2) or none (mode 1 bootstrap; the
-    caller has decided a bootstrap is allowed).
+    caller has decided a bootstrap is allowed). ``randomness`` supplies every random value
+    of the handshake (the system's unless a recorded transcript is replayed).
     """
 
     def __init__(
@@ -276,6 +277,7 @@ class PeerConnection:
         expected_peer: str | None = None,
         auth_key: AuthKey | None = None,
         rekey_after_frames: int = REKEY_AFTER_FRAMES,
+        randomness: Randomness = SYSTEM_RANDOMNESS,
     ) -> None:
         if role is Role.INITIATOR and expected_peer is None:
             raise LocalProtocolError("an initiator must name the peer site it expects")
@@ -300,6 +302,7 @@ class PeerConnection:
         self._send: _Direction | None = None
         self._recv: _Direction | None = None
         self._rekey_after_frames = rekey_after_frames
+        self._random = randomness
 
     def __repr__(self) -> str:
         return (
@@ -313,8 +316,8 @@ class PeerConnection:
         if self.role is not Role.INITIATOR or self.state is not State.START:
             raise LocalProtocolError(f"cannot initiate in state {self.state.value}")
         assert self.peer_site_id is not None
-        self._kem_key = self._backend.kem_generate()
-        self._x25519 = X25519KeyPair()
+        self._kem_key = self._random.kem_key(self._backend)
+        self._x25519 = self._random.x25519_key()
         psk_id = uuid.UUID(self._auth_key.key_id).bytes if self._auth_key else b""
         hello = Hello(
             SUPPORTED_VERSIONS,
@@ -322,7 +325,7 @@ class PeerConnection:
             self._local_id,
             self.peer_site_id,
             psk_id,
-            os.urandom(NONCE_SIZE),
+            self._random.nonce(NONCE_SIZE),
             self._kem_key.public_bytes,
             self._x25519.public_bytes,
         )
@@ -455,13 +458,13 @@ class PeerConnection:
             )
         self._transcript.update(frame.encode())
 
-        kem_secret, ciphertext = self._backend.kem_encapsulate(hello.kem_public_key)
-        x25519 = X25519KeyPair()
+        kem_secret, ciphertext = self._random.kem_encapsulate(self._backend, hello.kem_public_key)
+        x25519 = self._random.x25519_key()
         x_secret = x25519.exchange(hello.x25519_public)
-        response = Response(
+        response = HandshakeResponse(
             PROTOCOL_VERSION,
             self._local_id,
-            os.urandom(NONCE_SIZE),
+            self._random.nonce(NONCE_SIZE),
             ciphertext,
             x25519.public_bytes,
         )
@@ -475,7 +478,7 @@ class PeerConnection:
         self.state = State.SENT_RESPONSE
 
     def _on_response(self, frame: Frame) -> Event:
-        response, signed, auth = Response.decode(frame.body, _AUTH_SIZE[self.mode])
+        response, signed, auth = HandshakeResponse.decode(frame.body, _AUTH_SIZE[self.mode])
         if response.version not in SUPPORTED_VERSIONS:
             raise RemoteProtocolError(f"peer chose version {response.version} we did not offer")
         if response.responder_id != self.peer_site_id:

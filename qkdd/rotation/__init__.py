@@ -6,7 +6,7 @@
 - ``policy``: when to rotate and when to fail closed, sans-IO (:class:`RotationPolicy`).
 - ``rotator``: the Trio loop that carries the policy out (:class:`KeyRotator`); a tunnel
   kind supplies how its key is derived, installed, taken up and torn down, and its words.
-- ``link``: rotators wired to the key store and the peer links, and the install call that
+- ``wiring``: rotators wired to the key store and the peer links, and the install call that
   carries each rotation to the peer site.
 
 Importing the package loads nothing else: the config loader uses ``binding`` alone.

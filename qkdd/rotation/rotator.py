@@ -1,5 +1,5 @@
 """The Trio loop that keeps one binding's key fresh at one site, whatever the tunnel:
-:class:`KeyRotator`. A tunnel kind (``qkdd.wireguard.PskRotator``,
+:class:`KeyRotator`. A tunnel kind (``qkdd.wireguard.rotator.PskRotator``,
 ``qkdd.ipsec.rotator.PpkRotator``) supplies what differs: how its key is derived,
 installed, taken up by the tunnel and torn down to fail closed, and the words of its logs,
 errors and status row.

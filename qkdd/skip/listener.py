@@ -1,11 +1,11 @@
 """The SKIP key provider's listener, with Trio: SKIP over HTTPS with TLS 1.3 and required
-client certificates, served by the ETSI TLS listener's code (`qkdd.etsi014.tls.serve_tls`:
+client certificates, served by the ETSI TLS listener's code (`qkdd.http_server.tls.serve_tls`:
 the TLS policy, handshake deadlines, connection caps, h11 framing) with the SKIP provider
 (`qkdd.skip.provider`) as its handler.
 
 Which certificate is which local system (`local_systems_from_certificate`): a certificate
 matches a ``[skip.clients]`` entry by one of its names (subject Common Names, DNS
-subjectAltNames; the rule of `qkdd.etsi014.tls.sae_ids_from_certificate`) or by its SHA-256
+subjectAltNames; the rule of `qkdd.http_server.tls.sae_ids_from_certificate`) or by its SHA-256
 fingerprint. A certificate from a CA other than ``client_ca`` never completes the handshake;
 one from that CA that matches no entry is answered 401 on every request, as on the ETSI listener.
 """
@@ -15,16 +15,14 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping
-from typing import cast
 
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from qkdd.etsi014.handler import RequestHandler
-from qkdd.etsi014.limits import ConnectionTable
-from qkdd.etsi014.server import BeforeSend
-from qkdd.etsi014.tls import TlsConfigError, sae_ids_from_certificate, serve_tls
+from qkdd.http_server.limits import ConnectionTable
+from qkdd.http_server.serving import BeforeSend
+from qkdd.http_server.tls import TlsConfigError, sae_ids_from_certificate, serve_tls
 from qkdd.skip.config import SkipConfig
 from qkdd.skip.provider import SkipProvider
 
@@ -71,8 +69,7 @@ async def serve_skip(
         await serve_tls(
             host,
             port,
-            # serve_tls passes its handler on to serve_stream, which takes any Handler.
-            cast(RequestHandler, provider),
+            provider,
             identify,
             cert_file=str(skip.certificate),
             key_file=str(skip.private_key),

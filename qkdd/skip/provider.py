@@ -6,7 +6,7 @@ SKIP key IDs to qkdd's key IDs, the checks of query parameters, and which HTTP s
 failure gets. An `ApiRequest` and the `Caller` behind it (a verified client certificate,
 granted its local system ID by the listener) go in; an `ApiResponse`, or a `Deferred` one
 for a key that the peer site must confirm first, comes out. Sockets, TLS and HTTP framing
-belong to `qkdd.skip.listener` and `qkdd.etsi014.server`.
+belong to `qkdd.skip.listener` and `qkdd.http_server`.
 
 Routes (GET only; every answer is a JSON object):
 
@@ -43,17 +43,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Final, NoReturn
 from urllib.parse import parse_qs, unquote
 
-from qkdd.etsi014.handler import (
+from qkdd.etsi014.handler import pool_failure, take_new_keys
+from qkdd.etsi014.key_pool import KeyPool, PoolKey, UnknownKeys
+from qkdd.http_server.exchange import (
     Answer,
     ApiRequest,
     ApiResponse,
     Caller,
     Deferred,
     answer_or_error,
-    pool_failure,
-    take_new_keys,
 )
-from qkdd.etsi014.pool import DeliveredKey, KeyPool, UnknownKeys
 
 __all__ = [
     "ALGORITHM",
@@ -127,7 +126,7 @@ def _ok(obj: dict[str, object], note: str) -> ApiResponse:
 
 
 class SkipProvider:
-    """Answers SKIP requests from a `KeyPool` (the `qkdd.etsi014.server.Handler` protocol).
+    """Answers SKIP requests from a `KeyPool` (the `qkdd.http_server.serving.Handler` protocol).
 
     ``remote_systems`` maps each remoteSystemID to an SAE ID at a peer site; ``talks_to``
     says which (local, remote) pairs this site makes keys for (what the capabilities list);
@@ -242,7 +241,7 @@ class SkipProvider:
                 f"{limits.max_key_size} bits",
             )
 
-        def answer(keys: Sequence[DeliveredKey]) -> ApiResponse:
+        def answer(keys: Sequence[PoolKey]) -> ApiResponse:
             (key,) = keys
             skip_id = skip_key_id(key.key_id)
             return _ok(

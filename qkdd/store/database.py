@@ -162,7 +162,7 @@ class Database:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction (BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception);
-        also for modules that keep their own tables in this database (``qkdd.inbox``)."""
+        also for modules that keep their own tables in this database (``qkdd.messaging.inbox``)."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db

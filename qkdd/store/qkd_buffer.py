@@ -71,7 +71,7 @@ from qkdd.store.qkd_frames import (
     FRAME_COLUMNS,
     MAX_FRAME_KEYS,
     QKD_FRAMES_SCHEMA,
-    Frame,
+    QkdFrame,
     bitmap_bytes,
     bitmap_int,
     empty_bitmap,
@@ -316,7 +316,7 @@ class QkdBuffer(QkdLookup):
 
     def _held_frames(
         self, peer_site: str, after: int, limit: int, material: bool = True
-    ) -> list[Frame]:
+    ) -> list[QkdFrame]:
         """Up to ``limit`` frames with keys held, starting after receive number ``after``,
         oldest first (read at once: no statement stays open while a frame that does not
         open is quarantined); without their sealed material unless ``material``."""
@@ -325,9 +325,9 @@ class QkdBuffer(QkdLookup):
             " WHERE peer_site=? AND held > 0 AND first_seq > ? ORDER BY first_seq LIMIT ?",
             (peer_site, after, limit),
         ).fetchall()
-        return [Frame.of(row) for row in rows]
+        return [QkdFrame.of(row) for row in rows]
 
-    def _frames_from(self, peer_site: str, after: int, material: bool = True) -> Iterator[Frame]:
+    def _frames_from(self, peer_site: str, after: int, material: bool = True) -> Iterator[QkdFrame]:
         """Frames with keys held after receive number ``after``, oldest first, read a few
         at a time (more each time)."""
         limit = FRAMES_READ_FIRST
@@ -339,7 +339,7 @@ class QkdBuffer(QkdLookup):
             after = frames[-1].first_seq
             limit = min(2 * limit, FRAMES_READ_MOST)
 
-    def _open_frame(self, peer_site: str, frame: Frame) -> bytes | None:
+    def _open_frame(self, peer_site: str, frame: QkdFrame) -> bytes | None:
         """A frame's material (used keys as zeros), or None if it does not open: then it is
         quarantined (``KeyStore._quarantine`` calls ``_quarantine_frame``)."""
         if frame.sealed is None:
@@ -462,7 +462,7 @@ class QkdBuffer(QkdLookup):
         located = self._locate(peer_site, list(texts))
         held = sorted((place.seq, raw) for raw, place in located.items() if place.held)
         found: dict[str, bytes] = {}
-        frame: Frame | None = None
+        frame: QkdFrame | None = None
         material: bytes | None = None
         for seq, raw in held:
             if frame is None or seq > frame.last_seq:
@@ -493,7 +493,7 @@ class QkdBuffer(QkdLookup):
         ).fetchone()
         if row is None:
             return None
-        frame = Frame.of(row)
+        frame = QkdFrame.of(row)
         spans = frame.unused_spans()
         return id_text(frame.key_id(spans[-1][1] - 1)) if spans else None
 
@@ -520,7 +520,7 @@ class QkdBuffer(QkdLookup):
                 (peer_site, max(-1, low - MAX_FRAME_KEYS + 1), high),
             ).fetchall()
             for row in rows:
-                frame = Frame.of(row)
+                frame = QkdFrame.of(row)
                 begin = max(low, frame.first_seq) - frame.first_seq
                 end = min(high, frame.last_seq) - frame.first_seq + 1
                 if begin >= end:
@@ -546,7 +546,7 @@ class QkdBuffer(QkdLookup):
         self,
         db: sqlite3.Connection,
         peer_site: str,
-        frame: Frame,
+        frame: QkdFrame,
         after: int,
         newly: int,
         used_now: int,
@@ -555,7 +555,7 @@ class QkdBuffer(QkdLookup):
         row = db.execute(
             "SELECT material FROM qkd_frames WHERE first_seq=?", (frame.first_seq,)
         ).fetchone()
-        full = Frame(
+        full = QkdFrame(
             frame.first_seq,
             frame.key_count,
             frame.key_size,

@@ -72,12 +72,12 @@ CREATE TABLE IF NOT EXISTS qkd_consumed (
 CREATE INDEX IF NOT EXISTS qkd_consumed_by_mark ON qkd_consumed (peer_site, mark);
 """
 
-# The columns a frame is read with, in ``Frame``'s order.
+# The columns a frame is read with, in ``QkdFrame``'s order.
 FRAME_COLUMNS: Final = "first_seq, key_count, key_size, held, used, key_ids, material"
 
 
 @dataclass(frozen=True)
-class Frame:
+class QkdFrame:
     """One frame row as read."""
 
     first_seq: int
@@ -89,7 +89,7 @@ class Frame:
     sealed: bytes | None = field(repr=False)
 
     @classmethod
-    def of(cls, row: Sequence[Any]) -> Frame:
+    def of(cls, row: Sequence[Any]) -> QkdFrame:
         first, count, size, held, used, ids, sealed = row
         return cls(
             int(first),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from qkdd.store.database import Database
-from qkdd.store.qkd_frames import FRAME_COLUMNS, Frame, RecentIds
+from qkdd.store.qkd_frames import FRAME_COLUMNS, QkdFrame, RecentIds
 from qkdd.store.qkd_ids import QKD_KEY_ID_SIZE, raw_id, raw_ids
 
 # Used QKD key IDs remembered per peer at least, newest first: more than the largest
@@ -26,7 +26,7 @@ _LOOKUP_CHUNK: Final = 500
 FRAMES_READ_FIRST: Final = 4
 FRAMES_READ_MOST: Final = 256
 ALL_SEQS: Final = 2**62  # above every receive number
-# A frame's columns without its sealed material (``Frame.sealed`` is then None).
+# A frame's columns without its sealed material (``QkdFrame.sealed`` is then None).
 FRAME_HEAD: Final = "first_seq, key_count, key_size, held, used, key_ids, NULL"
 
 
@@ -38,7 +38,7 @@ class _Found:
     held: bool
 
 
-def _ids_in(frame: Frame, wanted: set[bytes]) -> list[tuple[bytes, int]]:
+def _ids_in(frame: QkdFrame, wanted: set[bytes]) -> list[tuple[bytes, int]]:
     """Those of ``wanted`` in the frame, with their index there."""
     if len(wanted) > 8:  # one pass over the frame's IDs
         ids, size = frame.key_ids, QKD_KEY_ID_SIZE
@@ -79,7 +79,7 @@ class QkdLookup(Database):
         recent = self._recent.get(peer_site)
         return recent if recent is not None else self._recall_recent(peer_site)
 
-    def _frame_holding(self, peer_site: str, seq: int, material: bool = False) -> Frame | None:
+    def _frame_holding(self, peer_site: str, seq: int, material: bool = False) -> QkdFrame | None:
         """The frame holding receive number ``seq``, if any."""
         row = self._db.execute(
             f"SELECT {FRAME_COLUMNS if material else FRAME_HEAD} FROM qkd_frames"
@@ -88,7 +88,7 @@ class QkdLookup(Database):
         ).fetchone()
         if row is None:
             return None
-        frame = Frame.of(row)
+        frame = QkdFrame.of(row)
         return frame if seq <= frame.last_seq else None
 
     # -- finding keys by ID -----------------------------------------------------------------
@@ -100,7 +100,7 @@ class QkdLookup(Database):
         recent = self._recent_ids(peer_site)
         found: dict[bytes, _Found] = {}
         rest: set[bytes] = set()
-        frames: dict[int, Frame | None] = {}
+        frames: dict[int, QkdFrame | None] = {}
         for raw in dict.fromkeys(raws):
             seq = recent.seq_of(raw)
             if seq is None:
@@ -149,7 +149,7 @@ class QkdLookup(Database):
                     (peer_site, after, below, limit),
                 ).fetchall()
                 for row in rows:
-                    frame = Frame.of(row)
+                    frame = QkdFrame.of(row)
                     after = frame.first_seq
                     for raw, index in _ids_in(frame, wanted):
                         found[raw] = _Found(
