@@ -154,11 +154,15 @@ class KeyDelivery:
     def sort(self, keys: Iterable[QkdKey]) -> NewKeys:
         """The keys not stored recently, and how many of the others were resent as they were
         or with other material."""
+        listed = list(keys)
+        recent = self._recent
+        ids = [key.key_id for key in listed]
+        if recent.holds_none_of(ids) and len(set(ids)) == len(ids):
+            return NewKeys(listed, 0, 0)  # nothing resent: no check per key
         fresh: list[QkdKey] = []
         fresh_ids: set[str] = set()
         duplicates = conflicts = 0
-        recent = self._recent
-        for key in keys:
+        for key in listed:
             key_id = key.key_id
             if key_id not in recent:
                 if key_id in fresh_ids:

@@ -40,6 +40,10 @@ class RecentKeyIds:
     def __contains__(self, key_id: object) -> bool:
         return key_id in self._ids
 
+    def holds_none_of(self, key_ids: Iterable[str]) -> bool:
+        """Whether none of these IDs is remembered (the common case, checked at once)."""
+        return self._ids.keys().isdisjoint(key_ids)
+
     def check(self, key_id: str, material: bytes) -> str:
         """Classify a received key: "new", "duplicate" (same ID, same material) or
         "conflict" (same ID, different material)."""

@@ -22,7 +22,6 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
 
 import trio
 from qkdd_drivers.base import DeviceError, FetchByIdDevice, QkdDevice, QkdKey
@@ -31,9 +30,18 @@ from qkdd_drivers.serial.driver import SerialDevice
 from qkdd_drivers.serial.messages import Identity
 
 from qkdd.config import Etsi014DeviceConfig, PeerConfig, SiteConfig
+from qkdd.constants import (
+    DIAL_BACKOFF_FIRST,
+    DIAL_BACKOFF_MAX,
+    FETCH_RETRY_DELAY,
+    HANDSHAKE_TIMEOUT,
+    QKD_BUFFER_MAX,
+    REKEY_SECONDS,
+)
 from qkdd.crypto import PqcBackend, SigningKey
 from qkdd.durability import Durable, already_durable
-from qkdd.keystore import KeyStore, StoredQkdKey
+from qkdd.errors import DeviceSetupError, PeerError
+from qkdd.keystore import KeyStore
 from qkdd.link_params import LinkParameters
 from qkdd.peer.agreement import BATCH_KEYS, PAD_BITS_MAX, QKD_KEY_WAIT_SECONDS, LinkAgreement
 from qkdd.peer.arbiter import Origin
@@ -62,32 +70,12 @@ from qkdd.wakeup import Wakeup
 
 log = logging.getLogger("qkdd.peer")
 
-# Both roles give up a handshake this long after it started (the initiator counts from
-# the start of its connect, the responder from accepting the connection).
-HANDSHAKE_TIMEOUT: Final = 10.0
-# A responder closes a connection that has not delivered an acceptable HELLO this long
-# after it was accepted: an initiator sends HELLO at once, so only a stranger is slower.
-HELLO_TIMEOUT: Final = 3.0
-# Pause before asking a fetch-by-ID device again for keys it did not have yet.
-FETCH_RETRY_DELAY: Final = 0.2
-# Each direction of a session moves to a new key at least this often.
-REKEY_SECONDS: Final = 600.0
-DIAL_BACKOFF_FIRST: Final = 0.25
-DIAL_BACKOFF_MAX: Final = 10.0
-# Device keys held at most before the driver stops acknowledging (back-pressure to the
-# device, which then buffers): bounds the QKD material at rest here and the disk a stalled
-# peer can make us use. The default of `qkd_buffer_keys` in config; 4096 keys of 256 bits
-# is 1 Mbit.
-QKD_BUFFER_MAX: Final = 4096
-# The pre-authentication limits (how many handshakes strangers and peers may hold) live
-# with the limiter in qkdd.peer.admission.
-
 
 class HandshakeEvicted(PeerClosed):
     """A connection still waiting for its HELLO lost its slot to a newcomer."""
 
 
-class PeerUnavailable(Exception):
+class PeerUnavailable(PeerError):
     """A peer call could not be completed: no session, or the session ended or the reply
     did not come in time (its outcome is then unknown)."""
 
@@ -112,7 +100,7 @@ class _OpenCalls:
             event.set()
 
 
-class PskChainLost(Exception):
+class PskChainLost(PeerError):
     """We share no PSK with the peer any more and a signature bootstrap is not allowed."""
 
 
@@ -178,7 +166,7 @@ class StoreSink:
             if self._store.qkd_key_count(self._peer) < self._buffer_max:
                 break
             await self.space.wait()
-        self._store.store_qkd_keys(self._peer, [StoredQkdKey(k.key_id, k.material) for k in keys])
+        self._store.store_qkd_keys(self._peer, keys)
         self.arrived.set()
         # The driver acknowledges the keys to the device once this returns.
         await self._durable()
@@ -202,6 +190,19 @@ def make_device(peer: PeerConfig, is_master: bool, local_site_id: str = "") -> Q
     # A serial device that says which end of which link it is must be ours to the peer.
     expected = Identity(local_site_id, peer.site_id) if local_site_id else None
     return SerialDevice(str(device.path), device.baudrate, expected_identity=expected)
+
+
+def _built_device(config: SiteConfig, peer: PeerConfig, is_master: bool) -> QkdDevice:
+    """The peer's device; a driver refusing its settings is a DeviceSetupError naming the
+    config file and the peer's device table (the one place a device error can end the
+    daemon: drivers retry every fault once running)."""
+    try:
+        return make_device(peer, is_master, config.site_id)
+    except (DeviceError, ValueError) as exc:
+        index = next((i for i, p in enumerate(config.peers) if p.site_id == peer.site_id), None)
+        table = "peers[].device" if index is None else f"peers[{index}].device"
+        what = f"{table} (the {peer.device.kind} device for {peer.site_id})"
+        raise DeviceSetupError(config.file, what, str(exc)) from exc
 
 
 class PeerLink:
@@ -231,7 +232,7 @@ class PeerLink:
             qkd_buffer_keys=peer.qkd_buffer_keys,
             pool_pairs=config.talking_pairs(),
         )
-        self.device = make_device(peer, self.params.is_master, config.site_id)
+        self.device = _built_device(config, peer, self.params.is_master)
         # Set when the device delivered keys or keys of this site were handed out (the
         # pools may want refilling): the session's agreement runs then.
         self.store_changed = Wakeup()

@@ -65,6 +65,7 @@ import time
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Final
 
+from qkdd.constants import FRAMES_READ_FIRST, FRAMES_READ_MOST
 from qkdd.sealing import RowDoesNotOpen, StoreError, qkd_row_aad
 from qkdd.sealing import qkd_frame_aad as frame_aad
 from qkdd.store.qkd_frames import (
@@ -79,6 +80,7 @@ from qkdd.store.qkd_frames import (
 )
 from qkdd.store.qkd_ids import (
     QKD_KEY_ID_SIZE,
+    QkdKeyFields,
     QkdRun,
     StoredQkdKey,
     id_text,
@@ -86,12 +88,7 @@ from qkdd.store.qkd_ids import (
     raw_ids,
     texts_of,
 )
-from qkdd.store.qkd_lookup import (
-    FRAME_HEAD,
-    FRAMES_READ_FIRST,
-    FRAMES_READ_MOST,
-    QkdLookup,
-)
+from qkdd.store.qkd_lookup import FRAME_HEAD, QkdLookup
 
 QKD_BUFFER_SCHEMA: Final = QKD_FRAMES_SCHEMA
 
@@ -259,17 +256,27 @@ class QkdBuffer(QkdLookup):
 
     # -- storing ----------------------------------------------------------------------------
 
-    def store_qkd_keys(self, peer_site: str, keys: Iterable[StoredQkdKey]) -> int:
+    def store_qkd_keys(self, peer_site: str, keys: Iterable[QkdKeyFields]) -> int:
         """Store keys from a device; returns how many were new (re-sent and used ones are
         ignored). One transaction, one row per frame of up to ``MAX_FRAME_KEYS`` keys."""
         listed = list(keys)
         if not listed:
             return 0
         recent = self._recent_ids(peer_site)
-        fresh: dict[bytes, bytes] = {}
-        for raw, key in zip(raw_ids([k.key_id for k in listed]), listed, strict=True):
-            if raw not in fresh and recent.seq_of(raw) is None:
-                fresh[raw] = key.material
+        raws = raw_ids([k.key_id for k in listed])
+        fresh: dict[bytes, bytes]
+        if recent.holds_none_of(raws):
+            # Nothing resent (the common case): only repeats within the delivery to drop.
+            fresh = dict(zip(raws, (k.material for k in listed), strict=True))
+            if len(fresh) != len(raws):  # the first copy of a repeated ID is kept
+                fresh = {}
+                for raw, key in zip(raws, listed, strict=True):
+                    fresh.setdefault(raw, key.material)
+        else:
+            fresh = {}
+            for raw, key in zip(raws, listed, strict=True):
+                if raw not in fresh and recent.seq_of(raw) is None:
+                    fresh[raw] = key.material
         if not fresh:
             return 0
         now = time.time()

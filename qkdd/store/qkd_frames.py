@@ -208,6 +208,11 @@ class RecentIds:
     def seq_of(self, raw: bytes) -> int | None:
         return self._seq_of.get(raw)
 
+    def holds_none_of(self, raws: list[bytes]) -> bool:
+        """Whether none of these IDs is remembered here: a device's delivery, in the
+        common case, checked at C speed instead of one lookup per key."""
+        return self._seq_of.keys().isdisjoint(raws)
+
     def frame_first(self, seq: int) -> int | None:
         """The first receive number of the frame here holding ``seq``."""
         at = bisect.bisect_right(self._firsts, seq) - 1

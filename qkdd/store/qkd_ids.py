@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 from qkdd.crypto import hash_bytes
 from qkdd.sealing import StoreError
@@ -24,6 +24,17 @@ QKD_KEY_ID_SIZE: Final = 16
 class StoredQkdKey:
     key_id: str
     material: bytes = field(repr=False)
+
+
+class QkdKeyFields(Protocol):
+    """What storing a QKD key reads of it: a device driver's own key record passes as it
+    is, with no copy per key at device rates."""
+
+    @property
+    def key_id(self) -> str: ...
+
+    @property
+    def material(self) -> bytes: ...
 
 
 @dataclass(frozen=True)
