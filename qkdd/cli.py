@@ -1,7 +1,9 @@
 """The ``qkdd`` command: ``run`` (the service), ``keygen``, ``check-config`` and ``demo``.
 
 Every known failure ends in one plain line on stderr and a non-zero exit status:
-1 for a runtime failure, 2 for a usage or config error.
+1 for a runtime failure, 2 for a usage or config error. Known failures are the daemon's
+own errors (``qkdd.errors.QkddError``: a device the drivers refuse arrives as one of them
+too) and what the operating system refuses (``OSError``), caught once, here.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from qkdd.config import ConfigError, check_files, config_warnings, load_config
+from qkdd.errors import QkddError
 
 if TYPE_CHECKING:
     from qkdd.config import SiteConfig
+
+# What ends a command with its message instead of a traceback.
+OPERATOR_ERRORS: tuple[type[Exception], ...] = (QkddError, OSError)
 
 
 def package_version() -> str:
@@ -122,39 +128,19 @@ async def _until_stopped(
 
 def _run_daemon(args: argparse.Namespace, stop_signals: StopSignals) -> int:
     import trio
-    from qkdd_drivers.kme import KmeError
 
-    from qkdd.crypto import CryptoError
     from qkdd.daemon import run_daemon
-    from qkdd.etsi014.key_pool import KeyServiceError
-    from qkdd.identity import IdentityError
-    from qkdd.ipsec.binding import IpsecError
-    from qkdd.keystore import StoreError
-    from qkdd.systemd import SystemdError
-    from qkdd.wireguard.binding import WireGuardError
 
     _configure_logging(args.verbose)
     config = load_config(args.config)
-    expected = (
-        IdentityError,
-        StoreError,
-        CryptoError,
-        KeyServiceError,
-        WireGuardError,
-        IpsecError,
-        SystemdError,
-        KmeError,
-        OSError,
-    )
     try:
         trio.run(_until_stopped, run_daemon, config, stop_signals)
     except BaseException as exc:  # noqa: BLE001 - unwrapped below, re-raised if unknown
-        known = _first_known(exc, expected)
+        known = _first_known(exc, OPERATOR_ERRORS)
         if known is None:
             raise
-        logging.getLogger("qkdd.daemon").error("event=failed reason=%r", str(known))
-        print(f"qkdd: {known}", file=sys.stderr)
-        return 1
+        logging.getLogger("qkdd.daemon").error("event=failed reason=%r", _one_line(known))
+        return _report(known)
     return 0
 
 
@@ -169,6 +155,20 @@ def _first_known(
                 return found
         return None
     return exc if isinstance(exc, kinds) else None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).splitlines()) or type(exc).__name__
+
+
+def _report(exc: BaseException) -> int:
+    """Print a known failure for the operator; the exit status it ends the command with."""
+    if isinstance(exc, ConfigError):
+        for problem in getattr(exc, "problems", (exc,)):
+            print(f"qkdd: config error: {problem}", file=sys.stderr)
+        return 2
+    print(f"qkdd: {_one_line(exc)}", file=sys.stderr)
+    return 1
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -347,10 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
-        for problem in getattr(exc, "problems", (exc,)):
-            print(f"qkdd: config error: {problem}", file=sys.stderr)
-        return 2
+    except OPERATOR_ERRORS as exc:
+        return _report(exc)
     except KeyboardInterrupt:
         return 130
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from qkdd.config_reader import ID_PATTERN, ConfigProblems, ConfigReader
 from qkdd.config_reader import ConfigError as ConfigError
 from qkdd.config_reader import ConfigErrors as ConfigErrors
+from qkdd.constants import MAX_CONFIG_BYTES, QKD_BUFFER_MAX
 from qkdd.crypto import SIGNATURE_PUBLIC_KEY_SIZE
 from qkdd.crypto.select import BACKEND_CHOICES
 from qkdd.ipsec.binding import IpsecBinding
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# A site config is a few KiB; anything this large is the wrong file.
-MAX_CONFIG_BYTES = 1024 * 1024
 DEVICE_KINDS = ("serial", "etsi014")
 
 
@@ -309,13 +308,23 @@ def _device(reader: ConfigReader) -> DeviceConfig:
         key_size = reader.integer("key_size", 8, 8192, 256)
         if key_size % 8:
             raise reader.error("key_size", "a multiple of 8 bits", key_size)
+        own_expected = "the SAE ID the device knows qkdd by"
+        own_sae_id = reader.get("own_sae_id", str, own_expected)
+        if not own_sae_id:
+            raise reader.error("own_sae_id", f"{own_expected}, not empty", own_sae_id)
+        peer_expected = "the SAE ID of the peer site's qkdd"
+        peer_sae_id = reader.get("peer_sae_id", str, peer_expected)
+        if not peer_sae_id or peer_sae_id == own_sae_id:
+            # The driver refuses them too; said here, check-config finds it as well.
+            expected = f"{peer_expected}, not empty and not own_sae_id"
+            raise reader.error("peer_sae_id", expected, peer_sae_id)
         return Etsi014DeviceConfig(
             url=url,
             certificate=reader.path("certificate"),
             private_key=reader.path("private_key") if "private_key" in reader.table else None,
             ca=reader.path("ca") if "ca" in reader.table else None,
-            own_sae_id=reader.get("own_sae_id", str, "the SAE ID the device knows qkdd by"),
-            peer_sae_id=reader.get("peer_sae_id", str, "the SAE ID of the peer site's qkdd"),
+            own_sae_id=own_sae_id,
+            peer_sae_id=peer_sae_id,
             key_size=key_size,
         )
     raise reader.error("kind", f"one of {', '.join(DEVICE_KINDS)}", kind)
@@ -351,7 +360,7 @@ def _peer(reader: ConfigReader) -> PeerConfig:
         pool_size=reader.integer("pool_size", 1, 1_000_000, 256),
         auth_key_bits=_auth_key_bits(reader),
         # QKD keys held here at most before the device is made to wait (back-pressure).
-        qkd_buffer_keys=reader.integer("qkd_buffer_keys", 16, 10_000_000, 4096),
+        qkd_buffer_keys=reader.integer("qkd_buffer_keys", 16, 10_000_000, QKD_BUFFER_MAX),
         otp_pad_bytes=reader.integer("otp_pad_bytes", 0, 1 << 30, 0),
     )
 

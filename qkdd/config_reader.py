@@ -1,6 +1,7 @@
-"""Reading a site's TOML config: typed access to its tables (``ConfigReader``), the errors
-that name the file, the key and what was expected, and the collection of several
-independent problems into one report (``ConfigProblems``)."""
+"""Reading a site's TOML config: typed access to its tables (``ConfigReader``), raising the
+errors that name the file, the key and what was expected (``ConfigError``, the config
+layer's root in ``qkdd.errors``), and the collection of several independent problems into
+one report (``ConfigProblems``, raising ``ConfigErrors``)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from qkdd.errors import ConfigError as ConfigError
+
 T = TypeVar("T")
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
-
-
-class ConfigError(Exception):
-    """A config file is missing, unreadable or holds a bad value."""
-
-    def __init__(self, file: str | os.PathLike[str], key: str, expected: str, got: object = None):
-        self.file = str(file)
-        self.key = key
-        self.expected = expected
-        detail = f"{self.file}: {key}: expected {expected}"
-        if got is not None:
-            detail += f", got {got!r}"
-        super().__init__(detail)
 
 
 class ConfigErrors(ConfigError):

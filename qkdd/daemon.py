@@ -45,6 +45,7 @@ import trio
 
 from qkdd.admin import admin_routes
 from qkdd.config import ConfigError, SiteConfig, TlsConfig, config_warnings, load_config
+from qkdd.constants import EVENT_POLL_INTERVAL, EXPIRY_INTERVAL, STATUS_INTERVAL
 from qkdd.crypto.select import select_backend
 from qkdd.durability import GroupCommit
 from qkdd.etsi014.hand_outs import GatheredHandOuts
@@ -81,10 +82,6 @@ from qkdd.wireguard.wiring import make_wireguard_rotators
 log = logging.getLogger("qkdd.daemon")
 
 STORE_FILE: Final = "keys.sqlite3"
-STATUS_INTERVAL: Final = 5.0
-EXPIRY_INTERVAL: Final = 10.0
-# How often link and pool changes are looked for, to publish key events.
-EVENT_POLL_INTERVAL: Final = 0.25
 
 
 class LiveConfig:

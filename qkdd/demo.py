@@ -25,19 +25,19 @@ from pathlib import Path
 from typing import Any
 
 from qkdd.client import BlockingKeyClient, ClientError
+from qkdd.constants import DEMO_STARTUP_TIMEOUT, DEMO_STOP_GRACE
 from qkdd.crypto.select import select_backend
 from qkdd.demo_sites import SITE_A, SITE_B, SITES, DemoSite, render
+from qkdd.errors import QkddError
 from qkdd.identity import public_key_text, write_identity, write_key_encryption_key
 
-STARTUP_TIMEOUT = 25.0
-STOP_GRACE = 5.0
 # The daemons and the emulator run from this interpreter's installed packages; -P keeps
 # the working directory off sys.path, so a folder named ``qkdd`` there cannot shadow them.
 PYTHON_MODULE = (sys.executable, "-P", "-m")
 
 
-class DemoError(Exception):
-    pass
+class DemoError(QkddError):
+    """A demo site or the emulator did not start or stop as it should."""
 
 
 @dataclass
@@ -73,7 +73,7 @@ class RunningSite:
     def restart(self, *, kill: bool = False) -> None:
         """Stop the daemon (SIGTERM, or SIGKILL with ``kill``) and start it again."""
         self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        self.process.wait(timeout=STOP_GRACE * 4)
+        self.process.wait(timeout=DEMO_STOP_GRACE * 4)
         self.spawn()
 
 
@@ -138,7 +138,7 @@ def start_emulator(directory: Path) -> subprocess.Popen[bytes]:
             stderr=emulator_log,
         )
     try:
-        _wait_for_line(emulator, STARTUP_TIMEOUT, "the QKD link emulator")
+        _wait_for_line(emulator, DEMO_STARTUP_TIMEOUT, "the QKD link emulator")
     except DemoError:
         emulator.kill()
         emulator.wait()
@@ -179,7 +179,7 @@ def running_demo(
         for process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
+        deadline = time.monotonic() + DEMO_STOP_GRACE
         for process in processes:
             try:
                 process.wait(max(0.1, deadline - time.monotonic()))
@@ -268,7 +268,7 @@ def run_demo(number: int = 8, as_json: bool = False, serve: bool = False) -> int
     try:
         with running_demo(directory) as sites:
             site_a, site_b = sites
-            wait_for_keys(site_a, SITE_B.sae_id, number, STARTUP_TIMEOUT)
+            wait_for_keys(site_a, SITE_B.sae_id, number, DEMO_STARTUP_TIMEOUT)
             ready_at = time.monotonic()
             if serve:
                 return _serve(sites, as_json)

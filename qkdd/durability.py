@@ -40,6 +40,7 @@ from typing import Final
 
 import trio
 
+from qkdd.constants import INLINE_SYNC_SECONDS
 from qkdd.keystore import KeyStore, StoreError
 
 log = logging.getLogger("qkdd.keystore")
@@ -47,9 +48,7 @@ log = logging.getLogger("qkdd.keystore")
 # Awaited before an effect outside the process that may depend on a store write.
 Durable = Callable[[], Awaitable[None]]
 
-# A sync asked for in the loop's thread runs there only while syncs take less than this on
-# average (see above); the weight of the latest sync in that average.
-INLINE_SYNC_SECONDS: Final = 0.002
+# The weight of the latest sync in the average that INLINE_SYNC_SECONDS bounds (see above).
 _RECENT_WEIGHT: Final = 0.25
 # What a sync's duration is measured with (a test replaces it: a real disk's speed cannot
 # be set, and a loaded machine makes any measured duration noisy).

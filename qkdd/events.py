@@ -41,6 +41,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import trio
 
+from qkdd.constants import MAX_IDS_PER_EVENT, QUEUE_LIMIT
 from qkdd.etsi014.handler import caller_sae
 from qkdd.http_server.exchange import (
     NDJSON_HEADERS,
@@ -65,9 +66,6 @@ KINDS: Final = frozenset(
         "events_lost",
     }
 )
-QUEUE_LIMIT: Final = 1024
-# Expired or withdrawn keys are reported in events of at most this many IDs.
-MAX_IDS_PER_EVENT: Final = 256
 
 
 @dataclass(frozen=True)

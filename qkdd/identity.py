@@ -17,12 +17,9 @@ from pathlib import Path
 
 from qkdd.config import SecretSource
 from qkdd.crypto import SIGNATURE_SEED_SIZE, PqcBackend, SigningKey, new_signature_seed
+from qkdd.errors import IdentityError as IdentityError
 from qkdd.sealing import KEK_SIZE
 from qkdd.systemd import credential_path, find_credential
-
-
-class IdentityError(Exception):
-    """A secret key file is missing, unreadable, too open, or malformed."""
 
 
 def _write_secret(path: Path, data: bytes, *, overwrite: bool) -> None:

@@ -16,11 +16,13 @@ import struct
 import uuid
 from typing import Final
 
+from qkdd.errors import QkddError
+
 ID_PREFIX_SIZE: Final = 12
 MAX_INDEX: Final = 0xFFFFFFFF
 
 
-class KeyIdError(ValueError):
+class KeyIdError(QkddError, ValueError):
     """A text that is not a canonical key ID."""
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qkdd.errors import PeerError
 
-class LinkError(Exception):
+
+class LinkError(PeerError):
     """The peer broke the key-agreement rules; the session must be dropped."""
 
 

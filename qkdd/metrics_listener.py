@@ -31,15 +31,20 @@ from urllib.parse import urlsplit
 import trio
 
 from qkdd.config import MetricsConfig
+from qkdd.constants import (
+    DEFAULT_REQUEST_TIMEOUT,
+    LISTEN_BACKLOG,
+    MAX_METRICS_CONNECTIONS,
+    METRICS_PRIVILEGED_RESERVE,
+)
 from qkdd.etsi014.key_pool import KeyServiceError
 from qkdd.http_server.accept import ConnectionGate, ConnectionSlot, accept_forever, refuse_now
 from qkdd.http_server.exchange import ApiRequest, ApiResponse, Caller
 from qkdd.http_server.limits import ConnectionLimits, ConnectionTable
-from qkdd.http_server.serving import DEFAULT_REQUEST_TIMEOUT, serve_stream
-from qkdd.http_server.unix_socket import LISTEN_BACKLOG, bind_unix, peer_caller, remove_if_ours
+from qkdd.http_server.serving import serve_stream
+from qkdd.http_server.unix_socket import bind_unix, peer_caller, remove_if_ours
 
 __all__ = [
-    "MAX_METRICS_CONNECTIONS",
     "METRICS_ROUTE",
     "MetricsHandler",
     "MetricsListenerError",
@@ -53,12 +58,6 @@ METRICS_ROUTE: Final = "/metrics"
 _METHODS: Final = ("GET", "HEAD")
 # A scrape is a GET without a body; anything larger is not a scrape.
 MAX_BODY: Final = 1024
-# Prometheus keeps one connection per target; the rest is room for a second scraper and a
-# person with curl. Each connection costs a descriptor out of the daemon's own reserve
-# (`qkdd.http_server.limits.FD_RESERVE_MIN`), so the cap stays small.
-MAX_METRICS_CONNECTIONS: Final = 8
-# Beyond the cap, for the operator (uid 0) and the daemon's uid on a Unix socket.
-METRICS_PRIVILEGED_RESERVE: Final = 2
 _TEXT: Final = (("content-type", "text/plain; charset=utf-8"),)
 
 # The exposition for an Accept header: body and content type (`SiteMetrics.exposition`).

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import trio
 
 from qkdd.config import SiteConfig
+from qkdd.constants import HANDSHAKE_TIMEOUT, HELLO_TIMEOUT
 from qkdd.crypto import PqcBackend, SigningKey
 from qkdd.durability import Durable, already_durable
 from qkdd.peer.admission import HandshakeLimiter, HandshakeSlot, normalise_address
@@ -22,8 +23,6 @@ from qkdd.peer.arbiter import Origin
 from qkdd.peer.connection import HandshakeComplete, MessageReceived, PeerConnection, Role
 from qkdd.peer.errors import PeerAuthenticationError, VersionMismatch
 from qkdd.peering import (
-    HANDSHAKE_TIMEOUT,
-    HELLO_TIMEOUT,
     SESSION_ERRORS,
     HandshakeEvicted,
     HandshakeObserver,

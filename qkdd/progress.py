@@ -9,11 +9,9 @@ Sans-IO: time is passed in; the links and the store are only read.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Final, Protocol
+from typing import Protocol
 
-# How long a link may want keys, have QKD keys and a session, and still make none: longer
-# than a batch reply deadline plus a redial, so ordinary recoveries never trip it.
-STALL_GRACE_SECONDS: Final = 60.0
+from qkdd.constants import STALL_GRACE_SECONDS
 
 
 class _Params(Protocol):

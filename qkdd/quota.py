@@ -9,6 +9,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
+from qkdd.errors import KeyServiceError
+
 WINDOW_SECONDS: Final = 3600.0
 
 
@@ -22,8 +24,8 @@ class QuotaState:
         return None if self.limit is None else max(0, self.limit - self.used)
 
 
-class QuotaExceeded(Exception):
-    pass
+class QuotaExceeded(KeyServiceError):
+    """The SAE took its quota for the window; the message says when room frees up."""
 
 
 class QuotaBook:

@@ -40,6 +40,7 @@ from qkdd.crypto import (
     constant_time_equal,
     hkdf,
 )
+from qkdd.errors import StoreError as StoreError
 from qkdd.hybrid import lp
 
 KEK_SIZE: Final = 32
@@ -58,10 +59,6 @@ CREATE TABLE IF NOT EXISTS quarantined_rows (
     quarantined_at REAL NOT NULL
 );
 """
-
-
-class StoreError(Exception):
-    """The key store cannot be opened or used (the message names the file)."""
 
 
 class WrongKeyEncryptionKey(StoreError):

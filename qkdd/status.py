@@ -15,16 +15,14 @@ import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from qkdd.constants import MAX_MESSAGE_CHARS, RECENT_ERRORS
 
 if TYPE_CHECKING:
     from qkdd_drivers.base import DeviceStatus
 
     from qkdd.link_params import LinkParameters
-
-RECENT_ERRORS: Final = 20
-# A log message longer than this is cut in the ring: bounds memory and the status size.
-MAX_MESSAGE_CHARS: Final = 500
 
 
 class DeviceView(Protocol):

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Protocol
 
 from qkdd.config import SiteConfig
+from qkdd.constants import ASSIGN_TIMEOUT
 from qkdd.etsi014.key_pool import (
     InvalidKeyRequest,
     KeyLimits,
@@ -45,8 +46,6 @@ from qkdd.quota import QuotaBook, QuotaExceeded, QuotaState
 
 MIN_ASSIGNED_KEY_BITS: Final = 64
 MAX_ASSIGNED_KEY_BITS: Final = 8192
-# How long enc_keys waits for the slave's site to confirm an assignment.
-ASSIGN_TIMEOUT: Final = 5.0
 
 # Makes a peer call: (peer site ID, call kind, body, timeout) -> reply body. Raises on any
 # failure, with a message fit for the caller.

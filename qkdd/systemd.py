@@ -21,6 +21,9 @@ import time
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Final
 
+from qkdd.constants import SD_NOTIFY_SEND_TIMEOUT
+from qkdd.errors import SystemdError
+
 __all__ = [
     "CREDENTIAL_STORES",
     "SD_LISTEN_FDS_START",
@@ -39,14 +42,6 @@ log = logging.getLogger("qkdd.systemd")
 
 #: First inherited fd: 0-2 are stdio.
 SD_LISTEN_FDS_START = 3
-
-# A notification send may block if the manager's queue is full; waiting longer than
-# this would stall the event loop, and a lost WATCHDOG=1 is retried at the next ping.
-_SEND_TIMEOUT_S = 1.0
-
-
-class SystemdError(Exception):
-    """The environment systemd handed to the daemon is malformed or unusable."""
 
 
 class ListenFdsError(SystemdError):
@@ -86,7 +81,7 @@ class Notifier:
         try:
             if self._sock is None:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                sock.settimeout(_SEND_TIMEOUT_S)
+                sock.settimeout(SD_NOTIFY_SEND_TIMEOUT)
                 self._sock = sock
             self._sock.sendto(payload, self._address)
         except OSError as exc:
@@ -251,12 +246,34 @@ def _take_listen_fds(
             os.set_inheritable(fd, False)
             sock = socket.socket(fileno=fd)
         except OSError as exc:
+            _close_all(result)
             raise ListenFdsError(
                 f"inherited fd {fd} ({name!r}) is not a socket ({exc}): qkdd accepts only "
                 "ListenStream= sockets"
             ) from exc
         result.append((name, sock))
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            # A datagram socket, or a stream socket nobody called listen() on: the daemon
+            # could never accept a connection on it.
+            what = (
+                "a stream socket that is not listening"
+                if sock.type == socket.SOCK_STREAM
+                else "not a stream socket"
+            )
+            _close_all(result)
+            raise ListenFdsError(
+                f"inherited fd {fd} ({name!r}) is {what}: "
+                f"LISTEN_FDS={count} does not describe the sockets passed; qkdd accepts only "
+                "ListenStream= sockets (start it from qkdd.socket, or without LISTEN_FDS)"
+            )
     return result
+
+
+def _close_all(pairs: list[tuple[str, socket.socket]]) -> None:
+    for _, sock in pairs:
+        sock.close()
 
 
 def credential_path(name: str, environ: Mapping[str, str] | None = None) -> str | None:

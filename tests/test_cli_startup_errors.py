@@ -1,16 +1,20 @@
-"""`qkdd run` failing at start ends in one plain line on stderr, never a traceback; its log
-lines carry a timestamp unless stderr is the journal (which stamps them itself); and both
-commands print their version."""
+"""`qkdd run` and `qkdd check-config` failing at start end in one plain line on stderr that
+names the file, key or variable at fault, never a traceback; the daemon's log lines carry a
+timestamp unless stderr is the journal (which stamps them itself); and both commands print
+their version."""
 
 from __future__ import annotations
 
 import base64
 import os
 import re
+import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+import pki
 import pytest
 from timeouts import timeout
 
@@ -37,25 +41,79 @@ def site_a(tmp_path: Path) -> Path:
     return tmp_path / "site-a.toml"
 
 
+# Execs the command in its argv[2:] with fd argv[1] as its fd 3, and LISTEN_PID its own pid.
+WITH_FD3 = (
+    "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+    "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
 def run_qkdd(
-    config: Path, env: dict[str, str], stderr_file: Path, listen_fds: str | None = None
+    config: Path,
+    env: dict[str, str],
+    stderr_file: Path,
+    listen_fds: str | None = None,
+    fd3: socket.socket | None = None,
 ) -> tuple[int, str]:
-    """`qkdd run` as a real subprocess; LISTEN_PID is the daemon's own pid, as systemd sets it."""
+    """`qkdd run` as a real subprocess; LISTEN_PID is the daemon's own pid, as systemd sets it,
+    and `fd3` becomes its fd 3, where systemd puts the first socket it passes."""
     command = " ".join(QKDD) + f" run --config {config}"
-    if listen_fds is not None:
-        command = f"LISTEN_PID=$$ LISTEN_FDS={listen_fds} exec {command}"
+    if fd3 is not None:
+        assert listen_fds is not None
+        argv = [sys.executable, "-c", WITH_FD3, str(fd3.fileno()), *QKDD, "run"]
+        argv += ["--config", str(config)]
+        env = env | {"LISTEN_FDS": listen_fds}
+    elif listen_fds is not None:
+        argv = ["sh", "-c", f"LISTEN_PID=$$ LISTEN_FDS={listen_fds} exec {command}"]
     else:
-        command = f"exec {command}"
+        argv = ["sh", "-c", f"exec {command}"]
     with open(stderr_file, "wb") as stderr:
         proc = subprocess.run(
-            ["sh", "-c", command],
+            argv,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
+            pass_fds=() if fd3 is None else (fd3.fileno(),),
             timeout=timeout(120),
         )
     return proc.returncode, stderr_file.read_text()
+
+
+def check_config(config: Path) -> tuple[int, str]:
+    """`qkdd check-config` as a real subprocess."""
+    proc = subprocess.run(
+        [*QKDD, "check-config", str(config)],
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout(120),
+    )
+    return proc.returncode, proc.stderr
+
+
+def one_plain_line(err: str) -> str:
+    """The one `qkdd: ` line a failure prints, after checking there is no traceback."""
+    assert "Traceback" not in err, err
+    plain = [line for line in err.splitlines() if line.startswith("qkdd: ")]
+    assert len(plain) == 1, err
+    return plain[0]
+
+
+def with_kme_device(config: Path, *lines: str) -> None:
+    """Give the config's peer a KME (kind "etsi014") with these settings for its device."""
+    text = config.read_text()
+    start = text.index("[peers.device]")
+    end = text.index("\n\n", start) if "\n\n" in text[start:] else len(text)
+    device = "\n".join(["[peers.device]", 'kind = "etsi014"', *lines]) + "\n"
+    config.write_text(text[:start] + device + text[end:])
+
+
+def kme_client(directory: Path) -> list[str]:
+    """The device settings of a KME client with a real certificate and key."""
+    client = pki.write(directory, "kme-client", *pki.issue(pki.new_ca("KME CA"), "qkdd-a"))
+    return [f'certificate = "{client.cert}"', f'private_key = "{client.key}"']
 
 
 def clean_env() -> dict[str, str]:
@@ -91,23 +149,159 @@ def test_log_lines_carry_no_timestamp_when_stderr_is_the_journal(
 
 def test_non_pem_kme_certificate_ends_in_one_line(site_a: Path, tmp_path: Path) -> None:
     (tmp_path / "kme.pem").write_text("this is not a certificate\n")
-    text = site_a.read_text()
-    start = text.index("[peers.device]")
-    end = text.index("\n\n", start) if "\n\n" in text[start:] else len(text)
-    device = (
-        "[peers.device]\n"
-        'kind = "etsi014"\n'
-        'url = "https://127.0.0.1:9/"\n'
-        'certificate = "kme.pem"\n'
-        'own_sae_id = "qkdd-a"\n'
-        'peer_sae_id = "qkdd-b"\n'
+    with_kme_device(
+        site_a,
+        'url = "https://127.0.0.1:9/"',
+        'certificate = "kme.pem"',
+        'own_sae_id = "qkdd-a"',
+        'peer_sae_id = "qkdd-b"',
     )
-    site_a.write_text(text[:start] + device + text[end:])
     status, err = run_qkdd(site_a, clean_env(), tmp_path / "err.txt")
     assert status == 1, err
-    assert "Traceback" not in err
-    plain = [line for line in err.splitlines() if line.startswith("qkdd: ")]
-    assert len(plain) == 1 and "kme.pem" in plain[0], err
+    line = one_plain_line(err)
+    assert "kme.pem" in line and "peers[0].device" in line, err
+
+
+# -- socket activation that does not match what was passed --------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        (socket.AF_INET, socket.SOCK_DGRAM),  # a ListenDatagram= socket
+        (socket.AF_UNIX, socket.SOCK_STREAM),  # a stream socket nobody listens on
+    ],
+    ids=["datagram", "not-listening"],
+)
+def test_listen_fds_naming_a_socket_that_does_not_listen_ends_in_one_line(
+    site_a: Path, tmp_path: Path, kind: tuple[int, int]
+) -> None:
+    with socket.socket(*kind) as passed:
+        status, err = run_qkdd(
+            site_a, clean_env(), tmp_path / "err.txt", listen_fds="1", fd3=passed
+        )
+    assert status == 1, err
+    line = one_plain_line(err)
+    assert "LISTEN_FDS=1" in line and "fd 3" in line and "ListenStream=" in line, err
+
+
+def test_listen_fds_counting_more_sockets_than_passed_ends_in_one_line(
+    site_a: Path, tmp_path: Path
+) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as passed:
+        passed.bind(str(tmp_path / "api.sock"))
+        passed.listen()
+        status, err = run_qkdd(
+            site_a, clean_env(), tmp_path / "err.txt", listen_fds="2", fd3=passed
+        )
+    assert status == 1, err
+    assert "fd 4" in one_plain_line(err), err
+
+
+# -- a KME device the driver cannot use ---------------------------------------------------
+
+
+def test_kme_device_naming_this_site_as_its_own_peer_is_a_config_error(
+    site_a: Path, tmp_path: Path
+) -> None:
+    with_kme_device(
+        site_a,
+        'url = "https://127.0.0.1:9/"',
+        *kme_client(tmp_path),
+        'own_sae_id = "qkdd-a"',
+        'peer_sae_id = "qkdd-a"',
+    )
+    status, err = run_qkdd(site_a, clean_env(), tmp_path / "err.txt")
+    assert status == 2, err
+    line = one_plain_line(err)
+    assert str(site_a) in line and "peers[0].device.peer_sae_id" in line, err
+    assert "not own_sae_id" in line, err
+    status, err = check_config(site_a)
+    assert status == 2, err
+    assert "peers[0].device.peer_sae_id" in one_plain_line(err), err
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ('url = "https://127.0.0.1:99999/"', "99999"),
+        ('ca = "no-such-ca.pem"', "no-such-ca.pem"),
+    ],
+    ids=["port-out-of-range", "missing-ca-file"],
+)
+def test_kme_device_the_driver_refuses_ends_in_one_line_naming_the_table(
+    site_a: Path, tmp_path: Path, setting: str, named: str
+) -> None:
+    url = [] if setting.startswith("url") else ['url = "https://127.0.0.1:9/"']
+    with_kme_device(
+        site_a,
+        *url,
+        setting,
+        *kme_client(tmp_path),
+        'own_sae_id = "qkdd-a"',
+        'peer_sae_id = "qkdd-b"',
+    )
+    status, err = run_qkdd(site_a, clean_env(), tmp_path / "err.txt")
+    assert status == 1, err
+    line = one_plain_line(err)
+    assert f"{site_a}: peers[0].device" in line and named in line, err
+
+
+# -- secret files and the key store ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(None, "does not exist"), (b"not a seed", "32-byte ML-DSA-65 seed")],
+    ids=["missing", "malformed"],
+)
+def test_bad_identity_file_ends_in_one_line(
+    site_a: Path, tmp_path: Path, content: bytes | None, expected: str
+) -> None:
+    identity = tmp_path / "site-a" / "identity.key"
+    if content is None:
+        identity.unlink()
+    else:
+        identity.write_bytes(content)
+    status, err = run_qkdd(site_a, clean_env(), tmp_path / "err.txt")
+    assert status == 1, err
+    line = one_plain_line(err)
+    assert str(identity) in line and expected in line, err
+
+
+def made_store(site: Path) -> Path:
+    """Site A's key store, created under its key-encryption key as the daemon creates it."""
+    from qkdd.daemon import STORE_FILE
+    from qkdd.keystore import KeyStore
+
+    state = site / "site-a" / "state"
+    state.mkdir()
+    store = KeyStore(state / STORE_FILE, (site / "site-a" / "kek.bin").read_bytes())
+    store.close()
+    return state / STORE_FILE
+
+
+def test_store_under_another_key_encryption_key_ends_in_one_line(
+    site_a: Path, tmp_path: Path
+) -> None:
+    store = made_store(tmp_path)
+    write_key_encryption_key(tmp_path / "site-a" / "kek.bin", overwrite=True)
+    status, err = run_qkdd(site_a, clean_env(), tmp_path / "err.txt")
+    assert status == 1, err
+    line = one_plain_line(err)
+    assert str(store) in line and "key-encryption key does not match" in line, err
+
+
+def test_store_of_a_newer_schema_ends_in_one_line(site_a: Path, tmp_path: Path) -> None:
+    from qkdd.store.schema import SCHEMA_NAME, SCHEMA_VERSION
+
+    store = made_store(tmp_path)
+    with sqlite3.connect(store) as db:
+        db.execute("UPDATE meta SET value=? WHERE name=?", (SCHEMA_VERSION + 1, SCHEMA_NAME))
+    status, err = run_qkdd(site_a, clean_env(), tmp_path / "err.txt")
+    assert status == 1, err
+    line = one_plain_line(err)
+    assert str(store) in line and f"knows versions up to {SCHEMA_VERSION}" in line, err
 
 
 @pytest.mark.parametrize("module", ["qkdd.cli", "qkdd.ctl"])

@@ -20,6 +20,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from qkdd.errors import CryptoError as CryptoError
+
 # -- Algorithm names (the only place they are written) ------------------------------------
 
 KEM_ALGORITHM: Final = "ML-KEM-768"
@@ -50,10 +52,6 @@ AEAD_KEY_SIZE: Final = 32
 AEAD_NONCE_SIZE: Final = 12
 AEAD_TAG_SIZE: Final = 16
 HASH_SIZE: Final = 32
-
-
-class CryptoError(Exception):
-    """Base class of every error raised by the crypto layer."""
 
 
 class AuthenticationFailed(CryptoError):

@@ -27,6 +27,7 @@ from types import MappingProxyType
 from typing import Any, Final, NamedTuple
 from urllib.parse import parse_qs, unquote
 
+from qkdd.constants import MAX_SAE_ID_COUNT, MAX_TARGETS
 from qkdd.etsi014.key_pool import (
     HandOuts,
     InvalidKeyRequest,
@@ -59,13 +60,9 @@ API_PREFIX = "/api/v1/keys/"
 # The project's own routes live under this prefix, outside the standard's paths.
 EXTENSION_PREFIX = "/qkdd/"
 SAE_HEADER = "x-sae-id"
-# At most this many additional slave SAEs per key request (the Status max_SAE_ID_COUNT).
-MAX_SAE_ID_COUNT = 8
 
 # Key IDs that are their own JSON text between quotes (joined by commas).
 _PLAIN_IDS: Final = re.compile(r"[-0-9A-Za-z.:_~,]*")
-# Request targets remembered with what they name, at most (a handler sees a few dozen).
-MAX_TARGETS = 1024
 
 _ROUTES: dict[str, tuple[str, ...]] = {
     "status": ("GET",),

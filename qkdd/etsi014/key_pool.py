@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
+from qkdd.errors import KeyServiceError as KeyServiceError
+
 
 @dataclass(frozen=True, slots=True)
 class PoolKey:
@@ -68,10 +70,6 @@ class KeyLimits:
     # Why max_key_per_request is below the configured cap (e.g. the pool never holds more),
     # told to a caller who asks for more; "" when it is the cap itself.
     max_key_per_request_reason: str = ""
-
-
-class KeyServiceError(Exception):
-    """Base of the key-service layer's errors."""
 
 
 class KeysUnavailable(KeyServiceError):

@@ -23,12 +23,11 @@ from typing import NoReturn
 
 import trio
 
+from qkdd.constants import ACCEPT_BACKOFF, PRESSURE_LOG_INTERVAL
 from qkdd.http_server.limits import ConnectionLimits, ConnectionTable, raise_open_file_limit
 
 __all__ = [
-    "ACCEPT_BACKOFF",
     "ACCEPT_CAPACITY_ERRNOS",
-    "PRESSURE_LOG_INTERVAL",
     "ConnectionGate",
     "ConnectionSlot",
     "accept_forever",
@@ -40,11 +39,6 @@ log = logging.getLogger("qkdd.api")
 
 # accept(2) errors that mean "out of resources right now", not "this listener is broken".
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-# After such an error, wait this long before accepting again (connections queue meanwhile).
-ACCEPT_BACKOFF = 0.1
-# A warning about a condition that persists (no descriptors, connection caps) is repeated at
-# most this often, with a count of what happened meanwhile.
-PRESSURE_LOG_INTERVAL = 10.0
 
 
 def api_connection_table() -> ConnectionTable:

@@ -31,19 +31,13 @@ from collections.abc import Collection, Hashable
 from dataclasses import dataclass
 from typing import Final
 
-# Descriptors kept for the rest of the daemon, at least: the key store (database, journal,
-# WAL index), devices, peer connections and listeners, signal and event-loop plumbing, logs,
-# and headroom for short-lived files (credentials, configuration reloads).
-FD_RESERVE_MIN: Final = 64
-# ... and at least this fraction of the limit, for sites with many peers or TLS clients.
-FD_RESERVE_FRACTION: Final = 8
-# Connections beyond every cap for the operator (uid 0) and the daemon's own uid.
-PRIVILEGED_RESERVE: Final = 16
-# At most this many API connections whatever the descriptor limit: each is a task and an
-# HTTP parser, and a site's applications need far fewer.
-MAX_API_CONNECTIONS: Final = 4096
-# The smallest caps that still serve anyone, for absurdly low descriptor limits.
-MIN_API_CONNECTIONS: Final = 4
+from qkdd.constants import (
+    FD_RESERVE_FRACTION,
+    FD_RESERVE_MIN,
+    MAX_API_CONNECTIONS,
+    MIN_API_CONNECTIONS,
+    PRIVILEGED_RESERVE,
+)
 
 
 @dataclass(frozen=True)

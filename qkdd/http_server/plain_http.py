@@ -25,6 +25,8 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Final, NamedTuple
 
+from qkdd.constants import MAX_HEADS
+
 # h11's grammar (h11._abnf), narrowed to printable ASCII: a token, and a field value of
 # visible characters with single spaces or tabs inside, surrounded by optional whitespace.
 _REQUEST_LINE: Final = re.compile(r"([A-Z]{1,20}) ([\x21-\x7e]+) HTTP/1\.1")
@@ -88,9 +90,8 @@ def parse_plain(
     return PlainRequest(head.method, head.target, head.headers, bytes(buffer[start:stop]), stop)
 
 
-# Heads read before, by their bytes: a caller sends the same head again and again (the
-# same target, headers and body length), so most requests are read from here.
-MAX_HEADS: Final = 256
+# Heads read before, by their bytes (at most MAX_HEADS): a caller sends the same head again
+# and again (the same target, headers and body length), so most requests are read from here.
 _HEADS: dict[bytes, _Head] = {}
 
 

@@ -32,6 +32,12 @@ from typing import Protocol
 import h11
 import trio
 
+from qkdd.constants import (
+    DEFAULT_REQUEST_TIMEOUT,
+    LINGER_MAX_BYTES,
+    LINGER_SECONDS,
+    MAX_HEADER_BYTES,
+)
 from qkdd.http_server.accept import ConnectionSlot
 from qkdd.http_server.exchange import (
     Answer,
@@ -46,17 +52,7 @@ from qkdd.http_server.plain_http import PlainResponses, parse_plain, reason
 
 log = logging.getLogger("qkdd.api")
 
-# Request line plus headers; a legitimate ETSI request needs well under 1 KiB.
-MAX_HEADER_BYTES = 8 * 1024
 RECEIVE_SIZE = 16 * 1024
-# Time allowed to receive one whole request, or to send one response; by default also the
-# longest a connection may sit idle (no request in progress) before it is closed.
-DEFAULT_REQUEST_TIMEOUT = 10.0
-# Before closing a connection whose client may still be sending, read and discard its input
-# for this long (or this much): closing a socket with unread input makes the kernel report a
-# reset to the client, which may then lose the error response it was about to read.
-LINGER_SECONDS = 1.0
-LINGER_MAX_BYTES = 1024 * 1024
 # Heads of answers written without h11, shared by every connection.
 _PLAIN_RESPONSES = PlainResponses()
 

@@ -34,6 +34,7 @@ import trio
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from qkdd.constants import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, LINGER_SECONDS
 from qkdd.etsi014.key_pool import KeyServiceError
 from qkdd.http_server.accept import (
     ConnectionGate,
@@ -44,8 +45,6 @@ from qkdd.http_server.accept import (
 from qkdd.http_server.exchange import Caller
 from qkdd.http_server.limits import ConnectionTable
 from qkdd.http_server.serving import (
-    DEFAULT_REQUEST_TIMEOUT,
-    LINGER_SECONDS,
     BeforeSend,
     Handler,
     Observe,
@@ -55,7 +54,6 @@ from qkdd.http_server.serving import (
 )
 
 __all__ = [
-    "DEFAULT_HANDSHAKE_TIMEOUT",
     "IdentifyCertificate",
     "TlsConfigError",
     "certificate_names",
@@ -66,8 +64,6 @@ __all__ = [
 
 log = logging.getLogger("qkdd.api")
 
-# A TLS 1.3 handshake is two round trips; a peer needing longer is stalled or hostile.
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
 IdentifyCertificate = Callable[[x509.Certificate], frozenset[str]]
 

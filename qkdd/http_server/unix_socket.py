@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import trio
 
+from qkdd.constants import DEFAULT_REQUEST_TIMEOUT, LISTEN_BACKLOG
 from qkdd.etsi014.key_pool import KeyServiceError
 from qkdd.http_server.accept import (
     ConnectionGate,
@@ -38,7 +39,6 @@ from qkdd.http_server.accept import (
 from qkdd.http_server.exchange import Caller
 from qkdd.http_server.limits import ConnectionTable
 from qkdd.http_server.serving import (
-    DEFAULT_REQUEST_TIMEOUT,
     BeforeSend,
     Handler,
     Observe,
@@ -47,10 +47,6 @@ from qkdd.http_server.serving import (
 
 log = logging.getLogger("qkdd.api")
 
-# Connections the kernel queues before they are accepted (it caps this at
-# net.core.somaxconn, 4096 by default since Linux 5.4). Applications that connect in a
-# burst, e.g. at boot, while the daemon is busy, are queued rather than told EAGAIN.
-LISTEN_BACKLOG = 4096
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 Identify = Callable[[int, int], frozenset[str]]

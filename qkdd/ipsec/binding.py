@@ -15,6 +15,11 @@ from dataclasses import dataclass
 from typing import Final
 
 from qkdd import labels
+from qkdd.constants import (
+    IPSEC_DEFAULT_INTERVAL,
+    IPSEC_DEFAULT_MAX_KEY_AGE,
+    IPSEC_DEFAULT_STARTUP_TIMEOUT,
+)
 from qkdd.rotation.binding import (
     BindingValueError,
     RotationError,
@@ -24,11 +29,6 @@ from qkdd.rotation.binding import (
 )
 
 PPK_SIZE: Final = 32  # RFC 8784 asks for at least 256 bits of entropy
-# A reauthentication is a new IKE SA (a key exchange and authentication), more work than
-# a WireGuard handshake: rotate every few minutes by default.
-DEFAULT_INTERVAL: Final = 300.0
-DEFAULT_MAX_KEY_AGE: Final = 900.0
-DEFAULT_STARTUP_TIMEOUT: Final = 15.0
 DEFAULT_VICI_SOCKET: Final = "/var/run/charon.vici"
 
 # A swanctl.conf connection name is a section name: letters, digits, '-', '_', '.'.
@@ -55,9 +55,9 @@ class IpsecBinding:
     remote_sae: str
     ppk_id: str = ""
     vici_socket: str = DEFAULT_VICI_SOCKET
-    interval: float = DEFAULT_INTERVAL
-    max_key_age: float = DEFAULT_MAX_KEY_AGE
-    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
+    interval: float = IPSEC_DEFAULT_INTERVAL
+    max_key_age: float = IPSEC_DEFAULT_MAX_KEY_AGE
+    startup_timeout: float = IPSEC_DEFAULT_STARTUP_TIMEOUT
 
     def __post_init__(self) -> None:
         if self.ppk_id == "" and isinstance(self.name, str):

@@ -30,6 +30,7 @@ from typing import Final, Protocol
 
 import trio
 
+from qkdd.constants import REAUTH_POLL, REAUTH_WAIT, TERMINATE_WAIT_MS, VICI_TIMEOUT
 from qkdd.ipsec.binding import IpsecBinding, IpsecError
 from qkdd.ipsec.vici import (
     CommandExchange,
@@ -41,16 +42,6 @@ from qkdd.ipsec.vici import (
     text,
 )
 
-# Upper bound on one VICI command: a hung charon must not stall the loop that enforces
-# max_key_age.
-VICI_TIMEOUT: Final = 10.0
-# How long terminate waits for the peer to confirm the DELETE before charon drops the IKE
-# SA anyway (force): failing closed must not wait for a peer that is gone.
-TERMINATE_WAIT_MS: Final = 2000
-# How long a rotation waits for the new IKE SA (a key exchange and IKE_AUTH: well under a
-# second between two hosts), and how often it looks.
-REAUTH_WAIT: Final = 10.0
-REAUTH_POLL: Final = 0.1
 ESTABLISHED: Final = "ESTABLISHED"
 _READ_SIZE: Final = 65536
 

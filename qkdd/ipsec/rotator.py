@@ -24,8 +24,9 @@ import logging
 
 import trio
 
+from qkdd.constants import REAUTH_WAIT
 from qkdd.ipsec.binding import IpsecBinding, IpsecError, derive_ppk
-from qkdd.ipsec.charon import REAUTH_WAIT, CharonPpk, PpkInstaller
+from qkdd.ipsec.charon import CharonPpk, PpkInstaller
 from qkdd.rotation.rotator import KeyRotator
 
 __all__ = ["PpkRotator"]

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Union
 
+from qkdd.errors import ViciError
+
 MAX_SEGMENT: Final = 512 * 1024
 _LENGTH = struct.Struct(">I")
 _VALUE_LENGTH = struct.Struct(">H")
@@ -72,10 +74,6 @@ class Element:
 # A decoded message: values are bytes, lists of bytes, or nested sections.
 Value = Union[bytes, list[bytes], "Section"]
 Section = dict[str, Value]
-
-
-class ViciError(Exception):
-    """Base class of the VICI errors."""
 
 
 class ViciProtocolError(ViciError):

@@ -17,13 +17,12 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
 
 from qkdd import labels
+from qkdd.constants import REMEMBER_IDS_SECONDS
+from qkdd.errors import MessagingError
 from qkdd.hybrid import lp
 from qkdd.keystore import KeyStore
-
-REMEMBER_IDS_SECONDS: Final = 7 * 24 * 3600.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
@@ -47,7 +46,7 @@ CREATE TABLE IF NOT EXISTS message_ids_seen (
 """
 
 
-class InboxError(Exception):
+class InboxError(MessagingError):
     """A message cannot be accepted; the message says why (it goes back to the sender)."""
 
 

@@ -37,6 +37,7 @@ from typing import Final
 import trio
 
 from qkdd import labels
+from qkdd.constants import DELIVERY_TIMEOUT, MAX_MESSAGE_SIZE
 from qkdd.crypto import (
     AEAD_KEY_SIZE,
     AEAD_NONCE_SIZE,
@@ -49,6 +50,7 @@ from qkdd.crypto import (
     one_time_mac,
     one_time_mac_verify,
 )
+from qkdd.errors import MessagingError
 from qkdd.hybrid import lp
 from qkdd.keystore import HybridKey, KeyStore
 from qkdd.messaging.inbox import Inbox, InboxError, ReceivedMessage
@@ -57,17 +59,10 @@ from qkdd.store_pool import HasConfig, PeerCaller
 
 log = logging.getLogger("qkdd.messages")
 
-MAX_MESSAGE_SIZE: Final = 1024 * 1024
-# How long a send waits for the recipient's site to say "stored".
-DELIVERY_TIMEOUT: Final = 10.0
 PROTECTION_NAMES: Final = {Protection.HYBRID: "hybrid", Protection.OTP: "otp"}
 PROTECTIONS: Final = {name: code for code, name in PROTECTION_NAMES.items()}
 # A one-time key: one message, so a fixed nonce never repeats under it.
 _NONCE: Final = bytes(AEAD_NONCE_SIZE)
-
-
-class MessagingError(Exception):
-    """Base of the messaging layer's errors."""
 
 
 class BadMessage(MessagingError):

@@ -27,9 +27,10 @@ import binascii
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Final
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from qkdd.constants import MAX_WAIT_SECONDS
 from qkdd.etsi014.handler import caller_sae
 from qkdd.http_server.exchange import (
     JSON_HEADERS,
@@ -48,8 +49,6 @@ from qkdd.http_server.exchange import (
 from qkdd.http_server.paths import INBOX_PATH, INBOX_PREFIX, SEND_PREFIX
 from qkdd.messaging.inbox import ReceivedMessage
 from qkdd.messaging.messenger import BadMessage, Messenger, NotDelivered
-
-MAX_WAIT_SECONDS: Final = 300.0
 
 
 def send_body_limit(max_message: int) -> int:

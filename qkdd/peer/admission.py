@@ -20,7 +20,8 @@ peer we wait for. So:
   once, after which its slot is no longer evictable.
 
 The I/O layer also bounds time: a HELLO must arrive within HELLO_TIMEOUT of connecting, the
-whole handshake within HANDSHAKE_TIMEOUT (see qkdd.peering and docs/protocol.md §3.1).
+whole handshake within HANDSHAKE_TIMEOUT (see qkdd.peering and docs/protocol.md §3.1). The
+default slot counts and both timers are in qkdd.constants.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ import ipaddress
 from collections.abc import Callable, Iterable
 from typing import Final
 
-# Strangers' handshakes in progress, in all and per source address (per /64 for IPv6).
-MAX_PENDING_HANDSHAKES: Final = 32
-MAX_PENDING_HANDSHAKES_PER_ADDRESS: Final = 4
-# Handshake slots kept for each configured address of a peer: a peer runs one dial at a
-# time, so a few cover a restart racing its old connection.
-RESERVED_HANDSHAKES_PER_PEER_ADDRESS: Final = 4
+from qkdd.constants import (
+    MAX_PENDING_HANDSHAKES,
+    MAX_PENDING_HANDSHAKES_PER_ADDRESS,
+    RESERVED_HANDSHAKES_PER_PEER_ADDRESS,
+)
+
 _IPV6_GROUP_PREFIX: Final = 64
 
 

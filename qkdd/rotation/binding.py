@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from qkdd.config_reader import ID_PATTERN, ConfigReader
 from qkdd.crypto import hkdf
+from qkdd.errors import QkddError, RotationError
 from qkdd.hybrid import lp
 
 if TYPE_CHECKING:
@@ -34,16 +35,11 @@ __all__ = [
 ]
 
 
-class RotationError(Exception):
-    """Base class of every error of a tunnel binding's keys (WireGuard's and IPsec's errors
-    derive from it)."""
-
-
 class KeyMaterialError(RotationError, ValueError):
     """Key material of the wrong size for a tunnel key."""
 
 
-class BindingValueError(ValueError):
+class BindingValueError(QkddError, ValueError):
     """A bad binding value: the table (``wireguard``, ``ipsec``), which key, and what was
     expected (the config loader reports them, naming the file)."""
 

@@ -11,18 +11,11 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Final
 
+from qkdd.constants import RETRY_BACKOFF, STARTUP_RETRY_BACKOFF
 from qkdd.rotation.binding import RotatedBinding
 
 __all__ = ["KeyState", "RotationAction", "RotationPolicy"]
-
-# After a failed rotation: try again soon, long before the key gets too old, but do not
-# hammer an empty pool or a peer that is down.
-RETRY_BACKOFF: Final = 5.0
-# Before the first key the service is not ready yet; keys usually arrive within seconds of
-# the first peer session, so waiting a full RETRY_BACKOFF would only delay start-up.
-STARTUP_RETRY_BACKOFF: Final = 1.0
 
 
 class KeyState(enum.Enum):

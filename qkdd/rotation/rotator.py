@@ -31,15 +31,15 @@ import abc
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import ClassVar, Final, Generic, TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 import trio
 
+from qkdd.constants import ANNOUNCE_TIMEOUT
 from qkdd.rotation.binding import RotatedBinding, RotationError
 from qkdd.rotation.policy import KeyState, RotationAction, RotationPolicy
 
 __all__ = [
-    "ANNOUNCE_TIMEOUT",
     "Announce",
     "KeyRotator",
     "NoFreshKeyError",
@@ -49,10 +49,6 @@ __all__ = [
     "PeerUnreachableError",
     "TakeFreshKey",
 ]
-
-# Upper bound on one request to the peer: a hung peer must not stall the loop that
-# enforces max_key_age.
-ANNOUNCE_TIMEOUT: Final = 10.0
 
 # One ready hybrid key as (key_id, material), or None when the pool is empty.
 TakeFreshKey = Callable[[], tuple[str, bytes] | None]

@@ -23,13 +23,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from qkdd.constants import ANNOUNCE_TIMEOUT
 from qkdd.durability import Durable, already_durable
 from qkdd.keystore import KeyStore
 from qkdd.peer.calls import CallRefused
 from qkdd.peering import CallHandler, PeerLink, PeerUnavailable
 from qkdd.rotation.binding import RotatedBinding, RotationError
 from qkdd.rotation.rotator import (
-    ANNOUNCE_TIMEOUT,
     Announce,
     KeyRotator,
     PeerCheck,

@@ -11,20 +11,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from qkdd.constants import CONSUMED_MEMORY, FRAMES_READ_FIRST, FRAMES_READ_MOST
 from qkdd.store.database import Database
 from qkdd.store.qkd_frames import FRAME_COLUMNS, QkdFrame, RecentIds
 from qkdd.store.qkd_ids import QKD_KEY_ID_SIZE, raw_id, raw_ids
 
-# Used QKD key IDs remembered per peer at least, newest first: more than the largest
-# window of keys in flight a serial device may announce (65,535), so any key a device may
-# still re-send is recognised as used.
-CONSUMED_MEMORY: Final = 65_536
 # Key IDs per SQL statement when looking up many at once (SQLite's variable limit is higher).
 _LOOKUP_CHUNK: Final = 500
-# Frames read per statement, doubling up to the most: few for a short read, few
-# statements for a long one.
-FRAMES_READ_FIRST: Final = 4
-FRAMES_READ_MOST: Final = 256
 ALL_SEQS: Final = 2**62  # above every receive number
 # A frame's columns without its sealed material (``QkdFrame.sealed`` is then None).
 FRAME_HEAD: Final = "first_seq, key_count, key_size, held, used, key_ids, NULL"

@@ -16,6 +16,11 @@ from dataclasses import dataclass
 from typing import Final
 
 from qkdd import labels
+from qkdd.constants import (
+    WIREGUARD_DEFAULT_INTERVAL,
+    WIREGUARD_DEFAULT_MAX_KEY_AGE,
+    WIREGUARD_DEFAULT_STARTUP_TIMEOUT,
+)
 from qkdd.rotation.binding import (
     BindingValueError,
     RotationError,
@@ -26,11 +31,6 @@ from qkdd.rotation.binding import (
 
 PSK_SIZE: Final = 32  # WireGuard's pre-shared key: 32 bytes (the Noise IKpsk2 "psk")
 PUBLIC_KEY_SIZE: Final = 32  # a Curve25519 public key
-# WireGuard itself starts a new handshake every 120 s (REKEY_AFTER_TIME); a new PSK takes
-# effect at the next handshake, so rotating more often buys nothing.
-DEFAULT_INTERVAL: Final = 120.0
-DEFAULT_MAX_KEY_AGE: Final = 600.0
-DEFAULT_STARTUP_TIMEOUT: Final = 15.0
 
 # Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no '/', ':' or whitespace; a
 # leading '-' is refused too so the name can never be read as an option by `wg`.
@@ -56,9 +56,9 @@ class WireGuardBinding:
     peer_site: str
     local_sae: str
     remote_sae: str
-    interval: float = DEFAULT_INTERVAL
-    max_key_age: float = DEFAULT_MAX_KEY_AGE
-    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
+    interval: float = WIREGUARD_DEFAULT_INTERVAL
+    max_key_age: float = WIREGUARD_DEFAULT_MAX_KEY_AGE
+    startup_timeout: float = WIREGUARD_DEFAULT_STARTUP_TIMEOUT
     wg_command: str = "wg"
 
     def __post_init__(self) -> None:

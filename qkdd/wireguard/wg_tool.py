@@ -26,14 +26,10 @@ from typing import Final, Protocol
 
 import trio
 
+from qkdd.constants import MAX_STDERR_CHARS, WG_TIMEOUT
 from qkdd.rotation.binding import KeyMaterialError
 from qkdd.wireguard.binding import PSK_SIZE, WireGuardError
 
-# Upper bound on one run of `wg`: a hung tool must not stall the loop that enforces
-# max_key_age.
-WG_TIMEOUT: Final = 10.0
-# wg's own error messages are short; a cap keeps a misbehaving tool out of the logs.
-MAX_STDERR_CHARS: Final = 2000
 # `wg show IFACE dump`, one line per peer: public-key, preshared-key, endpoint,
 # allowed-ips, latest-handshake, transfer-rx, transfer-tx, persistent-keepalive (wg(8)).
 DUMP_PEER_FIELDS: Final = 8
