@@ -29,10 +29,10 @@ import trio
 from qkdd_drivers.base import QkdKey
 from qkdd_drivers.emulator.device_side import DeviceHalf
 from qkdd_drivers.emulator.key_source import RandomKeySource
-from qkdd_drivers.serial.constants import MAX_FRAME_SIZE, MAX_KEYS_PER_FRAME, MIN_FRAME_SIZE
 from qkdd_drivers.serial.driver import SerialDevice
 from qkdd_drivers.serial.framing import encode_frame
-from qkdd_drivers.serial.messages import KeyEntry, Keys, encode_message
+from qkdd_drivers.serial.serial_constants import MAX_FRAME_SIZE, MAX_KEYS_PER_FRAME, MIN_FRAME_SIZE
+from qkdd_drivers.serial.serial_messages import KeyEntry, Keys, encode_message
 
 # Only catches a child that never writes: it waits for the first byte, however slowly the
 # child starts on a loaded machine.

@@ -70,8 +70,8 @@ from qkdd.crypto import AT_REST_AEAD_ALGORITHM, Aead, PqcBackend, X25519KeyPair
 from qkdd.keystore import KeyStore
 from qkdd.link_params import LinkParameters
 from qkdd.peer.agreement import LinkAgreement
+from qkdd.peer.agreement_messages import LinkMessage, decode_message
 from qkdd.peer.connection import AuthKey, MessageReceived, PeerConnection, Role
-from qkdd.peer.messages import LinkMessage, decode_message
 from qkdd.peering import complete_handshake
 from qkdd.store.key_blocks import CHUNK_MATERIAL_BYTES
 

@@ -44,7 +44,7 @@ from qkdd.key_ids import key_id, uuid_prefix
 from qkdd.keystore import KeyStore, NewKeyBlock, StoredQkdKey
 from qkdd.link_params import LinkParameters
 from qkdd.peer.agreement import LinkAgreement
-from qkdd.peer.messages import LinkMessage, decode_message
+from qkdd.peer.agreement_messages import LinkMessage, decode_message
 from qkdd.store.qkd_lookup import CONSUMED_MEMORY
 
 QUICK_KEYS = 20_000

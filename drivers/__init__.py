@@ -9,7 +9,7 @@ core (``qkdd.client.roundtrip``) the KME driver shares.
 """
 
 from .base import DeviceStatus, KeySink, QkdDevice, QkdKey
-from .errors import DeviceError
+from .device_errors import DeviceError
 from .serial.driver import SerialDevice
 
 __all__ = ["DeviceError", "DeviceStatus", "KeySink", "QkdDevice", "QkdKey", "SerialDevice"]

@@ -24,7 +24,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import trio
 
 from .dedup import DEFAULT_RECENT_IDS, RecentKeyIds
-from .errors import DeviceError
+from .device_errors import DeviceError
 
 __all__ = [
     "DEFAULT_RECONNECT_INITIAL_DELAY",

@@ -22,10 +22,10 @@ from qkdd.config_reader import ConfigErrors as ConfigErrors
 from qkdd.constants import MAX_CONFIG_BYTES, QKD_BUFFER_MAX
 from qkdd.crypto import SIGNATURE_PUBLIC_KEY_SIZE
 from qkdd.crypto.select import BACKEND_CHOICES
-from qkdd.ipsec.binding import IpsecBinding
-from qkdd.ipsec.config import parse_ipsec, unique_names
-from qkdd.wireguard.binding import WireGuardBinding
-from qkdd.wireguard.config import parse_wireguard
+from qkdd.ipsec.ipsec_binding import IpsecBinding
+from qkdd.ipsec.ipsec_config import parse_ipsec, unique_names
+from qkdd.wireguard.wireguard_binding import WireGuardBinding
+from qkdd.wireguard.wireguard_config import parse_wireguard
 
 if sys.version_info >= (3, 11):  # noqa: UP036 - tomli stays declared for older Pythons
     import tomllib
@@ -33,7 +33,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 if TYPE_CHECKING:
-    from qkdd.skip.config import SkipConfig
+    from qkdd.skip.skip_config import SkipConfig
 
 T = TypeVar("T")
 
@@ -166,7 +166,7 @@ class SiteConfig:
     wireguard: tuple[WireGuardBinding, ...] = ()
     # [metrics]: Prometheus metrics on a listener of their own (None: only on the API socket).
     metrics: MetricsConfig | None = None
-    # [skip]: the SKIP key provider for routers (qkdd.skip.config; None: off).
+    # [skip]: the SKIP key provider for routers (qkdd.skip.skip_config; None: off).
     skip: SkipConfig | None = None
     # [[ipsec]]: IKEv2 connections of charon whose PPK is kept fresh from hybrid keys.
     ipsec: tuple[IpsecBinding, ...] = ()
@@ -401,7 +401,7 @@ def _consumer(reader: ConfigReader) -> ConsumerConfig:
 def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
     """The site config in ``data``; raises ConfigError, or ConfigErrors for several."""
     from qkdd.config_checks import cross_checks  # they build on this module
-    from qkdd.skip.config import parse_skip
+    from qkdd.skip.skip_config import parse_skip
 
     root = ConfigReader(file, data)
     problems = ConfigProblems()
@@ -571,7 +571,7 @@ def check_files(config: SiteConfig) -> list[ConfigError]:
     """Problems a daemon would hit at start that parsing alone cannot see (missing secret
     files, socket directories, [api.tls] files that do not load)."""
     from qkdd.config_checks import file_problems
-    from qkdd.skip.config import file_problems as skip_file_problems
+    from qkdd.skip.skip_config import file_problems as skip_file_problems
 
     return file_problems(config) + skip_file_problems(config)
 

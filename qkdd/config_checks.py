@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qkdd.config import ConfigError, ConsumerConfig, PeerConfig, SiteConfig
-from qkdd.wireguard.binding import WireGuardBinding
+from qkdd.wireguard.wireguard_binding import WireGuardBinding
 
 
 def _unique(file: Path, key: str, values: list[str]) -> None:

@@ -14,7 +14,7 @@ VICI's segment sizes (``qkdd.ipsec.vici``), what a SKIP or metrics request may b
 (``qkdd.store``), the crypto sizes (``qkdd.crypto``). A value derived from one of those
 stays beside its formula (``qkdd.peer_sessions.CLAIM_TIMEOUT``). The buffer size of one
 read stays with the code that reads. The drivers (``qkdd_drivers``) keep their own
-(``drivers/serial/constants.py``, ``drivers/kme/device.py``).
+(``drivers/serial/serial_constants.py``, ``drivers/kme/device.py``).
 
 Times are in seconds unless the name says otherwise. This module imports nothing, so any
 module, sans-IO ones included, may import it.

@@ -58,8 +58,8 @@ from qkdd.http_server.serving import BeforeSend, Observe
 from qkdd.http_server.tls import sae_ids_from_certificate, serve_tls
 from qkdd.http_server.unix_socket import serve_unix
 from qkdd.identity import load_identity, read_key_encryption_key
-from qkdd.ipsec.rotator import PpkRotator
-from qkdd.ipsec.wiring import make_ipsec_rotators
+from qkdd.ipsec.ipsec_wiring import make_ipsec_rotators
+from qkdd.ipsec.ppk_rotator import PpkRotator
 from qkdd.keystore import ErasedKey, KeyStore, StoreError
 from qkdd.messaging.inbox import Inbox
 from qkdd.messaging.messenger import Messenger
@@ -70,14 +70,14 @@ from qkdd.peer.calls import CallKind
 from qkdd.peer_listener import serve_peers
 from qkdd.peering import CallHandler, PeerLink
 from qkdd.progress import ProgressWatch
-from qkdd.rotation.rotator import KeyRotator
-from qkdd.skip.config import SkipConfig
+from qkdd.rotation.key_rotator import KeyRotator
 from qkdd.skip.listener import serve_skip
 from qkdd.skip.provider import SkipProvider
+from qkdd.skip.skip_config import SkipConfig
 from qkdd.status import RecentErrors, site_status
 from qkdd.store_pool import StoreKeyPool
 from qkdd.systemd import Notifier, listen_fds_with_names, watchdog_interval
-from qkdd.wireguard.wiring import make_wireguard_rotators
+from qkdd.wireguard.wireguard_wiring import make_wireguard_rotators
 
 log = logging.getLogger("qkdd.daemon")
 

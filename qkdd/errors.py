@@ -15,7 +15,7 @@ errors are defined in its module, under its root::
     │                       RowDoesNotOpen; qkdd.durability: DurabilityLost)
     ├── SystemdError        what the service manager handed over (ListenFdsError)
     ├── DeviceSetupError    a QKD device the daemon cannot build from [peers.device]
-    ├── PeerError           peers: the protocol (qkdd.peer.errors: PeerProtocolError and
+    ├── PeerError           peers: the protocol (qkdd.peer.peer_errors: PeerProtocolError and
     │                       below), key agreement (qkdd.link_params: LinkError,
     │                       SessionDead), calls and chains (qkdd.peering: PeerUnavailable,
     │                       PskChainLost)
@@ -45,9 +45,9 @@ CallRefused``), a session that ended (``qkdd.peer_sessions.PeerClosed``,
 Two trees stay apart, because their packages must not import this one:
 
 - ``qkdd.client`` is the standard-library-only light client for applications: its root
-  is ``qkdd.client.errors.ClientError`` (and ``HttpProtocolError`` for its HTTP parser).
+  is ``qkdd.client.client_errors.ClientError`` (and ``HttpProtocolError`` for its HTTP parser).
 - ``drivers/`` (``qkdd_drivers``) imports nothing of qkdd but the client: its root is
-  ``qkdd_drivers.errors.DeviceError``. The daemon meets device errors at one boundary.
+  ``qkdd_drivers.device_errors.DeviceError``. The daemon meets device errors at one boundary.
   Every driver's ``run`` retries its own faults (a KME or serial port that fails is
   reconnected, never fatal), so a device error ends the daemon only where it builds a
   driver from ``[peers.device]``: ``qkdd.peering.PeerLink`` turns the driver's

@@ -21,7 +21,7 @@ from qkdd.durability import Durable, already_durable
 from qkdd.peer.admission import HandshakeLimiter, HandshakeSlot, normalise_address
 from qkdd.peer.arbiter import Origin
 from qkdd.peer.connection import HandshakeComplete, MessageReceived, PeerConnection, Role
-from qkdd.peer.errors import PeerAuthenticationError, VersionMismatch
+from qkdd.peer.peer_errors import PeerAuthenticationError, VersionMismatch
 from qkdd.peering import (
     SESSION_ERRORS,
     HandshakeEvicted,

@@ -27,7 +27,7 @@ from qkdd.link_params import LinkError
 from qkdd.peer.agreement import PEER_SILENCE_TIMEOUT
 from qkdd.peer.arbiter import AbandonDial, Action, CloseSession, Origin, Run, SessionArbiter
 from qkdd.peer.connection import HandshakeComplete, MessageReceived, PeerConnection
-from qkdd.peer.errors import PeerProtocolError
+from qkdd.peer.peer_errors import PeerProtocolError
 from qkdd.wakeup import Wakeup
 
 RECEIVE_SIZE: Final = 64 * 1024

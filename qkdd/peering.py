@@ -27,7 +27,7 @@ import trio
 from qkdd_drivers.base import DeviceError, FetchByIdDevice, QkdDevice, QkdKey
 from qkdd_drivers.kme import Etsi014Device
 from qkdd_drivers.serial.driver import SerialDevice
-from qkdd_drivers.serial.messages import Identity
+from qkdd_drivers.serial.serial_messages import Identity
 
 from qkdd.config import Etsi014DeviceConfig, PeerConfig, SiteConfig
 from qkdd.constants import (
@@ -44,6 +44,7 @@ from qkdd.errors import DeviceSetupError, PeerError
 from qkdd.keystore import KeyStore
 from qkdd.link_params import LinkParameters
 from qkdd.peer.agreement import BATCH_KEYS, PAD_BITS_MAX, QKD_KEY_WAIT_SECONDS, LinkAgreement
+from qkdd.peer.agreement_messages import CallReply, LinkMessage, PeerCall, decode_message
 from qkdd.peer.arbiter import Origin
 from qkdd.peer.bootstrap import DialAuth, InitiatorAuthChoice
 from qkdd.peer.calls import CallRefused, CallTable, done, refusal, reply_body
@@ -55,8 +56,7 @@ from qkdd.peer.connection import (
     PeerConnection,
     Role,
 )
-from qkdd.peer.errors import PeerAuthenticationError, PeerProtocolError
-from qkdd.peer.messages import CallReply, LinkMessage, PeerCall, decode_message
+from qkdd.peer.peer_errors import PeerAuthenticationError, PeerProtocolError
 from qkdd.peer_sessions import (
     PEER_CLOSED_UNUSED,
     RECEIVE_SIZE,
@@ -275,12 +275,18 @@ class PeerLink:
         used. An operator's allowance only permits a bootstrap (qkdd.peer.bootstrap)."""
         peer = self.peer.site_id
         record = self._store.newest_ready_auth_key(peer)
+        pending = self._store.newer_pending_auth_key(peer)
         chain = self._store.chain_established(peer)
         choice = self._dial_auth.choose(
             holds_psk=record is not None,
             chain_established=chain,
             operator_allowed=self._store.operator_allowed_bootstrap(peer),
+            holds_pending_psk=pending is not None,
         )
+        if choice is DialAuth.PENDING_PSK:
+            assert pending is not None
+            log.info("event=dial_with_pending_psk peer=%s key=%s", peer, pending.key_id)
+            return AuthKey(pending.key_id, pending.material)
         if choice is DialAuth.NONE:
             raise PskChainLost
         if choice is DialAuth.PSK:
@@ -289,6 +295,13 @@ class PeerLink:
         if chain:  # else first contact: no PSK chain yet
             log.warning("event=bootstrap peer=%s reason=allowed-by-operator", peer)
         return None
+
+    def _dial_mode(self, auth_key: AuthKey | None) -> DialAuth:
+        """How a dial made with ``auth_key`` was authenticated."""
+        if auth_key is None:
+            return DialAuth.BOOTSTRAP
+        record = self._store.auth_key(self.peer.site_id, auth_key.key_id)
+        return DialAuth.PENDING_PSK if record is not None and not record.ready else DialAuth.PSK
 
     def why_unavailable(self) -> str | None:
         if self.device.status.state != "up":
@@ -423,8 +436,7 @@ class PeerLink:
             if failure is not None:
                 outcome = handshake_outcome(failure)
                 self._on_handshake(self.peer.site_id, mode_name(conn), outcome)
-                used = DialAuth.BOOTSTRAP if auth_key is None else DialAuth.PSK
-                self._dial_auth.handshake_failed(used, outcome)
+                self._dial_auth.handshake_failed(self._dial_mode(auth_key), outcome)
                 self.session_failed(failure)
             elif stream is not None:
                 log.debug(

@@ -15,7 +15,7 @@ from qkdd.crypto import PqcBackend
 from qkdd.keystore import KeyStore, StoredQkdKey
 from qkdd.link_params import LinkParameters
 from qkdd.peer.agreement import LinkAgreement
-from qkdd.peer.messages import LinkMessage, decode_message
+from qkdd.peer.agreement_messages import LinkMessage, decode_message
 
 SAES = {"site-a": "sae-a", "site-b": "sae-b"}
 

@@ -50,6 +50,7 @@ from qkdd.crypto import (
 from qkdd.keystore import KeyStore, StoredQkdKey
 from qkdd.link_params import LinkParameters
 from qkdd.peer.agreement import LinkAgreement
+from qkdd.peer.agreement_messages import STORE_ID_SIZE, LinkMessage, MessageType, decode_message
 from qkdd.peer.connection import (
     AuthKey,
     HandshakeComplete,
@@ -57,7 +58,6 @@ from qkdd.peer.connection import (
     PeerConnection,
     Role,
 )
-from qkdd.peer.messages import STORE_ID_SIZE, LinkMessage, MessageType, decode_message
 from qkdd.peer.wire import MAX_SESSION_BODY, FrameBuffer, FrameType
 
 VECTOR = Path(__file__).parent / "vectors" / "peer_transcript.json"

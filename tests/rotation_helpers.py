@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 
-from qkdd.rotation.rotator import KeyRotator, PeerUnreachableError
+from qkdd.rotation.key_rotator import KeyRotator, PeerUnreachableError
 
 # Timers short enough for minutes of virtual time, in the proportions of the defaults.
 FAST: dict[str, Any] = dict(interval=10.0, max_key_age=60.0, startup_timeout=15.0)

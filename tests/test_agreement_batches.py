@@ -14,7 +14,7 @@ from link_pair import pump_until_quiet
 from qkdd.keystore import KeyStore, StoredQkdKey
 from qkdd.link_params import LinkParameters
 from qkdd.peer.agreement import WINDOW, LinkAgreement
-from qkdd.peer.messages import BatchAck, KemOffer, KeyBatch, decode_message
+from qkdd.peer.agreement_messages import BatchAck, KemOffer, KeyBatch, decode_message
 
 KEK = bytes(range(32))
 SESSION = b"v" * 32

@@ -72,6 +72,52 @@ def test_without_a_psk_a_bootstrap_needs_consent_once_a_chain_exists() -> None:
     assert choice.choose(**lost, operator_allowed=True) is DialAuth.BOOTSTRAP
 
 
+def test_a_pending_psk_newer_than_any_ready_one_is_dialled_with_first() -> None:
+    """A site restarted after its peer committed a batch holds the batch's authentication
+    key pending: it dials with it first; refused, it makes one attempt as it would without
+    it, then tries the pending key again."""
+    choice = InitiatorAuthChoice()
+    first_psk = {"holds_psk": False, "chain_established": False, "operator_allowed": False}
+    assert choice.choose(**first_psk, holds_pending_psk=True) is DialAuth.PENDING_PSK
+    choice.handshake_failed(DialAuth.PENDING_PSK, "timeout")  # not a refusal: again
+    assert choice.choose(**first_psk, holds_pending_psk=True) is DialAuth.PENDING_PSK
+    choice.handshake_failed(DialAuth.PENDING_PSK, "closed")  # refused: the other site aborted
+    assert choice.choose(**first_psk, holds_pending_psk=True) is DialAuth.BOOTSTRAP
+    assert choice.choose(**first_psk, holds_pending_psk=True) is DialAuth.PENDING_PSK
+    later = {"holds_psk": True, "chain_established": True, "operator_allowed": False}
+    choice.handshake_failed(DialAuth.PENDING_PSK, "authentication_failed")
+    assert choice.choose(**later, holds_pending_psk=True) is DialAuth.PSK
+    choice.handshake_completed()
+    assert choice.choose(**later, holds_pending_psk=True) is DialAuth.PENDING_PSK
+    assert choice.choose(**later, holds_pending_psk=False) is DialAuth.PSK
+
+
+def pending_auth_batch(store: KeyStore, peer: str, batch_id: int) -> str:
+    """Store a batch holding one authentication key, pending; returns its key ID."""
+    key_id = str(uuid.uuid4())
+    store.add_batch(peer, batch_id, [], [], auth_keys=[StoredQkdKey(key_id, os.urandom(32))])
+    return key_id
+
+
+def test_the_store_names_a_pending_auth_key_only_while_it_is_the_newest(
+    tmp_path: Path,
+) -> None:
+    store = KeyStore(tmp_path / "keys.sqlite3", bytes(range(32)))
+    try:
+        assert store.newer_pending_auth_key("site-b") is None
+        first = pending_auth_batch(store, "site-b", 1)
+        record = store.newer_pending_auth_key("site-b")
+        assert record is not None and record.key_id == first and not record.ready
+        store.commit_batch("site-b", 1)
+        assert store.newer_pending_auth_key("site-b") is None  # ready now
+        second = pending_auth_batch(store, "site-b", 2)
+        record = store.newer_pending_auth_key("site-b")
+        assert record is not None and record.key_id == second
+        assert store.newer_pending_auth_key("site-c") is None
+    finally:
+        store.close()
+
+
 # -- the store and the status view -----------------------------------------------------------
 
 

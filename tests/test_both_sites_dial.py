@@ -209,11 +209,6 @@ def test_the_slave_brings_the_link_up_when_the_master_cannot_reach_it(tmp_path: 
         assert [line[3] for line in found] == [SITE_B.site_id], describe(link)
 
 
-@pytest.mark.xfail(
-    reason="not yet reliable: on a loaded machine (two CPU hogs) the restarted slave's dial "
-    "is not taken up within 180 s after the old session is declared dead; under study",
-    strict=False,
-)
 def test_a_restarted_slaves_dial_waits_until_the_old_session_is_declared_dead(
     tmp_path: Path,
 ) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import trio
 from qkdd_drivers.serial.driver import SerialDevice
-from qkdd_drivers.serial.messages import Identity
 from qkdd_drivers.serial.protocol import (
     DeviceProtocol,
     HostProtocol,
@@ -20,6 +19,7 @@ from qkdd_drivers.serial.protocol import (
     KeysReceived,
     SerialHandshakeComplete,
 )
+from qkdd_drivers.serial.serial_messages import Identity
 from test_drivers_serial import FAST, Pty, RecordingSink, new_half, running, wait_for
 from timeouts import timeout
 

@@ -11,18 +11,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from qkdd_drivers.serial.constants import PROTOCOL_VERSION_MAX
 from qkdd_drivers.serial.framing import FrameDecoder, SerialFrame, cobs_decode, encode_frame
-from qkdd_drivers.serial.messages import (
-    Ack,
-    KeyEntry,
-    Keys,
-    LinkState,
-    SerialErrorCode,
-    SerialMessageType,
-    decode_message,
-    encode_message,
-)
 from qkdd_drivers.serial.protocol import (
     DEVICE_TRANSITIONS,
     HOST_TRANSITIONS,
@@ -41,6 +30,17 @@ from qkdd_drivers.serial.protocol import (
     SequenceGap,
     SerialHandshakeComplete,
     StatusReceived,
+)
+from qkdd_drivers.serial.serial_constants import PROTOCOL_VERSION_MAX
+from qkdd_drivers.serial.serial_messages import (
+    Ack,
+    KeyEntry,
+    Keys,
+    LinkState,
+    SerialErrorCode,
+    SerialMessageType,
+    decode_message,
+    encode_message,
 )
 
 

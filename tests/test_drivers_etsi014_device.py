@@ -33,7 +33,7 @@ from qkdd_drivers.kme import (
     parse_kme_url,
     parse_status,
 )
-from qkdd_drivers.kme.errors import KME
+from qkdd_drivers.kme.kme_errors import KME
 from timeouts import timeout
 
 from qkdd.client.roundtrip import Exchange

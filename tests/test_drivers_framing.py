@@ -9,12 +9,6 @@ import tracemalloc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from qkdd_drivers.serial.constants import (
-    MAX_ENCODED_FRAME_SIZE,
-    MAX_FRAME_SIZE,
-    MAX_PAYLOAD_SIZE,
-    MIN_FRAME_SIZE,
-)
 from qkdd_drivers.serial.crc32c import CHECK_VALUE, crc32c, crc32c_native, crc32c_python
 from qkdd_drivers.serial.framing import (
     BAD_CRC,
@@ -28,6 +22,12 @@ from qkdd_drivers.serial.framing import (
     cobs_encode,
     decode_frame,
     encode_frame,
+)
+from qkdd_drivers.serial.serial_constants import (
+    MAX_ENCODED_FRAME_SIZE,
+    MAX_FRAME_SIZE,
+    MAX_PAYLOAD_SIZE,
+    MIN_FRAME_SIZE,
 )
 
 # -- CRC-32C ---------------------------------------------------------------------------

@@ -10,9 +10,9 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from qkdd_drivers.errors import MessageError, ProtocolError
-from qkdd_drivers.serial.constants import MAX_KEY_MATERIAL_SIZE, MAX_PAYLOAD_SIZE
-from qkdd_drivers.serial.messages import (
+from qkdd_drivers.device_errors import MessageError, ProtocolError
+from qkdd_drivers.serial.serial_constants import MAX_KEY_MATERIAL_SIZE, MAX_PAYLOAD_SIZE
+from qkdd_drivers.serial.serial_messages import (
     Ack,
     Identity,
     KeyEntry,

@@ -7,14 +7,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-from qkdd_drivers.serial.constants import (
+from qkdd_drivers.serial.framing import FrameDecoder, SerialFrame, cobs_decode, encode_frame
+from qkdd_drivers.serial.serial_constants import (
     MAX_ENCODED_FRAME_SIZE,
     MAX_FRAME_SIZE,
     MAX_PAYLOAD_SIZE,
     MIN_FRAME_SIZE,
 )
-from qkdd_drivers.serial.framing import FrameDecoder, SerialFrame, cobs_decode, encode_frame
-from qkdd_drivers.serial.messages import (
+from qkdd_drivers.serial.serial_messages import (
     Ack,
     KeyEntry,
     Keys,

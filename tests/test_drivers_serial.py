@@ -17,12 +17,12 @@ import pytest
 import trio
 from pty_pair import Pty
 from qkdd_drivers.base import QkdKey
+from qkdd_drivers.device_errors import DeviceBusyError, DeviceNotFoundError, NotATtyError
 from qkdd_drivers.emulator.device_side import DeviceHalf
-from qkdd_drivers.errors import DeviceBusyError, DeviceNotFoundError, NotATtyError
-from qkdd_drivers.serial.constants import PROTOCOL_VERSION_MAX as VERSION
 from qkdd_drivers.serial.driver import SerialDevice, open_serial_port
 from qkdd_drivers.serial.framing import encode_frame
-from qkdd_drivers.serial.messages import KeyEntry, Keys, encode_message
+from qkdd_drivers.serial.serial_constants import PROTOCOL_VERSION_MAX as VERSION
+from qkdd_drivers.serial.serial_messages import KeyEntry, Keys, encode_message
 from timeouts import timeout
 
 FAST = dict(
@@ -353,7 +353,7 @@ async def test_wrong_baud_rate_is_named_as_the_likely_cause(tmp_path: Path) -> N
 
 
 async def test_status_carries_device_figures(tmp_path: Path) -> None:
-    from qkdd_drivers.serial.messages import LinkState
+    from qkdd_drivers.serial.serial_messages import LinkState
 
     pty = Pty(tmp_path / "qkd")
     half = DeviceHalf("figures", status_interval=0.05, stats=lambda: (LinkState.UP, 0.0312, 12345))
@@ -466,7 +466,7 @@ async def test_slow_sink_is_not_mistaken_for_a_stalled_or_silent_device(
 def test_no_permission_on_the_device_is_named(tmp_path: Path) -> None:
     """Opened by a user without rights to the device node (a forked child that drops to
     uid 65534 when run as root, as the tests here are)."""
-    from qkdd_drivers.errors import DevicePermissionError
+    from qkdd_drivers.device_errors import DevicePermissionError
 
     master, slave = os.openpty()
     name = os.ttyname(slave)

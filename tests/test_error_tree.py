@@ -58,14 +58,14 @@ def test_every_daemon_error_is_under_the_root() -> None:
 def test_value_errors_stay_value_errors() -> None:
     from qkdd.ipsec.vici import ViciEncodeError
     from qkdd.key_ids import KeyIdError
-    from qkdd.rotation.binding import BindingValueError, KeyMaterialError
+    from qkdd.rotation.tunnel_binding import BindingValueError, KeyMaterialError
 
     for cls in (KeyIdError, BindingValueError, KeyMaterialError, ViciEncodeError):
         assert issubclass(cls, QkddError) and issubclass(cls, ValueError), cls
 
 
 def test_the_client_keeps_its_own_root() -> None:
-    from qkdd.client.errors import ClientError
+    from qkdd.client.client_errors import ClientError
 
     assert not issubclass(ClientError, QkddError)
 

@@ -38,11 +38,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from timeouts import timeout
 
-from drivers.errors import FrameError, MessageError
+from drivers.device_errors import FrameError, MessageError
 from drivers.serial.framing import FrameDecoder, decode_frame, encode_frame
-from drivers.serial.messages import LinkState
-from drivers.serial.messages import decode_message as decode_serial_message
 from drivers.serial.protocol import DeviceProtocol, HostProtocol
+from drivers.serial.serial_messages import LinkState
+from drivers.serial.serial_messages import decode_message as decode_serial_message
 from qkdd.config import ConfigError, load_config
 from qkdd.crypto import SIGNATURE_PUBLIC_KEY_SIZE, SigningKey
 from qkdd.crypto.select import select_backend
@@ -52,10 +52,7 @@ from qkdd.etsi014.memory_pool import MemoryKeyPool
 from qkdd.http_server.exchange import ApiRequest, ApiResponse, Caller, Deferred, Streamed
 from qkdd.http_server.unix_socket import serve_unix
 from qkdd.metrics import SiteMetrics
-from qkdd.peer.calls import KeyAssign, KeyAssignment, Protection, SealedMessage, WgInstall
-from qkdd.peer.connection import PeerConnection, Role
-from qkdd.peer.errors import RemoteProtocolError
-from qkdd.peer.messages import (
+from qkdd.peer.agreement_messages import (
     BatchAck,
     BatchDecision,
     BatchPurpose,
@@ -69,7 +66,10 @@ from qkdd.peer.messages import (
     Resync,
     StoreId,
 )
-from qkdd.peer.messages import decode_message as decode_link_message
+from qkdd.peer.agreement_messages import decode_message as decode_link_message
+from qkdd.peer.calls import KeyAssign, KeyAssignment, Protection, SealedMessage, WgInstall
+from qkdd.peer.connection import PeerConnection, Role
+from qkdd.peer.peer_errors import RemoteProtocolError
 from qkdd.peer.wire import FrameType, make_frame
 
 SHORT_RUN = 300

@@ -40,11 +40,11 @@ from qkdd.peer.calls import WgInstall
 from qkdd.peer.connection import PeerConnection
 from qkdd.peer_listener import serve_peers
 from qkdd.peering import PeerLink, StoreSink
-from qkdd.rotation.wiring import install_handler
+from qkdd.rotation.tunnel_wiring import install_handler
 from qkdd.store_pool import StoreKeyPool
-from qkdd.wireguard.binding import WireGuardBinding
-from qkdd.wireguard.rotator import PskRotator
-from qkdd.wireguard.wiring import WG_INSTALL_CALL
+from qkdd.wireguard.psk_rotator import PskRotator
+from qkdd.wireguard.wireguard_binding import WireGuardBinding
+from qkdd.wireguard.wireguard_wiring import WG_INSTALL_CALL
 
 KEK = bytes(range(32))
 CALLERS = 64

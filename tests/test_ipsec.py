@@ -34,15 +34,15 @@ from qkdd.config import ConfigError, load_config
 from qkdd.crypto.select import select_backend
 from qkdd.demo_sites import SITE_A, SITE_B
 from qkdd.identity import write_identity, write_key_encryption_key
-from qkdd.ipsec.binding import DEFAULT_VICI_SOCKET, IpsecBinding, IpsecError, derive_ppk
 from qkdd.ipsec.charon import CharonError, CharonUnreachableError
-from qkdd.ipsec.rotator import PpkRotator
+from qkdd.ipsec.ipsec_binding import DEFAULT_VICI_SOCKET, IpsecBinding, IpsecError, derive_ppk
+from qkdd.ipsec.ppk_rotator import PpkRotator
 from qkdd.peer.calls import CallKind, IpsecInstall, WgInstall
-from qkdd.peer.errors import RemoteProtocolError
-from qkdd.rotation.binding import BindingValueError, KeyMaterialError
+from qkdd.peer.peer_errors import RemoteProtocolError
+from qkdd.rotation.key_rotator import NotTheDrivingSiteError
 from qkdd.rotation.policy import KeyState, RotationAction, RotationPolicy
-from qkdd.rotation.rotator import NotTheDrivingSiteError
-from qkdd.wireguard.binding import derive_psk
+from qkdd.rotation.tunnel_binding import BindingValueError, KeyMaterialError
+from qkdd.wireguard.wireguard_binding import derive_psk
 
 NAME = "tunnel-a-b"
 SOCKET_A, SOCKET_B = "/run/site-a/charon.vici", "/run/site-b/charon.vici"

@@ -44,8 +44,8 @@ from timeouts import timeout, wait_until
 
 from qkdd.client import BlockingKeyClient, ClientError
 from qkdd.demo import RunningSite, running_demo
-from qkdd.ipsec.binding import IpsecBinding
 from qkdd.ipsec.charon import CharonError, CharonPpk, CharonUnreachableError, ViciClient
+from qkdd.ipsec.ipsec_binding import IpsecBinding
 
 pytestmark = pytest.mark.integration
 

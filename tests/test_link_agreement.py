@@ -12,7 +12,7 @@ from link_pair import pump_until_quiet
 from qkdd.keystore import KeyStore, StoredQkdKey
 from qkdd.link_params import LinkError, LinkParameters
 from qkdd.peer.agreement import QKD_KEY_WAIT_SECONDS, LinkAgreement
-from qkdd.peer.messages import (
+from qkdd.peer.agreement_messages import (
     BatchAck,
     BatchDecision,
     BatchPurpose,

@@ -13,7 +13,7 @@ from timeouts import timeout
 
 from qkdd.keystore import KeyStore
 from qkdd.peer.agreement import QKD_KEY_WAIT_SECONDS
-from qkdd.peer.messages import BatchAck, LinkMessage
+from qkdd.peer.agreement_messages import BatchAck, LinkMessage
 
 KEK = bytes(range(32))
 STEP = 0.05  # simulated seconds per round trip

@@ -27,7 +27,7 @@ from qkdd.crypto.select import select_backend
 from qkdd.keystore import KeyStore, NewHybridKey, NewKeyBlock, StoredQkdKey
 from qkdd.link_params import LinkError
 from qkdd.peer.agreement import LinkAgreement
-from qkdd.peer.messages import LinkMessage
+from qkdd.peer.agreement_messages import LinkMessage
 from qkdd.store.qkd_ids import QkdRun
 
 KEK = bytes(range(32))

@@ -39,7 +39,7 @@ from qkdd.demo_sites import SITE_A, SITE_B
 from qkdd.keystore import KeyStore, StoredQkdKey
 from qkdd.link_params import LinkError, LinkParameters
 from qkdd.peer.agreement import LinkAgreement
-from qkdd.peer.messages import KeyBatch
+from qkdd.peer.agreement_messages import KeyBatch
 from qkdd.peer.wire import FrameType
 
 POOL_SIZE = 64  # pool_size in the demo configs

@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from qkdd.crypto import AEAD_TAG_SIZE
+from qkdd.peer.agreement_messages import CallReply, PeerCall, decode_message
 from qkdd.peer.calls import (
     MAX_KEYS_PER_MESSAGE,
     CallRefused,
@@ -21,8 +22,7 @@ from qkdd.peer.calls import (
     refusal,
     reply_body,
 )
-from qkdd.peer.errors import RemoteProtocolError
-from qkdd.peer.messages import CallReply, PeerCall, decode_message
+from qkdd.peer.peer_errors import RemoteProtocolError
 from qkdd.peer.wire import MAX_SESSION_BODY
 
 

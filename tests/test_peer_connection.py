@@ -19,7 +19,7 @@ from qkdd.peer.connection import (
     Role,
     State,
 )
-from qkdd.peer.errors import LocalProtocolError, PeerAuthenticationError, RemoteProtocolError
+from qkdd.peer.peer_errors import LocalProtocolError, PeerAuthenticationError, RemoteProtocolError
 from qkdd.peer.wire import (
     FRAME_HEADER,
     MAX_HANDSHAKE_BODY,

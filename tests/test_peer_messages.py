@@ -12,9 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkdd.peer.connection import HandshakeResponse, Hello
-from qkdd.peer.errors import RemoteProtocolError
-from qkdd.peer.messages import (
+from qkdd.peer.agreement_messages import (
     MAX_KEYS_PER_BATCH,
     BatchAck,
     BatchDecision,
@@ -27,6 +25,8 @@ from qkdd.peer.messages import (
     StoreId,
     decode_message,
 )
+from qkdd.peer.connection import HandshakeResponse, Hello
+from qkdd.peer.peer_errors import RemoteProtocolError
 from qkdd.peer.wire import MAX_HANDSHAKE_BODY, FrameBuffer
 
 FIRST = uuid.uuid4().bytes

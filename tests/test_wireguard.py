@@ -36,11 +36,11 @@ from timeouts import timeout
 from wg_standin import StandinWg, install_standin, path_with
 
 from qkdd import labels
-from qkdd.rotation.binding import KeyMaterialError
-from qkdd.rotation.rotator import NotTheDrivingSiteError, PeerUnreachableError
-from qkdd.wireguard.binding import WireGuardBinding, WireGuardError, derive_psk
-from qkdd.wireguard.rotator import PskRotator
+from qkdd.rotation.key_rotator import NotTheDrivingSiteError, PeerUnreachableError
+from qkdd.rotation.tunnel_binding import KeyMaterialError
+from qkdd.wireguard.psk_rotator import PskRotator
 from qkdd.wireguard.wg_tool import WgCommandError
+from qkdd.wireguard.wireguard_binding import WireGuardBinding, WireGuardError, derive_psk
 
 PUB_A = base64.b64encode(bytes(range(32))).decode()  # site A's WireGuard public key
 PUB_B = base64.b64encode(bytes(range(100, 132))).decode()

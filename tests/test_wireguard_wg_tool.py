@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from wg_standin import StandinWg, install_standin, path_with
 
-from qkdd.rotation.binding import KeyMaterialError
+from qkdd.rotation.tunnel_binding import KeyMaterialError
 from qkdd.wireguard.wg_tool import (
     PeerSettings,
     WgCommandError,

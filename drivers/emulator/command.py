@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import trio
 
-from ..serial.constants import (
+from ..serial.serial_constants import (
     DEFAULT_RETRANSMIT_TIMEOUT,
     DEFAULT_STATUS_INTERVAL,
     DEFAULT_WINDOW,

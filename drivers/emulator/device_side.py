@@ -19,8 +19,6 @@ from collections.abc import Callable
 
 import trio
 
-from ..serial.constants import DEFAULT_RETRANSMIT_TIMEOUT, DEFAULT_STATUS_INTERVAL, DEFAULT_WINDOW
-from ..serial.messages import Identity, LinkState
 from ..serial.protocol import (
     DeviceProtocol,
     DeviceState,
@@ -30,6 +28,12 @@ from ..serial.protocol import (
     KeysAcked,
     PeerIncompatible,
 )
+from ..serial.serial_constants import (
+    DEFAULT_RETRANSMIT_TIMEOUT,
+    DEFAULT_STATUS_INTERVAL,
+    DEFAULT_WINDOW,
+)
+from ..serial.serial_messages import Identity, LinkState
 from .key_source import KeySource
 
 __all__ = ["DeviceHalf", "EmulatedLink"]

@@ -57,7 +57,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..errors import DeviceError
+from ..device_errors import DeviceError
 from .physics import DecoyStats, PartyRecord, pack_to_bytes, unpack_from_bytes
 
 __all__ = [

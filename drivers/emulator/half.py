@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..serial.messages import Identity, LinkState
+from ..serial.serial_messages import Identity, LinkState
 from .bb84_source import Bb84KeySource
 from .device_side import RATE_WINDOW, DeviceHalf
 from .fibre_protocol import (

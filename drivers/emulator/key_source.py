@@ -14,7 +14,7 @@ import secrets
 import uuid
 from typing import Protocol
 
-from ..serial.constants import MAX_KEY_MATERIAL_SIZE
+from ..serial.serial_constants import MAX_KEY_MATERIAL_SIZE
 
 __all__ = ["KeySource", "RandomKeySource"]
 

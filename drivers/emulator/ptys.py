@@ -11,7 +11,7 @@ import os
 import tty
 from dataclasses import dataclass
 
-from ..errors import DeviceError
+from ..device_errors import DeviceError
 
 __all__ = ["EmulatorError", "PtyLink", "close_pty_link", "open_pty_link"]
 

@@ -1,13 +1,14 @@
 """QKD keys from a key management entity (KME) serving ETSI GS QKD 014: ``Etsi014Device``.
 
-By job: ``errors`` (what goes wrong, for operators), ``objects`` (the KME's URL and the
+By job: ``kme_errors`` (what goes wrong, for operators), ``objects`` (the KME's URL and the
 standard's JSON objects, without I/O), ``https`` (TLS and one kept-alive connection, on the
 HTTP client core shared with qkdd's own client, ``qkdd.client.roundtrip``), ``device``
 (the master's and the slave's loops, backoff and status).
 """
 
 from .device import Etsi014Device, KmeRole
-from .errors import (
+from .https import kme_ssl_context
+from .kme_errors import (
     KmeConfigError,
     KmeError,
     KmeRefusedError,
@@ -19,7 +20,6 @@ from .errors import (
     KmeUnreachableError,
     UnknownKeyIdsError,
 )
-from .https import kme_ssl_context
 from .objects import (
     KmeEndpoint,
     KmeStatus,

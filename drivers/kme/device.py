@@ -36,7 +36,8 @@ from ..base import (
     QkdKey,
 )
 from ..dedup import DEFAULT_RECENT_IDS
-from .errors import (
+from .https import KmeConnection, kme_ssl_context
+from .kme_errors import (
     KmeConfigError,
     KmeError,
     KmeRefusedError,
@@ -45,7 +46,6 @@ from .errors import (
     UnknownKeyIdsError,
     refusal,
 )
-from .https import KmeConnection, kme_ssl_context
 from .objects import KmeStatus, parse_key_container, parse_kme_url, parse_status
 
 __all__ = ["Etsi014Device", "KmeRole"]

@@ -28,7 +28,7 @@ from qkdd.client.roundtrip import (
 )
 from qkdd.client.trio_client import open_tls_stream
 
-from .errors import KME, KmeConfigError, KmeTlsError, KmeUnreachableError
+from .kme_errors import KME, KmeConfigError, KmeTlsError, KmeUnreachableError
 from .objects import KmeEndpoint
 
 __all__ = ["KmeConnection", "kme_ssl_context"]

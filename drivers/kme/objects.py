@@ -16,7 +16,7 @@ from urllib.parse import quote, urlsplit
 from qkdd.client.roundtrip import key_entries
 
 from ..base import QkdKey
-from .errors import KME, KmeConfigError, KmeResponseError
+from .kme_errors import KME, KmeConfigError, KmeResponseError
 
 __all__ = [
     "API_PATH",

@@ -44,7 +44,7 @@ from ..base import (
     QkdKey,
 )
 from ..dedup import DEFAULT_RECENT_IDS
-from ..errors import (
+from ..device_errors import (
     DeviceBusyError,
     DeviceError,
     DeviceHangupError,
@@ -57,8 +57,6 @@ from ..errors import (
     NotATtyError,
     WrongDeviceError,
 )
-from .constants import DEFAULT_HELLO_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_STALL_TIMEOUT
-from .messages import Identity, KeyEntry, LinkState, SerialErrorCode
 from .protocol import (
     ErrorReceived,
     FrameDropped,
@@ -73,6 +71,8 @@ from .protocol import (
     SerialHandshakeComplete,
     StatusReceived,
 )
+from .serial_constants import DEFAULT_HELLO_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_STALL_TIMEOUT
+from .serial_messages import Identity, KeyEntry, LinkState, SerialErrorCode
 
 __all__ = ["SerialDevice", "open_serial_port"]
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..errors import FrameError
-from .constants import (
+from ..device_errors import FrameError
+from .crc32c import crc32c
+from .serial_constants import (
     CRC_SIZE,
     FRAME_HEADER_SIZE,
     MAX_ENCODED_FRAME_SIZE,
@@ -25,7 +26,6 @@ from .constants import (
     MIN_FRAME_SIZE,
     SEQ_MODULUS,
 )
-from .crc32c import crc32c
 
 __all__ = [
     "SerialFrame",

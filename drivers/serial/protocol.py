@@ -28,8 +28,24 @@ import collections
 import enum
 from collections.abc import Callable, Iterable, Sequence
 
-from ..errors import FrameError, MessageError
-from .constants import (
+from ..device_errors import FrameError, MessageError
+from .framing import FrameDecoder, SerialFrame, encode_frame
+from .protocol_events import (
+    DeviceEvent,
+    ErrorReceived,
+    FrameDropped,
+    HostConnected,
+    HostEvent,
+    KeysAcked,
+    KeysReceived,
+    MessageIgnored,
+    PeerIncompatible,
+    RehandshakeStarted,
+    SequenceGap,
+    SerialHandshakeComplete,
+    StatusReceived,
+)
+from .serial_constants import (
     DEFAULT_RETRANSMIT_TIMEOUT,
     DEFAULT_WINDOW,
     HELLO_FRAME_VERSION,
@@ -45,8 +61,7 @@ from .constants import (
     PROTOCOL_VERSION_MIN,
     SEQ_MODULUS,
 )
-from .framing import FrameDecoder, SerialFrame, encode_frame
-from .messages import (
+from .serial_messages import (
     Ack,
     Identity,
     KeyEntry,
@@ -61,21 +76,6 @@ from .messages import (
     Status,
     decode_message,
     encode_message,
-)
-from .protocol_events import (
-    DeviceEvent,
-    ErrorReceived,
-    FrameDropped,
-    HostConnected,
-    HostEvent,
-    KeysAcked,
-    KeysReceived,
-    MessageIgnored,
-    PeerIncompatible,
-    RehandshakeStarted,
-    SequenceGap,
-    SerialHandshakeComplete,
-    StatusReceived,
 )
 
 __all__ = [

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .messages import Identity, KeyEntry, SerialMessageType, Status
+from .serial_messages import Identity, KeyEntry, SerialMessageType, Status
 
 __all__ = [
     "DeviceEvent",

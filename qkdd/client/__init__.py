@@ -45,13 +45,13 @@ from __future__ import annotations
 from qkdd.client.api import DeliveredKey, Message
 from qkdd.client.asyncio_client import AsyncioKeyClient
 from qkdd.client.blocking import BlockingKeyClient
-from qkdd.client.endpoint import DEFAULT_TIMEOUT, client_ssl_context
-from qkdd.client.errors import (
+from qkdd.client.client_errors import (
     BadResponse,
     ClientError,
     KeyServiceClientError,
     KeyServiceUnreachable,
 )
+from qkdd.client.endpoint import DEFAULT_TIMEOUT, client_ssl_context
 from qkdd.client.trio_client import KeyClient, TrioKeyClient
 
 __all__ = [

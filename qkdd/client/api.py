@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
+from qkdd.client.client_errors import BadResponse, KeyServiceClientError
 from qkdd.client.endpoint import KEY_SERVICE
-from qkdd.client.errors import BadResponse, KeyServiceClientError
 from qkdd.client.http import ClientConnection, ConnectionClosed, Data, EndOfMessage, Response
 from qkdd.client.roundtrip import json_headers, key_entries, receive_events
 from qkdd.http_server.paths import (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 
-from qkdd.client.errors import BadResponse, ClientError, KeyServiceUnreachable
+from qkdd.client.client_errors import BadResponse, ClientError, KeyServiceUnreachable
 from qkdd.client.roundtrip import Service, connect_reason, first_failure, tls_reason
 
 __all__ = ["DEFAULT_TIMEOUT", "KEY_SERVICE", "Endpoint", "client_ssl_context"]

@@ -24,8 +24,8 @@ from typing import Any, Generic, ParamSpec, Self, TypeVar, overload
 
 from qkdd.client import api
 from qkdd.client.api import Call, LineStream, Stream, sae_header
+from qkdd.client.client_errors import ClientError, KeyServiceUnreachable
 from qkdd.client.endpoint import DEFAULT_TIMEOUT, KEY_SERVICE, Endpoint, client_ssl_context, failed
-from qkdd.client.errors import ClientError, KeyServiceUnreachable
 from qkdd.client.roundtrip import (
     Action,
     Close,

@@ -12,8 +12,8 @@ import contextlib
 from typing import TYPE_CHECKING, TypeVar
 
 from qkdd.client.api import Call
+from qkdd.client.client_errors import KeyServiceUnreachable
 from qkdd.client.endpoint import KEY_SERVICE, RECEIVE_SIZE, Endpoint, unreachable
-from qkdd.client.errors import KeyServiceUnreachable
 from qkdd.client.front import AsyncFrontEnd
 from qkdd.client.roundtrip import tls_reason
 

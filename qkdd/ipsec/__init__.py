@@ -2,6 +2,6 @@
 ``[[ipsec]]`` bindings, strongSwan's VICI protocol, the charon client, the rotation policy
 and loop, and the wiring to the store and the peer links (``docs/ipsec.md``).
 
-Importing the package loads nothing else: ``qkdd.config`` uses ``binding`` and ``config``
-alone, without Trio.
+Importing the package loads nothing else: ``qkdd.config`` uses ``ipsec_binding`` and
+``ipsec_config`` alone, without Trio.
 """

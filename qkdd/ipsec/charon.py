@@ -31,7 +31,7 @@ from typing import Final, Protocol
 import trio
 
 from qkdd.constants import REAUTH_POLL, REAUTH_WAIT, TERMINATE_WAIT_MS, VICI_TIMEOUT
-from qkdd.ipsec.binding import IpsecBinding, IpsecError
+from qkdd.ipsec.ipsec_binding import IpsecBinding, IpsecError
 from qkdd.ipsec.vici import (
     CommandExchange,
     CommandUnknownError,

@@ -15,15 +15,7 @@ from qkdd.crypto import CryptoError, PqcBackend
 from qkdd.hybrid import BatchDeriver, KemExchange, KeyContext
 from qkdd.key_ids import key_id
 from qkdd.link_params import LinkError, LinkParameters
-from qkdd.peer.agreement_store import AgreementStore, id_bytes
-from qkdd.peer.batching import (
-    BATCH_REPLY_TIMEOUT,
-    MAX_PAD_DEMAND,
-    PAD_BITS_MAX,
-    WINDOW,
-    store_batch,
-)
-from qkdd.peer.messages import (
+from qkdd.peer.agreement_messages import (
     MAX_QKD_KEYS_PER_BATCH,
     BatchAck,
     BatchDecision,
@@ -34,6 +26,14 @@ from qkdd.peer.messages import (
     PadDemand,
     PoolDemand,
     Resync,
+)
+from qkdd.peer.agreement_store import AgreementStore, id_bytes
+from qkdd.peer.batching import (
+    BATCH_REPLY_TIMEOUT,
+    MAX_PAD_DEMAND,
+    PAD_BITS_MAX,
+    WINDOW,
+    store_batch,
 )
 from qkdd.peer.randomness import Randomness
 from qkdd.store.qkd_ids import id_index

@@ -15,17 +15,7 @@ from dataclasses import dataclass
 from qkdd.crypto import KemPrivateKey, PqcBackend
 from qkdd.hybrid import BatchDeriver, KemExchange, KeyContext
 from qkdd.link_params import LinkError, LinkParameters
-from qkdd.peer.agreement_store import AgreementStore, id_text
-from qkdd.peer.batching import (
-    AUTH_KEY_BITS_RANGE,
-    BATCH_REPLY_TIMEOUT,
-    PAD_BITS_MAX,
-    QKD_KEY_WAIT_SECONDS,
-    WINDOW,
-    store_batch,
-)
-from qkdd.peer.horizon import log_orphans
-from qkdd.peer.messages import (
+from qkdd.peer.agreement_messages import (
     BatchAck,
     BatchDecision,
     BatchPurpose,
@@ -36,6 +26,16 @@ from qkdd.peer.messages import (
     PoolDemand,
     Resync,
 )
+from qkdd.peer.agreement_store import AgreementStore, id_text
+from qkdd.peer.batching import (
+    AUTH_KEY_BITS_RANGE,
+    BATCH_REPLY_TIMEOUT,
+    PAD_BITS_MAX,
+    QKD_KEY_WAIT_SECONDS,
+    WINDOW,
+    store_batch,
+)
+from qkdd.peer.horizon import log_orphans
 from qkdd.peer.randomness import Randomness
 from qkdd.store.qkd_ids import QkdRun
 

@@ -14,8 +14,8 @@ from qkdd import labels
 from qkdd.hybrid import BatchBinding, BatchDeriver
 from qkdd.key_ids import key_id
 from qkdd.keystore import NewHybridKey, NewKeyBlock, StoredQkdKey
+from qkdd.peer.agreement_messages import BatchPurpose, KeyBatch
 from qkdd.peer.agreement_store import AgreementStore
-from qkdd.peer.messages import BatchPurpose, KeyBatch
 from qkdd.store.qkd_ids import QkdRun
 
 # Batches in flight at once (each uses one of the slave's ML-KEM offers): enough that the

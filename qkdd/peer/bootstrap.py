@@ -19,6 +19,17 @@ healthy link at most one refused attempt after a stray close, never the link.
 
 The responder's side is one rule, kept by the key store: it accepts a bootstrap only while
 one is permitted. Each side's allowance ends when a new authentication key is committed.
+
+A PSK still pending here. The master commits a batch before the slave learns that it did,
+so a site restarted in between holds the batch's authentication key as *pending* while the
+other site holds it ready, and may hold no ready key at all (the first PSK of a chain):
+dialling with a bootstrap would then be refused, and with the older ready key too once the
+other site erased it. So a site that holds a pending key newer than its newest ready one
+dials with that key first (the responder accepts a key it holds, pending or ready, and a
+completed handshake commits the batch at both: ``auth_key_proven``). If that handshake is
+refused (the other site aborted the batch and erased the key), the next dial goes back to
+the choice above, and the one after that tries the pending key again, so a stray close
+costs one attempt.
 """
 
 from __future__ import annotations
@@ -35,6 +46,8 @@ class DialAuth(enum.Enum):
     """What the next handshake is authenticated with."""
 
     PSK = "psk"
+    # The newest authentication key, still pending here (see above).
+    PENDING_PSK = "pending-psk"
     BOOTSTRAP = "bootstrap"
     # Neither may be used: no PSK, and a bootstrap is not permitted (fail closed).
     NONE = "none"
@@ -43,16 +56,27 @@ class DialAuth(enum.Enum):
 class InitiatorAuthChoice:
     """The master's choice between its PSK and a bootstrap, one handshake at a time.
 
-    Holds one bit of memory: whether the responder refused the last PSK handshake. It is
-    not persisted: after a restart the master offers its PSK first again."""
+    Holds two bits of memory: whether the responder refused the last PSK handshake, and
+    whether it refused the last one made with a pending key. Neither is persisted: after a
+    restart the site offers its newest key first again."""
 
     def __init__(self) -> None:
         self.psk_refused = False
+        self.pending_refused = False
 
     def choose(
-        self, *, holds_psk: bool, chain_established: bool, operator_allowed: bool
+        self,
+        *,
+        holds_psk: bool,
+        chain_established: bool,
+        operator_allowed: bool,
+        holds_pending_psk: bool = False,
     ) -> DialAuth:
-        """The mode for the next handshake, from what the store says now."""
+        """The mode for the next handshake, from what the store says now
+        (``holds_pending_psk``: a pending key newer than any ready one)."""
+        if holds_pending_psk and not self.pending_refused:
+            return DialAuth.PENDING_PSK
+        self.pending_refused = False  # the attempt after this one tries it again
         permitted = not chain_established or operator_allowed
         if holds_psk and not (self.psk_refused and permitted):
             return DialAuth.PSK
@@ -62,7 +86,10 @@ class InitiatorAuthChoice:
 
     def handshake_failed(self, used: DialAuth, outcome: str) -> None:
         """A handshake made with ``used`` failed with ``outcome`` (before it completed)."""
-        if used is DialAuth.PSK:
+        if used is DialAuth.PENDING_PSK:
+            if outcome in PSK_REFUSED_OUTCOMES:
+                self.pending_refused = True
+        elif used is DialAuth.PSK:
             if outcome in PSK_REFUSED_OUTCOMES:
                 self.psk_refused = True
         elif used is DialAuth.BOOTSTRAP:
@@ -70,3 +97,4 @@ class InitiatorAuthChoice:
 
     def handshake_completed(self) -> None:
         self.psk_refused = False
+        self.pending_refused = False

@@ -21,8 +21,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import ClassVar, Final, Self
 
-from qkdd.peer.errors import RemoteProtocolError
-from qkdd.peer.messages import CallOutcome, CallReply, PeerCall
+from qkdd.peer.agreement_messages import CallOutcome, CallReply, PeerCall
+from qkdd.peer.peer_errors import RemoteProtocolError
 from qkdd.peer.wire import Reader, Writer
 
 MAX_ASSIGNMENTS: Final = 1024

@@ -58,7 +58,7 @@ from qkdd.crypto import (
     hkdf_extract,
     mac,
 )
-from qkdd.peer.errors import (
+from qkdd.peer.peer_errors import (
     LocalProtocolError,
     PeerAuthenticationError,
     RemoteProtocolError,

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Collection, Iterable, Sequence
 from typing import Final, Protocol
 
-from qkdd.peer.messages import HORIZON_KEYS_FIRST, MAX_HORIZON_KEYS, QkdHorizon, QkdSkip
+from qkdd.peer.agreement_messages import HORIZON_KEYS_FIRST, MAX_HORIZON_KEYS, QkdHorizon, QkdSkip
 from qkdd.store.qkd_alignment import HorizonOutcome
 
 log = logging.getLogger("qkdd.link")

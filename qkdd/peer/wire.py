@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from qkdd.peer.errors import RemoteProtocolError, VersionMismatch
+from qkdd.peer.peer_errors import RemoteProtocolError, VersionMismatch
 
 # Version 3: a KEY_BATCH is thousands of keys of one SAE pair named by a run of QKD keys,
 # with derived key IDs, and several batches fly at once (docs/protocol.md §5). Version 2

@@ -13,7 +13,7 @@ import enum
 import math
 
 from qkdd.constants import RETRY_BACKOFF, STARTUP_RETRY_BACKOFF
-from qkdd.rotation.binding import RotatedBinding
+from qkdd.rotation.tunnel_binding import RotatedBinding
 
 __all__ = ["KeyState", "RotationAction", "RotationPolicy"]
 

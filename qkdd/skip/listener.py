@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import hashes
 from qkdd.http_server.limits import ConnectionTable
 from qkdd.http_server.serving import BeforeSend
 from qkdd.http_server.tls import TlsConfigError, sae_ids_from_certificate, serve_tls
-from qkdd.skip.config import SkipConfig
 from qkdd.skip.provider import SkipProvider
+from qkdd.skip.skip_config import SkipConfig
 
 __all__ = ["SkipListenerError", "local_systems_from_certificate", "serve_skip"]
 

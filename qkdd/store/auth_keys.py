@@ -140,6 +140,19 @@ class AuthKeys(Database):
                 return AuthKeyRecord(key_id, material, True)
         return None
 
+    def newer_pending_auth_key(self, peer_site: str) -> AuthKeyRecord | None:
+        """The newest authentication key if it is still pending here, newer than every
+        ready one: the peer may already hold it ready (``qkdd.peer.bootstrap``)."""
+        row = self._db.execute(
+            "SELECT key_id, material, state FROM auth_keys WHERE peer_site=?"
+            " ORDER BY seq DESC LIMIT 1",
+            (peer_site,),
+        ).fetchone()
+        if row is None or row[2] != "pending":
+            return None
+        material = self._open_auth(peer_site, row[0], row[1])
+        return None if material is None else AuthKeyRecord(row[0], material, False)
+
     def _open_auth(self, peer_site: str, key_id: str, sealed: bytes) -> bytes | None:
         # A PSK that does not open is as good as lost: the handshake goes on as without
         # it (a bootstrap only if allowed, see psk_chain_lost), never with other material.

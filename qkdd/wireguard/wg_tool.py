@@ -27,8 +27,8 @@ from typing import Final, Protocol
 import trio
 
 from qkdd.constants import MAX_STDERR_CHARS, WG_TIMEOUT
-from qkdd.rotation.binding import KeyMaterialError
-from qkdd.wireguard.binding import PSK_SIZE, WireGuardError
+from qkdd.rotation.tunnel_binding import KeyMaterialError
+from qkdd.wireguard.wireguard_binding import PSK_SIZE, WireGuardError
 
 # `wg show IFACE dump`, one line per peer: public-key, preshared-key, endpoint,
 # allowed-ips, latest-handshake, transfer-rx, transfer-tx, persistent-keepalive (wg(8)).

@@ -1,6 +1,6 @@
 """The Trio loop that keeps one binding's key fresh at one site, whatever the tunnel:
-:class:`KeyRotator`. A tunnel kind (``qkdd.wireguard.rotator.PskRotator``,
-``qkdd.ipsec.rotator.PpkRotator``) supplies what differs: how its key is derived,
+:class:`KeyRotator`. A tunnel kind (``qkdd.wireguard.psk_rotator.PskRotator``,
+``qkdd.ipsec.ppk_rotator.PpkRotator``) supplies what differs: how its key is derived,
 installed, taken up by the tunnel and torn down to fail closed, and the words of its logs,
 errors and status row.
 
@@ -36,8 +36,8 @@ from typing import ClassVar, Generic, TypeVar
 import trio
 
 from qkdd.constants import ANNOUNCE_TIMEOUT
-from qkdd.rotation.binding import RotatedBinding, RotationError
 from qkdd.rotation.policy import KeyState, RotationAction, RotationPolicy
+from qkdd.rotation.tunnel_binding import RotatedBinding, RotationError
 
 __all__ = [
     "Announce",

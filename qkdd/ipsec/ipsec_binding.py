@@ -1,7 +1,7 @@
 """One ``[[ipsec]]`` binding: its settings, checked, and the PPK derived for it from a
 hybrid key. No Trio and no I/O here, so the config loader can use it. What every tunnel
 binding shares (the checks of names and timers, the derivation, the error root) is
-``qkdd.rotation.binding``.
+``qkdd.rotation.tunnel_binding``.
 
 A binding names an IKEv2 connection of the local strongSwan daemon (charon) whose
 post-quantum preshared key (PPK, RFC 8784) qkdd keeps fresh: the connection's
@@ -20,7 +20,7 @@ from qkdd.constants import (
     IPSEC_DEFAULT_MAX_KEY_AGE,
     IPSEC_DEFAULT_STARTUP_TIMEOUT,
 )
-from qkdd.rotation.binding import (
+from qkdd.rotation.tunnel_binding import (
     BindingValueError,
     RotationError,
     check_identifiers,

@@ -28,14 +28,14 @@ from qkdd.durability import Durable, already_durable
 from qkdd.keystore import KeyStore
 from qkdd.peer.calls import CallRefused
 from qkdd.peering import CallHandler, PeerLink, PeerUnavailable
-from qkdd.rotation.binding import RotatedBinding, RotationError
-from qkdd.rotation.rotator import (
+from qkdd.rotation.key_rotator import (
     Announce,
     KeyRotator,
     PeerCheck,
     PeerUnreachableError,
     TakeFreshKey,
 )
+from qkdd.rotation.tunnel_binding import RotatedBinding, RotationError
 
 __all__ = ["InstallCall", "install_handler", "make_binding_rotators"]
 

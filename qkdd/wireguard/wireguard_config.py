@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
-from qkdd.rotation.binding import parse_binding
-from qkdd.wireguard.binding import WireGuardBinding
+from qkdd.rotation.tunnel_binding import parse_binding
+from qkdd.wireguard.wireguard_binding import WireGuardBinding
 
 if TYPE_CHECKING:
     from qkdd.config import ConsumerConfig, PeerConfig

@@ -4,7 +4,7 @@
 At the link slave the call's handler takes the named key by ID and loads its PPK into
 charon, answering only once charon holds it, so the master loads its copy and asks for a
 new IKE SA only after the peer has. How keys are taken, and why a PPK is loaded only once
-the key's erasure is durable, is ``qkdd.rotation.wiring``; this module names the call and
+the key's erasure is durable, is ``qkdd.rotation.tunnel_wiring``; this module names the call and
 the words of its refusals.
 """
 
@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from typing import Final
 
 from qkdd.durability import Durable, already_durable
-from qkdd.ipsec.binding import IpsecBinding
-from qkdd.ipsec.rotator import PpkRotator
+from qkdd.ipsec.ipsec_binding import IpsecBinding
+from qkdd.ipsec.ppk_rotator import PpkRotator
 from qkdd.keystore import KeyStore
 from qkdd.peer.calls import CallKind, IpsecInstall
 from qkdd.peering import PeerLink
-from qkdd.rotation.wiring import InstallCall, make_binding_rotators
+from qkdd.rotation.tunnel_wiring import InstallCall, make_binding_rotators
 
 IPSEC_INSTALL_CALL: Final = InstallCall(
     CallKind.IPSEC_INSTALL, IpsecInstall, IpsecInstall.decode, tunnel="IPsec", key_name="PPK"

@@ -12,8 +12,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import MessageError
-from .constants import (
+from ..device_errors import MessageError
+from .serial_constants import (
     ERROR_FIXED_SIZE,
     HELLO_FIXED_SIZE,
     KEY_ENTRY_HEADER_SIZE,

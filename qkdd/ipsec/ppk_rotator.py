@@ -1,12 +1,12 @@
 """IPsec PPKs kept fresh from hybrid keys: :class:`PpkRotator`, the rotation loop of
-``qkdd.rotation.rotator`` (the theory of operation is there) for one ``[[ipsec]]`` binding
+``qkdd.rotation.key_rotator`` (the theory of operation is there) for one ``[[ipsec]]`` binding
 at one site.
 
 What is IPsec's: the link master installs the PPK the peer already loaded, then asks its
 charon for a new IKE SA, since charon mixes a PPK in only when an IKE SA is authenticated;
 the rotation counts once that IKE SA is up with a PPK (bounded by ``reauth_timeout`` and
 never past the moment the current PPK must go). Both sites derive the PPK with
-:func:`~qkdd.ipsec.binding.derive_ppk`; the PPK never crosses the wire.
+:func:`~qkdd.ipsec.ipsec_binding.derive_ppk`; the PPK never crosses the wire.
 :class:`~qkdd.ipsec.charon.CharonPpk` is the only code that talks to charon. The
 decisions are ``qkdd.rotation.policy.RotationPolicy``, where failing closed means "PPK
 unloaded and IKE SAs ended".
@@ -25,9 +25,9 @@ import logging
 import trio
 
 from qkdd.constants import REAUTH_WAIT
-from qkdd.ipsec.binding import IpsecBinding, IpsecError, derive_ppk
 from qkdd.ipsec.charon import CharonPpk, PpkInstaller
-from qkdd.rotation.rotator import KeyRotator
+from qkdd.ipsec.ipsec_binding import IpsecBinding, IpsecError, derive_ppk
+from qkdd.rotation.key_rotator import KeyRotator
 
 __all__ = ["PpkRotator"]
 

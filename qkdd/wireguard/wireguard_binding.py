@@ -1,7 +1,7 @@
 """One ``[[wireguard]]`` binding: its settings, checked, and the PSK derived for it from a
 hybrid key. No Trio and no I/O here, so the config loader can use it. What every tunnel
 binding shares (the checks of names and timers, the derivation, the error root) is
-``qkdd.rotation.binding``.
+``qkdd.rotation.tunnel_binding``.
 
 A binding names a WireGuard interface and one peer on it whose pre-shared key (PSK) qkdd
 keeps fresh, the peer site, and the SAE pair whose hybrid keys feed it.
@@ -21,7 +21,7 @@ from qkdd.constants import (
     WIREGUARD_DEFAULT_MAX_KEY_AGE,
     WIREGUARD_DEFAULT_STARTUP_TIMEOUT,
 )
-from qkdd.rotation.binding import (
+from qkdd.rotation.tunnel_binding import (
     BindingValueError,
     RotationError,
     check_identifiers,

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qkdd.config_reader import ConfigError
-from qkdd.ipsec.binding import IpsecBinding
-from qkdd.rotation.binding import parse_binding
+from qkdd.ipsec.ipsec_binding import IpsecBinding
+from qkdd.rotation.tunnel_binding import parse_binding
 
 if TYPE_CHECKING:
     from qkdd.config import ConsumerConfig, PeerConfig

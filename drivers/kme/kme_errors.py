@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from qkdd.client.roundtrip import Service
 
-from ..errors import DeviceError
+from ..device_errors import DeviceError
 
 __all__ = [
     "KME",

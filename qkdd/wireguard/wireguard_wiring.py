@@ -4,7 +4,7 @@
 At the link slave the call's handler takes the named key by ID and sets its PSK with
 ``wg``, answering only once the interface holds it, so the master sets its copy only after
 the peer has. How keys are taken, and why a PSK is installed only once the key's erasure
-is durable, is ``qkdd.rotation.wiring``; this module names the call and the words of its
+is durable, is ``qkdd.rotation.tunnel_wiring``; this module names the call and the words of its
 refusals.
 """
 
@@ -17,9 +17,9 @@ from qkdd.durability import Durable, already_durable
 from qkdd.keystore import KeyStore
 from qkdd.peer.calls import CallKind, WgInstall
 from qkdd.peering import PeerLink
-from qkdd.rotation.wiring import InstallCall, make_binding_rotators
-from qkdd.wireguard.binding import WireGuardBinding
-from qkdd.wireguard.rotator import PskRotator
+from qkdd.rotation.tunnel_wiring import InstallCall, make_binding_rotators
+from qkdd.wireguard.psk_rotator import PskRotator
+from qkdd.wireguard.wireguard_binding import WireGuardBinding
 
 WG_INSTALL_CALL: Final = InstallCall(
     CallKind.WG_INSTALL, WgInstall, WgInstall.decode, tunnel="WireGuard", key_name="PSK"

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from qkdd.crypto import KEM_CIPHERTEXT_SIZE, KEM_PUBLIC_KEY_SIZE
-from qkdd.peer.errors import RemoteProtocolError
+from qkdd.peer.peer_errors import RemoteProtocolError
 from qkdd.peer.wire import Reader, Writer
 
 # A batch holds at most this many keys and consumes at most this many QKD keys (16 MiB

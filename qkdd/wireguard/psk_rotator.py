@@ -1,10 +1,10 @@
 """WireGuard PSKs kept fresh from hybrid keys: :class:`PskRotator`, the rotation loop of
-``qkdd.rotation.rotator`` (the theory of operation is there) for one ``[[wireguard]]``
+``qkdd.rotation.key_rotator`` (the theory of operation is there) for one ``[[wireguard]]``
 binding at one site.
 
 What is WireGuard's: the PSK is installed with ``wg set`` and taken up by WireGuard at its
 next handshake, so it counts once installed. Both sites derive the PSK with
-:func:`~qkdd.wireguard.binding.derive_psk`; the PSK never crosses the wire.
+:func:`~qkdd.wireguard.wireguard_binding.derive_psk`; the PSK never crosses the wire.
 :class:`~qkdd.wireguard.wg_tool.WgInstaller` is the only code that runs ``wg``, and the
 PSK goes to ``wg`` on stdin, never on its command line. The decisions are
 ``qkdd.rotation.policy.RotationPolicy``.
@@ -20,9 +20,9 @@ from __future__ import annotations
 import logging
 import secrets
 
-from qkdd.rotation.rotator import KeyRotator
-from qkdd.wireguard.binding import PSK_SIZE, WireGuardBinding, WireGuardError, derive_psk
+from qkdd.rotation.key_rotator import KeyRotator
 from qkdd.wireguard.wg_tool import PskInstaller, WgInstaller
+from qkdd.wireguard.wireguard_binding import PSK_SIZE, WireGuardBinding, WireGuardError, derive_psk
 
 __all__ = ["PskRotator"]
 
