@@ -161,6 +161,22 @@ MAX_WAIT_SECONDS: Final = 300.0
 #: sender never heard "stored") is not kept twice.
 REMEMBER_IDS_SECONDS: Final = 7 * 24 * 3600.0
 
+# -- link state and routes between sites (qkdd.relay.link_state) ------------------------------
+
+#: A site sends a fresh LINK_STATE advertisement of its own at least this often, links
+#: changed or not: only what has no other trigger depends on it (a copy lost with a session
+#: that failed, an advertisement that must outlive LINK_STATE_LIFETIME). Link changes are
+#: advertised at once. OSPF's LSRefreshTime is 30 min; a few sites flood far less data.
+LINK_STATE_REFRESH: Final = 600.0
+#: Whole seconds an advertisement lives after its origin made it, unless refreshed: three
+#: refresh periods, so two lost refreshes in a row do not drop a live site's links. Carried
+#: in the advertisement (at most 65,535), so each origin's choice holds at every site.
+LINK_STATE_LIFETIME: Final = 1800
+#: A site makes a new advertisement of its own at most this often (OSPF's MinLSInterval is
+#: 5 s): links that change together (a restart, many sessions coming up) go out as one,
+#: and a flapping link cannot flood the network.
+LINK_STATE_MIN_INTERVAL: Final = 1.0
+
 # -- tunnels (qkdd.rotation, qkdd.wireguard, qkdd.ipsec) --------------------------------------
 
 #: Upper bound on one request to the peer about a tunnel key: a hung peer must not stall the

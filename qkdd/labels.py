@@ -73,6 +73,11 @@ LABEL_WIREGUARD_PSK: Final = b"qkdd/v1 wireguard preshared key"
 # under a label of their own.
 LABEL_IPSEC_PPK: Final = b"qkdd/v1 ipsec postquantum preshared key"
 
+# Relayed QKD material (qkdd.relay.hop_seal): the first field of the one-time MAC input of
+# a RELAY_KEYS frame and of its RELAY_ACK, so neither tag can pass for the other.
+LABEL_RELAY_KEYS: Final = b"qkdd/v1 relay keys one-time mac"
+LABEL_RELAY_ACK: Final = b"qkdd/v1 relay ack one-time mac"
+
 ALL_LABELS: Final = (
     PROTOCOL_NAME,
     SIG_CONTEXT_INITIATOR,
@@ -108,4 +113,6 @@ ALL_LABELS: Final = (
     AAD_MESSAGE,
     LABEL_WIREGUARD_PSK,
     LABEL_IPSEC_PPK,
+    LABEL_RELAY_KEYS,
+    LABEL_RELAY_ACK,
 )
