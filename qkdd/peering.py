@@ -275,7 +275,9 @@ class PeerLink:
         used. An operator's allowance only permits a bootstrap (qkdd.peer.bootstrap)."""
         peer = self.peer.site_id
         record = self._store.newest_ready_auth_key(peer)
-        pending = self._store.newer_pending_auth_key(peer)
+        # Only the slave: the master commits a batch first, so a key pending at the master
+        # is pending or gone at the slave, never ready there (qkdd.peer.bootstrap).
+        pending = None if self.params.is_master else self._store.newer_pending_auth_key(peer)
         chain = self._store.chain_established(peer)
         choice = self._dial_auth.choose(
             holds_psk=record is not None,
