@@ -21,16 +21,17 @@ The responder's side is one rule, kept by the key store: it accepts a bootstrap 
 one is permitted. Each side's allowance ends when a new authentication key is committed.
 
 A PSK still pending here. The master commits a batch before the slave learns that it did,
-so a site restarted in between holds the batch's authentication key as *pending* while the
-other site holds it ready, and may hold no ready key at all (the first PSK of a chain):
+so a slave restarted in between holds the batch's authentication key as *pending* while
+the master holds it ready, and may hold no ready key at all (the first PSK of a chain):
 dialling with a bootstrap would then be refused, and with the older ready key too once the
-other site erased it. So a link slave that holds a pending key newer than its newest ready
-one dials with that key first (never the master: a key pending there is at most pending at
-the slave, and offering it would only cost a refused attempt after every broken batch) (the responder accepts a key it holds, pending or ready, and a
-completed handshake commits the batch at both: ``auth_key_proven``). If that handshake is
-refused (the other site aborted the batch and erased the key), the next dial goes back to
-the choice above, and the one after that tries the pending key again, so a stray close
-costs one attempt.
+master erased it. So a link slave that holds a pending key newer than its newest ready one
+dials with that key first. The responder accepts a key it holds, pending or ready, and the
+session's batch resolution brings both copies to the same state. If that handshake is
+refused (the master aborted the batch and erased the key), the next dial goes back to the
+choice above, and the one after that tries the pending key again, so a stray close costs
+one attempt. A master never dials with a pending key: one pending there is at most
+pending at the slave, and offering it would cost a refused attempt after every broken
+batch.
 """
 
 from __future__ import annotations
