@@ -268,8 +268,10 @@ def _cmd_allow_bootstrap(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from qkdd.peering import device_setup_problems
+
     config = load_config(args.config)
-    problems = check_files(config)
+    problems: list[QkddError] = [*check_files(config), *device_setup_problems(config)]
     for problem in problems:
         print(f"qkdd: config error: {problem}", file=sys.stderr)
     if problems:

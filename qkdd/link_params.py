@@ -18,6 +18,11 @@ class SessionDead(LinkError):
     one settles whatever was in flight)."""
 
 
+def is_link_master(local_site_id: str, peer_site_id: str) -> bool:
+    """Whether this site is the link's master: the one whose site ID sorts first."""
+    return local_site_id < peer_site_id
+
+
 @dataclass(frozen=True)
 class LinkParameters:
     local_site_id: str
@@ -38,7 +43,7 @@ class LinkParameters:
 
     @property
     def is_master(self) -> bool:
-        return self.local_site_id < self.peer_site_id
+        return is_link_master(self.local_site_id, self.peer_site_id)
 
     @property
     def master_site_id(self) -> str:

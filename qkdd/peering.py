@@ -42,7 +42,7 @@ from qkdd.crypto import PqcBackend, SigningKey
 from qkdd.durability import Durable, already_durable
 from qkdd.errors import DeviceSetupError, PeerError
 from qkdd.keystore import KeyStore
-from qkdd.link_params import LinkParameters
+from qkdd.link_params import LinkParameters, is_link_master
 from qkdd.peer.agreement import BATCH_KEYS, PAD_BITS_MAX, QKD_KEY_WAIT_SECONDS, LinkAgreement
 from qkdd.peer.agreement_messages import CallReply, LinkMessage, PeerCall, decode_message
 from qkdd.peer.arbiter import Origin
@@ -203,6 +203,18 @@ def _built_device(config: SiteConfig, peer: PeerConfig, is_master: bool) -> QkdD
         table = "peers[].device" if index is None else f"peers[{index}].device"
         what = f"{table} (the {peer.device.kind} device for {peer.site_id})"
         raise DeviceSetupError(config.file, what, str(exc)) from exc
+
+
+def device_setup_problems(config: SiteConfig) -> list[DeviceSetupError]:
+    """What ``qkdd check-config`` learns from building each peer's device driver, without
+    starting it: the settings a driver refuses (a KME's URL or TLS files, say)."""
+    problems = []
+    for peer in config.peers:
+        try:
+            _built_device(config, peer, is_link_master(config.site_id, peer.site_id))
+        except DeviceSetupError as exc:
+            problems.append(exc)
+    return problems
 
 
 class PeerLink:

@@ -245,6 +245,11 @@ def test_kme_device_the_driver_refuses_ends_in_one_line_naming_the_table(
     assert status == 1, err
     line = one_plain_line(err)
     assert f"{site_a}: peers[0].device" in line and named in line, err
+    # check-config builds the driver too (without starting it), so it says the same.
+    status, err = check_config(site_a)
+    assert status == 2, err
+    line = one_plain_line(err)
+    assert f"{site_a}: peers[0].device" in line and named in line, err
 
 
 # -- secret files and the key store ---------------------------------------------------------
