@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import trio
-from qkdd_drivers.base import QkdKey
+from qkdd_drivers.base import KeyDelivery, QkdKey
+from qkdd_drivers.device_errors import DeviceError
 from qkdd_drivers.emulator.device_side import DeviceHalf
 from qkdd_drivers.emulator.key_source import RandomKeySource
 from qkdd_drivers.serial.driver import SerialDevice
@@ -169,10 +170,9 @@ async def measure_driver(path: Path, seconds: float, key_bits: int, window: int)
     return rate
 
 
-def measure_cpu_only(key_bits: int, n: int = 20_000) -> tuple[float, float]:
+async def measure_cpu_only(key_bits: int, n: int = 20_000) -> tuple[float, float]:
     """Keys/s of the protocol work alone, no I/O: (device side encoding, host side
     decoding + dedup + QkdKey). Tells which end bounds the pty measurement."""
-    from qkdd_drivers.dedup import RecentKeyIds
     from qkdd_drivers.serial.protocol import DeviceProtocol, HostProtocol, KeysReceived
 
     host, dev = HostProtocol(), DeviceProtocol(window=n, capacity=n)
@@ -185,15 +185,18 @@ def measure_cpu_only(key_bits: int, n: int = 20_000) -> tuple[float, float]:
     dev.poll(0.0)
     wire = dev.data_to_send()
     device_kps = n / (time.perf_counter() - start)
-    recent = RecentKeyIds()
+    # The driver's own delivery step (drop resent keys, store, remember), into a sink that
+    # only counts.
+    delivery = KeyDelivery(SerialDevice("/dev/null"))
+    sink = CountingSink()
+
     start = time.perf_counter()
     for event in host.receive_data(wire):
         if isinstance(event, KeysReceived):
-            for entry in event.keys:
-                key = QkdKey.from_wire(entry.key_id, entry.material)
-                if recent.check(key.key_id, key.material) == "new":
-                    recent.add(key.key_id, key.material)
+            keys = (QkdKey.from_wire(e.key_id, e.material) for e in event.keys)
+            await delivery.store(sink, delivery.sort(keys).keys, DeviceError)
     host_kps = n / (time.perf_counter() - start)
+    assert sink.count == n, "the host side stored fewer keys than the device sent"
     return device_kps, host_kps
 
 
@@ -206,7 +209,7 @@ async def main_async(args: argparse.Namespace) -> None:
             Path(tmp) / "qkd", args.seconds, args.key_bits, args.window
         )
     floor_kps = floor_bps / per_key
-    device_cpu, host_cpu = measure_cpu_only(args.key_bits, args.cpu_keys)
+    device_cpu, host_cpu = await measure_cpu_only(args.key_bits, args.cpu_keys)
     rows = [
         ("floor: raw pty bytes", f"{floor_bps / 1e6:.2f} MB/s", f"{floor_kps:,.0f}", "1.00"),
         (

@@ -27,6 +27,7 @@ from .dedup import DEFAULT_RECENT_IDS, RecentKeyIds
 from .device_errors import DeviceError
 
 __all__ = [
+    "CANONICAL_KEY_ID",
     "DEFAULT_RECONNECT_INITIAL_DELAY",
     "DEFAULT_RECONNECT_MAX_DELAY",
     "CountingKeySink",
@@ -45,7 +46,8 @@ __all__ = [
 DEFAULT_RECONNECT_INITIAL_DELAY = 0.25
 DEFAULT_RECONNECT_MAX_DELAY = 5.0
 
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+#: A key ID as the daemon passes it around: a canonical lowercase UUID.
+CANONICAL_KEY_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class QkdKey:
 
     def __post_init__(self) -> None:
         # A non-canonical ID would make the same key look like two different keys.
-        if not _CANONICAL_UUID.fullmatch(self.key_id):
+        if not CANONICAL_KEY_ID.fullmatch(self.key_id):
             raise ValueError(f"key ID {self.key_id!r} is not a canonical lowercase UUID")
         if not self.material:
             raise ValueError("QKD key material must not be empty")

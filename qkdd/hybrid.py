@@ -91,7 +91,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from qkdd import labels
-from qkdd.crypto import HASH_SIZE, hash_bytes, hkdf_extract, xof
+from qkdd.crypto import HASH_SIZE, hash_bytes, hkdf_extract, xof, xor_bytes
 from qkdd.key_ids import ID_PREFIX_SIZE, MAX_INDEX, uuid_prefix
 from qkdd.key_ids import key_id as _key_id
 from qkdd.key_ids import key_ids as _key_ids
@@ -259,12 +259,6 @@ class BatchDeriver:
         stream = xof(
             lp(labels.LABEL_BATCH_KEYSTREAM) + self._prk + encoded + prefix, len(qkd_material)
         )
-        return DerivedBatch(prefix, _xor(qkd_material, stream), binding.count, binding.size_bits)
-
-
-def _xor(a: bytes, b: bytes) -> bytes:
-    # numpy XORs a 128 KiB batch in ~6 µs, int.from_bytes/to_bytes in ~470 µs. Imported
-    # here, not at the top: qkdctl and every module that only needs ``lp`` import this one.
-    import numpy as np
-
-    return np.bitwise_xor(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)).tobytes()
+        return DerivedBatch(
+            prefix, xor_bytes(qkd_material, stream), binding.count, binding.size_bits
+        )

@@ -282,9 +282,10 @@ class PeerLink:
         record = self._store.auth_key(site_id, key_id)
         return record.material if record else None
 
-    def _initiator_auth_key(self) -> AuthKey | None:
-        """The PSK to dial with, or None for a bootstrap; PskChainLost when neither may be
-        used. An operator's allowance only permits a bootstrap (qkdd.peer.bootstrap)."""
+    def _initiator_auth_key(self) -> tuple[AuthKey | None, DialAuth]:
+        """The PSK to dial with (None for a bootstrap) and the choice it came from;
+        PskChainLost when neither may be used. An operator's allowance only permits a
+        bootstrap (qkdd.peer.bootstrap)."""
         peer = self.peer.site_id
         record = self._store.newest_ready_auth_key(peer)
         # Only the slave: the master commits a batch first, so a key pending at the master
@@ -300,22 +301,15 @@ class PeerLink:
         if choice is DialAuth.PENDING_PSK:
             assert pending is not None
             log.info("event=dial_with_pending_psk peer=%s key=%s", peer, pending.key_id)
-            return AuthKey(pending.key_id, pending.material)
+            return AuthKey(pending.key_id, pending.material), choice
         if choice is DialAuth.NONE:
             raise PskChainLost
         if choice is DialAuth.PSK:
             assert record is not None
-            return AuthKey(record.key_id, record.material)
+            return AuthKey(record.key_id, record.material), choice
         if chain:  # else first contact: no PSK chain yet
             log.warning("event=bootstrap peer=%s reason=allowed-by-operator", peer)
-        return None
-
-    def _dial_mode(self, auth_key: AuthKey | None) -> DialAuth:
-        """How a dial made with ``auth_key`` was authenticated."""
-        if auth_key is None:
-            return DialAuth.BOOTSTRAP
-        record = self._store.auth_key(self.peer.site_id, auth_key.key_id)
-        return DialAuth.PENDING_PSK if record is not None and not record.ready else DialAuth.PSK
+        return None, choice
 
     def why_unavailable(self) -> str | None:
         if self.device.status.state != "up":
@@ -378,7 +372,7 @@ class PeerLink:
                 delay = DIAL_BACKOFF_FIRST
             else:
                 try:
-                    auth_key = self._initiator_auth_key()
+                    auth_key, auth_choice = self._initiator_auth_key()
                 except PskChainLost:
                     # Fail closed: never fall back to signatures on our own (docs/protocol.md).
                     self.last_error = (
@@ -388,12 +382,14 @@ class PeerLink:
                     log.error("event=psk_chain_lost peer=%s", self.peer.site_id)
                     await trio.sleep(DIAL_BACKOFF_MAX)
                     continue
-                if await self._dial_once(auth_key, delay):
+                if await self._dial_once(auth_key, auth_choice, delay):
                     delay = DIAL_BACKOFF_FIRST
             await trio.sleep(delay)
             delay = min(delay * 2, DIAL_BACKOFF_MAX)
 
-    async def _dial_once(self, auth_key: AuthKey | None, retry_in: float) -> bool:
+    async def _dial_once(
+        self, auth_key: AuthKey | None, auth_choice: DialAuth, retry_in: float
+    ) -> bool:
         """Connect and run the initiator handshake; if it completes, serve the session until
         it is over. Returns whether the handshake completed. The attempt is abandoned,
         silently, if a session is taken up while it still connects (one the peer dialled)."""
@@ -450,7 +446,7 @@ class PeerLink:
             if failure is not None:
                 outcome = handshake_outcome(failure)
                 self._on_handshake(self.peer.site_id, mode_name(conn), outcome)
-                self._dial_auth.handshake_failed(self._dial_mode(auth_key), outcome)
+                self._dial_auth.handshake_failed(auth_choice, outcome)
                 self.session_failed(failure)
             elif stream is not None:
                 log.debug(

@@ -22,6 +22,7 @@ from qkdd.demo import prepare_directory
 from qkdd.demo_sites import SITE_B
 from qkdd.identity import load_identity, read_key_encryption_key
 from qkdd.keystore import KeyStore
+from qkdd.peer.bootstrap import DialAuth
 from qkdd.peer.connection import MAC_SIZE, MODE_PSK, AuthKey
 from qkdd.peer.wire import FRAME_HEADER, NONCE_SIZE, FrameType, make_frame
 from qkdd.peering import PeerLink
@@ -132,7 +133,7 @@ def test_the_initiator_gives_up_a_silent_responder(
     link, _store = master
     if mode == "psk":
         psk = AuthKey(str(uuid.uuid4()), os.urandom(32))
-        link._initiator_auth_key = lambda: psk  # type: ignore[method-assign]
+        link._initiator_auth_key = lambda: (psk, DialAuth.PSK)  # type: ignore[method-assign]
 
     async def scenario() -> None:
         with trio.fail_after(timeout(20)):

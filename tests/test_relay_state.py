@@ -7,6 +7,7 @@ consumed, and the relay budget keeps relaying from taking a link's keys."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 from relay_chain import Chain, KeyNotHeld, flipped
@@ -254,6 +255,21 @@ def small_budget() -> HopBudget:
     return budget
 
 
+def one_poor_budget(poor: int, *, keys: int) -> Callable[[], HopBudget]:
+    """Budgets made in the chain's creation order (a: b; b: a, c; c: b, d; d: c): the
+    ``poor``-th (from 1) earns ``keys`` keys, every other 100."""
+    made = 0
+
+    def budget() -> HopBudget:
+        nonlocal made
+        made += 1
+        budget = HopBudget(share_percent=100, reserve=0, burst=100)
+        budget.arrived(keys if made == poor else 100)
+        return budget
+
+    return budget
+
+
 def test_the_source_is_refused_over_its_budget() -> None:
     chain = Chain(3, budgets=small_budget)
     # 7 keys for the first hop (5 pad, 2 MAC): over the 6 allowed.
@@ -265,16 +281,7 @@ def test_the_source_is_refused_over_its_budget() -> None:
 
 
 def test_a_relay_over_its_budget_holds_the_material_until_its_deadline() -> None:
-    budgets = {"n": 0}
-
-    def second_hop_poor() -> HopBudget:
-        # The sites' budgets in creation order: a: b; b: a, c; c: b, d; d: c.
-        budgets["n"] += 1
-        budget = HopBudget(share_percent=100, reserve=0, burst=100)
-        budget.arrived(3 if budgets["n"] == 3 else 100)  # site-b's budget towards site-c
-        return budget
-
-    chain = Chain(3, budgets=second_hop_poor)
+    chain = Chain(3, budgets=one_poor_budget(3, keys=3))  # site-b's towards site-c
     material = os.urandom(2 * 32)
     with pytest.raises(HopBudgetExceeded):
         chain.start(TRANSFER, material)
@@ -292,15 +299,7 @@ def test_a_relay_over_its_budget_holds_the_material_until_its_deadline() -> None
 
 
 def test_a_receiver_refuses_a_frame_over_its_own_budget() -> None:
-    budgets = {"n": 0}
-
-    def receiver_poor() -> HopBudget:
-        budgets["n"] += 1
-        budget = HopBudget(share_percent=100, reserve=0, burst=100)
-        budget.arrived(2 if budgets["n"] == 2 else 100)  # site-b's budget towards site-a
-        return budget
-
-    chain = Chain(3, budgets=receiver_poor)
+    chain = Chain(3, budgets=one_poor_budget(2, keys=2))  # site-b's towards site-a
     with pytest.raises(RelayRejected, match="over the relay budget"):
         chain.start(TRANSFER, os.urandom(32))
     assert chain.site(1).open_transfers() == {}

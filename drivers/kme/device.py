@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import ssl
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -26,6 +25,7 @@ from typing import Literal
 import trio
 
 from ..base import (
+    CANONICAL_KEY_ID,
     DEFAULT_RECONNECT_INITIAL_DELAY,
     DEFAULT_RECONNECT_MAX_DELAY,
     CountingKeySink,
@@ -64,9 +64,6 @@ DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_BUFFER_TARGET = 1024
 #: Bound on connecting, the TLS handshake and one request and its answer.
 DEFAULT_REQUEST_TIMEOUT = 10.0
-
-# What the daemon passes around: a canonical lowercase UUID.
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class Etsi014Device(FetchByIdDevice):
@@ -379,7 +376,7 @@ class Etsi014Device(FetchByIdDevice):
         if sink is None:
             raise KmeError("fetch_keys needs the device running: start run(sink) first")
         for key_id in key_ids:
-            if not isinstance(key_id, str) or not _CANONICAL_UUID.fullmatch(key_id):
+            if not isinstance(key_id, str) or not CANONICAL_KEY_ID.fullmatch(key_id):
                 raise ValueError(f"key ID {key_id!r} is not a canonical lowercase UUID")
         async with self._fetch_lock:
             await self._fetch(sink, key_ids)

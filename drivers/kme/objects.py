@@ -15,7 +15,7 @@ from urllib.parse import quote, urlsplit
 
 from qkdd.client.roundtrip import key_entries
 
-from ..base import QkdKey
+from ..base import CANONICAL_KEY_ID, QkdKey
 from .kme_errors import KME, KmeConfigError, KmeResponseError
 
 __all__ = [
@@ -30,9 +30,7 @@ __all__ = [
 
 API_PATH = "/api/v1/keys/"
 
-_UUID_TEXT = re.compile(
-    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE
-)  # what a KME may send
+_UUID_TEXT = re.compile(CANONICAL_KEY_ID.pattern, re.IGNORECASE)  # what a KME may send
 
 
 @dataclass(frozen=True)

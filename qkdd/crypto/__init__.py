@@ -206,6 +206,16 @@ def constant_time_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
+def xor_bytes(a: bytes, b: bytes) -> bytes:
+    """``a`` XOR ``b`` (of equal length): a one-time pad, or a keystream laid over key
+    material."""
+    # numpy XORs a 128 KiB batch in ~6 µs, int.from_bytes/to_bytes in ~470 µs. Imported
+    # here, not at the top: the light paths that import this module need no numpy.
+    import numpy as np
+
+    return np.bitwise_xor(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)).tobytes()
+
+
 def one_time_mac(key: bytes, message: bytes) -> bytes:
     """Poly1305 under a key used for this one message only: with a uniformly random key
     a forgery succeeds with probability at most 8 * ceil(len/16) / 2^106, whatever the

@@ -49,6 +49,7 @@ from qkdd.crypto import (
     hkdf,
     one_time_mac,
     one_time_mac_verify,
+    xor_bytes,
 )
 from qkdd.errors import MessagingError
 from qkdd.hybrid import lp
@@ -95,10 +96,6 @@ def pad_bytes_needed(body_size: int) -> int:
     return ONE_TIME_MAC_KEY_SIZE + body_size
 
 
-def _xor(a: bytes, b: bytes) -> bytes:
-    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
-
-
 def _pad_binding(
     message_id: str, sender_sae: str, recipient_sae: str, pads: list[HybridKey]
 ) -> bytes:
@@ -120,7 +117,7 @@ def otp_seal(
     if len(stream) < pad_bytes_needed(len(body)):
         raise ValueError("the pads do not cover the message")
     mac_key, pad = stream[:ONE_TIME_MAC_KEY_SIZE], stream[ONE_TIME_MAC_KEY_SIZE:]
-    ciphertext = _xor(body, pad[: len(body)])
+    ciphertext = xor_bytes(body, pad[: len(body)])
     binding = _pad_binding(message_id, sender_sae, recipient_sae, pads)
     return ciphertext + one_time_mac(mac_key, binding + ciphertext)
 
@@ -136,7 +133,7 @@ def otp_open(
     mac_key, pad = stream[:ONE_TIME_MAC_KEY_SIZE], stream[ONE_TIME_MAC_KEY_SIZE:]
     binding = _pad_binding(message_id, sender_sae, recipient_sae, pads)
     one_time_mac_verify(mac_key, binding + ciphertext, tag)
-    return _xor(ciphertext, pad[: len(ciphertext)])
+    return xor_bytes(ciphertext, pad[: len(ciphertext)])
 
 
 def seal_message(

@@ -63,10 +63,8 @@ from qkdd.peer.agreement_messages import (
 from qkdd.peer.agreement_store import AgreementStore
 from qkdd.peer.batch_maker import BatchMaker
 from qkdd.peer.batch_taker import BatchTaker
-from qkdd.peer.batching import AUTH_KEY_BITS_RANGE as AUTH_KEY_BITS_RANGE
 from qkdd.peer.batching import BATCH_KEYS as BATCH_KEYS
 from qkdd.peer.batching import BATCH_REPLY_TIMEOUT as BATCH_REPLY_TIMEOUT
-from qkdd.peer.batching import MAX_PAD_DEMAND as MAX_PAD_DEMAND
 from qkdd.peer.batching import PAD_BITS_MAX as PAD_BITS_MAX
 from qkdd.peer.batching import QKD_KEY_WAIT_SECONDS as QKD_KEY_WAIT_SECONDS
 from qkdd.peer.batching import WINDOW as WINDOW

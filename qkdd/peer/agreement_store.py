@@ -1,6 +1,6 @@
-"""What key agreement uses of the key store (``AgreementStore``), and the two spellings of a
-QKD key ID it moves between: 16 bytes on the wire, canonical UUID text in the store
-(``id_text``, the buffer's own, and ``id_bytes``)."""
+"""What key agreement uses of the key store (``AgreementStore``). A QKD key ID is 16 bytes
+on the wire and canonical UUID text in the store; the buffer's own ``id_text`` and
+``raw_id`` (``qkdd.store.qkd_ids``) move between the two."""
 
 from __future__ import annotations
 
@@ -47,6 +47,3 @@ class AgreementStore(HorizonStore, Protocol):
         self, peer_site: str, key_ids: Iterable[str], keep: Collection[str] = ()
     ) -> int: ...
 
-
-def id_bytes(text: str) -> bytes:
-    return bytes.fromhex(text.replace("-", ""))

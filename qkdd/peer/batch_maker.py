@@ -27,7 +27,7 @@ from qkdd.peer.agreement_messages import (
     PoolDemand,
     Resync,
 )
-from qkdd.peer.agreement_store import AgreementStore, id_bytes
+from qkdd.peer.agreement_store import AgreementStore
 from qkdd.peer.batching import (
     BATCH_REPLY_TIMEOUT,
     MAX_PAD_DEMAND,
@@ -36,7 +36,7 @@ from qkdd.peer.batching import (
     store_batch,
 )
 from qkdd.peer.randomness import Randomness
-from qkdd.store.qkd_ids import id_index
+from qkdd.store.qkd_ids import id_index, raw_id
 
 log = logging.getLogger("qkdd.link")
 
@@ -98,7 +98,7 @@ class BatchMaker:
         return [
             k
             for k in listed
-            if any(id_index(f.qkd_ids, id_bytes(k)) is not None for f in self._in_flight)
+            if any(id_index(f.qkd_ids, raw_id(k)) is not None for f in self._in_flight)
         ]
 
     # -- messages from the slave ----------------------------------------------------------
@@ -299,7 +299,7 @@ class BatchMaker:
             qkd_ids_digest=run.digest(),
             qkd_key_ids=tuple(run.key_ids) if self._list_qkd_ids else (),
         )
-        prefix = store_batch(self._store, self._peer, batch, deriver, run, run.material)
+        prefix = store_batch(self._store, self._peer, batch, deriver, run)
         if purpose == BatchPurpose.AUTHENTICATION_KEYS:
             self._auth_key_wanted = False
         else:

@@ -230,7 +230,7 @@ class BatchTaker:
         deriver = BatchDeriver(
             self._context, KemExchange(kem_key.public_bytes, batch.kem_ciphertext, shared)
         )
-        store_batch(self._store, self._peer, batch, deriver, run, run.material)
+        store_batch(self._store, self._peer, batch, deriver, run)
         self._undecided[batch.batch_id] = batch
         pool = (batch.purpose, batch.master_sae_id, batch.slave_sae_id)
         self._coming[pool] = self._coming.get(pool, 0) + batch.count

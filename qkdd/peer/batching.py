@@ -7,7 +7,6 @@ the session around both ``qkdd.peer.agreement``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Final
 
 from qkdd import labels
@@ -65,13 +64,12 @@ def store_batch(
     peer: str,
     batch: KeyBatch,
     deriver: BatchDeriver,
-    consumed: QkdRun | Sequence[str],
-    material: bytes,
+    run: QkdRun,
 ) -> bytes:
-    """Derive the batch's keys and store them pending, consuming its QKD run; both
-    sides run exactly this. Returns the batch's key-ID prefix."""
+    """Derive the batch's keys from its QKD run and store them pending, consuming the
+    run; both sides run exactly this. Returns the batch's key-ID prefix."""
     binding = batch_binding(batch)
-    used = material[: batch.count * batch.size_bits // 8]
+    used = run.material[: batch.count * batch.size_bits // 8]
     if batch.purpose == BatchPurpose.PADS:
         # Raw QKD material, not derived: a one-time pad must be information-theoretic.
         prefix = deriver.key_id_prefix(binding)
@@ -86,12 +84,12 @@ def store_batch(
             )
             for i in range(batch.count)
         ]
-        store.add_batch(peer, batch.batch_id, [], consumed, pads=pads)
+        store.add_batch(peer, batch.batch_id, [], run, pads=pads)
         return prefix
     derived = deriver.derive(binding, used)
     if batch.purpose == BatchPurpose.AUTHENTICATION_KEYS:
         auth = [StoredQkdKey(derived.key_id(0), derived.key(0))]
-        store.add_batch(peer, batch.batch_id, [], consumed, auth_keys=auth)
+        store.add_batch(peer, batch.batch_id, [], run, auth_keys=auth)
         return derived.id_prefix
     block = NewKeyBlock(
         derived.id_prefix,
@@ -101,5 +99,5 @@ def store_batch(
         batch.count,
         derived.material,
     )
-    store.add_batch(peer, batch.batch_id, [block], consumed)
+    store.add_batch(peer, batch.batch_id, [block], run)
     return derived.id_prefix

@@ -40,6 +40,7 @@ from qkdd.crypto import (
     AuthenticationFailed,
     one_time_mac,
     one_time_mac_verify,
+    xor_bytes,
 )
 from qkdd.hybrid import lp
 from qkdd.peer.peer_errors import (
@@ -118,6 +119,14 @@ class HopHeader:
     @property
     def material_size(self) -> int:
         return self.key_count * self.key_bits // 8
+
+    def hop_problem(self, sender: str, receiver: str) -> str | None:
+        """Why a frame with this header cannot have come from ``sender`` to ``receiver``,
+        or None."""
+        if (self.sender, self.receiver) == (sender, receiver):
+            return None
+        hop = f"{self.sender} -> {self.receiver}"
+        return f"RELAY_KEYS for hop {hop} came on {sender} -> {receiver}"
 
     def problem(self) -> str | None:
         """What makes this header invalid, or None."""
@@ -232,9 +241,8 @@ def decode_relay_keys(body: bytes) -> RelayKeysFrame:
         problem = header.problem()
         if problem is not None:
             raise RelayFrameError(f"RELAY_KEYS: {problem}")
-        # One encoding per header, so the MAC input is the bytes that came.
-        if header.encode() != body[: r.consumed]:
-            raise RelayFrameError("RELAY_KEYS: header is not in its one encoding")
+        # Every field has one encoding (counts are the tuples' lengths, IDs are ASCII), so
+        # ``header.encode()``, the MAC input, is the bytes that came.
         ciphertext = r.fixed(header.material_size)
         tag = r.fixed(ONE_TIME_MAC_TAG_SIZE)
         r.end()
@@ -297,7 +305,7 @@ def seal_hop(
     header_bytes = header.encode()
     pad = _cover(keys.pad, len(material), "pad", RelayUsageError)
     mac = _cover(keys.mac, MAC_MATERIAL_SIZE, "MAC", RelayUsageError)
-    ciphertext = _xor(material, pad)
+    ciphertext = xor_bytes(material, pad)
     tag = one_time_mac(mac[:ONE_TIME_MAC_KEY_SIZE], _frame_mac_input(header_bytes, ciphertext))
     return SealedHop(RelayKeysFrame(header, ciphertext, tag), mac[ONE_TIME_MAC_KEY_SIZE:])
 
@@ -307,11 +315,9 @@ def open_hop(frame: RelayKeysFrame, keys: HopKeys, *, sender: str, receiver: str
     the QKD keys its header names. ``HopTagInvalid`` if the tag does not verify;
     ``RelayFrameError`` if the frame is for another hop or the keys do not fit it."""
     header = frame.header
-    if (header.sender, header.receiver) != (sender, receiver):
-        raise RelayFrameError(
-            f"RELAY_KEYS for hop {header.sender} -> {header.receiver} "
-            f"came on {sender} -> {receiver}"
-        )
+    problem = header.hop_problem(sender, receiver)
+    if problem is not None:
+        raise RelayFrameError(problem)
     if tuple(key.key_id for key in keys.pad) != header.pad_key_ids or (
         tuple(key.key_id for key in keys.mac) != header.mac_key_ids
     ):
@@ -323,7 +329,7 @@ def open_hop(frame: RelayKeysFrame, keys: HopKeys, *, sender: str, receiver: str
         one_time_mac_verify(mac[:ONE_TIME_MAC_KEY_SIZE], message, frame.tag)
     except AuthenticationFailed:
         raise HopTagInvalid("RELAY_KEYS: the one-time tag did not verify") from None
-    return OpenedHop(_xor(frame.ciphertext, pad), mac[ONE_TIME_MAC_KEY_SIZE:])
+    return OpenedHop(xor_bytes(frame.ciphertext, pad), mac[ONE_TIME_MAC_KEY_SIZE:])
 
 
 def make_ack(frame: RelayKeysFrame, ack_key: bytes) -> RelayAck:
@@ -375,7 +381,3 @@ def _cover(
     if total < needed:
         raise error(f"the {what} keys cover {total} bytes, {needed} are needed")
     return b"".join(key.material for key in keys)[:needed]
-
-
-def _xor(a: bytes, b: bytes) -> bytes:
-    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")

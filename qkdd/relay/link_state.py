@@ -16,12 +16,12 @@ going down, passes every LINK_STATE received and the current (monotonic) time, s
 from __future__ import annotations
 
 import math
-import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Final
 
+from qkdd.config_reader import ID_PATTERN
 from qkdd.constants import LINK_STATE_LIFETIME, LINK_STATE_MIN_INTERVAL, LINK_STATE_REFRESH
 from qkdd.peer.peer_errors import RemoteProtocolError
 
@@ -33,9 +33,6 @@ MAX_LINKS: Final = 1024
 MAX_SEQUENCE: Final = 2**64 - 1
 MAX_LIFETIME: Final = 0xFFFF
 MAX_COST: Final = 0xFFFF
-# A site ID as the config allows it (qkdd.config_reader.ID_PATTERN), as bytes: ASCII, so
-# sorting IDs as text sorts them bytewise.
-SITE_ID: Final = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
 _HEAD = struct.Struct(">QHH")  # sequence, lifetime, link count
 _COST = struct.Struct(">H")
@@ -55,8 +52,9 @@ def _encode_links(links: Iterable[tuple[str, int]]) -> bytes:
 
 
 def valid_site_id(site_id: str) -> bool:
-    """Whether ``site_id`` is a site ID an advertisement may carry."""
-    return site_id.isascii() and SITE_ID.fullmatch(site_id.encode("ascii")) is not None
+    """Whether ``site_id`` is a site ID an advertisement may carry: as the config allows
+    it, so ASCII, and sorting IDs as text sorts them bytewise."""
+    return ID_PATTERN.fullmatch(site_id) is not None
 
 
 @dataclass(frozen=True)
@@ -127,10 +125,11 @@ class _Reader:
         return chunk
 
     def site_id(self, what: str) -> str:
-        raw = self.take(self.take(1, what)[0], what)
-        if SITE_ID.fullmatch(raw) is None:
+        # Latin-1 maps every byte to one character, so a non-ASCII byte fails the pattern.
+        text = self.take(self.take(1, what)[0], what).decode("latin-1")
+        if not valid_site_id(text):
             raise LinkStateError(f"LINK_STATE {what} is not a site ID")
-        return raw.decode("ascii")
+        return text
 
 
 def decode_advertisement(data: bytes) -> LinkStateAdvertisement:

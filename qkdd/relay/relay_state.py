@@ -265,11 +265,9 @@ class RelaySite:
         (``available``: its QKD keys before the frame's are taken). ``RelayRejected``
         otherwise, and nothing is held."""
         header = frame.header
-        if (header.sender, header.receiver) != (sender, self.site_id):
-            raise RelayRejected(
-                f"RELAY_KEYS for hop {header.sender} -> {header.receiver} "
-                f"came on {sender} -> {self.site_id}"
-            )
+        problem = header.hop_problem(sender, self.site_id)
+        if problem is not None:
+            raise RelayRejected(problem)
         if self._known(header.transfer_id):
             raise RelayRejected("RELAY_KEYS for a transfer already seen here (a replay)")
         try:

@@ -226,11 +226,6 @@ class Batches(Database):
         self._wrote()
         return cursor.rowcount
 
-    def batch_count(self, peer_site: str) -> int:
-        """Batch records held for the peer (pending, or committed and not yet forgotten)."""
-        row = self._db.execute("SELECT count(*) FROM batches WHERE peer_site=?", (peer_site,))
-        return int(row.fetchone()[0])
-
     def forget_committed_batches(self, peer_site: str) -> None:
         """Drop batch records whose keys are all handed out (bounded table size)."""
         self._db.execute(

@@ -141,17 +141,6 @@ class QkdAlignment(QkdBuffer):
             dropped, tuple(dict.fromkeys(skip)), unresolved, bool(listed_held) or newest_held
         )
 
-    def consumed_count(self, peer_site: str) -> int:
-        """Used QKD key IDs remembered for the peer (the newest; older ones are forgotten)."""
-        frames = self._db.execute(
-            "SELECT coalesce(sum(key_count - held), 0) FROM qkd_frames WHERE peer_site=?",
-            (peer_site,),
-        ).fetchone()
-        unheld = self._db.execute(
-            "SELECT count(*) FROM qkd_consumed WHERE peer_site=?", (peer_site,)
-        ).fetchone()
-        return int(frames[0]) + int(unheld[0])
-
     def _forget_consumed(
         self, db: sqlite3.Connection, peer_site: str, peer_oldest_seq: int | None
     ) -> int:
