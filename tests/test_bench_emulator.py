@@ -37,5 +37,10 @@ def test_quick_mode_prints_the_throughput_table() -> None:
             assert final_mbit >= 0 and mbit_s >= 0
         assert 90 < sum(shares) <= 100.5  # the stages account for the block's time
         floor, versus_floor, leak = float(row[10]), float(row[11]), float(row[12])
-        assert floor > 0 and versus_floor > 0
+        # The FFT floor is measured for the blocks that left key: at 10 km always, at
+        # 50 and 100 km only if a quick block did; without key there is nothing to compare.
+        if row[0] == "10" or floor > 0:
+            assert floor > 0 and versus_floor > 0
+        else:
+            assert floor == 0 and row[11] == "nan"
         assert 1.0 < leak < 1.2
