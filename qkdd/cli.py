@@ -279,13 +279,24 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     for warning in config_warnings(config):
         print(f"qkdd: config warning: {warning}", file=sys.stderr)
     print(
-        f"{config.file}: OK (site {config.site_id}, {len(config.peers)} peer(s), "
-        f"{len(config.consumers)} consumer SAE(s))"
+        f"{config.file}: OK (site {config.site_id}, {len(config.direct_peers)} peer(s), "
+        + (f"{len(config.remote_peers)} remote site(s), " if config.remote_peers else "")
+        + f"{len(config.consumers)} consumer SAE(s))"
     )
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.sites is not None:
+        from qkdd.demo_network import run_network_demo
+
+        if args.serve:
+            print("qkdd demo: --serve runs the two-site demo only", file=sys.stderr)
+            return 2
+        return run_network_demo(args.sites, args.topology, number=args.keys, as_json=args.json)
+    if args.topology != "line":
+        print("qkdd demo: --topology needs --sites", file=sys.stderr)
+        return 2
     from qkdd.demo import run_demo
 
     return run_demo(number=args.keys, as_json=args.json, serve=args.serve)
@@ -340,6 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.add_argument(
         "--serve", action="store_true", help="keep both sites running until interrupted"
+    )
+    demo.add_argument(
+        "--sites",
+        type=int,
+        metavar="N",
+        help="N sites (3-8) joined by QKD links; the two end sites get keys relayed "
+        "through the others",
+    )
+    demo.add_argument(
+        "--topology", choices=("line", "ring"), default="line", help="with --sites (default line)"
     )
     demo.set_defaults(func=_cmd_demo)
     return parser

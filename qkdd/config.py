@@ -11,7 +11,7 @@ import base64
 import binascii
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -112,7 +112,25 @@ class Etsi014DeviceConfig:
         return self.url
 
 
-DeviceConfig = SerialDeviceConfig | Etsi014DeviceConfig
+@dataclass(frozen=True)
+class RelayedDeviceConfig:
+    """No QKD device: a [[remote]] site's keys come relayed through trusted sites over
+    their links (docs/protocol.md §10, §11), by the static next hop ``via`` when it is set,
+    else along the shortest path the link-state database gives."""
+
+    via: str | None = None
+    kind: str = "relayed"
+
+    def describe(self) -> str:
+        return f"relayed (via {self.via})" if self.via else "relayed (shortest path)"
+
+
+DeviceConfig = SerialDeviceConfig | Etsi014DeviceConfig | RelayedDeviceConfig
+
+# [relay] pad_bytes: relay pads kept ready per direction of every direct link.
+RELAY_PAD_BYTES_DEFAULT = 256 * 1024
+RELAY_PAD_BYTES_MIN = 8 * 1024
+RELAY_PAD_BYTES_MAX = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -128,6 +146,11 @@ class PeerConfig:
     # One-time pad (raw QKD material) kept ready per local sender -> remote recipient pair,
     # for one-time-pad messages; 0 keeps none.
     otp_pad_bytes: int = 0
+
+    @property
+    def relayed(self) -> bool:
+        """A [[remote]] site: no QKD link or TCP address of its own (``address`` is ("", 0))."""
+        return isinstance(self.device, RelayedDeviceConfig)
 
 
 @dataclass(frozen=True)
@@ -170,6 +193,19 @@ class SiteConfig:
     skip: SkipConfig | None = None
     # [[ipsec]]: IKEv2 connections of charon whose PPK is kept fresh from hybrid keys.
     ipsec: tuple[IpsecBinding, ...] = ()
+    # [relay] pad_bytes: relay pads kept ready per direction of every direct link, for
+    # relaying (0: relaying is off; on with [relay] or any [[remote]]).
+    relay_pad_bytes: int = 0
+
+    @property
+    def direct_peers(self) -> tuple[PeerConfig, ...]:
+        """The [[peers]]: sites joined to this one by a QKD link and a peer session."""
+        return tuple(p for p in self.peers if not p.relayed)
+
+    @property
+    def remote_peers(self) -> tuple[PeerConfig, ...]:
+        """The [[remote]] sites, whose keys come relayed through trusted sites."""
+        return tuple(p for p in self.peers if p.relayed)
 
     @property
     def local_sae_ids(self) -> frozenset[str]:
@@ -330,21 +366,39 @@ def _device(reader: ConfigReader) -> DeviceConfig:
     raise reader.error("kind", f"one of {', '.join(DEVICE_KINDS)}", kind)
 
 
+# The keys of a [[peers]] entry that a [[remote]] entry has too.
+_SITE_KEYS = {
+    "site_id",
+    "public_key",
+    "public_key_file",
+    "remote_sae_ids",
+    "pool_size",
+    "auth_key_bits",
+    "qkd_buffer_keys",
+    "otp_pad_bytes",
+}
+
+
 def _peer(reader: ConfigReader) -> PeerConfig:
-    reader.reject_unknown(
-        {
-            "site_id",
-            "address",
-            "public_key",
-            "public_key_file",
-            "remote_sae_ids",
-            "device",
-            "pool_size",
-            "auth_key_bits",
-            "qkd_buffer_keys",
-            "otp_pad_bytes",
-        }
+    reader.reject_unknown(_SITE_KEYS | {"address", "device"})
+    return _site(
+        reader, lambda: reader.address("address"), lambda: _device(reader.subtable("device"))
     )
+
+
+def _remote(reader: ConfigReader) -> PeerConfig:
+    """A [[remote]] entry: a site without a QKD link to this one, as a relayed peer."""
+    reader.reject_unknown(_SITE_KEYS | {"via"})
+    via = reader.identifier("via") if "via" in reader.table else None
+    return _site(reader, lambda: ("", 0), lambda: RelayedDeviceConfig(via))
+
+
+def _site(
+    reader: ConfigReader,
+    address: Callable[[], tuple[str, int]],
+    device: Callable[[], DeviceConfig],
+) -> PeerConfig:
+    """The keys [[peers]] and [[remote]] share, read in the order of the table's docs."""
     remote = reader.get("remote_sae_ids", list, "a list of the SAE IDs at that site")
     for index, sae in enumerate(remote):
         if not isinstance(sae, str) or not ID_PATTERN.fullmatch(sae):
@@ -353,16 +407,37 @@ def _peer(reader: ConfigReader) -> PeerConfig:
             )
     return PeerConfig(
         site_id=reader.identifier("site_id"),
-        address=reader.address("address"),
+        address=address(),
         public_key=_public_key(reader),
         remote_sae_ids=tuple(remote),
-        device=_device(reader.subtable("device")),
+        device=device(),
         pool_size=reader.integer("pool_size", 1, 1_000_000, 256),
         auth_key_bits=_auth_key_bits(reader),
         # QKD keys held here at most before the device is made to wait (back-pressure).
         qkd_buffer_keys=reader.integer("qkd_buffer_keys", 16, 10_000_000, QKD_BUFFER_MAX),
         otp_pad_bytes=reader.integer("otp_pad_bytes", 0, 1 << 30, 0),
     )
+
+
+def _relay_pad_bytes(root: ConfigReader, remotes: int) -> int:
+    """[relay] pad_bytes while relaying is on (with [relay], or any [[remote]]), else 0."""
+    if "relay" not in root.table:
+        return RELAY_PAD_BYTES_DEFAULT if remotes else 0
+    reader = root.subtable("relay")
+    reader.reject_unknown({"enabled", "pad_bytes"})
+    enabled = reader.get("enabled", bool, "true or false", True)
+    if not enabled and remotes:
+        raise reader.error(
+            "enabled",
+            "true, or no [[remote]] entries (a site that gets relayed keys relays on its "
+            f"own links too; {remotes} [[remote]] entries are configured)",
+            enabled,
+        )
+    expected = f"a multiple of 1024 bytes from {RELAY_PAD_BYTES_MIN} to {RELAY_PAD_BYTES_MAX}"
+    pad_bytes = reader.get("pad_bytes", int, expected, RELAY_PAD_BYTES_DEFAULT)
+    if not RELAY_PAD_BYTES_MIN <= pad_bytes <= RELAY_PAD_BYTES_MAX or pad_bytes % 1024:
+        raise reader.error("pad_bytes", expected, pad_bytes)
+    return pad_bytes if enabled else 0
 
 
 def _auth_key_bits(reader: ConfigReader) -> int:
@@ -433,7 +508,10 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
 
     before = len(problems.errors)
     consumers = tuple(problems.items(lambda: root.table_list("consumers"), _consumer))
-    peers = tuple(problems.items(lambda: root.table_list("peers"), _peer))
+    direct = tuple(problems.items(lambda: root.table_list("peers"), _peer))
+    remotes = tuple(problems.items(lambda: root.table_list("remote"), _remote))
+    # A remote site is served as a peer: SAE routing, pools and messages take it unchanged.
+    peers = direct + remotes
     site_id = problems.take(lambda: root.identifier("site_id"), "")
     sae_lists_ok = len(problems.errors) == before
     wireguard: tuple[WireGuardBinding, ...] = ()
@@ -443,7 +521,9 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
                 lambda: root.table_list("wireguard"), lambda r: parse_wireguard(r, consumers, peers)
             )
         )
-        problems.take(lambda: cross_checks(file, site_id, consumers, peers, wireguard), None)
+        problems.take(
+            lambda: cross_checks(file, site_id, consumers, direct, wireguard, remotes), None
+        )
     ipsec: tuple[IpsecBinding, ...] = ()
     if sae_lists_ok:
         ipsec = tuple(
@@ -495,6 +575,7 @@ def parse_config(file: Path, data: Mapping[str, Any]) -> SiteConfig:
         skip=problems.take(lambda: parse_skip(root.subtable("skip"), consumers, peers), None)
         if "skip" in root.table and sae_lists_ok
         else None,
+        relay_pad_bytes=problems.take(lambda: _relay_pad_bytes(root, len(remotes)), 0),
     )
     problems.check()
     return config
@@ -510,6 +591,8 @@ _TOP_LEVEL_KEYS = {
     "api",
     "consumers",
     "peers",
+    "remote",
+    "relay",
     "messages",
     "wireguard",
     "metrics",

@@ -12,7 +12,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
-from qkdd.config import ConfigError, ConsumerConfig, PeerConfig, SiteConfig
+from qkdd.config import ConfigError, ConsumerConfig, PeerConfig, RelayedDeviceConfig, SiteConfig
 from qkdd.wireguard.wireguard_binding import WireGuardBinding
 
 
@@ -30,39 +30,79 @@ def cross_checks(
     consumers: tuple[ConsumerConfig, ...],
     peers: tuple[PeerConfig, ...],
     wireguard: tuple[WireGuardBinding, ...],
+    remotes: tuple[PeerConfig, ...] = (),
 ) -> None:
-    """Rules across sections (unique IDs, each SAE at one site, talks_to naming remote SAEs),
-    checked once every section parsed."""
+    """Rules across sections (unique IDs, each SAE at one site, talks_to naming remote SAEs,
+    [[remote]] sites apart from the peers and reached via one), checked once every section
+    parsed. ``peers`` are the [[peers]] entries, ``remotes`` the [[remote]] ones."""
     _unique(file, "wireguard[].name", [w.name for w in wireguard])
     _unique(file, "consumers[].sae_id", [c.sae_id for c in consumers])
     _unique(file, "peers[].site_id", [p.site_id for p in peers])
     if any(p.site_id == site_id for p in peers):
         raise ConfigError(file, "peers[].site_id", "a site other than this one", site_id)
-    one_site_per_sae(file, consumers, peers)
-    remote = {sae for peer in peers for sae in peer.remote_sae_ids}
+    remote_checks(file, site_id, peers, remotes)
+    one_site_per_sae(file, consumers, peers, remotes)
+    remote = {sae for peer in peers + remotes for sae in peer.remote_sae_ids}
     for i, consumer in enumerate(consumers):
         for j, sae in enumerate(consumer.talks_to or ()):
             if sae not in remote:
                 raise ConfigError(
                     file,
                     f"consumers[{i}].talks_to[{j}]",
-                    "an SAE ID listed in remote_sae_ids of a peer "
+                    "an SAE ID listed in remote_sae_ids of a [[peers]] or [[remote]] entry "
                     f"({', '.join(sorted(remote)) or 'none'})",
                     sae,
                 )
 
 
+def remote_checks(
+    file: Path, site_id: str, peers: tuple[PeerConfig, ...], remotes: tuple[PeerConfig, ...]
+) -> None:
+    """Each [[remote]] site is another site than this one, not a [[peers]] site (that has a
+    link of its own) and listed once; its ``via`` names a [[peers]] site."""
+    direct = [p.site_id for p in peers]
+    seen: set[str] = set()
+    for i, remote in enumerate(remotes):
+        key = f"remote[{i}].site_id"
+        if remote.site_id == site_id:
+            raise ConfigError(file, key, "a site other than this one", remote.site_id)
+        if remote.site_id in direct:
+            raise ConfigError(
+                file,
+                key,
+                "a site without a [[peers]] entry (a peer's keys come over its own QKD link, "
+                "never relayed)",
+                remote.site_id,
+            )
+        if remote.site_id in seen:
+            raise ConfigError(file, key, "a site listed once in [[remote]]", remote.site_id)
+        seen.add(remote.site_id)
+        via = remote.device.via if isinstance(remote.device, RelayedDeviceConfig) else None
+        if via is not None and via not in direct:
+            raise ConfigError(
+                file,
+                f"remote[{i}].via",
+                f"the site_id of a [[peers]] entry, the first hop ({', '.join(direct) or 'none'})",
+                via,
+            )
+
+
 def one_site_per_sae(
-    file: Path, consumers: tuple[ConsumerConfig, ...], peers: tuple[PeerConfig, ...]
+    file: Path,
+    consumers: tuple[ConsumerConfig, ...],
+    peers: tuple[PeerConfig, ...],
+    remotes: tuple[PeerConfig, ...] = (),
 ) -> None:
     """Every SAE is at one site. Keys are made only for an SAE here and an SAE at a peer
-    site, over the QKD link with that site: a pair of SAEs at one site has no link to agree
-    keys over, and an SAE at two peer sites would have two."""
+    or remote site, over the QKD link with that site (or relayed): a pair of SAEs at one
+    site has no link to agree keys over, and an SAE at two sites would have two."""
     local = {c.sae_id for c in consumers}
     site_of: dict[str, str] = {}
-    for i, peer in enumerate(peers):
+    tables = [("peers", i, p) for i, p in enumerate(peers)]
+    tables += [("remote", i, p) for i, p in enumerate(remotes)]
+    for table, i, peer in tables:
         for j, sae in enumerate(peer.remote_sae_ids):
-            key = f"peers[{i}].remote_sae_ids[{j}]"
+            key = f"{table}[{i}].remote_sae_ids[{j}]"
             if sae in local:
                 raise ConfigError(
                     file,
@@ -75,7 +115,8 @@ def one_site_per_sae(
                 raise ConfigError(
                     file,
                     key,
-                    f"an SAE listed once, under one peer (it is already at site {site_of[sae]})",
+                    "an SAE listed once, under one [[peers]] or [[remote]] entry (it is "
+                    f"already at site {site_of[sae]})",
                     sae,
                 )
             site_of[sae] = peer.site_id
@@ -224,10 +265,12 @@ def warnings_for(config: SiteConfig) -> list[str]:
     """Settings that work but probably not as meant; `qkdd check-config` prints them and
     the daemon logs them at start."""
     warnings = []
-    for index, peer in enumerate(config.peers):
+    entries = [f"peers[{i}]" for i in range(len(config.direct_peers))]
+    entries += [f"remote[{i}]" for i in range(len(config.remote_peers))]
+    for entry, peer in zip(entries, config.direct_peers + config.remote_peers, strict=True):
         if peer.pool_size < config.max_keys_per_request:
             warnings.append(
-                f"{config.file}: peers[{index}].pool_size ({peer.pool_size}) is below "
+                f"{config.file}: {entry}.pool_size ({peer.pool_size}) is below "
                 f"api.max_keys_per_request ({config.max_keys_per_request}): an SAE here can "
                 f"take at most {peer.pool_size} keys per enc_keys request for an SAE at site "
                 f"{peer.site_id} (the pool never holds more; the ETSI Status object says so "

@@ -152,6 +152,10 @@ MAX_IDS_PER_EVENT: Final = 256
 ASSIGN_TIMEOUT: Final = 5.0
 #: How long a send waits for the recipient's site to say "stored".
 DELIVERY_TIMEOUT: Final = 10.0
+#: How long the destination of a relayed transfer waits for the source to answer its
+#: RELAY_CONFIRM (end to end, over the relay path); the source abandons the transfer
+#: itself at qkdd.relay.relay_state.CONFIRM_TIMEOUT.
+RELAY_CONFIRM_TIMEOUT: Final = 30.0
 #: The largest message body a Messenger takes unless told less (the daemon passes
 #: [messages] max_size, at most this much).
 MAX_MESSAGE_SIZE: Final = 1024 * 1024

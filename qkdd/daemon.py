@@ -7,6 +7,10 @@ run_daemon(config)
   nursery
     per peer: QKD device -> key store            (PeerLink.device.run)
     per peer: dial it while there is no session   (PeerLink.dial_forever)
+    the QKD network, if the site relays or has    (RelayNode.run: link state, routes,
+      [[remote]] sites                              routed streams, relayed material;
+                                                    remote sites are links too:
+                                                    RemoteLink, answer_routed_stream)
     peer listener: responder handshakes           (serve_peers)
     ETSI GS QKD 014 API on the Unix socket        (serve_unix; bound here, or
                                                    passed by qkdd.socket), with the
@@ -44,10 +48,17 @@ from typing import Any, Final
 import trio
 
 from qkdd.admin import admin_routes
-from qkdd.config import ConfigError, SiteConfig, TlsConfig, config_warnings, load_config
+from qkdd.config import (
+    ConfigError,
+    RelayedDeviceConfig,
+    SiteConfig,
+    TlsConfig,
+    config_warnings,
+    load_config,
+)
 from qkdd.constants import EVENT_POLL_INTERVAL, EXPIRY_INTERVAL, STATUS_INTERVAL
 from qkdd.crypto.select import select_backend
-from qkdd.durability import GroupCommit
+from qkdd.durability import Durable, GroupCommit
 from qkdd.etsi014.hand_outs import GatheredHandOuts
 from qkdd.etsi014.handler import RequestHandler
 from qkdd.etsi014.key_pool import KeyPool
@@ -70,6 +81,8 @@ from qkdd.peer.calls import CallKind
 from qkdd.peer_listener import serve_peers
 from qkdd.peering import CallHandler, PeerLink
 from qkdd.progress import ProgressWatch
+from qkdd.relay_node import RelayNode
+from qkdd.remote_link import RemoteLink, answer_routed_stream
 from qkdd.rotation.key_rotator import KeyRotator
 from qkdd.skip.listener import serve_skip
 from qkdd.skip.provider import SkipProvider
@@ -133,7 +146,7 @@ async def run_daemon(
     barrier = GroupCommit(store)
     live = LiveConfig(config)
     metrics = SiteMetrics(config.site_id, backend.name, (peer.site_id for peer in config.peers))
-    links = {
+    direct = {
         peer.site_id: PeerLink(
             config,
             peer,
@@ -143,8 +156,35 @@ async def run_daemon(
             on_handshake=metrics.record_handshake,
             durable=barrier.durable,
         )
-        for peer in config.peers
+        for peer in config.direct_peers
     }
+    # The QKD network (relaying, remote sites) runs over the direct links' sessions.
+    node = _relay_node(config, direct, store, barrier.durable)
+    remote: dict[str, PeerLink] = {}
+    if node is not None:
+        remote = {
+            peer.site_id: RemoteLink(
+                config,
+                peer,
+                node,
+                store=store,
+                backend=backend,
+                signing_key=signing_key,
+                on_handshake=metrics.record_handshake,
+                durable=barrier.durable,
+            )
+            for peer in config.remote_peers
+        }
+        node.accept_stream = functools.partial(
+            answer_routed_stream,
+            links=remote,
+            config=config,
+            backend=backend,
+            signing_key=signing_key,
+            on_handshake=metrics.record_handshake,
+            durable=barrier.durable,
+        )
+    links = direct | remote
     metrics.watch(links, store)
     recent_errors = RecentErrors()
 
@@ -194,6 +234,8 @@ async def run_daemon(
             recent_errors=recent_errors.events(),
             wireguard=[rotator.status() for rotator in rotators.values()],
         )
+        if node is not None:
+            site["network"] = node.status()
         return _with_ipsec(ipsec_rotators, site)
 
     def is_local_sae(sae: str) -> bool:
@@ -241,11 +283,13 @@ async def run_daemon(
                 for link in links.values():
                     await nursery.start(link.device.run, link.sink)
                     nursery.start_soon(link.dial_forever)  # both ends of a link dial
+                if node is not None:
+                    await nursery.start(node.run)
                 await nursery.start(
                     functools.partial(
                         serve_peers,
                         config,
-                        links,
+                        direct,
                         backend,
                         signing_key,
                         on_handshake=metrics.record_handshake,
@@ -310,6 +354,20 @@ async def run_daemon(
         barrier.close()
         store.close()
         log.info("event=stopped site=%s", config.site_id)
+
+
+def _relay_node(
+    config: SiteConfig, direct: dict[str, PeerLink], store: KeyStore, durable: Durable
+) -> RelayNode | None:
+    """The site's part in the QKD network, if it relays or has remote sites."""
+    if not config.relay_pad_bytes:
+        return None
+    static = {
+        peer.site_id: peer.device.via
+        for peer in config.remote_peers
+        if isinstance(peer.device, RelayedDeviceConfig) and peer.device.via
+    }
+    return RelayNode(config.site_id, direct, store, durable, static_next_hops=static)
 
 
 def _sync_call_handler(answer: Callable[[bytes], bytes]) -> CallHandler:

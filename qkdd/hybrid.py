@@ -86,7 +86,7 @@ a key only to its own SAE pair.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -262,3 +262,20 @@ class BatchDeriver:
         return DerivedBatch(
             prefix, xor_bytes(qkd_material, stream), binding.count, binding.size_bits
         )
+
+
+def relayed_key_ids(transfer_id: bytes, path: Sequence[str], count: int) -> list[str]:
+    """The QKD key IDs both end sites give the ``count`` keys of a relayed transfer::
+
+        prefix = uuid_prefix(SHAKE-256(lp(LABEL_RELAYED_KEY_IDS) || lp(transfer_id)
+                                       || u8(len(path)) || lp(site) for each site, 12 bytes))
+        id_i   = UUID(prefix || u32(i))
+
+    A batch's binding ``B`` holds the digest of the QKD key IDs it consumes, so every key
+    derived from relayed material is bound to the path that material took (site IDs in
+    order): end sites that saw different paths derive no common batch at all."""
+    if not 1 <= count <= MAX_INDEX + 1 or not path:
+        raise ValueError("a relayed transfer has 1 or more keys and a path")
+    encoded = lp(labels.LABEL_RELAYED_KEY_IDS) + lp(transfer_id) + bytes([len(path)])
+    encoded += b"".join(lp(site.encode()) for site in path)
+    return _key_ids(uuid_prefix(xof(encoded, ID_PREFIX_SIZE)), 0, count)

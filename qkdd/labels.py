@@ -77,6 +77,9 @@ LABEL_IPSEC_PPK: Final = b"qkdd/v1 ipsec postquantum preshared key"
 # a RELAY_KEYS frame and of its RELAY_ACK, so neither tag can pass for the other.
 LABEL_RELAY_KEYS: Final = b"qkdd/v1 relay keys one-time mac"
 LABEL_RELAY_ACK: Final = b"qkdd/v1 relay ack one-time mac"
+# The QKD key IDs the end sites give relayed material (qkdd.hybrid.relayed_key_ids): a hash
+# of the transfer and its whole path, so every batch that consumes them is bound to it.
+LABEL_RELAYED_KEY_IDS: Final = b"qkdd/v1 relayed qkd key ids"
 
 ALL_LABELS: Final = (
     PROTOCOL_NAME,
@@ -115,4 +118,5 @@ ALL_LABELS: Final = (
     LABEL_IPSEC_PPK,
     LABEL_RELAY_KEYS,
     LABEL_RELAY_ACK,
+    LABEL_RELAYED_KEY_IDS,
 )

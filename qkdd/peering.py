@@ -29,7 +29,7 @@ from qkdd_drivers.kme import Etsi014Device
 from qkdd_drivers.serial.driver import SerialDevice
 from qkdd_drivers.serial.serial_messages import Identity
 
-from qkdd.config import Etsi014DeviceConfig, PeerConfig, SiteConfig
+from qkdd.config import Etsi014DeviceConfig, PeerConfig, RelayedDeviceConfig, SiteConfig
 from qkdd.constants import (
     DIAL_BACKOFF_FIRST,
     DIAL_BACKOFF_MAX,
@@ -56,6 +56,7 @@ from qkdd.peer.connection import (
     PeerConnection,
     Role,
 )
+from qkdd.peer.network_messages import NetworkMessage
 from qkdd.peer.peer_errors import PeerAuthenticationError, PeerProtocolError
 from qkdd.peer_sessions import (
     PEER_CLOSED_UNUSED,
@@ -83,6 +84,8 @@ class PeerUnavailable(PeerError):
 # Answers one kind of peer call: gets the call body, returns the reply body, raises
 # CallRefused to decline. It runs before the session reads its next message.
 CallHandler = Callable[[bytes], Awaitable[bytes]]
+# Takes a QKD-network message from the named peer; it runs before the next message is read.
+NetworkHandler = Callable[[str, NetworkMessage], Awaitable[None]]
 
 
 @dataclass
@@ -187,6 +190,8 @@ def make_device(peer: PeerConfig, is_master: bool, local_site_id: str = "") -> Q
             role="master" if is_master else "slave",
             key_size_bits=device.key_size,
         )
+    if isinstance(device, RelayedDeviceConfig):
+        raise ValueError(f"{peer.site_id} is a [[remote]] site, relayed: it has no QKD device")
     # A serial device that says which end of which link it is must be ours to the peer.
     expected = Identity(local_site_id, peer.site_id) if local_site_id else None
     return SerialDevice(str(device.path), device.baudrate, expected_identity=expected)
@@ -209,7 +214,7 @@ def device_setup_problems(config: SiteConfig) -> list[DeviceSetupError]:
     """What ``qkdd check-config`` learns from building each peer's device driver, without
     starting it: the settings a driver refuses (a KME's URL or TLS files, say)."""
     problems = []
-    for peer in config.peers:
+    for peer in config.direct_peers:
         try:
             _built_device(config, peer, is_link_master(config.site_id, peer.site_id))
         except DeviceSetupError as exc:
@@ -229,6 +234,7 @@ class PeerLink:
         on_handshake: HandshakeObserver = no_observer,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         durable: Durable = already_durable,
+        device: QkdDevice | None = None,
     ) -> None:
         self.config = config
         self.peer = peer
@@ -241,10 +247,13 @@ class PeerLink:
             pool_size=peer.pool_size,
             auth_key_bits=peer.auth_key_bits,
             pad_keys=-(-peer.otp_pad_bytes // (PAD_BITS_MAX // 8)),
+            # Relay pads seal relayed material hop by hop: direct links only.
+            relay_pads=0 if peer.relayed else config.relay_pad_bytes // (PAD_BITS_MAX // 8),
             qkd_buffer_keys=peer.qkd_buffer_keys,
             pool_pairs=config.talking_pairs(),
         )
-        self.device = _built_device(config, peer, self.params.is_master)
+        # A remote link brings its own (relayed) device; a direct link's is built here.
+        self.device = device or _built_device(config, peer, self.params.is_master)
         # Set when the device delivered keys or keys of this site were handed out (the
         # pools may want refilling): the session's agreement runs then.
         self.store_changed = Wakeup()
@@ -264,6 +273,10 @@ class PeerLink:
         self.sessions = LinkSessions(self.params.is_master, self._run_agreement)
         self._calls: _OpenCalls | None = None
         self.call_handlers: dict[int, CallHandler] = {}
+        # The QKD network's messages from this peer (qkdd.relay_node), if it relays.
+        self.network_handler: NetworkHandler | None = None
+        # Told True when a session with the peer starts running, False when none runs.
+        self.session_watchers: list[Callable[[bool], None]] = []
         self.session_up = False
         self.last_error = "no session yet"
         self.sessions_established = 0
@@ -345,6 +358,17 @@ class PeerLink:
             raise PeerUnavailable(f"site {self.peer.site_id} did not answer in {timeout:g} s")
         return reply_body(reply)
 
+    async def send_network(self, messages: Sequence[NetworkMessage]) -> None:
+        """Send QKD-network messages on the running session (after the store's durability
+        barrier, like every send). PeerUnavailable if none runs or it broke."""
+        calls = self._calls
+        if calls is None or calls.send is None:
+            raise PeerUnavailable(self.why_unavailable() or "no session with the peer")
+        try:
+            await calls.send(list(messages))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise PeerUnavailable(f"the session with site {self.peer.site_id} broke") from exc
+
     async def _answer(self, call: PeerCall) -> CallReply:
         handler = self.call_handlers.get(call.kind)
         if handler is None:
@@ -393,7 +417,6 @@ class PeerLink:
         """Connect and run the initiator handshake; if it completes, serve the session until
         it is over. Returns whether the handshake completed. The attempt is abandoned,
         silently, if a session is taken up while it still connects (one the peer dialled)."""
-        host, port = self.peer.address
         conn = PeerConnection(
             Role.INITIATOR,
             backend=self._backend,
@@ -406,25 +429,24 @@ class PeerLink:
         # One deadline for connect, HELLO and the handshake: a responder that goes silent at
         # any point (even before accepting) is given up at the same time.
         deadline = trio.current_time() + self.handshake_timeout
-        stream: trio.SocketStream | None = None
+        stream: trio.abc.Stream | None = None
         handshake: tuple[HandshakeComplete, list[MessageReceived]] | None = None
         failure: Exception | None = None
         with self.sessions.attempt():
             try:
                 with trio.fail_at(deadline):
-                    stream = await trio.open_tcp_stream(host, port)
+                    stream = await self.connect()
             except (OSError, trio.TooSlowError) as exc:
                 if isinstance(exc, OSError):
                     reason = exc.strerror or str(exc)
                 else:
                     reason = f"connect timed out after {self.handshake_timeout:g} s"
                 if not self.session_up:
-                    self.last_error = f"cannot reach {host}:{port} ({reason})"
+                    self.last_error = f"cannot reach {self.address_text()} ({reason})"
                 log.debug(
-                    "event=dial_failed peer=%s address=%s:%d retry_in=%.2f",
+                    "event=dial_failed peer=%s address=%s retry_in=%.2f",
                     self.peer.site_id,
-                    host,
-                    port,
+                    self.address_text(),
                     retry_in,
                 )
             else:
@@ -459,6 +481,16 @@ class PeerLink:
         async with stream:
             await self.serve_session(stream, conn, *handshake, origin=Origin.OURS)
         return True
+
+    async def connect(self) -> trio.abc.Stream:
+        """A new byte stream to the peer: a TCP connection to its address. OSError if it
+        cannot be reached."""
+        host, port = self.peer.address
+        return await trio.open_tcp_stream(host, port)
+
+    def address_text(self) -> str:
+        host, port = self.peer.address
+        return f"{host}:{port}"
 
     def session_failed(self, exc: BaseException) -> None:
         """Our own dial, or an authenticated session, ended with ``exc``. If another
@@ -601,7 +633,10 @@ class PeerLink:
                 if isinstance(event, MessageReceived):
                     agreement.heard(trio.current_time())  # any message keeps it alive
                     message = decode_message(event.payload)
-                    if isinstance(message, PeerCall):
+                    if isinstance(message, NetworkMessage):
+                        if self.network_handler is not None:
+                            await self.network_handler(self.peer.site_id, message)
+                    elif isinstance(message, PeerCall):
                         await send([await self._answer(message)])
                     elif isinstance(message, CallReply):
                         reply = calls.table.on_reply(message)
@@ -651,6 +686,8 @@ class PeerLink:
         self._calls = calls
         self.session_up = True
         self.sessions_established += 1
+        for watcher in self.session_watchers:
+            watcher(True)
         # A handshake counts as "ok" once its session runs; one whose session was closed
         # unused (both sites dialled at once) is only logged.
         self._on_handshake(self.peer.site_id, mode_name(conn), "ok")
@@ -689,6 +726,9 @@ class PeerLink:
                 self._calls = None
             # Still up if the session that replaced this one was taken up already.
             self.session_up = self.sessions.arbiter.running not in (None, session.token)
+            if not self.session_up:
+                for watcher in self.session_watchers:
+                    watcher(False)
 
 
 def _auth_name(done: HandshakeComplete) -> str:

@@ -18,6 +18,8 @@ the link slave:
     either -> other   PEER_CALL   a request the other site's daemon must act on and answer
                                   (kinds and bodies: ``qkdd.peer.calls``)
     other  -> either  CALL_REPLY  its outcome: done (with a body) or refused (with a reason)
+    either -> other   RELAY_KEYS, RELAY_ACK, LINK_STATE, ROUTED: the QKD network's messages
+                                  (``qkdd.peer.network_messages``), not the agreement's
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from qkdd.crypto import KEM_CIPHERTEXT_SIZE, KEM_PUBLIC_KEY_SIZE
+from qkdd.peer.network_messages import NETWORK_MESSAGES, NetworkMessage
 from qkdd.peer.peer_errors import RemoteProtocolError
 from qkdd.peer.wire import Reader, Writer
 
@@ -408,6 +411,7 @@ LinkMessage = (
     | QkdSkip
     | PeerCall
     | CallReply
+    | NetworkMessage
 )
 
 _DECODERS: dict[int, type[LinkMessage]] = {
@@ -423,6 +427,8 @@ _DECODERS: dict[int, type[LinkMessage]] = {
     MessageType.CALL_REPLY: CallReply,
     MessageType.PAD_DEMAND: PadDemand,
     MessageType.QKD_SKIP: QkdSkip,
+    # Types 0x0D-0x10: the QKD network's messages (qkdd.peer.network_messages).
+    **{network.TYPE: network for network in NETWORK_MESSAGES},
 }
 
 

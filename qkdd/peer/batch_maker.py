@@ -1,7 +1,8 @@
 """The link master's side of batch agreement (sans-IO): it settles what the last session
-left open (RESYNC), takes the slave's ML-KEM offers and pool demands, makes batches from
-the oldest QKD keys up to WINDOW in flight (KEY_BATCH) and decides each one when the
-slave's BATCH_ACK comes (BATCH_DECISION). ``qkdd.peer.agreement`` drives it.
+left open (RESYNC), takes the slave's ML-KEM offers and pool and pad demands (relay pads
+only where both ends relay), makes batches from the oldest QKD keys up to WINDOW in flight
+(KEY_BATCH) and decides each one when the slave's BATCH_ACK comes (BATCH_DECISION).
+``qkdd.peer.agreement`` drives it.
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ class BatchMaker:
         self._whole_batch_at = 0
         self._remote_demand: dict[tuple[str, str], int] = {}
         self._remote_pad_demand: dict[tuple[str, str], int] = {}
+        # The slave's PAD_DEMAND listed its relay pair: it relays too, so it takes the
+        # relay pads we make for our own direction (until then none are made).
+        self._peer_relays = False
+        self._relay_mismatch_logged = False
         self.resynced = False
         # Every session the master makes a fresh authentication key first: it replaces,
         # once both sides hold it, the PSK (or bootstrap) that authenticated this session.
@@ -146,14 +151,29 @@ class BatchMaker:
         return []
 
     def on_pad_demand(self, message: PadDemand, now: float) -> list[LinkMessage]:
+        peer_relay = self.params.peer_relay_pair
+        listed_relay = False
         for sender, recipient, wanted in message.wanted:
-            if (
+            if (sender, recipient) == peer_relay:
+                listed_relay = True
+                if not self.params.relay_pads:
+                    continue  # we do not relay over this link: no relay pads either way
+                self._peer_relays = True
+            elif (
                 sender not in self.params.remote_sae_ids
                 or recipient not in self.params.local_sae_ids
             ):
                 raise LinkError(f"PAD_DEMAND for a pair we do not serve: {sender}->{recipient}")
             flying = self._in_flight_keys.get((BatchPurpose.PADS, sender, recipient), 0)
             self._remote_pad_demand[(sender, recipient)] = min(wanted, MAX_PAD_DEMAND) - flying
+        if listed_relay != bool(self.params.relay_pads) and not self._relay_mismatch_logged:
+            # A config mismatch, not a fault: the link runs on without relay pads.
+            self._relay_mismatch_logged = True
+            log.info(
+                "event=relay_pads_off peer=%s reason=%s",
+                self._peer,
+                "not-relaying-here" if listed_relay else "peer-not-relaying",
+            )
         return []
 
     def on_ack(self, message: BatchAck, now: float) -> list[LinkMessage]:
@@ -213,7 +233,7 @@ class BatchMaker:
 
     def _wants(self) -> tuple[int, tuple[str, str], int, int] | None:
         """What the next batch is for: (purpose, pair, key size, keys wanted), the largest
-        deficit first; pads only once every key pool is full."""
+        deficit first; pads (relay pads included) only once every key pool is full."""
         if self._auth_key_wanted:
             return BatchPurpose.AUTHENTICATION_KEYS, ("", ""), self.params.auth_key_bits, 1
         app = BatchPurpose.APPLICATION_KEYS
@@ -227,11 +247,12 @@ class BatchMaker:
             return app, best[1], self.params.key_size_bits, best[0]
         pads = BatchPurpose.PADS
         wants = []
-        if self.params.pad_keys:
-            for pair in self.params.local_master_pairs():
-                flying = self._in_flight_keys.get((pads, *pair), 0)
-                have = self._store.pad_ready_count(*pair)
-                wants.append((self.params.pad_keys - have - flying, pair))
+        for pair, target in self.params.pad_pools():
+            if pair == self.params.relay_pair and not self._peer_relays:
+                continue  # the slave would reject relay pads: it has not said it relays
+            flying = self._in_flight_keys.get((pads, *pair), 0)
+            have = self._store.pad_ready_count(*pair)
+            wants.append((target - have - flying, pair))
         wants += [(wanted, pair) for pair, wanted in self._remote_pad_demand.items()]
         best = max(wants, default=(0, ("", "")))
         if best[0] > 0:

@@ -3,7 +3,7 @@ session left undecided (RESYNC), offers one-time ML-KEM encapsulation keys (KEM_
 takes the master's batches in the order they came, waiting for its own device's QKD keys
 where needed, checks and stores each one or rejects it (BATCH_ACK), commits or aborts it
 on the master's word (BATCH_DECISION), and tells the master what its pools want
-(POOL_DEMAND, PAD_DEMAND). ``qkdd.peer.agreement`` drives it.
+(POOL_DEMAND, PAD_DEMAND, relay pads included). ``qkdd.peer.agreement`` drives it.
 """
 
 from __future__ import annotations
@@ -249,11 +249,12 @@ class BatchTaker:
             ):
                 return f"an authentication batch is one key of {low}-{high} bits, no SAE pair"
         else:
-            if not self.params.pair_allowed(batch.master_sae_id, batch.slave_sae_id):
+            pads = batch.purpose == BatchPurpose.PADS
+            if not self.params.pair_allowed(batch.master_sae_id, batch.slave_sae_id, pads=pads):
                 return (
                     f"SAE pair {batch.master_sae_id}->{batch.slave_sae_id} is not configured here"
                 )
-            if batch.purpose == BatchPurpose.PADS:
+            if pads:
                 if batch.size_bits != PAD_BITS_MAX:
                     return f"a one-time pad has {PAD_BITS_MAX} bits, not {batch.size_bits}"
             elif batch.size_bits != self.params.key_size_bits:
@@ -292,7 +293,7 @@ class BatchTaker:
         if demand != self._last_demand:
             self._last_demand = demand
             out.append(demand)
-        if self.params.pad_keys:
+        if self.params.pad_keys or self.params.relay_pads:
             pad_demand = self._pad_demand()
             if pad_demand != self._last_pad_demand:
                 self._last_pad_demand = pad_demand
@@ -300,11 +301,13 @@ class BatchTaker:
         return out
 
     def _pad_demand(self) -> PadDemand:
+        """Our pad pools' wants; listing the relay pair (even at 0) tells the master we
+        relay too, so it fills its own relay direction."""
         wanted = []
-        for pair in self.params.local_master_pairs():
+        for pair, target in self.params.pad_pools():
             have = self._store.pad_ready_count(*pair)
             have += self._coming.get((BatchPurpose.PADS, *pair), 0)
-            wanted.append((*pair, max(0, self.params.pad_keys - have)))
+            wanted.append((*pair, max(0, target - have)))
         return PadDemand(tuple(wanted))
 
     def _demand(self) -> PoolDemand:

@@ -13,6 +13,7 @@ on an unanswered call.
                 hybrid key both sites hold (``qkdd.messaging``)
     WG_INSTALL  link master -> link slave: install hybrid key X as a WireGuard PSK
     IPSEC_INSTALL  link master -> link slave: install hybrid key X as an IPsec PPK
+    RELAY_CONFIRM  destination -> source of relayed QKD material, end to end: it holds it
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class CallKind:
     MESSAGE: Final = 2
     WG_INSTALL: Final = 3
     IPSEC_INSTALL: Final = 4
+    # End to end, destination -> source of a relayed transfer: it holds the material
+    # (body: the 16-byte transfer ID; empty reply). docs/protocol.md §12.3.
+    RELAY_CONFIRM: Final = 5
 
 
 def _uuid_bytes(value: str) -> bytes:

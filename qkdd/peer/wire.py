@@ -195,6 +195,10 @@ class Reader:
             raise RemoteProtocolError(f"{self._what}: field of {length} bytes exceeds {max_size}")
         return self._take(length)
 
+    def rest(self) -> bytes:
+        """Everything not read yet (an opaque tail)."""
+        return self._take(len(self._data) - self._offset)
+
     @property
     def consumed(self) -> int:
         return self._offset

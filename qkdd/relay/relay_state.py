@@ -170,19 +170,21 @@ class _Transfer:
 
 class RelaySite:
     """Every transfer this site takes part in. ``budgets``: the relay budget of each link
-    (by peer site ID); a link without one carries no relayed material."""
+    (by peer site ID); a link without one carries no relayed material. ``None``: the
+    caller bounds what relaying takes itself (the daemon keeps a pool of relay pads per
+    link, filled only once the link's own pools are full: docs/protocol.md §10.5)."""
 
     def __init__(
         self,
         site_id: str,
         *,
-        budgets: Mapping[str, HopBudget],
+        budgets: Mapping[str, HopBudget] | None,
         hop_timeout: float = HOP_TIMEOUT,
         confirm_timeout: float = CONFIRM_TIMEOUT,
         seen_memory: float = SEEN_MEMORY,
     ) -> None:
         self.site_id = site_id
-        self._budgets = dict(budgets)
+        self._budgets = None if budgets is None else dict(budgets)
         self._hop_timeout = hop_timeout
         self._confirm_timeout = confirm_timeout
         self._seen_memory = seen_memory
@@ -199,10 +201,14 @@ class RelaySite:
         """How many QKD keys of the link to ``peer`` relay may take now, from a buffer of
         ``available`` keys. Ask before taking keys from the store for ``start``,
         ``forward`` or a frame's keys."""
+        if self._budgets is None:
+            return available
         budget = self._budgets.get(peer)
         return 0 if budget is None else budget.allowance(available)
 
     def _charge(self, peer: str, count: int, available: int) -> None:
+        if self._budgets is None:
+            return  # the caller bounds relaying itself (the daemon: each link's relay pads)
         budget = self._budgets.get(peer)
         if budget is None:
             raise HopBudgetExceeded(f"the link to {peer} has no relay budget")

@@ -1,0 +1,652 @@
+"""The QKD network at one site (I/O): link state flooded over the direct links' sessions,
+the routes computed from it, routed streams that carry end-to-end sessions with remote
+sites, and relayed QKD material as source, relay or destination.
+
+The cores are sans-IO (``qkdd.relay``: link_state, relay_routes, routed, relay_state,
+hop_seal); this module moves their bytes and actions between the direct links' sessions
+(``PeerLink.send_network``, ``PeerLink.network_handler``), the key store (relay pads in,
+relayed QKD keys out) and the remote links (``qkdd.remote_link``). docs/protocol.md
+§10–§12.
+
+Relayed QKD material, one transfer (source = the end site that is its pair's link master):
+
+    source       takes relay pads of hop 0 for the material, the pad and the MAC keys;
+                 RELAY_KEYS to path[1]
+    relay        takes the pads the frame names (its incoming hop), opens it, RELAY_ACK
+                 back; takes pads of its next hop, RELAY_KEYS on; erases the material at
+                 the next hop's RELAY_ACK
+    destination  opens it, RELAY_ACK back, stores the material as QKD keys of the remote
+                 link (IDs bound to the path: ``qkdd.hybrid.relayed_key_ids``), then
+                 RELAY_CONFIRM to the source end to end, over the authenticated session
+    source       at RELAY_CONFIRM stores the same QKD keys: from here the remote link's
+                 key agreement (ML-KEM end to end, ``qkdd.peering``) consumes them
+
+A few transfers per remote site are open at once (``SOURCE_WINDOW``); the two ends may
+store them in different orders, so the remote link's slave (the destination) looks the
+QKD keys of each batch up by the IDs the master lists (as with a fetch-by-ID device). A
+transfer that fails anywhere is abandoned by the relay core's deadlines; its pads stay
+consumed, and material the destination stored but the source never did is never agreed
+(the agreement's horizon skips it, §5.2). A RELAY_CONFIRM the session did not carry is
+sent again on the next end-to-end session.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Final
+
+import trio
+from qkdd_drivers.base import QkdKey
+
+from qkdd.constants import RELAY_CONFIRM_TIMEOUT
+from qkdd.durability import Durable
+from qkdd.hybrid import relayed_key_ids
+from qkdd.keystore import KeyStore
+from qkdd.link_params import is_link_master, relay_sae
+from qkdd.peer.batching import PAD_BITS_MAX
+from qkdd.peer.calls import CallKind, CallRefused
+from qkdd.peer.network_messages import (
+    LinkStateMessage,
+    NetworkMessage,
+    RelayAckMessage,
+    RelayKeysMessage,
+    RoutedMessage,
+)
+from qkdd.peering import PeerLink, PeerUnavailable
+from qkdd.relay.hop_seal import (
+    MAC_MATERIAL_SIZE,
+    TRANSFER_ID_SIZE,
+    HopKey,
+    HopKeys,
+    HopTagInvalid,
+    RelayFrameError,
+    RelayUsageError,
+    decode_relay_ack,
+    decode_relay_keys,
+)
+from qkdd.relay.link_state import LinkStateDatabase, Outgoing
+from qkdd.relay.relay_routes import RouteTable, compute_routes
+from qkdd.relay.relay_state import (
+    HopAcked,
+    MaterialDelivered,
+    NextHopNeeded,
+    RelayAction,
+    RelayRejected,
+    RelayRole,
+    RelaySite,
+    SendRelayAck,
+    SendRelayKeys,
+    TransferAbandoned,
+)
+from qkdd.relay.routed import (
+    Bounce,
+    Deliver,
+    Forward,
+    RoutedEnvelope,
+    RoutedKind,
+    decode_routed,
+    route_envelope,
+)
+from qkdd.routed_stream import RoutedStream, RoutedStreamClosed
+from qkdd.wakeup import Wakeup
+
+log = logging.getLogger("qkdd.relay")
+
+# Keys of a relayed transfer and their size: 8 KiB of material, 8 relay pads of each hop
+# for its one-time pad and one for its two MAC keys (and 8 more of hop 0 for the material).
+TRANSFER_KEYS: Final = 256
+RELAYED_KEY_BITS: Final = 256
+PAD_BYTES: Final = PAD_BITS_MAX // 8
+# How often a site looks again for what it lacked: relay pads for a transfer or a forward
+# (made by the link's agreement once its pools are full), a route.
+RETRY_SECONDS: Final = 0.5
+# Transfers a source keeps open per remote site (each awaits its RELAY_CONFIRM).
+SOURCE_WINDOW: Final = 4
+# RELAY_CONFIRMs a destination keeps to send again when the end-to-end session returns.
+MAX_UNCONFIRMED: Final = 64
+# Routed streams a remote site may have open here at once (each carries one dial).
+MAX_STREAMS_PER_SITE: Final = 4
+
+AcceptStream = Callable[[RoutedStream], Awaitable[None]]
+
+
+class NoRoute(OSError):
+    """There is no path to the remote site now (a dial fails as if it could not connect)."""
+
+
+class _PadsMissing(Exception):
+    """Inside a store transaction: a pad the frame names is not held here (roll back)."""
+
+
+def relayed_keys(
+    transfer_id: bytes, path: Sequence[str], key_bits: int, material: bytes
+) -> list[QkdKey]:
+    """The QKD keys a transfer's material becomes at both end sites."""
+    size = key_bits // 8
+    count = len(material) // size
+    ids = relayed_key_ids(transfer_id, path, count)
+    return [QkdKey(ids[i], material[i * size : (i + 1) * size]) for i in range(count)]
+
+
+class RelayNode:
+    """The site's part in the QKD network. ``direct``: the links with a QKD device (their
+    sessions carry everything); remote links are added with ``add_remote``."""
+
+    def __init__(
+        self,
+        site_id: str,
+        direct: Mapping[str, PeerLink],
+        store: KeyStore,
+        durable: Durable,
+        *,
+        static_next_hops: Mapping[str, str] | None = None,
+    ) -> None:
+        now = trio.current_time()
+        self.site_id = site_id
+        self._direct = dict(direct)
+        self._remotes: dict[str, PeerLink] = {}
+        self._store = store
+        self._durable = durable
+        self._static = dict(static_next_hops or {})
+        self.database = LinkStateDatabase(site_id, now)
+        self._routes_from: tuple[int, frozenset[str]] | None = None
+        self.routes = RouteTable(site_id, {site_id: (site_id,)})
+        self.relay = RelaySite(site_id, budgets=None)
+        self._streams: dict[tuple[str, bytes], RoutedStream] = {}
+        self._outbox: list[tuple[str, NetworkMessage]] = []
+        self._wakeup = Wakeup()
+        self._waiting_forwards: dict[bytes, NextHopNeeded] = {}
+        self._sources: dict[bytes, tuple[tuple[str, ...], trio.Event]] = {}
+        self._unconfirmed: dict[str, list[bytes]] = {}
+        self.accept_stream: AcceptStream | None = None
+        self._path_watchers: dict[str, Callable[[tuple[str, ...] | None], None]] = {}
+        self._nursery: trio.Nursery | None = None
+        self.counters = {
+            "transfers_started": 0,
+            "transfers_confirmed": 0,
+            "transfers_relayed": 0,
+            "transfers_delivered": 0,
+            "transfers_abandoned": 0,
+            "keys_relayed": 0,
+        }
+        for peer, link in self._direct.items():
+            link.network_handler = self.on_message
+            link.session_watchers.append(functools.partial(self._session_changed, peer))
+
+    def add_remote(
+        self, link: PeerLink, path_changed: Callable[[tuple[str, ...] | None], None]
+    ) -> None:
+        """A remote site this one gets keys with; its link's dials use ``open_stream``;
+        ``path_changed`` is told its path whenever that changes."""
+        self._remotes[link.peer.site_id] = link
+        self._path_watchers[link.peer.site_id] = path_changed
+        link.session_watchers.append(functools.partial(self._remote_session, link))
+        link.call_handlers[CallKind.RELAY_CONFIRM] = functools.partial(
+            self._confirmed, link.peer.site_id
+        )
+
+    # -- what operators see ----------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        return {
+            "links_up": sorted(self.database.up_neighbours),
+            "routes": {
+                site: list(path)
+                for site, path in sorted(self.routes.paths.items())
+                if site != self.site_id
+            },
+            "open_transfers": len(self.relay.open_transfers()),
+            **self.counters,
+        }
+
+    # -- the direct links' sessions --------------------------------------------------------
+
+    def _session_changed(self, peer: str, up: bool) -> None:
+        now = trio.current_time()
+        if up:
+            self._queue_link_state(self.database.link_up(peer, now))
+        else:
+            self._queue_link_state(self.database.link_down(peer, now))
+        self._refresh_routes()
+        self._wakeup.set()
+
+    def _queue_link_state(self, outgoing: Sequence[Outgoing]) -> None:
+        self._outbox += [(o.neighbour, LinkStateMessage(o.data)) for o in outgoing]
+        if outgoing:
+            self._wakeup.set()
+
+    def _refresh_routes(self) -> None:
+        """Recompute the routes when the link-state database or the up sessions changed;
+        end the routed streams whose next hop went away (their sessions dial again)."""
+        basis = (self.database.generation, self.database.up_neighbours)
+        if basis == self._routes_from:
+            return
+        self._routes_from = basis
+        old = self.routes
+        self.routes = compute_routes(
+            self.database.graph(),
+            self.site_id,
+            up_neighbours=self.database.up_neighbours,
+            static_next_hops=self._static,
+        )
+        for remote in self._remotes:
+            before, after = old.path(remote), self.routes.path(remote)
+            if before != after:
+                self._path_watchers[remote](after)
+                log.info(
+                    "event=route_changed remote=%s path=%s",
+                    remote,
+                    "-".join(after) if after else "none",
+                )
+        for stream in list(self._streams.values()):
+            if old.next_hop(stream.remote) != self.routes.next_hop(stream.remote):
+                stream.ended(f"the route to {stream.remote} changed")
+
+    async def on_message(self, sender: str, message: NetworkMessage) -> None:
+        """A network message from direct peer ``sender``. A malformed one raises (the
+        session that carried it broke the protocol); one that does not fit what this site
+        holds is logged and dropped."""
+        now = trio.current_time()
+        if isinstance(message, LinkStateMessage):
+            self._queue_link_state(self.database.receive(sender, message.body, now))
+            self._refresh_routes()
+        elif isinstance(message, RoutedMessage):
+            await self._on_routed(decode_routed(message.body))
+        elif isinstance(message, RelayKeysMessage):
+            await self._on_relay_keys(sender, message.body)
+        elif isinstance(message, RelayAckMessage):
+            ack = decode_relay_ack(message.body)
+            try:
+                actions = self.relay.receive_ack(ack, sender, now)
+            except RelayFrameError as exc:
+                self._refused("RELAY_ACK", sender, exc)
+                return
+            await self._process(actions)
+
+    def _refused(self, what: str, sender: str, exc: Exception) -> None:
+        tampered = isinstance(exc, HopTagInvalid)
+        (log.error if tampered else log.warning)(
+            "event=relay_refused message=%s peer=%s reason=%r", what, sender, str(exc)
+        )
+
+    async def _send(self, peer: str, message: NetworkMessage) -> bool:
+        link = self._direct.get(peer)
+        if link is None:
+            return False
+        try:
+            await link.send_network([message])
+        except PeerUnavailable as exc:
+            log.info("event=network_send_failed peer=%s reason=%r", peer, str(exc))
+            return False
+        return True
+
+    # -- routed streams ----------------------------------------------------------------------
+
+    async def open_stream(self, remote: str) -> RoutedStream:
+        """A new routed stream to ``remote`` (the dial of its end-to-end session).
+        ``NoRoute`` if no path leads there now."""
+        if self.routes.next_hop(remote) is None:
+            raise NoRoute(f"no path to site {remote} over the links up now")
+        stream = self._new_stream(remote, os.urandom(8), opened_here=True)
+        try:
+            await self._send_from_here(stream.envelope(RoutedKind.OPEN))
+        except RoutedStreamClosed as exc:
+            await stream.aclose()
+            raise NoRoute(str(exc)) from None
+        return stream
+
+    def _new_stream(self, remote: str, stream_id: bytes, *, opened_here: bool) -> RoutedStream:
+        stream = RoutedStream(
+            self.site_id,
+            remote,
+            stream_id,
+            opened_here=opened_here,
+            send_envelope=self._send_from_here,
+            on_closed=self._stream_closed,
+        )
+        self._streams[(self.site_id if opened_here else remote, stream_id)] = stream
+        return stream
+
+    def _stream_closed(self, stream: RoutedStream) -> None:
+        opener = self.site_id if stream.opened_here else stream.remote
+        self._streams.pop((opener, stream.stream_id), None)
+
+    async def _send_from_here(self, envelope: RoutedEnvelope) -> None:
+        action = route_envelope(envelope, self.site_id, self.routes, self.database.up_neighbours)
+        if isinstance(action, Forward):
+            if await self._send(action.peer, RoutedMessage(action.body)):
+                return
+            raise RoutedStreamClosed(f"the session with {action.peer} is down")
+        if isinstance(action, Bounce):
+            raise RoutedStreamClosed(action.reason)
+        raise RoutedStreamClosed("a routed stream to this site itself")
+
+    async def _on_routed(self, envelope: RoutedEnvelope) -> None:
+        action = route_envelope(envelope, self.site_id, self.routes, self.database.up_neighbours)
+        if isinstance(action, Forward):
+            if not await self._send(action.peer, RoutedMessage(action.body)):
+                await self._bounce(
+                    envelope, f"the session from {self.site_id} to {action.peer} is down"
+                )
+        elif isinstance(action, Bounce):
+            if action.envelope is not None:
+                log.info(
+                    "event=routed_bounced destination=%s reason=%r",
+                    envelope.destination,
+                    action.reason,
+                )
+                await self._bounce(envelope, action.reason)
+        elif isinstance(action, Deliver):
+            await self._deliver(envelope)
+
+    async def _bounce(self, envelope: RoutedEnvelope, reason: str) -> None:
+        """Tell the envelope's source its stream cannot go on (best effort)."""
+        if envelope.kind is RoutedKind.CLOSE:
+            return
+        back = envelope.reply(RoutedKind.CLOSE, reason.encode()[:256])
+        action = route_envelope(back, self.site_id, self.routes, self.database.up_neighbours)
+        if isinstance(action, Forward):
+            await self._send(action.peer, RoutedMessage(action.body))
+        elif isinstance(action, Deliver):
+            await self._deliver(back)
+
+    async def _deliver(self, envelope: RoutedEnvelope) -> None:
+        key = (envelope.opener, envelope.stream_id)
+        stream = self._streams.get(key)
+        if envelope.kind is RoutedKind.OPEN:
+            if stream is not None:
+                return
+            problem = self._open_problem(envelope.source)
+            if problem is not None:
+                log.warning(
+                    "event=routed_open_refused remote=%s reason=%r", envelope.source, problem
+                )
+                await self._bounce(envelope, problem)
+                return
+            stream = self._new_stream(envelope.source, envelope.stream_id, opened_here=False)
+            assert self._nursery is not None and self.accept_stream is not None
+            self._nursery.start_soon(self.accept_stream, stream)
+        elif envelope.kind is RoutedKind.DATA:
+            if stream is None:
+                await self._bounce(envelope, f"no such stream at {self.site_id}")
+                return
+            await stream.arrived(envelope.payload)
+        elif stream is not None:  # CLOSE
+            self._streams.pop(key, None)
+            stream.ended(envelope.payload.decode("utf-8", "replace") or "closed")
+
+    def _open_problem(self, remote: str) -> str | None:
+        if remote not in self._remotes or self.accept_stream is None:
+            return f"site {self.site_id} gets no keys with {remote} (not a [[remote]] there)"
+        if sum(1 for s in self._streams.values() if s.remote == remote) >= MAX_STREAMS_PER_SITE:
+            return f"{remote} has {MAX_STREAMS_PER_SITE} routed streams open at {self.site_id}"
+        return None
+
+    # -- relayed QKD material ----------------------------------------------------------------
+
+    def _take_hop_pads(self, peer: str, pieces: Sequence[int]) -> list[list[HopKey]] | None:
+        """Relay pads of the link to ``peer`` (this site sending) covering each piece's bytes
+        with pads of its own, all or none; None if the stock is short."""
+        counts = [-(-size // PAD_BYTES) for size in pieces]
+        pads = self._store.take_pads(
+            relay_sae(self.site_id), relay_sae(peer), sum(counts) * PAD_BYTES
+        )
+        if not pads:
+            return None
+        keys = [HopKey(uuid.UUID(p.key_id).bytes, p.material) for p in pads]
+        out, at = [], 0
+        for count in counts:
+            out.append(keys[at : at + count])
+            at += count
+        return out
+
+    async def _on_relay_keys(self, sender: str, body: bytes) -> None:
+        frame = decode_relay_keys(body)
+        header = frame.header
+        now = trio.current_time()
+        try:
+            self.relay.admit(frame, sender, available=0, now=now)
+        except RelayRejected as exc:
+            self._refused("RELAY_KEYS", sender, exc)
+            return
+        ids = [str(uuid.UUID(bytes=i)) for i in header.pad_key_ids + header.mac_key_ids]
+        try:
+            with self._store.transaction() as db:
+                found = self._store.take_pads_in(
+                    db, ids, relay_sae(sender), relay_sae(self.site_id)
+                )
+                if found is None:
+                    raise _PadsMissing
+        except _PadsMissing:
+            await self._process(
+                self.relay.abandon(
+                    header.transfer_id, "the relay pads it names are not held here", now
+                )
+            )
+            return
+        await self._durable()  # the pads are gone for good before anything depends on them
+        count = len(header.pad_key_ids)
+        keys = [HopKey(uuid.UUID(k.key_id).bytes, k.material) for k in found]
+        try:
+            actions = self.relay.receive(
+                frame,
+                sender,
+                HopKeys(tuple(keys[:count]), tuple(keys[count:])),
+                trio.current_time(),
+            )
+        except RelayFrameError as exc:
+            self._refused("RELAY_KEYS", sender, exc)
+            return
+        await self._process(actions)
+
+    async def _process(self, actions: Sequence[RelayAction]) -> None:
+        for action in actions:
+            if isinstance(action, SendRelayKeys):
+                await self._send(action.peer, RelayKeysMessage(action.body))
+            elif isinstance(action, SendRelayAck):
+                await self._send(action.peer, RelayAckMessage(action.body))
+            elif isinstance(action, NextHopNeeded):
+                self._waiting_forwards[action.transfer_id] = action
+                await self._forward(action.transfer_id)
+            elif isinstance(action, MaterialDelivered):
+                await self._delivered(action)
+            elif isinstance(action, HopAcked):
+                if action.role is RelayRole.RELAY:
+                    self.counters["transfers_relayed"] += 1
+            elif isinstance(action, TransferAbandoned):
+                self.counters["transfers_abandoned"] += 1
+                log.warning(
+                    "event=relay_abandoned transfer=%s role=%s reason=%r",
+                    action.transfer_id.hex(),
+                    action.role.value,
+                    action.reason,
+                )
+                self._waiting_forwards.pop(action.transfer_id, None)
+                source = self._sources.get(action.transfer_id)
+                if source is not None:
+                    source[1].set()
+
+    async def _forward(self, transfer_id: bytes) -> None:
+        """Seal a held transfer for its next hop, if that link has the relay pads now."""
+        waiting = self._waiting_forwards.get(transfer_id)
+        if waiting is None:
+            return
+        pads = self._take_hop_pads(waiting.peer, [waiting.material_size, MAC_MATERIAL_SIZE])
+        if pads is None:
+            self._wakeup.set()  # the run loop looks again in RETRY_SECONDS
+            return
+        del self._waiting_forwards[transfer_id]
+        await self._durable()
+        try:
+            actions = self.relay.forward(
+                transfer_id,
+                HopKeys(tuple(pads[0]), tuple(pads[1])),
+                available=0,
+                now=trio.current_time(),
+            )
+        except RelayUsageError:
+            return  # abandoned meanwhile: the pads stay consumed
+        await self._process(actions)
+
+    async def _delivered(self, delivered: MaterialDelivered) -> None:
+        """Destination: store the material as the remote link's QKD keys, then confirm."""
+        source = delivered.path[0]
+        link = self._remotes.get(source)
+        if link is None or not is_link_master(source, self.site_id):
+            log.warning(
+                "event=relay_delivery_dropped source=%s reason=%r",
+                source,
+                "not a [[remote]] here" if link is None else "the source is not the pair's master",
+            )
+            return
+        keys = relayed_keys(
+            delivered.transfer_id, delivered.path, delivered.key_bits, delivered.material
+        )
+        await link.sink.store_qkd_keys(keys)
+        self.counters["transfers_delivered"] += 1
+        self.counters["keys_relayed"] += len(keys)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._confirm, link, delivered.transfer_id)
+
+    async def _confirm(self, link: PeerLink, transfer_id: bytes) -> None:
+        """RELAY_CONFIRM to the source; kept for the next session if this one cannot carry
+        it (a refusal means the source gave the transfer up: nothing to send again)."""
+        try:
+            await link.call(CallKind.RELAY_CONFIRM, transfer_id, timeout=RELAY_CONFIRM_TIMEOUT)
+        except CallRefused as exc:
+            log.warning(
+                "event=relay_confirm_refused remote=%s transfer=%s reason=%r",
+                link.peer.site_id,
+                transfer_id.hex(),
+                str(exc),
+            )
+        except PeerUnavailable as exc:
+            log.info(
+                "event=relay_confirm_deferred remote=%s transfer=%s reason=%r",
+                link.peer.site_id,
+                transfer_id.hex(),
+                str(exc),
+            )
+            waiting = self._unconfirmed.setdefault(link.peer.site_id, [])
+            waiting.append(transfer_id)
+            del waiting[:-MAX_UNCONFIRMED]
+
+    def _remote_session(self, link: PeerLink, up: bool) -> None:
+        """An end-to-end session came up: send the confirmations the last one missed."""
+        waiting = self._unconfirmed.pop(link.peer.site_id, [])
+        if up and waiting and self._nursery is not None:
+            for transfer_id in waiting:
+                self._nursery.start_soon(self._confirm, link, transfer_id)
+        elif waiting:
+            self._unconfirmed[link.peer.site_id] = waiting
+
+    async def _confirmed(self, remote: str, body: bytes) -> bytes:
+        """Source: RELAY_CONFIRM from the destination, over the end-to-end session."""
+        entry = self._sources.get(body) if len(body) == TRANSFER_ID_SIZE else None
+        if entry is None or entry[0][-1] != remote:
+            raise CallRefused("no transfer to that site with that ID is open here")
+        path, done = entry
+        try:
+            material = self.relay.release_confirmed(body, trio.current_time())
+        except RelayUsageError:
+            raise CallRefused("that transfer was abandoned here") from None
+        keys = relayed_keys(body, path, RELAYED_KEY_BITS, material)
+        await self._remotes[remote].sink.store_qkd_keys(keys)
+        self.counters["transfers_confirmed"] += 1
+        self.counters["keys_relayed"] += len(keys)
+        done.set()
+        return b""
+
+    async def _source(self, remote: str, link: PeerLink) -> None:
+        """Keep the remote link's QKD buffer filled with relayed material, up to
+        ``SOURCE_WINDOW`` transfers at a time, while its end-to-end session runs (the
+        destination confirms over it)."""
+        material_size = TRANSFER_KEYS * RELAYED_KEY_BITS // 8
+        target = max(TRANSFER_KEYS, link.params.qkd_buffer_keys - TRANSFER_KEYS)
+        open_here: set[bytes] = set()
+
+        async def await_confirmation(transfer_id: bytes, done: trio.Event) -> None:
+            try:
+                await done.wait()
+            finally:
+                del self._sources[transfer_id]
+                open_here.discard(transfer_id)
+                link.sink.space.set()  # room in the window
+
+        async with trio.open_nursery() as transfers:
+            while True:
+                link.sink.space.arm()
+                path = self.routes.path(remote)
+                coming = len(open_here) * TRANSFER_KEYS
+                ready = (
+                    link.session_up
+                    and len(open_here) < SOURCE_WINDOW
+                    and link.sink.qkd_keys_buffered() + coming < target
+                    and path is not None
+                    and len(path) > 1
+                )
+                pads = None
+                if ready:
+                    assert path is not None
+                    pads = self._take_hop_pads(
+                        path[1], [material_size, material_size, MAC_MATERIAL_SIZE]
+                    )
+                if pads is None or path is None:
+                    with trio.move_on_after(RETRY_SECONDS):
+                        await link.sink.space.wait()
+                    continue
+                material = b"".join(k.material for k in pads[0])[:material_size]
+                transfer_id = os.urandom(TRANSFER_ID_SIZE)
+                done = trio.Event()
+                self._sources[transfer_id] = (path, done)
+                open_here.add(transfer_id)
+                transfers.start_soon(await_confirmation, transfer_id, done)
+                await self._durable()  # the pads are gone for good before they are used
+                actions = self.relay.start(
+                    transfer_id,
+                    path,
+                    RELAYED_KEY_BITS,
+                    material,
+                    HopKeys(tuple(pads[1]), tuple(pads[2])),
+                    available=0,
+                    now=trio.current_time(),
+                )
+                self.counters["transfers_started"] += 1
+                log.debug("event=relay_started remote=%s path=%s", remote, "-".join(path))
+                self._wakeup.set()  # its deadline
+                await self._process(actions)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Flood link state, keep the routes, retry waiting forwards, time transfers out;
+        one source task per remote site this one is the master of."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for remote, link in self._remotes.items():
+                if is_link_master(self.site_id, remote):
+                    nursery.start_soon(self._source, remote, link)
+            task_status.started()
+            while True:
+                self._wakeup.arm()
+                now = trio.current_time()
+                if now >= self.database.next_deadline():
+                    self._queue_link_state(self.database.on_deadline(now))
+                await self._process(self.relay.poll(now))
+                for transfer_id in list(self._waiting_forwards):
+                    await self._forward(transfer_id)
+                self._refresh_routes()
+                outbox, self._outbox = self._outbox, []
+                for peer, message in outbox:
+                    await self._send(peer, message)
+                deadline = min(
+                    self.database.next_deadline(), self.relay.next_deadline() or math.inf
+                )
+                if self._waiting_forwards:
+                    deadline = min(deadline, trio.current_time() + RETRY_SECONDS)
+                await self._wakeup.wait_until(deadline)
