@@ -268,7 +268,7 @@ def _cmd_allow_bootstrap(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from qkdd.peering import device_setup_problems
+    from qkdd.link_device import device_setup_problems
 
     config = load_config(args.config)
     problems: list[QkddError] = [*check_files(config), *device_setup_problems(config)]

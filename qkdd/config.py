@@ -389,6 +389,17 @@ def _peer(reader: ConfigReader) -> PeerConfig:
 def _remote(reader: ConfigReader) -> PeerConfig:
     """A [[remote]] entry: a site without a QKD link to this one, as a relayed peer."""
     reader.reject_unknown(_SITE_KEYS | {"via"})
+    if reader.table.get("otp_pad_bytes", 0) != 0:
+        # Its QKD material is relayed: every relay on the path has seen it, so a one-time
+        # pad made of it would hide nothing from them. Messages to its SAEs are sealed
+        # under hybrid keys instead.
+        raise ConfigError(
+            reader.file,
+            reader.key("otp_pad_bytes"),
+            "0 or absent: one-time-pad messages need a direct QKD link (the relays of a "
+            "remote site see its QKD material)",
+            reader.table["otp_pad_bytes"],
+        )
     via = reader.identifier("via") if "via" in reader.table else None
     return _site(reader, lambda: ("", 0), lambda: RelayedDeviceConfig(via))
 

@@ -47,9 +47,13 @@ class RunningSite:
     socket_path: Path
     log_file: Path
     process: subprocess.Popen[bytes]
+    # What runs the daemon: ``qkdd`` from this interpreter (tests may run it otherwise).
+    program: tuple[str, ...] = (*PYTHON_MODULE, "qkdd")
 
     @classmethod
-    def start(cls, site: DemoSite, config_file: Path) -> RunningSite:
+    def start(
+        cls, site: DemoSite, config_file: Path, program: tuple[str, ...] | None = None
+    ) -> RunningSite:
         directory = config_file.parent
         running = cls(
             site,
@@ -57,6 +61,7 @@ class RunningSite:
             directory / site.directory / "api.sock",
             directory / f"{site.site_id}.log",
             None,  # type: ignore[arg-type]
+            program or (*PYTHON_MODULE, "qkdd"),
         )
         running.spawn()
         return running
@@ -65,7 +70,7 @@ class RunningSite:
         """Start the daemon; its log is appended to (it survives restarts)."""
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
-                [*PYTHON_MODULE, "qkdd", "run", "--config", str(self.config_file)],
+                [*self.program, "run", "--config", str(self.config_file)],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,8 +183,11 @@ def prepare_network(directory: Path, plan: NetworkPlan) -> dict[str, Path]:
     return configs
 
 
-def start_link(directory: Path, a: int, b: int) -> subprocess.Popen[bytes]:
-    """The emulated QKD link between sites a and b, ready once this returns."""
+def start_link(
+    directory: Path, a: int, b: int, link_key_rate: int = LINK_KEY_RATE
+) -> subprocess.Popen[bytes]:
+    """The emulated QKD link between sites a and b (``link_key_rate`` keys/s), ready once
+    this returns."""
     with open(directory / f"link-{a}-{b}.log", "wb") as link_log:
         emulator = subprocess.Popen(
             [
@@ -194,7 +197,7 @@ def start_link(directory: Path, a: int, b: int) -> subprocess.Popen[bytes]:
                 *("--link-a", str(directory / device_link(a, b))),
                 *("--link-b", str(directory / device_link(b, a))),
                 *("--site-a", site_id(a), "--site-b", site_id(b)),
-                *("--physics", "random", "--rate", str(LINK_KEY_RATE)),
+                *("--physics", "random", "--rate", str(link_key_rate)),
             ],
             stdout=subprocess.PIPE,
             stderr=link_log,
@@ -238,16 +241,31 @@ def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
 
 
 @contextlib.contextmanager
-def running_network(directory: Path, plan: NetworkPlan) -> Iterator[RunningNetwork]:
-    """Start every link's emulator and every site's daemon; stop them all on exit."""
+def running_network(
+    directory: Path,
+    plan: NetworkPlan,
+    *,
+    tamper: Callable[[Path], object] | None = None,
+    programs: Mapping[str, tuple[str, ...]] | None = None,
+    link_key_rate: int = LINK_KEY_RATE,
+) -> Iterator[RunningNetwork]:
+    """Start every link's emulator and every site's daemon; stop them all on exit.
+
+    ``tamper(directory)`` runs once the files are written, before anything starts (tests
+    rewrite addresses with it); ``programs`` runs a site's daemon with another command
+    than ``python -m qkdd`` (a test's instrumented relay); ``link_key_rate`` is each link's
+    keys/s (a bench sets it)."""
     configs = prepare_network(directory, plan)
+    if tamper is not None:
+        tamper(directory)
     network = RunningNetwork(plan, directory)
     try:
         for a, b in plan.links:
-            network.links[(a, b)] = start_link(directory, a, b)
+            network.links[(a, b)] = start_link(directory, a, b, link_key_rate)
         for i in range(1, plan.count + 1):
             site = DemoSite(site_id(i), sae_id(i), "")
-            network.sites[site.site_id] = RunningSite.start(site, configs[site.site_id])
+            program = (programs or {}).get(site.site_id)
+            network.sites[site.site_id] = RunningSite.start(site, configs[site.site_id], program)
         yield network
     finally:
         _stop([s.process for s in network.sites.values()])

@@ -279,3 +279,19 @@ def relayed_key_ids(transfer_id: bytes, path: Sequence[str], count: int) -> list
     encoded = lp(labels.LABEL_RELAYED_KEY_IDS) + lp(transfer_id) + bytes([len(path)])
     encoded += b"".join(lp(site.encode()) for site in path)
     return _key_ids(uuid_prefix(xof(encoded, ID_PREFIX_SIZE)), 0, count)
+
+
+def relayed_material_check(transfer_id: bytes, path: Sequence[str], material: bytes) -> bytes:
+    """What the destination of a relayed transfer returns in RELAY_CONFIRM::
+
+        SHA-256(lp(LABEL_RELAYED_MATERIAL_CHECK) || lp(transfer_id) || u8(len(path))
+                || lp(site) for each site || lp(material))
+
+    The source compares it with its own copy's (in constant time) and keeps the material
+    only if they are equal: a relay that altered the material on the way (each hop's MAC
+    only covers that hop) cannot make the two ends hold different keys under the same IDs.
+    It travels inside the end-to-end session, so only the end sites (and the relays, who
+    saw the material anyway) could learn even this hash of it."""
+    encoded = lp(labels.LABEL_RELAYED_MATERIAL_CHECK) + lp(transfer_id) + bytes([len(path)])
+    encoded += b"".join(lp(site.encode()) for site in path)
+    return hash_bytes(encoded + lp(material))

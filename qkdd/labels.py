@@ -80,6 +80,9 @@ LABEL_RELAY_ACK: Final = b"qkdd/v1 relay ack one-time mac"
 # The QKD key IDs the end sites give relayed material (qkdd.hybrid.relayed_key_ids): a hash
 # of the transfer and its whole path, so every batch that consumes them is bound to it.
 LABEL_RELAYED_KEY_IDS: Final = b"qkdd/v1 relayed qkd key ids"
+# The digest of relayed material the destination returns in RELAY_CONFIRM, end to end, so
+# the source keeps only material that arrived unaltered (qkdd.hybrid.relayed_material_check).
+LABEL_RELAYED_MATERIAL_CHECK: Final = b"qkdd/v1 relayed material check"
 
 ALL_LABELS: Final = (
     PROTOCOL_NAME,
@@ -119,4 +122,5 @@ ALL_LABELS: Final = (
     LABEL_RELAY_KEYS,
     LABEL_RELAY_ACK,
     LABEL_RELAYED_KEY_IDS,
+    LABEL_RELAYED_MATERIAL_CHECK,
 )

@@ -10,7 +10,9 @@ relayed QKD keys out) and the remote links (``qkdd.remote_link``). docs/protocol
 
 Relayed QKD material, one transfer (source = the end site that is its pair's link master):
 
-    source       takes relay pads of hop 0 for the material, the pad and the MAC keys;
+    source       takes relay pads of hop 0: their material is the relayed material (the
+                 first relay holds the same pads, so the frame's ciphertext is all zeros,
+                 as in the classic trusted-node relay), one more for the MAC keys;
                  RELAY_KEYS to path[1]
     relay        takes the pads the frame names (its incoming hop), opens it, RELAY_ACK
                  back; takes pads of its next hop, RELAY_KEYS on; erases the material at
@@ -44,8 +46,9 @@ import trio
 from qkdd_drivers.base import QkdKey
 
 from qkdd.constants import RELAY_CONFIRM_TIMEOUT
+from qkdd.crypto import HASH_SIZE, constant_time_equal
 from qkdd.durability import Durable
-from qkdd.hybrid import relayed_key_ids
+from qkdd.hybrid import relayed_key_ids, relayed_material_check
 from qkdd.keystore import KeyStore
 from qkdd.link_params import is_link_master, relay_sae
 from qkdd.peer.batching import PAD_BITS_MAX
@@ -84,6 +87,7 @@ from qkdd.relay.relay_state import (
     TransferAbandoned,
 )
 from qkdd.relay.routed import (
+    MAX_REASON_BYTES,
     Bounce,
     Deliver,
     Forward,
@@ -98,7 +102,7 @@ from qkdd.wakeup import Wakeup
 log = logging.getLogger("qkdd.relay")
 
 # Keys of a relayed transfer and their size: 8 KiB of material, 8 relay pads of each hop
-# for its one-time pad and one for its two MAC keys (and 8 more of hop 0 for the material).
+# for its one-time pad and one for its two MAC keys (on hop 0 the pads are the material).
 TRANSFER_KEYS: Final = 256
 RELAYED_KEY_BITS: Final = 256
 PAD_BYTES: Final = PAD_BITS_MAX // 8
@@ -107,6 +111,11 @@ PAD_BYTES: Final = PAD_BITS_MAX // 8
 RETRY_SECONDS: Final = 0.5
 # Transfers a source keeps open per remote site (each awaits its RELAY_CONFIRM).
 SOURCE_WINDOW: Final = 4
+# Network messages queued per direct link (beyond it they are dropped: a routed stream's
+# session then fails and is dialled again, a transfer is abandoned), and how many go out
+# in one session write.
+SEND_QUEUE: Final = 1024
+SEND_BATCH: Final = 64
 # RELAY_CONFIRMs a destination keeps to send again when the end-to-end session returns.
 MAX_UNCONFIRMED: Final = 64
 # Routed streams a remote site may have open here at once (each carries one dial).
@@ -159,6 +168,9 @@ class RelayNode:
         self.relay = RelaySite(site_id, budgets=None)
         self._streams: dict[tuple[str, bytes], RoutedStream] = {}
         self._outbox: list[tuple[str, NetworkMessage]] = []
+        self._queues = {
+            peer: trio.open_memory_channel[NetworkMessage](SEND_QUEUE) for peer in self._direct
+        }
         self._wakeup = Wakeup()
         self._waiting_forwards: dict[bytes, NextHopNeeded] = {}
         self._sources: dict[bytes, tuple[tuple[str, ...], trio.Event]] = {}
@@ -246,6 +258,15 @@ class RelayNode:
         for stream in list(self._streams.values()):
             if old.next_hop(stream.remote) != self.routes.next_hop(stream.remote):
                 stream.ended(f"the route to {stream.remote} changed")
+        # A transfer of ours through a site we no longer reach will never be confirmed:
+        # give it up now rather than at its deadline, freeing its place in the window.
+        now = trio.current_time()
+        for transfer_id, (path, done) in list(self._sources.items()):
+            lost = next((site for site in path[1:] if self.routes.path(site) is None), None)
+            if lost is not None and not done.is_set():
+                for action in self.relay.abandon(transfer_id, f"{lost} is unreachable", now):
+                    if isinstance(action, TransferAbandoned):
+                        self._abandoned(action)
 
     async def on_message(self, sender: str, message: NetworkMessage) -> None:
         """A network message from direct peer ``sender``. A malformed one raises (the
@@ -274,16 +295,41 @@ class RelayNode:
             "event=relay_refused message=%s peer=%s reason=%r", what, sender, str(exc)
         )
 
-    async def _send(self, peer: str, message: NetworkMessage) -> bool:
+    def _send(self, peer: str, message: NetworkMessage) -> bool:
+        """Queue a message for the direct link to ``peer``; False (dropped) if its session
+        is down or its queue is full. Never waits: it is called from sessions' receive
+        loops, and a relay that waited there on a send could wait on itself (a session
+        whose reader waits on a send into a session whose reader waits on it)."""
         link = self._direct.get(peer)
-        if link is None:
+        if link is None or not link.session_up:
             return False
         try:
-            await link.send_network([message])
-        except PeerUnavailable as exc:
-            log.info("event=network_send_failed peer=%s reason=%r", peer, str(exc))
+            self._queues[peer][0].send_nowait(message)
+        except trio.WouldBlock:
+            log.warning("event=network_message_dropped peer=%s reason='send queue full'", peer)
             return False
         return True
+
+    async def _sender(self, peer: str) -> None:
+        """Send what is queued for ``peer``, several messages per session write."""
+        link = self._direct[peer]
+        receive = self._queues[peer][1]
+        async for message in receive:
+            batch = [message]
+            while len(batch) < SEND_BATCH:
+                try:
+                    batch.append(receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            try:
+                await link.send_network(batch)
+            except PeerUnavailable as exc:
+                log.info(
+                    "event=network_send_failed peer=%s messages=%d reason=%r",
+                    peer,
+                    len(batch),
+                    str(exc),
+                )
 
     # -- routed streams ----------------------------------------------------------------------
 
@@ -317,11 +363,12 @@ class RelayNode:
         self._streams.pop((opener, stream.stream_id), None)
 
     async def _send_from_here(self, envelope: RoutedEnvelope) -> None:
+        await trio.lowlevel.checkpoint()
         action = route_envelope(envelope, self.site_id, self.routes, self.database.up_neighbours)
         if isinstance(action, Forward):
-            if await self._send(action.peer, RoutedMessage(action.body)):
+            if self._send(action.peer, RoutedMessage(action.body)):
                 return
-            raise RoutedStreamClosed(f"the session with {action.peer} is down")
+            raise RoutedStreamClosed(f"the session with {action.peer} is down or congested")
         if isinstance(action, Bounce):
             raise RoutedStreamClosed(action.reason)
         raise RoutedStreamClosed("a routed stream to this site itself")
@@ -329,7 +376,7 @@ class RelayNode:
     async def _on_routed(self, envelope: RoutedEnvelope) -> None:
         action = route_envelope(envelope, self.site_id, self.routes, self.database.up_neighbours)
         if isinstance(action, Forward):
-            if not await self._send(action.peer, RoutedMessage(action.body)):
+            if not self._send(action.peer, RoutedMessage(action.body)):
                 await self._bounce(
                     envelope, f"the session from {self.site_id} to {action.peer} is down"
                 )
@@ -348,10 +395,10 @@ class RelayNode:
         """Tell the envelope's source its stream cannot go on (best effort)."""
         if envelope.kind is RoutedKind.CLOSE:
             return
-        back = envelope.reply(RoutedKind.CLOSE, reason.encode()[:256])
+        back = envelope.reply(RoutedKind.CLOSE, reason.encode()[:MAX_REASON_BYTES])
         action = route_envelope(back, self.site_id, self.routes, self.database.up_neighbours)
         if isinstance(action, Forward):
-            await self._send(action.peer, RoutedMessage(action.body))
+            self._send(action.peer, RoutedMessage(action.body))
         elif isinstance(action, Deliver):
             await self._deliver(back)
 
@@ -375,7 +422,9 @@ class RelayNode:
             if stream is None:
                 await self._bounce(envelope, f"no such stream at {self.site_id}")
                 return
-            await stream.arrived(envelope.payload)
+            if not stream.arrived(envelope.payload):
+                self._streams.pop(key, None)
+                await self._bounce(envelope, f"the stream's reader at {self.site_id} fell behind")
         elif stream is not None:  # CLOSE
             self._streams.pop(key, None)
             stream.ended(envelope.payload.decode("utf-8", "replace") or "closed")
@@ -447,9 +496,9 @@ class RelayNode:
     async def _process(self, actions: Sequence[RelayAction]) -> None:
         for action in actions:
             if isinstance(action, SendRelayKeys):
-                await self._send(action.peer, RelayKeysMessage(action.body))
+                self._send(action.peer, RelayKeysMessage(action.body))
             elif isinstance(action, SendRelayAck):
-                await self._send(action.peer, RelayAckMessage(action.body))
+                self._send(action.peer, RelayAckMessage(action.body))
             elif isinstance(action, NextHopNeeded):
                 self._waiting_forwards[action.transfer_id] = action
                 await self._forward(action.transfer_id)
@@ -459,17 +508,20 @@ class RelayNode:
                 if action.role is RelayRole.RELAY:
                     self.counters["transfers_relayed"] += 1
             elif isinstance(action, TransferAbandoned):
-                self.counters["transfers_abandoned"] += 1
-                log.warning(
-                    "event=relay_abandoned transfer=%s role=%s reason=%r",
-                    action.transfer_id.hex(),
-                    action.role.value,
-                    action.reason,
-                )
-                self._waiting_forwards.pop(action.transfer_id, None)
-                source = self._sources.get(action.transfer_id)
-                if source is not None:
-                    source[1].set()
+                self._abandoned(action)
+
+    def _abandoned(self, action: TransferAbandoned) -> None:
+        self.counters["transfers_abandoned"] += 1
+        log.warning(
+            "event=relay_abandoned transfer=%s role=%s reason=%r",
+            action.transfer_id.hex(),
+            action.role.value,
+            action.reason,
+        )
+        self._waiting_forwards.pop(action.transfer_id, None)
+        source = self._sources.get(action.transfer_id)
+        if source is not None:
+            source[1].set()
 
     async def _forward(self, transfer_id: bytes) -> None:
         """Seal a held transfer for its next hop, if that link has the relay pads now."""
@@ -511,13 +563,16 @@ class RelayNode:
         self.counters["transfers_delivered"] += 1
         self.counters["keys_relayed"] += len(keys)
         assert self._nursery is not None
-        self._nursery.start_soon(self._confirm, link, delivered.transfer_id)
+        check = relayed_material_check(delivered.transfer_id, delivered.path, delivered.material)
+        self._nursery.start_soon(self._confirm, link, delivered.transfer_id + check)
 
-    async def _confirm(self, link: PeerLink, transfer_id: bytes) -> None:
-        """RELAY_CONFIRM to the source; kept for the next session if this one cannot carry
-        it (a refusal means the source gave the transfer up: nothing to send again)."""
+    async def _confirm(self, link: PeerLink, body: bytes) -> None:
+        """RELAY_CONFIRM (transfer ID, material check) to the source; kept for the next
+        session if this one cannot carry it (a refusal means the source gave the transfer
+        up or holds other material: nothing to send again)."""
+        transfer_id = body[:TRANSFER_ID_SIZE]
         try:
-            await link.call(CallKind.RELAY_CONFIRM, transfer_id, timeout=RELAY_CONFIRM_TIMEOUT)
+            await link.call(CallKind.RELAY_CONFIRM, body, timeout=RELAY_CONFIRM_TIMEOUT)
         except CallRefused as exc:
             log.warning(
                 "event=relay_confirm_refused remote=%s transfer=%s reason=%r",
@@ -533,29 +588,46 @@ class RelayNode:
                 str(exc),
             )
             waiting = self._unconfirmed.setdefault(link.peer.site_id, [])
-            waiting.append(transfer_id)
+            waiting.append(body)
             del waiting[:-MAX_UNCONFIRMED]
 
     def _remote_session(self, link: PeerLink, up: bool) -> None:
         """An end-to-end session came up: send the confirmations the last one missed."""
         waiting = self._unconfirmed.pop(link.peer.site_id, [])
         if up and waiting and self._nursery is not None:
-            for transfer_id in waiting:
-                self._nursery.start_soon(self._confirm, link, transfer_id)
+            for body in waiting:
+                self._nursery.start_soon(self._confirm, link, body)
         elif waiting:
             self._unconfirmed[link.peer.site_id] = waiting
 
     async def _confirmed(self, remote: str, body: bytes) -> bytes:
-        """Source: RELAY_CONFIRM from the destination, over the end-to-end session."""
-        entry = self._sources.get(body) if len(body) == TRANSFER_ID_SIZE else None
+        """Source: RELAY_CONFIRM from the destination, over the end-to-end session: keep
+        the material if the destination's check of it equals ours."""
+        if len(body) != TRANSFER_ID_SIZE + HASH_SIZE:
+            raise CallRefused(f"RELAY_CONFIRM is {TRANSFER_ID_SIZE + HASH_SIZE} bytes")
+        transfer_id, check = body[:TRANSFER_ID_SIZE], body[TRANSFER_ID_SIZE:]
+        entry = self._sources.get(transfer_id)
         if entry is None or entry[0][-1] != remote:
             raise CallRefused("no transfer to that site with that ID is open here")
         path, done = entry
         try:
-            material = self.relay.release_confirmed(body, trio.current_time())
+            material = self.relay.release_confirmed(transfer_id, trio.current_time())
         except RelayUsageError:
             raise CallRefused("that transfer was abandoned here") from None
-        keys = relayed_keys(body, path, RELAYED_KEY_BITS, material)
+        if not constant_time_equal(check, relayed_material_check(transfer_id, path, material)):
+            # A relay altered it: each hop's MAC held, so one of the relays re-sealed
+            # other material. Neither end may use it (the destination's copy is never
+            # named by a batch, as it is not the source's).
+            self.counters["transfers_abandoned"] += 1
+            done.set()
+            log.error(
+                "event=relay_material_mismatch remote=%s transfer=%s path=%s",
+                remote,
+                transfer_id.hex(),
+                "-".join(path),
+            )
+            raise CallRefused("the material arrived altered: a relay on the path changed it")
+        keys = relayed_keys(transfer_id, path, RELAYED_KEY_BITS, material)
         await self._remotes[remote].sink.store_qkd_keys(keys)
         self.counters["transfers_confirmed"] += 1
         self.counters["keys_relayed"] += len(keys)
@@ -593,9 +665,10 @@ class RelayNode:
                 pads = None
                 if ready:
                     assert path is not None
-                    pads = self._take_hop_pads(
-                        path[1], [material_size, material_size, MAC_MATERIAL_SIZE]
-                    )
+                    # The material is hop 0's pads themselves: the first relay holds
+                    # them too, so the frame's ciphertext is all zeros and that relay
+                    # takes exactly these pads (none is left behind in its store).
+                    pads = self._take_hop_pads(path[1], [material_size, MAC_MATERIAL_SIZE])
                 if pads is None or path is None:
                     with trio.move_on_after(RETRY_SECONDS):
                         await link.sink.space.wait()
@@ -612,7 +685,7 @@ class RelayNode:
                     path,
                     RELAYED_KEY_BITS,
                     material,
-                    HopKeys(tuple(pads[1]), tuple(pads[2])),
+                    HopKeys(tuple(pads[0]), tuple(pads[1])),
                     available=0,
                     now=trio.current_time(),
                 )
@@ -631,6 +704,8 @@ class RelayNode:
             for remote, link in self._remotes.items():
                 if is_link_master(self.site_id, remote):
                     nursery.start_soon(self._source, remote, link)
+            for peer in self._direct:
+                nursery.start_soon(self._sender, peer)
             task_status.started()
             while True:
                 self._wakeup.arm()
@@ -643,7 +718,7 @@ class RelayNode:
                 self._refresh_routes()
                 outbox, self._outbox = self._outbox, []
                 for peer, message in outbox:
-                    await self._send(peer, message)
+                    self._send(peer, message)
                 deadline = min(
                     self.database.next_deadline(), self.relay.next_deadline() or math.inf
                 )

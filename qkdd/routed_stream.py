@@ -14,9 +14,9 @@ import trio
 
 from qkdd.relay.routed import MAX_HOPS, RoutedEnvelope, RoutedKind, split_data
 
-# Envelopes of one stream waiting to be read; the relay node waits beyond that, which
-# holds back the hop session that carries them (no unbounded buffer).
-STREAM_QUEUE = 64
+# Envelopes of one stream waiting to be read; beyond that the stream is ended (its
+# session dials again) rather than hold back the hop session that carries them.
+STREAM_QUEUE = 1024
 # How long closing a stream waits to tell the far end (its session's heartbeat tells it
 # anyway).
 CLOSE_SEND_TIMEOUT = 1.0
@@ -63,12 +63,19 @@ class RoutedStream(trio.abc.Stream):
 
     # -- what the relay node hands in ----------------------------------------------------
 
-    async def arrived(self, payload: bytes) -> None:
-        """The stream's next bytes; waits while the reader is behind."""
-        if self.end_reason is None and not self._closed:
-            # This end may be closed meanwhile: then nobody reads any more.
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._to_reader.send(payload)
+    def arrived(self, payload: bytes) -> bool:
+        """The stream's next bytes. False if the reader is ``STREAM_QUEUE`` envelopes
+        behind: the stream is then ended (the relay node never waits for a reader)."""
+        if self.end_reason is not None or self._closed:
+            return True  # nobody reads any more: dropped
+        try:
+            self._to_reader.send_nowait(payload)
+        except trio.WouldBlock:
+            self.ended("this end's reader fell behind")
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        return True
 
     def ended(self, reason: str) -> None:
         """The far end (or a site on the way) closed the stream."""

@@ -77,11 +77,11 @@ def test_a_remote_is_a_relayed_peer_whose_saes_are_served(site_dir):
 
 
 def test_a_remote_without_via_takes_the_shortest_path(site_dir):
-    table = remote_table(site_dir, via=None, pool_size="128", otp_pad_bytes="4096")
+    table = remote_table(site_dir, via=None, pool_size="128", otp_pad_bytes="0")
     (remote,) = load_config(with_tables(site_dir, table)).remote_peers
     assert remote.device == RelayedDeviceConfig(via=None)
     assert remote.device.describe() == "relayed (shortest path)"
-    assert (remote.pool_size, remote.otp_pad_bytes) == (128, 4096)
+    assert (remote.pool_size, remote.otp_pad_bytes) == (128, 0)
 
 
 def test_talks_to_may_name_a_remote_sae(site_dir):
@@ -118,7 +118,9 @@ def remote_error(site_dir: Path, *tables: str, key: str, expected: str) -> None:
         ({"pool_size": "0"}, "remote[0].pool_size", "integer from 1"),
         ({"auth_key_bits": "129"}, "remote[0].auth_key_bits", "multiple of 8"),
         ({"qkd_buffer_keys": "1"}, "remote[0].qkd_buffer_keys", "integer from 16"),
-        ({"otp_pad_bytes": "-1"}, "remote[0].otp_pad_bytes", "integer from 0"),
+        # The relays see a remote's QKD material: no one-time pads from it.
+        ({"otp_pad_bytes": "4096"}, "remote[0].otp_pad_bytes", "need a direct QKD link"),
+        ({"otp_pad_bytes": "-1"}, "remote[0].otp_pad_bytes", "need a direct QKD link"),
     ],
 )
 def test_bad_remote_entries_name_the_key(site_dir, changes, key, expected):

@@ -40,7 +40,7 @@ from qkdd.client.roundtrip import Exchange
 from qkdd.etsi014.key_pool import PoolKey
 from qkdd.etsi014.memory_pool import MemoryKeyPool
 from qkdd.keystore import KeyStore
-from qkdd.peering import StoreSink
+from qkdd.link_device import StoreSink
 
 KEK = bytes(range(32))
 

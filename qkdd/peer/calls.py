@@ -39,7 +39,8 @@ class CallKind:
     WG_INSTALL: Final = 3
     IPSEC_INSTALL: Final = 4
     # End to end, destination -> source of a relayed transfer: it holds the material
-    # (body: the 16-byte transfer ID; empty reply). docs/protocol.md §12.3.
+    # (body: the 16-byte transfer ID and the 32-byte check of the material,
+    # qkdd.hybrid.relayed_material_check; empty reply). docs/protocol.md §12.3.
     RELAY_CONFIRM: Final = 5
 
 
