@@ -175,7 +175,7 @@ async def run_daemon(
             )
             for peer in config.remote_peers
         }
-        node.accept_stream = functools.partial(
+        node.ends.accept = functools.partial(
             answer_routed_stream,
             links=remote,
             config=config,

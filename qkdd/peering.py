@@ -258,7 +258,7 @@ class PeerLink:
         try:
             try:
                 await calls.send([message])
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            except _SEND_FAILURES as exc:
                 raise PeerUnavailable(f"the session with site {self.peer.site_id} broke") from exc
             with trio.move_on_after(timeout):
                 await event.wait()
@@ -279,7 +279,7 @@ class PeerLink:
             raise PeerUnavailable(self.why_unavailable() or "no session with the peer")
         try:
             await calls.send(list(messages))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        except _SEND_FAILURES as exc:
             raise PeerUnavailable(f"the session with site {self.peer.site_id} broke") from exc
 
     async def _answer(self, call: PeerCall) -> CallReply:
@@ -647,6 +647,10 @@ class PeerLink:
 def _auth_name(done: HandshakeComplete) -> str:
     return f"psk:{done.auth_key_id}" if done.auth_key_id else "ml-dsa-bootstrap"
 
+
+# How a send on a session fails once it broke: its stream, or its connection refusing to
+# seal (it failed on something it received, in the moment before the session ends).
+_SEND_FAILURES = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, PeerProtocolError)
 
 # How a connection ends when the other side merely closed it (or the network cut it).
 _CLOSED = (PeerClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)

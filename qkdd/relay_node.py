@@ -34,12 +34,13 @@ sent again on the next end-to-end session.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
 import os
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import trio
@@ -63,6 +64,7 @@ from qkdd.peer.network_messages import (
 from qkdd.peering import PeerLink, PeerUnavailable
 from qkdd.relay.hop_seal import (
     MAC_MATERIAL_SIZE,
+    MAX_PATH_SITES,
     TRANSFER_ID_SIZE,
     HopKey,
     HopKeys,
@@ -87,16 +89,12 @@ from qkdd.relay.relay_state import (
     TransferAbandoned,
 )
 from qkdd.relay.routed import (
-    MAX_REASON_BYTES,
-    Bounce,
-    Deliver,
-    Forward,
+    RouteAction,
     RoutedEnvelope,
-    RoutedKind,
     decode_routed,
     route_envelope,
 )
-from qkdd.routed_stream import RoutedStream, RoutedStreamClosed
+from qkdd.routed_stream import RoutedEnds, RoutedStream
 from qkdd.wakeup import Wakeup
 
 log = logging.getLogger("qkdd.relay")
@@ -116,16 +114,13 @@ SOURCE_WINDOW: Final = 4
 # in one session write.
 SEND_QUEUE: Final = 1024
 SEND_BATCH: Final = 64
+# RELAY_CONFIRM: transfer ID, status, the material check (qkdd.hybrid).
+CONFIRM_STORED: Final = 0  # the destination stored every key of the transfer
+CONFIRM_NOT_STORED: Final = 1  # it stored none (its buffer was full) or not all (IDs held)
+CONFIRM_STATUSES: Final = (CONFIRM_STORED, CONFIRM_NOT_STORED)
+CONFIRM_SIZE: Final = TRANSFER_ID_SIZE + 1 + HASH_SIZE
 # RELAY_CONFIRMs a destination keeps to send again when the end-to-end session returns.
 MAX_UNCONFIRMED: Final = 64
-# Routed streams a remote site may have open here at once (each carries one dial).
-MAX_STREAMS_PER_SITE: Final = 4
-
-AcceptStream = Callable[[RoutedStream], Awaitable[None]]
-
-
-class NoRoute(OSError):
-    """There is no path to the remote site now (a dial fails as if it could not connect)."""
 
 
 class _PadsMissing(Exception):
@@ -165,8 +160,13 @@ class RelayNode:
         self.database = LinkStateDatabase(site_id, now)
         self._routes_from: tuple[int, frozenset[str]] | None = None
         self.routes = RouteTable(site_id, {site_id: (site_id,)})
-        self.relay = RelaySite(site_id, budgets=None)
-        self._streams: dict[tuple[str, bytes], RoutedStream] = {}
+        self.relay = RelaySite(site_id)
+        self.ends = RoutedEnds(
+            site_id,
+            route=self._route,
+            send=lambda peer, body: self._send(peer, RoutedMessage(body)),
+            accepts=self._accepts,
+        )
         self._outbox: list[tuple[str, NetworkMessage]] = []
         self._queues = {
             peer: trio.open_memory_channel[NetworkMessage](SEND_QUEUE) for peer in self._direct
@@ -174,8 +174,9 @@ class RelayNode:
         self._wakeup = Wakeup()
         self._waiting_forwards: dict[bytes, NextHopNeeded] = {}
         self._sources: dict[bytes, tuple[tuple[str, ...], trio.Event]] = {}
-        self._unconfirmed: dict[str, list[bytes]] = {}
-        self.accept_stream: AcceptStream | None = None
+        # Destination: RELAY_CONFIRM bodies to send, per remote site, in storing order.
+        self._confirms: dict[str, collections.deque[bytes]] = {}
+        self._confirm_wakeups: dict[str, Wakeup] = {}
         self._path_watchers: dict[str, Callable[[tuple[str, ...] | None], None]] = {}
         self._nursery: trio.Nursery | None = None
         self.counters = {
@@ -197,7 +198,8 @@ class RelayNode:
         ``path_changed`` is told its path whenever that changes."""
         self._remotes[link.peer.site_id] = link
         self._path_watchers[link.peer.site_id] = path_changed
-        link.session_watchers.append(functools.partial(self._remote_session, link))
+        self._confirm_wakeups[link.peer.site_id] = wakeup = Wakeup()
+        link.session_watchers.append(lambda up: wakeup.set())
         link.call_handlers[CallKind.RELAY_CONFIRM] = functools.partial(
             self._confirmed, link.peer.site_id
         )
@@ -255,9 +257,7 @@ class RelayNode:
                     remote,
                     "-".join(after) if after else "none",
                 )
-        for stream in list(self._streams.values()):
-            if old.next_hop(stream.remote) != self.routes.next_hop(stream.remote):
-                stream.ended(f"the route to {stream.remote} changed")
+        self.ends.end_rerouted(lambda remote: old.next_hop(remote) != self.routes.next_hop(remote))
         # A transfer of ours through a site we no longer reach will never be confirmed:
         # give it up now rather than at its deadline, freeing its place in the window.
         now = trio.current_time()
@@ -277,7 +277,7 @@ class RelayNode:
             self._queue_link_state(self.database.receive(sender, message.body, now))
             self._refresh_routes()
         elif isinstance(message, RoutedMessage):
-            await self._on_routed(decode_routed(message.body))
+            await self.ends.on_envelope(decode_routed(message.body))
         elif isinstance(message, RelayKeysMessage):
             await self._on_relay_keys(sender, message.body)
         elif isinstance(message, RelayAckMessage):
@@ -336,105 +336,13 @@ class RelayNode:
     async def open_stream(self, remote: str) -> RoutedStream:
         """A new routed stream to ``remote`` (the dial of its end-to-end session).
         ``NoRoute`` if no path leads there now."""
-        if self.routes.next_hop(remote) is None:
-            raise NoRoute(f"no path to site {remote} over the links up now")
-        stream = self._new_stream(remote, os.urandom(8), opened_here=True)
-        try:
-            await self._send_from_here(stream.envelope(RoutedKind.OPEN))
-        except RoutedStreamClosed as exc:
-            await stream.aclose()
-            raise NoRoute(str(exc)) from None
-        return stream
+        return await self.ends.open(remote)
 
-    def _new_stream(self, remote: str, stream_id: bytes, *, opened_here: bool) -> RoutedStream:
-        stream = RoutedStream(
-            self.site_id,
-            remote,
-            stream_id,
-            opened_here=opened_here,
-            send_envelope=self._send_from_here,
-            on_closed=self._stream_closed,
-        )
-        self._streams[(self.site_id if opened_here else remote, stream_id)] = stream
-        return stream
+    def _route(self, envelope: RoutedEnvelope) -> RouteAction:
+        return route_envelope(envelope, self.site_id, self.routes, self.database.up_neighbours)
 
-    def _stream_closed(self, stream: RoutedStream) -> None:
-        opener = self.site_id if stream.opened_here else stream.remote
-        self._streams.pop((opener, stream.stream_id), None)
-
-    async def _send_from_here(self, envelope: RoutedEnvelope) -> None:
-        await trio.lowlevel.checkpoint()
-        action = route_envelope(envelope, self.site_id, self.routes, self.database.up_neighbours)
-        if isinstance(action, Forward):
-            if self._send(action.peer, RoutedMessage(action.body)):
-                return
-            raise RoutedStreamClosed(f"the session with {action.peer} is down or congested")
-        if isinstance(action, Bounce):
-            raise RoutedStreamClosed(action.reason)
-        raise RoutedStreamClosed("a routed stream to this site itself")
-
-    async def _on_routed(self, envelope: RoutedEnvelope) -> None:
-        action = route_envelope(envelope, self.site_id, self.routes, self.database.up_neighbours)
-        if isinstance(action, Forward):
-            if not self._send(action.peer, RoutedMessage(action.body)):
-                await self._bounce(
-                    envelope, f"the session from {self.site_id} to {action.peer} is down"
-                )
-        elif isinstance(action, Bounce):
-            if action.envelope is not None:
-                log.info(
-                    "event=routed_bounced destination=%s reason=%r",
-                    envelope.destination,
-                    action.reason,
-                )
-                await self._bounce(envelope, action.reason)
-        elif isinstance(action, Deliver):
-            await self._deliver(envelope)
-
-    async def _bounce(self, envelope: RoutedEnvelope, reason: str) -> None:
-        """Tell the envelope's source its stream cannot go on (best effort)."""
-        if envelope.kind is RoutedKind.CLOSE:
-            return
-        back = envelope.reply(RoutedKind.CLOSE, reason.encode()[:MAX_REASON_BYTES])
-        action = route_envelope(back, self.site_id, self.routes, self.database.up_neighbours)
-        if isinstance(action, Forward):
-            self._send(action.peer, RoutedMessage(action.body))
-        elif isinstance(action, Deliver):
-            await self._deliver(back)
-
-    async def _deliver(self, envelope: RoutedEnvelope) -> None:
-        key = (envelope.opener, envelope.stream_id)
-        stream = self._streams.get(key)
-        if envelope.kind is RoutedKind.OPEN:
-            if stream is not None:
-                return
-            problem = self._open_problem(envelope.source)
-            if problem is not None:
-                log.warning(
-                    "event=routed_open_refused remote=%s reason=%r", envelope.source, problem
-                )
-                await self._bounce(envelope, problem)
-                return
-            stream = self._new_stream(envelope.source, envelope.stream_id, opened_here=False)
-            assert self._nursery is not None and self.accept_stream is not None
-            self._nursery.start_soon(self.accept_stream, stream)
-        elif envelope.kind is RoutedKind.DATA:
-            if stream is None:
-                await self._bounce(envelope, f"no such stream at {self.site_id}")
-                return
-            if not stream.arrived(envelope.payload):
-                self._streams.pop(key, None)
-                await self._bounce(envelope, f"the stream's reader at {self.site_id} fell behind")
-        elif stream is not None:  # CLOSE
-            self._streams.pop(key, None)
-            stream.ended(envelope.payload.decode("utf-8", "replace") or "closed")
-
-    def _open_problem(self, remote: str) -> str | None:
-        if remote not in self._remotes or self.accept_stream is None:
-            return f"site {self.site_id} gets no keys with {remote} (not a [[remote]] there)"
-        if sum(1 for s in self._streams.values() if s.remote == remote) >= MAX_STREAMS_PER_SITE:
-            return f"{remote} has {MAX_STREAMS_PER_SITE} routed streams open at {self.site_id}"
-        return None
+    def _accepts(self, remote: str) -> bool:
+        return remote in self._remotes
 
     # -- relayed QKD material ----------------------------------------------------------------
 
@@ -458,12 +366,9 @@ class RelayNode:
         frame = decode_relay_keys(body)
         header = frame.header
         now = trio.current_time()
-        try:
-            self.relay.admit(frame, sender, available=0, now=now)
-        except RelayRejected as exc:
-            self._refused("RELAY_KEYS", sender, exc)
-            return
         ids = [str(uuid.UUID(bytes=i)) for i in header.pad_key_ids + header.mac_key_ids]
+        # The pads first, then the transfer is admitted, in one transaction: a frame naming
+        # pads not held here (a replay, or junk) leaves no state and takes no pad.
         try:
             with self._store.transaction() as db:
                 found = self._store.take_pads_in(
@@ -471,12 +376,16 @@ class RelayNode:
                 )
                 if found is None:
                     raise _PadsMissing
+                self.relay.admit(frame, sender, now=now)
         except _PadsMissing:
-            await self._process(
-                self.relay.abandon(
-                    header.transfer_id, "the relay pads it names are not held here", now
-                )
+            log.info(
+                "event=relay_refused message=RELAY_KEYS peer=%s reason=%r",
+                sender,
+                "the relay pads it names are not held here",
             )
+            return
+        except RelayRejected as exc:
+            self._refused("RELAY_KEYS", sender, exc)
             return
         await self._durable()  # the pads are gone for good before anything depends on them
         count = len(header.pad_key_ids)
@@ -538,7 +447,6 @@ class RelayNode:
             actions = self.relay.forward(
                 transfer_id,
                 HopKeys(tuple(pads[0]), tuple(pads[1])),
-                available=0,
                 now=trio.current_time(),
             )
         except RelayUsageError:
@@ -546,7 +454,9 @@ class RelayNode:
         await self._process(actions)
 
     async def _delivered(self, delivered: MaterialDelivered) -> None:
-        """Destination: store the material as the remote link's QKD keys, then confirm."""
+        """Destination: store the material as the remote link's QKD keys, then queue its
+        RELAY_CONFIRM. Never waits for buffer space: this runs in a direct session's
+        receive loop, which carries the very session that would free it."""
         source = delivered.path[0]
         link = self._remotes.get(source)
         if link is None or not is_link_master(source, self.site_id):
@@ -559,53 +469,80 @@ class RelayNode:
         keys = relayed_keys(
             delivered.transfer_id, delivered.path, delivered.key_bits, delivered.material
         )
-        await link.sink.store_qkd_keys(keys)
-        self.counters["transfers_delivered"] += 1
-        self.counters["keys_relayed"] += len(keys)
-        assert self._nursery is not None
-        check = relayed_material_check(delivered.transfer_id, delivered.path, delivered.material)
-        self._nursery.start_soon(self._confirm, link, delivered.transfer_id + check)
-
-    async def _confirm(self, link: PeerLink, body: bytes) -> None:
-        """RELAY_CONFIRM (transfer ID, material check) to the source; kept for the next
-        session if this one cannot carry it (a refusal means the source gave the transfer
-        up or holds other material: nothing to send again)."""
-        transfer_id = body[:TRANSFER_ID_SIZE]
-        try:
-            await link.call(CallKind.RELAY_CONFIRM, body, timeout=RELAY_CONFIRM_TIMEOUT)
-        except CallRefused as exc:
+        limit = link.params.qkd_buffer_keys + (SOURCE_WINDOW + 1) * TRANSFER_KEYS
+        if self._store.qkd_key_count(source) + len(keys) > limit:
+            stored, why = 0, f"the QKD buffer for {source} is full"
+        else:
+            stored, why = self._store.store_qkd_keys(source, keys), "its key IDs are held here"
+            link.store_changed.set()
+            await self._durable()  # stored before the source hears so
+        status = CONFIRM_STORED
+        if stored != len(keys):
+            # Not stored as relayed (or only in part): the source must not keep it either.
+            status = CONFIRM_NOT_STORED
             log.warning(
-                "event=relay_confirm_refused remote=%s transfer=%s reason=%r",
-                link.peer.site_id,
-                transfer_id.hex(),
-                str(exc),
+                "event=relay_delivery_refused source=%s transfer=%s reason=%r",
+                source,
+                delivered.transfer_id.hex(),
+                why,
             )
-        except PeerUnavailable as exc:
-            log.info(
-                "event=relay_confirm_deferred remote=%s transfer=%s reason=%r",
-                link.peer.site_id,
-                transfer_id.hex(),
-                str(exc),
+        else:
+            self.counters["transfers_delivered"] += 1
+            self.counters["keys_relayed"] += len(keys)
+        check = relayed_material_check(delivered.transfer_id, delivered.path, delivered.material)
+        waiting = self._confirms.setdefault(source, collections.deque())
+        if len(waiting) >= MAX_UNCONFIRMED:
+            dropped = waiting.popleft()
+            log.warning(
+                "event=relay_confirm_dropped remote=%s transfer=%s reason='too many waiting'",
+                source,
+                dropped[:TRANSFER_ID_SIZE].hex(),
             )
-            waiting = self._unconfirmed.setdefault(link.peer.site_id, [])
-            waiting.append(body)
-            del waiting[:-MAX_UNCONFIRMED]
+        waiting.append(delivered.transfer_id + bytes([status]) + check)
+        self._confirm_wakeups[source].set()
 
-    def _remote_session(self, link: PeerLink, up: bool) -> None:
-        """An end-to-end session came up: send the confirmations the last one missed."""
-        waiting = self._unconfirmed.pop(link.peer.site_id, [])
-        if up and waiting and self._nursery is not None:
-            for body in waiting:
-                self._nursery.start_soon(self._confirm, link, body)
-        elif waiting:
-            self._unconfirmed[link.peer.site_id] = waiting
+    async def _confirmer(self, remote: str, link: PeerLink) -> None:
+        """Destination: send RELAY_CONFIRMs to ``remote`` one at a time, in the order the
+        material was stored here, so the source stores it in the same order; one the
+        session could not carry is sent again (on this session after a pause, or on the
+        next). A refusal means the source gave the transfer up or holds other material."""
+        wakeup = self._confirm_wakeups[remote]
+        waiting = self._confirms.setdefault(remote, collections.deque())
+        while True:
+            wakeup.arm()
+            if not waiting or not link.session_up:
+                await wakeup.wait()
+                continue
+            body = waiting[0]
+            transfer_id = body[:TRANSFER_ID_SIZE].hex()
+            try:
+                await link.call(CallKind.RELAY_CONFIRM, body, timeout=RELAY_CONFIRM_TIMEOUT)
+            except CallRefused as exc:
+                log.warning(
+                    "event=relay_confirm_refused remote=%s transfer=%s reason=%r",
+                    remote,
+                    transfer_id,
+                    str(exc),
+                )
+            except PeerUnavailable as exc:
+                log.info(
+                    "event=relay_confirm_deferred remote=%s transfer=%s reason=%r",
+                    remote,
+                    transfer_id,
+                    str(exc),
+                )
+                await trio.sleep(RETRY_SECONDS)
+                continue
+            if waiting and waiting[0] is body:
+                waiting.popleft()
 
     async def _confirmed(self, remote: str, body: bytes) -> bytes:
         """Source: RELAY_CONFIRM from the destination, over the end-to-end session: keep
         the material if the destination's check of it equals ours."""
-        if len(body) != TRANSFER_ID_SIZE + HASH_SIZE:
-            raise CallRefused(f"RELAY_CONFIRM is {TRANSFER_ID_SIZE + HASH_SIZE} bytes")
-        transfer_id, check = body[:TRANSFER_ID_SIZE], body[TRANSFER_ID_SIZE:]
+        if len(body) != CONFIRM_SIZE or body[TRANSFER_ID_SIZE] not in CONFIRM_STATUSES:
+            raise CallRefused(f"RELAY_CONFIRM is {CONFIRM_SIZE} bytes with status 0 or 1")
+        transfer_id, status = body[:TRANSFER_ID_SIZE], body[TRANSFER_ID_SIZE]
+        check = body[TRANSFER_ID_SIZE + 1 :]
         entry = self._sources.get(transfer_id)
         if entry is None or entry[0][-1] != remote:
             raise CallRefused("no transfer to that site with that ID is open here")
@@ -614,6 +551,16 @@ class RelayNode:
             material = self.relay.release_confirmed(transfer_id, trio.current_time())
         except RelayUsageError:
             raise CallRefused("that transfer was abandoned here") from None
+        if status != CONFIRM_STORED:
+            # The destination did not keep it (full, or IDs it held): neither end uses it.
+            self.counters["transfers_abandoned"] += 1
+            done.set()
+            log.warning(
+                "event=relay_transfer_not_stored remote=%s transfer=%s",
+                remote,
+                transfer_id.hex(),
+            )
+            return b""
         if not constant_time_equal(check, relayed_material_check(transfer_id, path, material)):
             # A relay altered it: each hop's MAC held, so one of the relays re-sealed
             # other material. Neither end may use it (the destination's copy is never
@@ -628,7 +575,11 @@ class RelayNode:
             )
             raise CallRefused("the material arrived altered: a relay on the path changed it")
         keys = relayed_keys(transfer_id, path, RELAYED_KEY_BITS, material)
-        await self._remotes[remote].sink.store_qkd_keys(keys)
+        link = self._remotes[remote]
+        # No waiting for space (the window bounds what comes): this answers a call inside
+        # the end-to-end session's receive loop.
+        self._store.store_qkd_keys(remote, keys)
+        link.store_changed.set()
         self.counters["transfers_confirmed"] += 1
         self.counters["keys_relayed"] += len(keys)
         done.set()
@@ -660,7 +611,7 @@ class RelayNode:
                     and len(open_here) < SOURCE_WINDOW
                     and link.sink.qkd_keys_buffered() + coming < target
                     and path is not None
-                    and len(path) > 1
+                    and 1 < len(path) <= MAX_PATH_SITES
                 )
                 pads = None
                 if ready:
@@ -686,7 +637,6 @@ class RelayNode:
                     RELAYED_KEY_BITS,
                     material,
                     HopKeys(tuple(pads[0]), tuple(pads[1])),
-                    available=0,
                     now=trio.current_time(),
                 )
                 self.counters["transfers_started"] += 1
@@ -701,9 +651,12 @@ class RelayNode:
         one source task per remote site this one is the master of."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self.ends.nursery = nursery
             for remote, link in self._remotes.items():
                 if is_link_master(self.site_id, remote):
                     nursery.start_soon(self._source, remote, link)
+                else:
+                    nursery.start_soon(self._confirmer, remote, link)
             for peer in self._direct:
                 nursery.start_soon(self._sender, peer)
             task_status.started()

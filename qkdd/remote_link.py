@@ -154,6 +154,7 @@ async def answer_routed_stream(
         if handshake is None:
             return
         done, leftover = handshake
+        stream.authenticated = done.peer_site_id == stream.remote
         if done.peer_site_id != stream.remote:  # trust above answers for no other site
             log.error(
                 "event=routed_handshake_mismatch stream_from=%s claimed=%s",

@@ -2,7 +2,8 @@
 of its sites hold, cut into keys; each end takes each key once (as its store would). The
 sending end of a hop picks the next fresh keys and the byte ranges it handed out are
 recorded, so a test can check no byte is ever used twice. ``Chain`` joins ``RelaySite``
-objects with a simulated clock and an in-memory wire that a test may tamper with."""
+objects with a simulated clock and an in-memory wire that a test may tamper with, and may
+withhold a relay's next-hop keys (as an empty pool of relay pads would)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from qkdd.relay.hop_budget import HopBudget
 from qkdd.relay.hop_seal import (
     HopHeader,
     HopKey,
@@ -57,10 +57,6 @@ class QkdLink:
         start = index * QKD_KEY_SIZE
         return HopKey(self.key_id(index), self.material[start : start + QKD_KEY_SIZE])
 
-    @property
-    def available(self) -> int:
-        return self.keys - self._next
-
     def pick(self, count: int) -> list[HopKey]:
         picked = []
         for _ in range(count):
@@ -100,12 +96,6 @@ def site_names(hops: int) -> list[str]:
     return [f"site-{chr(ord('a') + i)}" for i in range(hops + 1)]
 
 
-def generous_budget() -> HopBudget:
-    budget = HopBudget(share_percent=50, reserve=0, burst=10_000)
-    budget.arrived(20_000)
-    return budget
-
-
 # A wire hook: (hop index, "keys" or "ack", body) -> the body delivered, or None (dropped).
 Tamper = Callable[[int, str, bytes], bytes | None]
 
@@ -115,8 +105,9 @@ class Chain:
     """Sites ``names[0] .. names[hops]``, each a RelaySite, joined by one QkdLink per hop."""
 
     hops: int
-    budgets: Callable[[], HopBudget] = generous_budget
     tamper: Tamper | None = None
+    # Sites (by index) whose next-hop keys never come.
+    withheld: frozenset[int] = frozenset()
     seed: int = 0
     now: float = 1000.0
     names: list[str] = field(init=False)
@@ -129,19 +120,15 @@ class Chain:
     def __post_init__(self) -> None:
         self.names = site_names(self.hops)
         self.links = [QkdLink(i, seed=self.seed) for i in range(self.hops)]
-        self.sites = {}
-        for i, name in enumerate(self.names):
-            neighbours = self.names[max(0, i - 1) : i] + self.names[i + 1 : i + 2]
-            self.sites[name] = RelaySite(name, budgets={n: self.budgets() for n in neighbours})
+        self.sites = {name: RelaySite(name) for name in self.names}
 
     def site(self, index: int) -> RelaySite:
         return self.sites[self.names[index]]
 
     def start(self, transfer_id: bytes, material: bytes, key_bits: int = 256) -> None:
         keys = self.links[0].pick_hop_keys(len(material))
-        available = self.links[0].available + len(keys.pad) + len(keys.mac)
         actions = self.site(0).start(
-            transfer_id, self.names, key_bits, material, keys, available=available, now=self.now
+            transfer_id, self.names, key_bits, material, keys, now=self.now
         )
         self.run(self.names[0], actions)
 
@@ -164,14 +151,10 @@ class Chain:
                 return []
             return [(action.peer, a) for a in self.deliver_ack(index - 1, body)]
         if isinstance(action, NextHopNeeded):
-            link = self.links[index]
-            keys = link.pick_hop_keys(action.material_size)
-            available = link.available + len(keys.pad) + len(keys.mac)
-            site = self.sites[at]
-            return [
-                (at, a)
-                for a in site.forward(action.transfer_id, keys, available=available, now=self.now)
-            ]
+            if index in self.withheld:
+                return []
+            keys = self.links[index].pick_hop_keys(action.material_size)
+            return [(at, a) for a in self.sites[at].forward(action.transfer_id, keys, now=self.now)]
         assert isinstance(action, MaterialDelivered | HopAcked | TransferAbandoned)
         return []
 
@@ -182,8 +165,7 @@ class Chain:
         """A RELAY_KEYS body arrives at site ``receiver`` from the one before it."""
         site, sender, link = self.site(receiver), self.names[receiver - 1], self.links[receiver - 1]
         frame = decode_relay_keys(body)
-        n_keys = len(frame.header.pad_key_ids) + len(frame.header.mac_key_ids)
-        site.admit(frame, sender, available=link.available + n_keys, now=self.now)
+        site.admit(frame, sender, now=self.now)
         actions = site.receive(frame, sender, link.fetch(frame.header), self.now)
         held = site.held_material(frame.header.transfer_id)
         if held is not None:

@@ -65,6 +65,7 @@ def test_every_bench_is_covered() -> None:
         "bench_store_size.py",
         "bench_footprint.py",
         "bench_end_to_end.py",
+        "bench_relay.py",
     }  # tests/test_bench_*.py
     assert benches - own_tests == set(EXPECTED_ROWS)
 

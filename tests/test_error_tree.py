@@ -25,6 +25,12 @@ CONTROL_FLOW = {
     "qkdd.peer_sessions.PeerClosed",
     "qkdd.peering.HandshakeEvicted",
     "qkdd.store.application_keys._KeyMissing",
+    # A relay frame naming pads not held here: rolls its store transaction back.
+    "qkdd.relay_node._PadsMissing",
+    # A routed stream that ended (a Trio stream error, as a TCP connection's would be), and
+    # a dial with no path (an OSError, as a refused TCP connect would be).
+    "qkdd.routed_stream.RoutedStreamClosed",
+    "qkdd.routed_stream.NoRoute",
 }
 
 

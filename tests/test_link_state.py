@@ -16,6 +16,7 @@ from link_state_network import LinkStateNetwork, neighbour_sets
 from qkdd.constants import LINK_STATE_LIFETIME, LINK_STATE_REFRESH
 from qkdd.relay.link_state import (
     MAX_LINKS,
+    MAX_ORIGINS,
     LinkStateAdvertisement,
     LinkStateDatabase,
     LinkStateError,
@@ -407,3 +408,18 @@ def test_a_restart_that_reuses_the_number_with_other_links_is_resolved() -> None
     check_matches_sessions(network)
     assert restarted.own.sequence == 3
     assert network.sites["B"].advertisements()["C"] == restarted.own
+
+
+def test_a_neighbour_cannot_grow_the_database_beyond_its_origin_cap() -> None:
+    db = LinkStateDatabase("A", 0.0)
+    db.link_up("B", 0.0)
+    for index in range(MAX_ORIGINS + 10):
+        origin = f"X{index}"
+        db.receive("B", LinkStateAdvertisement(origin, 1, 1800, (("B", 1),)).encode(), 1.0)
+    held = db.advertisements()
+    assert len(held) == MAX_ORIGINS + 1  # its own, and the cap of others
+    assert f"X{MAX_ORIGINS}" not in held and f"X{MAX_ORIGINS - 1}" in held
+    # An origin it holds is still updated at the cap.
+    newer = LinkStateAdvertisement("X0", 2, 1800, (("B", 2),))
+    assert db.receive("B", newer.encode(), 2.0) == []  # B is the only neighbour: no flood
+    assert db.advertisements()["X0"] == newer

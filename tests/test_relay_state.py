@@ -2,17 +2,15 @@
 over shared QKD material (tests/relay_chain.py), with a simulated clock: the material arrives
 whole, each site holds it only as long as its role says, frames and ACKs that were altered or
 replayed are refused, transfers that stall are abandoned at their deadline with their keys
-consumed, and the relay budget keeps relaying from taking a link's keys."""
+consumed."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import pytest
 from relay_chain import Chain, KeyNotHeld, flipped
 
-from qkdd.relay.hop_budget import HopBudget, HopBudgetExceeded
 from qkdd.relay.hop_seal import (
     RelayFrameError,
     RelayUsageError,
@@ -161,9 +159,9 @@ def test_a_frame_on_the_wrong_hop_is_refused_before_any_key_is_taken() -> None:
     chain.start(TRANSFER, os.urandom(32))
     frame = decode_relay_keys(chain.sent_bodies(SendRelayKeys)[1][1])  # site-b -> site-c
     with pytest.raises(RelayRejected, match="came on site-a -> site-c"):
-        chain.site(2).admit(frame, "site-a", available=100, now=chain.now)
+        chain.site(2).admit(frame, "site-a", now=chain.now)
     with pytest.raises(RelayRejected, match="came on site-c -> site-d"):
-        chain.site(3).admit(frame, "site-c", available=100, now=chain.now)
+        chain.site(3).admit(frame, "site-c", now=chain.now)
 
 
 def test_a_relay_that_never_gets_the_ack_abandons_at_its_deadline() -> None:
@@ -223,88 +221,24 @@ def test_the_source_refuses_a_transfer_id_in_use_or_a_path_not_its_own() -> None
         chain.start(TRANSFER, os.urandom(32))
     keys = chain.links[1].pick_hop_keys(32)
     with pytest.raises(RelayUsageError, match="begins with it"):
-        chain.site(0).start(
-            b"V" * 16, chain.names[1:], 256, bytes(32), keys, available=100, now=chain.now
-        )
+        chain.site(0).start(b"V" * 16, chain.names[1:], 256, bytes(32), keys, now=chain.now)
 
 
-# -- Budgets -----------------------------------------------------------------------------
-
-
-def test_hop_budget_share_reserve_and_burst() -> None:
-    budget = HopBudget(share_percent=25, reserve=10, burst=50)
-    assert budget.allowance(available=1000) == 0  # nothing earned yet
-    budget.arrived(7)
-    assert budget.allowance(1000) == 1  # 25% of 7 keys: 1.75
-    budget.arrived(1)
-    assert budget.allowance(1000) == 2
-    budget.arrived(10_000)
-    assert budget.allowance(1000) == 50  # banked credit stops at the burst
-    assert budget.allowance(30) == 20  # the link keeps its reserve
-    assert budget.allowance(5) == 0
-    with pytest.raises(HopBudgetExceeded, match="may take 20 QKD keys of this link now, not 21"):
-        budget.take(21, available=30)
-    budget.take(20, available=30)
-    assert budget.allowance(1000) == 30
-    assert "credit=30" in repr(budget)
-
-
-def small_budget() -> HopBudget:
-    budget = HopBudget(share_percent=100, reserve=0, burst=6)
-    budget.arrived(6)
-    return budget
-
-
-def one_poor_budget(poor: int, *, keys: int) -> Callable[[], HopBudget]:
-    """Budgets made in the chain's creation order (a: b; b: a, c; c: b, d; d: c): the
-    ``poor``-th (from 1) earns ``keys`` keys, every other 100."""
-    made = 0
-
-    def budget() -> HopBudget:
-        nonlocal made
-        made += 1
-        budget = HopBudget(share_percent=100, reserve=0, burst=100)
-        budget.arrived(keys if made == poor else 100)
-        return budget
-
-    return budget
-
-
-def test_the_source_is_refused_over_its_budget() -> None:
-    chain = Chain(3, budgets=small_budget)
-    # 7 keys for the first hop (5 pad, 2 MAC): over the 6 allowed.
-    with pytest.raises(HopBudgetExceeded):
-        chain.start(TRANSFER, os.urandom(5 * 32))
-    assert chain.site(0).open_transfers() == {}
-    assert chain.site(0).allowance("site-b", available=100) == 6
-    assert chain.site(0).allowance("site-z", available=100) == 0  # no budget, no relay
-
-
-def test_a_relay_over_its_budget_holds_the_material_until_its_deadline() -> None:
-    chain = Chain(3, budgets=one_poor_budget(3, keys=3))  # site-b's towards site-c
+def test_a_relay_without_next_hop_keys_holds_the_material_until_its_deadline() -> None:
+    chain = Chain(3, withheld=frozenset({1}))  # site-b's pads towards site-c never come
     material = os.urandom(2 * 32)
-    with pytest.raises(HopBudgetExceeded):
-        chain.start(TRANSFER, material)
+    chain.start(TRANSFER, material)
     relay = chain.site(1)
     assert relay.held_material(TRANSFER) == material
     assert relay.open_transfers() == {TRANSFER: "awaiting next-hop keys"}
     deadline = relay.next_deadline()
-    assert deadline is not None
+    assert deadline == chain.now + HOP_TIMEOUT
+    assert relay.poll(deadline) == []  # not before the deadline
     assert relay.poll(deadline + 1) == [
-        TransferAbandoned(
-            TRANSFER, RelayRole.RELAY, "no next-hop keys in time (relay budget or QKD buffer)"
-        )
+        TransferAbandoned(TRANSFER, RelayRole.RELAY, "no next-hop keys in time")
     ]
-    assert relay.held_material(TRANSFER) is None
-
-
-def test_a_receiver_refuses_a_frame_over_its_own_budget() -> None:
-    chain = Chain(3, budgets=one_poor_budget(2, keys=2))  # site-b's towards site-a
-    with pytest.raises(RelayRejected, match="over the relay budget"):
-        chain.start(TRANSFER, os.urandom(32))
-    assert chain.site(1).open_transfers() == {}
-    # The receiver took no key: the frame was refused before.
-    assert chain.links[0].receiver_took == set()
+    assert relay.held_material(TRANSFER) is None and relay.open_transfers() == {}
+    assert not chain.actions_of(MaterialDelivered)
 
 
 def test_secrets_stay_out_of_reprs() -> None:

@@ -9,5 +9,4 @@
   (docs/protocol.md §10).
 - ``relay_state``: a site's relayed transfers as source, relay or destination (sans-IO):
   what it sends, what it holds until which ACK or confirmation, deadlines (§10.4).
-- ``hop_budget``: how many QKD keys of a link relaying may take now (§10.5).
 """

@@ -31,6 +31,9 @@ FORMAT_VERSION: Final = 1
 # sends at most ~68 KiB).
 MAX_LINKS: Final = 1024
 MAX_SEQUENCE: Final = 2**64 - 1
+# Sites whose advertisements one database holds: a neighbour that floods more origins than
+# any real network has cannot grow it without bound (the rest are ignored).
+MAX_ORIGINS: Final = 1024
 MAX_LIFETIME: Final = 0xFFFF
 MAX_COST: Final = 0xFFFF
 
@@ -286,6 +289,8 @@ class LinkStateDatabase:
         if advertisement.origin == self.site_id:
             return self._receive_own(advertisement, back, now)
         entry = self._held.get(advertisement.origin)
+        if entry is None and len(self._held) >= MAX_ORIGINS:
+            return []  # full: a new origin is neither held nor flooded on
         if entry is None or advertisement.newer_than(entry.advertisement):
             changed = entry is None or entry.advertisement.links != advertisement.links
             self._held[advertisement.origin] = _Held(advertisement, now)

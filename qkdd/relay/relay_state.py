@@ -2,12 +2,13 @@
 destination), sans-IO: frames and ACKs go in with the time, actions come out, and
 ``next_deadline()`` says when ``poll(now)`` must be called next at the latest. Sealing one
 hop is ``qkdd.relay.hop_seal``; the QKD keys come from the caller's store, each once, and
-each link's relay share from its ``qkdd.relay.hop_budget.HopBudget``.
+the caller bounds how many of a link's keys relaying may take (the daemon: each link's
+relay pads, docs/protocol.md §10.5).
 
 One transfer along ``path = (source, relay..., destination)``::
 
     source       start(material, keys of hop 0)              -> SendRelayKeys to path[1]
-    relay i      admit(frame)           header fits, not seen; budget charged
+    relay i      admit(frame)           header fits, not seen
                  receive(frame, keys)   verify, decrypt      -> SendRelayAck to path[i-1]
                                                              -> NextHopNeeded
                  forward(keys of hop i) seal for the next hop -> SendRelayKeys to path[i+1]
@@ -41,11 +42,10 @@ are long consumed, and the caller's store refuses them.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from qkdd.relay.hop_budget import HopBudget, HopBudgetExceeded
 from qkdd.relay.hop_seal import (
     MAX_PATH_SITES,
     HopKeys,
@@ -71,8 +71,8 @@ SEEN_MEMORY: Final = 3600.0
 
 
 class RelayRejected(RelayFrameError):
-    """A frame or ACK that fits no transfer of this site (replayed, on the wrong hop, for an
-    unknown or finished transfer, or over the link's relay budget)."""
+    """A frame or ACK that fits no transfer of this site (replayed, on the wrong hop, or for
+    an unknown or finished transfer)."""
 
 
 class RelayRole(enum.Enum):
@@ -90,7 +90,7 @@ class _Phase(enum.Enum):
 
 _TIMEOUT_REASONS: Final = {
     _Phase.ADMITTED: "the keys of an admitted frame did not come in time",
-    _Phase.AWAITING_KEYS: "no next-hop keys in time (relay budget or QKD buffer)",
+    _Phase.AWAITING_KEYS: "no next-hop keys in time",
     _Phase.AWAITING_ACK: "the next hop did not acknowledge in time",
     _Phase.AWAITING_CONFIRMATION: "no end-to-end confirmation in time",
 }
@@ -113,7 +113,7 @@ class SendRelayAck:
 @dataclass(frozen=True)
 class NextHopNeeded:
     """A relay holds the material: take keys of the link to ``peer`` for ``material_size``
-    bytes (``hop_seal.hop_keys_needed``), within its budget, and call ``forward``."""
+    bytes (``hop_seal.hop_keys_needed``) and call ``forward``."""
 
     transfer_id: bytes
     peer: str
@@ -169,22 +169,19 @@ class _Transfer:
 
 
 class RelaySite:
-    """Every transfer this site takes part in. ``budgets``: the relay budget of each link
-    (by peer site ID); a link without one carries no relayed material. ``None``: the
-    caller bounds what relaying takes itself (the daemon keeps a pool of relay pads per
-    link, filled only once the link's own pools are full: docs/protocol.md §10.5)."""
+    """Every transfer this site takes part in. What relaying may take from each link is
+    the caller's to bound (the daemon keeps a pool of relay pads per link, filled only once
+    the link's own pools are full: docs/protocol.md §10.5)."""
 
     def __init__(
         self,
         site_id: str,
         *,
-        budgets: Mapping[str, HopBudget] | None,
         hop_timeout: float = HOP_TIMEOUT,
         confirm_timeout: float = CONFIRM_TIMEOUT,
         seen_memory: float = SEEN_MEMORY,
     ) -> None:
         self.site_id = site_id
-        self._budgets = None if budgets is None else dict(budgets)
         self._hop_timeout = hop_timeout
         self._confirm_timeout = confirm_timeout
         self._seen_memory = seen_memory
@@ -194,25 +191,6 @@ class RelaySite:
 
     def __repr__(self) -> str:
         return f"RelaySite({self.site_id!r}, transfers={len(self._transfers)})"
-
-    # -- Budgets ---------------------------------------------------------------------------
-
-    def allowance(self, peer: str, available: int) -> int:
-        """How many QKD keys of the link to ``peer`` relay may take now, from a buffer of
-        ``available`` keys. Ask before taking keys from the store for ``start``,
-        ``forward`` or a frame's keys."""
-        if self._budgets is None:
-            return available
-        budget = self._budgets.get(peer)
-        return 0 if budget is None else budget.allowance(available)
-
-    def _charge(self, peer: str, count: int, available: int) -> None:
-        if self._budgets is None:
-            return  # the caller bounds relaying itself (the daemon: each link's relay pads)
-        budget = self._budgets.get(peer)
-        if budget is None:
-            raise HopBudgetExceeded(f"the link to {peer} has no relay budget")
-        budget.take(count, available)
 
     # -- Source ----------------------------------------------------------------------------
 
@@ -224,19 +202,16 @@ class RelaySite:
         material: bytes,
         keys: HopKeys,
         *,
-        available: int,
         now: float,
     ) -> list[RelayAction]:
         """Send ``material`` (whole keys of ``key_bits``) along ``path``, which starts here,
-        sealed under ``keys`` of the first hop; ``available``: that link's QKD keys before
-        these were taken. ``HopBudgetExceeded`` if they are over its relay budget."""
+        sealed under ``keys`` of the first hop."""
         path = tuple(path)
         if not path or path[0] != self.site_id:
             raise RelayUsageError(f"a path started at {self.site_id} begins with it")
         if self._known(transfer_id):
             raise RelayUsageError("this transfer ID is already in use")
         sealed = seal_hop(transfer_id, path, 0, key_bits, material, keys)
-        self._charge(path[1], len(keys.pad) + len(keys.mac), available)
         self._transfers[transfer_id] = _Transfer(
             transfer_id,
             RelayRole.SOURCE,
@@ -264,22 +239,17 @@ class RelaySite:
 
     # -- Receiving a frame (relay or destination) ----------------------------------------
 
-    def admit(self, frame: RelayKeysFrame, sender: str, *, available: int, now: float) -> None:
+    def admit(self, frame: RelayKeysFrame, sender: str, *, now: float) -> None:
         """Check a RELAY_KEYS frame from ``sender`` before the caller takes the QKD keys
         its header names (then ``receive``): it must be for the hop ``sender`` -> this
-        site, for a transfer not seen before, and within the link's relay budget
-        (``available``: its QKD keys before the frame's are taken). ``RelayRejected``
-        otherwise, and nothing is held."""
+        site and for a transfer not seen before. ``RelayRejected`` otherwise, and nothing
+        is held."""
         header = frame.header
         problem = header.hop_problem(sender, self.site_id)
         if problem is not None:
             raise RelayRejected(problem)
         if self._known(header.transfer_id):
             raise RelayRejected("RELAY_KEYS for a transfer already seen here (a replay)")
-        try:
-            self._charge(sender, len(header.pad_key_ids) + len(header.mac_key_ids), available)
-        except HopBudgetExceeded as e:
-            raise RelayRejected(f"RELAY_KEYS over the relay budget: {e}") from None
         position = header.hop_index + 1
         last = position == len(header.path) - 1
         self._transfers[header.transfer_id] = _Transfer(
@@ -331,12 +301,9 @@ class RelaySite:
 
     # -- Relay -------------------------------------------------------------------------------
 
-    def forward(
-        self, transfer_id: bytes, keys: HopKeys, *, available: int, now: float
-    ) -> list[RelayAction]:
-        """Seal the held material for the next hop under ``keys`` of that link
-        (``available``: its QKD keys before these were taken). ``HopBudgetExceeded`` if
-        they are over its relay budget; the transfer then waits until its deadline."""
+    def forward(self, transfer_id: bytes, keys: HopKeys, *, now: float) -> list[RelayAction]:
+        """Seal the held material for the next hop under ``keys`` of that link. Until this
+        is called the transfer waits for them, at most until its deadline."""
         transfer = self._transfers.get(transfer_id)
         if transfer is None or transfer.phase is not _Phase.AWAITING_KEYS:
             raise RelayUsageError("no transfer here waits for next-hop keys with that ID")
@@ -349,7 +316,6 @@ class RelaySite:
             transfer.material,
             keys,
         )
-        self._charge(transfer.next_peer, len(keys.pad) + len(keys.mac), available)
         transfer.sent = sealed
         transfer.phase = _Phase.AWAITING_ACK
         transfer.deadline = now + self._hop_timeout
