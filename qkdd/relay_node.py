@@ -215,6 +215,19 @@ class RelayNode:
                 if site != self.site_id
             },
             "open_transfers": len(self.relay.open_transfers()),
+            # Relay pads ready on each direct link, in bytes, each way: what relaying may
+            # still take from that link's QKD material.
+            "relay_pad_bytes": {
+                peer: {
+                    "sending": self._store.pad_ready_bytes(
+                        relay_sae(self.site_id), relay_sae(peer)
+                    ),
+                    "receiving": self._store.pad_ready_bytes(
+                        relay_sae(peer), relay_sae(self.site_id)
+                    ),
+                }
+                for peer in sorted(self._direct)
+            },
             **self.counters,
         }
 

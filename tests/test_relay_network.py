@@ -41,6 +41,7 @@ COMPROMISED_RELAY = Path(__file__).resolve().parent / "compromised_relay.py"
 # Generous: several handshakes and relayed transfers before the first keys, on a loaded
 # machine with a daemon and an emulator per site.
 FIRST_KEYS = 180
+SECRET_MESSAGE = b"meet at the north gate at six"
 
 
 def _network(network: RunningNetwork, index: int) -> dict[str, Any]:
@@ -111,6 +112,12 @@ def test_a_compromised_relay_holds_the_qkd_half_but_no_final_key(tmp_path: Path)
         assert all(row["match"] for row in rows), rows
         with BlockingKeyClient(str(network.sites[site_id(1)].socket_path)) as app:
             final = [k.material for k in app.enc_keys(sae_id(3), number=16)]
+            # A message to the far site's SAE goes through the relay too.
+            app.send_message(sae_id(3), SECRET_MESSAGE)
+        with BlockingKeyClient(str(network.sites[site_id(3)].socket_path)) as app:
+            message = app.receive_message(wait=timeout(30))
+        assert message is not None and message.body == SECRET_MESSAGE
+        assert (message.sender_sae_id, message.sender_site_id) == (sae_id(1), site_id(1))
         views = {i: _network(network, i) for i in (1, 2, 3)}
         # A relay has no key with the end sites' SAEs to hand out at all.
         relay_socket = str(network.sites[site_id(2)].socket_path)
@@ -120,6 +127,10 @@ def test_a_compromised_relay_holds_the_qkd_half_but_no_final_key(tmp_path: Path)
     assert views[2]["transfers_relayed"] >= 1
     assert views[3]["transfers_delivered"] >= 1
     assert views[1]["routes"][site_id(3)] == [site_id(1), site_id(2), site_id(3)]
+    # The relay keeps relay pads on both its links, both ways.
+    pads = views[2]["relay_pad_bytes"]
+    assert set(pads) == {site_id(1), site_id(3)}
+    assert all(way["sending"] > 0 or way["receiving"] > 0 for way in pads.values()), pads
 
     # Everything the relay saw of the relayed material, as its owner would keep it.
     relayed: dict[str, bytes] = {}
@@ -162,6 +173,7 @@ def test_a_compromised_relay_holds_the_qkd_half_but_no_final_key(tmp_path: Path)
         for path in [*(tmp_path / site_id(2) / "state").iterdir(), record, tmp_path / "site-2.log"]
         if path.is_file()
     )
+    assert SECRET_MESSAGE not in raw  # nor does it hold the message
     for key in final:
         assert key not in held
         assert not any(key in piece for piece in held)  # nor inside a longer pad
@@ -191,6 +203,15 @@ def test_a_ring_survives_its_relay_killed_during_transfers(tmp_path: Path) -> No
         # No key is ready at one end only: every key handed out at site-1, before and
         # after the kill, is ready at site-3 with the same material.
         _all_found_at(network, 3, 1, before + after)
+
+        # The end-to-end session came back over the other path with a PSK of its own
+        # chain (the ML-DSA bootstrap was its first session only).
+        source_log = network.sites[site_id(1)].log_file.read_text()
+        assert "event=session_established peer=site-3" in source_log
+        assert any(
+            "event=session_established peer=site-3" in line and "auth=psk:" in line
+            for line in source_log.splitlines()
+        ), source_log[-3000:]
 
         network.sites[site_id(relay)].spawn()  # the killed relay comes back
         wait_until(
