@@ -43,7 +43,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 import trio
 
@@ -57,6 +57,7 @@ from qkdd.config import (
     load_config,
 )
 from qkdd.constants import EVENT_POLL_INTERVAL, EXPIRY_INTERVAL, STATUS_INTERVAL
+from qkdd.crypto import PqcBackend, SigningKey
 from qkdd.crypto.select import select_backend
 from qkdd.durability import Durable, GroupCommit
 from qkdd.etsi014.hand_outs import GatheredHandOuts
@@ -79,7 +80,7 @@ from qkdd.metrics import SiteMetrics
 from qkdd.metrics_listener import serve_metrics
 from qkdd.peer.calls import CallKind
 from qkdd.peer_listener import serve_peers
-from qkdd.peering import CallHandler, PeerLink
+from qkdd.peering import CallHandler, HandshakeObserver, PeerLink
 from qkdd.progress import ProgressWatch
 from qkdd.relay_node import RelayNode
 from qkdd.remote_link import RemoteLink, answer_routed_stream
@@ -146,35 +147,24 @@ async def run_daemon(
     barrier = GroupCommit(store)
     live = LiveConfig(config)
     metrics = SiteMetrics(config.site_id, backend.name, (peer.site_id for peer in config.peers))
-    direct = {
-        peer.site_id: PeerLink(
-            config,
-            peer,
-            store=store,
-            backend=backend,
-            signing_key=signing_key,
-            on_handshake=metrics.record_handshake,
-            durable=barrier.durable,
-        )
-        for peer in config.direct_peers
-    }
+    # What every link's sessions need: the store, the crypto, the identity, the metrics.
+    session_needs = _SessionNeeds(
+        store=store,
+        backend=backend,
+        signing_key=signing_key,
+        on_handshake=metrics.record_handshake,
+        durable=barrier.durable,
+    )
+    direct = {peer.site_id: PeerLink(config, peer, **session_needs) for peer in config.direct_peers}
     # The QKD network (relaying, remote sites) runs over the direct links' sessions.
     node = _relay_node(config, direct, store, barrier.durable)
     remote: dict[str, PeerLink] = {}
     if node is not None:
         remote = {
-            peer.site_id: RemoteLink(
-                config,
-                peer,
-                node,
-                store=store,
-                backend=backend,
-                signing_key=signing_key,
-                on_handshake=metrics.record_handshake,
-                durable=barrier.durable,
-            )
+            peer.site_id: RemoteLink(config, peer, node, **session_needs)
             for peer in config.remote_peers
         }
+        # Routed streams remote sites open here: the responder handshake, then the session.
         node.ends.accept = functools.partial(
             answer_routed_stream,
             links=remote,
@@ -354,6 +344,16 @@ async def run_daemon(
         barrier.close()
         store.close()
         log.info("event=stopped site=%s", config.site_id)
+
+
+class _SessionNeeds(TypedDict):
+    """What every link's sessions are built with."""
+
+    store: KeyStore
+    backend: PqcBackend
+    signing_key: SigningKey
+    on_handshake: HandshakeObserver
+    durable: Durable
 
 
 def _relay_node(

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,16 +193,26 @@ def running_demo(
                 process.wait()
 
 
-def wait_for_keys(site: RunningSite, slave_sae_id: str, number: int, timeout: float) -> None:
-    """Poll the master site's status until ``number`` keys are ready for the pair."""
+def wait_for_keys(
+    site: RunningSite,
+    slave_sae_id: str,
+    number: int,
+    timeout: float,
+    *,
+    also_running: Sequence[RunningSite] = (),
+) -> None:
+    """Poll the master site's status until ``number`` keys are ready for the pair; a
+    DemoError if it (or a site in ``also_running``) exits first, or on timeout."""
     deadline = time.monotonic() + timeout
     last = "the daemon's API socket did not appear"
     while time.monotonic() < deadline:
-        if site.process.poll() is not None:
-            raise DemoError(
-                f"{site.site.site_id} daemon exited with status {site.process.returncode}; "
-                f"see {site.log_file}:\n{_tail(site.log_file)}"
-            )
+        for running in (site, *also_running):
+            if running.process.poll() is not None:
+                raise DemoError(
+                    f"{running.site.site_id} daemon exited with status "
+                    f"{running.process.returncode}; see {running.log_file}:\n"
+                    f"{_tail(running.log_file)}"
+                )
         if site.socket_path.exists():
             try:
                 with BlockingKeyClient(str(site.socket_path)) as client:
@@ -226,20 +236,28 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def exchange_keys(site_a: RunningSite, site_b: RunningSite, number: int) -> list[dict[str, Any]]:
-    """App at A: enc_keys for sae-b; app at B: dec_keys by ID. Compare what each got."""
+def exchange_keys(
+    site_a: RunningSite,
+    site_b: RunningSite,
+    number: int,
+    *,
+    saes: tuple[str, str] = (SITE_A.sae_id, SITE_B.sae_id),
+    columns: tuple[str, str] = ("site_a", "site_b"),
+) -> list[dict[str, Any]]:
+    """App at A (SAE ``saes[0]``): enc_keys for ``saes[1]``; app at B: dec_keys by ID.
+    Compare what each got; each row names the two fingerprints after ``columns``."""
     with BlockingKeyClient(str(site_a.socket_path)) as app_a:
-        keys_a = app_a.enc_keys(SITE_B.sae_id, number=number)
+        keys_a = app_a.enc_keys(saes[1], number=number)
     with BlockingKeyClient(str(site_b.socket_path)) as app_b:
-        keys_b = {k.key_id: k for k in app_b.dec_keys(SITE_A.sae_id, [k.key_id for k in keys_a])}
+        keys_b = {k.key_id: k for k in app_b.dec_keys(saes[0], [k.key_id for k in keys_a])}
     rows = []
     for key in keys_a:
         other = keys_b.get(key.key_id)
         rows.append(
             {
                 "key_ID": key.key_id,
-                "site_a_fingerprint": fingerprint(key.material),
-                "site_b_fingerprint": fingerprint(other.material) if other else None,
+                f"{columns[0]}_fingerprint": fingerprint(key.material),
+                f"{columns[1]}_fingerprint": fingerprint(other.material) if other else None,
                 "match": other is not None and other.material == key.material,
             }
         )

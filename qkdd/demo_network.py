@@ -35,9 +35,9 @@ from qkdd.demo import (
     DemoError,
     RunningSite,
     _free_port,
-    _tail,
     _wait_for_line,
-    fingerprint,
+    exchange_keys,
+    wait_for_keys,
 )
 from qkdd.demo_sites import DemoSite
 from qkdd.identity import public_key_text, write_identity, write_key_encryption_key
@@ -275,52 +275,25 @@ def running_network(
 def wait_for_relayed_keys(network: RunningNetwork, number: int, timeout: float) -> None:
     """Until the first end site holds ``number`` keys for the other end's SAE."""
     first, last = network.plan.ends
-    site = network.sites[site_id(first)]
-    deadline = time.monotonic() + timeout
-    last_seen = "the daemon's API socket did not appear"
-    while time.monotonic() < deadline:
-        for running in network.sites.values():
-            if running.process.poll() is not None:
-                raise DemoError(
-                    f"{running.site.site_id} daemon exited with status "
-                    f"{running.process.returncode}; see {running.log_file}:\n"
-                    f"{_tail(running.log_file)}"
-                )
-        if site.socket_path.exists():
-            try:
-                with BlockingKeyClient(str(site.socket_path)) as client:
-                    count = int(client.status(sae_id(last))["stored_key_count"])
-                if count >= number:
-                    return
-                last_seen = f"{count} of {number} keys ready"
-            except ClientError as exc:
-                last_seen = str(exc)
-        time.sleep(0.2)
-    raise DemoError(
-        f"no relayed keys at {site.site.site_id} within {timeout:.0f} s ({last_seen}); "
-        f"log:\n{_tail(site.log_file)}"
+    wait_for_keys(
+        network.sites[site_id(first)],
+        sae_id(last),
+        number,
+        timeout,
+        also_running=list(network.sites.values()),
     )
 
 
 def exchange_relayed_keys(network: RunningNetwork, number: int) -> list[dict[str, Any]]:
     """App at one end: enc_keys for the other end's SAE; app there: dec_keys by ID."""
     first, last = network.plan.ends
-    with BlockingKeyClient(str(network.sites[site_id(first)].socket_path)) as app:
-        keys = app.enc_keys(sae_id(last), number=number)
-    with BlockingKeyClient(str(network.sites[site_id(last)].socket_path)) as app:
-        far = {k.key_id: k for k in app.dec_keys(sae_id(first), [k.key_id for k in keys])}
-    rows = []
-    for key in keys:
-        other = far.get(key.key_id)
-        rows.append(
-            {
-                "key_ID": key.key_id,
-                "first_fingerprint": fingerprint(key.material),
-                "last_fingerprint": fingerprint(other.material) if other else None,
-                "match": other is not None and other.material == key.material,
-            }
-        )
-    return rows
+    return exchange_keys(
+        network.sites[site_id(first)],
+        network.sites[site_id(last)],
+        number,
+        saes=(sae_id(first), sae_id(last)),
+        columns=("first", "last"),
+    )
 
 
 def network_views(network: RunningNetwork) -> dict[str, dict[str, Any]]:
