@@ -306,5 +306,10 @@ class RoutedEnds:
             return f"{remote} has {MAX_STREAMS_PER_SITE} routed streams open at {self.site_id}"
         key, oldest = waiting[0]
         del self.streams[key]
-        oldest.ended("a newer stream from the same site took its place")
+        reason = "a newer stream from the same site took its place"
+        oldest.ended(reason)
+        # Tell its opener now (its dial would otherwise wait out its handshake's timeout).
+        action = self._route(oldest.envelope(RoutedKind.CLOSE, reason.encode()))
+        if isinstance(action, Forward):
+            self._send(action.peer, action.body)
         return None
