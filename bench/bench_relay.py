@@ -214,13 +214,16 @@ class Window:
         last, first = self.last.sites[index]["peers"][peer], self.first.sites[index]["peers"][peer]
         return int(last["qkd_keys_buffered"]) - int(first["qkd_keys_buffered"])
 
+    def received(self, index: int, other: int) -> int:
+        """QKD keys site ``index``'s driver took from its device toward ``other``."""
+        peer = site_id(other)
+        last, first = self.last.sites[index]["peers"][peer], self.first.sites[index]["peers"][peer]
+        return int(last["device"]["keys_received"]) - int(first["device"]["keys_received"])
+
     def consumed(self, index: int, other: int) -> int:
         """QKD keys of the link between sites ``index`` and ``other`` used over the window:
         those site ``index``'s driver stored, less its QKD buffer's growth."""
-        peer = site_id(other)
-        last, first = self.last.sites[index]["peers"][peer], self.first.sites[index]["peers"][peer]
-        received = int(last["device"]["keys_received"]) - int(first["device"]["keys_received"])
-        return received - self.buffered(index, other)
+        return self.received(index, other) - self.buffered(index, other)
 
     def cpu(self) -> dict[str, float]:
         """% of one core per process."""
@@ -476,14 +479,15 @@ def print_rates(lines: dict[int, list[LineRun]], args: argparse.Namespace, runs:
     print(
         "floor: keys site-1's application gets for sae-2 over the direct link between them, "
         "in the same network; relayed: keys it gets for the far end's SAE through the relay "
-        "sites; floor/link: the floor against the link's key rate (one QKD key per key); "
+        "sites; link QKD keys/s: what the direct link's device delivered over the floor "
+        "window (one QKD key per key: the floor exceeds it while the QKD buffers drain); "
         "relayed QKD keys/s: what the far end received; hop bound: keys/s each hop's QKD "
         f"keys allow relayed (link rate x {MATERIAL_BYTES} / ({HOP_PADS} x {PAD_BYTES})); "
         "CPU over the relayed window, % of one core\n"
     )
     print(
         md_header(
-            "sites", "relay sites", "floor keys/s", "floor/link", "relayed keys/s",
+            "sites", "relay sites", "floor keys/s", "link QKD keys/s", "relayed keys/s",
             "relayed/floor",
             "relayed QKD keys/s", "hop bound keys/s", "relayed/bound", "keys checked",
             "busiest process", "busiest CPU %", "all CPU %",
@@ -493,6 +497,7 @@ def print_rates(lines: dict[int, list[LineRun]], args: argparse.Namespace, runs:
     for count, each in lines.items():
         floor = median([run.floor.rate for run in each])
         relayed = median([run.relayed.rate for run in each])
+        delivered = median([run.floor.received(1, 2) / run.floor.seconds for run in each])
         received = median(
             [run.relayed.counter(count, "keys_relayed") / run.relayed.seconds for run in each]
         )
@@ -504,7 +509,7 @@ def print_rates(lines: dict[int, list[LineRun]], args: argparse.Namespace, runs:
                 count,
                 count - 2,
                 keys(floor),
-                ratio(floor, args.link_rate),
+                keys(delivered),
                 keys(relayed),
                 ratio(relayed, floor),
                 keys(received),

@@ -37,8 +37,8 @@ def test_quick_mode_prints_the_relay_tables() -> None:
 
     rates = [row for row in rows if row[:2] == ["3", "1"]]
     assert len(rates) == 1 and len(rates[0]) == 13, done.stdout
-    _, _, floor, per_link, relayed, per_floor, received, bound, per_bound, checked = rates[0][:10]
-    for figure in (floor, per_link, relayed, per_floor, received, bound, per_bound, checked):
+    _, _, floor, link, relayed, per_floor, received, bound, per_bound, checked = rates[0][:10]
+    for figure in (floor, link, relayed, per_floor, received, bound, per_bound, checked):
         assert number(figure) > 0, done.stdout
     busiest, busiest_cpu, all_cpu = rates[0][10:]
     assert re.fullmatch(r"site-\d|link \d-\d", busiest), done.stdout
