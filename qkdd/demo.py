@@ -180,17 +180,21 @@ def running_demo(
         yield sites
     finally:
         # The sites' current processes (a test may have restarted them), then the link.
-        processes = [s.process for s in sites] + ([emulator] if emulator else [])
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + DEMO_STOP_GRACE
-        for process in processes:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes([s.process for s in sites] + ([emulator] if emulator else []))
+
+
+def stop_processes(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+    """Stops ``processes`` with SIGTERM, all within one grace period, then SIGKILL."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + DEMO_STOP_GRACE
+    for process in processes:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def wait_for_keys(

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qkdd.client import BlockingKeyClient, ClientError
-from qkdd.constants import DEMO_STARTUP_TIMEOUT, DEMO_STOP_GRACE
+from qkdd.constants import DEMO_STARTUP_TIMEOUT
 from qkdd.crypto.select import select_backend
 from qkdd.demo import (
     PYTHON_MODULE,
@@ -37,6 +36,7 @@ from qkdd.demo import (
     _free_port,
     _wait_for_line,
     exchange_keys,
+    stop_processes,
     wait_for_keys,
 )
 from qkdd.demo_sites import DemoSite
@@ -227,19 +227,6 @@ class RunningNetwork:
             return client.site_status()
 
 
-def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + DEMO_STOP_GRACE
-    for process in processes:
-        try:
-            process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @contextlib.contextmanager
 def running_network(
     directory: Path,
@@ -268,8 +255,8 @@ def running_network(
             network.sites[site.site_id] = RunningSite.start(site, configs[site.site_id], program)
         yield network
     finally:
-        _stop([s.process for s in network.sites.values()])
-        _stop(list(network.links.values()))
+        stop_processes([s.process for s in network.sites.values()])
+        stop_processes(list(network.links.values()))
 
 
 def wait_for_relayed_keys(network: RunningNetwork, number: int, timeout: float) -> None:

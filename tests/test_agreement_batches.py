@@ -11,12 +11,11 @@ import uuid
 import pytest
 from link_pair import pump_until_quiet
 
-from qkdd.keystore import KeyStore, StoredQkdKey
+from qkdd.keystore import StoredQkdKey
 from qkdd.link_params import LinkParameters
 from qkdd.peer.agreement import WINDOW, LinkAgreement
 from qkdd.peer.agreement_messages import BatchAck, KemOffer, KeyBatch, decode_message
 
-KEK = bytes(range(32))
 SESSION = b"v" * 32
 
 
@@ -31,14 +30,6 @@ def params(local: str, peer: str, pool_size: int) -> LinkParameters:
         pool_size,
         qkd_buffer_keys=1_000_000,
     )
-
-
-@pytest.fixture
-def stores(tmp_path):
-    a, b = KeyStore(tmp_path / "a.db", KEK), KeyStore(tmp_path / "b.db", KEK)
-    yield a, b
-    a.close()
-    b.close()
 
 
 def feed(stores, count: int, *, only: str | None = None) -> list[StoredQkdKey]:

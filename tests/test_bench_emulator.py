@@ -4,24 +4,12 @@ against its FFT floor, and the Cascade leak."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-from timeouts import timeout
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_emulator.py"
+from bench_quick import run_quick
 
 
 def test_quick_mode_prints_the_throughput_table() -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=timeout(300),
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    stdout = run_quick("bench_emulator.py", 300)
+    lines = stdout.splitlines()
     header = lines[1].split()
     assert header[:5] == ["km", "QBER", "final", "Mbit", "wall"]
     rows = [line.split() for line in lines[2:]]

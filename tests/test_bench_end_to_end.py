@@ -7,36 +7,18 @@ is compared with a speed (the machine is shared)."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-from timeouts import timeout
+from bench_quick import cells, number, run_quick
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_end_to_end.py"
 RATE = "53,000"
 
 
-def cells(line: str) -> list[str]:
-    return [cell.strip() for cell in line.strip().strip("|").split("|")]
-
-
-def number(text: str) -> float:
-    return float(text.replace(",", ""))
-
-
 def test_quick_mode_prints_the_end_to_end_tables() -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=timeout(600),
-    )
-    assert done.returncode == 0, done.stderr
-    rows = [cells(line) for line in done.stdout.splitlines() if line.startswith(f"| {RATE} |")]
+    stdout = run_quick("bench_end_to_end.py", 600)
+    rows = [cells(line) for line in stdout.splitlines() if line.startswith(f"| {RATE} |")]
 
     rates = [row for row in rows if len(row) == 14]
-    assert len(rates) == 1, done.stdout
+    assert len(rates) == 1, stdout
     (
         _,
         floor,
@@ -55,8 +37,8 @@ def test_quick_mode_prints_the_end_to_end_tables() -> None:
     ) = rates[0]
     measured = [floor, floor_per_delivery, synced, synced_per_delivery, device]
     measured += [ingest_master, ingest_slave, ready, ready_at_end]
-    assert all(number(figure) > 0 for figure in measured), done.stdout
-    assert number(ready_per_device) > 0 and number(ready_per_floor) > 0, done.stdout
+    assert all(number(figure) > 0 for figure in measured), stdout
+    assert number(ready_per_device) > 0 and number(ready_per_floor) > 0, stdout
 
     cpu = {(row[1], row[2]): row[3:] for row in rows if len(row) == 6}
     processes = {
@@ -67,7 +49,7 @@ def test_quick_mode_prints_the_end_to_end_tables() -> None:
     for kind, names in processes.items():
         for name in names:
             share, per_key, saturated = cpu[(kind, name)]
-            assert number(share) > 0 and number(per_key) > 0, done.stdout
-            assert saturated in ("yes", "no"), done.stdout
-        assert (kind, "these three") in cpu and (kind, "other processes") in cpu, done.stdout
-    assert re.search(r"^load [\d.]+ [\d.]+ [\d.]+ at the end", done.stdout, re.M), done.stdout
+            assert number(share) > 0 and number(per_key) > 0, stdout
+            assert saturated in ("yes", "no"), stdout
+        assert (kind, "these three") in cpu and (kind, "other processes") in cpu, stdout
+    assert re.search(r"^load [\d.]+ [\d.]+ [\d.]+ at the end", stdout, re.M), stdout

@@ -5,37 +5,26 @@ that crashes or measures nothing fails here; no figure is compared with a target
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-from timeouts import timeout
+from bench_quick import FIGURE, run_quick
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_footprint.py"
-FIGURE = r"([\d,]+(?:\.\d+)?)"
 # | store holds | keys | store MB | start -> READY s | RSS at READY MB | RSS after idle MB |
 # peak RSS MB | idle CPU % of a core |
 ROW = r"^\| {label} \| {keys} \| " + r" \| ".join([FIGURE] * 6) + r" \|$"
 
 
 def test_quick_mode_prints_the_footprint_table() -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=timeout(600),
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    stdout = run_quick("bench_footprint.py", 600)
+    lines = stdout.splitlines()
     for label in ("ready hybrid keys", "buffered QKD keys"):
         for keys in ("1,000", "50,000"):
             pattern = ROW.format(label=re.escape(label), keys=keys)
             matches = [m for line in lines if (m := re.match(pattern, line))]
-            assert len(matches) == 1, f"no row {label!r} {keys} in:\n{done.stdout}"
+            assert len(matches) == 1, f"no row {label!r} {keys} in:\n{stdout}"
             size, ready, rss, rss_idle, peak, cpu = (
                 float(g.replace(",", "")) for g in matches[0].groups()
             )
             # Idle CPU may rightly round to zero; everything else was measured.
-            assert min(size, ready, rss, rss_idle, peak) > 0 and cpu >= 0, done.stdout
-        assert any(line.startswith(f"| {label} | ratio ") for line in lines), done.stdout
-    assert re.search(r"^floor: .* [\d.]+ s, peak RSS [\d.]+ MB$", done.stdout, re.M), done.stdout
+            assert min(size, ready, rss, rss_idle, peak) > 0 and cpu >= 0, stdout
+        assert any(line.startswith(f"| {label} | ratio ") for line in lines), stdout
+    assert re.search(r"^floor: .* [\d.]+ s, peak RSS [\d.]+ MB$", stdout, re.M), stdout

@@ -8,59 +8,40 @@ compared with a speed (the machine is shared)."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-from timeouts import timeout
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_relay.py"
-
-
-def cells(line: str) -> list[str]:
-    return [cell.strip() for cell in line.strip().strip("|").split("|")]
-
-
-def number(text: str) -> float:
-    return float(text.replace(",", ""))
+from bench_quick import cells, number, run_quick
 
 
 def test_quick_mode_prints_the_relay_tables() -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=timeout(600),
-    )
-    assert done.returncode == 0, done.stderr
-    rows = [cells(line) for line in done.stdout.splitlines() if line.startswith("| ")]
+    stdout = run_quick("bench_relay.py", 600)
+    rows = [cells(line) for line in stdout.splitlines() if line.startswith("| ")]
 
     rates = [row for row in rows if row[:2] == ["3", "1"]]
-    assert len(rates) == 1 and len(rates[0]) == 13, done.stdout
+    assert len(rates) == 1 and len(rates[0]) == 13, stdout
     _, _, floor, link, relayed, per_floor, received, bound, per_bound, checked = rates[0][:10]
     for figure in (floor, link, relayed, per_floor, received, bound, per_bound, checked):
-        assert number(figure) > 0, done.stdout
+        assert number(figure) > 0, stdout
     busiest, busiest_cpu, all_cpu = rates[0][10:]
-    assert re.fullmatch(r"site-\d|link \d-\d", busiest), done.stdout
-    assert number(busiest_cpu) > 0 and number(all_cpu) >= number(busiest_cpu), done.stdout
+    assert re.fullmatch(r"site-\d|link \d-\d", busiest), stdout
+    assert number(busiest_cpu) > 0 and number(all_cpu) >= number(busiest_cpu), stdout
 
     material = {row[1]: row[3:] for row in rows if row[0] == "3" and len(row) == 10}
-    assert set(material) == {"direct", "hop 0", "hop 1"}, done.stdout
-    assert number(material["direct"][5]) > 0, done.stdout  # QKD keys per key, devices
+    assert set(material) == {"direct", "hop 0", "hop 1"}, stdout
+    assert number(material["direct"][5]) > 0, stdout  # QKD keys per key, devices
     for hop in ("hop 0", "hop 1"):
         transfers, counted, devices, used, per_key, per_key_devices, expected = material[hop]
-        assert number(transfers) > 0, done.stdout
+        assert number(transfers) > 0, stdout
         # Each hop spends at least a relayed byte's worth of QKD per relayed byte.
-        assert number(counted) >= 1 and number(expected) >= 1, done.stdout
+        assert number(counted) >= 1 and number(expected) >= 1, stdout
         for figure in (devices, used, per_key, per_key_devices):
-            assert number(figure) > 0, done.stdout
+            assert number(figure) > 0, stdout
 
     changes = [row for row in rows if row[0] in ("1", "median") and len(row) == 8]
-    assert [row[0] for row in changes] == ["1", "median"], done.stdout
+    assert [row[0] for row in changes] == ["1", "median"], stdout
     for _, victim, before, after, route, confirmed, again, checked in changes[:1]:
         before_path, after_path = before.split(" > "), after.split(" > ")
-        assert victim in before_path and victim not in after_path, done.stdout
-        assert before_path[::2] == after_path[::2] == ["site-1", "site-3"], done.stdout
+        assert victim in before_path and victim not in after_path, stdout
+        assert before_path[::2] == after_path[::2] == ["site-1", "site-3"], stdout
         for figure in (route, confirmed, again, checked):
-            assert number(figure) > 0, done.stdout
-    assert re.search(r"^load [\d.]+ [\d.]+ [\d.]+ at the end", done.stdout, re.M), done.stdout
+            assert number(figure) > 0, stdout
+    assert re.search(r"^load [\d.]+ [\d.]+ [\d.]+ at the end", stdout, re.M), stdout

@@ -3,21 +3,12 @@ only a bounded number of batch records while keys flow."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-from timeouts import timeout
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_store_size.py"
+from bench_quick import run_quick
 
 
 def test_quick_mode_prints_the_store_size_table() -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH)], capture_output=True, text=True, timeout=timeout(300)
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    stdout = run_quick("bench_store_size.py", 300, quick=False)
+    lines = stdout.splitlines()
     header = lines[1].split()
     assert header[:4] == ["keys", "site", "bytes", "B/key"] and "used" in header
     last = dict(zip(header, lines[-1].split(), strict=True))

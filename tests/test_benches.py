@@ -5,14 +5,9 @@ should be), fails here. No figure is compared with a speed."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from timeouts import timeout
-
-BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+from bench_quick import BENCH_DIR, run_quick
 
 # For each bench, rows its table must print; the group "figure" of each is a measurement
 # (a rate, a time or a count) that must be positive.
@@ -72,21 +67,13 @@ def test_every_bench_is_covered() -> None:
 
 @pytest.mark.parametrize("bench", sorted(EXPECTED_ROWS))
 def test_quick_mode_prints_measured_figures(bench: str) -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH_DIR / bench), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=timeout(300),
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    stdout = run_quick(bench)
+    lines = stdout.splitlines()
     for pattern in EXPECTED_ROWS[bench]:
         figures = [
             float(match["figure"].replace(",", ""))
             for line in lines
             if (match := re.search(pattern, line))
         ]
-        assert figures, f"no row matching {pattern!r} in:\n{done.stdout}"
-        assert all(figure > 0 for figure in figures), (
-            f"{pattern!r} measured nothing:\n{done.stdout}"
-        )
+        assert figures, f"no row matching {pattern!r} in:\n{stdout}"
+        assert all(figure > 0 for figure in figures), f"{pattern!r} measured nothing:\n{stdout}"

@@ -20,7 +20,6 @@ from qkdd.peer.agreement import LinkAgreement
 from qkdd.status import pool_levels
 from qkdd.store_pool import StoreKeyPool
 
-KEK = bytes(range(32))
 SESSION = b"t" * 32
 POOL = 4
 ALL_A_TO_B = {(m, s) for m in ("sae-a", "sae-a2") for s in ("sae-b", "sae-b2")}
@@ -113,14 +112,6 @@ def agree(
         master, slave, to_master=list(slave.start()), to_slave=list(master.start()), rounds=50
     )
     return params_a, params_b
-
-
-@pytest.fixture
-def stores(tmp_path):
-    a, b = KeyStore(tmp_path / "a.db", KEK), KeyStore(tmp_path / "b.db", KEK)
-    yield a, b
-    a.close()
-    b.close()
 
 
 def ready(store: KeyStore, pairs) -> dict[tuple[str, str], int]:

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from link_pair import pump_until_quiet
 
-from qkdd.keystore import KeyStore, StoredQkdKey
+from qkdd.keystore import StoredQkdKey
 from qkdd.link_params import LinkError, LinkParameters
 from qkdd.peer.agreement import QKD_KEY_WAIT_SECONDS, LinkAgreement
 from qkdd.peer.agreement_messages import (
@@ -23,22 +23,12 @@ from qkdd.peer.agreement_messages import (
 
 SESSION = b"s" * 32
 
-KEK = bytes(range(32))
-
 
 def params(local, peer, pool_size=4):
     saes = {"site-a": "sae-a", "site-b": "sae-b"}
     return LinkParameters(
         local, peer, frozenset({saes[local]}), frozenset({saes[peer]}), 256, pool_size
     )
-
-
-@pytest.fixture
-def stores(tmp_path):
-    a, b = KeyStore(tmp_path / "a.db", KEK), KeyStore(tmp_path / "b.db", KEK)
-    yield a, b
-    a.close()
-    b.close()
 
 
 def feed_qkd(stores, count, *, only=None):

@@ -16,20 +16,10 @@ from timeouts import timeout
 
 from qkdd.demo import exchange_keys, running_demo, wait_for_keys
 from qkdd.demo_sites import SITE_B
-from qkdd.keystore import KeyStore
 from qkdd.link_params import LinkError
 from qkdd.peer.agreement import BATCH_REPLY_TIMEOUT
 
-KEK = bytes(range(32))
 STEP = 0.25  # simulated seconds between polls
-
-
-@pytest.fixture
-def stores(tmp_path):
-    a, b = KeyStore(tmp_path / "a.db", KEK), KeyStore(tmp_path / "b.db", KEK)
-    yield a, b
-    a.close()
-    b.close()
 
 
 def black_hole(message):  # type: ignore[no-untyped-def]

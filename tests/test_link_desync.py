@@ -11,20 +11,10 @@ import pytest
 from link_pair import LinkPair, qkd_keys
 from timeouts import timeout
 
-from qkdd.keystore import KeyStore
 from qkdd.peer.agreement import QKD_KEY_WAIT_SECONDS
 from qkdd.peer.agreement_messages import BatchAck, LinkMessage
 
-KEK = bytes(range(32))
 STEP = 0.05  # simulated seconds per round trip
-
-
-@pytest.fixture
-def stores(tmp_path):
-    a, b = KeyStore(tmp_path / "a.db", KEK), KeyStore(tmp_path / "b.db", KEK)
-    yield a, b
-    a.close()
-    b.close()
 
 
 class Rejections:

@@ -24,19 +24,10 @@ from qkdd.peer.agreement_messages import (
 )
 from qkdd.peer.batching import PAD_BITS_MAX
 
-KEK = bytes(range(32))
 SESSION = b"r" * 32
 RELAY_A = (relay_sae("site-a"), relay_sae("site-b"))  # the master's relay direction
 RELAY_B = (relay_sae("site-b"), relay_sae("site-a"))  # the slave's
 QKD_PER_PAD = PAD_BITS_MAX // 256
-
-
-@pytest.fixture
-def stores(tmp_path):
-    a, b = KeyStore(tmp_path / "a.db", KEK), KeyStore(tmp_path / "b.db", KEK)
-    yield a, b
-    a.close()
-    b.close()
 
 
 def link_params(local: str, peer: str, *, relay: int, pads: int = 0) -> LinkParameters:

@@ -46,4 +46,3 @@ class AgreementStore(HorizonStore, Protocol):
     def quarantine_qkd_keys_before(
         self, peer_site: str, key_ids: Iterable[str], keep: Collection[str] = ()
     ) -> int: ...
-
