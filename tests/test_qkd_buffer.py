@@ -10,6 +10,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -347,6 +348,67 @@ def hot_path(store: KeyStore) -> None:
     listed = [keys[90].key_id, str(uuid.uuid4()), keys[92].key_id]
     store.apply_peer_horizon(PEER, listed, keys[199].key_id)
     store.apply_peer_horizon(PEER, [str(uuid.uuid4())], str(uuid.uuid4()), buffer_full=True)
+
+
+def frames_read(store: KeyStore, action: Callable[[], object]) -> int:
+    """How many statements reading the buffer's frames ``action`` runs."""
+    with statements(store) as seen:
+        action()
+    return sum(1 for sql in seen if sql.startswith("SELECT") and "FROM qkd_frames" in sql)
+
+
+def frames_of_four(store: KeyStore, frames: int) -> list[StoredQkdKey]:
+    keys = qkd(4 * frames)
+    for start in range(0, len(keys), 4):
+        store.store_qkd_keys(PEER, keys[start : start + 4])
+    return keys
+
+
+def test_a_newest_key_not_arrived_costs_the_same_however_much_is_held(tmp_path):
+    """The peer's newest key, when its device is ahead of ours, is nowhere here yet: the
+    horizon naming it reads as many frames with 200 frames held as with 4 (the newest are
+    looked for in memory only), and a slave retrying a batch whose first key has not
+    arrived reads none."""
+    reads = [horizon_and_retry_reads(tmp_path, frames) for frames in (4, 200)]
+    assert reads[0] == reads[1]
+
+
+def horizon_and_retry_reads(tmp_path: Path, frames: int) -> int:
+    """Frame reads of a horizon whose newest has not arrived, with ``frames`` held."""
+    store = KeyStore(tmp_path / f"keys-{frames}.sqlite3", KEK)
+    store.consumed_memory = 8  # all but the two newest frames are older than memory
+    keys = frames_of_four(store, frames)
+    listed = [k.key_id for k in keys[:2]]
+    outcome = store.apply_peer_horizon(PEER, listed, str(uuid.uuid4()))
+    assert (outcome.dropped, outcome.skip, outcome.unresolved) == (0, (), False)
+    reads = frames_read(store, lambda: store.apply_peer_horizon(PEER, listed, str(uuid.uuid4())))
+    later = uuid.uuid4()
+    assert frames_read(store, lambda: store.qkd_run(PEER, later.bytes, 3, scan=False)) == 0
+    assert not store.is_qkd_key_received(PEER, str(later), scan=False)
+    assert not store.is_qkd_key_consumed(PEER, str(later), scan=False)
+    # Looking everywhere still finds an old key; the newest alone does not.
+    assert store.qkd_run(PEER, raw(keys[5]), 3) is not None
+    assert store.qkd_run(PEER, raw(keys[5]), 3, scan=False) is None
+    assert store.is_qkd_key_received(PEER, keys[5].key_id)
+    assert store.is_qkd_key_received(PEER, keys[-1].key_id, scan=False)
+    store.close()
+    return reads
+
+
+def test_rule_c_keeps_our_keys_when_the_peers_newest_is_held_older_than_the_memory(store):
+    store.consumed_memory = 8
+    keys = frames_of_four(store, 10)
+    # The peer lists keys we never had, but its newest is one of ours (long ago): it is
+    # not new, and our keys stay.
+    never = [str(uuid.uuid4())]
+    outcome = store.apply_peer_horizon(PEER, never, keys[5].key_id, buffer_full=True)
+    assert outcome.dropped == 0 and outcome.anchored
+    assert store.qkd_key_count(PEER) == 40
+    assert outcome.skip == tuple(never)  # past its newest: never comes here
+    # A peer whose keys and newest are nowhere here: rule (c), everything we hold goes.
+    others = [str(uuid.uuid4())]
+    outcome = store.apply_peer_horizon(PEER, others, str(uuid.uuid4()), buffer_full=True)
+    assert outcome.dropped == 40 and store.qkd_key_count(PEER) == 0
 
 
 def test_no_hot_path_query_sorts_or_scans_the_buffer(store):

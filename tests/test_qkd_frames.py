@@ -141,6 +141,28 @@ def test_used_frames_stay_while_the_peer_still_holds_their_keys(tmp_path):
     store.close()
 
 
+def test_used_frames_are_forgotten_while_the_peer_lists_keys_used_here(tmp_path):
+    """The peer still holds keys we used (a batch it has not taken yet): used IDs older
+    than its oldest are forgotten all the same, and nothing is left to look at again."""
+    store = KeyStore(tmp_path / "keys.sqlite3", KEK)
+    store.consumed_memory = 8
+    keys = qkd(40)
+    for start in range(0, 40, 4):
+        store.store_qkd_keys(PEER, keys[start : start + 4])
+    run = store.oldest_qkd_run(PEER, 24 * 32, 100)
+    assert run is not None
+    with store.transaction() as db:
+        store._consume_qkd_keys(db, PEER, run)
+    listed = [keys[12].key_id, keys[13].key_id]
+    outcome = store.apply_peer_horizon(PEER, listed, keys[39].key_id)
+    assert outcome.skip == tuple(listed) and not outcome.unresolved
+    # Frames wholly before keys[12] (receive number 13) are forgotten; its frame stays.
+    assert frame_rows(store)[0] == (13, 4, 0)
+    assert store.is_qkd_key_consumed(PEER, keys[12].key_id)
+    assert not store.is_qkd_key_consumed(PEER, keys[0].key_id)
+    store.close()
+
+
 # -- the upgrade of a store with one row per key -------------------------------------------
 
 

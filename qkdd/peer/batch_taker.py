@@ -50,6 +50,9 @@ class _WaitingBatch:
     deadline: float
     # A horizon after the batch showed our device got past keys of the run we lack.
     doomed: bool = False
+    # Its first key was looked for in the whole buffer: later tries look among the keys
+    # arrived since (the newest), until the deadline looks everywhere once more.
+    looked_everywhere: bool = False
 
 
 class BatchTaker:
@@ -103,9 +106,10 @@ class BatchTaker:
     def horizon_received(self, newest_key_id: str | None) -> None:
         """The master's horizon, sent after the waiting batches: if we hold its newest key,
         our device got past every key of theirs; keys of a run we lack never come."""
-        if newest_key_id is not None and (
-            self._store.get_qkd_keys(self._peer, [newest_key_id])
-            or self._store.is_qkd_key_consumed(self._peer, newest_key_id)
+        # Among our newest keys only: the master's newest has usually not arrived here
+        # (that is why a batch waits), and looking everywhere would read every frame.
+        if newest_key_id is not None and self._store.is_qkd_key_received(
+            self._peer, newest_key_id, scan=False
         ):
             for waiting in self._waiting:
                 waiting.doomed = True
@@ -169,11 +173,14 @@ class BatchTaker:
             out += reply
         return out
 
-    def _find_run(self, batch: KeyBatch) -> QkdRun | None:
+    def _find_run(self, batch: KeyBatch, scan: bool) -> QkdRun | None:
         """The batch's QKD keys as held here, as far as held (None if not even the first
-        is): read as a run, or by ID where the batch lists them."""
+        is): read as a run, or by ID where the batch lists them. ``scan``: look for the
+        first key in the whole buffer, not only among the newest."""
         if not batch.qkd_key_ids:
-            return self._store.qkd_run(self._peer, batch.qkd_first_key_id, batch.qkd_key_count)
+            return self._store.qkd_run(
+                self._peer, batch.qkd_first_key_id, batch.qkd_key_count, scan=scan
+            )
         texts = [id_text(raw) for raw in batch.qkd_key_ids]
         found = self._store.get_qkd_keys(self._peer, texts)
         ids, parts = [], []
@@ -197,13 +204,16 @@ class BatchTaker:
         reason = self._check_batch(batch)
         if reason:
             return self._reject(batch, None, reason, heard_at)
-        run = self._find_run(batch)
+        last_try = now >= waiting.deadline or waiting.doomed
+        scan = last_try or not waiting.looked_everywhere
+        run = self._find_run(batch, scan)
         held = run.count if run is not None else 0
         if run is None or held < batch.qkd_key_count:
             first = id_text(batch.qkd_first_key_id)
-            if not held and self._store.is_qkd_key_consumed(self._peer, first):
+            if not held and self._store.is_qkd_key_consumed(self._peer, first, scan=scan):
                 return self._reject(batch, run, f"QKD key {first} was already used", heard_at)
-            if now < waiting.deadline and not waiting.doomed:
+            if not last_try:
+                waiting.looked_everywhere = True
                 self._kem_keys[batch.offer_id] = kem_key
                 return None  # our device has not delivered them yet: wait
             missing = batch.qkd_key_count - held

@@ -101,25 +101,35 @@ class QkdAlignment(QkdBuffer):
         raw_of = dict(zip(listed, raw_ids(listed), strict=True))
         newest_raw = raw_id(newest) if newest is not None else None
         with self.transaction() as db:
-            located = self._locate(
-                peer_site, [*raw_of.values(), *([newest_raw] if newest_raw else [])]
-            )
+            located = self._locate(peer_site, list(raw_of.values()))
+            # The peer's newest is looked for among our newest keys only: when its device is
+            # ahead of ours the key has not arrived yet, and looking for it everywhere would
+            # read every frame held, on every horizon. Rule (c) alone needs to know that it
+            # is nowhere here, and looks further (rarely: the buffer is full or the peer new).
+            newest_place = None
+            if newest_raw is not None:
+                newest_place = located.get(newest_raw) or self._locate(
+                    peer_site, [newest_raw], scan=False
+                ).get(newest_raw)
             held = {raw: place.seq for raw, place in located.items() if place.held}
             unlocated = [raw for raw in raw_of.values() if raw not in located]
             used = {raw for raw, place in located.items() if not place.held}
             used |= self._used_unheld(db, peer_site, unlocated)
             listed_held = [held[raw_of[k]] for k in listed if raw_of[k] in held]
-            newest_held = newest_raw is not None and newest_raw in held
+            newest_held = newest_place is not None and newest_place.held
             kept = set(raw_ids(keep))
+            # Rule (c) could apply: no listed key held, the oldest not used here either.
+            peer_elsewhere = bool(listed) and not listed_held and raw_of[listed[0]] not in used
             if listed_held:
                 dropped = self._drop_before(db, peer_site, min(listed_held), kept)  # rule (a)
             elif (
-                listed
-                and raw_of[listed[0]] not in used
+                peer_elsewhere
                 and not newest_held
                 and (buffer_full or self._flag(f"peer-reset:{peer_site}"))
             ):
-                dropped = self._drop_before(db, peer_site, ALL_SEQS, kept)  # rule (c)
+                newest_held = self._holds_anywhere(peer_site, newest_raw)
+                # Rule (c), unless the peer's newest is ours after all (older than memory).
+                dropped = 0 if newest_held else self._drop_before(db, peer_site, ALL_SEQS, kept)
             else:
                 dropped = 0
             # Rule (b): past the anchor, what we lack never comes.
@@ -130,16 +140,29 @@ class QkdAlignment(QkdBuffer):
             lacked = [k for k in listed[:anchor] if raw_of[k] not in held and raw_of[k] not in used]
             skip = [k for k in listed if k not in exclude and (raw_of[k] in used or k in lacked)]
             self._consume_qkd_keys(db, peer_site, [raw_of[k] for k in lacked if k not in exclude])
-            unresolved = bool(listed) and not listed_held
+            # Look again when our buffer changes if rule (c) may apply once it fills, or a
+            # listed key we lack may still arrive. Listed keys all used here change nothing.
+            unresolved = peer_elsewhere and not newest_held
             unresolved |= any(
                 raw_of[k] not in held and raw_of[k] not in used for k in listed[anchor:]
             )
-            if listed_held or not listed:  # else we cannot tell where the peer is
-                self._forget_consumed(db, peer_site, min(listed_held, default=None))
+            # The peer holds nothing older than its oldest listed key that we know of (held
+            # or used here): used IDs before it are no longer asked about.
+            listed_seen = [located[raw].seq for raw in raw_of.values() if raw in located]
+            if listed_seen or not listed:  # else we cannot tell where the peer is
+                self._forget_consumed(db, peer_site, min(listed_seen, default=None))
         self._held_counts()
         return HorizonOutcome(
             dropped, tuple(dict.fromkeys(skip)), unresolved, bool(listed_held) or newest_held
         )
+
+    def _holds_anywhere(self, peer_site: str, raw: bytes | None) -> bool:
+        """Whether the key is held here, wherever it sits in the buffer (reads every frame
+        older than the memory if it is not)."""
+        if raw is None:
+            return False
+        place = self._locate(peer_site, [raw]).get(raw)
+        return place is not None and place.held
 
     def _forget_consumed(
         self, db: sqlite3.Connection, peer_site: str, peer_oldest_seq: int | None

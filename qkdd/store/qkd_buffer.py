@@ -429,12 +429,15 @@ class QkdBuffer(QkdLookup):
             return None
         return QkdRun(b"".join(ids), b"".join(parts), first_seq, last_seq)
 
-    def qkd_run(self, peer_site: str, first_key_id: bytes, count: int) -> QkdRun | None:
+    def qkd_run(
+        self, peer_site: str, first_key_id: bytes, count: int, *, scan: bool = True
+    ) -> QkdRun | None:
         """At the slave: the buffered key with this ID and the ones received after it, up to
         ``count`` keys in all (fewer if fewer are held); None if that key is not held. A
-        frame that does not open leaves its keys out (see the module docstring)."""
+        frame that does not open leaves its keys out (see the module docstring).
+        ``scan=False`` looks for the first key among the newest received only."""
         first_key_id = raw_id(first_key_id)
-        found = self._locate(peer_site, [first_key_id]).get(first_key_id)
+        found = self._locate(peer_site, [first_key_id], scan=scan).get(first_key_id)
         if found is None or not found.held or count < 1:
             return None
         ids: list[bytes] = []

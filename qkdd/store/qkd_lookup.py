@@ -86,10 +86,12 @@ class QkdLookup(Database):
 
     # -- finding keys by ID -----------------------------------------------------------------
 
-    def _locate(self, peer_site: str, raws: Sequence[bytes]) -> dict[bytes, _Found]:
+    def _locate(
+        self, peer_site: str, raws: Sequence[bytes], *, scan: bool = True
+    ) -> dict[bytes, _Found]:
         """Where those of the 16-byte IDs that the buffer holds or remembers as used sit:
-        the newest received from memory, the rest by reading the frames' IDs from the
-        oldest until all are found (see the module docstring)."""
+        the newest received from memory, the rest (if ``scan``) by reading the frames' IDs
+        from the oldest until all are found (see the module docstring)."""
         recent = self._recent_ids(peer_site)
         found: dict[bytes, _Found] = {}
         rest: set[bytes] = set()
@@ -114,7 +116,7 @@ class QkdLookup(Database):
                 rest.add(raw)
                 continue
             found[raw] = _Found(seq, frame.held > 0 and not frame.is_used(index))
-        if rest:
+        if rest and scan:
             found.update(self._scan_for(peer_site, rest))
         return found
 
@@ -123,8 +125,9 @@ class QkdLookup(Database):
         ``wanted`` are found: first those with keys held, oldest first (where the peer's
         run and horizon start when the buffers are in step), then those kept only as a
         memory of used IDs, newest first (keys used a moment ago). An ID that has not
-        arrived yet (the peer's newest, when its device is ahead) costs no read beyond the
-        few frames older than the memory."""
+        arrived yet reads every frame older than the memory: a key that may not have
+        arrived (the peer's newest, a batch's first key retried) is looked for with
+        ``_locate(scan=False)``."""
         found: dict[bytes, _Found] = {}
         # Frames from the oldest in memory on are all there (``RecentIds``): what is not
         # found there can only be in older ones.
@@ -184,11 +187,20 @@ class QkdLookup(Database):
                 found.add(bytes(key_id))
         return found
 
-    def is_qkd_key_consumed(self, peer_site: str, key_id: str) -> bool:
+    def is_qkd_key_consumed(self, peer_site: str, key_id: str, *, scan: bool = True) -> bool:
+        """Whether the key was used here (or remembered as used without being held).
+        ``scan=False`` looks among the newest keys received only (see ``_locate``)."""
         raw = raw_id(key_id)
-        place = self._locate(peer_site, [raw]).get(raw)
+        place = self._locate(peer_site, [raw], scan=scan).get(raw)
         if place is not None:
             return not place.held
+        return bool(self._used_unheld(self._db, peer_site, [raw]))
+
+    def is_qkd_key_received(self, peer_site: str, key_id: str, *, scan: bool = True) -> bool:
+        """Whether the key reached this buffer: held, or remembered as used."""
+        raw = raw_id(key_id)
+        if self._locate(peer_site, [raw], scan=scan).get(raw) is not None:
+            return True
         return bool(self._used_unheld(self._db, peer_site, [raw]))
 
     def qkd_keys_used(self, peer_site: str) -> int:
