@@ -14,7 +14,9 @@ connection and cuts the current one, so the master redials into it:
   site A hands out are fetched at site B with identical material.
 
 The master redials 0.25 s after a session that had completed its handshake and 0.5 s
-after one failed handshake, so a case takes about a second.
+after one failed handshake; a case takes a few seconds (a tampered KEY_BATCH about ten, as
+the pool refills after it). The default run covers every frame and every kind of tampering;
+``-m slow`` runs each action on each frame.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mitm_proxy import A_TO_B, B_TO_A, Action, MitmProxy, Record, Tamper, Target, point_a_at
@@ -109,6 +112,30 @@ PSK_CASES = [
     case(HELLO, A.DOWNGRADE),
     *(case(t, a) for t, actions in SESSION_ACTIONS.items() for a in actions),
 ]
+# The default run tampers with every frame and makes every kind of tampering at least once;
+# the whole matrix (each action on each frame: a few seconds each, about eight minutes in
+# all) runs with -m slow.
+BOOTSTRAP_DEFAULT = {
+    "HELLO-flip-type", "HELLO-inject", "RESPONSE-flip-length", "RESPONSE-replay",
+    "FINISH-flip-body", "FINISH-reorder", "FINISH-drop", "FINISH-truncate", "FINISH-reflect",
+    "DATA-a0-flip-body", "DATA-b0-replay", "DATA-a0-reflect",
+}  # fmt: skip
+PSK_DEFAULT = {
+    "HELLO-flip-type", "HELLO-downgrade", "RESPONSE-flip-body", "RESPONSE-replay",
+    "FINISH-reorder", "FINISH-drop", "FINISH-reflect", "DATA-a0-inject-hello",
+    "DATA-a0-truncate", "DATA-b0-flip-length", "KEY_BATCH-psk-reorder",
+    "KEY_BATCH-psk-inject", "KEY_BATCH-app-replay",
+}  # fmt: skip
+
+
+def matrix(cases: list[Tamper], default: set[str]) -> list[Any]:
+    """The cases as parameters, those not in ``default`` marked slow."""
+    ids = [case_id(c) for c in cases]
+    assert default <= set(ids), f"default cases not in the matrix: {default - set(ids)}"
+    return [
+        pytest.param(c, id=i, marks=() if i in default else pytest.mark.slow)
+        for c, i in zip(cases, ids, strict=True)
+    ]
 
 
 def responder_never_establishes(tamper: Tamper) -> bool:
@@ -245,7 +272,7 @@ def assert_detected(tamper: Tamper, record: Record, link: Link, until: Record) -
         assert detected, f"only closes logged for {record}: {failures}"
 
 
-@pytest.mark.parametrize("tamper", BOOTSTRAP_CASES, ids=case_id)
+@pytest.mark.parametrize("tamper", matrix(BOOTSTRAP_CASES, BOOTSTRAP_DEFAULT))
 def test_tampered_bootstrap_fails_and_the_next_one_succeeds(link: Link, tamper: Tamper) -> None:
     if link.psk_next:
         allow_bootstrap(link)  # cases run out of order: ask for a bootstrap again
@@ -270,7 +297,7 @@ def test_tampered_bootstrap_fails_and_the_next_one_succeeds(link: Link, tamper: 
     link.assert_alive()
 
 
-@pytest.mark.parametrize("tamper", PSK_CASES, ids=case_id)
+@pytest.mark.parametrize("tamper", matrix(PSK_CASES, PSK_DEFAULT))
 def test_tampered_psk_session_fails_and_the_link_recovers(link: Link, tamper: Tamper) -> None:
     establish_psk_chain(link)
     # Take keys while the network is frozen: the batch that would refill the pool is lost
