@@ -663,7 +663,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.lines, args.runs, args.warmup, args.window = "3", 1, 2.0, 5.0
+        args.lines, args.runs, args.warmup, args.window = "3", 1, 1.0, 3.0
     counts = [int(count) for count in args.lines.split(",")]
     args.load_at_start = load_average()
     print(f"Relayed keys; {args.load_at_start} at the start ({os.cpu_count()} CPUs)")

@@ -154,7 +154,7 @@ def one_session_each(link: Link) -> str:
     return dialled_by
 
 
-@pytest.mark.parametrize("rounds", [pytest.param(10), pytest.param(40, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("rounds", [pytest.param(5), pytest.param(40, marks=pytest.mark.slow)])
 def test_both_daemons_started_together_in_either_order(tmp_path: Path, rounds: int) -> None:
     rng = random.Random(5)
     winners: list[str] = []

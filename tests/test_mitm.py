@@ -124,7 +124,7 @@ PSK_DEFAULT = {
     "HELLO-flip-type", "HELLO-downgrade", "RESPONSE-flip-body", "RESPONSE-replay",
     "FINISH-reorder", "FINISH-drop", "FINISH-reflect", "DATA-a0-inject-hello",
     "DATA-a0-truncate", "DATA-b0-flip-length", "KEY_BATCH-psk-reorder",
-    "KEY_BATCH-psk-inject", "KEY_BATCH-app-replay",
+    "DATA-b0-inject", "KEY_BATCH-app-replay",
 }  # fmt: skip
 
 
