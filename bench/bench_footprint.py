@@ -26,7 +26,7 @@ by stage) and once for the idle span (from READY to its stop), breaks its RSS at
 down by mapping (/proc/<pid>/smaps), and gives the import time by package.
 
     python bench/bench_footprint.py            # 1,000,000 keys, median of 3 runs, 10 s idle
-    python bench/bench_footprint.py --quick    # 50,000 keys, 1 run, 2 s idle
+    python bench/bench_footprint.py --quick    # 20,000 keys, 1 run, 2 s idle
     python bench/bench_footprint.py [--keys N] [--runs R] [--idle S] [--profile]
 """
 
@@ -60,7 +60,7 @@ from qkdd.keystore import KeyStore, NewKeyBlock
 from qkdd.peer.agreement import BATCH_KEYS
 
 FULL_KEYS = 1_000_000
-QUICK_KEYS = 50_000
+QUICK_KEYS = 20_000
 SMALL_KEYS = 1_000
 KEY_BITS = 256
 READY_TIMEOUT = 300.0  # only catches a daemon that never becomes ready
