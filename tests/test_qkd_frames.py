@@ -102,16 +102,22 @@ def test_a_used_key_marked_unused_again_does_not_open(tmp_path):
     store.close()
 
 
-def test_used_frames_are_forgotten_once_both_buffers_passed_them(tmp_path):
+def ten_frames_24_used(tmp_path: Path) -> tuple[KeyStore, list[StoredQkdKey]]:
+    """A store remembering 8 IDs, ten frames of four keys, the oldest 24 used."""
     store = KeyStore(tmp_path / "keys.sqlite3", KEK)
     store.consumed_memory = 8
     keys = qkd(40)
-    for start in range(0, 40, 4):  # ten frames of four
+    for start in range(0, 40, 4):
         store.store_qkd_keys(PEER, keys[start : start + 4])
     run = store.oldest_qkd_run(PEER, 24 * 32, 100)
     assert run is not None
     with store.transaction() as db:
         store._consume_qkd_keys(db, PEER, run)
+    return store, keys
+
+
+def test_used_frames_are_forgotten_once_both_buffers_passed_them(tmp_path):
+    store, keys = ten_frames_24_used(tmp_path)
     # The peer's horizon names a key it still holds: our oldest, keys[24].
     store.apply_peer_horizon(PEER, [keys[24].key_id], keys[39].key_id)
     rows = frame_rows(store)
@@ -124,15 +130,7 @@ def test_used_frames_are_forgotten_once_both_buffers_passed_them(tmp_path):
 
 
 def test_used_frames_stay_while_the_peer_still_holds_their_keys(tmp_path):
-    store = KeyStore(tmp_path / "keys.sqlite3", KEK)
-    store.consumed_memory = 8
-    keys = qkd(40)
-    for start in range(0, 40, 4):
-        store.store_qkd_keys(PEER, keys[start : start + 4])
-    run = store.oldest_qkd_run(PEER, 24 * 32, 100)
-    assert run is not None
-    with store.transaction() as db:
-        store._consume_qkd_keys(db, PEER, run)
+    store, keys = ten_frames_24_used(tmp_path)
     # The peer's oldest is keys[2]: it has not used them yet, our memory of them stays.
     outcome = store.apply_peer_horizon(PEER, [keys[2].key_id, keys[3].key_id], None)
     assert outcome.skip == (keys[2].key_id, keys[3].key_id)
@@ -144,15 +142,7 @@ def test_used_frames_stay_while_the_peer_still_holds_their_keys(tmp_path):
 def test_used_frames_are_forgotten_while_the_peer_lists_keys_used_here(tmp_path):
     """The peer still holds keys we used (a batch it has not taken yet): used IDs older
     than its oldest are forgotten all the same, and nothing is left to look at again."""
-    store = KeyStore(tmp_path / "keys.sqlite3", KEK)
-    store.consumed_memory = 8
-    keys = qkd(40)
-    for start in range(0, 40, 4):
-        store.store_qkd_keys(PEER, keys[start : start + 4])
-    run = store.oldest_qkd_run(PEER, 24 * 32, 100)
-    assert run is not None
-    with store.transaction() as db:
-        store._consume_qkd_keys(db, PEER, run)
+    store, keys = ten_frames_24_used(tmp_path)
     listed = [keys[12].key_id, keys[13].key_id]
     outcome = store.apply_peer_horizon(PEER, listed, keys[39].key_id)
     assert outcome.skip == tuple(listed) and not outcome.unresolved
