@@ -49,7 +49,13 @@ def test_psk_after_bootstrap_and_fail_closed_when_the_chain_is_lost(tmp_path):
         wait_for_log(site_a.log_file, "auth=psk:")
         wait_for_log(site_b.log_file, "auth=psk:")
         wait_for_log(site_a.log_file, "event=auth_key_rotated", count=2)
-        assert site_a.log_file.read_text().count("auth=ml-dsa-bootstrap") == 1
+        # One bootstrap session ran (crossed first dials may log one not taken up).
+        established = [
+            line
+            for line in site_a.log_file.read_text().splitlines()
+            if "event=session_established" in line and "auth=ml-dsa-bootstrap" in line
+        ]
+        assert len(established) == 1, established
         wait_for_keys(site_a, SITE_B.sae_id, 4, timeout=timeout(30))
         assert all(row["match"] for row in exchange_keys(site_a, site_b, 4))
 
