@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 from qkdd_drivers.base import DeviceStatus
+from site_logs import established_sessions
 from timeouts import timeout, wait_until
 
 from qkdd import ctl
@@ -369,10 +370,5 @@ def test_an_allowance_never_breaks_a_healthy_psk_chain(
             wait_for_keys(site_a, SITE_B.sae_id, 4, timeout=timeout(60))
             assert all(row["match"] for row in exchange_keys(site_a, site_b, 4))
             for site in (site_a, site_b):  # the first contact's, and no other
-                # (a session of crossed first dials that was not taken up may say it too)
-                established = [
-                    line
-                    for line in site.log_file.read_text().splitlines()
-                    if "event=session_established" in line and "auth=ml-dsa-bootstrap" in line
-                ]
+                established = established_sessions(site.log_file, "ml-dsa-bootstrap")
                 assert len(established) == 1, established

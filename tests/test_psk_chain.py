@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from site_logs import established_sessions
 from timeouts import timeout, wait_until
 
 from qkdd.client import BlockingKeyClient
@@ -49,12 +50,7 @@ def test_psk_after_bootstrap_and_fail_closed_when_the_chain_is_lost(tmp_path):
         wait_for_log(site_a.log_file, "auth=psk:")
         wait_for_log(site_b.log_file, "auth=psk:")
         wait_for_log(site_a.log_file, "event=auth_key_rotated", count=2)
-        # One bootstrap session ran (crossed first dials may log one not taken up).
-        established = [
-            line
-            for line in site_a.log_file.read_text().splitlines()
-            if "event=session_established" in line and "auth=ml-dsa-bootstrap" in line
-        ]
+        established = established_sessions(site_a.log_file, "ml-dsa-bootstrap")
         assert len(established) == 1, established
         wait_for_keys(site_a, SITE_B.sae_id, 4, timeout=timeout(30))
         assert all(row["match"] for row in exchange_keys(site_a, site_b, 4))

@@ -175,14 +175,14 @@ class BatchTaker:
 
     def _find_run(self, batch: KeyBatch, scan: bool) -> QkdRun | None:
         """The batch's QKD keys as held here, as far as held (None if not even the first
-        is): read as a run, or by ID where the batch lists them. ``scan``: look for the
-        first key in the whole buffer, not only among the newest."""
+        is): read as a run, or by ID where the batch lists them. ``scan``: look in the
+        whole buffer, not only among the newest keys."""
         if not batch.qkd_key_ids:
             return self._store.qkd_run(
                 self._peer, batch.qkd_first_key_id, batch.qkd_key_count, scan=scan
             )
         texts = [id_text(raw) for raw in batch.qkd_key_ids]
-        found = self._store.get_qkd_keys(self._peer, texts)
+        found = self._store.get_qkd_keys(self._peer, texts, scan=scan)
         ids, parts = [], []
         for raw, text in zip(batch.qkd_key_ids, texts, strict=True):
             if text not in found:

@@ -465,11 +465,14 @@ class QkdBuffer(QkdLookup):
             return None
         return QkdRun(b"".join(ids), b"".join(parts), found.seq, last_seq)
 
-    def get_qkd_keys(self, peer_site: str, key_ids: Sequence[str]) -> dict[str, bytes]:
+    def get_qkd_keys(
+        self, peer_site: str, key_ids: Sequence[str], *, scan: bool = True
+    ) -> dict[str, bytes]:
         """The material of those of ``key_ids`` buffered here (a key in a frame that does
-        not open is left out, as if the device had not delivered it)."""
+        not open is left out, as if the device had not delivered it). ``scan=False`` looks
+        among the newest received only."""
         texts = dict(zip(raw_ids(key_ids), key_ids, strict=True))
-        located = self._locate(peer_site, list(texts))
+        located = self._locate(peer_site, list(texts), scan=scan)
         held = sorted((place.seq, raw) for raw, place in located.items() if place.held)
         found: dict[str, bytes] = {}
         frame: QkdFrame | None = None

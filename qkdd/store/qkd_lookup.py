@@ -187,21 +187,22 @@ class QkdLookup(Database):
                 found.add(bytes(key_id))
         return found
 
-    def is_qkd_key_consumed(self, peer_site: str, key_id: str, *, scan: bool = True) -> bool:
-        """Whether the key was used here (or remembered as used without being held).
-        ``scan=False`` looks among the newest keys received only (see ``_locate``)."""
+    def _held_or_used(self, peer_site: str, key_id: str, scan: bool) -> bool | None:
+        """True if the key is held here, False if used (or remembered as used without being
+        held), None if unknown. ``scan=False`` looks among the newest received only."""
         raw = raw_id(key_id)
         place = self._locate(peer_site, [raw], scan=scan).get(raw)
         if place is not None:
-            return not place.held
-        return bool(self._used_unheld(self._db, peer_site, [raw]))
+            return place.held
+        return False if self._used_unheld(self._db, peer_site, [raw]) else None
+
+    def is_qkd_key_consumed(self, peer_site: str, key_id: str, *, scan: bool = True) -> bool:
+        """Whether the key was used here (or remembered as used without being held)."""
+        return self._held_or_used(peer_site, key_id, scan) is False
 
     def is_qkd_key_received(self, peer_site: str, key_id: str, *, scan: bool = True) -> bool:
         """Whether the key reached this buffer: held, or remembered as used."""
-        raw = raw_id(key_id)
-        if self._locate(peer_site, [raw], scan=scan).get(raw) is not None:
-            return True
-        return bool(self._used_unheld(self._db, peer_site, [raw]))
+        return self._held_or_used(peer_site, key_id, scan) is not None
 
     def qkd_keys_used(self, peer_site: str) -> int:
         """QKD keys of the peer's link ever used here (agreed, skipped or quarantined)."""
